@@ -1,0 +1,99 @@
+"""Input checking of SPEC section 4, in one place that every backend goes through.
+
+Every failure is a ValueError (wrong value or shape) or TypeError (wrong type or dtype)
+whose message names the argument, what was expected and what was given. The C++ kernels
+check again (TORCH_CHECK_VALUE/TYPE) for callers of torch.ops.msfused.* directly.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .config import BlockConfig, act_code, merge_code, needs_projection, out_channels
+from .params import BlockParams
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_positive_int(name: str, value) -> int:
+    """A size argument (channels, n): an int >= 1; bools, floats, inf and NaN are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite positive int, got {value!r}")
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int (>= 1), got {value!r}")
+    return int(value)
+
+
+def check_stride(stride) -> int:
+    if isinstance(stride, bool) or not isinstance(stride, numbers.Integral):
+        raise TypeError(f"stride: expected int 1 or 2, got {type(stride).__name__} {stride!r}")
+    if stride not in (1, 2):
+        raise ValueError(f"stride: expected 1 or 2, got {stride!r}")
+    return int(stride)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def make_config(stride, merge, activation, residual) -> BlockConfig:
+    return BlockConfig(stride=check_stride(stride), merge=merge_code(merge),
+                       act=act_code(activation), residual=check_bool("residual", residual))
+
+
+def _check_tensor(name: str, t, x: torch.Tensor, shape: tuple) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: expected a tensor on {x.device} (the device of x), got {t.device}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+
+
+def check_block_inputs(x, p: BlockParams, cfg: BlockConfig) -> None:
+    """Raise ValueError/TypeError for anything SPEC section 4 calls malformed."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D tensor (B, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected a floating dtype in {FLOAT_DTYPES}, got {x.dtype}")
+    if any(s < 1 for s in x.shape):
+        raise ValueError(f"x: expected every dimension >= 1 (B, C, H, W), got shape {tuple(x.shape)}")
+    if not isinstance(p.wa, torch.Tensor) or p.wa.dim() != 4:
+        raise ValueError("wa: expected a (C, 1, 3, 3) depthwise weight tensor, got "
+                         f"{tuple(p.wa.shape) if isinstance(p.wa, torch.Tensor) else type(p.wa).__name__}")
+    c = p.wa.shape[0]
+    if x.shape[1] != c:
+        raise ValueError(f"x: expected {c} channels (the weights' in_channels), got {x.shape[1]} "
+                         f"in shape {tuple(x.shape)}")
+    if not isinstance(p.pa, torch.Tensor) or p.pa.dim() != 4:
+        raise ValueError("pa: expected a (N, C, 1, 1) pointwise weight tensor")
+    n = p.pa.shape[0]
+    c_out = out_channels(n, cfg.merge)
+    for name in ("wa", "wb", "wc"):
+        _check_tensor(name, getattr(p, name), x, (c, 1, 3, 3))
+    for name in ("pa", "pb"):
+        _check_tensor(name, getattr(p, name), x, (n, c, 1, 1))
+    for name, size in (("ba", c), ("bb", c), ("bc", c), ("qa", n), ("qb", n)):
+        if getattr(p, name) is not None:
+            _check_tensor(name, getattr(p, name), x, (size,))
+    projection = cfg.residual and needs_projection(c, c_out, cfg.stride)
+    if projection:
+        if p.ws is None:
+            raise ValueError(f"ws: a residual block with stride {cfg.stride}, {c} in and {c_out} out "
+                             f"channels needs a ({c_out}, {c}, 1, 1) projection weight, got None")
+        _check_tensor("ws", p.ws, x, (c_out, c, 1, 1))
+        if p.bs is not None:
+            _check_tensor("bs", p.bs, x, (c_out,))
+    elif p.ws is not None or p.bs is not None:
+        why = "residual is off" if not cfg.residual else "the shortcut is the identity"
+        raise ValueError(f"ws: expected None ({why}), got a tensor")
