@@ -9,6 +9,7 @@ What the forward saves for backward is only what the final activation needs:
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -18,11 +19,11 @@ from .layout import memory_format_of
 from .params import BlockParams
 
 _LOAD_ERROR: Optional[str] = None
-try:
-    from . import _C  # noqa: F401  (loads the library: schemas + CPU/CUDA kernels)
-except ImportError as e:  # not built (pip install -e . compiles it)
+try:  # loads the library: schemas + CPU/CUDA kernels
+    _C = importlib.import_module("msfused._C")
+except ImportError as e:  # not built: `pip install --no-build-isolation -e .` compiles it
     _C = None
-    _LOAD_ERROR = f"the C++ extension msfused._C is not built ({e})"
+    _LOAD_ERROR = f"the C++ extension msfused._C is not built or does not load ({e})"
 
 
 def load_error() -> Optional[str]:
@@ -99,3 +100,18 @@ def fused_block(x: torch.Tensor, p: BlockParams, cfg: BlockConfig) -> torch.Tens
         x, *p, cfg.stride, cfg.merge, cfg.act, cfg.residual,
         bool(needs_grad and cfg.act == ACT_SILU))
     return y
+
+
+def opcheck_samples(x: torch.Tensor, p: BlockParams, cfg: BlockConfig) -> list:
+    """(op, args) pairs for torch.library.opcheck: the forward (saving the pre-activation
+    or not) and the backward, on these inputs."""
+    x = x.contiguous(memory_format=memory_format_of(x))
+    tail = (cfg.stride, cfg.merge, cfg.act, cfg.residual)
+    fwd = torch.ops.msfused.block_forward.default
+    samples = [(fwd, (x, *p, *tail, False)), (fwd, (x, *p, *tail, True))]
+    with torch.no_grad():
+        y, pre = fwd(x, *p, *tail, True)
+    saved = {"none": x.new_empty((0,)), "output": y, "preact": pre}[_saved_kind(cfg.act)]
+    gy = torch.randn_like(y)
+    samples.append((torch.ops.msfused.block_backward.default, (gy, x, saved, *p, *tail)))
+    return samples

@@ -34,6 +34,7 @@ register_backend(Backend(
     unavailable_reason=_cpp_reason,
     priority=10,
     description="fused C++ kernels (CPU)",
+    opcheck_samples=fused_ops.opcheck_samples,
 ))
 
 register_backend(Backend(
@@ -44,4 +45,5 @@ register_backend(Backend(
     unavailable_reason=_cuda_reason,
     priority=20,
     description="fused CUDA kernels",
+    opcheck_samples=fused_ops.opcheck_samples,
 ))

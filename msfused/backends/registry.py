@@ -29,6 +29,9 @@ class Backend:
     # auto picks the highest priority backend that can run the input
     priority: int = 0
     description: str = ""
+    # For torch.library.opcheck in the tests: opcheck_samples(x, params, cfg) returns
+    # [(op, args)] covering every custom operator the backend's forward and backward call.
+    opcheck_samples: Optional[Callable[..., list]] = None
 
     def can_run(self, x: torch.Tensor) -> Optional[str]:
         """None if this backend can run x, else why not."""
