@@ -1,6 +1,6 @@
 // Fused CPU kernels of the block. Plain C++ over raw pointers (no ATen headers): the
-// kernel source is compiled once per instruction set (block_kernel_*.cpp) and the binding
-// picks one at run time.
+// kernel source (block_kernel_impl.h) is compiled once per instruction set
+// (block_kernel_avx2.cpp, block_kernel_base.cpp) and the binding picks one at run time.
 #pragma once
 #include <cstdint>
 
@@ -9,25 +9,36 @@
 namespace msfused {
 namespace cpu {
 
-// How the kernels reach the outside world: thread pool, GEMM and scratch memory come from
-// the binding (ATen), so this header stays free of ATen.
+// What the kernels get from the outside world (thread pool, BLAS), filled in by the
+// binding from ATen, so that the kernel translation units stay free of ATen.
 struct Runtime {
-  // Runs f(begin, end) over [0, n) split into chunks, in parallel (at::parallel_for).
+  // Runs f(ctx, begin, end) over [0, n) in parallel chunks (at::parallel_for).
   void (*parallel_for)(int64_t n, int64_t grain, void* ctx, void (*f)(void*, int64_t, int64_t));
-  // Column-major BLAS gemm: C = alpha * op(A) op(B) + beta * C; trans = 'N' or 'T'.
+  // Column-major BLAS: C = alpha * op(A) * op(B) + beta * C, trans is 'N' or 'T'.
   void (*sgemm)(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
   void (*dgemm)(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
                 int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
-  int64_t max_threads;
+  int64_t num_threads;
 };
 
-template <typename T>
-void block_forward(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre);
+// Scratch the backward needs in device memory: two planar (B, C, Ho, Wo) buffers for the
+// gradients at the heads of branch A and B, and per-chunk partial weight gradients.
+int64_t backward_scratch_elems(const BlockDesc& d);
 
-template <typename T>
-void block_backward(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t,
-                    const T* grad_y, const T* saved, const BlockGrads<T>& g);
+#define MSFUSED_DECLARE_ISA(isa)                                                          \
+  namespace isa {                                                                         \
+  template <typename T>                                                                   \
+  void block_forward(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t,     \
+                     T* y, T* pre);                                                       \
+  template <typename T>                                                                   \
+  void block_backward(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t,    \
+                      const T* grad_y, const T* saved, const BlockGrads<T>& g, T* scratch); \
+  }
+
+MSFUSED_DECLARE_ISA(base)
+MSFUSED_DECLARE_ISA(avx2)
+#undef MSFUSED_DECLARE_ISA
 
 }  // namespace cpu
 }  // namespace msfused

@@ -1,0 +1,204 @@
+// CPU binding of msfused::block_forward / block_backward: checks arguments (shared with
+// CUDA, csrc/block_args.cpp), allocates outputs and scratch, and runs the fused kernels
+// with ATen's thread pool and the BLAS that PyTorch itself links.
+#include <ATen/Parallel.h>
+#include <dlfcn.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "block_args.h"
+#include "cpu/block_kernel.h"
+#include "cpu/tiling.h"
+
+namespace msfused {
+namespace cpu {
+namespace {
+
+// ---- BLAS: PyTorch's own (MKL's Fortran symbols in x86-64 wheels), else at::mm ---------
+
+using sgemm64_t = void (*)(const char*, const char*, const int64_t*, const int64_t*,
+                           const int64_t*, const float*, const float*, const int64_t*,
+                           const float*, const int64_t*, const float*, float*, const int64_t*);
+using dgemm64_t = void (*)(const char*, const char*, const int64_t*, const int64_t*,
+                           const int64_t*, const double*, const double*, const int64_t*,
+                           const double*, const int64_t*, const double*, double*,
+                           const int64_t*);
+
+void* find_symbol(const char* name) {
+  static const char* const libs[] = {"libtorch_cpu.so", "libmkl_rt.so", "libopenblas.so",
+                                     nullptr};
+  for (const char* lib : libs) {
+    void* h = lib ? dlopen(lib, RTLD_LAZY | RTLD_NOLOAD) : RTLD_DEFAULT;
+    if (!h && lib) continue;
+    if (void* s = dlsym(h, name)) return s;
+  }
+  return nullptr;
+}
+
+struct Blas {
+  sgemm64_t sgemm = nullptr;
+  dgemm64_t dgemm = nullptr;
+  Blas() {
+    if (std::getenv("MSFUSED_NO_BLAS")) return;  // exercise the at::mm fallback
+    // ILP64 entry points only: their integer width is unambiguous.
+    sgemm = reinterpret_cast<sgemm64_t>(find_symbol("SGEMM_64"));
+    if (!sgemm) sgemm = reinterpret_cast<sgemm64_t>(find_symbol("sgemm_64"));
+    dgemm = reinterpret_cast<dgemm64_t>(find_symbol("DGEMM_64"));
+    if (!dgemm) dgemm = reinterpret_cast<dgemm64_t>(find_symbol("dgemm_64"));
+  }
+};
+
+const Blas& blas() {
+  static Blas b;
+  return b;
+}
+
+// Column-major matrix (rows x cols, leading dimension ld) as a tensor view.
+template <typename T>
+at::Tensor cm_view(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {1, ld},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+template <typename T>
+void gemm_fallback(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                   int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  at::Tensor A = ta == 'N' ? cm_view(a, m, k, lda) : cm_view(a, k, m, lda).t();
+  at::Tensor B = tb == 'N' ? cm_view(b, k, n, ldb) : cm_view(b, n, k, ldb).t();
+  at::Tensor C = cm_view(c, m, n, ldc);
+  at::Tensor r = k > 0 ? at::mm(A, B) : at::zeros({m, n}, C.options());
+  if (alpha != T(1)) r.mul_(alpha);
+  if (beta == T(0)) C.copy_(r); else C.mul_(beta).add_(r);
+}
+
+void sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (auto f = blas().sgemm) {
+    if (k == 0) {  // BLAS scales C by beta; keep it simple and explicit
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t i = 0; i < m; ++i) c[i + j * ldc] = beta == 0.f ? 0.f : beta * c[i + j * ldc];
+      return;
+    }
+    f(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+  } else {
+    gemm_fallback<float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+void dgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+           int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  if (auto f = blas().dgemm) {
+    if (k == 0) {
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t i = 0; i < m; ++i) c[i + j * ldc] = beta == 0. ? 0. : beta * c[i + j * ldc];
+      return;
+    }
+    f(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+  } else {
+    gemm_fallback<double>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+void parallel_for(int64_t n, int64_t grain, void* ctx, void (*f)(void*, int64_t, int64_t)) {
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { f(ctx, b, e); });
+}
+
+Runtime runtime() {
+  return Runtime{&parallel_for, &sgemm, &dgemm, at::get_num_threads()};
+}
+
+// AVX2+FMA kernels when the CPU has them; MSFUSED_CPU_ISA=base forces the baseline.
+bool use_avx2() {
+  static const bool v = [] {
+    const char* env = std::getenv("MSFUSED_CPU_ISA");
+    if (env && std::strcmp(env, "base") == 0) return false;
+#if defined(__x86_64__) || defined(__i386__)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return v;
+}
+
+void check_cpu(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x: the CPU kernels need a CPU tensor, got one on ",
+                    x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "x: the cpp backend supports float32 and float64, got ", x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> block_forward_cpu(
+    const at::Tensor& x, const at::Tensor& wa, const std::optional<at::Tensor>& ba,
+    const at::Tensor& wb, const std::optional<at::Tensor>& bb, const at::Tensor& wc,
+    const std::optional<at::Tensor>& bc, const at::Tensor& pa,
+    const std::optional<at::Tensor>& qa, const at::Tensor& pb,
+    const std::optional<at::Tensor>& qb, const std::optional<at::Tensor>& ws,
+    const std::optional<at::Tensor>& bs, int64_t stride, int64_t merge, int64_t act,
+    bool residual, bool save_preact) {
+  BlockArgs a = make_block_args(x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs);
+  TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-D tensor (B, C, H, W), got ", x.dim(), "-D");
+  check_cpu(x);
+  const BlockDesc d = check_and_describe(a, stride, merge, act, residual);
+  auto opts = a.x.options().memory_format(io_format(d));
+  at::Tensor y = at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts);
+  at::Tensor pre = save_preact ? at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts)
+                               : at::empty({0}, a.x.options());
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "msfused_block_forward_cpu", [&] {
+    auto t = tensors_of<scalar_t>(a);
+    scalar_t* p = save_preact ? pre.data_ptr<scalar_t>() : nullptr;
+    if (use_avx2())
+      avx2::block_forward<scalar_t>(runtime(), d, t, y.data_ptr<scalar_t>(), p);
+    else
+      base::block_forward<scalar_t>(runtime(), d, t, y.data_ptr<scalar_t>(), p);
+  });
+  return {y, pre};
+}
+
+std::vector<at::Tensor> block_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& saved,
+    const at::Tensor& wa, const std::optional<at::Tensor>& ba, const at::Tensor& wb,
+    const std::optional<at::Tensor>& bb, const at::Tensor& wc,
+    const std::optional<at::Tensor>& bc, const at::Tensor& pa,
+    const std::optional<at::Tensor>& qa, const at::Tensor& pb,
+    const std::optional<at::Tensor>& qb, const std::optional<at::Tensor>& ws,
+    const std::optional<at::Tensor>& bs, int64_t stride, int64_t merge, int64_t act,
+    bool residual) {
+  BlockArgs a = make_block_args(x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs);
+  TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-D tensor (B, C, H, W), got ", x.dim(), "-D");
+  check_cpu(x);
+  const BlockDesc d = check_and_describe(a, stride, merge, act, residual);
+  at::Tensor gy = grad_y, sv = saved;
+  check_backward_extras(d, a.x, gy, sv);
+  std::vector<at::Tensor> grads = alloc_grads(a, d);
+  at::Tensor scratch = at::empty({backward_scratch_elems(d)}, a.x.options());
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "msfused_block_backward_cpu", [&] {
+    auto t = tensors_of<scalar_t>(a);
+    auto g = grads_of<scalar_t>(grads, d);
+    const scalar_t* s = d.act == kActNone ? nullptr : sv.data_ptr<scalar_t>();
+    if (use_avx2())
+      avx2::block_backward<scalar_t>(runtime(), d, t, gy.data_ptr<scalar_t>(), s, g,
+                                     scratch.data_ptr<scalar_t>());
+    else
+      base::block_backward<scalar_t>(runtime(), d, t, gy.data_ptr<scalar_t>(), s, g,
+                                     scratch.data_ptr<scalar_t>());
+  });
+  return grads;
+}
+
+}  // namespace
+
+int64_t backward_scratch_elems(const BlockDesc& d) {
+  const Plan pl = make_plan(d);
+  return 2 * d.B * d.C * d.Ho * d.Wo + pl.nchunks * pl.part;
+}
+
+}  // namespace cpu
+}  // namespace msfused
+
+TORCH_LIBRARY_IMPL(msfused, CPU, m) {
+  m.impl("block_forward", &msfused::cpu::block_forward_cpu);
+  m.impl("block_backward", &msfused::cpu::block_backward_cpu);
+}

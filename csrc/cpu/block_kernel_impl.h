@@ -1,0 +1,701 @@
+// The fused CPU block kernels. Included once per instruction set by block_kernel_<isa>.cpp
+// with MSFUSED_ISA naming the namespace; everything here has internal linkage or lives in
+// that namespace, so copies compiled for different instruction sets never mix.
+//
+// Forward, per tile (one image, a band of R output rows), per channel c:
+//   the input rows the tile needs are copied once into a zero-padded row buffer (for
+//   stride 2 split into even/odd columns so every tap is a unit-stride load), then
+//   a = act(dw(x)), b1 = act(dw(x)) over the band plus one row each side (zero outside the
+//   image, as conv2d's padding of b1 requires), b = act(dw(b1)), xs = x[::s, ::s] are
+//   written as rows of a packed matrix A = [a; xs; b] (Ktot x P, P = pixels of the tile).
+// Then one GEMM per output half (concat) or one GEMM (add) against the packed pointwise
+// and projection weights writes the tile of y, and the epilogue adds biases and the
+// identity residual and applies the activation. a, b1, b, pa, pb never reach memory.
+//
+// Backward, two parallel passes over the same tiles plus a fixed-order reduction:
+//   pass 1: gz = dy * act'(z); recompute A; dW_pointwise += gz A^T (GEMM); dA = W^T gz (GEMM);
+//           da = dA_a * act'(a), db = dA_b * act'(b) to scratch; projection and identity
+//           gradients into dx; dwa, dwc partial sums (b1 is at hand in the tile).
+//   pass 2: db1 = dwconv^T(db) * act'(b1) over the band plus a row each side (b1
+//           recomputed), dwb partial sums, and dx += dwconv^T(da, wa) + dwconv^T(db1, wb)
+//           for the input rows the band owns.
+//   then: partial weight gradients summed over chunks in chunk order (deterministic).
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu/block_kernel.h"
+#include "cpu/tiling.h"
+
+namespace msfused {
+namespace cpu {
+namespace MSFUSED_ISA {
+namespace {
+
+template <typename T>
+struct Buf {  // heap scratch of one task; malloc keeps this free of std:: templates
+  T* p;
+  explicit Buf(int64_t n) : p(static_cast<T*>(malloc(sizeof(T) * (n > 0 ? n : 1)))) {
+    if (!p) abort();
+  }
+  ~Buf() { free(p); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+};
+
+inline float exp_(float v) { return expf(v); }
+inline double exp_(double v) { return exp(v); }
+
+// Activations as torch.nn.functional computes them (NaN propagates).
+template <int ACT, typename T>
+inline T act_f(T v) {
+  if (ACT == kActRelu) return v < T(0) ? T(0) : v;
+  if (ACT == kActRelu6) return v < T(0) ? T(0) : (v > T(6) ? T(6) : v);
+  if (ACT == kActSilu) return v / (T(1) + exp_(-v));
+  return v;
+}
+
+// Derivative of the activation, from its output (relu, relu6: PyTorch's convention of 0
+// at the kinks) or its input (silu).
+template <int ACT, typename T>
+inline T act_d(T post, T pre) {
+  if (ACT == kActRelu) return post > T(0) ? T(1) : T(0);
+  if (ACT == kActRelu6) return (post > T(0) && post < T(6)) ? T(1) : T(0);
+  if (ACT == kActSilu) {
+    T s = T(1) / (T(1) + exp_(-pre));
+    return s * (T(1) + pre * (T(1) - s));
+  }
+  (void)post; (void)pre;
+  return T(1);
+}
+
+template <typename T>
+inline void gemm(const Runtime& rt, char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha,
+                 const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
+template <>
+inline void gemm<float>(const Runtime& rt, char ta, char tb, int64_t m, int64_t n, int64_t k,
+                        float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+                        float beta, float* c, int64_t ldc) {
+  rt.sgemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+template <>
+inline void gemm<double>(const Runtime& rt, char ta, char tb, int64_t m, int64_t n, int64_t k,
+                         double alpha, const double* a, int64_t lda, const double* b,
+                         int64_t ldb, double beta, double* c, int64_t ldc) {
+  rt.dgemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// Row-major GEMM: C (m x n, ldc) = alpha * op(A) op(B) + beta * C, where op(A) is m x k and
+// A is stored row-major (k x m when ta == 'T'). Mapped onto column-major BLAS as
+// C^T = op(B)^T op(A)^T.
+template <typename T>
+inline void gemm_rm(const Runtime& rt, char ta, char tb, int64_t m, int64_t n, int64_t k,
+                    T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
+                    int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  gemm<T>(rt, tb, ta, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
+template <typename F>
+inline void par_for(const Runtime& rt, int64_t n, F& f) {
+  rt.parallel_for(n, 1, &f, [](void* ctx, int64_t b, int64_t e) {
+    F& fn = *static_cast<F*>(ctx);
+    for (int64_t i = b; i < e; ++i) fn(i);
+  });
+}
+
+// ---- one channel of a tile ------------------------------------------------------------
+
+// Width of one row of the per-channel input buffer: stride 1 keeps the zero-padded row
+// (W + 2); stride 2 keeps its even columns (Wo + 1) then its odd columns (Wo).
+template <int S>
+inline int64_t xrow_width(const BlockDesc& d) {
+  return S == 1 ? d.W + 2 : 2 * d.Wo + 1;
+}
+
+// Pointer p with p[w] = the input under tap column tj of output column w.
+template <int S, typename T>
+inline const T* tap(const T* row, int tj, int64_t Wo) {
+  if (S == 1) return row + tj;
+  return tj == 0 ? row : (tj == 1 ? row + (Wo + 1) : row + 1);
+}
+
+// Copies input rows [hb, hb + nrows) of channel c of image bi into buf (zeros outside).
+template <int S, typename T>
+void load_x_rows(const BlockDesc& d, const T* x, int64_t bi, int64_t c, int64_t hb,
+                 int64_t nrows, T* buf) {
+  const int64_t XW = xrow_width<S>(d), W = d.W, Wo = d.Wo;
+  const int64_t cstride = d.channels_last ? d.C : 1;
+  for (int64_t k = 0; k < nrows; ++k) {
+    const int64_t h = hb + k;
+    T* row = buf + k * XW;
+    if (h < 0 || h >= d.H) {
+      memset(row, 0, sizeof(T) * XW);
+      continue;
+    }
+    const T* src = d.channels_last ? x + ((bi * d.H + h) * W) * d.C + c
+                                   : x + ((bi * d.C + c) * d.H + h) * W;
+    if (S == 1) {
+      row[0] = T(0);
+      row[W + 1] = T(0);
+      if (cstride == 1) {
+        memcpy(row + 1, src, sizeof(T) * W);
+      } else {
+        for (int64_t w = 0; w < W; ++w) row[1 + w] = src[w * cstride];
+      }
+    } else {
+      T* E = row;
+      T* O = row + Wo + 1;
+      E[0] = T(0);  // input column -1
+      for (int64_t k2 = 1; k2 <= Wo; ++k2) {
+        const int64_t wi = 2 * k2 - 1;
+        E[k2] = wi < W ? src[wi * cstride] : T(0);
+      }
+      for (int64_t k2 = 0; k2 < Wo; ++k2) O[k2] = src[2 * k2 * cstride];
+    }
+  }
+}
+
+// pre[w] = bias + sum of the 9 taps over rows row0, row0 + XW, row0 + 2 XW of the buffer.
+template <int S, typename T>
+inline void dw_row(const T* row0, int64_t XW, const T* w9, T bias, int64_t Wo, T* pre) {
+  for (int64_t w = 0; w < Wo; ++w) pre[w] = bias;
+  for (int ti = 0; ti < 3; ++ti) {
+    const T* r = row0 + ti * XW;
+    for (int tj = 0; tj < 3; ++tj) {
+      const T wt = w9[ti * 3 + tj];
+      const T* src = tap<S>(r, tj, Wo);
+      for (int64_t w = 0; w < Wo; ++w) pre[w] += wt * src[w];
+    }
+  }
+}
+
+template <int ACT, typename T>
+inline void act_row(const T* pre, T* post, int64_t n) {
+  for (int64_t w = 0; w < n; ++w) post[w] = act_f<ACT>(pre[w]);
+}
+
+struct TileGeom {
+  int64_t bi, r0, R, P;  // image, first output row, rows, pixels (R * Wo)
+};
+
+inline TileGeom tile_geom(const BlockDesc& d, const Plan& pl, int64_t tile) {
+  TileGeom g;
+  g.bi = tile / pl.nbands;
+  g.r0 = (tile % pl.nbands) * pl.R;
+  g.R = pl.R < d.Ho - g.r0 ? pl.R : d.Ho - g.r0;
+  g.P = g.R * d.Wo;
+  return g;
+}
+
+// The depthwise part of one channel of one tile: rows of A (a, xs, b) and, for the
+// backward, the padded b1 band. pre_* (silu only, may be null) get pre-activations.
+template <typename T, int S, int ACT>
+void tile_channel(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
+                  const TileGeom& g, int64_t c, T* xbuf, T* A, T* b1p, T* pre_a, T* pre_b,
+                  T* pre_b1, T* tmp) {
+  const int64_t Wo = d.Wo, XW = xrow_width<S>(d), P = g.P, R = g.R, BW = Wo + 2;
+  const int64_t hb = S * (g.r0 - 1) - 1;
+  load_x_rows<S>(d, t.x, g.bi, c, hb, S * (R + 1) + 3, xbuf);
+  const T ba = t.ba ? t.ba[c] : T(0), bb = t.bb ? t.bb[c] : T(0), bc = t.bc ? t.bc[c] : T(0);
+  T* arow = A + c * P;
+  T* brow = A + (pl.Ktot - d.C + c) * P;
+  for (int64_t i = 0; i < R; ++i) {
+    T* pre = pre_a ? pre_a + c * P + i * Wo : tmp;
+    dw_row<S>(xbuf + S * (i + 1) * XW, XW, t.wa + 9 * c, ba, Wo, pre);
+    act_row<ACT>(pre, arow + i * Wo, Wo);
+  }
+  for (int64_t k = 0; k < R + 2; ++k) {
+    const int64_t q = g.r0 - 1 + k;
+    T* row = b1p + k * BW;
+    T* pre = pre_b1 ? pre_b1 + k * BW : tmp;
+    if (q < 0 || q >= d.Ho) {
+      memset(row, 0, sizeof(T) * BW);
+      if (pre_b1) memset(pre, 0, sizeof(T) * BW);
+      continue;
+    }
+    row[0] = row[Wo + 1] = T(0);
+    if (pre_b1) {
+      pre[0] = pre[Wo + 1] = T(0);
+      pre += 1;
+    }
+    dw_row<S>(xbuf + S * k * XW, XW, t.wb + 9 * c, bb, Wo, pre);
+    act_row<ACT>(pre, row + 1, Wo);
+  }
+  for (int64_t i = 0; i < R; ++i) {
+    T* pre = pre_b ? pre_b + c * P + i * Wo : tmp;
+    dw_row<1>(b1p + i * BW, BW, t.wc + 9 * c, bc, Wo, pre);
+    act_row<ACT>(pre, brow + i * Wo, Wo);
+  }
+  if (pl.Cs) {
+    T* xsrow = A + (d.C + c) * P;
+    for (int64_t i = 0; i < R; ++i)
+      memcpy(xsrow + i * Wo, tap<S>(xbuf + (S * (i + 1) + 1) * XW, 1, Wo), sizeof(T) * Wo);
+  }
+}
+
+// Packed pointwise weights, row-major. add: [Pa | Ws | Pb] (N x Ktot). concat: W1 =
+// [Pa | Ws[:N]] and W2 = [Ws[N:] | Pb] (each N x (C + Cs)), stored one after the other.
+// Also the summed output bias (qa / qb by half or both, plus bs).
+template <typename T>
+void pack_weights(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, T* wp,
+                  T* bias) {
+  const int64_t C = d.C, N = d.N, Cs = pl.Cs;
+  if (d.merge == kAdd) {
+    for (int64_t n = 0; n < N; ++n) {
+      T* row = wp + n * pl.Ktot;
+      memcpy(row, t.pa + n * C, sizeof(T) * C);
+      if (Cs) memcpy(row + C, t.ws + n * C, sizeof(T) * C);
+      memcpy(row + C + Cs, t.pb + n * C, sizeof(T) * C);
+      bias[n] = (t.qa ? t.qa[n] : T(0)) + (t.qb ? t.qb[n] : T(0));
+    }
+  } else {
+    const int64_t K = C + Cs;
+    for (int64_t n = 0; n < N; ++n) {
+      T* r1 = wp + n * K;
+      T* r2 = wp + (N + n) * K;
+      memcpy(r1, t.pa + n * C, sizeof(T) * C);
+      if (Cs) memcpy(r1 + C, t.ws + n * C, sizeof(T) * C);
+      if (Cs) memcpy(r2, t.ws + (N + n) * C, sizeof(T) * C);
+      memcpy(r2 + Cs, t.pb + n * C, sizeof(T) * C);
+      bias[n] = t.qa ? t.qa[n] : T(0);
+      bias[N + n] = t.qb ? t.qb[n] : T(0);
+    }
+  }
+  if (d.projection && t.bs)
+    for (int64_t co = 0; co < d.Cout; ++co) bias[co] += t.bs[co];
+}
+
+// Pointwise part of the forward for one tile: Y (tile of y) = Wpacked . A, in y's layout.
+template <typename T>
+void tile_pointwise(const Runtime& rt, const BlockDesc& d, const Plan& pl, const T* wp,
+                    const T* A, int64_t P, T* ytile, int64_t ldy) {
+  const int64_t N = d.N, C = d.C;
+  // NCHW: y tile is Cout x P (row stride ldy = Ho*Wo): Y = W A.
+  // NHWC: y tile is P x Cout (row stride Cout):        Y = A^T W^T.
+  auto mm = [&](const T* w, int64_t ldw, int64_t K, const T* a, T* out) {
+    if (d.channels_last)
+      gemm_rm<T>(rt, 'T', 'T', P, N, K, T(1), a, P, w, ldw, T(0), out, ldy);
+    else
+      gemm_rm<T>(rt, 'N', 'N', N, P, K, T(1), w, ldw, a, P, T(0), out, ldy);
+  };
+  if (d.merge == kAdd) {
+    mm(wp, pl.Ktot, pl.Ktot, A, ytile);
+  } else {
+    const int64_t K = C + pl.Cs;
+    const int64_t half = d.channels_last ? N : N * ldy;
+    mm(wp, K, K, A, ytile);
+    mm(wp + N * K, K, K, A + C * P, ytile + half);
+  }
+}
+
+template <typename T, int S, int ACT>
+void forward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t, T* y,
+                  T* pre_out) {
+  const Plan pl = make_plan(d);
+  const int64_t HoWo = d.Ho * d.Wo;
+  const int64_t wp_elems = d.merge == kAdd ? d.N * pl.Ktot : 2 * d.N * (d.C + pl.Cs);
+  Buf<T> wp(wp_elems), bias(d.Cout);
+  pack_weights(d, pl, t, wp.p, bias.p);
+  const bool identity = d.residual && !d.projection;
+  auto task = [&](int64_t chunk) {
+    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+    const int64_t Pmax = pl.R * d.Wo;
+    Buf<T> A(pl.Ktot * Pmax), xbuf((S * (pl.R + 1) + 3) * xrow_width<S>(d)),
+        b1p((pl.R + 2) * (d.Wo + 2)), tmp(d.Wo + 2);
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const TileGeom g = tile_geom(d, pl, tile);
+      for (int64_t c = 0; c < d.C; ++c)
+        tile_channel<T, S, ACT>(d, pl, t, g, c, xbuf.p, A.p, b1p.p, nullptr, nullptr, nullptr,
+                                tmp.p);
+      const int64_t off = d.channels_last ? (g.bi * HoWo + g.r0 * d.Wo) * d.Cout
+                                          : g.bi * d.Cout * HoWo + g.r0 * d.Wo;
+      const int64_t ldy = d.channels_last ? d.Cout : HoWo;
+      T* ytile = y + off;
+      tile_pointwise(rt, d, pl, wp.p, A.p, g.P, ytile, ldy);
+      // Epilogue: bias, identity residual (x has y's shape and layout then), activation.
+      const T* xres = identity ? t.x + off : nullptr;
+      T* ptile = pre_out ? pre_out + off : nullptr;
+      if (d.channels_last) {
+        for (int64_t p = 0; p < g.P; ++p) {
+          T* yr = ytile + p * d.Cout;
+          const T* xr = xres ? xres + p * d.Cout : nullptr;
+          T* pr = ptile ? ptile + p * d.Cout : nullptr;
+          for (int64_t co = 0; co < d.Cout; ++co) {
+            T z = yr[co] + bias.p[co];
+            if (xr) z += xr[co];
+            if (pr) pr[co] = z;
+            yr[co] = act_f<ACT>(z);
+          }
+        }
+      } else {
+        for (int64_t co = 0; co < d.Cout; ++co) {
+          T* yr = ytile + co * HoWo;
+          const T* xr = xres ? xres + co * HoWo : nullptr;
+          T* pr = ptile ? ptile + co * HoWo : nullptr;
+          const T bco = bias.p[co];
+          for (int64_t p = 0; p < g.P; ++p) {
+            T z = yr[p] + bco;
+            if (xr) z += xr[p];
+            if (pr) pr[p] = z;
+            yr[p] = act_f<ACT>(z);
+          }
+        }
+      }
+    }
+  };
+  par_for(rt, pl.nchunks, task);
+}
+
+// ---- backward ---------------------------------------------------------------------------
+
+// Partial gradients of one chunk: [pointwise packed (npw) | out bias (Cout) | dwa dwb dwc
+// (9C each) | dba dbb dbc (C each)].
+struct PartLayout {
+  int64_t pw, bo, wa, wb, wc, ba, bb, bc;
+  PartLayout(const BlockDesc& d, const Plan& pl) {
+    pw = 0; bo = pl.npw; wa = bo + d.Cout; wb = wa + 9 * d.C; wc = wb + 9 * d.C;
+    ba = wc + 9 * d.C; bb = ba + d.C; bc = bb + d.C;
+  }
+};
+
+// sum_w g[w] * src[w]
+template <typename T>
+inline T dot_row(const T* g, const T* src, int64_t n) {
+  T s = T(0);
+  for (int64_t w = 0; w < n; ++w) s += g[w] * src[w];
+  return s;
+}
+
+template <typename T>
+inline T sum_row(const T* g, int64_t n) {
+  T s = T(0);
+  for (int64_t w = 0; w < n; ++w) s += g[w];
+  return s;
+}
+
+template <typename T, int S, int ACT>
+void backward_pass1(const Runtime& rt, const BlockDesc& d, const Plan& pl,
+                    const BlockTensors<T>& t, const T* gy, const T* saved, const T* wp,
+                    T* dx, T* SA, T* SB, T* parts) {
+  const int64_t HoWo = d.Ho * d.Wo, C = d.C, N = d.N, Wo = d.Wo, Cout = d.Cout;
+  const int64_t XW = xrow_width<S>(d), BW = Wo + 2;
+  const PartLayout L(d, pl);
+  const bool identity = d.residual && !d.projection;
+  const bool silu = ACT == kActSilu;
+  auto task = [&](int64_t chunk) {
+    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+    const int64_t Pmax = pl.R * Wo;
+    T* part = parts + chunk * pl.part;
+    memset(part, 0, sizeof(T) * pl.part);
+    Buf<T> A(pl.Ktot * Pmax), dA(pl.Ktot * Pmax), G(Cout * Pmax),
+        xbuf((S * (pl.R + 1) + 3) * XW), b1p(C * (pl.R + 2) * BW), tmp(Wo + 2),
+        preA(silu ? pl.Ktot * Pmax : 1);
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const TileGeom g = tile_geom(d, pl, tile);
+      const int64_t P = g.P;
+      const int64_t off = d.channels_last ? (g.bi * HoWo + g.r0 * Wo) * Cout
+                                          : g.bi * Cout * HoWo + g.r0 * Wo;
+      // gz = gy * act'(z), in G: Cout x P (NCHW) or P x Cout (NHWC).
+      const int64_t ldg = d.channels_last ? Cout : P;
+      for (int64_t co = 0; co < Cout; ++co) {
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t src = d.channels_last ? off + p * Cout + co : off + co * HoWo + p;
+          const int64_t dst = d.channels_last ? p * Cout + co : co * P + p;
+          const T sv = ACT == kActNone ? T(0) : saved[src];
+          G.p[dst] = gy[src] * act_d<ACT>(sv, sv);
+        }
+      }
+      // output-bias gradient, identity-residual gradient
+      for (int64_t co = 0; co < Cout; ++co) {
+        T s = T(0);
+        for (int64_t p = 0; p < P; ++p) s += G.p[d.channels_last ? p * Cout + co : co * P + p];
+        part[L.bo + co] += s;
+      }
+      if (identity) {
+        for (int64_t co = 0; co < Cout; ++co)
+          for (int64_t p = 0; p < P; ++p) {
+            const int64_t i = d.channels_last ? p * Cout + co : co * P + p;
+            dx[d.channels_last ? off + p * Cout + co : off + co * HoWo + p] = G.p[i];
+          }
+      }
+      // recompute the branches
+      for (int64_t c = 0; c < C; ++c)
+        tile_channel<T, S, ACT>(d, pl, t, g, c, xbuf.p, A.p, b1p.p + c * (g.R + 2) * BW,
+                                silu ? preA.p : nullptr,
+                                silu ? preA.p + (pl.Ktot - C) * P : nullptr, nullptr, tmp.p);
+      // pointwise weight gradients and dA = W^T gz
+      const char tg = d.channels_last ? 'T' : 'N';  // op(G) = gz rows (N x P)
+      auto grows = [&](int64_t n0) { return d.channels_last ? G.p + n0 : G.p + n0 * P; };
+      if (d.merge == kAdd) {
+        gemm_rm<T>(rt, tg, 'T', N, pl.Ktot, P, T(1), grows(0), ldg, A.p, P, T(1),
+                   part + L.pw, pl.Ktot);
+        gemm_rm<T>(rt, 'T', tg, pl.Ktot, P, N, T(1), wp, pl.Ktot, grows(0), ldg, T(0), dA.p, P);
+      } else {
+        const int64_t K = C + pl.Cs;
+        gemm_rm<T>(rt, tg, 'T', N, K, P, T(1), grows(0), ldg, A.p, P, T(1), part + L.pw, K);
+        gemm_rm<T>(rt, tg, 'T', N, K, P, T(1), grows(N), ldg, A.p + C * P, P, T(1),
+                   part + L.pw + N * K, K);
+        gemm_rm<T>(rt, 'T', tg, K, P, N, T(1), wp, K, grows(0), ldg, T(0), dA.p, P);
+        if (pl.Cs) memset(dA.p + K * P, 0, sizeof(T) * C * P);
+        gemm_rm<T>(rt, 'T', tg, K, P, N, T(1), wp + N * K, K, grows(N), ldg,
+                   pl.Cs ? T(1) : T(0), dA.p + C * P, P);
+      }
+      // per channel: through the branch activations, depthwise weight grads, scratch
+      for (int64_t c = 0; c < C; ++c) {
+        T* da = dA.p + c * P;
+        T* db = dA.p + (pl.Ktot - C + c) * P;
+        const T* a = A.p + c * P;
+        const T* b = A.p + (pl.Ktot - C + c) * P;
+        const T* pa = silu ? preA.p + c * P : a;
+        const T* pb = silu ? preA.p + (pl.Ktot - C + c) * P : b;
+        for (int64_t p = 0; p < P; ++p) da[p] *= act_d<ACT>(a[p], pa[p]);
+        for (int64_t p = 0; p < P; ++p) db[p] *= act_d<ACT>(b[p], pb[p]);
+        T* sa = SA + (g.bi * C + c) * HoWo + g.r0 * Wo;
+        T* sb = SB + (g.bi * C + c) * HoWo + g.r0 * Wo;
+        memcpy(sa, da, sizeof(T) * P);
+        memcpy(sb, db, sizeof(T) * P);
+        // dwa, dba: x rows again (cheap), dwc, dbc: from the b1 band
+        load_x_rows<S>(d, t.x, g.bi, c, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xbuf.p);
+        const T* b1 = b1p.p + c * (g.R + 2) * BW;
+        for (int ti = 0; ti < 3; ++ti)
+          for (int tj = 0; tj < 3; ++tj) {
+            T sa_ = T(0), sc_ = T(0);
+            for (int64_t i = 0; i < g.R; ++i) {
+              sa_ += dot_row(da + i * Wo, tap<S>(xbuf.p + (S * (i + 1) + ti) * XW, tj, Wo), Wo);
+              sc_ += dot_row(db + i * Wo, b1 + (i + ti) * BW + tj, Wo);
+            }
+            part[L.wa + 9 * c + ti * 3 + tj] += sa_;
+            part[L.wc + 9 * c + ti * 3 + tj] += sc_;
+          }
+        part[L.ba + c] += sum_row(da, P);
+        part[L.bc + c] += sum_row(db, P);
+        // projection: dx at (s r, s w) gets the xs rows of dA (positions owned by this tile)
+        if (pl.Cs) {
+          const T* dxs = dA.p + (C + c) * P;
+          for (int64_t i = 0; i < g.R; ++i)
+            for (int64_t w = 0; w < Wo; ++w) {
+              const int64_t h = S * (g.r0 + i), wi = S * w;
+              const int64_t o = d.channels_last ? ((g.bi * d.H + h) * d.W + wi) * C + c
+                                                : ((g.bi * C + c) * d.H + h) * d.W + wi;
+              dx[o] = dxs[i * Wo + w];
+            }
+        }
+      }
+    }
+  };
+  par_for(rt, pl.nchunks, task);
+}
+
+template <typename T, int S, int ACT>
+void backward_pass2(const Runtime& rt, const BlockDesc& d, const Plan& pl,
+                    const BlockTensors<T>& t, T* dx, const T* SA, const T* SB, T* parts) {
+  const int64_t HoWo = d.Ho * d.Wo, C = d.C, Wo = d.Wo, Ho = d.Ho, W = d.W;
+  const int64_t XW = xrow_width<S>(d);
+  const PartLayout L(d, pl);
+  // dx rows use padded scatter rows: stride 1 a zero-padded row (W + 2), stride 2 the
+  // even/odd split of the input buffer (same indexing as tap<2>).
+  const int64_t DXW = xrow_width<S>(d);
+  auto task = [&](int64_t chunk) {
+    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+    T* part = parts + chunk * pl.part;
+    const int64_t RR = pl.R + 2;
+    Buf<T> xbuf((S * (pl.R + 1) + 3) * XW), d1(RR * Wo), b1post(Wo + 2), b1pre(Wo + 2),
+        dxrow(DXW), tmp(Wo + 2);
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const TileGeom g = tile_geom(d, pl, tile);
+      const int64_t q_lo = g.r0 - 1;  // d1 row k holds b1 row q_lo + k
+      const int64_t hs = S * g.r0, he = S * (g.r0 + g.R) < d.H ? S * (g.r0 + g.R) : d.H;
+      for (int64_t c = 0; c < C; ++c) {
+        const T* sa = SA + (g.bi * C + c) * HoWo;
+        const T* sb = SB + (g.bi * C + c) * HoWo;
+        const T* wa = t.wa + 9 * c;
+        const T* wb = t.wb + 9 * c;
+        const T* wc = t.wc + 9 * c;
+        const T bb = t.bb ? t.bb[c] : T(0);
+        const int64_t hb = S * (g.r0 - 1) - 1;
+        load_x_rows<S>(d, t.x, g.bi, c, hb, S * (g.R + 1) + 3, xbuf.p);
+        // db1_pre for b1 rows q in [r0 - 1, r0 + R]: transposed depthwise of db with wc,
+        // times act'(b1) recomputed from x. Rows outside the image are zero.
+        for (int64_t k = 0; k < g.R + 2; ++k) {
+          const int64_t q = q_lo + k;
+          T* row = d1.p + k * Wo;
+          if (q < 0 || q >= Ho) {
+            memset(row, 0, sizeof(T) * Wo);
+            continue;
+          }
+          for (int64_t w = 0; w < Wo; ++w) row[w] = T(0);
+          for (int ti = 0; ti < 3; ++ti) {
+            const int64_t r = q + 1 - ti;  // b row fed by b1 row q through tap row ti
+            if (r < 0 || r >= Ho) continue;
+            const T* src = sb + r * Wo;
+            for (int tj = 0; tj < 3; ++tj) {
+              const T wt = wc[ti * 3 + tj];
+              // row[w'] += wt * db[r][w' + 1 - tj] for 0 <= w' + 1 - tj < Wo
+              const int64_t lo = tj - 1 > 0 ? tj - 1 : 0;
+              const int64_t hi = Wo + tj - 1 < Wo ? Wo + tj - 1 : Wo;
+              for (int64_t w = lo; w < hi; ++w) row[w] += wt * src[w + 1 - tj];
+            }
+          }
+          dw_row<S>(xbuf.p + S * k * XW, XW, wb, bb, Wo, b1pre.p);
+          act_row<ACT>(b1pre.p, b1post.p, Wo);
+          for (int64_t w = 0; w < Wo; ++w) row[w] *= act_d<ACT>(b1post.p[w], b1pre.p[w]);
+        }
+        // dwb, dbb over the rows this tile owns (k = 1 .. R)
+        for (int ti = 0; ti < 3; ++ti)
+          for (int tj = 0; tj < 3; ++tj) {
+            T s = T(0);
+            for (int64_t k = 1; k <= g.R; ++k)
+              s += dot_row(d1.p + k * Wo, tap<S>(xbuf.p + (S * k + ti) * XW, tj, Wo), Wo);
+            part[L.wb + 9 * c + ti * 3 + tj] += s;
+          }
+        {
+          T s = T(0);
+          for (int64_t k = 1; k <= g.R; ++k) s += sum_row(d1.p + k * Wo, Wo);
+          part[L.bb + c] += s;
+        }
+        // dx rows [hs, he): input row h gets tap row ti from output row q = (h + 1 - ti) / S
+        for (int64_t h = hs; h < he; ++h) {
+          for (int64_t i = 0; i < DXW; ++i) dxrow.p[i] = T(0);
+          for (int ti = 0; ti < 3; ++ti) {
+            const int64_t num = h + 1 - ti;
+            if (num < 0 || num % S) continue;
+            const int64_t q = num / S;
+            if (q >= Ho) continue;
+            const T* ga = sa + q * Wo;
+            const T* gb = d1.p + (q - q_lo) * Wo;
+            for (int tj = 0; tj < 3; ++tj) {
+              const T wat = wa[ti * 3 + tj], wbt = wb[ti * 3 + tj];
+              T* dst = const_cast<T*>(tap<S>(dxrow.p, tj, Wo));
+              for (int64_t w = 0; w < Wo; ++w) dst[w] += wat * ga[w] + wbt * gb[w];
+            }
+          }
+          // un-pad / interleave back into dx (which holds the residual/projection part)
+          T* out = d.channels_last ? dx + ((g.bi * d.H + h) * W) * C + c
+                                   : dx + ((g.bi * C + c) * d.H + h) * W;
+          const int64_t cs = d.channels_last ? C : 1;
+          if (S == 1) {
+            for (int64_t w = 0; w < W; ++w) out[w * cs] += dxrow.p[1 + w];
+          } else {
+            const T* E = dxrow.p;
+            const T* O = dxrow.p + Wo + 1;
+            for (int64_t w = 0; w < W; ++w)
+              out[w * cs] += (w & 1) ? E[(w + 1) / 2] : O[w / 2];
+          }
+        }
+      }
+    }
+  };
+  par_for(rt, pl.nchunks, task);
+}
+
+template <typename T, int S, int ACT>
+void backward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t,
+                   const T* gy, const T* saved, const BlockGrads<T>& g, T* scratch) {
+  const Plan pl = make_plan(d);
+  const int64_t C = d.C, N = d.N, Cs = pl.Cs, Cout = d.Cout;
+  const int64_t xsz = d.B * C * d.H * d.W, ssz = d.B * C * d.Ho * d.Wo;
+  T* SA = scratch;
+  T* SB = scratch + ssz;
+  T* parts = scratch + 2 * ssz;
+  const int64_t wp_elems = d.merge == kAdd ? N * pl.Ktot : 2 * N * (C + Cs);
+  Buf<T> wp(wp_elems), bias(Cout);
+  pack_weights(d, pl, t, wp.p, bias.p);
+  memset(g.dx, 0, sizeof(T) * xsz);
+  backward_pass1<T, S, ACT>(rt, d, pl, t, gy, saved, wp.p, g.dx, SA, SB, parts);
+  backward_pass2<T, S, ACT>(rt, d, pl, t, g.dx, SA, SB, parts);
+  // Fixed-order reduction of the chunks' partials into parts[0 .. part).
+  auto red = [&](int64_t blk) {
+    const int64_t e0 = blk * 256, e1 = e0 + 256 < pl.part ? e0 + 256 : pl.part;
+    for (int64_t k = 1; k < pl.nchunks; ++k) {
+      const T* src = parts + k * pl.part;
+      for (int64_t e = e0; e < e1; ++e) parts[e] += src[e];
+    }
+  };
+  par_for(rt, ceil_div(pl.part, 256), red);
+  const PartLayout L(d, pl);
+  const T* pw = parts + L.pw;
+  for (int64_t n = 0; n < N; ++n) {
+    if (d.merge == kAdd) {
+      const T* row = pw + n * pl.Ktot;
+      memcpy(g.dpa + n * C, row, sizeof(T) * C);
+      if (Cs) memcpy(g.dws + n * C, row + C, sizeof(T) * C);
+      memcpy(g.dpb + n * C, row + C + Cs, sizeof(T) * C);
+    } else {
+      const int64_t K = C + Cs;
+      const T* r1 = pw + n * K;
+      const T* r2 = pw + (N + n) * K;
+      memcpy(g.dpa + n * C, r1, sizeof(T) * C);
+      if (Cs) memcpy(g.dws + n * C, r1 + C, sizeof(T) * C);
+      if (Cs) memcpy(g.dws + (N + n) * C, r2, sizeof(T) * C);
+      memcpy(g.dpb + n * C, r2 + Cs, sizeof(T) * C);
+    }
+  }
+  const T* bo = parts + L.bo;
+  for (int64_t n = 0; n < N; ++n) {
+    g.dqa[n] = bo[n];
+    g.dqb[n] = d.merge == kAdd ? bo[n] : bo[N + n];
+  }
+  if (g.dbs) memcpy(g.dbs, bo, sizeof(T) * Cout);
+  memcpy(g.dwa, parts + L.wa, sizeof(T) * 9 * C);
+  memcpy(g.dwb, parts + L.wb, sizeof(T) * 9 * C);
+  memcpy(g.dwc, parts + L.wc, sizeof(T) * 9 * C);
+  memcpy(g.dba, parts + L.ba, sizeof(T) * C);
+  memcpy(g.dbb, parts + L.bb, sizeof(T) * C);
+  memcpy(g.dbc, parts + L.bc, sizeof(T) * C);
+}
+
+// Compile-time stride and activation: the inner loops then have no branches to hoist.
+template <typename T, template <typename, int, int> class Fn, typename... Args>
+void dispatch(const BlockDesc& d, Args&&... args) {
+#define MSFUSED_CASE(S, A) \
+  if (d.stride == S && d.act == A) return Fn<T, S, A>::run(args...);
+  MSFUSED_CASE(1, kActNone) MSFUSED_CASE(1, kActRelu) MSFUSED_CASE(1, kActRelu6)
+  MSFUSED_CASE(1, kActSilu) MSFUSED_CASE(2, kActNone) MSFUSED_CASE(2, kActRelu)
+  MSFUSED_CASE(2, kActRelu6) MSFUSED_CASE(2, kActSilu)
+#undef MSFUSED_CASE
+  abort();  // unreachable: the binding checked stride and act
+}
+
+template <typename T, int S, int A>
+struct FwdFn {
+  static void run(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre) {
+    forward_impl<T, S, A>(rt, d, t, y, pre);
+  }
+};
+template <typename T, int S, int A>
+struct BwdFn {
+  static void run(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t, const T* gy,
+                  const T* saved, const BlockGrads<T>& g, T* scratch) {
+    backward_impl<T, S, A>(rt, d, t, gy, saved, g, scratch);
+  }
+};
+
+}  // namespace
+
+template <typename T>
+void block_forward(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t, T* y,
+                   T* pre) {
+  dispatch<T, FwdFn>(d, rt, d, t, y, pre);
+}
+
+template <typename T>
+void block_backward(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t,
+                    const T* grad_y, const T* saved, const BlockGrads<T>& g, T* scratch) {
+  dispatch<T, BwdFn>(d, rt, d, t, grad_y, saved, g, scratch);
+}
+
+template void block_forward<float>(const Runtime&, const BlockDesc&, const BlockTensors<float>&,
+                                   float*, float*);
+template void block_forward<double>(const Runtime&, const BlockDesc&,
+                                    const BlockTensors<double>&, double*, double*);
+template void block_backward<float>(const Runtime&, const BlockDesc&,
+                                    const BlockTensors<float>&, const float*, const float*,
+                                    const BlockGrads<float>&, float*);
+template void block_backward<double>(const Runtime&, const BlockDesc&,
+                                     const BlockTensors<double>&, const double*, const double*,
+                                     const BlockGrads<double>&, double*);
+
+}  // namespace MSFUSED_ISA
+}  // namespace cpu
+}  // namespace msfused

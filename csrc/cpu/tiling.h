@@ -1,0 +1,51 @@
+// How the CPU kernels cut a block call into tiles and chunks. A tile is one image and a
+// band of R output rows; tiles are grouped into a fixed number of chunks (one per
+// parallel task) whose partial weight gradients are reduced in a fixed order, so the
+// backward gives the same bits every run. Everything here is `static inline` on purpose:
+// the header is compiled into each per-ISA translation unit.
+#pragma once
+#include <cstdint>
+
+#include "block_desc.h"
+
+namespace msfused {
+namespace cpu {
+
+struct Plan {
+  int64_t Cs;        // rows of the strided input in the packed matrix (C with projection, else 0)
+  int64_t Ktot;      // rows of the packed [a; xs; b] matrix: 2C + Cs
+  int64_t R;         // output rows per tile
+  int64_t nbands;    // tiles per image
+  int64_t ntiles;    // B * nbands
+  int64_t nchunks;   // parallel tasks; each owns a contiguous run of tiles
+  int64_t npw;       // pointwise (+projection) weight-gradient elements in a partial
+  int64_t part;      // elements of one chunk's partial gradients
+};
+
+static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+static inline Plan make_plan(const BlockDesc& d) {
+  Plan p;
+  p.Cs = d.projection ? d.C : 0;
+  p.Ktot = 2 * d.C + p.Cs;
+  // Aim the packed tile matrix (Ktot x P) at ~128 KiB of floats so it stays in L2 while the
+  // GEMM streams over it, with at least 32 pixels so the GEMM is not degenerate.
+  int64_t target_p = 32768 / p.Ktot;
+  if (target_p < 32) target_p = 32;
+  if (target_p > 1024) target_p = 1024;
+  int64_t r = target_p / d.Wo;
+  if (r < 1) r = 1;
+  if (r > d.Ho) r = d.Ho;
+  // Enough tiles to keep many cores busy: split rows further for small batches.
+  while (r > 1 && d.B * ceil_div(d.Ho, r) < 64) r = ceil_div(r, 2);
+  p.R = r;
+  p.nbands = ceil_div(d.Ho, r);
+  p.ntiles = d.B * p.nbands;
+  p.nchunks = p.ntiles < 64 ? p.ntiles : 64;
+  p.npw = d.merge == kConcat ? 2 * d.N * (d.C + p.Cs) : d.N * p.Ktot;
+  p.part = p.npw + d.Cout + 30 * d.C;
+  return p;
+}
+
+}  // namespace cpu
+}  // namespace msfused
