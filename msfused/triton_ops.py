@@ -42,6 +42,46 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_INTERPRET_AT_IMPORT = _interpret()
+
+
+class _NoLaunch:
+    """Stands in for a kernel while computing fake (shape-only) outputs."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _launcher(x: Tensor):
+    """How the op body launches a kernel k: `_launcher(x)(k)[grid](...)`.
+
+    On a GPU: torch.library.wrap_triton(k), so torch.compile traces into the kernel and
+    fake tensors launch nothing. Under TRITON_INTERPRET=1 wrap_triton cannot trace an
+    interpreted kernel (torch 2.14 hands back the raw kernel, which then reads fake data
+    pointers): real tensors launch the interpreted kernel directly, fake ones nothing.
+    """
+    if not _INTERPRET_AT_IMPORT:
+        return wrap_triton
+    from torch._subclasses.fake_tensor import is_fake
+    if is_fake(x):
+        return lambda k: _NoLaunch()
+    return lambda k: k
+
+
+def _define_op(name: str):
+    """torch.library.triton_op on a GPU (decomposed by AOTDispatcher so Inductor sees the
+    kernels). Under the interpreter a plain custom_op whose fake kernel is the same body
+    with no launches: torch.compile keeps it as one opaque node (still no graph break)."""
+    if not _INTERPRET_AT_IMPORT:
+        return triton_op(name, mutates_args=())
+
+    def dec(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+    return dec
+
+
 def _use_triton(x: Tensor) -> bool:
     return x.device.type == "cuda" or (x.device.type == "cpu" and _interpret())
 
@@ -111,14 +151,14 @@ def _reference_fwd(x, p: BlockParams, cfg: BlockConfig):
 # forward
 # ---------------------------------------------------------------------------------------
 
-@triton_op("msfused::triton_block_forward", mutates_args=())
+@_define_op("msfused::triton_block_forward")
 def triton_block_forward(x: Tensor, wa: Tensor, ba: Optional[Tensor], wb: Tensor,
                          bb: Optional[Tensor], wc: Tensor, bc: Optional[Tensor], pa: Tensor,
                          qa: Optional[Tensor], pb: Tensor, qb: Optional[Tensor],
                          ws: Optional[Tensor], bs: Optional[Tensor], stride: int, merge: int,
                          act: int, residual: bool, save_preact: bool) -> Tuple[Tensor, Tensor]:
     return _forward_impl(x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs, stride, merge,
-                         act, residual, save_preact, wrap_triton)
+                         act, residual, save_preact, _launcher(x))
 
 
 def _forward_impl(x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs, stride, merge, act,
@@ -162,7 +202,7 @@ def _forward_impl(x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs, stride, mer
 # backward
 # ---------------------------------------------------------------------------------------
 
-@triton_op("msfused::triton_block_backward", mutates_args=())
+@_define_op("msfused::triton_block_backward")
 def triton_block_backward(grad_y: Tensor, x: Tensor, saved: Tensor, wa: Tensor,
                           ba: Optional[Tensor], wb: Tensor, bb: Optional[Tensor], wc: Tensor,
                           bc: Optional[Tensor], pa: Tensor, qa: Optional[Tensor], pb: Tensor,
@@ -180,6 +220,7 @@ def triton_block_backward(grad_y: Tensor, x: Tensor, saved: Tensor, wa: Tensor,
     res = _res_code(c, c_out, stride, residual)
     has_bias, (ba_, bb_, bc_, _, _, _) = _biases(x, ba, bb, bc, qa, qb, bs, c, n, c_out, res)
     ieee, lowp, dtid = _flags(x)
+    wrap = _launcher(x)
     wa_, wb_, wc_ = wa.contiguous(), wb.contiguous(), wc.contiguous()
     pa_, pb_ = pa.contiguous(), pb.contiguous()
     ws_ = ws.contiguous() if res == 2 else x
@@ -190,7 +231,7 @@ def triton_block_backward(grad_y: Tensor, x: Tensor, saved: Tensor, wa: Tensor,
     # 1. gz = grad_y * act'(saved), fp32 [B, P, C_out]
     gz = torch.empty((bsz, P, c_out), **f32)
     sv = saved if act != ACT_NONE else grad_y
-    wrap_triton(K._gz_kernel)[lambda m: (bsz * _cdiv(P, m["BLOCK_P"]), _cdiv(c_out, m["BLOCK_O"]))](
+    wrap(K._gz_kernel)[lambda m: (bsz * _cdiv(P, m["BLOCK_P"]), _cdiv(c_out, m["BLOCK_O"]))](
         grad_y, sv, gz, P, wo, c_out,
         grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3),
         sv.stride(0), sv.stride(1), sv.stride(2), sv.stride(3) if sv.dim() == 4 else 0,
@@ -203,7 +244,7 @@ def triton_block_backward(grad_y: Tensor, x: Tensor, saved: Tensor, wa: Tensor,
     dbp = torch.empty((bsz, P, c), **f32)
     t1 = _cdiv(P, BWD_BLOCK_P_BRANCH)
     part1 = torch.empty((bsz * t1, 10, c), **f32)
-    wrap_triton(K._bwd_branch_kernel)[lambda m: (bsz * t1, _cdiv(c, m["BLOCK_C"]))](
+    wrap(K._bwd_branch_kernel)[lambda m: (bsz * t1, _cdiv(c, m["BLOCK_C"]))](
         x, wa_, ba_, wb_, bb_, wc_, bc_, pa_, pb_, gz, a_s, b_s, dap, dbp, part1, 10 * c,
         c, h, w, ho, wo, n, c_out, *sx,
         STRIDE=stride, MERGE=merge, ACT=act, HAS_BIAS=has_bias, IEEE=ieee, LOWP=lowp,
@@ -213,13 +254,13 @@ def triton_block_backward(grad_y: Tensor, x: Tensor, saved: Tensor, wa: Tensor,
     db1p = torch.empty((bsz, P, c), **f32)
     t2 = _cdiv(P, BWD_BLOCK_P_B1)
     part2 = torch.empty((bsz * t2, 20, c), **f32)
-    wrap_triton(K._bwd_b1_kernel)[lambda m: (bsz * t2, _cdiv(c, m["BLOCK_C"]))](
+    wrap(K._bwd_b1_kernel)[lambda m: (bsz * t2, _cdiv(c, m["BLOCK_C"]))](
         x, wb_, bb_, wc_, dbp, db1p, part2, 20 * c, c, h, w, ho, wo, *sx,
         STRIDE=stride, ACT=act, HAS_BIAS=has_bias, DTYPE_ID=dtid, BLOCK_P=BWD_BLOCK_P_B1)
 
     # 4. dx
     dx = torch.empty_like(x, memory_format=memory_format_of(x))
-    wrap_triton(K._bwd_dx_kernel)[lambda m: (bsz * _cdiv(h * w, m["BLOCK_P"]), _cdiv(c, m["BLOCK_C"]))](
+    wrap(K._bwd_dx_kernel)[lambda m: (bsz * _cdiv(h * w, m["BLOCK_P"]), _cdiv(c, m["BLOCK_C"]))](
         wa_, wb_, ws_, dap, db1p, gz, dx, c, h, w, ho, wo, c_out,
         dx.stride(0), dx.stride(1), dx.stride(2), dx.stride(3),
         STRIDE=stride, RES=res, IEEE=ieee, LOWP=lowp, DTYPE_ID=dtid, BLOCK_O=_np2(c_out, hi=32))
@@ -231,7 +272,7 @@ def triton_block_backward(grad_y: Tensor, x: Tensor, saved: Tensor, wa: Tensor,
 
     def pw_grad(col0, nn, a_t, sa):
         out = torch.empty((split, nn, c), **f32)
-        wrap_triton(K._pw_grad_kernel)[lambda m: (_cdiv(nn, m["BLOCK_NN"]), _cdiv(c, m["BLOCK_C"]), split)](
+        wrap(K._pw_grad_kernel)[lambda m: (_cdiv(nn, m["BLOCK_NN"]), _cdiv(c, m["BLOCK_C"]), split)](
             gz, col0, c_out, a_t, sa[0], sa[1], sa[2], sa[3], x, out, R, P, wo, nn, c, rows,
             IEEE=ieee, LOWP=lowp, DTYPE_ID=dtid)
         return out.sum(0).view(nn, c, 1, 1).to(x.dtype, copy=True)
