@@ -76,6 +76,10 @@ Interpreter (TRITON_INTERPRET=1) limits, where they bite:
   * autotuning is pointless there, so every autotune list collapses to its first config;
   * float16/bfloat16 are emulated through numpy, slower still; tl.dot of float32 is
     numpy's matmul (exact ieee, so the float32 suite tolerance of 2e-5 holds);
+  * tl.dot on bfloat16 operands is wrong in the interpreter (it multiplies the raw bits),
+    so under the interpreter every dot upcasts its (already rounded) operands to fp32
+    (`_INTERP_DOT_FP32`); the tensor-core path for fp16/bf16 is therefore NOT exercised
+    without a GPU;
   * performance, register pressure, tf32 and num_warps/num_stages mean nothing there;
     none of that is exercised without a GPU.
 """
@@ -87,6 +91,10 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter's tl.dot multiplies the raw bits of bfloat16 operands (Triton 3.8: garbage
+# results). Under the interpreter, dots therefore run on fp32 copies of their operands, which
+# is exact for products of fp16/bf16 values; compiled kernels are unaffected.
+_INTERP_DOT_FP32 = tl.constexpr(INTERPRET)
 
 
 def _configs(specs):
@@ -127,7 +135,9 @@ def _act_bwd(g, pre, ACT: tl.constexpr):
 
 @triton.jit
 def _mm(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:
+    if _INTERP_DOT_FP32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc)

@@ -348,6 +348,11 @@ def _backward(ctx, grad_y, _grad_pre):
     stride, merge, act, residual = ctx.config
     if saved is None:
         saved = x.new_empty((0,))
+    if act == ACT_SILU and saved.numel() == 0:
+        # called with save_preact=False (triton_block never does that when grad is needed):
+        # recompute the pre-activation with one more forward launch
+        _, saved = torch.ops.msfused.triton_block_forward(x, *params, stride, merge, act,
+                                                           residual, True)
     grads = torch.ops.msfused.triton_block_backward(grad_y, x, saved, *params,
                                                      stride, merge, act, residual)
     out = [g if p is not None else None for g, p in zip(grads[1:], params)]
@@ -383,7 +388,9 @@ def opcheck_samples(x: Tensor, p: BlockParams, cfg: BlockConfig) -> list:
         y, pre = fwd(x, *p, *tail, True)
     saved = {"none": x.new_empty((0,)), "output": y, "preact": pre}[_saved_kind(cfg.act)]
     gy = torch.randn_like(y)
-    samples.append((torch.ops.msfused.triton_block_backward.default, (gy, x, saved, *p, *tail)))
+    # the backward op has no autograd of its own (no double backward): detached inputs
+    d = [None if t is None else t.detach() for t in (x, saved, *p)]
+    samples.append((torch.ops.msfused.triton_block_backward.default, (gy, *d, *tail)))
     return samples
 
 
