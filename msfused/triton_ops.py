@@ -1,0 +1,424 @@
+"""The Triton kernels as PyTorch custom operators, `msfused::triton_block_forward` and
+`msfused::triton_block_backward`, defined with torch.library.triton_op and launched through
+torch.library.wrap_triton, so torch.compile(fullgraph=True) traces into the kernels (no
+graph break) and the fake kernels come for free (the op body runs under FakeTensorMode,
+where wrap_triton launches nothing). Autograd is registered on the forward; the backward
+op recomputes a, b1, b from x (see msfused.triton_kernels).
+
+What the forward saves is what the final activation needs, like msfused.fused_ops:
+relu, relu6 -> y; silu -> the pre-activation (written by the same launch); none -> nothing.
+
+On a CPU tensor without TRITON_INTERPRET=1 (the triton backend never sends one, but a
+direct caller or opcheck may) the ops fall back to the reference (autograd for the
+backward); with TRITON_INTERPRET=1 CPU tensors run the real kernels in the interpreter.
+
+Per-call overhead (op wrapper vs. direct kernel launch): see `measure_overhead()` and
+TRITON_NOTES.md for the numbers measured here (CPU, interpreter: Python-side cost only).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import triton_kernels as K
+from .config import (ACT_NONE, ACT_SILU, MERGE_CONCAT, BlockConfig, apply_act,
+                     needs_projection, out_channels, out_size)
+from .layout import memory_format_of
+from .params import BlockParams
+
+triton_op = torch.library.triton_op
+wrap_triton = torch.library.wrap_triton
+
+_DTYPE_ID = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_INT32_MAX = 2 ** 31 - 1
+BWD_BLOCK_P_BRANCH = 32  # pixel tile of the kernels that write per-program partials
+BWD_BLOCK_P_B1 = 64
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_INTERPRET_AT_IMPORT = _interpret()
+
+
+class _NoLaunch:
+    """Stands in for a kernel while computing fake (shape-only) outputs."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _launcher(x: Tensor):
+    """How the op body launches a kernel k: `_launcher(x)(k)[grid](...)`.
+
+    On a GPU: torch.library.wrap_triton(k), so torch.compile traces into the kernel and
+    fake tensors launch nothing. Under TRITON_INTERPRET=1 wrap_triton cannot trace an
+    interpreted kernel (torch 2.14 hands back the raw kernel, which then reads fake data
+    pointers): real tensors launch the interpreted kernel directly, fake ones nothing.
+    """
+    if not _INTERPRET_AT_IMPORT:
+        return wrap_triton
+    from torch._subclasses.fake_tensor import is_fake
+    if is_fake(x):
+        return lambda k: _NoLaunch()
+    return lambda k: k
+
+
+def _define_op(name: str):
+    """torch.library.triton_op on a GPU (decomposed by AOTDispatcher so Inductor sees the
+    kernels). Under the interpreter a plain custom_op whose fake kernel is the same body
+    with no launches: torch.compile keeps it as one opaque node (still no graph break)."""
+    if not _INTERPRET_AT_IMPORT:
+        return triton_op(name, mutates_args=())
+
+    def dec(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+    return dec
+
+
+def _use_triton(x: Tensor) -> bool:
+    return x.device.type == "cuda" or (x.device.type == "cpu" and _interpret())
+
+
+def _np2(v: int, lo: int = 16, hi: int = 64) -> int:
+    p = lo
+    while p < v and p < hi:
+        p *= 2
+    return p
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _check(x: Tensor, c_out: int, ho: int, wo: int) -> None:
+    if x.dtype not in _DTYPE_ID:
+        raise TypeError(f"x: the triton kernels support float32, float16, bfloat16, got {x.dtype}")
+    c, h, w = x.shape[1:]
+    if c * h * w > _INT32_MAX or c_out * ho * wo > _INT32_MAX or max(c, c_out) * ho * wo * 4 > _INT32_MAX:
+        raise ValueError(f"x: one image of shape {tuple(x.shape[1:])} (or its output) has 2^31 "
+                         "elements or more; the triton kernels index within an image in 32 bits")
+
+
+def _flags(x: Tensor):
+    ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    lowp = x.dtype in (torch.float16, torch.bfloat16)
+    return ieee, lowp, _DTYPE_ID[x.dtype]
+
+
+def _res_code(c: int, c_out: int, stride: int, residual: bool) -> int:
+    if not residual:
+        return 0
+    return 2 if needs_projection(c, c_out, stride) else 1
+
+
+def _biases(x, ba, bb, bc, qa, qb, bs, c, n, c_out, res):
+    """All biases, or none: a missing one among present ones becomes zeros."""
+    bl = [ba, bb, bc, qa, qb] + ([bs] if res == 2 else [])
+    if all(b is None for b in bl):
+        return False, [x] * 6
+    sizes = [c, c, c, n, n, c_out]
+    out = [(b.contiguous() if b is not None else x.new_zeros((sz,)))
+           for b, sz in zip(bl + [None] * (6 - len(bl)), sizes)]
+    return True, out
+
+
+# ---------------------------------------------------------------------------------------
+# reference fallback (CPU without the interpreter)
+# ---------------------------------------------------------------------------------------
+
+def _reference_fwd(x, p: BlockParams, cfg: BlockConfig):
+    import torch.nn.functional as F
+    c, s, act = x.shape[1], cfg.stride, cfg.act
+    a = apply_act(F.conv2d(x, p.wa, p.ba, stride=s, padding=1, groups=c), act)
+    b1 = apply_act(F.conv2d(x, p.wb, p.bb, stride=s, padding=1, groups=c), act)
+    b = apply_act(F.conv2d(b1, p.wc, p.bc, stride=1, padding=1, groups=c), act)
+    pa, pb = F.conv2d(a, p.pa, p.qa), F.conv2d(b, p.pb, p.qb)
+    m = torch.cat([pa, pb], 1) if cfg.merge == MERGE_CONCAT else pa + pb
+    if cfg.residual:
+        m = m + (x if p.ws is None else F.conv2d(x, p.ws, p.bs, stride=s))
+    fmt = memory_format_of(x)
+    return apply_act(m, act).contiguous(memory_format=fmt), m.contiguous(memory_format=fmt)
+
+
+# ---------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------
+
+@_define_op("msfused::triton_block_forward")
+def triton_block_forward(x: Tensor, wa: Tensor, ba: Optional[Tensor], wb: Tensor,
+                         bb: Optional[Tensor], wc: Tensor, bc: Optional[Tensor], pa: Tensor,
+                         qa: Optional[Tensor], pb: Tensor, qb: Optional[Tensor],
+                         ws: Optional[Tensor], bs: Optional[Tensor], stride: int, merge: int,
+                         act: int, residual: bool, save_preact: bool) -> Tuple[Tensor, Tensor]:
+    return _forward_impl(x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs, stride, merge,
+                         act, residual, save_preact, _launcher(x))
+
+
+def _forward_impl(x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs, stride, merge, act,
+                  residual, save_preact, wrap):
+    bsz, c, h, w = x.shape
+    n = pa.shape[0]
+    c_out = out_channels(n, merge)
+    ho, wo = out_size(h, stride), out_size(w, stride)
+    fmt = memory_format_of(x)
+    if not _use_triton(x):
+        y, pre = _reference_fwd(x, BlockParams(wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs),
+                                BlockConfig(stride, merge, act, residual))
+        return y, (pre if save_preact else x.new_empty((0,)))
+    _check(x, c_out, ho, wo)
+    res = _res_code(c, c_out, stride, residual)
+    has_bias, (ba_, bb_, bc_, qa_, qb_, bs_) = _biases(x, ba, bb, bc, qa, qb, bs, c, n, c_out, res)
+    ws_ = ws.contiguous() if res == 2 else x
+    y = torch.empty((bsz, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    pre = (torch.empty((bsz, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+           if save_preact else x.new_empty((0,)))
+    ieee, lowp, dtid = _flags(x)
+    block_n = _np2(n)
+    n_tiles = _cdiv(n, block_n)
+    p_total = ho * wo
+
+    def grid(meta):
+        return (bsz * _cdiv(p_total, meta["BLOCK_P"]), n_tiles * (2 if merge == MERGE_CONCAT else 1))
+
+    wrap(K._fwd_kernel)[grid](
+        x, wa.contiguous(), ba_, wb.contiguous(), bb_, wc.contiguous(), bc_, pa.contiguous(),
+        qa_, pb.contiguous(), qb_, ws_, bs_, y, pre if save_preact else y,
+        c, h, w, ho, wo, n, c_out, n_tiles,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        STRIDE=stride, MERGE=merge, ACT=act, RES=res, HAS_BIAS=has_bias,
+        SAVE_PRE=bool(save_preact), IEEE=ieee, LOWP=lowp, DTYPE_ID=dtid, BLOCK_N=block_n)
+    return y, pre
+
+
+# ---------------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------------
+
+@_define_op("msfused::triton_block_backward")
+def triton_block_backward(grad_y: Tensor, x: Tensor, saved: Tensor, wa: Tensor,
+                          ba: Optional[Tensor], wb: Tensor, bb: Optional[Tensor], wc: Tensor,
+                          bc: Optional[Tensor], pa: Tensor, qa: Optional[Tensor], pb: Tensor,
+                          qb: Optional[Tensor], ws: Optional[Tensor], bs: Optional[Tensor],
+                          stride: int, merge: int, act: int, residual: bool) -> List[Tensor]:
+    bsz, c, h, w = x.shape
+    n = pa.shape[0]
+    c_out = out_channels(n, merge)
+    ho, wo = out_size(h, stride), out_size(w, stride)
+    empty = x.new_empty((0,))
+    if not _use_triton(x):
+        return _reference_bwd(grad_y, x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs,
+                              stride, merge, act, residual)
+    _check(x, c_out, ho, wo)
+    res = _res_code(c, c_out, stride, residual)
+    has_bias, (ba_, bb_, bc_, _, _, _) = _biases(x, ba, bb, bc, qa, qb, bs, c, n, c_out, res)
+    ieee, lowp, dtid = _flags(x)
+    wrap = _launcher(x)
+    wa_, wb_, wc_ = wa.contiguous(), wb.contiguous(), wc.contiguous()
+    pa_, pb_ = pa.contiguous(), pb.contiguous()
+    ws_ = ws.contiguous() if res == 2 else x
+    P = ho * wo
+    f32 = dict(dtype=torch.float32, device=x.device)
+    sx = (x.stride(0), x.stride(1), x.stride(2), x.stride(3))
+
+    # 1. gz = grad_y * act'(saved), fp32 [B, P, C_out]
+    gz = torch.empty((bsz, P, c_out), **f32)
+    sv = saved if act != ACT_NONE else grad_y
+    wrap(K._gz_kernel)[lambda m: (bsz * _cdiv(P, m["BLOCK_P"]), _cdiv(c_out, m["BLOCK_O"]))](
+        grad_y, sv, gz, P, wo, c_out,
+        grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3),
+        sv.stride(0), sv.stride(1), sv.stride(2), sv.stride(3) if sv.dim() == 4 else 0,
+        ACT=act, DTYPE_ID=dtid)
+
+    # 2. recompute a, b; da_pre, db_pre; partials of dWa, dba
+    a_s = torch.empty((bsz, P, c), **f32)
+    b_s = torch.empty((bsz, P, c), **f32)
+    dap = torch.empty((bsz, P, c), **f32)
+    dbp = torch.empty((bsz, P, c), **f32)
+    t1 = _cdiv(P, BWD_BLOCK_P_BRANCH)
+    part1 = torch.empty((bsz * t1, 10, c), **f32)
+    wrap(K._bwd_branch_kernel)[lambda m: (bsz * t1, _cdiv(c, m["BLOCK_C"]))](
+        x, wa_, ba_, wb_, bb_, wc_, bc_, pa_, pb_, gz, a_s, b_s, dap, dbp, part1, 10 * c,
+        c, h, w, ho, wo, n, c_out, *sx,
+        STRIDE=stride, MERGE=merge, ACT=act, HAS_BIAS=has_bias, IEEE=ieee, LOWP=lowp,
+        DTYPE_ID=dtid, BLOCK_N=_np2(n, hi=32), BLOCK_P=BWD_BLOCK_P_BRANCH)
+
+    # 3. db1_pre; partials of dWc, dbc, dWb, dbb
+    db1p = torch.empty((bsz, P, c), **f32)
+    t2 = _cdiv(P, BWD_BLOCK_P_B1)
+    part2 = torch.empty((bsz * t2, 20, c), **f32)
+    wrap(K._bwd_b1_kernel)[lambda m: (bsz * t2, _cdiv(c, m["BLOCK_C"]))](
+        x, wb_, bb_, wc_, dbp, db1p, part2, 20 * c, c, h, w, ho, wo, *sx,
+        STRIDE=stride, ACT=act, HAS_BIAS=has_bias, DTYPE_ID=dtid, BLOCK_P=BWD_BLOCK_P_B1)
+
+    # 4. dx
+    dx = torch.empty_like(x, memory_format=memory_format_of(x))
+    wrap(K._bwd_dx_kernel)[lambda m: (bsz * _cdiv(h * w, m["BLOCK_P"]), _cdiv(c, m["BLOCK_C"]))](
+        wa_, wb_, ws_, dap, db1p, gz, dx, c, h, w, ho, wo, c_out,
+        dx.stride(0), dx.stride(1), dx.stride(2), dx.stride(3),
+        STRIDE=stride, RES=res, IEEE=ieee, LOWP=lowp, DTYPE_ID=dtid, BLOCK_O=_np2(c_out, hi=32))
+
+    # 5. pointwise weight grads: gz^T @ (a | b | xs) over all B*P pixels
+    R = bsz * P
+    split = max(1, min(32, _cdiv(R, 1024)))
+    rows = _cdiv(R, split)
+
+    def pw_grad(col0, nn, a_t, sa):
+        out = torch.empty((split, nn, c), **f32)
+        wrap(K._pw_grad_kernel)[lambda m: (_cdiv(nn, m["BLOCK_NN"]), _cdiv(c, m["BLOCK_C"]), split)](
+            gz, col0, c_out, a_t, sa[0], sa[1], sa[2], sa[3], x, out, R, P, wo, nn, c, rows,
+            IEEE=ieee, LOWP=lowp, DTYPE_ID=dtid)
+        return out.sum(0).view(nn, c, 1, 1).to(x.dtype, copy=True)
+
+    s_scr = (P * c, 1, wo * c, c)
+    dpa = pw_grad(0, n, a_s, s_scr)
+    dpb = pw_grad(n if merge == MERGE_CONCAT else 0, n, b_s, s_scr)
+    dws = (pw_grad(0, c_out, x, (sx[0], sx[1], sx[2] * stride, sx[3] * stride))
+           if res == 2 else x.new_empty((0,)))
+
+    # reductions of the partials, in a fixed order
+    s1 = part1.sum(0)
+    s2 = part2.sum(0)
+    gsum = gz.sum((0, 1))
+    dt = x.dtype
+
+    def own(t):  # outputs of a custom op must not alias each other: always a fresh tensor
+        return t.to(dt, copy=True)
+
+    dwa = own(s1[:9].t().reshape(c, 1, 3, 3))
+    dwc = own(s2[:9].t().reshape(c, 1, 3, 3))
+    dwb = own(s2[10:19].t().reshape(c, 1, 3, 3))
+    dba, dbc, dbb = own(s1[9]), own(s2[9]), own(s2[19])
+    dqa = own(gsum[:n])
+    dqb = own(gsum[n:] if merge == MERGE_CONCAT else gsum)
+    dbs = own(gsum) if res == 2 else x.new_empty((0,))
+    return [dx, dwa, dba, dwb, dbb, dwc, dbc, dpa, dqa, dpb, dqb, dws, dbs]
+
+
+def _reference_bwd(grad_y, x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs,
+                   stride, merge, act, residual):
+    params = [wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs]
+    with torch.enable_grad():
+        xd = x.detach().requires_grad_(True)
+        pd = [None if t is None else t.detach().requires_grad_(True) for t in params]
+        y, _ = _reference_fwd(xd, BlockParams(*pd), BlockConfig(stride, merge, act, residual))
+        leaves = [xd] + [t for t in pd if t is not None]
+        gs = list(torch.autograd.grad(y, leaves, grad_y))
+    n, c = pa.shape[0], x.shape[1]
+    sizes = [c, c, c, n, n]  # ba, bb, bc, qa, qb: zeros when absent (autograd drops them)
+    out = [gs.pop(0)]
+    for i, t in enumerate(pd):
+        if t is not None:
+            out.append(gs.pop(0))
+        elif i in (1, 3, 5, 7, 9):
+            out.append(x.new_zeros((sizes[(i - 1) // 2],)))
+        else:
+            out.append(x.new_empty((0,)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------
+
+def _saved_kind(act: int) -> str:
+    return "none" if act == ACT_NONE else ("preact" if act == ACT_SILU else "output")
+
+
+def _setup_context(ctx, inputs, output):
+    x, *params = inputs[:13]
+    stride, merge, act, residual, _ = inputs[13:]
+    y, pre = output
+    kind = _saved_kind(act)
+    saved = y if kind == "output" else (pre if kind == "preact" else None)
+    ctx.save_for_backward(x, saved, *params)
+    ctx.config = (stride, merge, act, residual)
+    ctx.mark_non_differentiable(pre)
+
+
+def _backward(ctx, grad_y, _grad_pre):
+    x, saved, *params = ctx.saved_tensors
+    stride, merge, act, residual = ctx.config
+    if saved is None:
+        saved = x.new_empty((0,))
+    if act == ACT_SILU and saved.numel() == 0:
+        # called with save_preact=False (triton_block never does that when grad is needed):
+        # recompute the pre-activation with one more forward launch
+        _, saved = torch.ops.msfused.triton_block_forward(x, *params, stride, merge, act,
+                                                           residual, True)
+    grads = torch.ops.msfused.triton_block_backward(grad_y, x, saved, *params,
+                                                     stride, merge, act, residual)
+    out = [g if p is not None else None for g, p in zip(grads[1:], params)]
+    return (grads[0], *out, None, None, None, None, None)
+
+
+triton_block_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# entry points
+# ---------------------------------------------------------------------------------------
+
+def triton_block(x: Tensor, p: BlockParams, cfg: BlockConfig) -> Tensor:
+    """The triton backend's forward (differentiable through the registered autograd)."""
+    x = x.contiguous(memory_format=memory_format_of(x))
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(t is not None and t.requires_grad for t in p))
+    y, _ = torch.ops.msfused.triton_block_forward(
+        x, *p, cfg.stride, cfg.merge, cfg.act, cfg.residual,
+        bool(needs_grad and cfg.act == ACT_SILU))
+    return y
+
+
+def opcheck_samples(x: Tensor, p: BlockParams, cfg: BlockConfig) -> list:
+    """(op, args) pairs for torch.library.opcheck: forward (with and without the saved
+    pre-activation) and backward."""
+    x = x.contiguous(memory_format=memory_format_of(x))
+    tail = (cfg.stride, cfg.merge, cfg.act, cfg.residual)
+    fwd = torch.ops.msfused.triton_block_forward.default
+    samples = [(fwd, (x, *p, *tail, False)), (fwd, (x, *p, *tail, True))]
+    with torch.no_grad():
+        y, pre = fwd(x, *p, *tail, True)
+    saved = {"none": x.new_empty((0,)), "output": y, "preact": pre}[_saved_kind(cfg.act)]
+    gy = torch.randn_like(y)
+    # the backward op has no autograd of its own (no double backward): detached inputs
+    d = [None if t is None else t.detach() for t in (x, saved, *p)]
+    samples.append((torch.ops.msfused.triton_block_backward.default, (gy, *d, *tail)))
+    return samples
+
+
+def direct_forward(x: Tensor, p: BlockParams, cfg: BlockConfig) -> Tensor:
+    """The forward kernel launched directly (no custom op, no dispatcher, no autograd):
+    for measuring the op wrapper's overhead."""
+    return _forward_impl(x, *p, cfg.stride, cfg.merge, cfg.act, cfg.residual, False,
+                         lambda k: k)[0]
+
+
+def measure_overhead(x: Tensor, p: BlockParams, cfg: BlockConfig, iters: int = 200) -> dict:
+    """Mean wall time per call (microseconds) of the op (torch.ops.msfused, no grad) and of
+    the direct launch, on the same inputs. On a GPU this is dominated by the host-side cost
+    when the kernel is small; on CPU under the interpreter it includes the kernel."""
+    import time
+
+    def timeit(fn):
+        fn()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / iters * 1e6
+
+    with torch.no_grad():
+        op = timeit(lambda: triton_block(x, p, cfg))
+        direct = timeit(lambda: direct_forward(x, p, cfg))
+    return {"op_us": op, "direct_us": direct, "overhead_us": op - direct}
