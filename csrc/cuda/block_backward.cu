@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(NT) recompute_kernel(BlockDesc d, BlockTensors
                                                        typename AccT<T>::type* __restrict__ Bpre,
                                                        int tiles_w, int tiles_hw) {
   using A = typename AccT<T>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MSF_EXTERN_SMEM(smem_raw);
   const int s = d.stride;
   const int XR = stage_rows(s), XC = stage_cols(s);
   A* xs = reinterpret_cast<A*>(smem_raw);
@@ -512,35 +512,39 @@ const char* launch_block_backward(const BlockDesc& d, const BlockTensors<T>& t, 
   e = cudaGetLastError();                     \
   if (e != cudaSuccess) return cudaGetErrorString(e)
 
-  gz_kernel<T><<<grid_for(d.B * d.Cout * P, 1 << 20), NT, 0, stream>>>(d, grad_y, saved, G);
+  auto gk = gz_kernel<T>;
+  MSF_LAUNCH(gk, grid_for(d.B * d.Cout * P, 1 << 20), NT, 0, stream, d, grad_y, saved, G);
   MSF_CHECK_LAUNCH();
 
   const size_t rsmem = recompute_smem_elems<A, KC>(d.stride) * sizeof(A);
   auto rk = recompute_kernel<T, KC>;
   e = cudaFuncSetAttribute(rk, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(rsmem));
   if (e != cudaSuccess) return cudaGetErrorString(e);
-  rk<<<dim3(static_cast<unsigned>(d.B * tiles_h * tiles_w), static_cast<unsigned>(kchunks)), NT,
-       rsmem, stream>>>(d, t, Apre, Bpre, static_cast<int>(tiles_w),
-                        static_cast<int>(tiles_h * tiles_w));
+  const dim3 rgrid(static_cast<unsigned>(d.B * tiles_h * tiles_w), static_cast<unsigned>(kchunks));
+  MSF_LAUNCH(rk, rgrid, NT, rsmem, stream, d, t, Apre, Bpre, static_cast<int>(tiles_w),
+             static_cast<int>(tiles_h * tiles_w));
   MSF_CHECK_LAUNCH();
 
-  wgrad_kernel<T><<<dim3(static_cast<unsigned>(mblocks * cblocks), 1,
-                         static_cast<unsigned>(nwhich * L.S)), NT, 0, stream>>>(
-      d, t.x, G, Apre, Bpre, Wp, Bp, static_cast<int>(L.S), static_cast<int>(cblocks));
+  auto wk = wgrad_kernel<T>;
+  const dim3 wgrid(static_cast<unsigned>(mblocks * cblocks), 1, static_cast<unsigned>(nwhich * L.S));
+  MSF_LAUNCH(wk, wgrid, NT, 0, stream, d, t.x, G, Apre, Bpre, Wp, Bp, static_cast<int>(L.S),
+             static_cast<int>(cblocks));
   MSF_CHECK_LAUNCH();
 
-  dact_kernel<T><<<dim3(static_cast<unsigned>(d.B * pblocks), static_cast<unsigned>(cblocks),
-                        static_cast<unsigned>(nwhich)), NT, 0, stream>>>(d, t, G, Apre, Bpre,
-                                                                          dXS, pblocks);
+  auto ak = dact_kernel<T>;
+  const dim3 agrid(static_cast<unsigned>(d.B * pblocks), static_cast<unsigned>(cblocks),
+                   static_cast<unsigned>(nwhich));
+  MSF_LAUNCH(ak, agrid, NT, 0, stream, d, t, G, Apre, Bpre, dXS, pblocks);
   MSF_CHECK_LAUNCH();
 
-  dw_kernel<T><<<static_cast<unsigned>(d.B * d.C), NT, 0, stream>>>(d, t, G, Apre, Bpre, dXS,
-                                                                     g.dx, DW);
+  auto dk = dw_kernel<T>;
+  MSF_LAUNCH(dk, static_cast<unsigned>(d.B * d.C), NT, 0, stream, d, t, G, Apre, Bpre, dXS, g.dx, DW);
   MSF_CHECK_LAUNCH();
 
   const int64_t nred = d.C * NDW + 2 * d.N * d.C + (d.projection ? d.Cout * d.C + d.Cout : 0) +
                        2 * d.N;
-  reduce_kernel<T><<<grid_for(nred, 4096), NT, 0, stream>>>(d, Wp, Bp, DW, static_cast<int>(L.S), g);
+  auto redk = reduce_kernel<T>;
+  MSF_LAUNCH(redk, grid_for(nred, 4096), NT, 0, stream, d, Wp, Bp, DW, static_cast<int>(L.S), g);
   MSF_CHECK_LAUNCH();
 #undef MSF_CHECK_LAUNCH
   return nullptr;
@@ -552,12 +556,14 @@ template const char* launch_block_backward<float>(const BlockDesc&, const BlockT
 template const char* launch_block_backward<double>(const BlockDesc&, const BlockTensors<double>&,
                                                    const double*, const double*,
                                                    const BlockGrads<double>&, void*, cudaStream_t);
+#ifndef MSFUSED_CUDA_EMU
 template const char* launch_block_backward<__half>(const BlockDesc&, const BlockTensors<__half>&,
                                                    const __half*, const __half*,
                                                    const BlockGrads<__half>&, void*, cudaStream_t);
 template const char* launch_block_backward<__nv_bfloat16>(
     const BlockDesc&, const BlockTensors<__nv_bfloat16>&, const __nv_bfloat16*,
     const __nv_bfloat16*, const BlockGrads<__nv_bfloat16>&, void*, cudaStream_t);
+#endif
 
 }  // namespace cuda
 }  // namespace msfused

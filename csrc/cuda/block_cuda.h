@@ -2,7 +2,9 @@
 // includes this without the kernels and the kernels include no PyTorch headers.
 // Each launcher returns nullptr on success or a static error message.
 #pragma once
+#ifndef MSFUSED_CUDA_EMU
 #include <cuda_runtime.h>
+#endif
 
 #include <cstddef>
 

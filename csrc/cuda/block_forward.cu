@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(NT) block_forward_kernel(BlockDesc d, BlockTen
                                                            T* pre, int tiles_w, int tiles_hw,
                                                            int nblk_a) {
   using A = typename AccT<T>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MSF_EXTERN_SMEM(smem_raw);
   const int s = d.stride;
   const int XR = stage_rows(s), XC = stage_cols(s);
   A* xs = reinterpret_cast<A*>(smem_raw);
@@ -187,9 +187,9 @@ const char* launch_block_forward(const BlockDesc& d, const BlockTensors<T>& t, T
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem));
   if (e != cudaSuccess) return cudaGetErrorString(e);
-  kernel<<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), NT, smem,
-           stream>>>(d, t, y, pre, static_cast<int>(tiles_w),
-                     static_cast<int>(tiles_h * tiles_w), static_cast<int>(nblk));
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+  MSF_LAUNCH(kernel, grid, NT, smem, stream, d, t, y, pre, static_cast<int>(tiles_w),
+             static_cast<int>(tiles_h * tiles_w), static_cast<int>(nblk));
   e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
@@ -198,12 +198,14 @@ template const char* launch_block_forward<float>(const BlockDesc&, const BlockTe
                                                  float*, float*, cudaStream_t);
 template const char* launch_block_forward<double>(const BlockDesc&, const BlockTensors<double>&,
                                                   double*, double*, cudaStream_t);
+#ifndef MSFUSED_CUDA_EMU
 template const char* launch_block_forward<__half>(const BlockDesc&, const BlockTensors<__half>&,
                                                   __half*, __half*, cudaStream_t);
 template const char* launch_block_forward<__nv_bfloat16>(const BlockDesc&,
                                                          const BlockTensors<__nv_bfloat16>&,
                                                          __nv_bfloat16*, __nv_bfloat16*,
                                                          cudaStream_t);
+#endif
 
 }  // namespace cuda
 }  // namespace msfused

@@ -1,13 +1,24 @@
 // Device helpers shared by the CUDA kernels: accumulation types, conversions, activations
 // and NCHW/NHWC indexing. No PyTorch headers here (compile time).
 #pragma once
+#ifndef MSFUSED_CUDA_EMU  // tools/cuda_emu runs these kernels on the CPU for testing
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 
 #include "block_desc.h"
+
+// Kernel launch and dynamic shared memory, as macros so tools/cuda_emu can replace them.
+#ifndef MSF_LAUNCH
+#define MSF_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
+#ifndef MSF_EXTERN_SMEM
+#define MSF_EXTERN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 namespace msfused {
 namespace cuda {
@@ -18,17 +29,21 @@ template <> struct AccT<double> { using type = double; };
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
+#ifndef MSFUSED_CUDA_EMU
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+#endif
 template <typename T> __device__ __forceinline__ T from_acc(float v);
 template <typename T> __device__ __forceinline__ T from_acc(double v);
 template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
 template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+#ifndef MSFUSED_CUDA_EMU
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
+#endif
 
 __device__ __forceinline__ float exp_acc(float v) { return expf(v); }
 __device__ __forceinline__ double exp_acc(double v) { return exp(v); }
