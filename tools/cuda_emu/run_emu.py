@@ -77,8 +77,9 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch):
                  for t in params]
     # bias grads are always produced by the kernels; projection grads only with one
     for i, t in enumerate(params):
-        if t is None and i < 10:
-            gr[i + 1] = torch.full((c if i < 6 else n,), float("nan"), dtype=dtype)
+        if t is None and (i < 10 or (i == 11 and proj)):  # like alloc_grads
+            gr[i + 1] = torch.full((c if i < 6 else (n if i < 10 else cout),), float("nan"),
+                                   dtype=dtype)
     gptrs = (ctypes.c_void_p * 13)(*[ptr(t) for t in gr])
     assert lib.emu_backward(es, desc, ptrs, ptr(gy), ptr(saved), gptrs, ptr(ws)) == 0
     ref = [x64.grad] + [t.grad if t is not None else None for t in p64]
