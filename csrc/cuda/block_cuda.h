@@ -1,0 +1,32 @@
+// Launchers of the CUDA kernels (csrc/cuda/*.cu). Plain C++: the binding (block_cuda.cpp)
+// includes this without the kernels and the kernels include no PyTorch headers.
+// Each launcher returns nullptr on success or a static error message.
+#pragma once
+#ifndef MSFUSED_CUDA_EMU
+#include <cuda_runtime.h>
+#endif
+
+#include <cstddef>
+
+#include "block_desc.h"
+
+namespace msfused {
+namespace cuda {
+
+// y and pre are in the io layout (NHWC when d.channels_last, else NCHW); pre may be null.
+template <typename T>
+const char* launch_block_forward(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
+                                 cudaStream_t stream);
+
+// Scratch the backward needs, in bytes, for element size elem_bytes (2, 4 or 8).
+size_t block_backward_workspace_bytes(const BlockDesc& d, int elem_bytes);
+
+// grad_y and saved in the io layout (saved null for act none); workspace of
+// block_backward_workspace_bytes(d, sizeof(T)) bytes, 256-byte aligned.
+template <typename T>
+const char* launch_block_backward(const BlockDesc& d, const BlockTensors<T>& t, const T* grad_y,
+                                  const T* saved, const BlockGrads<T>& g, void* workspace,
+                                  cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace msfused

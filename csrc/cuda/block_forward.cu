@@ -1,0 +1,211 @@
+// Fused forward of the block in one launch.
+//
+// Grid: x = B * tiles (8x8 output pixels of one image), y = blocks of 64 output channels of
+// one branch (concat: the blocks of branch A, then those of branch B; add: blocks of N).
+// A CTA (256 threads) loops over chunks of KC input channels: stages x over the tile and
+// its halo in shared memory, computes a (or b1 on the tile plus ring, then b) and the
+// strided x for a projection on chip, and accumulates the 64 x 64 output block of the
+// pointwise GEMM (K = the chunk's channels of each needed branch + projection) in
+// registers: each thread owns 4 output channels x 4 pixels. The epilogue adds biases, the
+// residual, applies the activation and writes y (and the pre-activation) once.
+// Nothing between x and y touches global memory.
+#include "block_cuda.h"
+#include "tile.cuh"
+
+namespace msfused {
+namespace cuda {
+namespace {
+
+constexpr int COB = 64;       // output channels per CTA
+constexpr int WST = COB + 1;  // padded row of the staged pointwise weights
+
+template <typename T> struct FwdKC { static constexpr int value = 16; };
+template <> struct FwdKC<double> { static constexpr int value = 8; };
+
+template <typename A, int KC>
+size_t fwd_smem_elems(int s) {
+  return size_t(KC) * stage_rows(s) * stage_cols(s) + size_t(KC) * RH * RW + 3 * size_t(KC) * TP +
+         3 * size_t(KC) * WST + 30 * size_t(KC);
+}
+
+template <typename T, int KC>
+__global__ void __launch_bounds__(NT) block_forward_kernel(BlockDesc d, BlockTensors<T> t, T* y,
+                                                           T* pre, int tiles_w, int tiles_hw,
+                                                           int nblk_a) {
+  using A = typename AccT<T>::type;
+  MSF_EXTERN_SMEM(smem_raw);
+  const int s = d.stride;
+  const int XR = stage_rows(s), XC = stage_cols(s);
+  A* xs = reinterpret_cast<A*>(smem_raw);
+  A* b1 = xs + KC * XR * XC;
+  A* sa = b1 + KC * RH * RW;
+  A* sb = sa + KC * TP;
+  A* sx = sb + KC * TP;
+  A* wA = sx + KC * TP;
+  A* wB = wA + KC * WST;
+  A* wS = wB + KC * WST;
+  A* dw = wS + KC * WST;  // 30 * KC
+
+  const int64_t bimg = blockIdx.x / tiles_hw;
+  const int trem = static_cast<int>(blockIdx.x % tiles_hw);
+  const int64_t r0 = int64_t(trem / tiles_w) * TH, q0 = int64_t(trem % tiles_w) * TW;
+  const int64_t N = d.N, C = d.C;
+
+  // Which branch this CTA computes; co indexes the branch's N channels.
+  const bool concat = d.merge == kConcat;
+  const int blk = blockIdx.y;
+  bool need_a = true, need_b = true;
+  int64_t co0 = int64_t(blk) * COB, ch_off = 0;
+  if (concat) {
+    if (blk < nblk_a) {
+      need_b = false;
+    } else {
+      need_a = false;
+      co0 = int64_t(blk - nblk_a) * COB;
+      ch_off = N;
+    }
+  }
+  const bool proj = d.projection;
+
+  // NHWC: consecutive threads own consecutive channels (coalesced stores); NCHW: pixels.
+  const int tid = threadIdx.x;
+  const int tc = d.channels_last ? tid % 16 : tid / 16;
+  const int tp = d.channels_last ? tid / 16 : tid % 16;
+
+  A acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
+
+  const int64_t ih0 = s * (r0 - 1) - 1, iw0 = s * (q0 - 1) - 1;
+  for (int64_t c0 = 0; c0 < C; c0 += KC) {
+    __syncthreads();  // the previous chunk's GEMM is done with the staged operands
+    stage_x<T, A, KC>(d, t.x, bimg, c0, ih0, iw0, XR, XC, xs);
+    stage_dw_weights<T, A, KC>(d, t, c0, dw);
+    for (int idx = tid; idx < KC * COB; idx += NT) {
+      const int k = idx % KC, j = idx / KC;  // k fastest: consecutive channels in memory
+      const int64_t c = c0 + k, co = co0 + j;
+      const bool ok = c < C && co < N;
+      wA[k * WST + j] = (need_a && ok) ? to_acc(t.pa[co * C + c]) : A(0);
+      wB[k * WST + j] = (need_b && ok) ? to_acc(t.pb[co * C + c]) : A(0);
+      wS[k * WST + j] = (proj && ok) ? to_acc(t.ws[(ch_off + co) * C + c]) : A(0);
+    }
+    __syncthreads();
+    if (need_b) compute_b1<A, KC>(d, r0, q0, XR, XC, xs, dw, b1);
+    for (int idx = tid; idx < KC * TP; idx += NT) {
+      const int k = idx / TP, p = idx % TP;
+      if (need_a) sa[idx] = act_fn(d.act, a_pre_at<A, KC>(s, k, p, XR, XC, xs, dw));
+      if (proj) sx[idx] = xs_at(s, k, p, XR, XC, xs);
+    }
+    __syncthreads();
+    if (need_b)
+      for (int idx = tid; idx < KC * TP; idx += NT) {
+        const int k = idx / TP, p = idx % TP;
+        sb[idx] = act_fn(d.act, b_pre_at<A, KC>(k, p, b1, dw));
+      }
+    __syncthreads();
+#pragma unroll 4
+    for (int k = 0; k < KC; ++k) {
+      if (need_a) {
+        A w[4], v[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) w[i] = wA[k * WST + tc + 16 * i];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = sa[k * TP + tp + 16 * j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] += w[i] * v[j];
+      }
+      if (need_b) {
+        A w[4], v[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) w[i] = wB[k * WST + tc + 16 * i];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = sb[k * TP + tp + 16 * j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] += w[i] * v[j];
+      }
+      if (proj) {
+        A w[4], v[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) w[i] = wS[k * WST + tc + 16 * i];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = sx[k * TP + tp + 16 * j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] += w[i] * v[j];
+      }
+    }
+  }
+
+  // Epilogue: biases, residual, activation; masked to real channels and pixels.
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t co = co0 + tc + 16 * i;
+    if (co >= N) continue;
+    const int64_t ch = ch_off + co;
+    A bias = A(0);
+    if (need_a && t.qa != nullptr) bias += to_acc(t.qa[co]);
+    if (need_b && t.qb != nullptr) bias += to_acc(t.qb[co]);
+    if (proj && t.bs != nullptr) bias += to_acc(t.bs[ch]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int p = tp + 16 * j;
+      const int64_t oh = r0 + p / TW, ow = q0 + p % TW;
+      if (oh >= d.Ho || ow >= d.Wo) continue;
+      A v = acc[i][j] + bias;
+      if (d.residual && !proj)  // identity: stride 1 and Cout == C, so (oh, ow) is in x
+        v += to_acc(t.x[io_index(d.channels_last, bimg, ch, oh, ow, d.C, d.H, d.W)]);
+      const int64_t o = io_index(d.channels_last, bimg, ch, oh, ow, d.Cout, d.Ho, d.Wo);
+      if (pre != nullptr) pre[o] = from_acc<T>(v);
+      y[o] = from_acc<T>(act_fn(d.act, v));
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+const char* launch_block_forward(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
+                                 cudaStream_t stream) {
+  using A = typename AccT<T>::type;
+  constexpr int KC = FwdKC<T>::value;
+  if (d.B * d.Cout * d.Ho * d.Wo == 0) return nullptr;
+  const int64_t tiles_h = (d.Ho + TH - 1) / TH, tiles_w = (d.Wo + TW - 1) / TW;
+  const int64_t nblk = (d.N + COB - 1) / COB;
+  const int64_t grid_x = d.B * tiles_h * tiles_w;
+  const int64_t grid_y = d.merge == kConcat ? 2 * nblk : nblk;
+  if (grid_x > 0x7fffffffLL || tiles_h * tiles_w > 0x7fffffffLL || grid_y > 65535)
+    return "block_forward: the input is too large for the CUDA kernel's grid";
+  const size_t smem = fwd_smem_elems<A, KC>(d.stride) * sizeof(A);
+  auto kernel = block_forward_kernel<T, KC>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(smem));
+  if (e != cudaSuccess) return cudaGetErrorString(e);
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+  MSF_LAUNCH(kernel, grid, NT, smem, stream, d, t, y, pre, static_cast<int>(tiles_w),
+             static_cast<int>(tiles_h * tiles_w), static_cast<int>(nblk));
+  e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+template const char* launch_block_forward<float>(const BlockDesc&, const BlockTensors<float>&,
+                                                 float*, float*, cudaStream_t);
+template const char* launch_block_forward<double>(const BlockDesc&, const BlockTensors<double>&,
+                                                  double*, double*, cudaStream_t);
+#ifndef MSFUSED_CUDA_EMU
+template const char* launch_block_forward<__half>(const BlockDesc&, const BlockTensors<__half>&,
+                                                  __half*, __half*, cudaStream_t);
+template const char* launch_block_forward<__nv_bfloat16>(const BlockDesc&,
+                                                         const BlockTensors<__nv_bfloat16>&,
+                                                         __nv_bfloat16*, __nv_bfloat16*,
+                                                         cudaStream_t);
+#endif
+
+}  // namespace cuda
+}  // namespace msfused

@@ -1,0 +1,97 @@
+// Device helpers shared by the CUDA kernels: accumulation types, conversions, activations
+// and NCHW/NHWC indexing. No PyTorch headers here (compile time).
+#pragma once
+#ifndef MSFUSED_CUDA_EMU  // tools/cuda_emu runs these kernels on the CPU for testing
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+#include <cstdint>
+
+#include "block_desc.h"
+
+// Kernel launch and dynamic shared memory, as macros so tools/cuda_emu can replace them.
+#ifndef MSF_LAUNCH
+#define MSF_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
+#ifndef MSF_EXTERN_SMEM
+#define MSF_EXTERN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+namespace msfused {
+namespace cuda {
+
+// float32 accumulation for float/half/bfloat16, float64 for double.
+template <typename T> struct AccT { using type = float; };
+template <> struct AccT<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+#ifndef MSFUSED_CUDA_EMU
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+#endif
+template <typename T> __device__ __forceinline__ T from_acc(float v);
+template <typename T> __device__ __forceinline__ T from_acc(double v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+#ifndef MSFUSED_CUDA_EMU
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+#endif
+
+__device__ __forceinline__ float exp_acc(float v) { return expf(v); }
+__device__ __forceinline__ double exp_acc(double v) { return exp(v); }
+
+// The block's activation (NaN propagates as in PyTorch: comparisons are false for NaN).
+template <typename A>
+__device__ __forceinline__ A act_fn(int act, A z) {
+  if (act == kActRelu) return z < A(0) ? A(0) : z;
+  if (act == kActRelu6) return z < A(0) ? A(0) : (z > A(6) ? A(6) : z);
+  if (act == kActSilu) return z / (A(1) + exp_acc(-z));
+  return z;
+}
+
+// Derivative from the pre-activation z. relu: 0 at 0; relu6 (hardtanh): 0 at 0 and 6.
+template <typename A>
+__device__ __forceinline__ A dact_pre(int act, A z) {
+  if (act == kActRelu) return z > A(0) ? A(1) : A(0);
+  if (act == kActRelu6) return (z > A(0) && z < A(6)) ? A(1) : A(0);
+  if (act == kActSilu) {
+    const A sg = A(1) / (A(1) + exp_acc(-z));
+    return sg * (A(1) + z * (A(1) - sg));
+  }
+  return A(1);
+}
+
+// Derivative of the final activation from what the forward saved: the output y for
+// relu/relu6 (y > 0 <=> z > 0; 0 < y < 6 <=> 0 < z < 6), the pre-activation for silu.
+template <typename A>
+__device__ __forceinline__ A dact_saved(int act, A v) {
+  return dact_pre(act, v);
+}
+
+// Offset of element (b, c, h, w) of a (B, C, H, W) tensor in NCHW or NHWC memory.
+__device__ __forceinline__ int64_t io_index(bool channels_last, int64_t b, int64_t c, int64_t h,
+                                            int64_t w, int64_t C, int64_t H, int64_t W) {
+  return channels_last ? ((b * H + h) * W + w) * C + c : ((b * C + c) * H + h) * W + w;
+}
+
+// Sum over a 3x3 window of a row-major tile: sum_ij w9[3i+j] * src[i * ld + j].
+template <typename A>
+__device__ __forceinline__ A dw3(const A* __restrict__ src, int ld, const A* __restrict__ w9) {
+  A s = A(0);
+#pragma unroll
+  for (int i = 0; i < 3; ++i)
+#pragma unroll
+    for (int j = 0; j < 3; ++j) s += w9[i * 3 + j] * src[i * ld + j];
+  return s;
+}
+
+}  // namespace cuda
+}  // namespace msfused

@@ -1,0 +1,85 @@
+// A minimal CPU emulation of the CUDA features the kernels in csrc/cuda use, so their index
+// math, masking, halos and barriers can be tested on a machine without a GPU:
+// every CTA runs as blockDim.x std::threads sharing "__shared__" (static) memory, with
+// __syncthreads as a std::barrier. Not for speed; float32/float64 only.
+#pragma once
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+typedef void* cudaStream_t;
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
+template <typename F>
+inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int v) {
+  return v <= 227 * 1024 ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+inline std::barrier<>* emu_bar = nullptr;
+inline double emu_shfl[1024];
+alignas(64) inline unsigned char emu_dyn_smem[256 * 1024];
+inline size_t emu_dyn_bytes = 0;
+
+inline void __syncthreads() { emu_bar->arrive_and_wait(); }
+
+template <typename A>
+inline A __shfl_down_sync(unsigned, A v, int off) {
+  const int t = threadIdx.x;
+  emu_shfl[t] = static_cast<double>(v);
+  __syncthreads();
+  const int lane = t % 32;
+  A r = lane + off < 32 ? static_cast<A>(emu_shfl[t + off]) : v;
+  __syncthreads();
+  return r;
+}
+
+#define MSF_EXTERN_SMEM(name) unsigned char* name = emu_dyn_smem
+
+template <typename K, typename... Args>
+void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
+  if (smem > sizeof(emu_dyn_smem)) throw 1;
+  gridDim = grid;
+  blockDim = block;
+  const unsigned nt = block.x * block.y * block.z;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        // poison shared memory so reads of unwritten smem show up as NaN
+        for (size_t i = 0; i < sizeof(emu_dyn_smem) / sizeof(float); ++i)
+          reinterpret_cast<float*>(emu_dyn_smem)[i] = NAN;
+        std::barrier<> bar(nt);
+        emu_bar = &bar;
+        std::vector<std::thread> th;
+        th.reserve(nt);
+        for (unsigned t = 0; t < nt; ++t)
+          th.emplace_back([&, t] {
+            threadIdx = dim3(t, 0, 0);
+            blockIdx = dim3(bx, by, bz);
+            kernel(args...);
+          });
+        for (auto& x : th) x.join();
+      }
+}
+#define MSF_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  emu_launch(kernel, dim3(grid), dim3(block), smem, __VA_ARGS__)
