@@ -1,0 +1,345 @@
+"""Benchmark harness: every fused backend against eager PyTorch (NCHW and channels_last)
+and torch.compile of the reference, in one process, forward (no_grad) and forward+backward.
+
+For each shape it reports time, the ratio to the best eager layout, the memory a training
+step keeps per block, and achieved FLOP rate / bandwidth against ceilings measured in the
+same run (a large GEMM and a large copy). Backends join by name through the registry;
+nothing here knows about a particular fused backend.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import msfused
+from msfused.config import out_channels, out_size
+from msfused.layout import memory_format_of
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    c: int
+    n: int
+    h: int
+    w: int
+    merge: str
+    stride: int = 1
+
+
+# The paper's three units (Table 1, method 1) at batch 128, and MobileNet-scale units.
+PAPER_SHAPES = [
+    Shape("paper-u1", 128, 3, 32, 32, 32, "concat"),
+    Shape("paper-u2", 128, 64, 64, 16, 16, "concat"),
+    Shape("paper-u3", 128, 128, 128, 8, 8, "concat"),
+]
+MOBILENET_SHAPES = [
+    Shape("mnet-56", 32, 64, 64, 56, 56, "add"),
+    Shape("mnet-28", 32, 128, 64, 28, 28, "concat"),
+    Shape("mnet-14", 32, 256, 128, 14, 14, "add"),
+]
+SHAPES = {"paper": PAPER_SHAPES, "mobilenet": MOBILENET_SHAPES}
+
+
+def flops_forward(s: Shape) -> float:
+    """Multiply-adds x 2 of the forward: three depthwise 3x3 (b1 over the full output),
+    two pointwise convs, and the projection when there is one."""
+    ho, wo = out_size(s.h, s.stride), out_size(s.w, s.stride)
+    c_out = out_channels(s.n, 0 if s.merge == "concat" else 1)
+    proj = c_out * s.c if (s.stride != 1 or c_out != s.c) else 0
+    macs = s.batch * ho * wo * (27 * s.c + 2 * s.n * s.c + proj)
+    return 2.0 * macs
+
+
+def bytes_forward(s: Shape, elem: int) -> float:
+    """The fewest bytes a forward must move: x read once, y written once, weights."""
+    ho, wo = out_size(s.h, s.stride), out_size(s.w, s.stride)
+    c_out = out_channels(s.n, 0 if s.merge == "concat" else 1)
+    weights = 30 * s.c + 2 * s.n * (s.c + 1) + c_out * (s.c + 1)
+    return elem * (s.batch * s.c * s.h * s.w + s.batch * c_out * ho * wo + weights)
+
+
+def bytes_train(s: Shape, elem: int) -> float:
+    """Forward + backward floor: forward's bytes, then x, dy and y read, dx written."""
+    ho, wo = out_size(s.h, s.stride), out_size(s.w, s.stride)
+    c_out = out_channels(s.n, 0 if s.merge == "concat" else 1)
+    x, y = s.batch * s.c * s.h * s.w, s.batch * c_out * ho * wo
+    return bytes_forward(s, elem) + elem * (2 * x + 2 * y)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str, min_time: float = 0.3,
+            max_reps: int = 200) -> float:
+    """Median seconds per call: warm-up, then repeats until min_time has passed."""
+    for _ in range(3):
+        fn()
+    _sync(device)
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (time.perf_counter() - start < min_time or len(times) < 5):
+        if device == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_ceilings(device: str, dtype: torch.dtype) -> Dict[str, float]:
+    """GEMM rate (FLOP/s) in `dtype` and copy bandwidth (bytes read + written per s)."""
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: torch.mm(a, b), device, min_time=0.5, max_reps=20)
+    gemm = 2.0 * n ** 3 / t
+    nbytes = (256 << 20) if device == "cpu" else (1 << 30)
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, min_time=0.5, max_reps=20)
+    return {"gemm_flops": gemm, "copy_bytes_per_s": 2.0 * nbytes / t}
+
+
+def saved_bytes_per_block(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward of one block, not counting x and the
+    parameters (which exist anyway): the block's own training-memory overhead."""
+    seen, total = set(), [0]
+    exclude = {x.untyped_storage().data_ptr()} | {
+        p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen and ptr not in exclude:
+            seen.add(ptr)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+    del y
+    return total[0]
+
+
+@dataclass
+class Row:
+    shape: str
+    variant: str
+    mode: str  # "fwd" or "fwd+bwd"
+    ms: float
+    vs_eager: float  # best eager time / this time (> 1: faster)
+    gflops: float
+    gbps: float
+    floor_frac: float  # max(flop floor, byte floor) / time
+    saved_mb: Optional[float] = None
+    peak_mb: Optional[float] = None
+
+
+def _variants(shape: Shape, device: str, dtype: torch.dtype, backends: List[str],
+              compile_ref: bool):
+    """(name, module, memory_format) for each variant measured at this shape."""
+    mk = lambda b: msfused.MultiScaleSeparableBlock(  # noqa: E731
+        shape.c, shape.n, merge=shape.merge, stride=shape.stride, backend=b,
+        device=device, dtype=dtype)
+    base = mk("reference")
+    state = base.state_dict()
+    out = [("eager-nchw", base, torch.contiguous_format),
+           ("eager-cl", base, torch.channels_last)]
+    for b in backends:
+        m = mk(b)
+        m.load_state_dict(state)
+        out.append((f"{b}-nchw", m, torch.contiguous_format))
+        out.append((f"{b}-cl", m, torch.channels_last))
+    if compile_ref:
+        out.append(("compile-cl", torch.compile(base), torch.channels_last))
+        out.append(("compile-nchw", torch.compile(base), torch.contiguous_format))
+    return out
+
+
+def bench_shape(shape: Shape, device: str, dtype: torch.dtype, backends: List[str],
+                ceilings: Dict[str, float], compile_ref: bool, min_time: float) -> List[Row]:
+    torch.manual_seed(0)
+    elem = torch.finfo(dtype).bits // 8
+    x0 = torch.randn(shape.batch, shape.c, shape.h, shape.w, device=device, dtype=dtype)
+    fl_f, by_f = flops_forward(shape), bytes_forward(shape, elem)
+    fl_t, by_t = 3 * fl_f, bytes_train(shape, elem)
+    results: Dict[tuple, tuple] = {}
+    for name, mod, fmt in _variants(shape, device, dtype, backends, compile_ref):
+        x = x0.contiguous(memory_format=fmt)
+        xg = x.clone().requires_grad_(True)
+        with torch.no_grad():
+            gy = torch.randn_like(mod(x))
+
+        def fwd():
+            with torch.no_grad():
+                return mod(x)
+
+        def train():
+            xg.grad = None
+            for p in mod.parameters():
+                p.grad = None
+            mod(xg).backward(gy)
+
+        for mode, fn in (("fwd", fwd), ("fwd+bwd", train)):
+            peak = None
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base_mem = torch.cuda.memory_allocated()
+                fn()
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - base_mem) / 2 ** 20
+            t = time_fn(fn, device, min_time=min_time)
+            results[(name, mode)] = (t, peak)
+        try:
+            saved = saved_bytes_per_block(mod, xg) / 2 ** 20
+        except Exception:  # compiled modules hide their saved tensors
+            saved = None
+        results[(name, "saved")] = saved
+    rows = []
+    for mode, fl, by in (("fwd", fl_f, by_f), ("fwd+bwd", fl_t, by_t)):
+        best_eager = min(results[("eager-nchw", mode)][0], results[("eager-cl", mode)][0])
+        floor = max(fl / ceilings["gemm_flops"], by / ceilings["copy_bytes_per_s"])
+        for (name, m), val in results.items():
+            if m != mode:
+                continue
+            t, peak = val
+            rows.append(Row(shape.name, name, mode, t * 1e3, best_eager / t, fl / t / 1e9,
+                            by / t / 1e9, floor / t, results.get((name, "saved")), peak))
+    return rows
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, capture_output=True, text=True, timeout=10).stdout
+        return out.stdout.strip() + ("-dirty" if dirty.strip() else "") or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def format_table(rows: List[Row]) -> str:
+    hdr = (f"{'shape':<10} {'variant':<14} {'mode':<8} {'ms':>9} {'x eager':>8} "
+           f"{'GFLOP/s':>8} {'GB/s':>8} {'floor%':>7} {'saved MB':>9} {'peak MB':>8}")
+    lines = [hdr, "-" * len(hdr)]
+    for r in rows:
+        saved = "" if r.saved_mb is None else f"{r.saved_mb:9.1f}"
+        peak = "" if r.peak_mb is None else f"{r.peak_mb:8.1f}"
+        lines.append(f"{r.shape:<10} {r.variant:<14} {r.mode:<8} {r.ms:9.3f} {r.vs_eager:8.2f} "
+                     f"{r.gflops:8.1f} {r.gbps:8.1f} {100 * r.floor_frac:6.1f}% {saved:>9} {peak:>8}")
+    return "\n".join(lines)
+
+
+def summarize(rows: List[Row], backends: List[str]) -> str:
+    """Geometric mean over shapes of each variant's speed-up against the best eager layout."""
+    lines = ["geometric mean of (best eager time / variant time) over shapes:"]
+    variants = sorted({r.variant for r in rows if not r.variant.startswith("eager")})
+    for v in variants:
+        parts = []
+        for mode in ("fwd", "fwd+bwd"):
+            xs = [r.vs_eager for r in rows if r.variant == v and r.mode == mode]
+            if xs:
+                parts.append(f"{mode} {math.exp(sum(map(math.log, xs)) / len(xs)):.2f}x")
+        lines.append(f"  {v:<14} " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("msfused bench: --device cuda but no GPU is visible")
+    dtype = getattr(torch, args.dtype)
+    avail = msfused.available_backends()
+    backends = [b for b in (args.backends.split(",") if args.backends else avail)
+                if b != "reference" and avail[b].available and device in avail[b].device_types
+                and dtype in msfused.backends.get_backend(b).dtypes]
+    shapes = [s for group in args.shapes.split(",") for s in SHAPES[group]]
+    if args.quick:  # a smoke run: smaller batches, no compile
+        shapes = [Shape(s.name, max(1, s.batch // 16), s.c, s.n, s.h, s.w, s.merge, s.stride)
+                  for s in shapes]
+    ceilings = measure_ceilings(device, dtype if dtype != torch.float64 else torch.float64)
+    print(f"device: {device_name(device)}; torch {torch.__version__}; commit {git_commit()}; "
+          f"dtype {args.dtype}")
+    print(f"ceilings: GEMM {ceilings['gemm_flops'] / 1e9:.1f} GFLOP/s, copy "
+          f"{ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s; fused backends: {backends}")
+    rows: List[Row] = []
+    for s in shapes:
+        r = bench_shape(s, device, dtype, backends, ceilings, args.compile and not args.quick,
+                        args.min_time)
+        rows += r
+        print(format_table(r).split("\n", 2)[2] if rows != r else format_table(r), flush=True)
+    summary = summarize(rows, backends)
+    print(summary)
+    result = {
+        "device": device_name(device), "device_type": device, "torch": torch.__version__,
+        "commit": git_commit(), "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "ceilings": ceilings, "shapes": [asdict(s) for s in shapes],
+        "rows": [asdict(r) for r in rows], "summary": summary,
+    }
+    out = args.out or os.path.join(
+        REPO, "benchmarks", "results",
+        f"bench-{device}-{args.dtype}-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"results written to {out}")
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32",
+                   choices=["float32", "float64", "float16", "bfloat16"])
+    p.add_argument("--shapes", default="paper,mobilenet",
+                   help="comma-separated groups: paper, mobilenet")
+    p.add_argument("--backends", default="",
+                   help="comma-separated fused backends (default: every available one)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip torch.compile of the reference")
+    p.add_argument("--quick", action="store_true", help="small batches, no compile (smoke test)")
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per variant")
+    p.add_argument("--out", default="", help="results file (JSON)")
+
+
+__all__ = ["Shape", "SHAPES", "run", "add_arguments", "flops_forward", "bytes_forward",
+           "memory_format_of"]

@@ -1,0 +1,223 @@
+"""The module and the functional API: construction, backend selection, state_dicts moving
+between backends, and every malformed input of SPEC section 4."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import msfused
+from blockutil import make_block, rel_err
+from conftest import ALL_BACKENDS, backend_device, require
+from msfused.params import BlockParams
+
+
+def test_out_channels_and_state_dict_keys():
+    m = msfused.MultiScaleSeparableBlock(8, 5, merge="concat", stride=2)
+    assert m.out_channels == 10
+    keys = set(m.state_dict())
+    expect = {f"{s}.{a}" for s in ("dw_a", "dw_b", "dw_c", "pw_a", "pw_b", "shortcut")
+              for a in ("weight", "bias")}
+    assert keys == expect
+    assert m.state_dict()["dw_b.weight"].shape == (8, 1, 3, 3)
+    assert m.state_dict()["pw_a.weight"].shape == (5, 8, 1, 1)
+    assert m.state_dict()["shortcut.weight"].shape == (10, 8, 1, 1)
+    m2 = msfused.MultiScaleSeparableBlock(8, 8, merge="add", bias=False)
+    assert m2.out_channels == 8 and m2.shortcut is None
+    assert set(m2.state_dict()) == {f"{s}.weight" for s in ("dw_a", "dw_b", "dw_c", "pw_a", "pw_b")}
+    m3 = msfused.MultiScaleSeparableBlock(8, 4, merge="add", residual=False)
+    assert m3.shortcut is None
+
+
+def test_default_init_is_conv2d():
+    torch.manual_seed(0)
+    m = msfused.MultiScaleSeparableBlock(16, 8)
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    assert torch.equal(m.dw_a.weight, ref.weight) and torch.equal(m.dw_a.bias, ref.bias)
+
+
+@pytest.mark.parametrize("src", ALL_BACKENDS)
+@pytest.mark.parametrize("dst", ALL_BACKENDS)
+def test_state_dict_moves_between_backends(src, dst):
+    dev_s, dev_d = require(src), require(dst)
+    a = make_block(6, 4, merge="add", stride=2, backend=src, device=dev_s)
+    b = msfused.MultiScaleSeparableBlock(6, 4, merge="add", stride=2, backend=dst, device=dev_d)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 6, 7, 9)
+    assert rel_err(a(x.to(dev_s)), b(x.to(dev_d))) < 2e-5
+
+
+def test_auto_picks_cpp_on_cpu():
+    x = torch.randn(1, 4, 5, 5)
+    if msfused.available_backends()["cpp"].available:
+        assert msfused.backend_for(x) == "cpp"
+        assert msfused.backend_for(x.double()) == "cpp"
+    assert msfused.backend_for(x.half()) == "reference"  # cpp has no float16: auto falls back
+    assert msfused.backend_for(x, "reference") == "reference"
+
+
+def test_auto_on_gpu_picks_a_gpu_backend():
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU on this machine")
+    x = torch.randn(1, 4, 5, 5, device="cuda")
+    assert msfused.backend_for(x) in ("cuda", "triton")
+
+
+def test_env_overrides_auto():
+    code = ("import torch, msfused; x = torch.randn(1, 4, 5, 5); "
+            "print(msfused.backend_for(x), msfused.backend_for(x, 'cpp') if "
+            "msfused.available_backends()['cpp'].available else 'cpp')")
+    env = dict(os.environ, MSFUSED_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["reference", "cpp"]
+
+
+def test_named_backend_never_falls_back():
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises((RuntimeError, ValueError), match="cuda"):
+        make_block(4, 2, backend="cuda")(x)
+    if msfused.available_backends()["cpp"].available:
+        with pytest.raises(TypeError, match="float16"):
+            make_block(4, 2, backend="cpp", dtype=torch.float16)(x.half())
+
+
+def test_available_backends_says_why():
+    st = msfused.available_backends()
+    assert set(st) >= {"reference", "cpp", "cuda"}
+    assert st["reference"].available
+    for name, s in st.items():
+        assert s.available or s.reason, f"{name} unavailable without a reason"
+    if not torch.cuda.is_available():
+        assert not st["cuda"].available and st["cuda"].reason
+
+
+def test_cpu_kernels_baseline_isa_and_blas_fallback():
+    """The baseline (non-AVX2) build of the kernels and the at::mm GEMM fallback agree."""
+    if not msfused.available_backends()["cpp"].available:
+        pytest.skip("cpp backend not built")
+    code = """
+import torch, msfused, sys
+sys.path.insert(0, %r)
+from blockutil import make_block, rel_err, run_fwd_bwd
+for merge, stride in (("concat", 2), ("add", 1)):
+    m = make_block(5, 3, merge=merge, stride=stride, activation="silu", backend="cpp", dtype=torch.float64)
+    r = make_block(5, 3, merge=merge, stride=stride, activation="silu", dtype=torch.float64)
+    x = torch.randn(2, 5, 9, 7, dtype=torch.float64)
+    gy = torch.randn(r(x).shape, dtype=torch.float64)
+    y, dx, g = run_fwd_bwd(m, x, gy)
+    y2, dx2, g2 = run_fwd_bwd(r, x, gy)
+    assert rel_err(y, y2) < 1e-12 and rel_err(dx, dx2) < 1e-12
+    assert all(rel_err(g[k], g2[k]) < 1e-12 for k in g)
+print("ok")
+""" % os.path.dirname(__file__)
+    env = dict(os.environ, MSFUSED_CPU_ISA="base", MSFUSED_NO_BLAS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# ---- SPEC section 4: malformed input raises ValueError/TypeError naming the argument ----
+
+def _ok_args(c=4, n=3, merge="concat", stride=1, dtype=torch.float32, device="cpu"):
+    m = make_block(c, n, merge=merge, stride=stride, dtype=dtype, device=device)
+    return torch.randn(2, c, 6, 5, dtype=dtype, device=device), m.params()
+
+
+BAD_CALLS = {
+    "rank3": (lambda x, p: (x[0], p, {}), ValueError, "x"),
+    "rank5": (lambda x, p: (x[None], p, {}), ValueError, "x"),
+    "channels": (lambda x, p: (torch.randn(2, 5, 6, 5), p, {}), ValueError, "channels"),
+    "zero_batch": (lambda x, p: (x[:0], p, {}), ValueError, "x"),
+    "zero_width": (lambda x, p: (x[..., :0], p, {}), ValueError, "x"),
+    "int_input": (lambda x, p: (x.long(), p, {}), TypeError, "x"),
+    "not_tensor": (lambda x, p: (x.tolist(), p, {}), TypeError, "x"),
+    "weight_dtype": (lambda x, p: (x, p._replace(pa=p.pa.double()), {}), TypeError, "pa"),
+    "bias_dtype": (lambda x, p: (x, p._replace(ba=p.ba.half()), {}), TypeError, "ba"),
+    "weight_shape": (lambda x, p: (x, p._replace(wc=p.wc[:, :, :2]), {}), ValueError, "wc"),
+    "pointwise_mismatch": (lambda x, p: (x, p._replace(pb=p.pb[:2]), {}), ValueError, "pb"),
+    "bias_shape": (lambda x, p: (x, p._replace(qa=p.qa[:1]), {}), ValueError, "qa"),
+    "missing_projection": (lambda x, p: (x, p._replace(ws=None, bs=None), {}), ValueError, "ws"),
+    "stride3": (lambda x, p: (x, p, {"stride": 3}), ValueError, "stride"),
+    "stride_float": (lambda x, p: (x, p, {"stride": 1.0}), TypeError, "stride"),
+    "merge_name": (lambda x, p: (x, p, {"merge": "mul"}), ValueError, "merge"),
+    "act_name": (lambda x, p: (x, p, {"activation": "gelu"}), ValueError, "activation"),
+    "act_type": (lambda x, p: (x, p, {"activation": 1}), TypeError, "activation"),
+    "residual_type": (lambda x, p: (x, p, {"residual": "yes"}), TypeError, "residual"),
+    "backend_name": (lambda x, p: (x, p, {"backend": "fpga"}), ValueError, "backend"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CALLS))
+def test_bad_input_functional(backend, case):
+    dev = backend_device(backend)
+    make, exc, name = BAD_CALLS[case]
+    x, p = _ok_args(device=dev)
+    x, p, kw = make(x, p)
+    kw.setdefault("backend", backend)
+    with pytest.raises(exc, match=name):
+        msfused.multiscale_separable_block(x, p, **kw)
+
+
+def test_bad_device_mix():
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU: devices cannot be mixed on this machine")
+    x, p = _ok_args()
+    with pytest.raises(ValueError, match="pa"):
+        msfused.multiscale_separable_block(x, p._replace(pa=p.pa.cuda()))
+
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    (dict(in_channels=0, n=4), ValueError, "in_channels"),
+    (dict(in_channels=4, n=-1), ValueError, "n"),
+    (dict(in_channels=4.5, n=4), TypeError, "in_channels"),
+    (dict(in_channels=float("inf"), n=4), ValueError, "in_channels"),
+    (dict(in_channels=4, n=float("nan")), ValueError, "n"),
+    (dict(in_channels=True, n=4), TypeError, "in_channels"),
+    (dict(in_channels=4, n=4, stride=0), ValueError, "stride"),
+    (dict(in_channels=4, n=4, merge="sum"), ValueError, "merge"),
+    (dict(in_channels=4, n=4, activation="tanh"), ValueError, "activation"),
+    (dict(in_channels=4, n=4, backend="tpu"), ValueError, "backend"),
+    (dict(in_channels=4, n=4, bias="no"), TypeError, "bias"),
+])
+def test_bad_module_arguments(kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        msfused.MultiScaleSeparableBlock(**kwargs)
+
+
+def test_module_rejects_wrong_input(backend):
+    dev = backend_device(backend)
+    m = make_block(4, 3, backend=backend, device=dev)
+    with pytest.raises(ValueError, match="channels"):
+        m(torch.randn(1, 3, 5, 5, device=dev))
+    with pytest.raises(ValueError, match="x"):
+        m(torch.randn(4, 5, 5, device=dev))
+    with pytest.raises(TypeError, match="dtype"):
+        m(torch.randn(1, 4, 5, 5, device=dev, dtype=torch.float64 if m.dw_a.weight.dtype == torch.float32 else torch.float32))
+
+
+def test_ops_check_their_arguments_directly():
+    """Callers of torch.ops.msfused.* get the same clear errors, not a crash."""
+    if not msfused.available_backends()["cpp"].available:
+        pytest.skip("cpp backend not built")
+    x, p = _ok_args()
+    op = torch.ops.msfused.block_forward
+    with pytest.raises(ValueError, match="stride"):
+        op(x, *p, 3, 0, 1, True, False)
+    with pytest.raises(ValueError, match="merge"):
+        op(x, *p, 1, 7, 1, True, False)
+    with pytest.raises(ValueError, match="x"):
+        op(x[0], *p, 1, 0, 1, True, False)
+    with pytest.raises(ValueError, match="channels"):
+        op(torch.randn(2, 5, 6, 5), *p, 1, 0, 1, True, False)
+    with pytest.raises(TypeError, match="pa"):
+        op(x, *p._replace(pa=p.pa.double()), 1, 0, 1, True, False)
+    with pytest.raises(ValueError, match="ws"):
+        op(x, *p._replace(ws=None, bs=None), 1, 0, 1, True, False)
+    with pytest.raises(TypeError, match="float16"):
+        op(x.half(), *[t.half() if t is not None else None for t in p], 1, 0, 1, True, False)
+    with pytest.raises(ValueError, match="grad_y"):
+        torch.ops.msfused.block_backward(torch.randn(1), x, torch.empty(0), *p, 1, 0, 0, True)
