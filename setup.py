@@ -55,11 +55,14 @@ def nvidia_wheel_includes():
 
 def extension():
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is a header template that only runs in parallel when the
+    # calling translation unit is compiled with OpenMP (PyTorch's CPU builds use OpenMP).
+    cxx = ["-O3", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not build_cuda():
         return CppExtension("msfused._C", cpu_sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx}, libraries=["dl"])
+                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+                            libraries=["dl"])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0+PTX")
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
@@ -68,7 +71,7 @@ def extension():
                          include_dirs=include_dirs + nvidia_wheel_includes(),
                          define_macros=[("MSFUSED_WITH_CUDA", "1")],
                          extra_compile_args={"cxx": cxx + ["-DMSFUSED_WITH_CUDA=1"], "nvcc": nvcc},
-                         libraries=["dl"])
+                         extra_link_args=["-fopenmp"], libraries=["dl"])
 
 
 setup(

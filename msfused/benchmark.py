@@ -172,9 +172,8 @@ def _variants(shape: Shape, device: str, dtype: torch.dtype, backends: List[str]
         m.load_state_dict(state)
         out.append((f"{b}-nchw", m, torch.contiguous_format))
         out.append((f"{b}-cl", m, torch.channels_last))
-    if compile_ref:
+    if compile_ref:  # inductor prefers channels_last for convolutions
         out.append(("compile-cl", torch.compile(base), torch.channels_last))
-        out.append(("compile-nchw", torch.compile(base), torch.contiguous_format))
     return out
 
 

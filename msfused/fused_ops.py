@@ -81,6 +81,10 @@ if _C is not None:
         stride, merge, act, residual = ctx.config
         if saved is None:
             saved = x.new_empty((0,))
+        if _saved_kind(act) == "preact" and saved.numel() == 0:
+            # called with save_preact=False (a direct op call): recompute the pre-activation
+            _, saved = torch.ops.msfused.block_forward(x, *params, stride, merge, act,
+                                                       residual, True)
         grads = torch.ops.msfused.block_backward(grad_y, x, saved, *params,
                                                   stride, merge, act, residual)
         # biases / projection that the block does not have get no gradient

@@ -145,3 +145,41 @@ def test_backward_is_deterministic(fused_backend):
     assert torch.equal(dx1, dx2)
     for k in g1:
         assert torch.equal(g1[k], g2[k]), f"{k} differs between two identical backward runs"
+
+
+LOWP_CASES = [("concat", "silu", True, 1), ("add", "relu6", True, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("merge,act,residual,stride", LOWP_CASES,
+                         ids=[f"{m}-{a}-s{s}" for m, a, r, s in LOWP_CASES])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_low_precision_policy(fused_backend, dtype, merge, act, residual, stride,
+                              channels_last):
+    """float16/bfloat16 judged like flash-attention: the error against a float64 reference
+    at most 2x the error of eager PyTorch in the same dtype (plus eps/10 in relative-norm
+    units), for the output and every gradient."""
+    if dtype not in msfused.backends.get_backend(fused_backend).dtypes:
+        pytest.skip(f"backend {fused_backend!r} has no {dtype} kernels (it refuses them)")
+    dev = backend_device(fused_backend)
+    kw = dict(merge=merge, stride=stride, activation=act, residual=residual)
+    c, n, h, w = 16, 8, 7, 6
+    ref64 = make_block(c, n, backend="reference", dtype=torch.float64, **kw)
+    eager = make_block(c, n, backend="reference", dtype=dtype, device=dev, **kw)
+    fused = make_block(c, n, backend=fused_backend, dtype=dtype, device=dev, **kw)
+    g = torch.Generator().manual_seed(3)
+    x64 = torch.randn(2, c, h, w, generator=g, dtype=torch.float64)
+    gy64 = torch.randn(ref64(x64).shape, generator=g, dtype=torch.float64)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x64.to(dev, dtype).contiguous(memory_format=fmt)
+    gy = gy64.to(dev, dtype).contiguous(memory_format=fmt)
+    runs = {}
+    for name, m, xx, gg in (("ref", ref64, x64, gy64), ("eager", eager, x, gy),
+                            ("fused", fused, x, gy)):
+        y, dx, grads = run_fwd_bwd(m, xx, gg)
+        runs[name] = {"y": y, "dx": dx, **grads}
+    floor = torch.finfo(dtype).eps / 10
+    for k, r in runs["ref"].items():
+        err_e, err_f = rel_err(runs["eager"][k], r), rel_err(runs["fused"][k], r)
+        assert runs["fused"][k].dtype == dtype
+        assert err_f <= 2 * err_e + floor, f"{k}: {fused_backend} {err_f:.3g} vs eager {err_e:.3g}"

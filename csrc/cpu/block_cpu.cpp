@@ -2,6 +2,7 @@
 // CUDA, csrc/block_args.cpp), allocates outputs and scratch, and runs the fused kernels
 // with ATen's thread pool and the BLAS that PyTorch itself links.
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <dlfcn.h>
 #include <torch/library.h>
 
@@ -37,11 +38,17 @@ void* find_symbol(const char* name) {
   return nullptr;
 }
 
+// MSFUSED_NO_BLAS=1 exercises the fallbacks (at::mm instead of BLAS and the micro-kernel).
+bool no_blas() {
+  static const bool v = std::getenv("MSFUSED_NO_BLAS") != nullptr;
+  return v;
+}
+
 struct Blas {
   sgemm64_t sgemm = nullptr;
   dgemm64_t dgemm = nullptr;
   Blas() {
-    if (std::getenv("MSFUSED_NO_BLAS")) return;  // exercise the at::mm fallback
+    if (no_blas()) return;
     // ILP64 entry points only: their integer width is unambiguous.
     sgemm = reinterpret_cast<sgemm64_t>(find_symbol("SGEMM_64"));
     if (!sgemm) sgemm = reinterpret_cast<sgemm64_t>(find_symbol("sgemm_64"));
@@ -101,12 +108,30 @@ void dgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, cons
   }
 }
 
+void sbrgemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
+             const float* a, const float* b, float* c) {
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  if (!no_blas()) {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, a, b, c);
+    return;
+  }
+#endif
+  // row-major C = A B  <=>  column-major C^T = B^T A^T
+  sgemm('N', 'N', N, M, K, 1.f, b, ldb, a, lda, add ? 1.f : 0.f, c, ldc);
+}
+
+void brgemm_release() {
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  if (!no_blas()) at::native::cpublas::brgemm_release();
+#endif
+}
+
 void parallel_for(int64_t n, int64_t grain, void* ctx, void (*f)(void*, int64_t, int64_t)) {
   at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { f(ctx, b, e); });
 }
 
 Runtime runtime() {
-  return Runtime{&parallel_for, &sgemm, &dgemm, at::get_num_threads()};
+  return Runtime{&parallel_for, &sgemm, &dgemm, &sbrgemm, &brgemm_release, at::get_num_threads()};
 }
 
 // AVX2+FMA kernels when the CPU has them; MSFUSED_CPU_ISA=base forces the baseline.

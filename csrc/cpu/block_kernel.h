@@ -19,6 +19,11 @@ struct Runtime {
                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
   void (*dgemm)(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
                 int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
+  // Row-major C (M x N, ldc) = A (M x K, lda) B (K x N, ldb) [+ C when add]: PyTorch's
+  // batch-reduce GEMM micro-kernel (oneDNN JIT) where the build has it, else sgemm.
+  void (*sbrgemm)(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
+                  bool add, const float* a, const float* b, float* c);
+  void (*brgemm_release)();
   int64_t num_threads;
 };
 

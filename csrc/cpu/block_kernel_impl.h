@@ -289,6 +289,79 @@ void tile_pointwise(const Runtime& rt, const BlockDesc& d, const Plan& pl, const
   }
 }
 
+// Epilogue of a tile of y (already holding the pointwise/projection sum): output bias,
+// identity residual (x has y's shape and layout then), activation; pre gets z if asked.
+template <typename T, int ACT>
+void epilogue(const BlockDesc& d, T* ytile, const T* xres, T* ptile, const T* bias, int64_t P) {
+  const int64_t HoWo = d.Ho * d.Wo, Cout = d.Cout;
+  if (d.channels_last) {
+    for (int64_t p = 0; p < P; ++p) {
+      T* yr = ytile + p * Cout;
+      const T* xr = xres ? xres + p * Cout : nullptr;
+      T* pr = ptile ? ptile + p * Cout : nullptr;
+      for (int64_t co = 0; co < Cout; ++co) {
+        T z = yr[co] + bias[co];
+        if (xr) z += xr[co];
+        if (pr) pr[co] = z;
+        yr[co] = act_f<ACT>(z);
+      }
+    }
+  } else {
+    for (int64_t co = 0; co < Cout; ++co) {
+      T* yr = ytile + co * HoWo;
+      const T* xr = xres ? xres + co * HoWo : nullptr;
+      T* pr = ptile ? ptile + co * HoWo : nullptr;
+      const T bco = bias[co];
+      for (int64_t p = 0; p < P; ++p) {
+        T z = yr[p] + bco;
+        if (xr) z += xr[p];
+        if (pr) pr[p] = z;
+        yr[p] = act_f<ACT>(z);
+      }
+    }
+  }
+}
+
+// Output-side start of the backward for one tile: G = dy * act'(z) in dy's layout (Cout x P
+// for NCHW, P x Cout for NHWC), the output-bias partial, and the identity-residual part of
+// dx (dx has y's shape then; each tile owns its positions).
+template <typename T, int ACT>
+void tile_gz(const BlockDesc& d, const T* gy, const T* saved, int64_t off, int64_t P, T* G,
+             T* dbias, T* dx, bool identity) {
+  const int64_t HoWo = d.Ho * d.Wo, Cout = d.Cout;
+  if (d.channels_last) {
+    for (int64_t p = 0; p < P; ++p) {
+      const T* gr = gy + off + p * Cout;
+      const T* sr = ACT == kActNone ? nullptr : saved + off + p * Cout;
+      T* o = G + p * Cout;
+      for (int64_t co = 0; co < Cout; ++co) {
+        const T sv = ACT == kActNone ? T(0) : sr[co];
+        o[co] = gr[co] * act_d<ACT>(sv, sv);
+      }
+      for (int64_t co = 0; co < Cout; ++co) dbias[co] += o[co];
+      if (identity) memcpy(dx + off + p * Cout, o, sizeof(T) * Cout);
+    }
+  } else {
+    for (int64_t co = 0; co < Cout; ++co) {
+      const T* gr = gy + off + co * HoWo;
+      const T* sr = ACT == kActNone ? nullptr : saved + off + co * HoWo;
+      T* o = G + co * P;
+      T s = T(0);
+      for (int64_t p = 0; p < P; ++p) {
+        const T sv = ACT == kActNone ? T(0) : sr[p];
+        o[p] = gr[p] * act_d<ACT>(sv, sv);
+        s += o[p];
+      }
+      dbias[co] += s;
+      if (identity) memcpy(dx + off + co * HoWo, o, sizeof(T) * P);
+    }
+  }
+}
+
+template <typename T, int S, int ACT>
+void forward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
+                const T* wp, const T* bias, T* y, T* pre_out);
+
 template <typename T, int S, int ACT>
 void forward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t, T* y,
                   T* pre_out) {
@@ -297,6 +370,7 @@ void forward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& 
   const int64_t wp_elems = d.merge == kAdd ? d.N * pl.Ktot : 2 * d.N * (d.C + pl.Cs);
   Buf<T> wp(wp_elems), bias(d.Cout);
   pack_weights(d, pl, t, wp.p, bias.p);
+  if (pl.pixel_major) return forward_pm<T, S, ACT>(rt, d, pl, t, wp.p, bias.p, y, pre_out);
   const bool identity = d.residual && !d.projection;
   auto task = [&](int64_t chunk) {
     const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
@@ -313,35 +387,8 @@ void forward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& 
       const int64_t ldy = d.channels_last ? d.Cout : HoWo;
       T* ytile = y + off;
       tile_pointwise(rt, d, pl, wp.p, A.p, g.P, ytile, ldy);
-      // Epilogue: bias, identity residual (x has y's shape and layout then), activation.
-      const T* xres = identity ? t.x + off : nullptr;
-      T* ptile = pre_out ? pre_out + off : nullptr;
-      if (d.channels_last) {
-        for (int64_t p = 0; p < g.P; ++p) {
-          T* yr = ytile + p * d.Cout;
-          const T* xr = xres ? xres + p * d.Cout : nullptr;
-          T* pr = ptile ? ptile + p * d.Cout : nullptr;
-          for (int64_t co = 0; co < d.Cout; ++co) {
-            T z = yr[co] + bias.p[co];
-            if (xr) z += xr[co];
-            if (pr) pr[co] = z;
-            yr[co] = act_f<ACT>(z);
-          }
-        }
-      } else {
-        for (int64_t co = 0; co < d.Cout; ++co) {
-          T* yr = ytile + co * HoWo;
-          const T* xr = xres ? xres + co * HoWo : nullptr;
-          T* pr = ptile ? ptile + co * HoWo : nullptr;
-          const T bco = bias.p[co];
-          for (int64_t p = 0; p < g.P; ++p) {
-            T z = yr[p] + bco;
-            if (xr) z += xr[p];
-            if (pr) pr[p] = z;
-            yr[p] = act_f<ACT>(z);
-          }
-        }
-      }
+      epilogue<T, ACT>(d, ytile, identity ? t.x + off : nullptr, pre_out ? pre_out + off : nullptr,
+                       bias.p, g.P);
     }
   };
   par_for(rt, pl.nchunks, task);
@@ -396,29 +443,9 @@ void backward_pass1(const Runtime& rt, const BlockDesc& d, const Plan& pl,
       const int64_t P = g.P;
       const int64_t off = d.channels_last ? (g.bi * HoWo + g.r0 * Wo) * Cout
                                           : g.bi * Cout * HoWo + g.r0 * Wo;
-      // gz = gy * act'(z), in G: Cout x P (NCHW) or P x Cout (NHWC).
+      // gz = gy * act'(z), in G: Cout x P (NCHW) or P x Cout (NHWC); bias and identity grads
       const int64_t ldg = d.channels_last ? Cout : P;
-      for (int64_t co = 0; co < Cout; ++co) {
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t src = d.channels_last ? off + p * Cout + co : off + co * HoWo + p;
-          const int64_t dst = d.channels_last ? p * Cout + co : co * P + p;
-          const T sv = ACT == kActNone ? T(0) : saved[src];
-          G.p[dst] = gy[src] * act_d<ACT>(sv, sv);
-        }
-      }
-      // output-bias gradient, identity-residual gradient
-      for (int64_t co = 0; co < Cout; ++co) {
-        T s = T(0);
-        for (int64_t p = 0; p < P; ++p) s += G.p[d.channels_last ? p * Cout + co : co * P + p];
-        part[L.bo + co] += s;
-      }
-      if (identity) {
-        for (int64_t co = 0; co < Cout; ++co)
-          for (int64_t p = 0; p < P; ++p) {
-            const int64_t i = d.channels_last ? p * Cout + co : co * P + p;
-            dx[d.channels_last ? off + p * Cout + co : off + co * HoWo + p] = G.p[i];
-          }
-      }
+      tile_gz<T, ACT>(d, gy, saved, off, P, G.p, part + L.bo, dx, identity);
       // recompute the branches
       for (int64_t c = 0; c < C; ++c)
         tile_channel<T, S, ACT>(d, pl, t, g, c, xbuf.p, A.p, b1p.p + c * (g.R + 2) * BW,
@@ -589,6 +616,434 @@ void backward_pass2(const Runtime& rt, const BlockDesc& d, const Plan& pl,
   par_for(rt, pl.nchunks, task);
 }
 
+
+// ---- pixel-major path ("channels inner"), used when C >= kPixelMajorMinC -----------------
+// The same algorithm with every buffer laid out [pixel][channel]: the depthwise loops run
+// over contiguous channel vectors (register-blocked), which is what narrow images (14x14,
+// 28x28) with many channels need; the planar path above vectorises along rows and suits
+// few channels. The packed matrix is A (P x Ktot), row p = [a | xs | b]. Every GEMM here
+// is a plain row-major C = A B (Runtime::sbrgemm: oneDNN's JIT micro-kernel for float).
+// Depthwise weights are read tap-major (wt[tap * C + c]); their gradients accumulate
+// tap-major too. Tile scratch is thread-local and reused across calls (no page faults).
+
+template <typename T>
+T* tls_buf(int slot, int64_t n) {
+  // Per-thread scratch, grown on demand and kept for the thread's lifetime (bounded by the
+  // largest tile seen), so the hot path never allocates.
+  static thread_local void* ptr[8] = {nullptr};
+  static thread_local int64_t cap[8] = {0};
+  const int64_t bytes = sizeof(T) * (n > 0 ? n : 1);
+  if (cap[slot] < bytes) {
+    free(ptr[slot]);
+    ptr[slot] = malloc(bytes);
+    if (!ptr[slot]) abort();
+    cap[slot] = bytes;
+  }
+  return static_cast<T*>(ptr[slot]);
+}
+
+template <typename T>
+inline void mm_nn(const Runtime& rt, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda,
+                  const T* b, int64_t ldb, T* c, int64_t ldc, bool add);
+template <>
+inline void mm_nn<float>(const Runtime& rt, int64_t M, int64_t N, int64_t K, const float* a,
+                         int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                         bool add) {
+  if (M > 0 && N > 0) rt.sbrgemm(M, N, K, lda, ldb, ldc, add, a, b, c);
+}
+template <>
+inline void mm_nn<double>(const Runtime& rt, int64_t M, int64_t N, int64_t K, const double* a,
+                          int64_t lda, const double* b, int64_t ldb, double* c, int64_t ldc,
+                          bool add) {
+  gemm_rm<double>(rt, 'N', 'N', M, N, K, 1.0, a, lda, b, ldb, add ? 1.0 : 0.0, c, ldc);
+}
+
+// xb[(k * (W + 2) + w + 1) * C + c] = x[bi, c, hb + k, w] (zero outside the image).
+template <typename T>
+void load_x_band_pm(const BlockDesc& d, const T* x, int64_t bi, int64_t hb, int64_t nrows,
+                    T* xb) {
+  const int64_t C = d.C, W = d.W, RW = (W + 2) * C;
+  for (int64_t k = 0; k < nrows; ++k) {
+    const int64_t h = hb + k;
+    T* row = xb + k * RW;
+    if (h < 0 || h >= d.H) {
+      memset(row, 0, sizeof(T) * RW);
+      continue;
+    }
+    memset(row, 0, sizeof(T) * C);
+    memset(row + (W + 1) * C, 0, sizeof(T) * C);
+    if (d.channels_last) {
+      memcpy(row + C, x + ((bi * d.H + h) * W) * C, sizeof(T) * W * C);
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        const T* src = x + ((bi * C + c) * d.H + h) * W;
+        for (int64_t w = 0; w < W; ++w) row[(w + 1) * C + c] = src[w];
+      }
+    }
+  }
+}
+
+// One 3x3 depthwise output pixel over all channels: z = bias + sum of taps, where tap
+// (ti, tj) is at p0 + ti * rs + tj * cs; post = act(z), pre = z when asked. Blocks of VB
+// channels keep the accumulators in registers across the nine taps.
+template <int ACT, typename T>
+inline void dw_px(const T* p0, int64_t rs, int64_t cs, int64_t C, const T* wt, const T* bias,
+                  T* post, T* pre) {
+  constexpr int VB = 64 / sizeof(T);  // 16 floats / 8 doubles: two AVX2 registers
+  int64_t c0 = 0;
+  for (; c0 + VB <= C; c0 += VB) {
+    T acc[VB];
+    for (int j = 0; j < VB; ++j) acc[j] = bias ? bias[c0 + j] : T(0);
+    for (int ti = 0; ti < 3; ++ti)
+      for (int tj = 0; tj < 3; ++tj) {
+        const T* src = p0 + ti * rs + tj * cs + c0;
+        const T* w = wt + (ti * 3 + tj) * C + c0;
+        for (int j = 0; j < VB; ++j) acc[j] += w[j] * src[j];
+      }
+    if (pre)
+      for (int j = 0; j < VB; ++j) pre[c0 + j] = acc[j];
+    for (int j = 0; j < VB; ++j) post[c0 + j] = act_f<ACT>(acc[j]);
+  }
+  for (; c0 < C; ++c0) {
+    T acc = bias ? bias[c0] : T(0);
+    for (int ti = 0; ti < 3; ++ti)
+      for (int tj = 0; tj < 3; ++tj) acc += wt[(ti * 3 + tj) * C + c0] * p0[ti * rs + tj * cs + c0];
+    if (pre) pre[c0] = acc;
+    post[c0] = act_f<ACT>(acc);
+  }
+}
+
+// Depthwise weights tap-major: wt[(k * 9 + tap) * C + c] for k = a, b, c.
+template <typename T>
+void pack_dw_tapmajor(const BlockDesc& d, const BlockTensors<T>& t, T* wt) {
+  const int64_t C = d.C;
+  const T* ws[3] = {t.wa, t.wb, t.wc};
+  for (int k = 0; k < 3; ++k)
+    for (int tap = 0; tap < 9; ++tap)
+      for (int64_t c = 0; c < C; ++c) wt[(k * 9 + tap) * C + c] = ws[k][c * 9 + tap];
+}
+
+// dst (K x N) = src (N x K)^T, both row-major.
+template <typename T>
+void transpose(const T* src, int64_t n, int64_t k, T* dst) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < k; ++j) dst[j * n + i] = src[i * k + j];
+}
+
+// The depthwise part of one tile, pixel-major: the b1 band (R + 2 rows, zero-padded
+// columns), then rows of A. pre_ab (silu backward) gets pre-activations in A's layout.
+template <typename T, int S, int ACT>
+void tile_dw_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, const T* wt,
+                const TileGeom& g, const T* xb, T* b1b, T* A, T* pre_ab) {
+  const int64_t C = d.C, Wo = d.Wo, XR = (d.W + 2) * C, BR = (Wo + 2) * C, K = pl.Ktot;
+  const T* wat = wt;
+  const T* wbt = wt + 9 * C;
+  const T* wct = wt + 18 * C;
+  for (int64_t k = 0; k < g.R + 2; ++k) {
+    const int64_t q = g.r0 - 1 + k;
+    T* brow = b1b + k * BR;
+    if (q < 0 || q >= d.Ho) {
+      memset(brow, 0, sizeof(T) * BR);
+      continue;
+    }
+    memset(brow, 0, sizeof(T) * C);
+    memset(brow + (Wo + 1) * C, 0, sizeof(T) * C);
+    for (int64_t w = 0; w < Wo; ++w)
+      dw_px<ACT, T>(xb + S * k * XR + S * w * C, XR, C, C, wbt, t.bb, brow + (w + 1) * C, nullptr);
+  }
+  for (int64_t i = 0; i < g.R; ++i)
+    for (int64_t w = 0; w < Wo; ++w) {
+      const int64_t p = i * Wo + w;
+      T* arow = A + p * K;
+      dw_px<ACT, T>(xb + S * (i + 1) * XR + S * w * C, XR, C, C, wat, t.ba, arow,
+                 pre_ab ? pre_ab + p * K : nullptr);
+      if (pl.Cs) memcpy(arow + C, xb + (S * (i + 1) + 1) * XR + (S * w + 1) * C, sizeof(T) * C);
+      dw_px<ACT, T>(b1b + i * BR + w * C, BR, C, C, wct, t.bc, arow + K - C,
+                 pre_ab ? pre_ab + p * K + K - C : nullptr);
+    }
+}
+
+// Ybuf (P x Cout) = A W^T, with W^T packed (K x N) per half.
+template <typename T>
+void tile_pointwise_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const T* wT,
+                       const T* A, int64_t P, T* ybuf) {
+  const int64_t N = d.N, C = d.C, K = pl.Ktot, Cout = d.Cout;
+  if (d.merge == kAdd) {
+    mm_nn<T>(rt, P, N, K, A, K, wT, N, ybuf, Cout, false);
+  } else {
+    const int64_t kk = C + pl.Cs;
+    mm_nn<T>(rt, P, N, kk, A, K, wT, N, ybuf, Cout, false);
+    mm_nn<T>(rt, P, N, kk, A + C, K, wT + kk * N, N, ybuf + N, Cout, false);
+  }
+}
+
+// The epilogue from a pixel-major tile buffer to y in its layout.
+template <typename T, int ACT>
+void epilogue_pm(const BlockDesc& d, const T* ybuf, T* ytile, const T* xres, T* ptile,
+                 const T* bias, int64_t P) {
+  const int64_t HoWo = d.Ho * d.Wo, Cout = d.Cout;
+  if (d.channels_last) {
+    for (int64_t p = 0; p < P; ++p) {
+      const T* yb = ybuf + p * Cout;
+      T* yr = ytile + p * Cout;
+      const T* xr = xres ? xres + p * Cout : nullptr;
+      T* pr = ptile ? ptile + p * Cout : nullptr;
+      for (int64_t co = 0; co < Cout; ++co) {
+        T z = yb[co] + bias[co];
+        if (xr) z += xr[co];
+        if (pr) pr[co] = z;
+        yr[co] = act_f<ACT>(z);
+      }
+    }
+  } else {
+    for (int64_t co = 0; co < Cout; ++co) {
+      T* yr = ytile + co * HoWo;
+      const T* xr = xres ? xres + co * HoWo : nullptr;
+      T* pr = ptile ? ptile + co * HoWo : nullptr;
+      const T bco = bias[co];
+      for (int64_t p = 0; p < P; ++p) {
+        T z = ybuf[p * Cout + co] + bco;
+        if (xr) z += xr[p];
+        if (pr) pr[p] = z;
+        yr[p] = act_f<ACT>(z);
+      }
+    }
+  }
+}
+
+// Transposed packed pointwise weights for the forward: add [Pa | Ws | Pb]^T (Ktot x N);
+// concat W1^T then W2^T (each (C + Cs) x N).
+template <typename T>
+void pack_weights_T(const BlockDesc& d, const Plan& pl, const T* wp, T* wT) {
+  if (d.merge == kAdd) {
+    transpose(wp, d.N, pl.Ktot, wT);
+  } else {
+    const int64_t kk = d.C + pl.Cs;
+    transpose(wp, d.N, kk, wT);
+    transpose(wp + d.N * kk, d.N, kk, wT + kk * d.N);
+  }
+}
+
+template <typename T, int S, int ACT>
+void forward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
+                const T* wp, const T* bias, T* y, T* pre_out) {
+  const int64_t HoWo = d.Ho * d.Wo, C = d.C;
+  const int64_t wp_elems = d.merge == kAdd ? d.N * pl.Ktot : 2 * d.N * (d.C + pl.Cs);
+  Buf<T> wt(27 * C), wT(wp_elems);
+  pack_dw_tapmajor(d, t, wt.p);
+  pack_weights_T(d, pl, wp, wT.p);
+  const bool identity = d.residual && !d.projection;
+  auto task = [&](int64_t tile) {
+    const int64_t Pmax = pl.R * d.Wo;
+    T* A = tls_buf<T>(0, pl.Ktot * Pmax);
+    T* xb = tls_buf<T>(1, (S * (pl.R + 1) + 3) * (d.W + 2) * C);
+    T* b1b = tls_buf<T>(2, (pl.R + 2) * (d.Wo + 2) * C);
+    T* ybuf = tls_buf<T>(3, Pmax * d.Cout);
+    const TileGeom g = tile_geom(d, pl, tile);
+    load_x_band_pm(d, t.x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
+    tile_dw_pm<T, S, ACT>(d, pl, t, wt.p, g, xb, b1b, A, nullptr);
+    tile_pointwise_pm(rt, d, pl, wT.p, A, g.P, ybuf);
+    const int64_t off = d.channels_last ? (g.bi * HoWo + g.r0 * d.Wo) * d.Cout
+                                        : g.bi * d.Cout * HoWo + g.r0 * d.Wo;
+    epilogue_pm<T, ACT>(d, ybuf, y + off, identity ? t.x + off : nullptr,
+                        pre_out ? pre_out + off : nullptr, bias, g.P);
+  };
+  par_for(rt, pl.ntiles, task);
+  rt.brgemm_release();
+}
+
+// Pass 1, pixel-major. SA/SB are [B][Ho][Wo][C]; dw partials tap-major.
+template <typename T, int S, int ACT>
+void pass1_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
+              const T* wt, const T* gy, const T* saved, const T* wp, T* dx, T* SA, T* SB,
+              T* parts) {
+  const int64_t HoWo = d.Ho * d.Wo, C = d.C, N = d.N, Wo = d.Wo, Cout = d.Cout, K = pl.Ktot;
+  const int64_t XR = (d.W + 2) * C, BR = (Wo + 2) * C;
+  const PartLayout L(d, pl);
+  const bool identity = d.residual && !d.projection;
+  const bool silu = ACT == kActSilu;
+  auto task = [&](int64_t chunk) {
+    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+    const int64_t Pmax = pl.R * Wo;
+    T* part = parts + chunk * pl.part;
+    memset(part, 0, sizeof(T) * pl.part);
+    T* A = tls_buf<T>(0, K * Pmax);
+    T* xb = tls_buf<T>(1, (S * (pl.R + 1) + 3) * XR);
+    T* b1b = tls_buf<T>(2, (pl.R + 2) * BR);
+    T* dA = tls_buf<T>(3, K * Pmax);
+    T* G = tls_buf<T>(4, Cout * Pmax);    // planar (Cout x P)
+    T* Gpm = tls_buf<T>(5, Cout * Pmax);  // pixel-major (P x Cout)
+    T* preAB = silu ? tls_buf<T>(6, K * Pmax) : nullptr;
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const TileGeom g = tile_geom(d, pl, tile);
+      const int64_t P = g.P;
+      const int64_t off = d.channels_last ? (g.bi * HoWo + g.r0 * Wo) * Cout
+                                          : g.bi * Cout * HoWo + g.r0 * Wo;
+      // gz in both layouts: planar feeds dW = gz A, pixel-major feeds dA = gz^T W
+      if (d.channels_last) {
+        tile_gz<T, ACT>(d, gy, saved, off, P, Gpm, part + L.bo, dx, identity);
+        transpose(Gpm, P, Cout, G);
+      } else {
+        tile_gz<T, ACT>(d, gy, saved, off, P, G, part + L.bo, dx, identity);
+        transpose(G, Cout, P, Gpm);
+      }
+      load_x_band_pm(d, t.x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
+      tile_dw_pm<T, S, ACT>(d, pl, t, wt, g, xb, b1b, A, preAB);
+      if (d.merge == kAdd) {
+        mm_nn<T>(rt, N, K, P, G, P, A, K, part + L.pw, K, true);
+        mm_nn<T>(rt, P, K, N, Gpm, Cout, wp, K, dA, K, false);
+      } else {
+        const int64_t kk = C + pl.Cs;
+        mm_nn<T>(rt, N, kk, P, G, P, A, K, part + L.pw, kk, true);
+        mm_nn<T>(rt, N, kk, P, G + N * P, P, A + C, K, part + L.pw + N * kk, kk, true);
+        mm_nn<T>(rt, P, kk, N, Gpm, Cout, wp, kk, dA, K, false);
+        if (pl.Cs)
+          for (int64_t p = 0; p < P; ++p) memset(dA + p * K + kk, 0, sizeof(T) * C);
+        mm_nn<T>(rt, P, kk, N, Gpm + N, Cout, wp + N * kk, kk, dA + C, K, pl.Cs > 0);
+      }
+      T* dwa = part + L.wa;  // tap-major in this path
+      T* dwc = part + L.wc;
+      T* gba = part + L.ba;
+      T* gbc = part + L.bc;
+      for (int64_t i = 0; i < g.R; ++i)
+        for (int64_t w = 0; w < Wo; ++w) {
+          const int64_t p = i * Wo + w;
+          T* da = dA + p * K;
+          T* db = da + K - C;
+          const T* a = A + p * K;
+          const T* b = a + K - C;
+          const T* pa = silu ? preAB + p * K : a;
+          const T* pb = silu ? preAB + p * K + K - C : b;
+          for (int64_t c = 0; c < C; ++c) da[c] *= act_d<ACT>(a[c], pa[c]);
+          for (int64_t c = 0; c < C; ++c) db[c] *= act_d<ACT>(b[c], pb[c]);
+          const int64_t spix = (g.bi * d.Ho + g.r0 + i) * Wo + w;
+          memcpy(SA + spix * C, da, sizeof(T) * C);
+          memcpy(SB + spix * C, db, sizeof(T) * C);
+          const T* x0 = xb + S * (i + 1) * XR + S * w * C;
+          const T* b0 = b1b + i * BR + w * C;
+          for (int ti = 0; ti < 3; ++ti)
+            for (int tj = 0; tj < 3; ++tj) {
+              const int tap = ti * 3 + tj;
+              const T* xs = x0 + ti * XR + tj * C;
+              const T* bs = b0 + ti * BR + tj * C;
+              T* ga = dwa + tap * C;
+              T* gc = dwc + tap * C;
+              for (int64_t c = 0; c < C; ++c) ga[c] += da[c] * xs[c];
+              for (int64_t c = 0; c < C; ++c) gc[c] += db[c] * bs[c];
+            }
+          for (int64_t c = 0; c < C; ++c) gba[c] += da[c];
+          for (int64_t c = 0; c < C; ++c) gbc[c] += db[c];
+          if (pl.Cs) {  // projection: dx at (s r, s w), owned by this tile
+            const T* dxs = da + C;
+            const int64_t h = S * (g.r0 + i), wi = S * w;
+            if (d.channels_last) {
+              memcpy(dx + ((g.bi * d.H + h) * d.W + wi) * C, dxs, sizeof(T) * C);
+            } else {
+              T* o = dx + (g.bi * C * d.H + h) * d.W + wi;
+              for (int64_t c = 0; c < C; ++c) o[c * d.H * d.W] = dxs[c];
+            }
+          }
+        }
+    }
+  };
+  par_for(rt, pl.nchunks, task);
+  rt.brgemm_release();
+}
+
+template <typename T, int S, int ACT>
+void pass2_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
+              const T* wt, T* dx, const T* SA, const T* SB, T* parts) {
+  const int64_t C = d.C, Wo = d.Wo, Ho = d.Ho, W = d.W, XR = (W + 2) * C;
+  const PartLayout L(d, pl);
+  const T* wat = wt;
+  const T* wbt = wt + 9 * C;
+  const T* wct = wt + 18 * C;
+  auto task = [&](int64_t chunk) {
+    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+    T* part = parts + chunk * pl.part;
+    T* xb = tls_buf<T>(1, (S * (pl.R + 1) + 3) * XR);
+    T* d1 = tls_buf<T>(2, (pl.R + 2) * Wo * C);
+    T* pre = tls_buf<T>(3, C);
+    T* post = tls_buf<T>(4, C);
+    T* acc = tls_buf<T>(5, C);
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const TileGeom g = tile_geom(d, pl, tile);
+      const int64_t q_lo = g.r0 - 1;
+      load_x_band_pm(d, t.x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
+      const T* sbi = SB + g.bi * Ho * Wo * C;
+      const T* sai = SA + g.bi * Ho * Wo * C;
+      // db1_pre over b1 rows [r0 - 1, r0 + R]
+      for (int64_t k = 0; k < g.R + 2; ++k) {
+        const int64_t q = q_lo + k;
+        for (int64_t w = 0; w < Wo; ++w) {
+          T* o = d1 + (k * Wo + w) * C;
+          memset(o, 0, sizeof(T) * C);
+          if (q < 0 || q >= Ho) continue;
+          for (int ti = 0; ti < 3; ++ti) {
+            const int64_t r = q + 1 - ti;
+            if (r < 0 || r >= Ho) continue;
+            for (int tj = 0; tj < 3; ++tj) {
+              const int64_t ws = w + 1 - tj;
+              if (ws < 0 || ws >= Wo) continue;
+              const T* src = sbi + (r * Wo + ws) * C;
+              const T* wv = wct + (ti * 3 + tj) * C;
+              for (int64_t c = 0; c < C; ++c) o[c] += wv[c] * src[c];
+            }
+          }
+          dw_px<ACT, T>(xb + S * k * XR + S * w * C, XR, C, C, wbt, t.bb, post, pre);
+          for (int64_t c = 0; c < C; ++c) o[c] *= act_d<ACT>(post[c], pre[c]);
+        }
+      }
+      // dwb, dbb over owned rows k = 1..R (tap-major)
+      T* dwb = part + L.wb;
+      T* dbb = part + L.bb;
+      for (int64_t k = 1; k <= g.R; ++k)
+        for (int64_t w = 0; w < Wo; ++w) {
+          const T* g1 = d1 + (k * Wo + w) * C;
+          const T* x0 = xb + S * k * XR + S * w * C;
+          for (int ti = 0; ti < 3; ++ti)
+            for (int tj = 0; tj < 3; ++tj) {
+              const T* xs = x0 + ti * XR + tj * C;
+              T* gw = dwb + (ti * 3 + tj) * C;
+              for (int64_t c = 0; c < C; ++c) gw[c] += g1[c] * xs[c];
+            }
+          for (int64_t c = 0; c < C; ++c) dbb[c] += g1[c];
+        }
+      // dx rows [hs, he): gather from da (wa) and db1 (wb) at stride S
+      const int64_t hs = S * g.r0, he = S * (g.r0 + g.R) < d.H ? S * (g.r0 + g.R) : d.H;
+      for (int64_t h = hs; h < he; ++h)
+        for (int64_t wi = 0; wi < W; ++wi) {
+          memset(acc, 0, sizeof(T) * C);
+          for (int ti = 0; ti < 3; ++ti) {
+            const int64_t num = h + 1 - ti;
+            if (num < 0 || num % S) continue;
+            const int64_t q = num / S;
+            if (q >= Ho) continue;
+            for (int tj = 0; tj < 3; ++tj) {
+              const int64_t nw = wi + 1 - tj;
+              if (nw < 0 || nw % S) continue;
+              const int64_t w = nw / S;
+              if (w >= Wo) continue;
+              const T* ga = sai + (q * Wo + w) * C;
+              const T* gb = d1 + ((q - q_lo) * Wo + w) * C;
+              const T* wa = wat + (ti * 3 + tj) * C;
+              const T* wb = wbt + (ti * 3 + tj) * C;
+              for (int64_t c = 0; c < C; ++c) acc[c] += wa[c] * ga[c] + wb[c] * gb[c];
+            }
+          }
+          if (d.channels_last) {
+            T* o = dx + ((g.bi * d.H + h) * W + wi) * C;
+            for (int64_t c = 0; c < C; ++c) o[c] += acc[c];
+          } else {
+            T* o = dx + (g.bi * C * d.H + h) * W + wi;
+            for (int64_t c = 0; c < C; ++c) o[c * d.H * W] += acc[c];
+          }
+        }
+    }
+  };
+  par_for(rt, pl.nchunks, task);
+}
+
 template <typename T, int S, int ACT>
 void backward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t,
                    const T* gy, const T* saved, const BlockGrads<T>& g, T* scratch) {
@@ -602,8 +1057,15 @@ void backward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>&
   Buf<T> wp(wp_elems), bias(Cout);
   pack_weights(d, pl, t, wp.p, bias.p);
   memset(g.dx, 0, sizeof(T) * xsz);
-  backward_pass1<T, S, ACT>(rt, d, pl, t, gy, saved, wp.p, g.dx, SA, SB, parts);
-  backward_pass2<T, S, ACT>(rt, d, pl, t, g.dx, SA, SB, parts);
+  if (pl.pixel_major) {
+    Buf<T> wt(27 * C);
+    pack_dw_tapmajor(d, t, wt.p);
+    pass1_pm<T, S, ACT>(rt, d, pl, t, wt.p, gy, saved, wp.p, g.dx, SA, SB, parts);
+    pass2_pm<T, S, ACT>(rt, d, pl, t, wt.p, g.dx, SA, SB, parts);
+  } else {
+    backward_pass1<T, S, ACT>(rt, d, pl, t, gy, saved, wp.p, g.dx, SA, SB, parts);
+    backward_pass2<T, S, ACT>(rt, d, pl, t, g.dx, SA, SB, parts);
+  }
   // Fixed-order reduction of the chunks' partials into parts[0 .. part).
   auto red = [&](int64_t blk) {
     const int64_t e0 = blk * 256, e1 = e0 + 256 < pl.part ? e0 + 256 : pl.part;
@@ -637,9 +1099,18 @@ void backward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>&
     g.dqb[n] = d.merge == kAdd ? bo[n] : bo[N + n];
   }
   if (g.dbs) memcpy(g.dbs, bo, sizeof(T) * Cout);
-  memcpy(g.dwa, parts + L.wa, sizeof(T) * 9 * C);
-  memcpy(g.dwb, parts + L.wb, sizeof(T) * 9 * C);
-  memcpy(g.dwc, parts + L.wc, sizeof(T) * 9 * C);
+  if (pl.pixel_major) {  // tap-major partials -> (C, 1, 3, 3)
+    for (int64_t c = 0; c < C; ++c)
+      for (int tap = 0; tap < 9; ++tap) {
+        g.dwa[c * 9 + tap] = parts[L.wa + tap * C + c];
+        g.dwb[c * 9 + tap] = parts[L.wb + tap * C + c];
+        g.dwc[c * 9 + tap] = parts[L.wc + tap * C + c];
+      }
+  } else {
+    memcpy(g.dwa, parts + L.wa, sizeof(T) * 9 * C);
+    memcpy(g.dwb, parts + L.wb, sizeof(T) * 9 * C);
+    memcpy(g.dwc, parts + L.wc, sizeof(T) * 9 * C);
+  }
   memcpy(g.dba, parts + L.ba, sizeof(T) * C);
   memcpy(g.dbb, parts + L.bb, sizeof(T) * C);
   memcpy(g.dbc, parts + L.bc, sizeof(T) * C);

@@ -20,7 +20,12 @@ struct Plan {
   int64_t nchunks;   // parallel tasks; each owns a contiguous run of tiles
   int64_t npw;       // pointwise (+projection) weight-gradient elements in a partial
   int64_t part;      // elements of one chunk's partial gradients
+  bool pixel_major;  // buffers [pixel][channel] (many channels) rather than planar (few)
 };
+
+// From this many channels on, vectorising the depthwise work across channels beats
+// vectorising along image rows.
+static const int64_t kPixelMajorMinC = 8;
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -28,9 +33,11 @@ static inline Plan make_plan(const BlockDesc& d) {
   Plan p;
   p.Cs = d.projection ? d.C : 0;
   p.Ktot = 2 * d.C + p.Cs;
-  // Aim the packed tile matrix (Ktot x P) at ~128 KiB of floats so it stays in L2 while the
-  // GEMM streams over it, with at least 32 pixels so the GEMM is not degenerate.
-  int64_t target_p = 32768 / p.Ktot;
+  p.pixel_major = d.C >= kPixelMajorMinC;
+  // Aim the packed tile matrix (Ktot x P) at ~128 KiB (planar) / ~256 KiB (pixel-major: the
+  // b1 halo rows cost relatively less in taller tiles) so it stays in L2 while the GEMM
+  // streams over it, with at least 32 pixels so the GEMM is not degenerate.
+  int64_t target_p = (p.pixel_major ? 65536 : 32768) / p.Ktot;
   if (target_p < 32) target_p = 32;
   if (target_p > 1024) target_p = 1024;
   int64_t r = target_p / d.Wo;
