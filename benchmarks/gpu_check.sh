@@ -4,6 +4,7 @@
 # forward+backward, and the benchmark harness (bfloat16 and float32, NCHW and channels_last).
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [--fast]
+#   STAGES="install tests memcheck" bash benchmarks/gpu_check.sh OUTDIR   # a subset
 #
 # Logs and results land in OUTDIR; the last lines printed are a summary table. Each stage
 # has its own time limit so that one slow stage cannot eat the others' time. --fast runs
@@ -17,8 +18,12 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} MSFUSED_NVCC_THREADS=${MSFUSED_NVCC_THREADS:-4}
 declare -A STATUS TIMES
 
+ALL_STAGES="install backends tests memcheck racecheck bench-bf16 bench-fp32"
+STAGES=${STAGES:-$ALL_STAGES}
+
 stage() {  # stage NAME LIMIT_S CMD...: runs CMD with a time limit, logs to OUT/NAME.log
   local name=$1 limit=$2; shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
   local t0=$SECONDS
   echo "=== $name (limit ${limit}s): $*"
   timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -38,7 +43,7 @@ stage() {  # stage NAME LIMIT_S CMD...: runs CMD with a time limit, logs to OUT/
 
 stage install 300 python3 -m pip install --no-build-isolation --no-deps -v -e .
 stage backends 60 python3 -m msfused.cli backends
-stage tests 330 python3 -m pytest tests -q -p no:cacheprovider -n 8 --timeout 240 \
+stage tests ${TESTS_LIMIT:-330} python3 -m pytest tests -q -p no:cacheprovider -n 8 --timeout 240 \
   -o addopts="-ra" --junitxml="$OUT/tests.xml"
 stage memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
   python3 benchmarks/cuda_sanitize.py --small
@@ -53,7 +58,7 @@ stage bench-fp32 200 python3 -m msfused.cli bench "${BENCH_OPTS[@]}" --no-compil
 
 echo
 echo "=== summary ($(head -n 2 "$OUT/env.txt" | tail -n 1 | cut -d, -f1))"
-for s in install backends tests memcheck racecheck bench-bf16 bench-fp32; do
+for s in $ALL_STAGES; do
   [ -n "${STATUS[$s]:-}" ] && printf '%-12s %-14s %5ss\n' "$s" "${STATUS[$s]}" "${TIMES[$s]}"
 done
 grep -h "passed\|failed" "$OUT/tests.log" 2>/dev/null | tail -n 1
