@@ -43,6 +43,32 @@ struct Buf {  // heap scratch of one task; malloc keeps this free of std:: templ
   Buf& operator=(const Buf&) = delete;
 };
 
+
+// 32-byte vectors through GCC/Clang vector extensions (one AVX2 register; two SSE/NEON
+// registers in the baseline build). Register-blocked loops use these explicitly: with plain
+// arrays the compiler keeps the accumulators on the stack. aligned(sizeof(T)) makes the
+// pointer casts below valid unaligned loads and stores.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32), aligned(4)));
+  static constexpr int n = 8;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32), aligned(8)));
+  static constexpr int n = 4;
+};
+template <typename T>
+inline typename Vec<T>::type vload(const T* p) {
+  return *reinterpret_cast<const typename Vec<T>::type*>(p);
+}
+template <typename T>
+inline void vstore(T* p, typename Vec<T>::type v) {
+  *reinterpret_cast<typename Vec<T>::type*>(p) = v;
+}
+
 inline float exp_(float v) { return expf(v); }
 inline double exp_(double v) { return exp(v); }
 
@@ -689,20 +715,27 @@ void load_x_band_pm(const BlockDesc& d, const T* x, int64_t bi, int64_t hb, int6
 template <int ACT, typename T>
 inline void dw_px(const T* p0, int64_t rs, int64_t cs, int64_t C, const T* wt, const T* bias,
                   T* post, T* pre) {
-  constexpr int VB = 64 / sizeof(T);  // 16 floats / 8 doubles: two AVX2 registers
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n, VB = 2 * VN;
   int64_t c0 = 0;
   for (; c0 + VB <= C; c0 += VB) {
-    T acc[VB];
-    for (int j = 0; j < VB; ++j) acc[j] = bias ? bias[c0 + j] : T(0);
+    V a0 = bias ? vload(bias + c0) : V{};
+    V a1 = bias ? vload(bias + c0 + VN) : V{};
     for (int ti = 0; ti < 3; ++ti)
       for (int tj = 0; tj < 3; ++tj) {
         const T* src = p0 + ti * rs + tj * cs + c0;
         const T* w = wt + (ti * 3 + tj) * C + c0;
-        for (int j = 0; j < VB; ++j) acc[j] += w[j] * src[j];
+        a0 += vload(w) * vload(src);
+        a1 += vload(w + VN) * vload(src + VN);
       }
-    if (pre)
-      for (int j = 0; j < VB; ++j) pre[c0 + j] = acc[j];
-    for (int j = 0; j < VB; ++j) post[c0 + j] = act_f<ACT>(acc[j]);
+    if (pre) {
+      vstore(pre + c0, a0);
+      vstore(pre + c0 + VN, a1);
+    }
+    vstore(post + c0, a0);
+    vstore(post + c0 + VN, a1);
+    if (ACT != kActNone)
+      for (int j = 0; j < VB; ++j) post[c0 + j] = act_f<ACT>(post[c0 + j]);
   }
   for (; c0 < C; ++c0) {
     T acc = bias ? bias[c0] : T(0);
@@ -723,11 +756,15 @@ void pack_dw_tapmajor(const BlockDesc& d, const BlockTensors<T>& t, T* wt) {
       for (int64_t c = 0; c < C; ++c) wt[(k * 9 + tap) * C + c] = ws[k][c * 9 + tap];
 }
 
-// dst (K x N) = src (N x K)^T, both row-major.
+// dst (K x N) = src (N x K)^T, both row-major; 16 x 16 blocks keep both sides in cache.
 template <typename T>
 void transpose(const T* src, int64_t n, int64_t k, T* dst) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < k; ++j) dst[j * n + i] = src[i * k + j];
+  for (int64_t i0 = 0; i0 < n; i0 += 16)
+    for (int64_t j0 = 0; j0 < k; j0 += 16) {
+      const int64_t i1 = i0 + 16 < n ? i0 + 16 : n, j1 = j0 + 16 < k ? j0 + 16 : k;
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j) dst[j * n + i] = src[i * k + j];
+    }
 }
 
 // The depthwise part of one tile, pixel-major: the b1 band (R + 2 rows, zero-padded
@@ -852,6 +889,78 @@ void forward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Blo
   rt.brgemm_release();
 }
 
+
+// Depthwise weight/bias gradient of one tile, register-blocked: for each tap,
+//   part[tap * C + c] += sum over the tile's pixels of g[p][c] * src_tap(p)[c],
+//   bpart[c] += sum of g[p][c].
+// Pixel (i, w) has g at g0 + (i * Wo + w) * gs and tap (ti, tj) at
+// x0 + i * xrs + w * xcs + ti * trs + tj * C. Blocks of VB channels keep nine tap sums in
+// registers across all pixels, so every multiply-add costs one load.
+template <typename T>
+void dw_grad_tile(const T* g0, int64_t gs, int64_t R, int64_t Wo, const T* x0, int64_t xrs,
+                  int64_t xcs, int64_t trs, int64_t C, T* part, T* bpart) {
+  typedef typename Vec<T>::type V;
+  constexpr int VB = Vec<T>::n;
+  int64_t c0 = 0;
+  for (; c0 + VB <= C; c0 += VB) {
+    V a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{}, a8{}, ab{};
+    for (int64_t i = 0; i < R; ++i)
+      for (int64_t w = 0; w < Wo; ++w) {
+        const V g = vload(g0 + (i * Wo + w) * gs + c0);
+        const T* xp = x0 + i * xrs + w * xcs + c0;
+        ab += g;
+        a0 += g * vload(xp);
+        a1 += g * vload(xp + C);
+        a2 += g * vload(xp + 2 * C);
+        a3 += g * vload(xp + trs);
+        a4 += g * vload(xp + trs + C);
+        a5 += g * vload(xp + trs + 2 * C);
+        a6 += g * vload(xp + 2 * trs);
+        a7 += g * vload(xp + 2 * trs + C);
+        a8 += g * vload(xp + 2 * trs + 2 * C);
+      }
+    const V acc[9] = {a0, a1, a2, a3, a4, a5, a6, a7, a8};
+    for (int tap = 0; tap < 9; ++tap) vstore(part + tap * C + c0, vload(part + tap * C + c0) + acc[tap]);
+    vstore(bpart + c0, vload(bpart + c0) + ab);
+  }
+  for (; c0 < C; ++c0) {
+    T acc[9] = {};
+    T accb = T(0);
+    for (int64_t i = 0; i < R; ++i)
+      for (int64_t w = 0; w < Wo; ++w) {
+        const T gv = g0[(i * Wo + w) * gs + c0];
+        const T* xp = x0 + i * xrs + w * xcs + c0;
+        accb += gv;
+        for (int ti = 0; ti < 3; ++ti)
+          for (int tj = 0; tj < 3; ++tj) acc[ti * 3 + tj] += gv * xp[ti * trs + tj * C];
+      }
+    for (int tap = 0; tap < 9; ++tap) part[tap * C + c0] += acc[tap];
+    bpart[c0] += accb;
+  }
+}
+
+// out[c] = sum_{i < n} w[i][c] * s[i][c], register-blocked over channels (n <= 18 taps).
+template <typename T>
+inline void tap_sum(int n, const T* const* w, const T* const* s, int64_t C, T* out) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  int64_t c0 = 0;
+  for (; c0 + 2 * VN <= C; c0 += 2 * VN) {
+    V a0{}, a1{};
+    for (int i = 0; i < n; ++i) {
+      a0 += vload(w[i] + c0) * vload(s[i] + c0);
+      a1 += vload(w[i] + c0 + VN) * vload(s[i] + c0 + VN);
+    }
+    vstore(out + c0, a0);
+    vstore(out + c0 + VN, a1);
+  }
+  for (; c0 < C; ++c0) {
+    T acc = T(0);
+    for (int i = 0; i < n; ++i) acc += w[i][c0] * s[i][c0];
+    out[c0] = acc;
+  }
+}
+
 // Pass 1, pixel-major. SA/SB are [B][Ho][Wo][C]; dw partials tap-major.
 template <typename T, int S, int ACT>
 void pass1_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
@@ -901,10 +1010,6 @@ void pass1_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
           for (int64_t p = 0; p < P; ++p) memset(dA + p * K + kk, 0, sizeof(T) * C);
         mm_nn<T>(rt, P, kk, N, Gpm + N, Cout, wp + N * kk, kk, dA + C, K, pl.Cs > 0);
       }
-      T* dwa = part + L.wa;  // tap-major in this path
-      T* dwc = part + L.wc;
-      T* gba = part + L.ba;
-      T* gbc = part + L.bc;
       for (int64_t i = 0; i < g.R; ++i)
         for (int64_t w = 0; w < Wo; ++w) {
           const int64_t p = i * Wo + w;
@@ -919,20 +1024,6 @@ void pass1_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
           const int64_t spix = (g.bi * d.Ho + g.r0 + i) * Wo + w;
           memcpy(SA + spix * C, da, sizeof(T) * C);
           memcpy(SB + spix * C, db, sizeof(T) * C);
-          const T* x0 = xb + S * (i + 1) * XR + S * w * C;
-          const T* b0 = b1b + i * BR + w * C;
-          for (int ti = 0; ti < 3; ++ti)
-            for (int tj = 0; tj < 3; ++tj) {
-              const int tap = ti * 3 + tj;
-              const T* xs = x0 + ti * XR + tj * C;
-              const T* bs = b0 + ti * BR + tj * C;
-              T* ga = dwa + tap * C;
-              T* gc = dwc + tap * C;
-              for (int64_t c = 0; c < C; ++c) ga[c] += da[c] * xs[c];
-              for (int64_t c = 0; c < C; ++c) gc[c] += db[c] * bs[c];
-            }
-          for (int64_t c = 0; c < C; ++c) gba[c] += da[c];
-          for (int64_t c = 0; c < C; ++c) gbc[c] += db[c];
           if (pl.Cs) {  // projection: dx at (s r, s w), owned by this tile
             const T* dxs = da + C;
             const int64_t h = S * (g.r0 + i), wi = S * w;
@@ -944,6 +1035,9 @@ void pass1_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
             }
           }
         }
+      // depthwise weight grads (tap-major partials): dwa from x, dwc from the b1 band
+      dw_grad_tile(dA, K, g.R, Wo, xb + S * XR, S * XR, S * C, XR, C, part + L.wa, part + L.ba);
+      dw_grad_tile(dA + K - C, K, g.R, Wo, b1b, BR, C, BR, C, part + L.wc, part + L.bc);
     }
   };
   par_for(rt, pl.nchunks, task);
@@ -973,47 +1067,40 @@ void pass2_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
       const T* sbi = SB + g.bi * Ho * Wo * C;
       const T* sai = SA + g.bi * Ho * Wo * C;
       // db1_pre over b1 rows [r0 - 1, r0 + R]
+      const T* tw[18];
+      const T* ts[18];
       for (int64_t k = 0; k < g.R + 2; ++k) {
         const int64_t q = q_lo + k;
         for (int64_t w = 0; w < Wo; ++w) {
           T* o = d1 + (k * Wo + w) * C;
-          memset(o, 0, sizeof(T) * C);
-          if (q < 0 || q >= Ho) continue;
+          if (q < 0 || q >= Ho) {
+            memset(o, 0, sizeof(T) * C);
+            continue;
+          }
+          int n = 0;
           for (int ti = 0; ti < 3; ++ti) {
             const int64_t r = q + 1 - ti;
             if (r < 0 || r >= Ho) continue;
             for (int tj = 0; tj < 3; ++tj) {
               const int64_t ws = w + 1 - tj;
               if (ws < 0 || ws >= Wo) continue;
-              const T* src = sbi + (r * Wo + ws) * C;
-              const T* wv = wct + (ti * 3 + tj) * C;
-              for (int64_t c = 0; c < C; ++c) o[c] += wv[c] * src[c];
+              tw[n] = wct + (ti * 3 + tj) * C;
+              ts[n++] = sbi + (r * Wo + ws) * C;
             }
           }
+          tap_sum(n, tw, ts, C, o);
           dw_px<ACT, T>(xb + S * k * XR + S * w * C, XR, C, C, wbt, t.bb, post, pre);
           for (int64_t c = 0; c < C; ++c) o[c] *= act_d<ACT>(post[c], pre[c]);
         }
       }
       // dwb, dbb over owned rows k = 1..R (tap-major)
-      T* dwb = part + L.wb;
-      T* dbb = part + L.bb;
-      for (int64_t k = 1; k <= g.R; ++k)
-        for (int64_t w = 0; w < Wo; ++w) {
-          const T* g1 = d1 + (k * Wo + w) * C;
-          const T* x0 = xb + S * k * XR + S * w * C;
-          for (int ti = 0; ti < 3; ++ti)
-            for (int tj = 0; tj < 3; ++tj) {
-              const T* xs = x0 + ti * XR + tj * C;
-              T* gw = dwb + (ti * 3 + tj) * C;
-              for (int64_t c = 0; c < C; ++c) gw[c] += g1[c] * xs[c];
-            }
-          for (int64_t c = 0; c < C; ++c) dbb[c] += g1[c];
-        }
+      dw_grad_tile(d1 + Wo * C, C, g.R, Wo, xb + S * XR, S * XR, S * C, XR, C, part + L.wb,
+                   part + L.bb);
       // dx rows [hs, he): gather from da (wa) and db1 (wb) at stride S
       const int64_t hs = S * g.r0, he = S * (g.r0 + g.R) < d.H ? S * (g.r0 + g.R) : d.H;
       for (int64_t h = hs; h < he; ++h)
         for (int64_t wi = 0; wi < W; ++wi) {
-          memset(acc, 0, sizeof(T) * C);
+          int n = 0;
           for (int ti = 0; ti < 3; ++ti) {
             const int64_t num = h + 1 - ti;
             if (num < 0 || num % S) continue;
@@ -1024,13 +1111,13 @@ void pass2_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
               if (nw < 0 || nw % S) continue;
               const int64_t w = nw / S;
               if (w >= Wo) continue;
-              const T* ga = sai + (q * Wo + w) * C;
-              const T* gb = d1 + ((q - q_lo) * Wo + w) * C;
-              const T* wa = wat + (ti * 3 + tj) * C;
-              const T* wb = wbt + (ti * 3 + tj) * C;
-              for (int64_t c = 0; c < C; ++c) acc[c] += wa[c] * ga[c] + wb[c] * gb[c];
+              tw[n] = wat + (ti * 3 + tj) * C;
+              ts[n++] = sai + (q * Wo + w) * C;
+              tw[n] = wbt + (ti * 3 + tj) * C;
+              ts[n++] = d1 + ((q - q_lo) * Wo + w) * C;
             }
           }
+          tap_sum(n, tw, ts, C, acc);
           if (d.channels_last) {
             T* o = dx + ((g.bi * d.H + h) * W + wi) * C;
             for (int64_t c = 0; c < C; ++c) o[c] += acc[c];
