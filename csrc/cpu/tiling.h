@@ -48,9 +48,16 @@ static inline Plan make_plan(const BlockDesc& d) {
   p.R = r;
   p.nbands = ceil_div(d.Ho, r);
   p.ntiles = d.B * p.nbands;
-  p.nchunks = p.ntiles < 64 ? p.ntiles : 64;
   p.npw = d.merge == kConcat ? 2 * d.N * (d.C + p.Cs) : d.N * p.Ktot;
   p.part = p.npw + d.Cout + 30 * d.C;
+  // Chunks: enough parallel tasks for a many-core machine, but the partial gradients they
+  // keep (nchunks x part, zeroed and summed every backward) capped near 2M elements. The
+  // count depends on the shape only, never on the thread count, so results are the same
+  // bits on any machine.
+  int64_t cap = (int64_t(1) << 21) / p.part;
+  if (cap < 8) cap = 8;
+  if (cap > 64) cap = 64;
+  p.nchunks = p.ntiles < cap ? p.ntiles : cap;
   return p;
 }
 
