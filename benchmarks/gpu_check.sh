@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [--fast]
 #   STAGES="install tests memcheck" bash benchmarks/gpu_check.sh OUTDIR   # a subset
+#   MSFUSED_COMMIT=<sha> ...   names the commit in the results (the device copy has no .git)
 #
 # Logs and results land in OUTDIR; the last lines printed are a summary table. Each stage
 # has its own time limit so that one slow stage cannot eat the others' time. --fast runs
@@ -43,7 +44,9 @@ stage() {  # stage NAME LIMIT_S CMD...: runs CMD with a time limit, logs to OUT/
 
 stage install 300 python3 -m pip install --no-build-isolation --no-deps -v -e .
 stage backends 60 python3 -m msfused.cli backends
-stage tests ${TESTS_LIMIT:-330} python3 -m pytest tests -q -p no:cacheprovider -n 8 --timeout 240 \
+# -v: every test's name and result reach the log as it runs, so a stage cut off by its
+# time limit still says which tests failed.
+stage tests ${TESTS_LIMIT:-330} python3 -m pytest tests -v -p no:cacheprovider -n 8 --timeout 240 \
   -o addopts="-ra" --junitxml="$OUT/tests.xml"
 stage memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
   python3 benchmarks/cuda_sanitize.py --small
@@ -62,6 +65,7 @@ for s in $ALL_STAGES; do
   [ -n "${STATUS[$s]:-}" ] && printf '%-12s %-14s %5ss\n' "$s" "${STATUS[$s]}" "${TIMES[$s]}"
 done
 grep -h "passed\|failed" "$OUT/tests.log" 2>/dev/null | tail -n 1
+grep -hE "(FAILED|ERROR) tests/" "$OUT/tests.log" 2>/dev/null | sed 's/ - .*//' | sort -u | head -n 40
 grep -h -A8 "geometric mean" "$OUT"/bench-*.log 2>/dev/null
 fail=0
 for s in "${!STATUS[@]}"; do [ "${STATUS[$s]}" = ok ] || fail=1; done

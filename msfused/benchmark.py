@@ -231,6 +231,9 @@ def bench_shape(shape: Shape, device: str, dtype: torch.dtype, backends: List[st
 
 
 def git_commit() -> str:
+    """The commit measured: MSFUSED_COMMIT if set (a copy of the tree without .git), else git."""
+    if os.environ.get("MSFUSED_COMMIT"):
+        return os.environ["MSFUSED_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                              capture_output=True, text=True, timeout=10)
