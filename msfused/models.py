@@ -22,8 +22,11 @@ Choices where the paper is silent (a careful reproduction, the same for every mo
 - Normalisation: none. The paper lists no batch normalisation; the TensorFlow CIFAR-10
   tutorial model whose FC 384 / FC 192 head Table 1 copies has none either.
 - Dropout: 0.5 on the FC 384 and FC 192 outputs (small training sets, large FC layers).
-- Initialisation: PyTorch's defaults (nn.Conv2d / nn.Linear, Kaiming-uniform), which is
-  also the block's default (SPEC section 2).
+- Initialisation: He (Kaiming-normal, fan-in, ReLU gain) for every convolution and linear
+  weight, zero biases, applied by the network after construction (the block alone keeps
+  nn.Conv2d's default, SPEC section 2). Measured here: with PyTorch's default
+  (variance 1/(3 fan_in)) the signal shrinks ~6x per layer and the ms2 MNIST network was
+  still at 47% test accuracy after 60 iterations, against 90-92% with He init.
 - Convolutions keep the spatial size (padding "same", stride 1); only pooling halves it.
 - Optimiser, learning rate, augmentation: see msfused/train.py.
 """
@@ -130,6 +133,15 @@ class PaperNet(nn.Module):
             nn.Linear(c * s * s, 384), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(384, 192), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(192, num_classes))
+
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x):
         return self.classifier(self.features(x))
