@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def format_table(results: List[Dict]) -> str:
+    results = sorted(results, key=lambda r: ORDER.index(r["model"]))   # the paper's order
     r0 = results[0]
     head = (f"Test accuracy on {r0['dataset']} after {r0['iters']} iterations, batch "
             f"{r0['batch_size']} ({r0['test_images']} test images)")
@@ -49,7 +50,7 @@ def save_plot(results: List[Dict], path: str) -> bool:
               "(pip install matplotlib; the table and JSON are complete).", file=sys.stderr)
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
+    for r in sorted(results, key=lambda r: ORDER.index(r["model"])):
         its = [h[0] for h in r["history"]]
         acc = [100 * h[1] for h in r["history"]]
         ax.plot(its, acc, marker="o", ms=3, label=NAMES[r["model"]])
