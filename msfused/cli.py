@@ -1,4 +1,6 @@
-"""The `msfused` command: `msfused bench` (the benchmark harness), `msfused backends`."""
+"""The `msfused` command: `msfused bench` (the benchmark harness), `msfused backends`,
+`msfused train` (one of the paper's networks on one data set), `msfused compare` (all five
+models on one data set, the paper's Tables 3-6 and Figs. 5-8), `msfused params`."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +20,22 @@ def _bench(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from . import train
+    return train.run(args)
+
+
+def _compare(args) -> int:
+    from . import compare
+    return compare.run(args)
+
+
+def _params(_args) -> int:
+    from . import models
+    models.print_parameter_counts()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import benchmark
     p = argparse.ArgumentParser(prog="msfused", description=__doc__)
@@ -27,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench)
     s = sub.add_parser("backends", help="which backends are usable here, and why not")
     s.set_defaults(func=_backends)
+    from . import compare, train
+    t = sub.add_parser("train", help="train one of the paper's networks on one data set")
+    train.add_arguments(t)
+    t.set_defaults(func=_train)
+    c = sub.add_parser("compare", help="train all five models on one data set: the "
+                       "paper's accuracy/parameter table and accuracy-vs-iterations plot")
+    compare.add_arguments(c)
+    c.set_defaults(func=_compare)
+    m = sub.add_parser("params", help="Table 2 and every network's parameter count")
+    m.set_defaults(func=_params)
     return p
 
 
