@@ -40,7 +40,6 @@ OPCHECK_CASES = list(itertools.product(("concat", "add"), ("relu", "silu", "none
                                        (False, True)))
 
 
-@pytest.mark.parametrize("merge,act,stride,channels_last", OPCHECK_CASES)
 # Under TRITON_INTERPRET=1 one opcheck of the triton ops takes ~30 s on 2 cores; these
 # cases (both merges, strides, layouts, a saved-output and a saved-pre-activation
 # activation) run there, the full list runs wherever the kernels are compiled (GPU).
@@ -48,6 +47,7 @@ INTERPRETER_OPCHECK = {("concat", "relu", 2, True), ("add", "silu", 1, False),
                        ("add", "none", 2, False)}
 
 
+@pytest.mark.parametrize("merge,act,stride,channels_last", OPCHECK_CASES)
 def test_opcheck(fused_backend, merge, act, stride, channels_last):
     b = get_backend(fused_backend)
     if (backend_device(fused_backend) == "cpu" and fused_backend == "triton"
