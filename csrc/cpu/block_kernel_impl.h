@@ -315,36 +315,29 @@ void tile_pointwise(const Runtime& rt, const BlockDesc& d, const Plan& pl, const
   }
 }
 
-// Epilogue of a tile of y (already holding the pointwise/projection sum): output bias,
-// identity residual (x has y's shape and layout then), activation; pre gets z if asked.
+// Epilogue of a tile: z = (pointwise/projection sum) + output bias (+ identity residual,
+// x having y's shape and layout then); y = act(z), pre = z if asked. The sum is read at
+// src[p * sp + co * sc]: the tile of y itself (planar path, in place) or a pixel-major
+// buffer (pixel-major path).
 template <typename T, int ACT>
-void epilogue(const BlockDesc& d, T* ytile, const T* xres, T* ptile, const T* bias, int64_t P) {
+void epilogue(const BlockDesc& d, const T* src, int64_t sp, int64_t sc, T* ytile,
+              const T* xres, T* ptile, const T* bias, int64_t P) {
   const int64_t HoWo = d.Ho * d.Wo, Cout = d.Cout;
-  if (d.channels_last) {
-    for (int64_t p = 0; p < P; ++p) {
-      T* yr = ytile + p * Cout;
-      const T* xr = xres ? xres + p * Cout : nullptr;
-      T* pr = ptile ? ptile + p * Cout : nullptr;
-      for (int64_t co = 0; co < Cout; ++co) {
-        T z = yr[co] + bias[co];
-        if (xr) z += xr[co];
-        if (pr) pr[co] = z;
-        yr[co] = act_f<ACT>(z);
-      }
-    }
+  // y's own strides for pixel p, channel co
+  const int64_t yp = d.channels_last ? Cout : 1, yc = d.channels_last ? 1 : HoWo;
+  auto one = [&](int64_t p, int64_t co) {
+    T z = src[p * sp + co * sc] + bias[co];
+    const int64_t o = p * yp + co * yc;
+    if (xres) z += xres[o];
+    if (ptile) ptile[o] = z;
+    ytile[o] = act_f<ACT>(z);
+  };
+  if (d.channels_last) {  // loop order follows y's memory order
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t co = 0; co < Cout; ++co) one(p, co);
   } else {
-    for (int64_t co = 0; co < Cout; ++co) {
-      T* yr = ytile + co * HoWo;
-      const T* xr = xres ? xres + co * HoWo : nullptr;
-      T* pr = ptile ? ptile + co * HoWo : nullptr;
-      const T bco = bias[co];
-      for (int64_t p = 0; p < P; ++p) {
-        T z = yr[p] + bco;
-        if (xr) z += xr[p];
-        if (pr) pr[p] = z;
-        yr[p] = act_f<ACT>(z);
-      }
-    }
+    for (int64_t co = 0; co < Cout; ++co)
+      for (int64_t p = 0; p < P; ++p) one(p, co);
   }
 }
 
@@ -413,7 +406,8 @@ void forward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& 
       const int64_t ldy = d.channels_last ? d.Cout : HoWo;
       T* ytile = y + off;
       tile_pointwise(rt, d, pl, wp.p, A.p, g.P, ytile, ldy);
-      epilogue<T, ACT>(d, ytile, identity ? t.x + off : nullptr, pre_out ? pre_out + off : nullptr,
+      epilogue<T, ACT>(d, ytile, d.channels_last ? d.Cout : 1, d.channels_last ? 1 : HoWo, ytile,
+                       identity ? t.x + off : nullptr, pre_out ? pre_out + off : nullptr,
                        bias.p, g.P);
     }
   };
@@ -814,40 +808,6 @@ void tile_pointwise_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, co
   }
 }
 
-// The epilogue from a pixel-major tile buffer to y in its layout.
-template <typename T, int ACT>
-void epilogue_pm(const BlockDesc& d, const T* ybuf, T* ytile, const T* xres, T* ptile,
-                 const T* bias, int64_t P) {
-  const int64_t HoWo = d.Ho * d.Wo, Cout = d.Cout;
-  if (d.channels_last) {
-    for (int64_t p = 0; p < P; ++p) {
-      const T* yb = ybuf + p * Cout;
-      T* yr = ytile + p * Cout;
-      const T* xr = xres ? xres + p * Cout : nullptr;
-      T* pr = ptile ? ptile + p * Cout : nullptr;
-      for (int64_t co = 0; co < Cout; ++co) {
-        T z = yb[co] + bias[co];
-        if (xr) z += xr[co];
-        if (pr) pr[co] = z;
-        yr[co] = act_f<ACT>(z);
-      }
-    }
-  } else {
-    for (int64_t co = 0; co < Cout; ++co) {
-      T* yr = ytile + co * HoWo;
-      const T* xr = xres ? xres + co * HoWo : nullptr;
-      T* pr = ptile ? ptile + co * HoWo : nullptr;
-      const T bco = bias[co];
-      for (int64_t p = 0; p < P; ++p) {
-        T z = ybuf[p * Cout + co] + bco;
-        if (xr) z += xr[p];
-        if (pr) pr[p] = z;
-        yr[p] = act_f<ACT>(z);
-      }
-    }
-  }
-}
-
 // Transposed packed pointwise weights for the forward: add [Pa | Ws | Pb]^T (Ktot x N);
 // concat W1^T then W2^T (each (C + Cs) x N).
 template <typename T>
@@ -882,7 +842,7 @@ void forward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Blo
     tile_pointwise_pm(rt, d, pl, wT.p, A, g.P, ybuf);
     const int64_t off = d.channels_last ? (g.bi * HoWo + g.r0 * d.Wo) * d.Cout
                                         : g.bi * d.Cout * HoWo + g.r0 * d.Wo;
-    epilogue_pm<T, ACT>(d, ybuf, y + off, identity ? t.x + off : nullptr,
+    epilogue<T, ACT>(d, ybuf, d.Cout, 1, y + off, identity ? t.x + off : nullptr,
                         pre_out ? pre_out + off : nullptr, bias, g.P);
   };
   par_for(rt, pl.ntiles, task);
