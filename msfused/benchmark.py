@@ -294,7 +294,16 @@ def run(args) -> dict:
     backends = [b for b in (args.backends.split(",") if args.backends else avail)
                 if b != "reference" and avail[b].available and device in avail[b].device_types
                 and dtype in msfused.backends.get_backend(b).dtypes]
-    shapes = [s for group in args.shapes.split(",") for s in SHAPES[group]]
+    by_name = {s.name: s for group in SHAPES.values() for s in group}
+    shapes = []
+    for key in args.shapes.split(","):
+        if key in SHAPES:
+            shapes += SHAPES[key]
+        elif key in by_name:
+            shapes.append(by_name[key])
+        else:
+            raise SystemExit(f"msfused bench: --shapes: unknown group or shape {key!r} "
+                             f"(groups {sorted(SHAPES)}, shapes {sorted(by_name)})")
     if args.quick:  # a smoke run: smaller batches, no compile
         shapes = [Shape(s.name, max(1, s.batch // 16), s.c, s.n, s.h, s.w, s.merge, s.stride)
                   for s in shapes]
@@ -333,7 +342,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32",
                    choices=["float32", "float64", "float16", "bfloat16"])
     p.add_argument("--shapes", default="paper,mobilenet",
-                   help="comma-separated groups: paper, mobilenet")
+                   help="comma-separated groups (paper, mobilenet) or shape names (e.g. mnet-14)")
     p.add_argument("--backends", default="",
                    help="comma-separated fused backends (default: every available one)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
