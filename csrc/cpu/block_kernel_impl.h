@@ -95,6 +95,62 @@ inline T act_d(T post, T pre) {
   return T(1);
 }
 
+// relu / relu6 on a vector (NaN propagates: comparisons with NaN are false); other
+// activations are applied by the scalar act_f.
+template <int ACT, typename T>
+inline typename Vec<T>::type act_v(typename Vec<T>::type v) {
+  typedef typename Vec<T>::type V;
+  const V z{};
+  if (ACT == kActRelu) return v < z ? z : v;
+  if (ACT == kActRelu6) {
+    const V six = z + T(6);
+    return v < z ? z : (v > six ? six : v);
+  }
+  return v;
+}
+
+// Stores one pixel's channel vector: pre (if asked) gets z, post gets act(z).
+template <int ACT, typename V, typename T>
+inline void dw_store(V z, T* post, T* pre) {
+  if (pre) vstore(pre, z);
+  vstore(post, act_v<ACT, T>(z));
+  if (ACT == kActSilu)
+    for (int j = 0; j < Vec<T>::n; ++j) post[j] = act_f<ACT>(post[j]);
+}
+
+// out[i] = g[i] * act'(i) for n elements (out may be g). relu and relu6 use PyTorch's select
+// form (threshold_backward / hardtanh_backward: the gradient where the unit is active, else
+// 0), branch-free and vectorised: the masks are data-dependent, so a branch mispredicts.
+// post and pre are the activation's output and input (pre is read for silu only; neither
+// for none).
+template <int ACT, typename T>
+inline void act_grad(const T* g, const T* post, const T* pre, T* out, int64_t n) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  if (ACT == kActNone) {
+    if (out != g) memcpy(out, g, sizeof(T) * n);
+    return;
+  }
+  if (ACT == kActSilu) {
+    for (int64_t i = 0; i < n; ++i) out[i] = g[i] * act_d<ACT>(post[i], pre[i]);
+    return;
+  }
+  const V z{};
+  const V six = z + T(6);
+  int64_t i = 0;
+  for (; i + VN <= n; i += VN) {
+    const V gv = vload(g + i), pv = vload(post + i);
+    if (ACT == kActRelu)
+      vstore(out + i, pv > z ? gv : z);
+    else
+      vstore(out + i, (pv > z) & (pv < six) ? gv : z);
+  }
+  for (; i < n; ++i) {
+    const bool on = ACT == kActRelu ? post[i] > T(0) : (post[i] > T(0) && post[i] < T(6));
+    out[i] = on ? g[i] : T(0);
+  }
+}
+
 template <typename T>
 inline void gemm(const Runtime& rt, char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha,
                  const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
@@ -332,7 +388,23 @@ void epilogue(const BlockDesc& d, const T* src, int64_t sp, int64_t sc, T* ytile
     if (ptile) ptile[o] = z;
     ytile[o] = act_f<ACT>(z);
   };
-  if (d.channels_last) {  // loop order follows y's memory order
+  if (d.channels_last && sp == Cout && sc == 1) {  // everything P x Cout: channel vectors
+    typedef typename Vec<T>::type V;
+    constexpr int VN = Vec<T>::n;
+    for (int64_t p = 0; p < P; ++p) {
+      const T* sr = src + p * Cout;
+      T* yr = ytile + p * Cout;
+      const T* xr = xres ? xres + p * Cout : nullptr;
+      T* pr = ptile ? ptile + p * Cout : nullptr;
+      int64_t co = 0;
+      for (; co + VN <= Cout; co += VN) {
+        V z = vload(sr + co) + vload(bias + co);
+        if (xr) z += vload(xr + co);
+        dw_store<ACT>(z, yr + co, pr ? pr + co : nullptr);
+      }
+      for (; co < Cout; ++co) one(p, co);
+    }
+  } else if (d.channels_last) {  // loop order follows y's memory order
     for (int64_t p = 0; p < P; ++p)
       for (int64_t co = 0; co < Cout; ++co) one(p, co);
   } else {
@@ -353,10 +425,7 @@ void tile_gz(const BlockDesc& d, const T* gy, const T* saved, int64_t off, int64
       const T* gr = gy + off + p * Cout;
       const T* sr = ACT == kActNone ? nullptr : saved + off + p * Cout;
       T* o = G + p * Cout;
-      for (int64_t co = 0; co < Cout; ++co) {
-        const T sv = ACT == kActNone ? T(0) : sr[co];
-        o[co] = gr[co] * act_d<ACT>(sv, sv);
-      }
+      act_grad<ACT>(gr, sr, sr, o, Cout);
       for (int64_t co = 0; co < Cout; ++co) dbias[co] += o[co];
       if (identity) memcpy(dx + off + p * Cout, o, sizeof(T) * Cout);
     }
@@ -365,12 +434,9 @@ void tile_gz(const BlockDesc& d, const T* gy, const T* saved, int64_t off, int64
       const T* gr = gy + off + co * HoWo;
       const T* sr = ACT == kActNone ? nullptr : saved + off + co * HoWo;
       T* o = G + co * P;
+      act_grad<ACT>(gr, sr, sr, o, P);
       T s = T(0);
-      for (int64_t p = 0; p < P; ++p) {
-        const T sv = ACT == kActNone ? T(0) : sr[p];
-        o[p] = gr[p] * act_d<ACT>(sv, sv);
-        s += o[p];
-      }
+      for (int64_t p = 0; p < P; ++p) s += o[p];
       dbias[co] += s;
       if (identity) memcpy(dx + off + co * HoWo, o, sizeof(T) * P);
     }
@@ -496,8 +562,8 @@ void backward_pass1(const Runtime& rt, const BlockDesc& d, const Plan& pl,
         const T* b = A.p + (pl.Ktot - C + c) * P;
         const T* pa = silu ? preA.p + c * P : a;
         const T* pb = silu ? preA.p + (pl.Ktot - C + c) * P : b;
-        for (int64_t p = 0; p < P; ++p) da[p] *= act_d<ACT>(a[p], pa[p]);
-        for (int64_t p = 0; p < P; ++p) db[p] *= act_d<ACT>(b[p], pb[p]);
+        act_grad<ACT>(da, a, pa, da, P);
+        act_grad<ACT>(db, b, pb, db, P);
         T* sa = SA + (g.bi * C + c) * HoWo + g.r0 * Wo;
         T* sb = SB + (g.bi * C + c) * HoWo + g.r0 * Wo;
         memcpy(sa, da, sizeof(T) * P);
@@ -586,7 +652,7 @@ void backward_pass2(const Runtime& rt, const BlockDesc& d, const Plan& pl,
           }
           dw_row<S>(xbuf.p + S * k * XW, XW, wb, bb, Wo, b1pre.p);
           act_row<ACT>(b1pre.p, b1post.p, Wo);
-          for (int64_t w = 0; w < Wo; ++w) row[w] *= act_d<ACT>(b1post.p[w], b1pre.p[w]);
+          act_grad<ACT>(row, b1post.p, b1pre.p, row, Wo);
         }
         // dwb, dbb over the rows this tile owns (k = 1 .. R)
         for (int ti = 0; ti < 3; ++ti)
@@ -703,41 +769,88 @@ void load_x_band_pm(const BlockDesc& d, const T* x, int64_t bi, int64_t hb, int6
   }
 }
 
-// One 3x3 depthwise output pixel over all channels: z = bias + sum of taps, where tap
-// (ti, tj) is at p0 + ti * rs + tj * cs; post = act(z), pre = z when asked. Blocks of VB
-// channels keep the accumulators in registers across the nine taps.
-template <int ACT, typename T>
-inline void dw_px(const T* p0, int64_t rs, int64_t cs, int64_t C, const T* wt, const T* bias,
-                  T* post, T* pre) {
+// One input row of a 3x3 depthwise conv feeding four neighbouring output pixels: pixel k
+// takes tap column tj from input column S * k + tj at r + column * C. Each input vector is
+// loaded once and used by every sum it feeds, in tap order (tj = 0, 1, 2) for each sum.
+template <int S, typename V, typename T>
+inline void dw_taps4(const T* r, int64_t C, V k0, V k1, V k2, V& a0, V& a1, V& a2, V& a3) {
+  V x;
+  if (S == 1) {
+    x = vload(r);         a0 += k0 * x;
+    x = vload(r + C);     a0 += k1 * x; a1 += k0 * x;
+    x = vload(r + 2 * C); a0 += k2 * x; a1 += k1 * x; a2 += k0 * x;
+    x = vload(r + 3 * C); a1 += k2 * x; a2 += k1 * x; a3 += k0 * x;
+    x = vload(r + 4 * C); a2 += k2 * x; a3 += k1 * x;
+    x = vload(r + 5 * C); a3 += k2 * x;
+  } else {
+    x = vload(r);         a0 += k0 * x;
+    x = vload(r + C);     a0 += k1 * x;
+    x = vload(r + 2 * C); a0 += k2 * x; a1 += k0 * x;
+    x = vload(r + 3 * C); a1 += k1 * x;
+    x = vload(r + 4 * C); a1 += k2 * x; a2 += k0 * x;
+    x = vload(r + 5 * C); a2 += k1 * x;
+    x = vload(r + 6 * C); a2 += k2 * x; a3 += k0 * x;
+    x = vload(r + 7 * C); a3 += k1 * x;
+    x = vload(r + 8 * C); a3 += k2 * x;
+  }
+}
+
+// One output row of a 3x3 depthwise conv over all channels, pixel-major: output column w
+// takes tap (ti, tj) from in[ti * rs + (S * w + tj) * C + c]; post[w * ps + c] = act(z) and,
+// when pre is given, pre[w * ps + c] = z, z = bias + the nine taps in row-major tap order.
+// Register blocks of 4 pixels x one vector of channels keep the nine weights and four sums
+// in registers, so an input vector loaded once serves up to three sums (one per pixel in
+// the per-pixel form, with a weight load beside every input load).
+template <int S, int ACT, typename T>
+void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, const T* bias,
+               T* post, T* pre, int64_t ps) {
   typedef typename Vec<T>::type V;
-  constexpr int VN = Vec<T>::n, VB = 2 * VN;
+  constexpr int VN = Vec<T>::n;
   int64_t c0 = 0;
-  for (; c0 + VB <= C; c0 += VB) {
-    V a0 = bias ? vload(bias + c0) : V{};
-    V a1 = bias ? vload(bias + c0 + VN) : V{};
-    for (int ti = 0; ti < 3; ++ti)
-      for (int tj = 0; tj < 3; ++tj) {
-        const T* src = p0 + ti * rs + tj * cs + c0;
-        const T* w = wt + (ti * 3 + tj) * C + c0;
-        a0 += vload(w) * vload(src);
-        a1 += vload(w + VN) * vload(src + VN);
-      }
-    if (pre) {
-      vstore(pre + c0, a0);
-      vstore(pre + c0 + VN, a1);
+  for (; c0 + VN <= C; c0 += VN) {
+    const V w0 = vload(wt + c0), w1 = vload(wt + C + c0), w2 = vload(wt + 2 * C + c0);
+    const V w3 = vload(wt + 3 * C + c0), w4 = vload(wt + 4 * C + c0), w5 = vload(wt + 5 * C + c0);
+    const V w6 = vload(wt + 6 * C + c0), w7 = vload(wt + 7 * C + c0), w8 = vload(wt + 8 * C + c0);
+    const V bv = bias ? vload(bias + c0) : V{};
+    const T* ic = in + c0;
+    int64_t w = 0;
+    for (; w + 4 <= Wo; w += 4) {
+      V a0 = bv, a1 = bv, a2 = bv, a3 = bv;
+      const T* r = ic + S * w * C;
+      dw_taps4<S>(r, C, w0, w1, w2, a0, a1, a2, a3);
+      dw_taps4<S>(r + rs, C, w3, w4, w5, a0, a1, a2, a3);
+      dw_taps4<S>(r + 2 * rs, C, w6, w7, w8, a0, a1, a2, a3);
+      T* po = post + w * ps + c0;
+      T* pr = pre ? pre + w * ps + c0 : nullptr;
+      dw_store<ACT>(a0, po, pr);
+      dw_store<ACT>(a1, po + ps, pr ? pr + ps : nullptr);
+      dw_store<ACT>(a2, po + 2 * ps, pr ? pr + 2 * ps : nullptr);
+      dw_store<ACT>(a3, po + 3 * ps, pr ? pr + 3 * ps : nullptr);
     }
-    vstore(post + c0, a0);
-    vstore(post + c0 + VN, a1);
-    if (ACT != kActNone)
-      for (int j = 0; j < VB; ++j) post[c0 + j] = act_f<ACT>(post[c0 + j]);
+    for (; w < Wo; ++w) {
+      const T* r = ic + S * w * C;
+      V a = bv;
+      a += w0 * vload(r);
+      a += w1 * vload(r + C);
+      a += w2 * vload(r + 2 * C);
+      a += w3 * vload(r + rs);
+      a += w4 * vload(r + rs + C);
+      a += w5 * vload(r + rs + 2 * C);
+      a += w6 * vload(r + 2 * rs);
+      a += w7 * vload(r + 2 * rs + C);
+      a += w8 * vload(r + 2 * rs + 2 * C);
+      dw_store<ACT>(a, post + w * ps + c0, pre ? pre + w * ps + c0 : nullptr);
+    }
   }
-  for (; c0 < C; ++c0) {
-    T acc = bias ? bias[c0] : T(0);
-    for (int ti = 0; ti < 3; ++ti)
-      for (int tj = 0; tj < 3; ++tj) acc += wt[(ti * 3 + tj) * C + c0] * p0[ti * rs + tj * cs + c0];
-    if (pre) pre[c0] = acc;
-    post[c0] = act_f<ACT>(acc);
-  }
+  for (; c0 < C; ++c0)
+    for (int64_t w = 0; w < Wo; ++w) {
+      const T* p0 = in + S * w * C + c0;
+      T acc = bias ? bias[c0] : T(0);
+      for (int ti = 0; ti < 3; ++ti)
+        for (int tj = 0; tj < 3; ++tj) acc += wt[(ti * 3 + tj) * C + c0] * p0[ti * rs + tj * C];
+      if (pre) pre[w * ps + c0] = acc;
+      post[w * ps + c0] = act_f<ACT>(acc);
+    }
 }
 
 // Depthwise weights tap-major: wt[(k * 9 + tap) * C + c] for k = a, b, c.
@@ -779,19 +892,18 @@ void tile_dw_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, co
     }
     memset(brow, 0, sizeof(T) * C);
     memset(brow + (Wo + 1) * C, 0, sizeof(T) * C);
-    for (int64_t w = 0; w < Wo; ++w)
-      dw_px<ACT, T>(xb + S * k * XR + S * w * C, XR, C, C, wbt, t.bb, brow + (w + 1) * C, nullptr);
+    dw_row_pm<S, ACT>(xb + S * k * XR, XR, C, Wo, wbt, t.bb, brow + C, (T*)nullptr, C);
   }
-  for (int64_t i = 0; i < g.R; ++i)
-    for (int64_t w = 0; w < Wo; ++w) {
-      const int64_t p = i * Wo + w;
-      T* arow = A + p * K;
-      dw_px<ACT, T>(xb + S * (i + 1) * XR + S * w * C, XR, C, C, wat, t.ba, arow,
-                 pre_ab ? pre_ab + p * K : nullptr);
-      if (pl.Cs) memcpy(arow + C, xb + (S * (i + 1) + 1) * XR + (S * w + 1) * C, sizeof(T) * C);
-      dw_px<ACT, T>(b1b + i * BR + w * C, BR, C, C, wct, t.bc, arow + K - C,
-                 pre_ab ? pre_ab + p * K + K - C : nullptr);
-    }
+  for (int64_t i = 0; i < g.R; ++i) {
+    T* arow = A + i * Wo * K;
+    T* prow = pre_ab ? pre_ab + i * Wo * K : nullptr;
+    dw_row_pm<S, ACT>(xb + S * (i + 1) * XR, XR, C, Wo, wat, t.ba, arow, prow, K);
+    if (pl.Cs)
+      for (int64_t w = 0; w < Wo; ++w)
+        memcpy(arow + w * K + C, xb + (S * (i + 1) + 1) * XR + (S * w + 1) * C, sizeof(T) * C);
+    dw_row_pm<1, ACT>(b1b + i * BR, BR, C, Wo, wct, t.bc, arow + K - C,
+                      prow ? prow + K - C : nullptr, K);
+  }
 }
 
 // Ybuf (P x Cout) = A W^T, with W^T packed (K x N) per half.
@@ -979,8 +1091,8 @@ void pass1_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
           const T* b = a + K - C;
           const T* pa = silu ? preAB + p * K : a;
           const T* pb = silu ? preAB + p * K + K - C : b;
-          for (int64_t c = 0; c < C; ++c) da[c] *= act_d<ACT>(a[c], pa[c]);
-          for (int64_t c = 0; c < C; ++c) db[c] *= act_d<ACT>(b[c], pb[c]);
+          act_grad<ACT>(da, a, pa, da, C);
+          act_grad<ACT>(db, b, pb, db, C);
           const int64_t spix = (g.bi * d.Ho + g.r0 + i) * Wo + w;
           memcpy(SA + spix * C, da, sizeof(T) * C);
           memcpy(SB + spix * C, db, sizeof(T) * C);
@@ -1017,8 +1129,8 @@ void pass2_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
     T* part = parts + chunk * pl.part;
     T* xb = tls_buf<T>(1, (S * (pl.R + 1) + 3) * XR);
     T* d1 = tls_buf<T>(2, (pl.R + 2) * Wo * C);
-    T* pre = tls_buf<T>(3, C);
-    T* post = tls_buf<T>(4, C);
+    T* pre = tls_buf<T>(3, Wo * C);
+    T* post = tls_buf<T>(4, Wo * C);
     T* acc = tls_buf<T>(5, C);
     for (int64_t tile = t0; tile < t1; ++tile) {
       const TileGeom g = tile_geom(d, pl, tile);
@@ -1031,6 +1143,10 @@ void pass2_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
       const T* ts[18];
       for (int64_t k = 0; k < g.R + 2; ++k) {
         const int64_t q = q_lo + k;
+        // b1 (and its pre-activation for silu) recomputed for this row
+        if (ACT != kActNone && q >= 0 && q < Ho)
+          dw_row_pm<S, ACT>(xb + S * k * XR, XR, C, Wo, wbt, t.bb, post,
+                            ACT == kActSilu ? pre : nullptr, C);
         for (int64_t w = 0; w < Wo; ++w) {
           T* o = d1 + (k * Wo + w) * C;
           if (q < 0 || q >= Ho) {
@@ -1049,8 +1165,7 @@ void pass2_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
             }
           }
           tap_sum(n, tw, ts, C, o);
-          dw_px<ACT, T>(xb + S * k * XR + S * w * C, XR, C, C, wbt, t.bb, post, pre);
-          for (int64_t c = 0; c < C; ++c) o[c] *= act_d<ACT>(post[c], pre[c]);
+          act_grad<ACT>(o, post + w * C, pre + w * C, o, C);
         }
       }
       // dwb, dbb over owned rows k = 1..R (tap-major)
