@@ -106,6 +106,19 @@ def test_batch_larger_than_one_tile(backend):
                  batch=3)
 
 
+def test_image_by_image_batches(backend):
+    """Four or more images with eight or more channels: the CPU backward's per-image plan
+    (several bands per image), both strides, channel counts that leave a vector remainder."""
+    _compare_all(backend, 13, 5, 9, 7, merge="concat", act="relu", residual=True, stride=1,
+                 batch=5, channels_last=True)
+    _compare_all(backend, 10, 6, 9, 7, merge="add", act="silu", residual=True, stride=2,
+                 batch=4)
+    _compare_all(backend, 10, 10, 6, 11, merge="add", act="relu6", residual=True, stride=1,
+                 batch=4)
+    _compare_all(backend, 9, 4, 5, 5, merge="concat", act="none", residual=False, stride=2,
+                 batch=4, channels_last=True)
+
+
 def test_output_keeps_memory_format(backend):
     dev = backend_device(backend)
     m = make_block(8, 4, backend=backend, device=dev)

@@ -217,7 +217,12 @@ std::vector<at::Tensor> block_backward_cpu(
 
 int64_t backward_scratch_elems(const BlockDesc& d) {
   const Plan pl = make_plan(d);
-  return 2 * d.B * d.C * d.Ho * d.Wo + pl.nchunks * pl.part;
+  // pixel-major: the branch gradients are kept zero-padded, [B][Ho + 2][Wo + 2][C]
+  // (none with the per-image plan: one image's worth per thread, thread-local)
+  const int64_t per = pl.per_image     ? 0
+                      : pl.pixel_major ? d.B * d.C * (d.Ho + 2) * (d.Wo + 2)
+                                       : d.B * d.C * d.Ho * d.Wo;
+  return 2 * per + pl.nchunks * pl.part;
 }
 
 }  // namespace cpu

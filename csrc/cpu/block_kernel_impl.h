@@ -716,8 +716,8 @@ template <typename T>
 T* tls_buf(int slot, int64_t n) {
   // Per-thread scratch, grown on demand and kept for the thread's lifetime (bounded by the
   // largest tile seen), so the hot path never allocates.
-  static thread_local void* ptr[8] = {nullptr};
-  static thread_local int64_t cap[8] = {0};
+  static thread_local void* ptr[16] = {nullptr};
+  static thread_local int64_t cap[16] = {0};
   const int64_t bytes = sizeof(T) * (n > 0 ? n : 1);
   if (cap[slot] < bytes) {
     free(ptr[slot]);
@@ -801,9 +801,10 @@ inline void dw_taps4(const T* r, int64_t C, V k0, V k1, V k2, V& a0, V& a1, V& a
 // Register blocks of 4 pixels x one vector of channels keep the nine weights and four sums
 // in registers, so an input vector loaded once serves up to three sums (one per pixel in
 // the per-pixel form, with a weight load beside every input load).
+// When init is given, sums start from init[w * ps + c] instead of the bias (init may be post).
 template <int S, int ACT, typename T>
 void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, const T* bias,
-               T* post, T* pre, int64_t ps) {
+               T* post, T* pre, int64_t ps, const T* init = nullptr) {
   typedef typename Vec<T>::type V;
   constexpr int VN = Vec<T>::n;
   int64_t c0 = 0;
@@ -816,6 +817,13 @@ void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, cons
     int64_t w = 0;
     for (; w + 4 <= Wo; w += 4) {
       V a0 = bv, a1 = bv, a2 = bv, a3 = bv;
+      if (init) {
+        const T* ip = init + w * ps + c0;
+        a0 = vload(ip);
+        a1 = vload(ip + ps);
+        a2 = vload(ip + 2 * ps);
+        a3 = vload(ip + 3 * ps);
+      }
       const T* r = ic + S * w * C;
       dw_taps4<S>(r, C, w0, w1, w2, a0, a1, a2, a3);
       dw_taps4<S>(r + rs, C, w3, w4, w5, a0, a1, a2, a3);
@@ -829,7 +837,7 @@ void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, cons
     }
     for (; w < Wo; ++w) {
       const T* r = ic + S * w * C;
-      V a = bv;
+      V a = init ? vload(init + w * ps + c0) : bv;
       a += w0 * vload(r);
       a += w1 * vload(r + C);
       a += w2 * vload(r + 2 * C);
@@ -845,7 +853,7 @@ void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, cons
   for (; c0 < C; ++c0)
     for (int64_t w = 0; w < Wo; ++w) {
       const T* p0 = in + S * w * C + c0;
-      T acc = bias ? bias[c0] : T(0);
+      T acc = init ? init[w * ps + c0] : (bias ? bias[c0] : T(0));
       for (int ti = 0; ti < 3; ++ti)
         for (int tj = 0; tj < 3; ++tj) acc += wt[(ti * 3 + tj) * C + c0] * p0[ti * rs + tj * C];
       if (pre) pre[w * ps + c0] = acc;
@@ -965,11 +973,11 @@ void forward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Blo
 // Depthwise weight/bias gradient of one tile, register-blocked: for each tap,
 //   part[tap * C + c] += sum over the tile's pixels of g[p][c] * src_tap(p)[c],
 //   bpart[c] += sum of g[p][c].
-// Pixel (i, w) has g at g0 + (i * Wo + w) * gs and tap (ti, tj) at
+// Pixel (i, w) has g at g0 + i * grs + w * gs and tap (ti, tj) at
 // x0 + i * xrs + w * xcs + ti * trs + tj * C. Blocks of VB channels keep nine tap sums in
 // registers across all pixels, so every multiply-add costs one load.
 template <typename T>
-void dw_grad_tile(const T* g0, int64_t gs, int64_t R, int64_t Wo, const T* x0, int64_t xrs,
+void dw_grad_tile(const T* g0, int64_t grs, int64_t gs, int64_t R, int64_t Wo, const T* x0, int64_t xrs,
                   int64_t xcs, int64_t trs, int64_t C, T* part, T* bpart) {
   typedef typename Vec<T>::type V;
   constexpr int VB = Vec<T>::n;
@@ -978,7 +986,7 @@ void dw_grad_tile(const T* g0, int64_t gs, int64_t R, int64_t Wo, const T* x0, i
     V a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{}, a8{}, ab{};
     for (int64_t i = 0; i < R; ++i)
       for (int64_t w = 0; w < Wo; ++w) {
-        const V g = vload(g0 + (i * Wo + w) * gs + c0);
+        const V g = vload(g0 + i * grs + w * gs + c0);
         const T* xp = x0 + i * xrs + w * xcs + c0;
         ab += g;
         a0 += g * vload(xp);
@@ -1000,7 +1008,7 @@ void dw_grad_tile(const T* g0, int64_t gs, int64_t R, int64_t Wo, const T* x0, i
     T accb = T(0);
     for (int64_t i = 0; i < R; ++i)
       for (int64_t w = 0; w < Wo; ++w) {
-        const T gv = g0[(i * Wo + w) * gs + c0];
+        const T gv = g0[i * grs + w * gs + c0];
         const T* xp = x0 + i * xrs + w * xcs + c0;
         accb += gv;
         for (int ti = 0; ti < 3; ++ti)
@@ -1033,21 +1041,24 @@ inline void tap_sum(int n, const T* const* w, const T* const* s, int64_t C, T* o
   }
 }
 
-// Pass 1, pixel-major. SA/SB are [B][Ho][Wo][C]; dw partials tap-major.
+// Pass 1, pixel-major. SA/SB are zero-padded [B][Ho + 2][Wo + 2][C] (pixel (r, w) at padded
+// (r + 1, w + 1)): pass 2 then runs the transposed depthwise convs as plain 3x3 rows
+// (dw_row_pm) with no border cases. Each tile writes its own rows' border columns, the top
+// and bottom tiles the border rows. dw partials tap-major.
+// Tiles [t0, t1) into the partial gradients `part`; image bi's padded scratch starts at
+// SA + bi * istride (istride 0: one image's scratch, reused).
 template <typename T, int S, int ACT>
-void pass1_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
-              const T* wt, const T* gy, const T* saved, const T* wp, T* dx, T* SA, T* SB,
-              T* parts) {
+void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
+                    const BlockTensors<T>& t, const T* wt, const T* gy, const T* saved,
+                    const T* wp, T* dx, T* SA, T* SB, int64_t istride, T* part, int64_t t0,
+                    int64_t t1) {
   const int64_t HoWo = d.Ho * d.Wo, C = d.C, N = d.N, Wo = d.Wo, Cout = d.Cout, K = pl.Ktot;
   const int64_t XR = (d.W + 2) * C, BR = (Wo + 2) * C;
   const PartLayout L(d, pl);
   const bool identity = d.residual && !d.projection;
   const bool silu = ACT == kActSilu;
-  auto task = [&](int64_t chunk) {
-    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+  {
     const int64_t Pmax = pl.R * Wo;
-    T* part = parts + chunk * pl.part;
-    memset(part, 0, sizeof(T) * pl.part);
     T* A = tls_buf<T>(0, K * Pmax);
     T* xb = tls_buf<T>(1, (S * (pl.R + 1) + 3) * XR);
     T* b1b = tls_buf<T>(2, (pl.R + 2) * BR);
@@ -1060,6 +1071,8 @@ void pass1_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
       const int64_t P = g.P;
       const int64_t off = d.channels_last ? (g.bi * HoWo + g.r0 * Wo) * Cout
                                           : g.bi * Cout * HoWo + g.r0 * Wo;
+      T* SAi = SA + g.bi * istride;
+      T* SBi = SB + g.bi * istride;
       // gz in both layouts: planar feeds dW = gz A, pixel-major feeds dA = gz^T W
       if (d.channels_last) {
         tile_gz<T, ACT>(d, gy, saved, off, P, Gpm, part + L.bo, dx, identity);
@@ -1091,11 +1104,9 @@ void pass1_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
           const T* b = a + K - C;
           const T* pa = silu ? preAB + p * K : a;
           const T* pb = silu ? preAB + p * K + K - C : b;
-          act_grad<ACT>(da, a, pa, da, C);
-          act_grad<ACT>(db, b, pb, db, C);
-          const int64_t spix = (g.bi * d.Ho + g.r0 + i) * Wo + w;
-          memcpy(SA + spix * C, da, sizeof(T) * C);
-          memcpy(SB + spix * C, db, sizeof(T) * C);
+          const int64_t spix = (g.r0 + i + 1) * (Wo + 2) + w + 1;
+          act_grad<ACT>(da, a, pa, SAi + spix * C, C);
+          act_grad<ACT>(db, b, pb, SBi + spix * C, C);
           if (pl.Cs) {  // projection: dx at (s r, s w), owned by this tile
             const T* dxs = da + C;
             const int64_t h = S * (g.r0 + i), wi = S * w;
@@ -1107,37 +1118,108 @@ void pass1_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
             }
           }
         }
-      // depthwise weight grads (tap-major partials): dwa from x, dwc from the b1 band
-      dw_grad_tile(dA, K, g.R, Wo, xb + S * XR, S * XR, S * C, XR, C, part + L.wa, part + L.ba);
-      dw_grad_tile(dA + K - C, K, g.R, Wo, b1b, BR, C, BR, C, part + L.wc, part + L.bc);
+      // zero borders of the padded scratch that this tile owns
+      const int64_t SR = (Wo + 2) * C;
+      const int64_t srow0 = (g.r0 + 1) * SR;  // first row of the tile
+      for (int64_t i = 0; i < g.R; ++i) {
+        memset(SAi + srow0 + i * SR, 0, sizeof(T) * C);
+        memset(SBi + srow0 + i * SR, 0, sizeof(T) * C);
+        memset(SAi + srow0 + i * SR + (Wo + 1) * C, 0, sizeof(T) * C);
+        memset(SBi + srow0 + i * SR + (Wo + 1) * C, 0, sizeof(T) * C);
+      }
+      if (g.r0 == 0) {
+        memset(SAi + srow0 - SR, 0, sizeof(T) * SR);
+        memset(SBi + srow0 - SR, 0, sizeof(T) * SR);
+      }
+      if (g.r0 + g.R == d.Ho) {
+        memset(SAi + srow0 + g.R * SR, 0, sizeof(T) * SR);
+        memset(SBi + srow0 + g.R * SR, 0, sizeof(T) * SR);
+      }
+      // depthwise weight grads (tap-major partials): dwa from x, dwc from the b1 band, with
+      // the branch gradients read back from the scratch rows just written (still in cache)
+      dw_grad_tile(SAi + srow0 + C, SR, C, g.R, Wo, xb + S * XR, S * XR, S * C, XR, C,
+                   part + L.wa, part + L.ba);
+      dw_grad_tile(SBi + srow0 + C, SR, C, g.R, Wo, b1b, BR, C, BR, C, part + L.wc, part + L.bc);
     }
-  };
-  par_for(rt, pl.nchunks, task);
-  rt.brgemm_release();
+  }
 }
 
+// Pass 2 of one tile at stride 1, where both transposed depthwise convs are 3x3 convs with
+// the kernel rotated by 180 degrees (wtr) over the zero-padded scratch: db1 rows over the
+// band plus one row each side, times act'(b1) recomputed from x, then dwb, dbb, and dx rows
+// += conv(da, rot wa) + conv(db1, rot wb). sa, sb point at pixel (0, 0) of the image's
+// padded scratch; d1 holds R + 2 zero-padded rows.
+template <typename T, int ACT>
+void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, const T* wtr,
+                   const TileGeom& g, const T* xb, const T* sa, const T* sb, T* d1, T* pre,
+                   T* post, T* dx, T* part, const PartLayout& L) {
+  const int64_t C = d.C, Wo = d.Wo, Ho = d.Ho, XR = (d.W + 2) * C, SR = (Wo + 2) * C;
+  const T* wbt = wt + 9 * C;
+  for (int64_t k = 0; k < g.R + 2; ++k) {
+    const int64_t q = g.r0 - 1 + k;
+    T* row = d1 + k * SR;
+    if (q < 0 || q >= Ho) {
+      memset(row, 0, sizeof(T) * SR);
+      continue;
+    }
+    memset(row, 0, sizeof(T) * C);
+    memset(row + (Wo + 1) * C, 0, sizeof(T) * C);
+    // db1 = conv(db, rot wc) over db rows q - 1 .. q + 1 (padded scratch rows q .. q + 2)
+    dw_row_pm<1, kActNone>(sb + (q - 1) * SR - C, SR, C, Wo, wtr + 18 * C, (const T*)nullptr,
+                           row + C, (T*)nullptr, C);
+    if (ACT != kActNone) {
+      dw_row_pm<1, ACT>(xb + k * XR, XR, C, Wo, wbt, t.bb, post,
+                        ACT == kActSilu ? pre : nullptr, C);
+      act_grad<ACT>(row + C, post, pre, row + C, Wo * C);
+    }
+  }
+  dw_grad_tile(d1 + SR + C, SR, C, g.R, Wo, xb + XR, XR, C, XR, C, part + L.wb, part + L.bb);
+  T* tmp = post;  // Wo x C
+  for (int64_t i = 0; i < g.R; ++i) {
+    const int64_t h = g.r0 + i;
+    T* out = d.channels_last ? dx + ((g.bi * d.H + h) * d.W) * C : tmp;
+    // dx row h: conv(da, rot wa) over rows h - 1 .. h + 1, then conv(db1, rot wb) on top
+    dw_row_pm<1, kActNone>(sa + (h - 1) * SR - C, SR, C, Wo, wtr, (const T*)nullptr, tmp,
+                           (T*)nullptr, C, d.channels_last ? (const T*)out : nullptr);
+    dw_row_pm<1, kActNone>(d1 + i * SR, SR, C, Wo, wtr + 9 * C, (const T*)nullptr, out,
+                           (T*)nullptr, C, (const T*)tmp);
+    if (!d.channels_last) {
+      T* o = dx + (g.bi * C * d.H + h) * d.W;
+      const int64_t HW = d.H * d.W;
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t w = 0; w < Wo; ++w) o[c * HW + w] += tmp[w * C + c];
+    }
+  }
+}
+
+// Tiles [t0, t1), after pass 1 has run on them and on the tiles beside them (same scratch
+// addressing as pass1_tiles_pm).
 template <typename T, int S, int ACT>
-void pass2_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
-              const T* wt, T* dx, const T* SA, const T* SB, T* parts) {
+void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, const T* wt,
+                    const T* wtr, T* dx, const T* SA, const T* SB, int64_t istride, T* part,
+                    int64_t t0, int64_t t1) {
   const int64_t C = d.C, Wo = d.Wo, Ho = d.Ho, W = d.W, XR = (W + 2) * C;
   const PartLayout L(d, pl);
   const T* wat = wt;
   const T* wbt = wt + 9 * C;
   const T* wct = wt + 18 * C;
-  auto task = [&](int64_t chunk) {
-    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
-    T* part = parts + chunk * pl.part;
-    T* xb = tls_buf<T>(1, (S * (pl.R + 1) + 3) * XR);
-    T* d1 = tls_buf<T>(2, (pl.R + 2) * Wo * C);
-    T* pre = tls_buf<T>(3, Wo * C);
-    T* post = tls_buf<T>(4, Wo * C);
-    T* acc = tls_buf<T>(5, C);
+  {
+    T* xb = tls_buf<T>(8, (S * (pl.R + 1) + 3) * XR);
+    T* d1 = tls_buf<T>(9, (pl.R + 2) * (Wo + 2) * C);
+    T* pre = tls_buf<T>(10, Wo * C);
+    T* post = tls_buf<T>(11, Wo * C);
+    T* acc = tls_buf<T>(12, C);
     for (int64_t tile = t0; tile < t1; ++tile) {
       const TileGeom g = tile_geom(d, pl, tile);
       const int64_t q_lo = g.r0 - 1;
       load_x_band_pm(d, t.x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
-      const T* sbi = SB + g.bi * Ho * Wo * C;
-      const T* sai = SA + g.bi * Ho * Wo * C;
+      // padded scratch of image bi, pointing at pixel (0, 0)
+      const T* sbi = SB + g.bi * istride + (Wo + 2) * C + C;
+      const T* sai = SA + g.bi * istride + (Wo + 2) * C + C;
+      if (S == 1) {
+        pass2_tile_s1<T, ACT>(d, t, wt, wtr, g, xb, sai, sbi, d1, pre, post, dx, part, L);
+        continue;
+      }
       // db1_pre over b1 rows [r0 - 1, r0 + R]
       const T* tw[18];
       const T* ts[18];
@@ -1161,7 +1243,7 @@ void pass2_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
               const int64_t ws = w + 1 - tj;
               if (ws < 0 || ws >= Wo) continue;
               tw[n] = wct + (ti * 3 + tj) * C;
-              ts[n++] = sbi + (r * Wo + ws) * C;
+              ts[n++] = sbi + (r * (Wo + 2) + ws) * C;
             }
           }
           tap_sum(n, tw, ts, C, o);
@@ -1169,7 +1251,7 @@ void pass2_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
         }
       }
       // dwb, dbb over owned rows k = 1..R (tap-major)
-      dw_grad_tile(d1 + Wo * C, C, g.R, Wo, xb + S * XR, S * XR, S * C, XR, C, part + L.wb,
+      dw_grad_tile(d1 + Wo * C, Wo * C, C, g.R, Wo, xb + S * XR, S * XR, S * C, XR, C, part + L.wb,
                    part + L.bb);
       // dx rows [hs, he): gather from da (wa) and db1 (wb) at stride S
       const int64_t hs = S * g.r0, he = S * (g.r0 + g.R) < d.H ? S * (g.r0 + g.R) : d.H;
@@ -1187,7 +1269,7 @@ void pass2_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
               const int64_t w = nw / S;
               if (w >= Wo) continue;
               tw[n] = wat + (ti * 3 + tj) * C;
-              ts[n++] = sai + (q * Wo + w) * C;
+              ts[n++] = sai + (q * (Wo + 2) + w) * C;
               tw[n] = wbt + (ti * 3 + tj) * C;
               ts[n++] = d1 + ((q - q_lo) * Wo + w) * C;
             }
@@ -1202,8 +1284,49 @@ void pass2_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Block
           }
         }
     }
+  }
+}
+
+// The pixel-major backward. Per-image plan (pl.per_image): a chunk is a run of whole images;
+// for each image, pass 1 over its bands then pass 2, with the branch-gradient scratch one
+// image large, thread-local and reused (cache-resident, never page-faulted). Otherwise two
+// parallel passes over all tiles with the scratch for the whole batch (SA, SB).
+template <typename T, int S, int ACT>
+void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
+                 const T* wt, const T* wtr, const T* gy, const T* saved, const T* wp, T* dx,
+                 T* SA, T* SB, T* parts) {
+  const int64_t istride = d.C * (d.Ho + 2) * (d.Wo + 2);
+  if (pl.per_image) {
+    auto task = [&](int64_t chunk) {
+      const int64_t i0 = chunk * d.B / pl.nchunks, i1 = (chunk + 1) * d.B / pl.nchunks;
+      T* part = parts + chunk * pl.part;
+      memset(part, 0, sizeof(T) * pl.part);
+      T* sa = tls_buf<T>(14, istride);
+      T* sb = tls_buf<T>(15, istride);
+      for (int64_t img = i0; img < i1; ++img) {
+        const int64_t t0 = img * pl.nbands, t1 = t0 + pl.nbands;
+        pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, dx, sa, sb, 0, part, t0, t1);
+        pass2_tiles_pm<T, S, ACT>(d, pl, t, wt, wtr, dx, sa, sb, 0, part, t0, t1);
+      }
+    };
+    par_for(rt, pl.nchunks, task);
+    rt.brgemm_release();
+    return;
+  }
+  auto task1 = [&](int64_t chunk) {
+    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+    T* part = parts + chunk * pl.part;
+    memset(part, 0, sizeof(T) * pl.part);
+    pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, dx, SA, SB, istride, part, t0, t1);
   };
-  par_for(rt, pl.nchunks, task);
+  par_for(rt, pl.nchunks, task1);
+  rt.brgemm_release();
+  auto task2 = [&](int64_t chunk) {
+    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+    pass2_tiles_pm<T, S, ACT>(d, pl, t, wt, wtr, dx, SA, SB, istride, parts + chunk * pl.part,
+                              t0, t1);
+  };
+  par_for(rt, pl.nchunks, task2);
 }
 
 template <typename T, int S, int ACT>
@@ -1220,10 +1343,16 @@ void backward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>&
   pack_weights(d, pl, t, wp.p, bias.p);
   memset(g.dx, 0, sizeof(T) * xsz);
   if (pl.pixel_major) {
-    Buf<T> wt(27 * C);
+    Buf<T> wt(27 * C), wtr(27 * C);
     pack_dw_tapmajor(d, t, wt.p);
-    pass1_pm<T, S, ACT>(rt, d, pl, t, wt.p, gy, saved, wp.p, g.dx, SA, SB, parts);
-    pass2_pm<T, S, ACT>(rt, d, pl, t, wt.p, g.dx, SA, SB, parts);
+    for (int k = 0; k < 3; ++k)  // kernels rotated by 180 degrees: tap t <- tap 8 - t
+      for (int tap = 0; tap < 9; ++tap)
+        memcpy(wtr.p + (k * 9 + tap) * C, wt.p + (k * 9 + 8 - tap) * C, sizeof(T) * C);
+    // padded scratch per branch for the whole batch, or none (per-image plan)
+    const int64_t pad = pl.per_image ? 0 : d.B * C * (d.Ho + 2) * (d.Wo + 2);
+    parts = scratch + 2 * pad;
+    backward_pm<T, S, ACT>(rt, d, pl, t, wt.p, wtr.p, gy, saved, wp.p, g.dx, scratch,
+                           scratch + pad, parts);
   } else {
     backward_pass1<T, S, ACT>(rt, d, pl, t, gy, saved, wp.p, g.dx, SA, SB, parts);
     backward_pass2<T, S, ACT>(rt, d, pl, t, g.dx, SA, SB, parts);

@@ -21,11 +21,15 @@ struct Plan {
   int64_t npw;       // pointwise (+projection) weight-gradient elements in a partial
   int64_t part;      // elements of one chunk's partial gradients
   bool pixel_major;  // buffers [pixel][channel] (many channels) rather than planar (few)
+  bool per_image;    // pixel-major backward: chunks of whole images, both passes per image
 };
 
 // From this many channels on, vectorising the depthwise work across channels beats
 // vectorising along image rows.
 static const int64_t kPixelMajorMinC = 8;
+
+// From this batch size on, the pixel-major backward works image by image (Plan::per_image).
+static const int64_t kPerImageMinB = 4;
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -45,6 +49,8 @@ static inline Plan make_plan(const BlockDesc& d) {
   if (r > d.Ho) r = d.Ho;
   // Enough tiles to keep many cores busy: split rows further for small batches.
   while (r > 1 && d.B * ceil_div(d.Ho, r) < 64) r = ceil_div(r, 2);
+  // Balance the bands (14 rows at R = 6 would be 6 + 6 + 2): same count, rows spread evenly.
+  r = ceil_div(d.Ho, ceil_div(d.Ho, r));
   p.R = r;
   p.nbands = ceil_div(d.Ho, r);
   p.ntiles = d.B * p.nbands;
@@ -58,6 +64,10 @@ static inline Plan make_plan(const BlockDesc& d) {
   if (cap < 8) cap = 8;
   if (cap > 64) cap = 64;
   p.nchunks = p.ntiles < cap ? p.ntiles : cap;
+  // With enough images to go round, the pixel-major backward runs image by image (both
+  // passes, scratch one image large and cache-resident); chunks are then runs of images.
+  p.per_image = p.pixel_major && d.B >= kPerImageMinB;
+  if (p.per_image) p.nchunks = d.B < cap ? d.B : cap;
   return p;
 }
 
