@@ -117,6 +117,11 @@ def test_image_by_image_batches(backend):
                  batch=4)
     _compare_all(backend, 9, 4, 5, 5, merge="concat", act="none", residual=False, stride=2,
                  batch=4, channels_last=True)
+    # images tall enough to be cut into two bands each
+    _compare_all(backend, 8, 4, 260, 5, merge="add", act="relu", residual=True, stride=1,
+                 batch=4, channels_last=True)
+    _compare_all(backend, 9, 3, 520, 5, merge="concat", act="relu6", residual=False, stride=2,
+                 batch=4)
 
 
 def test_output_keeps_memory_format(backend):

@@ -216,7 +216,7 @@ std::vector<at::Tensor> block_backward_cpu(
 }  // namespace
 
 int64_t backward_scratch_elems(const BlockDesc& d) {
-  const Plan pl = make_plan(d);
+  const Plan pl = make_plan(d, true);
   // pixel-major: the branch gradients are kept zero-padded, [B][Ho + 2][Wo + 2][C]
   // (none with the per-image plan: one image's worth per thread, thread-local)
   const int64_t per = pl.per_image     ? 0

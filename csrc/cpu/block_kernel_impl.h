@@ -1051,7 +1051,7 @@ template <typename T, int S, int ACT>
 void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
                     const BlockTensors<T>& t, const T* wt, const T* gy, const T* saved,
                     const T* wp, T* dx, T* SA, T* SB, int64_t istride, T* part, int64_t t0,
-                    int64_t t1) {
+                    int64_t t1, T* b1img) {
   const int64_t HoWo = d.Ho * d.Wo, C = d.C, N = d.N, Wo = d.Wo, Cout = d.Cout, K = pl.Ktot;
   const int64_t XR = (d.W + 2) * C, BR = (Wo + 2) * C;
   const PartLayout L(d, pl);
@@ -1083,6 +1083,9 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
       }
       load_x_band_pm(d, t.x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
       tile_dw_pm<T, S, ACT>(d, pl, t, wt, g, xb, b1b, A, preAB);
+      if (b1img)  // keep the tile's own b1 rows for pass 2 (act'(b1) without recomputing)
+        for (int64_t k = 1; k <= g.R; ++k)
+          memcpy(b1img + (g.r0 + k - 1) * Wo * C, b1b + k * BR + C, sizeof(T) * Wo * C);
       if (d.merge == kAdd) {
         mm_nn<T>(rt, N, K, P, G, P, A, K, part + L.pw, K, true);
         mm_nn<T>(rt, P, K, N, Gpm, Cout, wp, K, dA, K, false);
@@ -1152,7 +1155,7 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
 template <typename T, int ACT>
 void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, const T* wtr,
                    const TileGeom& g, const T* xb, const T* sa, const T* sb, T* d1, T* pre,
-                   T* post, T* dx, T* part, const PartLayout& L) {
+                   T* post, T* dx, T* part, const PartLayout& L, const T* b1img) {
   const int64_t C = d.C, Wo = d.Wo, Ho = d.Ho, XR = (d.W + 2) * C, SR = (Wo + 2) * C;
   const T* wbt = wt + 9 * C;
   for (int64_t k = 0; k < g.R + 2; ++k) {
@@ -1168,9 +1171,13 @@ void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, co
     dw_row_pm<1, kActNone>(sb + (q - 1) * SR - C, SR, C, Wo, wtr + 18 * C, (const T*)nullptr,
                            row + C, (T*)nullptr, C);
     if (ACT != kActNone) {
-      dw_row_pm<1, ACT>(xb + k * XR, XR, C, Wo, wbt, t.bb, post,
-                        ACT == kActSilu ? pre : nullptr, C);
-      act_grad<ACT>(row + C, post, pre, row + C, Wo * C);
+      const T* b1 = post;
+      if (b1img)  // b1 row q as pass 1 computed it (relu, relu6)
+        b1 = b1img + q * Wo * C;
+      else
+        dw_row_pm<1, ACT>(xb + k * XR, XR, C, Wo, wbt, t.bb, post,
+                          ACT == kActSilu ? pre : nullptr, C);
+      act_grad<ACT>(row + C, b1, pre, row + C, Wo * C);
     }
   }
   dw_grad_tile(d1 + SR + C, SR, C, g.R, Wo, xb + XR, XR, C, XR, C, part + L.wb, part + L.bb);
@@ -1197,7 +1204,7 @@ void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, co
 template <typename T, int S, int ACT>
 void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, const T* wt,
                     const T* wtr, T* dx, const T* SA, const T* SB, int64_t istride, T* part,
-                    int64_t t0, int64_t t1) {
+                    int64_t t0, int64_t t1, const T* b1img) {
   const int64_t C = d.C, Wo = d.Wo, Ho = d.Ho, W = d.W, XR = (W + 2) * C;
   const PartLayout L(d, pl);
   const T* wat = wt;
@@ -1217,7 +1224,7 @@ void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t
       const T* sbi = SB + g.bi * istride + (Wo + 2) * C + C;
       const T* sai = SA + g.bi * istride + (Wo + 2) * C + C;
       if (S == 1) {
-        pass2_tile_s1<T, ACT>(d, t, wt, wtr, g, xb, sai, sbi, d1, pre, post, dx, part, L);
+        pass2_tile_s1<T, ACT>(d, t, wt, wtr, g, xb, sai, sbi, d1, pre, post, dx, part, L, b1img);
         continue;
       }
       // db1_pre over b1 rows [r0 - 1, r0 + R]
@@ -1303,10 +1310,14 @@ void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Bl
       memset(part, 0, sizeof(T) * pl.part);
       T* sa = tls_buf<T>(14, istride);
       T* sb = tls_buf<T>(15, istride);
+      // b1 of the image kept from pass 1 (stride 1, relu/relu6: act' reads the output only)
+      T* b1i = S == 1 && (ACT == kActRelu || ACT == kActRelu6)
+                   ? tls_buf<T>(13, d.Ho * d.Wo * d.C) : nullptr;
       for (int64_t img = i0; img < i1; ++img) {
         const int64_t t0 = img * pl.nbands, t1 = t0 + pl.nbands;
-        pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, dx, sa, sb, 0, part, t0, t1);
-        pass2_tiles_pm<T, S, ACT>(d, pl, t, wt, wtr, dx, sa, sb, 0, part, t0, t1);
+        pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, dx, sa, sb, 0, part, t0, t1,
+                                  b1i);
+        pass2_tiles_pm<T, S, ACT>(d, pl, t, wt, wtr, dx, sa, sb, 0, part, t0, t1, b1i);
       }
     };
     par_for(rt, pl.nchunks, task);
@@ -1317,14 +1328,15 @@ void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Bl
     const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
     T* part = parts + chunk * pl.part;
     memset(part, 0, sizeof(T) * pl.part);
-    pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, dx, SA, SB, istride, part, t0, t1);
+    pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, dx, SA, SB, istride, part, t0, t1,
+                              (T*)nullptr);
   };
   par_for(rt, pl.nchunks, task1);
   rt.brgemm_release();
   auto task2 = [&](int64_t chunk) {
     const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
     pass2_tiles_pm<T, S, ACT>(d, pl, t, wt, wtr, dx, SA, SB, istride, parts + chunk * pl.part,
-                              t0, t1);
+                              t0, t1, (const T*)nullptr);
   };
   par_for(rt, pl.nchunks, task2);
 }
@@ -1332,7 +1344,7 @@ void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Bl
 template <typename T, int S, int ACT>
 void backward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t,
                    const T* gy, const T* saved, const BlockGrads<T>& g, T* scratch) {
-  const Plan pl = make_plan(d);
+  const Plan pl = make_plan(d, true);
   const int64_t C = d.C, N = d.N, Cs = pl.Cs, Cout = d.Cout;
   const int64_t xsz = d.B * C * d.H * d.W, ssz = d.B * C * d.Ho * d.Wo;
   T* SA = scratch;
@@ -1341,7 +1353,9 @@ void backward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>&
   const int64_t wp_elems = d.merge == kAdd ? N * pl.Ktot : 2 * N * (C + Cs);
   Buf<T> wp(wp_elems), bias(Cout);
   pack_weights(d, pl, t, wp.p, bias.p);
-  memset(g.dx, 0, sizeof(T) * xsz);
+  // With a residual at stride 1, pass 1 writes every element of dx (the identity or
+  // projection part) before pass 2 adds to it; otherwise start from zero.
+  if (!(d.residual && d.stride == 1)) memset(g.dx, 0, sizeof(T) * xsz);
   if (pl.pixel_major) {
     Buf<T> wt(27 * C), wtr(27 * C);
     pack_dw_tapmajor(d, t, wt.p);

@@ -33,22 +33,29 @@ static const int64_t kPerImageMinB = 4;
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-static inline Plan make_plan(const BlockDesc& d) {
+// backward: the plan of the backward, which with enough images (per_image) takes its
+// parallelism from images and so may use taller tiles (whole images at 14x14 and 28x28: no
+// b1 halo rows to recompute) than the forward, whose tasks are tiles.
+static inline Plan make_plan(const BlockDesc& d, bool backward = false) {
   Plan p;
   p.Cs = d.projection ? d.C : 0;
   p.Ktot = 2 * d.C + p.Cs;
   p.pixel_major = d.C >= kPixelMajorMinC;
+  p.per_image = backward && p.pixel_major && d.B >= kPerImageMinB;
   // Aim the packed tile matrix (Ktot x P) at ~128 KiB (planar) / ~256 KiB (pixel-major: the
   // b1 halo rows cost relatively less in taller tiles) so it stays in L2 while the GEMM
-  // streams over it, with at least 32 pixels so the GEMM is not degenerate.
-  int64_t target_p = (p.pixel_major ? 65536 : 32768) / p.Ktot;
+  // streams over it, with at least 32 pixels so the GEMM is not degenerate. The per-image
+  // backward aims at 1 MiB: halo rows are recomputed in both of its passes, and measured
+  // whole 14x14 and 28x28 images cost the GEMMs nothing.
+  int64_t target_p = (p.per_image ? 262144 : p.pixel_major ? 65536 : 32768) / p.Ktot;
   if (target_p < 32) target_p = 32;
   if (target_p > 1024) target_p = 1024;
   int64_t r = target_p / d.Wo;
   if (r < 1) r = 1;
   if (r > d.Ho) r = d.Ho;
   // Enough tiles to keep many cores busy: split rows further for small batches.
-  while (r > 1 && d.B * ceil_div(d.Ho, r) < 64) r = ceil_div(r, 2);
+  if (!p.per_image)
+    while (r > 1 && d.B * ceil_div(d.Ho, r) < 64) r = ceil_div(r, 2);
   // Balance the bands (14 rows at R = 6 would be 6 + 6 + 2): same count, rows spread evenly.
   r = ceil_div(d.Ho, ceil_div(d.Ho, r));
   p.R = r;
@@ -57,16 +64,15 @@ static inline Plan make_plan(const BlockDesc& d) {
   p.npw = d.merge == kConcat ? 2 * d.N * (d.C + p.Cs) : d.N * p.Ktot;
   p.part = p.npw + d.Cout + 30 * d.C;
   // Chunks: enough parallel tasks for a many-core machine, but the partial gradients they
-  // keep (nchunks x part, zeroed and summed every backward) capped near 2M elements. The
+  // keep (nchunks x part, zeroed and summed every backward) capped near 1M elements. The
   // count depends on the shape only, never on the thread count, so results are the same
   // bits on any machine.
-  int64_t cap = (int64_t(1) << 21) / p.part;
+  int64_t cap = (int64_t(1) << 20) / p.part;
   if (cap < 8) cap = 8;
   if (cap > 64) cap = 64;
   p.nchunks = p.ntiles < cap ? p.ntiles : cap;
   // With enough images to go round, the pixel-major backward runs image by image (both
   // passes, scratch one image large and cache-resident); chunks are then runs of images.
-  p.per_image = p.pixel_major && d.B >= kPerImageMinB;
   if (p.per_image) p.nchunks = d.B < cap ? d.B : cap;
   return p;
 }
