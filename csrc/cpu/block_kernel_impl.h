@@ -1155,7 +1155,8 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
 template <typename T, int ACT>
 void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, const T* wtr,
                    const TileGeom& g, const T* xb, const T* sa, const T* sb, T* d1, T* pre,
-                   T* post, T* dx, T* part, const PartLayout& L, const T* b1img) {
+                   T* post, T* dx, T* part, const PartLayout& L, const T* b1img,
+                   int64_t b1rs) {
   const int64_t C = d.C, Wo = d.Wo, Ho = d.Ho, XR = (d.W + 2) * C, SR = (Wo + 2) * C;
   const T* wbt = wt + 9 * C;
   for (int64_t k = 0; k < g.R + 2; ++k) {
@@ -1173,7 +1174,7 @@ void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, co
     if (ACT != kActNone) {
       const T* b1 = post;
       if (b1img)  // b1 row q as pass 1 computed it (relu, relu6)
-        b1 = b1img + q * Wo * C;
+        b1 = b1img + q * b1rs;
       else
         dw_row_pm<1, ACT>(xb + k * XR, XR, C, Wo, wbt, t.bb, post,
                           ACT == kActSilu ? pre : nullptr, C);
@@ -1204,7 +1205,7 @@ void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, co
 template <typename T, int S, int ACT>
 void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, const T* wt,
                     const T* wtr, T* dx, const T* SA, const T* SB, int64_t istride, T* part,
-                    int64_t t0, int64_t t1, const T* b1img) {
+                    int64_t t0, int64_t t1, const T* b1img, int64_t b1rs, const T* xband) {
   const int64_t C = d.C, Wo = d.Wo, Ho = d.Ho, W = d.W, XR = (W + 2) * C;
   const PartLayout L(d, pl);
   const T* wat = wt;
@@ -1219,12 +1220,16 @@ void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t
     for (int64_t tile = t0; tile < t1; ++tile) {
       const TileGeom g = tile_geom(d, pl, tile);
       const int64_t q_lo = g.r0 - 1;
-      load_x_band_pm(d, t.x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
+      if (xband)  // pass 1's band of this tile, still in its buffer (one band per image)
+        xb = const_cast<T*>(xband);
+      else
+        load_x_band_pm(d, t.x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
       // padded scratch of image bi, pointing at pixel (0, 0)
       const T* sbi = SB + g.bi * istride + (Wo + 2) * C + C;
       const T* sai = SA + g.bi * istride + (Wo + 2) * C + C;
       if (S == 1) {
-        pass2_tile_s1<T, ACT>(d, t, wt, wtr, g, xb, sai, sbi, d1, pre, post, dx, part, L, b1img);
+        pass2_tile_s1<T, ACT>(d, t, wt, wtr, g, xb, sai, sbi, d1, pre, post, dx, part, L, b1img,
+                              b1rs);
         continue;
       }
       // db1_pre over b1 rows [r0 - 1, r0 + R]
@@ -1310,14 +1315,24 @@ void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Bl
       memset(part, 0, sizeof(T) * pl.part);
       T* sa = tls_buf<T>(14, istride);
       T* sb = tls_buf<T>(15, istride);
-      // b1 of the image kept from pass 1 (stride 1, relu/relu6: act' reads the output only)
-      T* b1i = S == 1 && (ACT == kActRelu || ACT == kActRelu6)
-                   ? tls_buf<T>(13, d.Ho * d.Wo * d.C) : nullptr;
+      // b1 of the image kept from pass 1 (stride 1, relu/relu6: act' reads the output only).
+      // With one band per image, pass 1's own b1 band and x band buffers (tls slots 2 and 1)
+      // still hold the image when pass 2 runs: read them in place, no copy, no reload.
+      const bool keep_b1 = S == 1 && (ACT == kActRelu || ACT == kActRelu6);
+      const bool one_band = pl.nbands == 1;
+      const int64_t BR = (d.Wo + 2) * d.C;
+      T* b1copy = keep_b1 && !one_band ? tls_buf<T>(13, d.Ho * d.Wo * d.C) : nullptr;
+      const T* b1i = !keep_b1 ? nullptr
+                     : one_band ? tls_buf<T>(2, (pl.R + 2) * BR) + BR + d.C : b1copy;
+      const int64_t b1rs = one_band ? BR : d.Wo * d.C;
+      const T* xband =
+          one_band ? tls_buf<T>(1, (S * (pl.R + 1) + 3) * (d.W + 2) * d.C) : nullptr;
       for (int64_t img = i0; img < i1; ++img) {
         const int64_t t0 = img * pl.nbands, t1 = t0 + pl.nbands;
         pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, dx, sa, sb, 0, part, t0, t1,
-                                  b1i);
-        pass2_tiles_pm<T, S, ACT>(d, pl, t, wt, wtr, dx, sa, sb, 0, part, t0, t1, b1i);
+                                  b1copy);
+        pass2_tiles_pm<T, S, ACT>(d, pl, t, wt, wtr, dx, sa, sb, 0, part, t0, t1, b1i, b1rs,
+                                  xband);
       }
     };
     par_for(rt, pl.nchunks, task);
@@ -1336,7 +1351,7 @@ void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Bl
   auto task2 = [&](int64_t chunk) {
     const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
     pass2_tiles_pm<T, S, ACT>(d, pl, t, wt, wtr, dx, SA, SB, istride, parts + chunk * pl.part,
-                              t0, t1, (const T*)nullptr);
+                              t0, t1, (const T*)nullptr, 0, (const T*)nullptr);
   };
   par_for(rt, pl.nchunks, task2);
 }
