@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import msfused
 from msfused.config import (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_SILU, MERGE_CONCAT, BlockConfig,
                             act_code, apply_act, merge_code, needs_projection, out_channels)
+from msfused.layout import memory_format_of
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 NAMES = ["dx", "wa", "ba", "wb", "bb", "wc", "bc", "pa", "qa", "pb", "qb", "ws", "bs"]
@@ -144,7 +145,7 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch):
     x64 = x.double().requires_grad_(True)
     p64 = [t.double().requires_grad_(True) if t is not None else None for t in params]
     y64 = msfused.block_reference(x64, msfused.BlockParams(*p64), cfg)
-    gy = torch.randn(y64.shape, dtype=dtype).contiguous(memory_format=y64.suggest_memory_format())
+    gy = torch.randn(y64.shape, dtype=dtype).contiguous(memory_format=memory_format_of(x))
     y64.backward(gy.double())
     y, saved, gr = emulate(lib, x, params, cfg, gy)
     ref = grads_of(x64, p64)
