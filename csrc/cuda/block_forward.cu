@@ -198,14 +198,12 @@ template const char* launch_block_forward<float>(const BlockDesc&, const BlockTe
                                                  float*, float*, cudaStream_t);
 template const char* launch_block_forward<double>(const BlockDesc&, const BlockTensors<double>&,
                                                   double*, double*, cudaStream_t);
-#ifndef MSFUSED_CUDA_EMU
 template const char* launch_block_forward<__half>(const BlockDesc&, const BlockTensors<__half>&,
                                                   __half*, __half*, cudaStream_t);
 template const char* launch_block_forward<__nv_bfloat16>(const BlockDesc&,
                                                          const BlockTensors<__nv_bfloat16>&,
                                                          __nv_bfloat16*, __nv_bfloat16*,
                                                          cudaStream_t);
-#endif
 
 }  // namespace cuda
 }  // namespace msfused

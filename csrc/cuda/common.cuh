@@ -29,21 +29,18 @@ template <> struct AccT<double> { using type = double; };
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
-#ifndef MSFUSED_CUDA_EMU
+// (tools/cuda_emu/emu.h supplies __half, __nv_bfloat16 and these intrinsics on the CPU.)
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-#endif
 template <typename T> __device__ __forceinline__ T from_acc(float v);
 template <typename T> __device__ __forceinline__ T from_acc(double v);
 template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
 template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
-#ifndef MSFUSED_CUDA_EMU
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
-#endif
 
 __device__ __forceinline__ float exp_acc(float v) { return expf(v); }
 __device__ __forceinline__ double exp_acc(double v) { return exp(v); }

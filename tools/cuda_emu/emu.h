@@ -1,7 +1,8 @@
 // A minimal CPU emulation of the CUDA features the kernels in csrc/cuda use, so their index
 // math, masking, halos and barriers can be tested on a machine without a GPU:
 // every CTA runs as blockDim.x std::threads sharing "__shared__" (static) memory, with
-// __syncthreads as a std::barrier. Not for speed; float32/float64 only.
+// __syncthreads as a std::barrier. Not for speed. float16/bfloat16 are 2-byte stand-ins with
+// the rounding of cuda_fp16.h / cuda_bf16.h (round to nearest even, NaN kept).
 #pragma once
 #include <barrier>
 #include <cmath>
@@ -10,6 +11,28 @@
 #include <functional>
 #include <thread>
 #include <vector>
+
+// ---- __half / __nv_bfloat16: same bits as at::Half / at::BFloat16 -------------------------
+struct __half { uint16_t x; };
+struct __nv_bfloat16 { uint16_t x; };
+static_assert(sizeof(__half) == 2 && sizeof(__nv_bfloat16) == 2, "2-byte stand-ins");
+
+inline float emu_bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t emu_float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+inline float __bfloat162float(__nv_bfloat16 v) { return emu_bits_to_float(uint32_t(v.x) << 16); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  const uint32_t u = emu_float_to_bits(f);
+  if (std::isnan(f)) return __nv_bfloat16{uint16_t((u >> 16) | 0x40)};  // quiet NaN
+  const uint32_t lsb = (u >> 16) & 1u;
+  return __nv_bfloat16{uint16_t((u + 0x7fffu + lsb) >> 16)};
+}
+// float16 through the compiler's _Float16 (IEEE binary16, round to nearest even).
+inline float __half2float(__half v) { _Float16 h; std::memcpy(&h, &v.x, 2); return float(h); }
+inline __half __float2half_rn(float f) {
+  const _Float16 h = static_cast<_Float16>(f);
+  __half r; std::memcpy(&r.x, &h, 2); return r;
+}
 
 #define __global__
 #define __device__
