@@ -93,3 +93,25 @@ def test_autocast_kernel_on_the_op():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, _ = torch.ops.msfused.block_forward(x64, *m64.params(), 1, 0, 1, True, False)
     assert y.dtype == torch.float64
+
+
+def test_autocast_under_torch_compile(fused_backend):
+    """The Autocast kernel is also what torch.compile traces (its py_impl): same dtype and
+    values as eager autocast, no graph break."""
+    dev = backend_device(fused_backend)
+    m = torch.nn.Sequential(make_block(8, 4, backend=fused_backend, device=dev), torch.nn.ReLU())
+    x = torch.randn(2, 8, 7, 7, device=dev)
+
+    def f(x):
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            return m(x)
+
+    y0 = f(x)
+    torch._dynamo.reset()
+    compiler = "aot_eager" if (fused_backend == "triton" and dev == "cpu") else "inductor"
+    y1 = torch.compile(f, fullgraph=True, backend=compiler)(x)
+    assert y0.dtype == y1.dtype == torch.bfloat16
+    if dev == "cpu":
+        assert torch.equal(y1, y0)  # the same kernels; relu is exact in any precision
+    else:  # autotuning may pick another tile, another summation order: within one bf16 ulp
+        assert rel_err(y1, y0) < torch.finfo(torch.bfloat16).eps
