@@ -290,3 +290,48 @@ def test_convert_moves_every_block_and_keeps_weights():
         with pytest.raises(msfused.BackendUnavailableError, match="cuda"):
             msfused.convert(model, "cuda")
     assert all(m.backend == "cpp" for m in model)
+
+
+class SeqStyleBlock(nn.Module):
+    """torchvision style: each conv in an nn.Sequential with its BatchNorm and an in-place
+    ReLU; add merge, stride 2, projection shortcut with its own BatchNorm."""
+
+    def __init__(self, c=6, n=5):
+        super().__init__()
+
+        def cba(conv, act=True):
+            layers = [conv, nn.BatchNorm2d(conv.out_channels)]
+            return nn.Sequential(*layers, *([nn.ReLU(inplace=True)] if act else []))
+
+        self.a = cba(nn.Conv2d(c, c, 3, 2, 1, groups=c, bias=False))
+        self.b1 = cba(nn.Conv2d(c, c, 3, 2, 1, groups=c, bias=False))
+        self.b2 = cba(nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False))
+        self.pa = cba(nn.Conv2d(c, n, 1, bias=False), act=False)
+        self.pb = cba(nn.Conv2d(c, n, 1, bias=False), act=False)
+        self.short = cba(nn.Conv2d(c, n, 1, 2, bias=False), act=False)
+        self.out = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.out(self.pa(self.a(x)) + self.pb(self.b2(self.b1(x))) + self.short(x))
+
+
+def test_sequential_conv_bn_act_style():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), SeqStyleBlock(), nn.Flatten())
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    x = torch.randn(2, 3, 9, 8)
+    y0 = model(x)
+    res = _fused_copy(model)
+    assert type(res.model) is nn.Sequential and [s.path for s in res.swaps] == ["1"], str(res)
+    blk = res.model[1]
+    assert isinstance(blk, msfused.MultiScaleSeparableBlock)
+    assert (blk.merge, blk.stride, blk.bias) == ("add", 2, True) and blk.shortcut is not None
+    assert len(res.swaps[0].folded_batchnorm) == 6
+    assert _rel(res.model(x), y0) < 1e-5
