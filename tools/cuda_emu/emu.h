@@ -163,7 +163,11 @@ inline void emu_warp_collective(int op, const void* ptr, unsigned ldm, int layou
     w.cv.notify_all();
     return;
   }
-  if (!w.cv.wait_for(lk, std::chrono::seconds(60), [&] { return w.gen != gen; }))
+  static const int timeout_s = [] {
+    const char* e = std::getenv("CUDA_EMU_WARP_TIMEOUT_S");
+    return e ? std::atoi(e) : 60;
+  }();
+  if (!w.cv.wait_for(lk, std::chrono::seconds(timeout_s), [&] { return w.gen != gen; }))
     emu_fail("wmma: not every lane of the warp called (warp-divergent wmma)");
 }
 
