@@ -169,6 +169,8 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, b
     for name, g, r in zip(NAMES, gr, grads_of(xm, pm)):
         if g is not None and r is not None:
             exact[name] = rel(g, r)
+    if backward:
+        exact["_flips"] = act_flips(cfg.act, z.detach(), sv, dtype)
     # eager PyTorch in the same dtype, for the policy
     xe = x.detach().requires_grad_(True)
     pe = [t.detach().requires_grad_(True) if t is not None else None for t in params]
@@ -179,6 +181,21 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, b
         if r is not None:
             eager[name] = rel(g, r)
     return errs, exact, eager
+
+
+def act_flips(act, z, saved, dtype):
+    """Where act' read off the kernel's saved tensor differs from act' of the float64
+    pre-activation z (relu, relu6: 0/1 masks): (count, elements, largest distance of z to
+    the kink among them, the dtype's rounding band 4 eps rms(z))."""
+    if act not in (ACT_RELU, ACT_RELU6):
+        return 0, z.numel(), 0.0, 0.0
+    mine = dact_from_saved(act, saved)
+    exact = (z > 0).double() if act == ACT_RELU else ((z > 0) & (z < 6)).double()
+    differ = mine != exact
+    dist = z.abs() if act == ACT_RELU else torch.minimum(z.abs(), (z - 6).abs())
+    band = 4 * torch.finfo(dtype).eps * z.pow(2).mean().sqrt().item()
+    n = int(differ.sum())
+    return n, z.numel(), (dist[differ].max().item() if n else 0.0), band
 
 
 def rel(a, b):
@@ -195,14 +212,28 @@ def judge(dtype, errs, exact, eager):
         ok = errs[worst] < EXACT_TOL[dtype]
         return ok, f"worst {worst} {errs[worst]:.2e}" + ("" if ok else f"  {errs}")
     floor = torch.finfo(dtype).eps / 10
+    flips = exact.get("_flips")
+    exact = {k: v for k, v in exact.items() if not k.startswith("_")}
     we = max(exact, key=exact.get)
     bad_policy = [k for k in errs if errs[k] > 2 * eager[k] + floor]
     wp = max(errs, key=errs.get)
-    ok = exact[we] < EXACT_TOL[dtype] and not bad_policy
+    exact_ok = exact[we] < EXACT_TOL[dtype]
+    ok = exact_ok and not bad_policy
     text = (f"exact-mask worst {we} {exact[we]:.2e}; vs float64 worst {wp} {errs[wp]:.2e} "
             f"(eager {dtype_name(dtype)} {eager[wp]:.2e}, max {max(eager.values()):.2e})")
+    # A policy miss with the exact-mask check passing comes from act' itself: where the
+    # float64 pre-activation lies within the dtype's rounding of a kink (relu's 0, relu6's
+    # 0 and 6), the kernel's mask can come out the other way (so can eager's, by other
+    # roundings), and one flipped pixel moves a small case's gradients by 1e-1. Accepted
+    # only when every flip lies within that band and they are few (at most 1% of elements).
+    if exact_ok and bad_policy and flips and flips[0]:
+        n, numel, dist, band = flips
+        if dist <= band and n <= max(1, numel // 100):
+            ok = True
+            text += (f"; policy miss on {bad_policy} from {n} act' flip(s) at |z - kink| <= "
+                     f"{dist:.1e} (rounding band {band:.1e})")
     if not ok:
-        text += f"  exact={exact} policy-fails={bad_policy}"
+        text += f"  exact={exact} policy-fails={bad_policy} act'-flips={flips}"
     return ok, text
 
 
