@@ -14,6 +14,7 @@ The plain float64 error is printed too; with relu6 it can be several 1e-2 where 
 pre-activation lies within half an ulp below 6 (the stored y rounds to 6.0 and act' = 0).
 
     python tools/cuda_emu/run_emu.py [--quick]
+    python tools/cuda_emu/run_emu.py --forward-low   # float16/bfloat16 forward, every config
 """
 import ctypes
 import itertools
@@ -85,11 +86,12 @@ def ptr(t):
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
-def emulate(lib, x, params, cfg, gy):
+def emulate(lib, x, params, cfg, gy, backward=True):
     """Forward and backward of the emulated CUDA kernels, as the binding calls them.
     x (B, C, H, W) in the layout to use; params the 12 BlockParams tensors (None if absent);
     gy like the output. Returns y, the tensor saved for backward, and the 13 gradients
-    [dx, dwa, ..., dbs] (projection grads None without a projection)."""
+    [dx, dwa, ..., dbs] (projection grads None without a projection; all None when not
+    backward)."""
     dtype = x.dtype
     batch, c, h, w = x.shape
     n, stride = params[6].shape[0], cfg.stride
@@ -110,6 +112,8 @@ def emulate(lib, x, params, cfg, gy):
     assert lib.emu_forward(code, desc, ptrs, ptr(y), ptr(pre)) == 0
     gy = gy.contiguous(memory_format=ofmt)
     saved = {ACT_NONE: None, ACT_SILU: pre}.get(cfg.act, y)
+    if not backward:
+        return y, saved, [None] * 13
     lib.emu_ws.restype = ctypes.c_size_t
     wsb = lib.emu_ws(desc, x.element_size())
     ws = torch.full((wsb // 4 + 1,), float("nan"), dtype=torch.float32)
@@ -126,7 +130,7 @@ def emulate(lib, x, params, cfg, gy):
     return y, saved, gr
 
 
-def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch):
+def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, backward=True):
     torch.manual_seed(c * 1000 + n * 10 + h + w)
     m = msfused.MultiScaleSeparableBlock(c, n, merge=merge, stride=stride, activation=act,
                                          residual=residual, bias=bias, backend="reference",
@@ -147,8 +151,8 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch):
     y64 = msfused.block_reference(x64, msfused.BlockParams(*p64), cfg)
     gy = torch.randn(y64.shape, dtype=dtype).contiguous(memory_format=memory_format_of(x))
     y64.backward(gy.double())
-    y, saved, gr = emulate(lib, x, params, cfg, gy)
-    ref = grads_of(x64, p64)
+    y, saved, gr = emulate(lib, x, params, cfg, gy, backward)
+    ref = grads_of(x64, p64) if backward else [None] * 13
     errs = {"y": rel(y, y64)}
     for name, g, r in zip(NAMES, gr, ref):
         if r is not None:
@@ -163,8 +167,10 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch):
     z.backward(gy.double() * dact_from_saved(cfg.act, sv))
     exact = {"y": errs["y"]}
     for name, g, r in zip(NAMES, gr, grads_of(xm, pm)):
-        if r is not None:
+        if g is not None and r is not None:
             exact[name] = rel(g, r)
+    if backward:
+        exact["_flips"] = act_flips(cfg.act, z.detach(), sv, dtype)
     # eager PyTorch in the same dtype, for the policy
     xe = x.detach().requires_grad_(True)
     pe = [t.detach().requires_grad_(True) if t is not None else None for t in params]
@@ -175,6 +181,21 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch):
         if r is not None:
             eager[name] = rel(g, r)
     return errs, exact, eager
+
+
+def act_flips(act, z, saved, dtype):
+    """Where act' read off the kernel's saved tensor differs from act' of the float64
+    pre-activation z (relu, relu6: 0/1 masks): (count, elements, largest distance of z to
+    the kink among them, the dtype's rounding band 4 eps rms(z))."""
+    if act not in (ACT_RELU, ACT_RELU6):
+        return 0, z.numel(), 0.0, 0.0
+    mine = dact_from_saved(act, saved)
+    exact = (z > 0).double() if act == ACT_RELU else ((z > 0) & (z < 6)).double()
+    differ = mine != exact
+    dist = z.abs() if act == ACT_RELU else torch.minimum(z.abs(), (z - 6).abs())
+    band = 4 * torch.finfo(dtype).eps * z.pow(2).mean().sqrt().item()
+    n = int(differ.sum())
+    return n, z.numel(), (dist[differ].max().item() if n else 0.0), band
 
 
 def rel(a, b):
@@ -191,14 +212,28 @@ def judge(dtype, errs, exact, eager):
         ok = errs[worst] < EXACT_TOL[dtype]
         return ok, f"worst {worst} {errs[worst]:.2e}" + ("" if ok else f"  {errs}")
     floor = torch.finfo(dtype).eps / 10
+    flips = exact.get("_flips")
+    exact = {k: v for k, v in exact.items() if not k.startswith("_")}
     we = max(exact, key=exact.get)
     bad_policy = [k for k in errs if errs[k] > 2 * eager[k] + floor]
     wp = max(errs, key=errs.get)
-    ok = exact[we] < EXACT_TOL[dtype] and not bad_policy
+    exact_ok = exact[we] < EXACT_TOL[dtype]
+    ok = exact_ok and not bad_policy
     text = (f"exact-mask worst {we} {exact[we]:.2e}; vs float64 worst {wp} {errs[wp]:.2e} "
             f"(eager {dtype_name(dtype)} {eager[wp]:.2e}, max {max(eager.values()):.2e})")
+    # A policy miss with the exact-mask check passing comes from act' itself: where the
+    # float64 pre-activation lies within the dtype's rounding of a kink (relu's 0, relu6's
+    # 0 and 6), the kernel's mask can come out the other way (so can eager's, by other
+    # roundings), and one flipped pixel moves a small case's gradients by 1e-1. Accepted
+    # only when every flip lies within that band and they are few (at most 1% of elements).
+    if exact_ok and bad_policy and flips and flips[0]:
+        n, numel, dist, band = flips
+        if dist <= band and n <= max(1, numel // 100):
+            ok = True
+            text += (f"; policy miss on {bad_policy} from {n} act' flip(s) at |z - kink| <= "
+                     f"{dist:.1e} (rounding band {band:.1e})")
     if not ok:
-        text += f"  exact={exact} policy-fails={bad_policy}"
+        text += f"  exact={exact} policy-fails={bad_policy} act'-flips={flips}"
     return ok, text
 
 
@@ -206,9 +241,53 @@ def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
+# The float16/bfloat16 forward (tensor cores, nvcuda::wmma; emu.h emulates it and asserts its
+# layout rules) over every config: merge, stride, residual (identity where C == Cout at
+# stride 1, else projection), layout, each activation; C and N not multiples of 16 / 64
+# (partial K-chunks, two 64-channel blocks), C = 1, 1x1 images, several tiles and chunks.
+FORWARD_LOW_SHAPES = [(20, 70, 11, 10, 2), (1, 1, 1, 1, 3), (5, 3, 7, 9, 2), (8, 8, 9, 6, 2),
+                      (8, 4, 9, 6, 1), (33, 64, 17, 18, 1)]
+
+
+def forward_low_cases():
+    acts = itertools.cycle(["relu", "silu", "relu6", "none"])
+    return [(shape, merge, stride, residual, cl, next(acts))
+            for shape in FORWARD_LOW_SHAPES
+            for merge, stride, residual, cl in itertools.product(
+                ("concat", "add"), (1, 2), (True, False), (False, True))]
+
+
+def run_forward_low(lib, case, dtype):
+    """(ok, line) for one forward-only float16/bfloat16 case of forward_low_cases()."""
+    (c, n, h, w, batch), merge, stride, residual, cl, act = case
+    bias = (c + h) % 2 == 0 or merge == "add"
+    errs, exact, eager = run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl,
+                             batch, backward=False)
+    ok, text = judge(dtype, errs, exact, eager)
+    identity = residual and c == out_channels(n, merge_code(merge)) and stride == 1
+    res = ("res-id" if identity else "res-proj") if residual else "nores"
+    return ok, (f"{'ok  ' if ok else 'FAIL'} fwd {dtype_name(dtype):8} C{c} N{n} {h}x{w} "
+                f"B{batch} {merge} s{stride} {act} {res} {'nhwc' if cl else 'nchw'} "
+                f"bias={bias}: {text}")
+
+
+def main_forward_low(lib):
+    fails = total = 0
+    for case in forward_low_cases():
+        for dtype in (torch.bfloat16, torch.float16):
+            ok, line = run_forward_low(lib, case, dtype)
+            fails += not ok
+            total += 1
+            print(line, flush=True)
+    print(f"{fails} failure(s) of {total}")
+    return 1 if fails else 0
+
+
 def main():
     quick = "--quick" in sys.argv
     lib = build()
+    if "--forward-low" in sys.argv:
+        return main_forward_low(lib)
     shapes = [(5, 3, 7, 9, 2), (1, 1, 1, 1, 3), (20, 70, 11, 10, 1), (3, 2, 17, 18, 1),
               (4, 2, 2, 33, 1)]
     if quick:
