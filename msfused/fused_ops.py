@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from . import autocast
 from .config import ACT_NONE, ACT_SILU, BlockConfig, out_channels, out_size
 from .layout import memory_format_of
 from .params import BlockParams
@@ -30,12 +31,20 @@ def load_error() -> Optional[str]:
     return _LOAD_ERROR
 
 
+def _kernels_registered(dispatch_key: str) -> bool:
+    return _C is not None and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"msfused::{op}", dispatch_key)
+        for op in ("block_forward", "block_backward"))
+
+
+# Fixed once the library is loaded; looked up (not queried) per call so that
+# torch.compile traces the backend choice without a graph break.
+_HAS_KERNEL = {key: _kernels_registered(key) for key in ("CPU", "CUDA")}
+
+
 def has_kernel(dispatch_key: str) -> bool:
     """Whether block_forward and block_backward have kernels for `dispatch_key` ("CPU", "CUDA")."""
-    if _C is None:
-        return False
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"msfused::{op}", dispatch_key)
-               for op in ("block_forward", "block_backward"))
+    return _HAS_KERNEL.get(dispatch_key, False)
 
 
 def _saved_kind(act: int) -> str:
@@ -93,6 +102,7 @@ if _C is not None:
 
     torch.library.register_autograd("msfused::block_forward", _backward,
                                     setup_context=_setup_context)
+    autocast.register("msfused::block_forward")
 
 
 def fused_block(x: torch.Tensor, p: BlockParams, cfg: BlockConfig) -> torch.Tensor:

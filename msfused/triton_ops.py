@@ -23,6 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import autocast
 from . import triton_kernels as K
 from .config import (ACT_NONE, ACT_SILU, MERGE_CONCAT, BlockConfig, apply_act,
                      needs_projection, out_channels, out_size)
@@ -360,6 +361,7 @@ def _backward(ctx, grad_y, _grad_pre):
 
 
 triton_block_forward.register_autograd(_backward, setup_context=_setup_context)
+autocast.register("msfused::triton_block_forward")
 
 
 # ---------------------------------------------------------------------------------------

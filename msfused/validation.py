@@ -1,7 +1,9 @@
 """Input checking of SPEC section 4, in one place that every backend goes through.
 
 Every failure is a ValueError (wrong value or shape) or TypeError (wrong type or dtype)
-whose message names the argument, what was expected and what was given. The C++ kernels
+whose message names the argument, what was expected and what was given. Under autocast
+on x's device, x and the weights may differ in floating dtype (the op casts them, as
+autocast does for conv2d). The C++ kernels
 check again (TORCH_CHECK_VALUE/TYPE) for callers of torch.ops.msfused.* directly.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ import numbers
 
 import torch
 
+from .autocast import autocast_dtype
 from .config import BlockConfig, act_code, merge_code, needs_projection, out_channels
 from .params import BlockParams
 
@@ -47,10 +50,13 @@ def make_config(stride, merge, activation, residual) -> BlockConfig:
                        act=act_code(activation), residual=check_bool("residual", residual))
 
 
-def _check_tensor(name: str, t, x: torch.Tensor, shape: tuple) -> None:
+def _check_tensor(name: str, t, x: torch.Tensor, shape: tuple, autocast: bool) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
-    if t.dtype != x.dtype:
+    if autocast:  # the op's Autocast kernel casts x and the weights to one dtype
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected a floating dtype in {FLOAT_DTYPES}, got {t.dtype}")
+    elif t.dtype != x.dtype:
         raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"{name}: expected a tensor on {x.device} (the device of x), got {t.device}")
@@ -75,25 +81,26 @@ def check_block_inputs(x, p: BlockParams, cfg: BlockConfig) -> None:
     if x.shape[1] != c:
         raise ValueError(f"x: expected {c} channels (the weights' in_channels), got {x.shape[1]} "
                          f"in shape {tuple(x.shape)}")
+    autocast = autocast_dtype(x) is not None
     if not isinstance(p.pa, torch.Tensor) or p.pa.dim() != 4:
         raise ValueError("pa: expected a (N, C, 1, 1) pointwise weight tensor")
     n = p.pa.shape[0]
     c_out = out_channels(n, cfg.merge)
     for name in ("wa", "wb", "wc"):
-        _check_tensor(name, getattr(p, name), x, (c, 1, 3, 3))
+        _check_tensor(name, getattr(p, name), x, (c, 1, 3, 3), autocast)
     for name in ("pa", "pb"):
-        _check_tensor(name, getattr(p, name), x, (n, c, 1, 1))
+        _check_tensor(name, getattr(p, name), x, (n, c, 1, 1), autocast)
     for name, size in (("ba", c), ("bb", c), ("bc", c), ("qa", n), ("qb", n)):
         if getattr(p, name) is not None:
-            _check_tensor(name, getattr(p, name), x, (size,))
+            _check_tensor(name, getattr(p, name), x, (size,), autocast)
     projection = cfg.residual and needs_projection(c, c_out, cfg.stride)
     if projection:
         if p.ws is None:
             raise ValueError(f"ws: a residual block with stride {cfg.stride}, {c} in and {c_out} out "
                              f"channels needs a ({c_out}, {c}, 1, 1) projection weight, got None")
-        _check_tensor("ws", p.ws, x, (c_out, c, 1, 1))
+        _check_tensor("ws", p.ws, x, (c_out, c, 1, 1), autocast)
         if p.bs is not None:
-            _check_tensor("bs", p.bs, x, (c_out,))
+            _check_tensor("bs", p.bs, x, (c_out,), autocast)
     elif p.ws is not None or p.bs is not None:
         why = "residual is off" if not cfg.residual else "the shortcut is the identity"
         raise ValueError(f"ws: expected None ({why}), got a tensor")

@@ -151,8 +151,23 @@ bool use_avx2() {
 void check_cpu(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "x: the CPU kernels need a CPU tensor, got one on ",
                     x.device());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                   "x: the cpp backend supports float32 and float64, got ", x.scalar_type());
+  const auto t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
+                   "x: the cpp backend supports float32, float64, bfloat16 and float16, got ",
+                   t);
+}
+
+// bfloat16/float16 (CPU autocast, or a half-precision model): the kernels compute in float32.
+// Inputs are widened once at the op boundary and the results rounded once at the end, so
+// every intermediate (a, b1, b, the GEMM sums) keeps float32 precision; the price is one
+// float32 copy of x, y and the weights, which a CPU without native bf16 FMA pays anyway.
+bool is_reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+at::Tensor widen(const at::Tensor& t) { return t.to(at::kFloat); }  // keeps the layout
+
+std::optional<at::Tensor> widen(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return t;
+  return widen(*t);
 }
 
 std::tuple<at::Tensor, at::Tensor> block_forward_cpu(
@@ -167,6 +182,13 @@ std::tuple<at::Tensor, at::Tensor> block_forward_cpu(
   TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-D tensor (B, C, H, W), got ", x.dim(), "-D");
   check_cpu(x);
   const BlockDesc d = check_and_describe(a, stride, merge, act, residual);
+  if (is_reduced(x.scalar_type())) {
+    auto [y, pre] = block_forward_cpu(widen(x), widen(wa), widen(ba), widen(wb), widen(bb),
+                                      widen(wc), widen(bc), widen(pa), widen(qa), widen(pb),
+                                      widen(qb), widen(ws), widen(bs), stride, merge, act,
+                                      residual, save_preact);
+    return {y.to(x.scalar_type()), pre.to(x.scalar_type())};
+  }
   auto opts = a.x.options().memory_format(io_format(d));
   at::Tensor y = at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts);
   at::Tensor pre = save_preact ? at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts)
@@ -197,6 +219,14 @@ std::vector<at::Tensor> block_backward_cpu(
   const BlockDesc d = check_and_describe(a, stride, merge, act, residual);
   at::Tensor gy = grad_y, sv = saved;
   check_backward_extras(d, a.x, gy, sv);
+  if (is_reduced(x.scalar_type())) {
+    std::vector<at::Tensor> grads = block_backward_cpu(
+        widen(gy), widen(x), widen(sv), widen(wa), widen(ba), widen(wb), widen(bb), widen(wc),
+        widen(bc), widen(pa), widen(qa), widen(pb), widen(qb), widen(ws), widen(bs), stride,
+        merge, act, residual);
+    for (auto& g : grads) g = g.to(x.scalar_type());
+    return grads;
+  }
   std::vector<at::Tensor> grads = alloc_grads(a, d);
   at::Tensor scratch = at::empty({backward_scratch_elems(d)}, a.x.options());
   AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "msfused_block_backward_cpu", [&] {

@@ -556,14 +556,12 @@ template const char* launch_block_backward<float>(const BlockDesc&, const BlockT
 template const char* launch_block_backward<double>(const BlockDesc&, const BlockTensors<double>&,
                                                    const double*, const double*,
                                                    const BlockGrads<double>&, void*, cudaStream_t);
-#ifndef MSFUSED_CUDA_EMU
 template const char* launch_block_backward<__half>(const BlockDesc&, const BlockTensors<__half>&,
                                                    const __half*, const __half*,
                                                    const BlockGrads<__half>&, void*, cudaStream_t);
 template const char* launch_block_backward<__nv_bfloat16>(
     const BlockDesc&, const BlockTensors<__nv_bfloat16>&, const __nv_bfloat16*,
     const __nv_bfloat16*, const BlockGrads<__nv_bfloat16>&, void*, cudaStream_t);
-#endif
 
 }  // namespace cuda
 }  // namespace msfused

@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>  // nvcuda::wmma (tensor cores) for the float16/bfloat16 forward GEMM
 #endif
 
 #include <cstdint>
@@ -17,7 +18,8 @@
   kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #endif
 #ifndef MSF_EXTERN_SMEM
-#define MSF_EXTERN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+// 128-byte aligned: WMMA fragment pointers into it must be 32-byte aligned.
+#define MSF_EXTERN_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
 namespace msfused {
@@ -29,21 +31,18 @@ template <> struct AccT<double> { using type = double; };
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
-#ifndef MSFUSED_CUDA_EMU
+// (tools/cuda_emu/emu.h supplies __half, __nv_bfloat16 and these intrinsics on the CPU.)
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-#endif
 template <typename T> __device__ __forceinline__ T from_acc(float v);
 template <typename T> __device__ __forceinline__ T from_acc(double v);
 template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
 template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
-#ifndef MSFUSED_CUDA_EMU
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
-#endif
 
 __device__ __forceinline__ float exp_acc(float v) { return expf(v); }
 __device__ __forceinline__ double exp_acc(double v) { return exp(v); }

@@ -30,7 +30,8 @@ register_backend(Backend(
     name="cpp",
     forward=fused_ops.fused_block,
     device_types=lambda: ("cpu",),
-    dtypes=(torch.float32, torch.float64),
+    # bfloat16/float16 are widened to float32 at the op boundary (csrc/cpu/block_cpu.cpp)
+    dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
     unavailable_reason=_cpp_reason,
     priority=10,
     description="fused C++ kernels (CPU)",

@@ -8,8 +8,15 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from ..autocast import autocast_dtype
 from ..config import BlockConfig
 from ..params import BlockParams
+
+
+def run_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the block runs in for x: the autocast dtype inside an autocast context
+    on x's device, else x's."""
+    return autocast_dtype(x) or x.dtype
 
 
 class BackendUnavailableError(RuntimeError):
@@ -34,15 +41,17 @@ class Backend:
     opcheck_samples: Optional[Callable[..., list]] = None
 
     def can_run(self, x: torch.Tensor) -> Optional[str]:
-        """None if this backend can run x, else why not."""
+        """None if this backend can run x, else why not. Under autocast the dtype that
+        counts is the autocast dtype, which the op casts x to."""
         reason = self.unavailable_reason()
         if reason is not None:
             return reason
         if x.device.type not in self.device_types():
             return (f"it runs on {'/'.join(self.device_types())} tensors, "
                     f"x is on {x.device}")
-        if x.dtype not in self.dtypes:
-            return f"it supports {', '.join(str(d) for d in self.dtypes)}; x is {x.dtype}"
+        dtype = run_dtype(x)
+        if dtype not in self.dtypes:
+            return f"it supports {', '.join(str(d) for d in self.dtypes)}; x is {dtype}"
         return None
 
 
@@ -103,9 +112,9 @@ def resolve_backend(name: str, x: torch.Tensor) -> Backend:
         backend = get_backend(name)
         why = backend.can_run(x)
         if why is not None:
-            if x.dtype not in backend.dtypes and backend.unavailable_reason() is None \
+            if run_dtype(x) not in backend.dtypes and backend.unavailable_reason() is None \
                     and x.device.type in backend.device_types():
-                raise TypeError(f"x: backend {name!r} cannot run dtype {x.dtype}: {why}")
+                raise TypeError(f"x: backend {name!r} cannot run dtype {run_dtype(x)}: {why}")
             if backend.unavailable_reason() is None:
                 raise ValueError(f"x: backend {name!r} cannot run this input: {why}")
             raise BackendUnavailableError(f"backend {name!r} is not available: {why}")

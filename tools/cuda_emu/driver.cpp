@@ -25,24 +25,42 @@ static BlockGrads<T> grads(void** p) {
   return BlockGrads<T>{c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8), c(9), c(10), c(11), c(12)};
 }
 
-extern "C" int emu_forward(int elem, const int64_t* dv, void** p, void* y, void* pre) {
+// dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16.
+template <typename T>
+static const char* fwd(const BlockDesc& d, void** p, void* y, void* pre) {
+  return cuda::launch_block_forward<T>(d, tens<T>(p), static_cast<T*>(y), static_cast<T*>(pre),
+                                       nullptr);
+}
+
+template <typename T>
+static const char* bwd(const BlockDesc& d, void** p, const void* gy, const void* saved, void** g,
+                       void* ws) {
+  return cuda::launch_block_backward<T>(d, tens<T>(p), static_cast<const T*>(gy),
+                                        static_cast<const T*>(saved), grads<T>(g), ws, nullptr);
+}
+
+extern "C" int emu_forward(int dtype, const int64_t* dv, void** p, void* y, void* pre) {
   const BlockDesc d = desc_of(dv);
-  const char* e = elem == 8 ? cuda::launch_block_forward<double>(d, tens<double>(p), (double*)y, (double*)pre, nullptr)
-                            : cuda::launch_block_forward<float>(d, tens<float>(p), (float*)y, (float*)pre, nullptr);
+  const char* e = dtype == 1 ? fwd<double>(d, p, y, pre)
+                : dtype == 2 ? fwd<__half>(d, p, y, pre)
+                : dtype == 3 ? fwd<__nv_bfloat16>(d, p, y, pre)
+                             : fwd<float>(d, p, y, pre);
   if (e) std::fprintf(stderr, "%s\n", e);
   return e ? 1 : 0;
 }
 
+// elem: the element size in bytes (2, 4 or 8), as the binding passes it.
 extern "C" size_t emu_ws(const int64_t* dv, int elem) {
   return cuda::block_backward_workspace_bytes(desc_of(dv), elem);
 }
 
-extern "C" int emu_backward(int elem, const int64_t* dv, void** p, const void* gy, const void* saved,
-                            void** g, void* ws) {
+extern "C" int emu_backward(int dtype, const int64_t* dv, void** p, const void* gy,
+                            const void* saved, void** g, void* ws) {
   const BlockDesc d = desc_of(dv);
-  const char* e = elem == 8
-      ? cuda::launch_block_backward<double>(d, tens<double>(p), (const double*)gy, (const double*)saved, grads<double>(g), ws, nullptr)
-      : cuda::launch_block_backward<float>(d, tens<float>(p), (const float*)gy, (const float*)saved, grads<float>(g), ws, nullptr);
+  const char* e = dtype == 1 ? bwd<double>(d, p, gy, saved, g, ws)
+                : dtype == 2 ? bwd<__half>(d, p, gy, saved, g, ws)
+                : dtype == 3 ? bwd<__nv_bfloat16>(d, p, gy, saved, g, ws)
+                             : bwd<float>(d, p, gy, saved, g, ws);
   if (e) std::fprintf(stderr, "%s\n", e);
   return e ? 1 : 0;
 }

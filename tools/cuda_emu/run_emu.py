@@ -1,8 +1,20 @@
 """Runs the CUDA kernels of csrc/cuda on the CPU through emu.h (g++, one std::thread per CUDA
 thread) and compares forward and backward with msfused.block_reference. No GPU needed;
-checks index math, halos, masking, strides, layouts and the reductions (float32/float64).
+checks index math, halos, masking, strides, layouts and the reductions, in float64 and, for
+a set of cases, bfloat16 and float16 (emu.h's __half / __nv_bfloat16 stand-ins).
+
+float16/bfloat16 are judged two ways:
+  exact-mask: against float64 whose final activation's derivative is read off the tensor the
+      kernel saved (y for relu/relu6, the pre-activation for silu), i.e. the information
+      the backward really has. What remains is rounding of the stored results (~eps), so
+      any indexing / halo / masking bug shows up well above the tolerance.
+  policy: the project's rule (README "Tolerances"): error against plain float64 at most 2x
+      eager PyTorch's in the same dtype plus eps/10, per tensor.
+The plain float64 error is printed too; with relu6 it can be several 1e-2 where the
+pre-activation lies within half an ulp below 6 (the stored y rounds to 6.0 and act' = 0).
 
     python tools/cuda_emu/run_emu.py [--quick]
+    python tools/cuda_emu/run_emu.py --forward-low   # float16/bfloat16 forward, every config
 """
 import ctypes
 import itertools
@@ -12,8 +24,18 @@ import sys
 
 import torch
 
+import torch.nn.functional as F
+
 import msfused
-from msfused.config import BlockConfig, act_code, merge_code, needs_projection, out_channels
+from msfused.config import (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_SILU, MERGE_CONCAT, BlockConfig,
+                            act_code, apply_act, merge_code, needs_projection, out_channels)
+from msfused.layout import memory_format_of
+
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+NAMES = ["dx", "wa", "ba", "wb", "bb", "wc", "bc", "pa", "qa", "pb", "qb", "ws", "bs"]
+# exact-mask tolerance (relative norm): a few units of the dtype's rounding
+EXACT_TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1.5e-2,
+             torch.float16: 2e-3}
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -31,11 +53,84 @@ def build():
     return ctypes.CDLL(LIB)
 
 
+def preact_reference(x, p, cfg):
+    """msfused.block_reference up to the final activation (the pre-activation m + shortcut)."""
+    c, s, act = x.shape[1], cfg.stride, cfg.act
+    a = apply_act(F.conv2d(x, p.wa, p.ba, stride=s, padding=1, groups=c), act)
+    b1 = apply_act(F.conv2d(x, p.wb, p.bb, stride=s, padding=1, groups=c), act)
+    b = apply_act(F.conv2d(b1, p.wc, p.bc, stride=1, padding=1, groups=c), act)
+    pa, pb = F.conv2d(a, p.pa, p.qa), F.conv2d(b, p.pb, p.qb)
+    m = torch.cat([pa, pb], dim=1) if cfg.merge == MERGE_CONCAT else pa + pb
+    if cfg.residual:
+        m = m + (x if p.ws is None else F.conv2d(x, p.ws, p.bs, stride=s))
+    return m
+
+
+def dact_from_saved(act, saved):
+    """act' as the kernels compute it from what the forward saved (common.cuh dact_saved)."""
+    if act == ACT_RELU:
+        return (saved > 0).double()
+    if act == ACT_RELU6:
+        return ((saved > 0) & (saved < 6)).double()
+    if act == ACT_SILU:
+        sg = torch.sigmoid(saved)
+        return sg * (1 + saved * (1 - sg))
+    return torch.ones_like(saved)
+
+
+def grads_of(x, params):
+    return [x.grad] + [t.grad if t is not None else None for t in params]
+
+
 def ptr(t):
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
-def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch):
+def emulate(lib, x, params, cfg, gy, backward=True):
+    """Forward and backward of the emulated CUDA kernels, as the binding calls them.
+    x (B, C, H, W) in the layout to use; params the 12 BlockParams tensors (None if absent);
+    gy like the output. Returns y, the tensor saved for backward, and the 13 gradients
+    [dx, dwa, ..., dbs] (projection grads None without a projection; all None when not
+    backward)."""
+    dtype = x.dtype
+    batch, c, h, w = x.shape
+    n, stride = params[6].shape[0], cfg.stride
+    cout = out_channels(n, cfg.merge)
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    proj = cfg.residual and needs_projection(c, cout, stride)
+    # the binding's rule (csrc/block_args.cpp suggests_channels_last)
+    chl = (c > 1 and x.stride(1) == 1) if x.is_contiguous() else x.stride(1) == 1
+    ofmt = torch.channels_last if chl else torch.contiguous_format
+    x = x.contiguous(memory_format=ofmt)
+    params = [t.detach().contiguous() if t is not None else None for t in params]
+    desc = (ctypes.c_int64 * 14)(batch, c, h, w, n, cout, ho, wo, stride, cfg.merge, cfg.act,
+                                 int(cfg.residual), int(proj), int(chl))
+    y = torch.full((batch, cout, ho, wo), float("nan"), dtype=dtype).contiguous(memory_format=ofmt)
+    pre = torch.full_like(y, float("nan"))
+    ptrs = (ctypes.c_void_p * 13)(ptr(x), *[ptr(t) for t in params])
+    code = DTYPE_CODE[dtype]
+    assert lib.emu_forward(code, desc, ptrs, ptr(y), ptr(pre)) == 0
+    gy = gy.contiguous(memory_format=ofmt)
+    saved = {ACT_NONE: None, ACT_SILU: pre}.get(cfg.act, y)
+    if not backward:
+        return y, saved, [None] * 13
+    lib.emu_ws.restype = ctypes.c_size_t
+    wsb = lib.emu_ws(desc, x.element_size())
+    ws = torch.full((wsb // 4 + 1,), float("nan"), dtype=torch.float32)
+    dx = torch.full_like(x, float("nan"))
+    gr = [dx] + [torch.full(t.shape, float("nan"), dtype=dtype) if t is not None else None
+                 for t in params]
+    # bias grads are always produced by the kernels; projection grads only with one
+    for i, t in enumerate(params):
+        if t is None and (i < 10 or (i == 11 and proj)):  # like alloc_grads
+            gr[i + 1] = torch.full((c if i < 6 else (n if i < 10 else cout),), float("nan"),
+                                   dtype=dtype)
+    gptrs = (ctypes.c_void_p * 13)(*[ptr(t) for t in gr])
+    assert lib.emu_backward(code, desc, ptrs, ptr(gy), ptr(saved), gptrs, ptr(ws)) == 0
+    return y, saved, gr
+
+
+def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, backward=True):
     torch.manual_seed(c * 1000 + n * 10 + h + w)
     m = msfused.MultiScaleSeparableBlock(c, n, merge=merge, stride=stride, activation=act,
                                          residual=residual, bias=bias, backend="reference",
@@ -48,47 +143,59 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch):
     fmt = torch.channels_last if cl else torch.contiguous_format
     x = torch.randn(batch, c, h, w, dtype=dtype).contiguous(memory_format=fmt)
     cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
-    cout = out_channels(n, cfg.merge)
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    proj = residual and needs_projection(c, cout, stride)
     chl = cl and c > 1
     x = x.contiguous(memory_format=torch.channels_last if chl else torch.contiguous_format)
-    desc = (ctypes.c_int64 * 14)(batch, c, h, w, n, cout, ho, wo, stride, cfg.merge, cfg.act,
-                                 int(residual), int(proj), int(chl))
-    ofmt = torch.channels_last if chl else torch.contiguous_format
-    y = torch.full((batch, cout, ho, wo), float("nan"), dtype=dtype).contiguous(memory_format=ofmt)
-    pre = torch.full_like(y, float("nan"))
-    ptrs = (ctypes.c_void_p * 13)(ptr(x), *[ptr(t) for t in params])
-    es = x.element_size()
-    assert lib.emu_forward(es, desc, ptrs, ptr(y), ptr(pre)) == 0
     # reference
     x64 = x.double().requires_grad_(True)
     p64 = [t.double().requires_grad_(True) if t is not None else None for t in params]
     y64 = msfused.block_reference(x64, msfused.BlockParams(*p64), cfg)
-    gy = torch.randn(y64.shape, dtype=dtype).contiguous(memory_format=ofmt)
+    gy = torch.randn(y64.shape, dtype=dtype).contiguous(memory_format=memory_format_of(x))
     y64.backward(gy.double())
-    # backward
-    saved = {0: None, 3: pre}.get(cfg.act, y)
-    lib.emu_ws.restype = ctypes.c_size_t
-    wsb = lib.emu_ws(desc, es)
-    ws = torch.full((wsb // 4 + 1,), float("nan"), dtype=torch.float32)
-    dx = torch.full_like(x, float("nan"))
-    gr = [dx] + [torch.full(t.shape, float("nan"), dtype=dtype) if t is not None else None
-                 for t in params]
-    # bias grads are always produced by the kernels; projection grads only with one
-    for i, t in enumerate(params):
-        if t is None and (i < 10 or (i == 11 and proj)):  # like alloc_grads
-            gr[i + 1] = torch.full((c if i < 6 else (n if i < 10 else cout),), float("nan"),
-                                   dtype=dtype)
-    gptrs = (ctypes.c_void_p * 13)(*[ptr(t) for t in gr])
-    assert lib.emu_backward(es, desc, ptrs, ptr(gy), ptr(saved), gptrs, ptr(ws)) == 0
-    ref = [x64.grad] + [t.grad if t is not None else None for t in p64]
+    y, saved, gr = emulate(lib, x, params, cfg, gy, backward)
+    ref = grads_of(x64, p64) if backward else [None] * 13
     errs = {"y": rel(y, y64)}
-    names = ["dx", "wa", "ba", "wb", "bb", "wc", "bc", "pa", "qa", "pb", "qb", "ws", "bs"]
-    for name, g, r in zip(names, gr, ref):
+    for name, g, r in zip(NAMES, gr, ref):
         if r is not None:
             errs[name] = rel(g, r)
-    return errs
+    if dtype in (torch.float64, torch.float32):
+        return errs, None, None
+    # exact-mask reference: float64, act' read off the kernel's saved tensor
+    xm = x.double().requires_grad_(True)
+    pm = [t.double().requires_grad_(True) if t is not None else None for t in params]
+    z = preact_reference(xm, msfused.BlockParams(*pm), cfg)
+    sv = torch.ones_like(z) if saved is None else saved.double()
+    z.backward(gy.double() * dact_from_saved(cfg.act, sv))
+    exact = {"y": errs["y"]}
+    for name, g, r in zip(NAMES, gr, grads_of(xm, pm)):
+        if g is not None and r is not None:
+            exact[name] = rel(g, r)
+    if backward:
+        exact["_flips"] = act_flips(cfg.act, z.detach(), sv, dtype)
+    # eager PyTorch in the same dtype, for the policy
+    xe = x.detach().requires_grad_(True)
+    pe = [t.detach().requires_grad_(True) if t is not None else None for t in params]
+    ye = msfused.block_reference(xe, msfused.BlockParams(*pe), cfg)
+    ye.backward(gy)
+    eager = {"y": rel(ye, y64)}
+    for name, g, r in zip(NAMES, grads_of(xe, pe), ref):
+        if r is not None:
+            eager[name] = rel(g, r)
+    return errs, exact, eager
+
+
+def act_flips(act, z, saved, dtype):
+    """Where act' read off the kernel's saved tensor differs from act' of the float64
+    pre-activation z (relu, relu6: 0/1 masks): (count, elements, largest distance of z to
+    the kink among them, the dtype's rounding band 4 eps rms(z))."""
+    if act not in (ACT_RELU, ACT_RELU6):
+        return 0, z.numel(), 0.0, 0.0
+    mine = dact_from_saved(act, saved)
+    exact = (z > 0).double() if act == ACT_RELU else ((z > 0) & (z < 6)).double()
+    differ = mine != exact
+    dist = z.abs() if act == ACT_RELU else torch.minimum(z.abs(), (z - 6).abs())
+    band = 4 * torch.finfo(dtype).eps * z.pow(2).mean().sqrt().item()
+    n = int(differ.sum())
+    return n, z.numel(), (dist[differ].max().item() if n else 0.0), band
 
 
 def rel(a, b):
@@ -98,9 +205,89 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def judge(dtype, errs, exact, eager):
+    """(ok, worst name, text) for one case."""
+    if exact is None:
+        worst = max(errs, key=errs.get)
+        ok = errs[worst] < EXACT_TOL[dtype]
+        return ok, f"worst {worst} {errs[worst]:.2e}" + ("" if ok else f"  {errs}")
+    floor = torch.finfo(dtype).eps / 10
+    flips = exact.get("_flips")
+    exact = {k: v for k, v in exact.items() if not k.startswith("_")}
+    we = max(exact, key=exact.get)
+    bad_policy = [k for k in errs if errs[k] > 2 * eager[k] + floor]
+    wp = max(errs, key=errs.get)
+    exact_ok = exact[we] < EXACT_TOL[dtype]
+    ok = exact_ok and not bad_policy
+    text = (f"exact-mask worst {we} {exact[we]:.2e}; vs float64 worst {wp} {errs[wp]:.2e} "
+            f"(eager {dtype_name(dtype)} {eager[wp]:.2e}, max {max(eager.values()):.2e})")
+    # A policy miss with the exact-mask check passing comes from act' itself: where the
+    # float64 pre-activation lies within the dtype's rounding of a kink (relu's 0, relu6's
+    # 0 and 6), the kernel's mask can come out the other way (so can eager's, by other
+    # roundings), and one flipped pixel moves a small case's gradients by 1e-1. Accepted
+    # only when every flip lies within that band and they are few (at most 1% of elements).
+    if exact_ok and bad_policy and flips and flips[0]:
+        n, numel, dist, band = flips
+        if dist <= band and n <= max(1, numel // 100):
+            ok = True
+            text += (f"; policy miss on {bad_policy} from {n} act' flip(s) at |z - kink| <= "
+                     f"{dist:.1e} (rounding band {band:.1e})")
+    if not ok:
+        text += f"  exact={exact} policy-fails={bad_policy} act'-flips={flips}"
+    return ok, text
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+# The float16/bfloat16 forward (tensor cores, nvcuda::wmma; emu.h emulates it and asserts its
+# layout rules) over every config: merge, stride, residual (identity where C == Cout at
+# stride 1, else projection), layout, each activation; C and N not multiples of 16 / 64
+# (partial K-chunks, two 64-channel blocks), C = 1, 1x1 images, several tiles and chunks.
+FORWARD_LOW_SHAPES = [(20, 70, 11, 10, 2), (1, 1, 1, 1, 3), (5, 3, 7, 9, 2), (8, 8, 9, 6, 2),
+                      (8, 4, 9, 6, 1), (33, 64, 17, 18, 1)]
+
+
+def forward_low_cases():
+    acts = itertools.cycle(["relu", "silu", "relu6", "none"])
+    return [(shape, merge, stride, residual, cl, next(acts))
+            for shape in FORWARD_LOW_SHAPES
+            for merge, stride, residual, cl in itertools.product(
+                ("concat", "add"), (1, 2), (True, False), (False, True))]
+
+
+def run_forward_low(lib, case, dtype):
+    """(ok, line) for one forward-only float16/bfloat16 case of forward_low_cases()."""
+    (c, n, h, w, batch), merge, stride, residual, cl, act = case
+    bias = (c + h) % 2 == 0 or merge == "add"
+    errs, exact, eager = run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl,
+                             batch, backward=False)
+    ok, text = judge(dtype, errs, exact, eager)
+    identity = residual and c == out_channels(n, merge_code(merge)) and stride == 1
+    res = ("res-id" if identity else "res-proj") if residual else "nores"
+    return ok, (f"{'ok  ' if ok else 'FAIL'} fwd {dtype_name(dtype):8} C{c} N{n} {h}x{w} "
+                f"B{batch} {merge} s{stride} {act} {res} {'nhwc' if cl else 'nchw'} "
+                f"bias={bias}: {text}")
+
+
+def main_forward_low(lib):
+    fails = total = 0
+    for case in forward_low_cases():
+        for dtype in (torch.bfloat16, torch.float16):
+            ok, line = run_forward_low(lib, case, dtype)
+            fails += not ok
+            total += 1
+            print(line, flush=True)
+    print(f"{fails} failure(s) of {total}")
+    return 1 if fails else 0
+
+
 def main():
     quick = "--quick" in sys.argv
     lib = build()
+    if "--forward-low" in sys.argv:
+        return main_forward_low(lib)
     shapes = [(5, 3, 7, 9, 2), (1, 1, 1, 1, 3), (20, 70, 11, 10, 1), (3, 2, 17, 18, 1),
               (4, 2, 2, 33, 1)]
     if quick:
@@ -112,18 +299,31 @@ def main():
               ((4, 4, 5, 5, 1), "add", 1, True, False),
               # enough pixels for several splits of the weight-gradient reduction (S > 1)
               ((3, 2, 25, 24, 2), "concat", 1, True, True), ((3, 3, 25, 24, 2), "add", 2, True, False)]
-    for (c, n, h, w, batch), merge, stride, residual, cl in cases:
-        act = next(acts)
-        for dtype in (torch.float64,):
+    cases = [(shape, merge, stride, residual, cl, next(acts), (torch.float64,))
+             for shape, merge, stride, residual, cl in cases]
+    # float16 / bfloat16: each activation, both layouts, partial tiles, C and N not multiples
+    # of 16, two 64-channel blocks. The first is the H200 run's bf16 NHWC case (benchmarks/
+    # NOTES.md: 4.3e-2 against float64): exactly the kernel's rounding, see the docstring.
+    low = (torch.bfloat16, torch.float16)
+    cases += [((20, 70, 11, 10, 2), "add", 2, True, True, "relu6", low),
+              ((20, 70, 11, 10, 2), "add", 2, True, False, "relu6", low),
+              ((20, 70, 13, 9, 2), "concat", 2, True, True, "silu", low),
+              ((5, 3, 7, 9, 2), "concat", 1, True, True, "relu", low),
+              ((8, 8, 9, 6, 2), "add", 1, True, True, "none", low)]
+    if quick:
+        cases = cases[:4] + cases[-5:-3]
+    for (c, n, h, w, batch), merge, stride, residual, cl, act, dtypes in cases:
+        for dtype in dtypes:
             bias = (c + h) % 2 == 0 or merge == "add"
-            errs = run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch)
-            worst = max(errs, key=errs.get)
-            ok = errs[worst] < 1e-9
+            errs, exact, eager = run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype,
+                                     cl, batch)
+            ok, text = judge(dtype, errs, exact, eager)
             fails += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} C{c} N{n} {h}x{w} B{batch} {merge} s{stride} {act} "
-                  f"{'res' if residual else 'nores'} {'nhwc' if cl else 'nchw'} bias={bias}: "
-                  f"worst {worst} {errs[worst]:.2e}" + ("" if ok else f"  {errs}"), flush=True)
-    print(f"{fails} failure(s) of {len(cases)}")
+            print(f"{'ok  ' if ok else 'FAIL'} {dtype_name(dtype):8} C{c} N{n} {h}x{w} B{batch} "
+                  f"{merge} s{stride} {act} {'res' if residual else 'nores'} "
+                  f"{'nhwc' if cl else 'nchw'} bias={bias}: {text}", flush=True)
+    total = sum(len(c[-1]) for c in cases)
+    print(f"{fails} failure(s) of {total}")
     return 1 if fails else 0
 
 
