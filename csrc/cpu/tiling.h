@@ -42,12 +42,11 @@ static inline Plan make_plan(const BlockDesc& d, bool backward = false) {
   p.Ktot = 2 * d.C + p.Cs;
   p.pixel_major = d.C >= kPixelMajorMinC;
   p.per_image = backward && p.pixel_major && d.B >= kPerImageMinB;
-  // Aim the packed tile matrix (Ktot x P) at ~128 KiB (planar) / ~256 KiB (pixel-major: the
-  // b1 halo rows cost relatively less in taller tiles) so it stays in L2 while the GEMM
-  // streams over it, with at least 32 pixels so the GEMM is not degenerate. The per-image
-  // backward aims at 1 MiB: halo rows are recomputed in both of its passes, and measured
-  // whole 14x14 and 28x28 images cost the GEMMs nothing.
-  int64_t target_p = (p.per_image ? 262144 : p.pixel_major ? 65536 : 32768) / p.Ktot;
+  // Aim the packed tile matrix (Ktot x P) at ~128 KiB (planar) / ~1 MiB (pixel-major: the
+  // b1 halo rows are recomputed once per tile in the forward and in both backward passes,
+  // and whole 14x14 and 28x28 images measured no slower in the GEMMs than 256 KiB tiles),
+  // with at least 32 pixels so the GEMM is not degenerate.
+  int64_t target_p = (p.pixel_major ? 262144 : 32768) / p.Ktot;
   if (target_p < 32) target_p = 32;
   if (target_p > 1024) target_p = 1024;
   int64_t r = target_p / d.Wo;
@@ -55,7 +54,7 @@ static inline Plan make_plan(const BlockDesc& d, bool backward = false) {
   if (r > d.Ho) r = d.Ho;
   // Enough tiles to keep many cores busy: split rows further for small batches.
   if (!p.per_image)
-    while (r > 1 && d.B * ceil_div(d.Ho, r) < 64) r = ceil_div(r, 2);
+    while (r > 1 && d.B * ceil_div(d.Ho, r) < 32) r = ceil_div(r, 2);
   // Balance the bands (14 rows at R = 6 would be 6 + 6 + 2): same count, rows spread evenly.
   r = ceil_div(d.Ho, ceil_div(d.Ho, r));
   p.R = r;
