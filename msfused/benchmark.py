@@ -173,6 +173,10 @@ def _variants(shape: Shape, device: str, dtype: torch.dtype, backends: List[str]
         out.append((f"{b}-nchw", m, torch.contiguous_format))
         out.append((f"{b}-cl", m, torch.channels_last))
     if compile_ref:  # inductor prefers channels_last for convolutions
+        # a fresh dynamo cache per shape: every shape recompiles the block's forward (and
+        # again for grad mode), and past torch._dynamo.config.recompile_limit dynamo
+        # silently runs the later shapes eagerly
+        torch._dynamo.reset()
         out.append(("compile-cl", torch.compile(base), torch.channels_last))
     return out
 
