@@ -214,7 +214,9 @@ class BlockMatch:
                    for u in self.units())
 
     def modules(self) -> List[str]:
-        return [n.target for n in self.nodes if n.op == "call_module"]
+        """The modules whose calls the block replaces, each once (a shared activation
+        module is called several times)."""
+        return list(dict.fromkeys(n.target for n in self.nodes if n.op == "call_module"))
 
     def batchnorms(self) -> List[str]:
         return [u.bn for u in self.units() if u.bn is not None]
