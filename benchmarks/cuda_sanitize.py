@@ -25,11 +25,11 @@ import itertools
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import msfused
-from msfused.config import (ACT_RELU, ACT_RELU6, MERGE_CONCAT, BlockConfig, act_code, apply_act,
+from msfused.config import (ACT_RELU, ACT_RELU6, BlockConfig, act_code, apply_act,
                             merge_code)
+from msfused.reference import block_preactivation
 
 TOL = {torch.float32: 1e-4}
 EXACT_MASK_TOL = {torch.bfloat16: 1.5e-2}
@@ -39,19 +39,6 @@ BACKEND = "cuda"
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def preact(x, p, cfg):
-    """msfused.block_reference without the final activation."""
-    c, s, act = x.shape[1], cfg.stride, cfg.act
-    a = apply_act(F.conv2d(x, p.wa, p.ba, stride=s, padding=1, groups=c), act)
-    b1 = apply_act(F.conv2d(x, p.wb, p.bb, stride=s, padding=1, groups=c), act)
-    b = apply_act(F.conv2d(b1, p.wc, p.bc, stride=1, padding=1, groups=c), act)
-    pa, pb = F.conv2d(a, p.pa, p.qa), F.conv2d(b, p.pb, p.qb)
-    m = torch.cat([pa, pb], dim=1) if cfg.merge == MERGE_CONCAT else pa + pb
-    if cfg.residual:
-        m = m + (x if p.ws is None else F.conv2d(x, p.ws, p.bs, stride=s))
-    return m
 
 
 def grads_of(x, params):
@@ -94,7 +81,7 @@ def one(c, n, h, w, merge, stride, act, residual, dtype, channels_last, batch=2)
     # exact mask: relu/relu6 derivative from the kernel's (rounded) output
     xm = x.detach().double().requires_grad_(True)
     pm = [t.detach().double().requires_grad_(True) if t is not None else None for t in m.params()]
-    z = preact(xm, msfused.BlockParams(*pm), cfg)
+    z = block_preactivation(xm, msfused.BlockParams(*pm), cfg)
     yd = y.detach().double()
     if cfg.act == ACT_RELU:
         z.backward(gy.double() * (yd > 0))

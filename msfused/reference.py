@@ -13,7 +13,9 @@ from .layout import memory_format_of
 from .params import BlockParams
 
 
-def block_reference(x: torch.Tensor, p: BlockParams, cfg: BlockConfig) -> torch.Tensor:
+def block_preactivation(x: torch.Tensor, p: BlockParams, cfg: BlockConfig) -> torch.Tensor:
+    """The block up to its final activation (m, plus the shortcut with a residual): what
+    the kernels save for silu, and what the CUDA tools differentiate with their own act'."""
     c = x.shape[1]
     s, act = cfg.stride, cfg.act
     a = apply_act(F.conv2d(x, p.wa, p.ba, stride=s, padding=1, groups=c), act)
@@ -24,4 +26,9 @@ def block_reference(x: torch.Tensor, p: BlockParams, cfg: BlockConfig) -> torch.
     m = torch.cat([pa, pb], dim=1) if cfg.merge == MERGE_CONCAT else pa + pb
     if cfg.residual:
         m = m + (x if p.ws is None else F.conv2d(x, p.ws, p.bs, stride=s))
-    return apply_act(m, act).contiguous(memory_format=memory_format_of(x))
+    return m
+
+
+def block_reference(x: torch.Tensor, p: BlockParams, cfg: BlockConfig) -> torch.Tensor:
+    y = apply_act(block_preactivation(x, p, cfg), cfg.act)
+    return y.contiguous(memory_format=memory_format_of(x))

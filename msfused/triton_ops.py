@@ -29,6 +29,7 @@ from .config import (ACT_NONE, ACT_SILU, MERGE_CONCAT, BlockConfig, apply_act,
                      needs_projection, out_channels, out_size)
 from .layout import memory_format_of
 from .params import BlockParams
+from .reference import block_preactivation
 
 triton_op = torch.library.triton_op
 wrap_triton = torch.library.wrap_triton
@@ -135,17 +136,9 @@ def _biases(x, ba, bb, bc, qa, qb, bs, c, n, c_out, res):
 # ---------------------------------------------------------------------------------------
 
 def _reference_fwd(x, p: BlockParams, cfg: BlockConfig):
-    import torch.nn.functional as F
-    c, s, act = x.shape[1], cfg.stride, cfg.act
-    a = apply_act(F.conv2d(x, p.wa, p.ba, stride=s, padding=1, groups=c), act)
-    b1 = apply_act(F.conv2d(x, p.wb, p.bb, stride=s, padding=1, groups=c), act)
-    b = apply_act(F.conv2d(b1, p.wc, p.bc, stride=1, padding=1, groups=c), act)
-    pa, pb = F.conv2d(a, p.pa, p.qa), F.conv2d(b, p.pb, p.qb)
-    m = torch.cat([pa, pb], 1) if cfg.merge == MERGE_CONCAT else pa + pb
-    if cfg.residual:
-        m = m + (x if p.ws is None else F.conv2d(x, p.ws, p.bs, stride=s))
+    m = block_preactivation(x, p, cfg)
     fmt = memory_format_of(x)
-    return apply_act(m, act).contiguous(memory_format=fmt), m.contiguous(memory_format=fmt)
+    return apply_act(m, cfg.act).contiguous(memory_format=fmt), m.contiguous(memory_format=fmt)
 
 
 # ---------------------------------------------------------------------------------------

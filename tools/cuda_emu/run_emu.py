@@ -24,12 +24,11 @@ import sys
 
 import torch
 
-import torch.nn.functional as F
-
 import msfused
-from msfused.config import (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_SILU, MERGE_CONCAT, BlockConfig,
-                            act_code, apply_act, merge_code, needs_projection, out_channels)
+from msfused.config import (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_SILU, BlockConfig,
+                            act_code, merge_code, needs_projection, out_channels)
 from msfused.layout import memory_format_of
+from msfused.reference import block_preactivation
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 NAMES = ["dx", "wa", "ba", "wb", "bb", "wc", "bc", "pa", "qa", "pb", "qb", "ws", "bs"]
@@ -51,19 +50,6 @@ def build():
            "-x", "c++", *src, "-o", LIB]
     subprocess.run(cmd, check=True)
     return ctypes.CDLL(LIB)
-
-
-def preact_reference(x, p, cfg):
-    """msfused.block_reference up to the final activation (the pre-activation m + shortcut)."""
-    c, s, act = x.shape[1], cfg.stride, cfg.act
-    a = apply_act(F.conv2d(x, p.wa, p.ba, stride=s, padding=1, groups=c), act)
-    b1 = apply_act(F.conv2d(x, p.wb, p.bb, stride=s, padding=1, groups=c), act)
-    b = apply_act(F.conv2d(b1, p.wc, p.bc, stride=1, padding=1, groups=c), act)
-    pa, pb = F.conv2d(a, p.pa, p.qa), F.conv2d(b, p.pb, p.qb)
-    m = torch.cat([pa, pb], dim=1) if cfg.merge == MERGE_CONCAT else pa + pb
-    if cfg.residual:
-        m = m + (x if p.ws is None else F.conv2d(x, p.ws, p.bs, stride=s))
-    return m
 
 
 def dact_from_saved(act, saved):
@@ -162,7 +148,7 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, b
     # exact-mask reference: float64, act' read off the kernel's saved tensor
     xm = x.double().requires_grad_(True)
     pm = [t.double().requires_grad_(True) if t is not None else None for t in params]
-    z = preact_reference(xm, msfused.BlockParams(*pm), cfg)
+    z = block_preactivation(xm, msfused.BlockParams(*pm), cfg)
     sv = torch.ones_like(z) if saved is None else saved.double()
     z.backward(gy.double() * dact_from_saved(cfg.act, sv))
     exact = {"y": errs["y"]}
