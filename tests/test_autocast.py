@@ -5,9 +5,10 @@ CPU bfloat16 everywhere; CUDA bfloat16 and float16 where a GPU is visible."""
 import pytest
 import torch
 
-import msfused
+import msfused  # noqa: F401 - registers torch.ops.msfused
+
 from blockutil import make_block, rel_err
-from conftest import backend_device
+from conftest import backend_device, require
 
 CASES = [("concat", "relu", True, 1), ("add", "silu", True, 2), ("concat", "relu6", False, 2)]
 
@@ -81,8 +82,7 @@ def test_autocast_accepts_lower_precision_input_with_float32_weights(fused_backe
 
 def test_autocast_kernel_on_the_op():
     """The Autocast kernel is on the operator itself, so direct torch.ops calls autocast too."""
-    if not msfused.available_backends()["cpp"].available:
-        pytest.skip(f"backend 'cpp' unavailable here: {msfused.available_backends()['cpp'].reason}")
+    require("cpp")
     m = make_block(4, 2)
     x = torch.randn(1, 4, 3, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import msfused
+from conftest import require
 from msfused.models import PaperNet
 
 STEPS, BATCH = 3, 8
@@ -66,8 +67,7 @@ def _free_port():
 
 
 def test_ddp_two_processes_match_one(tmp_path):
-    if not msfused.available_backends()["cpp"].available:
-        pytest.skip(f"backend 'cpp' unavailable here: {msfused.available_backends()['cpp'].reason}")
+    require("cpp")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this PyTorch build")
     out = os.path.join(tmp_path, "ddp.pt")
