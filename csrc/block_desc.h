@@ -3,10 +3,12 @@
 #pragma once
 #include <cstdint>
 
+#include "activations.h"  // enum Act
+
 namespace msfused {
 
+// The codes of the schemas' `merge` argument (msfused/config.py MERGES: code = index).
 enum Merge : int { kConcat = 0, kAdd = 1 };
-enum Act : int { kActNone = 0, kActRelu = 1, kActRelu6 = 2, kActSilu = 3 };
 
 struct BlockDesc {
   int64_t B, C, H, W;     // input
@@ -14,7 +16,7 @@ struct BlockDesc {
   int64_t Ho, Wo;         // output spatial size: (H - 1) / stride + 1
   int stride;             // 1 or 2
   int merge;              // Merge
-  int act;                // Act
+  int act;                // Act (csrc/activations.h)
   bool residual;          // add a shortcut before the final activation
   bool projection;        // the shortcut is a 1x1 conv (ws, bs) rather than the identity
   bool channels_last;     // x, y (and grads) are NHWC in memory; else NCHW

@@ -1,6 +1,7 @@
 // CPU binding of msfused::block_forward / block_backward: checks arguments (shared with
 // CUDA, csrc/block_args.cpp), allocates outputs and scratch, and runs the fused kernels
 // with ATen's thread pool and the BLAS that PyTorch itself links.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <dlfcn.h>
@@ -163,37 +164,15 @@ void check_cpu(const at::Tensor& x) {
 // float32 copy of x, y and the weights, which a CPU without native bf16 FMA pays anyway.
 bool is_reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
-at::Tensor widen(const at::Tensor& t) { return t.to(at::kFloat); }  // keeps the layout
-
-std::optional<at::Tensor> widen(const std::optional<at::Tensor>& t) {
-  if (!t.has_value()) return t;
-  return widen(*t);
-}
-
-std::tuple<at::Tensor, at::Tensor> block_forward_cpu(
-    const at::Tensor& x, const at::Tensor& wa, const std::optional<at::Tensor>& ba,
-    const at::Tensor& wb, const std::optional<at::Tensor>& bb, const at::Tensor& wc,
-    const std::optional<at::Tensor>& bc, const at::Tensor& pa,
-    const std::optional<at::Tensor>& qa, const at::Tensor& pb,
-    const std::optional<at::Tensor>& qb, const std::optional<at::Tensor>& ws,
-    const std::optional<at::Tensor>& bs, int64_t stride, int64_t merge, int64_t act,
-    bool residual, bool save_preact) {
-  BlockArgs a = make_block_args(x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs);
-  TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-D tensor (B, C, H, W), got ", x.dim(), "-D");
-  check_cpu(x);
-  const BlockDesc d = check_and_describe(a, stride, merge, act, residual);
-  if (is_reduced(x.scalar_type())) {
-    auto [y, pre] = block_forward_cpu(widen(x), widen(wa), widen(ba), widen(wb), widen(bb),
-                                      widen(wc), widen(bc), widen(pa), widen(qa), widen(pb),
-                                      widen(qb), widen(ws), widen(bs), stride, merge, act,
-                                      residual, save_preact);
-    return {y.to(x.scalar_type()), pre.to(x.scalar_type())};
-  }
-  auto opts = a.x.options().memory_format(io_format(d));
+// y (and the pre-activation when save_preact) for validated, contiguous arguments of a
+// dtype the kernels compute in (float32, float64).
+std::tuple<at::Tensor, at::Tensor> forward_kernel(const BlockDesc& d, const BlockArgs& a,
+                                                  bool save_preact) {
+  auto opts = a.x->options().memory_format(io_format(d));
   at::Tensor y = at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts);
   at::Tensor pre = save_preact ? at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts)
-                               : at::empty({0}, a.x.options());
-  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "msfused_block_forward_cpu", [&] {
+                               : at::empty({0}, a.x->options());
+  AT_DISPATCH_FLOATING_TYPES(a.x->scalar_type(), "msfused_block_forward_cpu", [&] {
     auto t = tensors_of<scalar_t>(a);
     scalar_t* p = save_preact ? pre.data_ptr<scalar_t>() : nullptr;
     if (use_avx2())
@@ -204,35 +183,15 @@ std::tuple<at::Tensor, at::Tensor> block_forward_cpu(
   return {y, pre};
 }
 
-std::vector<at::Tensor> block_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& saved,
-    const at::Tensor& wa, const std::optional<at::Tensor>& ba, const at::Tensor& wb,
-    const std::optional<at::Tensor>& bb, const at::Tensor& wc,
-    const std::optional<at::Tensor>& bc, const at::Tensor& pa,
-    const std::optional<at::Tensor>& qa, const at::Tensor& pb,
-    const std::optional<at::Tensor>& qb, const std::optional<at::Tensor>& ws,
-    const std::optional<at::Tensor>& bs, int64_t stride, int64_t merge, int64_t act,
-    bool residual) {
-  BlockArgs a = make_block_args(x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs);
-  TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-D tensor (B, C, H, W), got ", x.dim(), "-D");
-  check_cpu(x);
-  const BlockDesc d = check_and_describe(a, stride, merge, act, residual);
-  at::Tensor gy = grad_y, sv = saved;
-  check_backward_extras(d, a.x, gy, sv);
-  if (is_reduced(x.scalar_type())) {
-    std::vector<at::Tensor> grads = block_backward_cpu(
-        widen(gy), widen(x), widen(sv), widen(wa), widen(ba), widen(wb), widen(bb), widen(wc),
-        widen(bc), widen(pa), widen(qa), widen(pb), widen(qb), widen(ws), widen(bs), stride,
-        merge, act, residual);
-    for (auto& g : grads) g = g.to(x.scalar_type());
-    return grads;
-  }
+std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
+                                        const at::Tensor& gy, const at::Tensor& sv) {
   std::vector<at::Tensor> grads = alloc_grads(a, d);
-  at::Tensor scratch = at::empty({backward_scratch_elems(d)}, a.x.options());
-  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "msfused_block_backward_cpu", [&] {
+  const BackwardScratch sl = backward_scratch(d, make_plan(d, true));
+  at::Tensor scratch = at::empty({sl.total}, a.x->options());
+  AT_DISPATCH_FLOATING_TYPES(a.x->scalar_type(), "msfused_block_backward_cpu", [&] {
     auto t = tensors_of<scalar_t>(a);
     auto g = grads_of<scalar_t>(grads, d);
-    const scalar_t* s = d.act == kActNone ? nullptr : sv.data_ptr<scalar_t>();
+    const scalar_t* s = act_saves(d.act) == kSavesNothing ? nullptr : sv.data_ptr<scalar_t>();
     if (use_avx2())
       avx2::block_backward<scalar_t>(runtime(), d, t, gy.data_ptr<scalar_t>(), s, g,
                                      scratch.data_ptr<scalar_t>());
@@ -243,17 +202,30 @@ std::vector<at::Tensor> block_backward_cpu(
   return grads;
 }
 
-}  // namespace
-
-int64_t backward_scratch_elems(const BlockDesc& d) {
-  const Plan pl = make_plan(d, true);
-  // pixel-major: the branch gradients are kept zero-padded, [B][Ho + 2][Wo + 2][C]
-  // (none with the per-image plan: one image's worth per thread, thread-local)
-  const int64_t per = pl.per_image     ? 0
-                      : pl.pixel_major ? d.B * d.C * (d.Ho + 2) * (d.Wo + 2)
-                                       : d.B * d.C * d.Ho * d.Wo;
-  return 2 * per + pl.nchunks * pl.part;
+std::tuple<at::Tensor, at::Tensor> block_forward_cpu(MSF_FORWARD_PARAMS) {
+  BlockArgs a = make_block_args(x, MSF_WEIGHT_ARGS);
+  check_cpu(x);
+  const BlockDesc d = check_and_describe(a, MSF_CONFIG_ARGS);
+  if (!is_reduced(x.scalar_type())) return forward_kernel(d, a, save_preact);
+  auto [y, pre] = forward_kernel(d, cast_block_args(a, at::kFloat), save_preact);
+  return {y.to(x.scalar_type()), pre.to(x.scalar_type())};
 }
+
+std::vector<at::Tensor> block_backward_cpu(MSF_BACKWARD_PARAMS) {
+  BlockArgs a = make_block_args(x, MSF_WEIGHT_ARGS);
+  check_cpu(x);
+  const BlockDesc d = check_and_describe(a, MSF_CONFIG_ARGS);
+  TensorRef gy = TensorRef::borrowed(grad_y), sv = TensorRef::borrowed(saved);
+  check_backward_extras(d, *a.x, gy, sv);
+  if (!is_reduced(x.scalar_type())) return backward_kernel(d, a, *gy, *sv);
+  std::vector<at::Tensor> grads =
+      backward_kernel(d, cast_block_args(a, at::kFloat), gy->to(at::kFloat),
+                      sv->numel() ? sv->to(at::kFloat) : *sv);
+  for (auto& g : grads) g = g.to(x.scalar_type());
+  return grads;
+}
+
+}  // namespace
 
 }  // namespace cpu
 }  // namespace msfused

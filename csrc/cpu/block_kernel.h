@@ -27,10 +27,6 @@ struct Runtime {
   int64_t num_threads;
 };
 
-// Scratch the backward needs in device memory: two buffers for the gradients at the heads
-// of branch A and B (planar (B, C, Ho, Wo), or pixel-major zero-padded (B, Ho + 2, Wo + 2, C)),
-// and per-chunk partial weight gradients.
-int64_t backward_scratch_elems(const BlockDesc& d);
 
 #define MSFUSED_DECLARE_ISA(isa)                                                          \
   namespace isa {                                                                         \

@@ -31,6 +31,10 @@ static const int64_t kPixelMajorMinC = 8;
 // From this batch size on, the pixel-major backward works image by image (Plan::per_image).
 static const int64_t kPerImageMinB = 4;
 
+// The smallest tile (elements of the packed matrix A) that make_plan splits rows down to
+// for parallelism.
+static const int64_t kMinSplitElems = 4096;
+
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // backward: the plan of the backward, which with enough images (per_image) takes its
@@ -52,9 +56,13 @@ static inline Plan make_plan(const BlockDesc& d, bool backward = false) {
   int64_t r = target_p / d.Wo;
   if (r < 1) r = 1;
   if (r > d.Ho) r = d.Ho;
-  // Enough tiles to keep many cores busy: split rows further for small batches.
+  // Enough tiles to keep many cores busy: split rows further for small batches, as long
+  // as a tile keeps kMinSplitElems elements of A (below that a tile's fixed costs, the
+  // row buffers and GEMM calls, outweigh its work; benchmarks/NOTES.md entry 8).
   if (!p.per_image)
-    while (r > 1 && d.B * ceil_div(d.Ho, r) < 32) r = ceil_div(r, 2);
+    while (r > 1 && d.B * ceil_div(d.Ho, r) < 32 &&
+           ceil_div(r, 2) * d.Wo * p.Ktot >= kMinSplitElems)
+      r = ceil_div(r, 2);
   // Balance the bands (14 rows at R = 6 would be 6 + 6 + 2): same count, rows spread evenly.
   r = ceil_div(d.Ho, ceil_div(d.Ho, r));
   p.R = r;
@@ -75,9 +83,39 @@ static inline Plan make_plan(const BlockDesc& d, bool backward = false) {
   if (p.per_image) p.nchunks = d.B < cap ? d.B : cap;
   // A multiple of 8 tasks when there are more: at::parallel_for hands each thread one
   // contiguous run of tasks, and 9 or 15 chunks on 2 (4, 8) threads leave one thread a
-  // chunk behind (mnet-14: 9 chunks of 3-4 images, 17 vs 15 images per thread).
+  // chunk behind (benchmarks/NOTES.md entry 7).
   if (p.nchunks > 8) p.nchunks -= p.nchunks % 8;
   return p;
+}
+
+// Elements of the packed pointwise (+ projection) weights. add: [Pa | Ws | Pb] (N x Ktot);
+// concat: [Pa | Ws[:N]] and [Ws[N:] | Pb] (each N x (C + Cs)).
+static inline int64_t packed_weight_elems(const BlockDesc& d, const Plan& p) {
+  return d.merge == kAdd ? d.N * p.Ktot : 2 * d.N * (d.C + p.Cs);
+}
+
+// The backward's scratch, one buffer that the binding allocates and the kernel carves up
+// (offsets in elements): the gradients at the heads of branch A and B (sa, sb), then one
+// partial-gradient block per chunk (parts, nchunks x Plan::part). The branch buffers are
+// planar (B, C, Ho, Wo) on the planar path, zero-padded pixel-major (B, Ho + 2, Wo + 2, C)
+// on the pixel-major path, and empty with the per-image plan (there each thread keeps one
+// image's worth, thread-local).
+struct BackwardScratch {
+  int64_t branch;  // elements of each branch buffer
+  int64_t sa, sb, parts;
+  int64_t total;
+};
+
+static inline BackwardScratch backward_scratch(const BlockDesc& d, const Plan& p) {
+  BackwardScratch s;
+  s.branch = p.per_image     ? 0
+             : p.pixel_major ? d.B * d.C * (d.Ho + 2) * (d.Wo + 2)
+                             : d.B * d.C * d.Ho * d.Wo;
+  s.sa = 0;
+  s.sb = s.branch;
+  s.parts = 2 * s.branch;
+  s.total = s.parts + p.nchunks * p.part;
+  return s;
 }
 
 }  // namespace cpu

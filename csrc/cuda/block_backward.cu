@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(NT) gz_kernel(BlockDesc d, const T* __restrict
     const int64_t p = e % P, t = e / P, co = t % d.Cout, b = t / d.Cout;
     const int64_t io = d.channels_last ? (b * P + p) * d.Cout + co : e;
     A g = to_acc(gy[io]);
-    if (d.act != kActNone) g *= dact_saved(d.act, to_acc(saved[io]));
+    if (act_saves(d.act) != kSavesNothing) g = act_grad(d.act, g, to_acc(saved[io]));
     G[e] = g;
   }
 }
@@ -153,9 +153,9 @@ __global__ void __launch_bounds__(NT) wgrad_kernel(BlockDesc d, const T* __restr
         if (m < M) gv = G[(b * d.Cout + grow + m) * P + p];
         if (c < C) {
           if (which == 0) {
-            sv = act_fn(d.act, Apre[(b * C + c) * P + p]);
+            sv = act_apply(d.act, Apre[(b * C + c) * P + p]);
           } else if (which == 1) {
-            sv = act_fn(d.act, Bpre[(b * C + c) * P + p]);
+            sv = act_apply(d.act, Bpre[(b * C + c) * P + p]);
           } else {
             const int64_t oh = p / d.Wo, ow = p % d.Wo;
             sv = to_acc(x[io_index(d.channels_last, b, c, d.stride * oh, d.stride * ow, C, d.H,
@@ -252,9 +252,9 @@ __global__ void __launch_bounds__(NT) dact_kernel(BlockDesc d, BlockTensors<T> t
       if (c >= C || p >= P) continue;
       const int64_t off = (b * C + c) * P + p;
       if (which == 0) {
-        Apre[off] = acc[i][j] * dact_pre(d.act, Apre[off]);
+        Apre[off] = act_grad(d.act, acc[i][j], Apre[off]);
       } else if (which == 1) {
-        Bpre[off] = acc[i][j] * dact_pre(d.act, Bpre[off]);
+        Bpre[off] = act_grad(d.act, acc[i][j], Bpre[off]);
       } else {
         dXS[off] = acc[i][j];
       }
@@ -328,13 +328,13 @@ __global__ void __launch_bounds__(NT) dw_kernel(BlockDesc d, BlockTensors<T> t,
         A bv = A(0), g1 = A(0);
         if (oh >= 0 && oh < d.Ho && ow >= 0 && ow < d.Wo) {
           const A pre = dw3(xr + (s * lr) * XRn + s * lc, XRn, wb) + wsm[27];
-          bv = act_fn(d.act, pre);
+          bv = act_apply(d.act, pre);
           A g = A(0);
 #pragma unroll
           for (int i = 0; i < 3; ++i)
 #pragma unroll
             for (int j = 0; j < 3; ++j) g += wc[i * 3 + j] * dbr[(lr + 2 - i) * (ON + 2) + lc + 2 - j];
-          g1 = g * dact_pre(d.act, pre);
+          g1 = act_grad(d.act, g, pre);
         }
         b1v[idx] = bv;
         db1[idx] = g1;

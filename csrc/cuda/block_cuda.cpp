@@ -1,6 +1,7 @@
 // CUDA kernels of msfused::block_forward / block_backward: argument checking (shared with
 // the CPU binding), allocation, dtype dispatch and the launch on the current stream. The
 // kernels themselves are in block_forward.cu / block_backward.cu.
+#include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
@@ -45,32 +46,25 @@ void forward_typed(const BlockDesc& d, const BlockArgs& a, at::Tensor& y, at::Te
   TORCH_CHECK(err == nullptr, "msfused block_forward (CUDA): ", err);
 }
 
-std::tuple<at::Tensor, at::Tensor> block_forward_cuda(
-    const at::Tensor& x, const at::Tensor& wa, const std::optional<at::Tensor>& ba,
-    const at::Tensor& wb, const std::optional<at::Tensor>& bb, const at::Tensor& wc,
-    const std::optional<at::Tensor>& bc, const at::Tensor& pa,
-    const std::optional<at::Tensor>& qa, const at::Tensor& pb,
-    const std::optional<at::Tensor>& qb, const std::optional<at::Tensor>& ws,
-    const std::optional<at::Tensor>& bs, int64_t stride, int64_t merge, int64_t act,
-    bool residual, bool save_preact) {
+std::tuple<at::Tensor, at::Tensor> block_forward_cuda(MSF_FORWARD_PARAMS) {
+  BlockArgs a = make_block_args(x, MSF_WEIGHT_ARGS);
+  const BlockDesc d = check_and_describe(a, MSF_CONFIG_ARGS);
   check_cuda(x);
-  BlockArgs a = make_block_args(x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs);
-  const BlockDesc d = check_and_describe(a, stride, merge, act, residual);
-  const c10::cuda::CUDAGuard guard(a.x.device());
-  auto opts = a.x.options().memory_format(io_format(d));
+  const c10::cuda::CUDAGuard guard(a.x->device());
+  auto opts = a.x->options().memory_format(io_format(d));
   at::Tensor y = at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts);
   at::Tensor pre = save_preact ? at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts)
-                               : at::empty({0}, a.x.options());
+                               : at::empty({0}, a.x->options());
   if (y.numel() == 0) return {y, pre};
   cudaStream_t st = at::cuda::getCurrentCUDAStream();
-  switch (a.x.scalar_type()) {
+  switch (a.x->scalar_type()) {
     case at::kFloat: forward_typed<float, float>(d, a, y, pre, st); break;
     case at::kDouble: forward_typed<double, double>(d, a, y, pre, st); break;
     case at::kHalf: forward_typed<at::Half, __half>(d, a, y, pre, st); break;
     case at::kBFloat16: forward_typed<at::BFloat16, __nv_bfloat16>(d, a, y, pre, st); break;
     default:
       TORCH_CHECK_TYPE(false, "x: the CUDA kernels support float32, float64, float16 and "
-                       "bfloat16, got ", a.x.scalar_type());
+                       "bfloat16, got ", a.x->scalar_type());
   }
   return {y, pre};
 }
@@ -79,43 +73,31 @@ template <typename T, typename U>
 void backward_typed(const BlockDesc& d, const BlockArgs& a, const at::Tensor& gy,
                     const at::Tensor& saved, std::vector<at::Tensor>& grads, cudaStream_t st) {
   const size_t bytes = cuda::block_backward_workspace_bytes(d, sizeof(T));
-  at::Tensor work = at::empty({static_cast<int64_t>(bytes)}, a.x.options().dtype(at::kByte));
+  at::Tensor work = at::empty({static_cast<int64_t>(bytes)}, a.x->options().dtype(at::kByte));
   const char* err = cuda::launch_block_backward<U>(
       d, recast<U>(tensors_of<T>(a)), reinterpret_cast<const U*>(gy.data_ptr<T>()),
-      d.act == kActNone ? nullptr : reinterpret_cast<const U*>(saved.data_ptr<T>()),
+      act_saves(d.act) == kSavesNothing ? nullptr : reinterpret_cast<const U*>(saved.data_ptr<T>()),
       recast<U>(grads_of<T>(grads, d)), work.data_ptr(), st);
   TORCH_CHECK(err == nullptr, "msfused block_backward (CUDA): ", err);
 }
 
-std::vector<at::Tensor> block_backward_cuda(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& saved, const at::Tensor& wa,
-    const std::optional<at::Tensor>& ba, const at::Tensor& wb,
-    const std::optional<at::Tensor>& bb, const at::Tensor& wc,
-    const std::optional<at::Tensor>& bc, const at::Tensor& pa,
-    const std::optional<at::Tensor>& qa, const at::Tensor& pb,
-    const std::optional<at::Tensor>& qb, const std::optional<at::Tensor>& ws,
-    const std::optional<at::Tensor>& bs, int64_t stride, int64_t merge, int64_t act,
-    bool residual) {
+std::vector<at::Tensor> block_backward_cuda(MSF_BACKWARD_PARAMS) {
+  BlockArgs a = make_block_args(x, MSF_WEIGHT_ARGS);
+  const BlockDesc d = check_and_describe(a, MSF_CONFIG_ARGS);
   check_cuda(x);
-  BlockArgs a = make_block_args(x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs);
-  const BlockDesc d = check_and_describe(a, stride, merge, act, residual);
-  at::Tensor gy = grad_y, sv = saved;
-  check_backward_extras(d, a.x, gy, sv);
-  const c10::cuda::CUDAGuard guard(a.x.device());
+  TensorRef gy = TensorRef::borrowed(grad_y), sv = TensorRef::borrowed(saved);
+  check_backward_extras(d, *a.x, gy, sv);
+  const c10::cuda::CUDAGuard guard(a.x->device());
   std::vector<at::Tensor> grads = alloc_grads(a, d);
-  if (d.N == 0) {  // nothing flows back (N >= 1 is validated upstream; belt and braces)
-    for (auto& g : grads) g.zero_();
-    return grads;
-  }
   cudaStream_t st = at::cuda::getCurrentCUDAStream();
-  switch (a.x.scalar_type()) {
-    case at::kFloat: backward_typed<float, float>(d, a, gy, sv, grads, st); break;
-    case at::kDouble: backward_typed<double, double>(d, a, gy, sv, grads, st); break;
-    case at::kHalf: backward_typed<at::Half, __half>(d, a, gy, sv, grads, st); break;
-    case at::kBFloat16: backward_typed<at::BFloat16, __nv_bfloat16>(d, a, gy, sv, grads, st); break;
+  switch (a.x->scalar_type()) {
+    case at::kFloat: backward_typed<float, float>(d, a, *gy, *sv, grads, st); break;
+    case at::kDouble: backward_typed<double, double>(d, a, *gy, *sv, grads, st); break;
+    case at::kHalf: backward_typed<at::Half, __half>(d, a, *gy, *sv, grads, st); break;
+    case at::kBFloat16: backward_typed<at::BFloat16, __nv_bfloat16>(d, a, *gy, *sv, grads, st); break;
     default:
       TORCH_CHECK_TYPE(false, "x: the CUDA kernels support float32, float64, float16 and "
-                       "bfloat16, got ", a.x.scalar_type());
+                       "bfloat16, got ", a.x->scalar_type());
   }
   return grads;
 }

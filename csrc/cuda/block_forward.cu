@@ -97,7 +97,7 @@ __device__ __forceinline__ void epilogue(const BlockDesc& d, const BlockTensors<
         v += to_acc(t.x[io_index(d.channels_last, bimg, ch, oh, ow, d.C, d.H, d.W)]);
       const int64_t o = io_index(d.channels_last, bimg, ch, oh, ow, d.Cout, d.Ho, d.Wo);
       if (pre != nullptr) pre[o] = from_acc<T>(v);
-      y[o] = from_acc<T>(act_fn(d.act, v));
+      y[o] = from_acc<T>(act_apply(d.act, v));
     }
   }
 }
@@ -153,14 +153,14 @@ __global__ void __launch_bounds__(NT) block_forward_kernel(BlockDesc d, BlockTen
     if (need_b) compute_b1<A, KC>(d, r0, q0, XR, XC, xs, dw, b1);
     for (int idx = tid; idx < KC * TP; idx += NT) {
       const int k = idx / TP, p = idx % TP;
-      if (need_a) sa[idx] = act_fn(d.act, a_pre_at<A, KC>(s, k, p, XR, XC, xs, dw));
+      if (need_a) sa[idx] = act_apply(d.act, a_pre_at<A, KC>(s, k, p, XR, XC, xs, dw));
       if (proj) sx[idx] = xs_at(s, k, p, XR, XC, xs);
     }
     __syncthreads();
     if (need_b)
       for (int idx = tid; idx < KC * TP; idx += NT) {
         const int k = idx / TP, p = idx % TP;
-        sb[idx] = act_fn(d.act, b_pre_at<A, KC>(k, p, b1, dw));
+        sb[idx] = act_apply(d.act, b_pre_at<A, KC>(k, p, b1, dw));
       }
     __syncthreads();
 #pragma unroll 4
@@ -321,14 +321,14 @@ __global__ void __launch_bounds__(NT) block_forward_tc_kernel(BlockDesc d, Block
     if (need_b) compute_b1<float, KC>(d, r0, q0, XR, XC, xs, dw, b1);
     for (int idx = tid; idx < KC * TP; idx += NT) {
       const int k = idx / TP, p = idx % TP;
-      if (need_a) sa[k * LDP + p] = from_acc<T>(act_fn(d.act, a_pre_at<float, KC>(s, k, p, XR, XC, xs, dw)));
+      if (need_a) sa[k * LDP + p] = from_acc<T>(act_apply(d.act, a_pre_at<float, KC>(s, k, p, XR, XC, xs, dw)));
       if (proj) sx[k * LDP + p] = from_acc<T>(xs_at(s, k, p, XR, XC, xs));
     }
     __syncthreads();
     if (need_b)
       for (int idx = tid; idx < KC * TP; idx += NT) {
         const int k = idx / TP, p = idx % TP;
-        sb[k * LDP + p] = from_acc<T>(act_fn(d.act, b_pre_at<float, KC>(k, p, b1, dw)));
+        sb[k * LDP + p] = from_acc<T>(act_apply(d.act, b_pre_at<float, KC>(k, p, b1, dw)));
       }
     __syncthreads();
     if (need_a) tc_mma<T>(acc, sa + wm, wA + wn * LDK);

@@ -44,36 +44,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
   return __float2bfloat16_rn(v);
 }
 
-__device__ __forceinline__ float exp_acc(float v) { return expf(v); }
-__device__ __forceinline__ double exp_acc(double v) { return exp(v); }
-
-// The block's activation (NaN propagates as in PyTorch: comparisons are false for NaN).
-template <typename A>
-__device__ __forceinline__ A act_fn(int act, A z) {
-  if (act == kActRelu) return z < A(0) ? A(0) : z;
-  if (act == kActRelu6) return z < A(0) ? A(0) : (z > A(6) ? A(6) : z);
-  if (act == kActSilu) return z / (A(1) + exp_acc(-z));
-  return z;
-}
-
-// Derivative from the pre-activation z. relu: 0 at 0; relu6 (hardtanh): 0 at 0 and 6.
-template <typename A>
-__device__ __forceinline__ A dact_pre(int act, A z) {
-  if (act == kActRelu) return z > A(0) ? A(1) : A(0);
-  if (act == kActRelu6) return (z > A(0) && z < A(6)) ? A(1) : A(0);
-  if (act == kActSilu) {
-    const A sg = A(1) / (A(1) + exp_acc(-z));
-    return sg * (A(1) + z * (A(1) - sg));
-  }
-  return A(1);
-}
-
-// Derivative of the final activation from what the forward saved: the output y for
-// relu/relu6 (y > 0 <=> z > 0; 0 < y < 6 <=> 0 < z < 6), the pre-activation for silu.
-template <typename A>
-__device__ __forceinline__ A dact_saved(int act, A v) {
-  return dact_pre(act, v);
-}
+// The block's activation: act_apply(act, z) and act_grad(act, g, v) of csrc/activations.h.
 
 // Offset of element (b, c, h, w) of a (B, C, H, W) tensor in NCHW or NHWC memory.
 __device__ __forceinline__ int64_t io_index(bool channels_last, int64_t b, int64_t c, int64_t h,

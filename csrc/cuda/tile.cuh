@@ -84,7 +84,7 @@ __device__ __forceinline__ void compute_b1(const BlockDesc& d, int64_t r0, int64
     A v = A(0);
     if (oh >= 0 && oh < d.Ho && ow >= 0 && ow < d.Wo) {
       const A* src = xs + (k * XR + s * lr) * XC + s * lc;
-      v = act_fn(d.act, dw3(src, XC, dw + (KC + k) * 9) + dw[27 * KC + KC + k]);
+      v = act_apply(d.act, dw3(src, XC, dw + (KC + k) * 9) + dw[27 * KC + KC + k]);
     }
     b1[idx] = v;
   }

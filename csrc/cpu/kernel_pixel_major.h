@@ -1,0 +1,629 @@
+// The pixel-major CPU path (C >= kPixelMajorMinC).
+#pragma once
+#include "cpu/kernel_tiles.h"
+
+MSFUSED_KERNEL_BEGIN
+
+// ---- pixel-major path ("channels inner"), used when C >= kPixelMajorMinC -----------------
+// The same algorithm with every buffer laid out [pixel][channel]: the depthwise loops run
+// over contiguous channel vectors (register-blocked), which is what narrow images (14x14,
+// 28x28) with many channels need; the planar path above vectorises along rows and suits
+// few channels. The packed matrix is A (P x Ktot), row p = [a | xs | b]. Every GEMM here
+// is a plain row-major C = A B (Runtime::sbrgemm: oneDNN's JIT micro-kernel for float).
+// Depthwise weights are read tap-major (wt[tap * C + c]); their gradients accumulate
+// tap-major too. Tile scratch is thread-local and reused across calls (no page faults).
+
+
+// xb[(k * (W + 2) + w + 1) * C + c] = x[bi, c, hb + k, w] (zero outside the image).
+template <typename T>
+void load_x_band_pm(const BlockDesc& d, const T* x, int64_t bi, int64_t hb, int64_t nrows,
+                    T* xb) {
+  const int64_t C = d.C, W = d.W, RW = (W + 2) * C;
+  for (int64_t k = 0; k < nrows; ++k) {
+    const int64_t h = hb + k;
+    T* row = xb + k * RW;
+    if (h < 0 || h >= d.H) {
+      memset(row, 0, sizeof(T) * RW);
+      continue;
+    }
+    memset(row, 0, sizeof(T) * C);
+    memset(row + (W + 1) * C, 0, sizeof(T) * C);
+    if (d.channels_last) {
+      memcpy(row + C, x + ((bi * d.H + h) * W) * C, sizeof(T) * W * C);
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        const T* src = x + ((bi * C + c) * d.H + h) * W;
+        for (int64_t w = 0; w < W; ++w) row[(w + 1) * C + c] = src[w];
+      }
+    }
+  }
+}
+
+// One input row of a 3x3 depthwise conv feeding four neighbouring output pixels: pixel k
+// takes tap column tj from input column S * k + tj at r + column * C. Each input vector is
+// loaded once and used by every sum it feeds, in tap order (tj = 0, 1, 2) for each sum.
+template <int S, typename V, typename T>
+inline void dw_taps4(const T* r, int64_t C, V k0, V k1, V k2, V& a0, V& a1, V& a2, V& a3) {
+  V x;
+  if (S == 1) {
+    x = vload(r);         a0 += k0 * x;
+    x = vload(r + C);     a0 += k1 * x; a1 += k0 * x;
+    x = vload(r + 2 * C); a0 += k2 * x; a1 += k1 * x; a2 += k0 * x;
+    x = vload(r + 3 * C); a1 += k2 * x; a2 += k1 * x; a3 += k0 * x;
+    x = vload(r + 4 * C); a2 += k2 * x; a3 += k1 * x;
+    x = vload(r + 5 * C); a3 += k2 * x;
+  } else {
+    x = vload(r);         a0 += k0 * x;
+    x = vload(r + C);     a0 += k1 * x;
+    x = vload(r + 2 * C); a0 += k2 * x; a1 += k0 * x;
+    x = vload(r + 3 * C); a1 += k1 * x;
+    x = vload(r + 4 * C); a1 += k2 * x; a2 += k0 * x;
+    x = vload(r + 5 * C); a2 += k1 * x;
+    x = vload(r + 6 * C); a2 += k2 * x; a3 += k0 * x;
+    x = vload(r + 7 * C); a3 += k1 * x;
+    x = vload(r + 8 * C); a3 += k2 * x;
+  }
+}
+
+// One output row of a 3x3 depthwise conv over all channels, pixel-major: output column w
+// takes tap (ti, tj) from in[ti * rs + (S * w + tj) * C + c]; post[w * ps + c] = act(z) and,
+// when pre is given, pre[w * ps + c] = z, z = bias + the nine taps in row-major tap order.
+// Register blocks of 4 pixels x one vector of channels keep the nine weights and four sums
+// in registers, so an input vector loaded once serves up to three sums (one per pixel in
+// the per-pixel form, with a weight load beside every input load).
+// When init is given, sums start from init[w * ps + c] instead of the bias (init may be post).
+template <int S, int ACT, typename T>
+void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, const T* bias,
+               T* post, T* pre, int64_t ps, const T* init = nullptr) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  int64_t c0 = 0;
+  for (; c0 + VN <= C; c0 += VN) {
+    const V w0 = vload(wt + c0), w1 = vload(wt + C + c0), w2 = vload(wt + 2 * C + c0);
+    const V w3 = vload(wt + 3 * C + c0), w4 = vload(wt + 4 * C + c0), w5 = vload(wt + 5 * C + c0);
+    const V w6 = vload(wt + 6 * C + c0), w7 = vload(wt + 7 * C + c0), w8 = vload(wt + 8 * C + c0);
+    const V bv = bias ? vload(bias + c0) : V{};
+    const T* ic = in + c0;
+    int64_t w = 0;
+    for (; w + 4 <= Wo; w += 4) {
+      V a0 = bv, a1 = bv, a2 = bv, a3 = bv;
+      if (init) {
+        const T* ip = init + w * ps + c0;
+        a0 = vload(ip);
+        a1 = vload(ip + ps);
+        a2 = vload(ip + 2 * ps);
+        a3 = vload(ip + 3 * ps);
+      }
+      const T* r = ic + S * w * C;
+      dw_taps4<S>(r, C, w0, w1, w2, a0, a1, a2, a3);
+      dw_taps4<S>(r + rs, C, w3, w4, w5, a0, a1, a2, a3);
+      dw_taps4<S>(r + 2 * rs, C, w6, w7, w8, a0, a1, a2, a3);
+      T* po = post + w * ps + c0;
+      T* pr = pre ? pre + w * ps + c0 : nullptr;
+      dw_store<ACT>(a0, po, pr);
+      dw_store<ACT>(a1, po + ps, pr ? pr + ps : nullptr);
+      dw_store<ACT>(a2, po + 2 * ps, pr ? pr + 2 * ps : nullptr);
+      dw_store<ACT>(a3, po + 3 * ps, pr ? pr + 3 * ps : nullptr);
+    }
+    for (; w < Wo; ++w) {
+      const T* r = ic + S * w * C;
+      V a = init ? vload(init + w * ps + c0) : bv;
+      a += w0 * vload(r);
+      a += w1 * vload(r + C);
+      a += w2 * vload(r + 2 * C);
+      a += w3 * vload(r + rs);
+      a += w4 * vload(r + rs + C);
+      a += w5 * vload(r + rs + 2 * C);
+      a += w6 * vload(r + 2 * rs);
+      a += w7 * vload(r + 2 * rs + C);
+      a += w8 * vload(r + 2 * rs + 2 * C);
+      dw_store<ACT>(a, post + w * ps + c0, pre ? pre + w * ps + c0 : nullptr);
+    }
+  }
+  for (; c0 < C; ++c0)
+    for (int64_t w = 0; w < Wo; ++w) {
+      const T* p0 = in + S * w * C + c0;
+      T acc = init ? init[w * ps + c0] : (bias ? bias[c0] : T(0));
+      for (int ti = 0; ti < 3; ++ti)
+        for (int tj = 0; tj < 3; ++tj) acc += wt[(ti * 3 + tj) * C + c0] * p0[ti * rs + tj * C];
+      if (pre) pre[w * ps + c0] = acc;
+      post[w * ps + c0] = act_f<ACT>(acc);
+    }
+}
+
+// Depthwise weights tap-major: wt[(k * 9 + tap) * C + c] for k = a, b, c.
+template <typename T>
+void pack_dw_tapmajor(const BlockDesc& d, const BlockTensors<T>& t, T* wt) {
+  const int64_t C = d.C;
+  const T* ws[3] = {t.wa, t.wb, t.wc};
+  for (int k = 0; k < 3; ++k)
+    for (int tap = 0; tap < 9; ++tap)
+      for (int64_t c = 0; c < C; ++c) wt[(k * 9 + tap) * C + c] = ws[k][c * 9 + tap];
+}
+
+// dst (K x N) = src (N x K)^T, both row-major; 16 x 16 blocks keep both sides in cache.
+template <typename T>
+void transpose(const T* src, int64_t n, int64_t k, T* dst) {
+  for (int64_t i0 = 0; i0 < n; i0 += 16)
+    for (int64_t j0 = 0; j0 < k; j0 += 16) {
+      const int64_t i1 = i0 + 16 < n ? i0 + 16 : n, j1 = j0 + 16 < k ? j0 + 16 : k;
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j) dst[j * n + i] = src[i * k + j];
+    }
+}
+
+// The depthwise part of one tile, pixel-major: the b1 band (R + 2 rows, zero-padded
+// columns), then rows of A. pre_ab (when act' reads the pre-activation) gets pre-activations in A's layout.
+template <typename T, int S, int ACT>
+void tile_dw_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, const T* wt,
+                const TileGeom& g, const T* xb, T* b1b, T* A, T* pre_ab) {
+  const int64_t C = d.C, Wo = d.Wo, XR = (d.W + 2) * C, BR = (Wo + 2) * C, K = pl.Ktot;
+  const T* wat = wt;
+  const T* wbt = wt + 9 * C;
+  const T* wct = wt + 18 * C;
+  for (int64_t k = 0; k < g.R + 2; ++k) {
+    const int64_t q = g.r0 - 1 + k;
+    T* brow = b1b + k * BR;
+    if (q < 0 || q >= d.Ho) {
+      memset(brow, 0, sizeof(T) * BR);
+      continue;
+    }
+    memset(brow, 0, sizeof(T) * C);
+    memset(brow + (Wo + 1) * C, 0, sizeof(T) * C);
+    dw_row_pm<S, ACT>(xb + S * k * XR, XR, C, Wo, wbt, t.bb, brow + C, (T*)nullptr, C);
+  }
+  for (int64_t i = 0; i < g.R; ++i) {
+    T* arow = A + i * Wo * K;
+    T* prow = pre_ab ? pre_ab + i * Wo * K : nullptr;
+    dw_row_pm<S, ACT>(xb + S * (i + 1) * XR, XR, C, Wo, wat, t.ba, arow, prow, K);
+    if (pl.Cs)
+      for (int64_t w = 0; w < Wo; ++w)
+        memcpy(arow + w * K + C, xb + (S * (i + 1) + 1) * XR + (S * w + 1) * C, sizeof(T) * C);
+    dw_row_pm<1, ACT>(b1b + i * BR, BR, C, Wo, wct, t.bc, arow + K - C,
+                      prow ? prow + K - C : nullptr, K);
+  }
+}
+
+// Ybuf (P x Cout) = A W^T, with W^T packed (K x N) per half.
+template <typename T>
+void tile_pointwise_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const T* wT,
+                       const T* A, int64_t P, T* ybuf) {
+  const int64_t N = d.N, C = d.C, K = pl.Ktot, Cout = d.Cout;
+  if (d.merge == kAdd) {
+    mm_nn<T>(rt, P, N, K, A, K, wT, N, ybuf, Cout, false);
+  } else {
+    const int64_t kk = C + pl.Cs;
+    mm_nn<T>(rt, P, N, kk, A, K, wT, N, ybuf, Cout, false);
+    mm_nn<T>(rt, P, N, kk, A + C, K, wT + kk * N, N, ybuf + N, Cout, false);
+  }
+}
+
+// Transposed packed pointwise weights for the forward: add [Pa | Ws | Pb]^T (Ktot x N);
+// concat W1^T then W2^T (each (C + Cs) x N).
+template <typename T>
+void pack_weights_T(const BlockDesc& d, const Plan& pl, const T* wp, T* wT) {
+  if (d.merge == kAdd) {
+    transpose(wp, d.N, pl.Ktot, wT);
+  } else {
+    const int64_t kk = d.C + pl.Cs;
+    transpose(wp, d.N, kk, wT);
+    transpose(wp + d.N * kk, d.N, kk, wT + kk * d.N);
+  }
+}
+
+template <typename T, int S, int ACT>
+void forward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
+                const T* wp, const T* bias, T* y, T* pre_out) {
+  const int64_t HoWo = d.Ho * d.Wo, C = d.C;
+  Buf<T> wt(27 * C), wT(packed_weight_elems(d, pl));
+  pack_dw_tapmajor(d, t, wt.p);
+  pack_weights_T(d, pl, wp, wT.p);
+  const bool identity = d.residual && !d.projection;
+  auto task = [&](int64_t tile) {
+    const int64_t Pmax = pl.R * d.Wo;
+    T* A = tls_buf<T>(0, pl.Ktot * Pmax);
+    T* xb = tls_buf<T>(1, (S * (pl.R + 1) + 3) * (d.W + 2) * C);
+    T* b1b = tls_buf<T>(2, (pl.R + 2) * (d.Wo + 2) * C);
+    T* ybuf = tls_buf<T>(3, Pmax * d.Cout);
+    const TileGeom g = tile_geom(d, pl, tile);
+    load_x_band_pm(d, t.x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
+    tile_dw_pm<T, S, ACT>(d, pl, t, wt.p, g, xb, b1b, A, nullptr);
+    tile_pointwise_pm(rt, d, pl, wT.p, A, g.P, ybuf);
+    const int64_t off = d.channels_last ? (g.bi * HoWo + g.r0 * d.Wo) * d.Cout
+                                        : g.bi * d.Cout * HoWo + g.r0 * d.Wo;
+    epilogue<T, ACT>(d, ybuf, d.Cout, 1, y + off, identity ? t.x + off : nullptr,
+                        pre_out ? pre_out + off : nullptr, bias, g.P);
+  };
+  par_for(rt, pl.ntiles, task);
+  rt.brgemm_release();
+}
+
+
+// Depthwise weight/bias gradient of one tile, register-blocked: for each tap,
+//   part[tap * C + c] += sum over the tile's pixels of g[p][c] * src_tap(p)[c],
+//   bpart[c] += sum of g[p][c].
+// Pixel (i, w) has g at g0 + i * grs + w * gs and tap (ti, tj) at
+// x0 + i * xrs + w * xcs + ti * trs + tj * C. Blocks of VB channels keep nine tap sums in
+// registers across all pixels, so every multiply-add costs one load.
+template <typename T>
+void dw_grad_tile(const T* g0, int64_t grs, int64_t gs, int64_t R, int64_t Wo, const T* x0, int64_t xrs,
+                  int64_t xcs, int64_t trs, int64_t C, T* part, T* bpart) {
+  typedef typename Vec<T>::type V;
+  constexpr int VB = Vec<T>::n;
+  int64_t c0 = 0;
+  for (; c0 + VB <= C; c0 += VB) {
+    V a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{}, a8{}, ab{};
+    for (int64_t i = 0; i < R; ++i)
+      for (int64_t w = 0; w < Wo; ++w) {
+        const V g = vload(g0 + i * grs + w * gs + c0);
+        const T* xp = x0 + i * xrs + w * xcs + c0;
+        ab += g;
+        a0 += g * vload(xp);
+        a1 += g * vload(xp + C);
+        a2 += g * vload(xp + 2 * C);
+        a3 += g * vload(xp + trs);
+        a4 += g * vload(xp + trs + C);
+        a5 += g * vload(xp + trs + 2 * C);
+        a6 += g * vload(xp + 2 * trs);
+        a7 += g * vload(xp + 2 * trs + C);
+        a8 += g * vload(xp + 2 * trs + 2 * C);
+      }
+    const V acc[9] = {a0, a1, a2, a3, a4, a5, a6, a7, a8};
+    for (int tap = 0; tap < 9; ++tap) vstore(part + tap * C + c0, vload(part + tap * C + c0) + acc[tap]);
+    vstore(bpart + c0, vload(bpart + c0) + ab);
+  }
+  for (; c0 < C; ++c0) {
+    T acc[9] = {};
+    T accb = T(0);
+    for (int64_t i = 0; i < R; ++i)
+      for (int64_t w = 0; w < Wo; ++w) {
+        const T gv = g0[i * grs + w * gs + c0];
+        const T* xp = x0 + i * xrs + w * xcs + c0;
+        accb += gv;
+        for (int ti = 0; ti < 3; ++ti)
+          for (int tj = 0; tj < 3; ++tj) acc[ti * 3 + tj] += gv * xp[ti * trs + tj * C];
+      }
+    for (int tap = 0; tap < 9; ++tap) part[tap * C + c0] += acc[tap];
+    bpart[c0] += accb;
+  }
+}
+
+// out[c] = sum_{i < n} w[i][c] * s[i][c], register-blocked over channels (n <= 18 taps).
+template <typename T>
+inline void tap_sum(int n, const T* const* w, const T* const* s, int64_t C, T* out) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  int64_t c0 = 0;
+  for (; c0 + 2 * VN <= C; c0 += 2 * VN) {
+    V a0{}, a1{};
+    for (int i = 0; i < n; ++i) {
+      a0 += vload(w[i] + c0) * vload(s[i] + c0);
+      a1 += vload(w[i] + c0 + VN) * vload(s[i] + c0 + VN);
+    }
+    vstore(out + c0, a0);
+    vstore(out + c0 + VN, a1);
+  }
+  for (; c0 < C; ++c0) {
+    T acc = T(0);
+    for (int i = 0; i < n; ++i) acc += w[i][c0] * s[i][c0];
+    out[c0] = acc;
+  }
+}
+
+// Pass 1, pixel-major. SA/SB are zero-padded [B][Ho + 2][Wo + 2][C] (pixel (r, w) at padded
+// (r + 1, w + 1)): pass 2 then runs the transposed depthwise convs as plain 3x3 rows
+// (dw_row_pm) with no border cases. Each tile writes its own rows' border columns, the top
+// and bottom tiles the border rows. dw partials tap-major.
+// Tiles [t0, t1) into the partial gradients `part`; image bi's padded scratch starts at
+// SA + bi * istride (istride 0: one image's scratch, reused).
+template <typename T, int S, int ACT>
+void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
+                    const BlockTensors<T>& t, const T* wt, const T* gy, const T* saved,
+                    const T* wp, T* dx, T* SA, T* SB, int64_t istride, T* part, int64_t t0,
+                    int64_t t1, T* b1img) {
+  const int64_t HoWo = d.Ho * d.Wo, C = d.C, N = d.N, Wo = d.Wo, Cout = d.Cout, K = pl.Ktot;
+  const int64_t XR = (d.W + 2) * C, BR = (Wo + 2) * C;
+  const PartLayout L(d, pl);
+  const bool identity = d.residual && !d.projection;
+  const bool need_pre = kNeedsPreact<ACT>;  // the activation's gradient reads pre
+  {
+    const int64_t Pmax = pl.R * Wo;
+    T* A = tls_buf<T>(0, K * Pmax);
+    T* xb = tls_buf<T>(1, (S * (pl.R + 1) + 3) * XR);
+    T* b1b = tls_buf<T>(2, (pl.R + 2) * BR);
+    T* dA = tls_buf<T>(3, K * Pmax);
+    T* G = tls_buf<T>(4, Cout * Pmax);    // planar (Cout x P)
+    T* Gpm = tls_buf<T>(5, Cout * Pmax);  // pixel-major (P x Cout)
+    T* preAB = need_pre ? tls_buf<T>(6, K * Pmax) : nullptr;
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const TileGeom g = tile_geom(d, pl, tile);
+      const int64_t P = g.P;
+      const int64_t off = d.channels_last ? (g.bi * HoWo + g.r0 * Wo) * Cout
+                                          : g.bi * Cout * HoWo + g.r0 * Wo;
+      T* SAi = SA + g.bi * istride;
+      T* SBi = SB + g.bi * istride;
+      // gz in both layouts: planar feeds dW = gz A, pixel-major feeds dA = gz^T W
+      if (d.channels_last) {
+        tile_gz<T, ACT>(d, gy, saved, off, P, Gpm, part + L.bo, dx, identity);
+        transpose(Gpm, P, Cout, G);
+      } else {
+        tile_gz<T, ACT>(d, gy, saved, off, P, G, part + L.bo, dx, identity);
+        transpose(G, Cout, P, Gpm);
+      }
+      load_x_band_pm(d, t.x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
+      tile_dw_pm<T, S, ACT>(d, pl, t, wt, g, xb, b1b, A, preAB);
+      if (b1img)  // keep the tile's own b1 rows for pass 2 (act'(b1) without recomputing)
+        for (int64_t k = 1; k <= g.R; ++k)
+          memcpy(b1img + (g.r0 + k - 1) * Wo * C, b1b + k * BR + C, sizeof(T) * Wo * C);
+      if (d.merge == kAdd) {
+        mm_nn<T>(rt, N, K, P, G, P, A, K, part + L.pw, K, true);
+        mm_nn<T>(rt, P, K, N, Gpm, Cout, wp, K, dA, K, false);
+      } else {
+        const int64_t kk = C + pl.Cs;
+        mm_nn<T>(rt, N, kk, P, G, P, A, K, part + L.pw, kk, true);
+        mm_nn<T>(rt, N, kk, P, G + N * P, P, A + C, K, part + L.pw + N * kk, kk, true);
+        mm_nn<T>(rt, P, kk, N, Gpm, Cout, wp, kk, dA, K, false);
+        if (pl.Cs)
+          for (int64_t p = 0; p < P; ++p) memset(dA + p * K + kk, 0, sizeof(T) * C);
+        mm_nn<T>(rt, P, kk, N, Gpm + N, Cout, wp + N * kk, kk, dA + C, K, pl.Cs > 0);
+      }
+      for (int64_t i = 0; i < g.R; ++i)
+        for (int64_t w = 0; w < Wo; ++w) {
+          const int64_t p = i * Wo + w;
+          T* da = dA + p * K;
+          T* db = da + K - C;
+          const T* a = A + p * K;
+          const T* b = a + K - C;
+          const T* pa = need_pre ? preAB + p * K : a;
+          const T* pb = need_pre ? preAB + p * K + K - C : b;
+          const int64_t spix = (g.r0 + i + 1) * (Wo + 2) + w + 1;
+          act_grad<ACT>(da, a, pa, SAi + spix * C, C);
+          act_grad<ACT>(db, b, pb, SBi + spix * C, C);
+          if (pl.Cs) {  // projection: dx at (s r, s w), owned by this tile
+            const T* dxs = da + C;
+            const int64_t h = S * (g.r0 + i), wi = S * w;
+            if (d.channels_last) {
+              memcpy(dx + ((g.bi * d.H + h) * d.W + wi) * C, dxs, sizeof(T) * C);
+            } else {
+              T* o = dx + (g.bi * C * d.H + h) * d.W + wi;
+              for (int64_t c = 0; c < C; ++c) o[c * d.H * d.W] = dxs[c];
+            }
+          }
+        }
+      // zero borders of the padded scratch that this tile owns
+      const int64_t SR = (Wo + 2) * C;
+      const int64_t srow0 = (g.r0 + 1) * SR;  // first row of the tile
+      for (int64_t i = 0; i < g.R; ++i) {
+        memset(SAi + srow0 + i * SR, 0, sizeof(T) * C);
+        memset(SBi + srow0 + i * SR, 0, sizeof(T) * C);
+        memset(SAi + srow0 + i * SR + (Wo + 1) * C, 0, sizeof(T) * C);
+        memset(SBi + srow0 + i * SR + (Wo + 1) * C, 0, sizeof(T) * C);
+      }
+      if (g.r0 == 0) {
+        memset(SAi + srow0 - SR, 0, sizeof(T) * SR);
+        memset(SBi + srow0 - SR, 0, sizeof(T) * SR);
+      }
+      if (g.r0 + g.R == d.Ho) {
+        memset(SAi + srow0 + g.R * SR, 0, sizeof(T) * SR);
+        memset(SBi + srow0 + g.R * SR, 0, sizeof(T) * SR);
+      }
+      // depthwise weight grads (tap-major partials): dwa from x, dwc from the b1 band, with
+      // the branch gradients read back from the scratch rows just written (still in cache)
+      dw_grad_tile(SAi + srow0 + C, SR, C, g.R, Wo, xb + S * XR, S * XR, S * C, XR, C,
+                   part + L.wa, part + L.ba);
+      dw_grad_tile(SBi + srow0 + C, SR, C, g.R, Wo, b1b, BR, C, BR, C, part + L.wc, part + L.bc);
+    }
+  }
+}
+
+// Pass 2 of one tile at stride 1, where both transposed depthwise convs are 3x3 convs with
+// the kernel rotated by 180 degrees (wtr) over the zero-padded scratch: db1 rows over the
+// band plus one row each side, times act'(b1) recomputed from x, then dwb, dbb, and dx rows
+// += conv(da, rot wa) + conv(db1, rot wb). sa, sb point at pixel (0, 0) of the image's
+// padded scratch; d1 holds R + 2 zero-padded rows.
+template <typename T, int ACT>
+void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, const T* wtr,
+                   const TileGeom& g, const T* xb, const T* sa, const T* sb, T* d1, T* pre,
+                   T* post, T* dx, T* part, const PartLayout& L, const T* b1img,
+                   int64_t b1rs) {
+  const int64_t C = d.C, Wo = d.Wo, Ho = d.Ho, XR = (d.W + 2) * C, SR = (Wo + 2) * C;
+  const T* wbt = wt + 9 * C;
+  for (int64_t k = 0; k < g.R + 2; ++k) {
+    const int64_t q = g.r0 - 1 + k;
+    T* row = d1 + k * SR;
+    if (q < 0 || q >= Ho) {
+      memset(row, 0, sizeof(T) * SR);
+      continue;
+    }
+    memset(row, 0, sizeof(T) * C);
+    memset(row + (Wo + 1) * C, 0, sizeof(T) * C);
+    // db1 = conv(db, rot wc) over db rows q - 1 .. q + 1 (padded scratch rows q .. q + 2)
+    dw_row_pm<1, kActNone>(sb + (q - 1) * SR - C, SR, C, Wo, wtr + 18 * C, (const T*)nullptr,
+                           row + C, (T*)nullptr, C);
+    if (ACT != kActNone) {
+      const T* b1 = post;
+      if (b1img)  // b1 row q as pass 1 computed it (relu, relu6)
+        b1 = b1img + q * b1rs;
+      else
+        dw_row_pm<1, ACT>(xb + k * XR, XR, C, Wo, wbt, t.bb, post,
+                          kNeedsPreact<ACT> ? pre : nullptr, C);
+      act_grad<ACT>(row + C, b1, pre, row + C, Wo * C);
+    }
+  }
+  dw_grad_tile(d1 + SR + C, SR, C, g.R, Wo, xb + XR, XR, C, XR, C, part + L.wb, part + L.bb);
+  T* tmp = post;  // Wo x C
+  for (int64_t i = 0; i < g.R; ++i) {
+    const int64_t h = g.r0 + i;
+    T* out = d.channels_last ? dx + ((g.bi * d.H + h) * d.W) * C : tmp;
+    // dx row h: conv(da, rot wa) over rows h - 1 .. h + 1, then conv(db1, rot wb) on top
+    dw_row_pm<1, kActNone>(sa + (h - 1) * SR - C, SR, C, Wo, wtr, (const T*)nullptr, tmp,
+                           (T*)nullptr, C, d.channels_last ? (const T*)out : nullptr);
+    dw_row_pm<1, kActNone>(d1 + i * SR, SR, C, Wo, wtr + 9 * C, (const T*)nullptr, out,
+                           (T*)nullptr, C, (const T*)tmp);
+    if (!d.channels_last) {
+      T* o = dx + (g.bi * C * d.H + h) * d.W;
+      const int64_t HW = d.H * d.W;
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t w = 0; w < Wo; ++w) o[c * HW + w] += tmp[w * C + c];
+    }
+  }
+}
+
+// Tiles [t0, t1), after pass 1 has run on them and on the tiles beside them (same scratch
+// addressing as pass1_tiles_pm).
+template <typename T, int S, int ACT>
+void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, const T* wt,
+                    const T* wtr, T* dx, const T* SA, const T* SB, int64_t istride, T* part,
+                    int64_t t0, int64_t t1, const T* b1img, int64_t b1rs, const T* xband) {
+  const int64_t C = d.C, Wo = d.Wo, Ho = d.Ho, W = d.W, XR = (W + 2) * C;
+  const PartLayout L(d, pl);
+  const T* wat = wt;
+  const T* wbt = wt + 9 * C;
+  const T* wct = wt + 18 * C;
+  {
+    T* xb = tls_buf<T>(8, (S * (pl.R + 1) + 3) * XR);
+    T* d1 = tls_buf<T>(9, (pl.R + 2) * (Wo + 2) * C);
+    T* pre = tls_buf<T>(10, Wo * C);
+    T* post = tls_buf<T>(11, Wo * C);
+    T* acc = tls_buf<T>(12, C);
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const TileGeom g = tile_geom(d, pl, tile);
+      const int64_t q_lo = g.r0 - 1;
+      if (xband)  // pass 1's band of this tile, still in its buffer (one band per image)
+        xb = const_cast<T*>(xband);
+      else
+        load_x_band_pm(d, t.x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
+      // padded scratch of image bi, pointing at pixel (0, 0)
+      const T* sbi = SB + g.bi * istride + (Wo + 2) * C + C;
+      const T* sai = SA + g.bi * istride + (Wo + 2) * C + C;
+      if (S == 1) {
+        pass2_tile_s1<T, ACT>(d, t, wt, wtr, g, xb, sai, sbi, d1, pre, post, dx, part, L, b1img,
+                              b1rs);
+        continue;
+      }
+      // db1_pre over b1 rows [r0 - 1, r0 + R]
+      const T* tw[18];
+      const T* ts[18];
+      for (int64_t k = 0; k < g.R + 2; ++k) {
+        const int64_t q = q_lo + k;
+        // b1 (and its pre-activation when act' reads it) recomputed for this row
+        if (ACT != kActNone && q >= 0 && q < Ho)
+          dw_row_pm<S, ACT>(xb + S * k * XR, XR, C, Wo, wbt, t.bb, post,
+                            kNeedsPreact<ACT> ? pre : nullptr, C);
+        for (int64_t w = 0; w < Wo; ++w) {
+          T* o = d1 + (k * Wo + w) * C;
+          if (q < 0 || q >= Ho) {
+            memset(o, 0, sizeof(T) * C);
+            continue;
+          }
+          int n = 0;
+          for (int ti = 0; ti < 3; ++ti) {
+            const int64_t r = q + 1 - ti;
+            if (r < 0 || r >= Ho) continue;
+            for (int tj = 0; tj < 3; ++tj) {
+              const int64_t ws = w + 1 - tj;
+              if (ws < 0 || ws >= Wo) continue;
+              tw[n] = wct + (ti * 3 + tj) * C;
+              ts[n++] = sbi + (r * (Wo + 2) + ws) * C;
+            }
+          }
+          tap_sum(n, tw, ts, C, o);
+          act_grad<ACT>(o, post + w * C, pre + w * C, o, C);
+        }
+      }
+      // dwb, dbb over owned rows k = 1..R (tap-major)
+      dw_grad_tile(d1 + Wo * C, Wo * C, C, g.R, Wo, xb + S * XR, S * XR, S * C, XR, C, part + L.wb,
+                   part + L.bb);
+      // dx rows [hs, he): gather from da (wa) and db1 (wb) at stride S
+      const int64_t hs = S * g.r0, he = S * (g.r0 + g.R) < d.H ? S * (g.r0 + g.R) : d.H;
+      for (int64_t h = hs; h < he; ++h)
+        for (int64_t wi = 0; wi < W; ++wi) {
+          int n = 0;
+          for (int ti = 0; ti < 3; ++ti) {
+            const int64_t num = h + 1 - ti;
+            if (num < 0 || num % S) continue;
+            const int64_t q = num / S;
+            if (q >= Ho) continue;
+            for (int tj = 0; tj < 3; ++tj) {
+              const int64_t nw = wi + 1 - tj;
+              if (nw < 0 || nw % S) continue;
+              const int64_t w = nw / S;
+              if (w >= Wo) continue;
+              tw[n] = wat + (ti * 3 + tj) * C;
+              ts[n++] = sai + (q * (Wo + 2) + w) * C;
+              tw[n] = wbt + (ti * 3 + tj) * C;
+              ts[n++] = d1 + ((q - q_lo) * Wo + w) * C;
+            }
+          }
+          tap_sum(n, tw, ts, C, acc);
+          if (d.channels_last) {
+            T* o = dx + ((g.bi * d.H + h) * W + wi) * C;
+            for (int64_t c = 0; c < C; ++c) o[c] += acc[c];
+          } else {
+            T* o = dx + (g.bi * C * d.H + h) * W + wi;
+            for (int64_t c = 0; c < C; ++c) o[c * d.H * W] += acc[c];
+          }
+        }
+    }
+  }
+}
+
+// The pixel-major backward. Per-image plan (pl.per_image): a chunk is a run of whole images;
+// for each image, pass 1 over its bands then pass 2, with the branch-gradient scratch one
+// image large, thread-local and reused (cache-resident, never page-faulted). Otherwise two
+// parallel passes over all tiles with the scratch for the whole batch (SA, SB).
+template <typename T, int S, int ACT>
+void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
+                 const T* wt, const T* wtr, const T* gy, const T* saved, const T* wp, T* dx,
+                 T* SA, T* SB, T* parts) {
+  const int64_t istride = d.C * (d.Ho + 2) * (d.Wo + 2);
+  if (pl.per_image) {
+    auto task = [&](int64_t chunk) {
+      const int64_t i0 = chunk * d.B / pl.nchunks, i1 = (chunk + 1) * d.B / pl.nchunks;
+      T* part = parts + chunk * pl.part;
+      memset(part, 0, sizeof(T) * pl.part);
+      T* sa = tls_buf<T>(14, istride);
+      T* sb = tls_buf<T>(15, istride);
+      // b1 of the image kept from pass 1 (stride 1, an activation whose act' reads the output).
+      // With one band per image, pass 1's own b1 band and x band buffers (tls slots 2 and 1)
+      // still hold the image when pass 2 runs: read them in place, no copy, no reload.
+      const bool keep_b1 = S == 1 && act_saves(ACT) == kSavesOutput;
+      const bool one_band = pl.nbands == 1;
+      const int64_t BR = (d.Wo + 2) * d.C;
+      T* b1copy = keep_b1 && !one_band ? tls_buf<T>(13, d.Ho * d.Wo * d.C) : nullptr;
+      const T* b1i = !keep_b1 ? nullptr
+                     : one_band ? tls_buf<T>(2, (pl.R + 2) * BR) + BR + d.C : b1copy;
+      const int64_t b1rs = one_band ? BR : d.Wo * d.C;
+      const T* xband =
+          one_band ? tls_buf<T>(1, (S * (pl.R + 1) + 3) * (d.W + 2) * d.C) : nullptr;
+      for (int64_t img = i0; img < i1; ++img) {
+        const int64_t t0 = img * pl.nbands, t1 = t0 + pl.nbands;
+        pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, dx, sa, sb, 0, part, t0, t1,
+                                  b1copy);
+        pass2_tiles_pm<T, S, ACT>(d, pl, t, wt, wtr, dx, sa, sb, 0, part, t0, t1, b1i, b1rs,
+                                  xband);
+      }
+    };
+    par_for(rt, pl.nchunks, task);
+    rt.brgemm_release();
+    return;
+  }
+  auto task1 = [&](int64_t chunk) {
+    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+    T* part = parts + chunk * pl.part;
+    memset(part, 0, sizeof(T) * pl.part);
+    pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, dx, SA, SB, istride, part, t0, t1,
+                              (T*)nullptr);
+  };
+  par_for(rt, pl.nchunks, task1);
+  rt.brgemm_release();
+  auto task2 = [&](int64_t chunk) {
+    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+    pass2_tiles_pm<T, S, ACT>(d, pl, t, wt, wtr, dx, SA, SB, istride, parts + chunk * pl.part,
+                              t0, t1, (const T*)nullptr, 0, (const T*)nullptr);
+  };
+  par_for(rt, pl.nchunks, task2);
+}
+
+
+MSFUSED_KERNEL_END

@@ -1,0 +1,395 @@
+// The planar CPU path (few channels, C < kPixelMajorMinC): per-channel rows, depthwise
+// loops vectorised along image rows; the packed tile matrix A is Ktot x P (channel rows).
+#pragma once
+#include "cpu/kernel_tiles.h"
+
+MSFUSED_KERNEL_BEGIN
+
+// ---- one channel of a tile ------------------------------------------------------------
+
+// Width of one row of the per-channel input buffer: stride 1 keeps the zero-padded row
+// (W + 2); stride 2 keeps its even columns (Wo + 1) then its odd columns (Wo).
+template <int S>
+inline int64_t xrow_width(const BlockDesc& d) {
+  return S == 1 ? d.W + 2 : 2 * d.Wo + 1;
+}
+
+// Pointer p with p[w] = the input under tap column tj of output column w.
+template <int S, typename T>
+inline const T* tap(const T* row, int tj, int64_t Wo) {
+  if (S == 1) return row + tj;
+  return tj == 0 ? row : (tj == 1 ? row + (Wo + 1) : row + 1);
+}
+
+// Copies input rows [hb, hb + nrows) of channel c of image bi into buf (zeros outside).
+template <int S, typename T>
+void load_x_rows(const BlockDesc& d, const T* x, int64_t bi, int64_t c, int64_t hb,
+                 int64_t nrows, T* buf) {
+  const int64_t XW = xrow_width<S>(d), W = d.W, Wo = d.Wo;
+  const int64_t cstride = d.channels_last ? d.C : 1;
+  for (int64_t k = 0; k < nrows; ++k) {
+    const int64_t h = hb + k;
+    T* row = buf + k * XW;
+    if (h < 0 || h >= d.H) {
+      memset(row, 0, sizeof(T) * XW);
+      continue;
+    }
+    const T* src = d.channels_last ? x + ((bi * d.H + h) * W) * d.C + c
+                                   : x + ((bi * d.C + c) * d.H + h) * W;
+    if (S == 1) {
+      row[0] = T(0);
+      row[W + 1] = T(0);
+      if (cstride == 1) {
+        memcpy(row + 1, src, sizeof(T) * W);
+      } else {
+        for (int64_t w = 0; w < W; ++w) row[1 + w] = src[w * cstride];
+      }
+    } else {
+      T* E = row;
+      T* O = row + Wo + 1;
+      E[0] = T(0);  // input column -1
+      for (int64_t k2 = 1; k2 <= Wo; ++k2) {
+        const int64_t wi = 2 * k2 - 1;
+        E[k2] = wi < W ? src[wi * cstride] : T(0);
+      }
+      for (int64_t k2 = 0; k2 < Wo; ++k2) O[k2] = src[2 * k2 * cstride];
+    }
+  }
+}
+
+// One output row of a depthwise 3x3 conv: z[w] = bias + the 9 taps over buffer rows row0,
+// row0 + XW, row0 + 2 XW (summed in tap order); post[w] = act(z[w]), and pre[w] = z[w]
+// when pre is not null. One pass with the nine weights in registers: short rows (a 4-wide
+// image) are then a handful of instructions rather than nine loops.
+template <int S, int ACT, typename T>
+inline void dw_row(const T* row0, int64_t XW, const T* w9, T bias, int64_t Wo, T* pre,
+                   T* post) {
+  const T* __restrict__ q0 = tap<S>(row0, 0, Wo);
+  const T* __restrict__ q1 = tap<S>(row0, 1, Wo);
+  const T* __restrict__ q2 = tap<S>(row0, 2, Wo);
+  const T* __restrict__ q3 = tap<S>(row0 + XW, 0, Wo);
+  const T* __restrict__ q4 = tap<S>(row0 + XW, 1, Wo);
+  const T* __restrict__ q5 = tap<S>(row0 + XW, 2, Wo);
+  const T* __restrict__ q6 = tap<S>(row0 + 2 * XW, 0, Wo);
+  const T* __restrict__ q7 = tap<S>(row0 + 2 * XW, 1, Wo);
+  const T* __restrict__ q8 = tap<S>(row0 + 2 * XW, 2, Wo);
+  const T k0 = w9[0], k1 = w9[1], k2 = w9[2], k3 = w9[3], k4 = w9[4], k5 = w9[5], k6 = w9[6],
+          k7 = w9[7], k8 = w9[8];
+  auto z = [&](int64_t w) {
+    return bias + k0 * q0[w] + k1 * q1[w] + k2 * q2[w] + k3 * q3[w] + k4 * q4[w] +
+           k5 * q5[w] + k6 * q6[w] + k7 * q7[w] + k8 * q8[w];
+  };
+  if (pre) {
+    for (int64_t w = 0; w < Wo; ++w) {
+      const T v = z(w);
+      pre[w] = v;
+      post[w] = act_f<ACT>(v);
+    }
+  } else {
+    for (int64_t w = 0; w < Wo; ++w) post[w] = act_f<ACT>(z(w));
+  }
+}
+
+// The depthwise part of one channel of one tile: rows of A (a, xs, b) and, for the
+// backward, the padded b1 band. pre_* (when act' reads the pre-activation; may be null) get pre-activations.
+template <typename T, int S, int ACT>
+void tile_channel(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
+                  const TileGeom& g, int64_t c, T* xbuf, T* A, T* b1p, T* pre_a, T* pre_b,
+                  T* pre_b1) {
+  const int64_t Wo = d.Wo, XW = xrow_width<S>(d), P = g.P, R = g.R, BW = Wo + 2;
+  const int64_t hb = S * (g.r0 - 1) - 1;
+  load_x_rows<S>(d, t.x, g.bi, c, hb, S * (R + 1) + 3, xbuf);
+  const T ba = t.ba ? t.ba[c] : T(0), bb = t.bb ? t.bb[c] : T(0), bc = t.bc ? t.bc[c] : T(0);
+  T* arow = A + c * P;
+  T* brow = A + (pl.Ktot - d.C + c) * P;
+  for (int64_t i = 0; i < R; ++i)
+    dw_row<S, ACT>(xbuf + S * (i + 1) * XW, XW, t.wa + 9 * c, ba, Wo,
+                   pre_a ? pre_a + c * P + i * Wo : nullptr, arow + i * Wo);
+  for (int64_t k = 0; k < R + 2; ++k) {
+    const int64_t q = g.r0 - 1 + k;
+    T* row = b1p + k * BW;
+    T* pre = pre_b1 ? pre_b1 + k * BW : nullptr;
+    if (q < 0 || q >= d.Ho) {
+      memset(row, 0, sizeof(T) * BW);
+      if (pre) memset(pre, 0, sizeof(T) * BW);
+      continue;
+    }
+    row[0] = row[Wo + 1] = T(0);
+    if (pre) pre[0] = pre[Wo + 1] = T(0);
+    dw_row<S, ACT>(xbuf + S * k * XW, XW, t.wb + 9 * c, bb, Wo, pre ? pre + 1 : nullptr,
+                   row + 1);
+  }
+  for (int64_t i = 0; i < R; ++i)
+    dw_row<1, ACT>(b1p + i * BW, BW, t.wc + 9 * c, bc, Wo,
+                   pre_b ? pre_b + c * P + i * Wo : nullptr, brow + i * Wo);
+  if (pl.Cs) {
+    T* xsrow = A + (d.C + c) * P;
+    for (int64_t i = 0; i < R; ++i)
+      memcpy(xsrow + i * Wo, tap<S>(xbuf + (S * (i + 1) + 1) * XW, 1, Wo), sizeof(T) * Wo);
+  }
+}
+
+// Pointwise part of the forward for one tile: Y (tile of y) = Wpacked . A, in y's layout.
+template <typename T>
+void tile_pointwise(const Runtime& rt, const BlockDesc& d, const Plan& pl, const T* wp,
+                    const T* A, int64_t P, T* ytile, int64_t ldy) {
+  const int64_t N = d.N, C = d.C;
+  // NCHW: y tile is Cout x P (row stride ldy = Ho*Wo): Y = W A.
+  // NHWC: y tile is P x Cout (row stride Cout):        Y = A^T W^T.
+  auto mm = [&](const T* w, int64_t ldw, int64_t K, const T* a, T* out) {
+    if (d.channels_last)
+      gemm_rm<T>(rt, 'T', 'T', P, N, K, T(1), a, P, w, ldw, T(0), out, ldy);
+    else
+      gemm_rm<T>(rt, 'N', 'N', N, P, K, T(1), w, ldw, a, P, T(0), out, ldy);
+  };
+  if (d.merge == kAdd) {
+    mm(wp, pl.Ktot, pl.Ktot, A, ytile);
+  } else {
+    const int64_t K = C + pl.Cs;
+    const int64_t half = d.channels_last ? N : N * ldy;
+    mm(wp, K, K, A, ytile);
+    mm(wp + N * K, K, K, A + C * P, ytile + half);
+  }
+}
+
+// The planar forward: per tile, the depthwise rows of every channel into A, one GEMM per
+// output half, the epilogue in y's layout (wp, bias: pack_weights).
+template <typename T, int S, int ACT>
+void forward_planar(const Runtime& rt, const BlockDesc& d, const Plan& pl,
+                    const BlockTensors<T>& t, const T* wp, const T* bias, T* y, T* pre_out) {
+  const int64_t HoWo = d.Ho * d.Wo;
+  const bool identity = d.residual && !d.projection;
+  auto task = [&](int64_t chunk) {
+    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+    const int64_t Pmax = pl.R * d.Wo;
+    TlsBuf<T> A(0, pl.Ktot * Pmax), xbuf(1, (S * (pl.R + 1) + 3) * xrow_width<S>(d)),
+        b1p(2, (pl.R + 2) * (d.Wo + 2));
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const TileGeom g = tile_geom(d, pl, tile);
+      for (int64_t c = 0; c < d.C; ++c)
+        tile_channel<T, S, ACT>(d, pl, t, g, c, xbuf.p, A.p, b1p.p, nullptr, nullptr, nullptr);
+      const int64_t off = d.channels_last ? (g.bi * HoWo + g.r0 * d.Wo) * d.Cout
+                                          : g.bi * d.Cout * HoWo + g.r0 * d.Wo;
+      const int64_t ldy = d.channels_last ? d.Cout : HoWo;
+      T* ytile = y + off;
+      tile_pointwise(rt, d, pl, wp, A.p, g.P, ytile, ldy);
+      epilogue<T, ACT>(d, ytile, d.channels_last ? d.Cout : 1, d.channels_last ? 1 : HoWo, ytile,
+                       identity ? t.x + off : nullptr, pre_out ? pre_out + off : nullptr,
+                       bias, g.P);
+    }
+  };
+  par_for(rt, pl.nchunks, task);
+}
+
+// sum_w g[w] * src[w]
+template <typename T>
+inline T dot_row(const T* g, const T* src, int64_t n) {
+  T s = T(0);
+  for (int64_t w = 0; w < n; ++w) s += g[w] * src[w];
+  return s;
+}
+
+template <typename T>
+inline T sum_row(const T* g, int64_t n) {
+  T s = T(0);
+  for (int64_t w = 0; w < n; ++w) s += g[w];
+  return s;
+}
+
+template <typename T, int S, int ACT>
+void backward_pass1(const Runtime& rt, const BlockDesc& d, const Plan& pl,
+                    const BlockTensors<T>& t, const T* gy, const T* saved, const T* wp,
+                    T* dx, T* SA, T* SB, T* parts) {
+  const int64_t HoWo = d.Ho * d.Wo, C = d.C, N = d.N, Wo = d.Wo, Cout = d.Cout;
+  const int64_t XW = xrow_width<S>(d), BW = Wo + 2;
+  const PartLayout L(d, pl);
+  const bool identity = d.residual && !d.projection;
+  const bool need_pre = kNeedsPreact<ACT>;  // the activation's gradient reads pre
+  auto task = [&](int64_t chunk) {
+    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+    const int64_t Pmax = pl.R * Wo;
+    T* part = parts + chunk * pl.part;
+    memset(part, 0, sizeof(T) * pl.part);
+    TlsBuf<T> A(0, pl.Ktot * Pmax), dA(1, pl.Ktot * Pmax), G(2, Cout * Pmax),
+        xbuf(3, (S * (pl.R + 1) + 3) * XW), b1p(4, C * (pl.R + 2) * BW),
+        preA(6, need_pre ? pl.Ktot * Pmax : 1);
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const TileGeom g = tile_geom(d, pl, tile);
+      const int64_t P = g.P;
+      const int64_t off = d.channels_last ? (g.bi * HoWo + g.r0 * Wo) * Cout
+                                          : g.bi * Cout * HoWo + g.r0 * Wo;
+      // gz = gy * act'(z), in G: Cout x P (NCHW) or P x Cout (NHWC); bias and identity grads
+      const int64_t ldg = d.channels_last ? Cout : P;
+      tile_gz<T, ACT>(d, gy, saved, off, P, G.p, part + L.bo, dx, identity);
+      // recompute the branches
+      for (int64_t c = 0; c < C; ++c)
+        tile_channel<T, S, ACT>(d, pl, t, g, c, xbuf.p, A.p, b1p.p + c * (g.R + 2) * BW,
+                                need_pre ? preA.p : nullptr,
+                                need_pre ? preA.p + (pl.Ktot - C) * P : nullptr, nullptr);
+      // pointwise weight gradients and dA = W^T gz
+      const char tg = d.channels_last ? 'T' : 'N';  // op(G) = gz rows (N x P)
+      auto grows = [&](int64_t n0) { return d.channels_last ? G.p + n0 : G.p + n0 * P; };
+      if (d.merge == kAdd) {
+        gemm_rm<T>(rt, tg, 'T', N, pl.Ktot, P, T(1), grows(0), ldg, A.p, P, T(1),
+                   part + L.pw, pl.Ktot);
+        gemm_rm<T>(rt, 'T', tg, pl.Ktot, P, N, T(1), wp, pl.Ktot, grows(0), ldg, T(0), dA.p, P);
+      } else {
+        const int64_t K = C + pl.Cs;
+        gemm_rm<T>(rt, tg, 'T', N, K, P, T(1), grows(0), ldg, A.p, P, T(1), part + L.pw, K);
+        gemm_rm<T>(rt, tg, 'T', N, K, P, T(1), grows(N), ldg, A.p + C * P, P, T(1),
+                   part + L.pw + N * K, K);
+        gemm_rm<T>(rt, 'T', tg, K, P, N, T(1), wp, K, grows(0), ldg, T(0), dA.p, P);
+        if (pl.Cs) memset(dA.p + K * P, 0, sizeof(T) * C * P);
+        gemm_rm<T>(rt, 'T', tg, K, P, N, T(1), wp + N * K, K, grows(N), ldg,
+                   pl.Cs ? T(1) : T(0), dA.p + C * P, P);
+      }
+      // per channel: through the branch activations, depthwise weight grads, scratch
+      for (int64_t c = 0; c < C; ++c) {
+        T* da = dA.p + c * P;
+        T* db = dA.p + (pl.Ktot - C + c) * P;
+        const T* a = A.p + c * P;
+        const T* b = A.p + (pl.Ktot - C + c) * P;
+        const T* pa = need_pre ? preA.p + c * P : a;
+        const T* pb = need_pre ? preA.p + (pl.Ktot - C + c) * P : b;
+        act_grad<ACT>(da, a, pa, da, P);
+        act_grad<ACT>(db, b, pb, db, P);
+        T* sa = SA + (g.bi * C + c) * HoWo + g.r0 * Wo;
+        T* sb = SB + (g.bi * C + c) * HoWo + g.r0 * Wo;
+        memcpy(sa, da, sizeof(T) * P);
+        memcpy(sb, db, sizeof(T) * P);
+        // dwa, dba: x rows again (cheap), dwc, dbc: from the b1 band
+        load_x_rows<S>(d, t.x, g.bi, c, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xbuf.p);
+        const T* b1 = b1p.p + c * (g.R + 2) * BW;
+        for (int ti = 0; ti < 3; ++ti)
+          for (int tj = 0; tj < 3; ++tj) {
+            T sa_ = T(0), sc_ = T(0);
+            for (int64_t i = 0; i < g.R; ++i) {
+              sa_ += dot_row(da + i * Wo, tap<S>(xbuf.p + (S * (i + 1) + ti) * XW, tj, Wo), Wo);
+              sc_ += dot_row(db + i * Wo, b1 + (i + ti) * BW + tj, Wo);
+            }
+            part[L.wa + 9 * c + ti * 3 + tj] += sa_;
+            part[L.wc + 9 * c + ti * 3 + tj] += sc_;
+          }
+        part[L.ba + c] += sum_row(da, P);
+        part[L.bc + c] += sum_row(db, P);
+        // projection: dx at (s r, s w) gets the xs rows of dA (positions owned by this tile)
+        if (pl.Cs) {
+          const T* dxs = dA.p + (C + c) * P;
+          for (int64_t i = 0; i < g.R; ++i)
+            for (int64_t w = 0; w < Wo; ++w) {
+              const int64_t h = S * (g.r0 + i), wi = S * w;
+              const int64_t o = d.channels_last ? ((g.bi * d.H + h) * d.W + wi) * C + c
+                                                : ((g.bi * C + c) * d.H + h) * d.W + wi;
+              dx[o] = dxs[i * Wo + w];
+            }
+        }
+      }
+    }
+  };
+  par_for(rt, pl.nchunks, task);
+}
+
+template <typename T, int S, int ACT>
+void backward_pass2(const Runtime& rt, const BlockDesc& d, const Plan& pl,
+                    const BlockTensors<T>& t, T* dx, const T* SA, const T* SB, T* parts) {
+  const int64_t HoWo = d.Ho * d.Wo, C = d.C, Wo = d.Wo, Ho = d.Ho, W = d.W;
+  const int64_t XW = xrow_width<S>(d);
+  const PartLayout L(d, pl);
+  // dx rows use padded scatter rows: stride 1 a zero-padded row (W + 2), stride 2 the
+  // even/odd split of the input buffer (same indexing as tap<2>).
+  const int64_t DXW = xrow_width<S>(d);
+  auto task = [&](int64_t chunk) {
+    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+    T* part = parts + chunk * pl.part;
+    const int64_t RR = pl.R + 2;
+    TlsBuf<T> xbuf(8, (S * (pl.R + 1) + 3) * XW), d1(9, RR * Wo), b1post(10, Wo + 2),
+        b1pre(11, Wo + 2), dxrow(12, DXW);
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const TileGeom g = tile_geom(d, pl, tile);
+      const int64_t q_lo = g.r0 - 1;  // d1 row k holds b1 row q_lo + k
+      const int64_t hs = S * g.r0, he = S * (g.r0 + g.R) < d.H ? S * (g.r0 + g.R) : d.H;
+      for (int64_t c = 0; c < C; ++c) {
+        const T* sa = SA + (g.bi * C + c) * HoWo;
+        const T* sb = SB + (g.bi * C + c) * HoWo;
+        const T* wa = t.wa + 9 * c;
+        const T* wb = t.wb + 9 * c;
+        const T* wc = t.wc + 9 * c;
+        const T bb = t.bb ? t.bb[c] : T(0);
+        const int64_t hb = S * (g.r0 - 1) - 1;
+        load_x_rows<S>(d, t.x, g.bi, c, hb, S * (g.R + 1) + 3, xbuf.p);
+        // db1_pre for b1 rows q in [r0 - 1, r0 + R]: transposed depthwise of db with wc,
+        // times act'(b1) recomputed from x. Rows outside the image are zero.
+        for (int64_t k = 0; k < g.R + 2; ++k) {
+          const int64_t q = q_lo + k;
+          T* row = d1.p + k * Wo;
+          if (q < 0 || q >= Ho) {
+            memset(row, 0, sizeof(T) * Wo);
+            continue;
+          }
+          for (int64_t w = 0; w < Wo; ++w) row[w] = T(0);
+          for (int ti = 0; ti < 3; ++ti) {
+            const int64_t r = q + 1 - ti;  // b row fed by b1 row q through tap row ti
+            if (r < 0 || r >= Ho) continue;
+            const T* src = sb + r * Wo;
+            for (int tj = 0; tj < 3; ++tj) {
+              const T wt = wc[ti * 3 + tj];
+              // row[w'] += wt * db[r][w' + 1 - tj] for 0 <= w' + 1 - tj < Wo
+              const int64_t lo = tj - 1 > 0 ? tj - 1 : 0;
+              const int64_t hi = Wo + tj - 1 < Wo ? Wo + tj - 1 : Wo;
+              for (int64_t w = lo; w < hi; ++w) row[w] += wt * src[w + 1 - tj];
+            }
+          }
+          dw_row<S, ACT>(xbuf.p + S * k * XW, XW, wb, bb, Wo,
+                         kNeedsPreact<ACT> ? b1pre.p : nullptr, b1post.p);
+          act_grad<ACT>(row, b1post.p, b1pre.p, row, Wo);
+        }
+        // dwb, dbb over the rows this tile owns (k = 1 .. R)
+        for (int ti = 0; ti < 3; ++ti)
+          for (int tj = 0; tj < 3; ++tj) {
+            T s = T(0);
+            for (int64_t k = 1; k <= g.R; ++k)
+              s += dot_row(d1.p + k * Wo, tap<S>(xbuf.p + (S * k + ti) * XW, tj, Wo), Wo);
+            part[L.wb + 9 * c + ti * 3 + tj] += s;
+          }
+        {
+          T s = T(0);
+          for (int64_t k = 1; k <= g.R; ++k) s += sum_row(d1.p + k * Wo, Wo);
+          part[L.bb + c] += s;
+        }
+        // dx rows [hs, he): input row h gets tap row ti from output row q = (h + 1 - ti) / S
+        for (int64_t h = hs; h < he; ++h) {
+          for (int64_t i = 0; i < DXW; ++i) dxrow.p[i] = T(0);
+          for (int ti = 0; ti < 3; ++ti) {
+            const int64_t num = h + 1 - ti;
+            if (num < 0 || num % S) continue;
+            const int64_t q = num / S;
+            if (q >= Ho) continue;
+            const T* ga = sa + q * Wo;
+            const T* gb = d1.p + (q - q_lo) * Wo;
+            for (int tj = 0; tj < 3; ++tj) {
+              const T wat = wa[ti * 3 + tj], wbt = wb[ti * 3 + tj];
+              T* dst = const_cast<T*>(tap<S>(dxrow.p, tj, Wo));
+              for (int64_t w = 0; w < Wo; ++w) dst[w] += wat * ga[w] + wbt * gb[w];
+            }
+          }
+          // un-pad / interleave back into dx (which holds the residual/projection part)
+          T* out = d.channels_last ? dx + ((g.bi * d.H + h) * W) * C + c
+                                   : dx + ((g.bi * C + c) * d.H + h) * W;
+          const int64_t cs = d.channels_last ? C : 1;
+          if (S == 1) {
+            for (int64_t w = 0; w < W; ++w) out[w * cs] += dxrow.p[1 + w];
+          } else {
+            const T* E = dxrow.p;
+            const T* O = dxrow.p + Wo + 1;
+            for (int64_t w = 0; w < W; ++w)
+              out[w * cs] += (w & 1) ? E[(w + 1) / 2] : O[w / 2];
+          }
+        }
+      }
+    }
+  };
+  par_for(rt, pl.nchunks, task);
+}
+
+
+MSFUSED_KERNEL_END

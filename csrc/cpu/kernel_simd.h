@@ -1,0 +1,211 @@
+// SIMD helpers of the CPU kernels: scratch buffers, 32-byte vectors, the activations on
+// rows and vectors (from csrc/activations.h), GEMM entry points and the parallel loop.
+// Part of the kernel source that block_kernel_impl.h compiles once per instruction set.
+#pragma once
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "activations.h"
+#include "cpu/block_kernel.h"
+
+// Every part of the kernel source lives in msfused::cpu::<isa>::(anonymous namespace), so
+// the copies compiled for different instruction sets never mix.
+#define MSFUSED_KERNEL_BEGIN \
+  namespace msfused {        \
+  namespace cpu {            \
+  namespace MSFUSED_ISA {    \
+  namespace {
+#define MSFUSED_KERNEL_END \
+  }                        \
+  }                        \
+  }                        \
+  }
+
+MSFUSED_KERNEL_BEGIN
+
+template <typename T>
+struct Buf {  // heap scratch of one task; malloc keeps this free of std:: templates
+  T* p;
+  explicit Buf(int64_t n) : p(static_cast<T*>(malloc(sizeof(T) * (n > 0 ? n : 1)))) {
+    if (!p) abort();
+  }
+  ~Buf() { free(p); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+};
+
+
+// 32-byte vectors through GCC/Clang vector extensions (one AVX2 register; two SSE/NEON
+// registers in the baseline build). Register-blocked loops use these explicitly: with plain
+// arrays the compiler keeps the accumulators on the stack. aligned(sizeof(T)) makes the
+// pointer casts below valid unaligned loads and stores.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32), aligned(4)));
+  static constexpr int n = 8;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32), aligned(8)));
+  static constexpr int n = 4;
+};
+template <typename T>
+inline typename Vec<T>::type vload(const T* p) {
+  return *reinterpret_cast<const typename Vec<T>::type*>(p);
+}
+template <typename T>
+inline void vstore(T* p, typename Vec<T>::type v) {
+  *reinterpret_cast<typename Vec<T>::type*>(p) = v;
+}
+
+// ---- activations (csrc/activations.h) on scalars, rows and vectors -------------------------
+
+template <int ACT, typename T>
+inline T act_f(T v) {
+  return ActOp<ACT>::fwd(v);
+}
+
+// What the backward differentiates an activation from (csrc/activations.h, ActOp::grad):
+// the output for kSavesOutput activations, else the pre-activation.
+template <int ACT>
+constexpr bool kNeedsPreact = act_saves(ACT) == kSavesPreact;
+
+template <int ACT, typename T>
+inline const T* grad_source(const T* post, const T* pre) {
+  return kNeedsPreact<ACT> ? pre : post;
+}
+
+// act on a vector: in vector registers where ActOp has a vector form, else lane by lane.
+template <int ACT, typename T>
+inline typename Vec<T>::type act_v(typename Vec<T>::type v) {
+  if constexpr (ActOp<ACT>::kVector) {
+    return ActOp<ACT>::fwd(v);
+  } else {
+    for (int j = 0; j < Vec<T>::n; ++j) v[j] = ActOp<ACT>::fwd(v[j]);
+    return v;
+  }
+}
+
+// Stores one pixel's channel vector: pre (if asked) gets z, post gets act(z).
+template <int ACT, typename V, typename T>
+inline void dw_store(V z, T* post, T* pre) {
+  if (pre) vstore(pre, z);
+  vstore(post, act_v<ACT, T>(z));
+}
+
+// out[i] = g[i] * act'(i) for n elements (out may be g), branch-free and vectorised where
+// ActOp has a vector form (relu, relu6: PyTorch's select form; the masks are
+// data-dependent, so a branch would mispredict). post and pre are the activation's output
+// and input; only the one ActOp::grad reads (grad_source) is touched, neither for none.
+template <int ACT, typename T>
+inline void act_grad(const T* g, const T* post, const T* pre, T* out, int64_t n) {
+  constexpr int VN = Vec<T>::n;
+  if (ACT == kActNone) {
+    if (out != g) memcpy(out, g, sizeof(T) * n);
+    return;
+  }
+  const T* v = grad_source<ACT>(post, pre);
+  int64_t i = 0;
+  if constexpr (ActOp<ACT>::kVector)
+    for (; i + VN <= n; i += VN) vstore(out + i, ActOp<ACT>::grad(vload(g + i), vload(v + i)));
+  for (; i < n; ++i) out[i] = ActOp<ACT>::grad(g[i], v[i]);
+}
+
+template <int ACT, typename T>
+inline void act_row(const T* pre, T* post, int64_t n) {
+  for (int64_t w = 0; w < n; ++w) post[w] = act_f<ACT>(pre[w]);
+}
+
+// A task's scratch buffer `slot` (tls_buf below): thread-local and reused across calls, so
+// tiles never allocate. Each slot is used by one buffer of one pass at a time.
+template <typename T>
+T* tls_buf(int slot, int64_t n);
+template <typename T>
+struct TlsBuf {
+  T* p;
+  TlsBuf(int slot, int64_t n) : p(tls_buf<T>(slot, n)) {}
+};
+
+template <typename T>
+inline void gemm(const Runtime& rt, char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha,
+                 const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
+template <>
+inline void gemm<float>(const Runtime& rt, char ta, char tb, int64_t m, int64_t n, int64_t k,
+                        float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+                        float beta, float* c, int64_t ldc) {
+  rt.sgemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+template <>
+inline void gemm<double>(const Runtime& rt, char ta, char tb, int64_t m, int64_t n, int64_t k,
+                         double alpha, const double* a, int64_t lda, const double* b,
+                         int64_t ldb, double beta, double* c, int64_t ldc) {
+  rt.dgemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// Row-major GEMM: C (m x n, ldc) = alpha * op(A) op(B) + beta * C, where op(A) is m x k and
+// A is stored row-major (k x m when ta == 'T'). Mapped onto column-major BLAS as
+// C^T = op(B)^T op(A)^T.
+// GEMMs of at most this many multiply-adds run as plain loops: a BLAS call costs about a
+// microsecond before it computes anything, more than a tiny tile's whole GEMM.
+static const int64_t kSmallGemmMacs = 4096;
+
+template <typename T>
+inline void gemm_rm(const Runtime& rt, char ta, char tb, int64_t m, int64_t n, int64_t k,
+                    T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
+                    int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (m * n * k > kSmallGemmMacs) return gemm<T>(rt, tb, ta, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+  const int64_t as_i = ta == 'N' ? lda : 1, as_l = ta == 'N' ? 1 : lda;
+  const int64_t bs_l = tb == 'N' ? ldb : 1, bs_j = tb == 'N' ? 1 : ldb;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      T acc = T(0);
+      for (int64_t l = 0; l < k; ++l) acc += a[i * as_i + l * as_l] * b[l * bs_l + j * bs_j];
+      T* o = c + i * ldc + j;
+      *o = beta == T(0) ? alpha * acc : alpha * acc + beta * *o;  // beta 0: C is not read
+    }
+}
+
+template <typename F>
+inline void par_for(const Runtime& rt, int64_t n, F& f) {
+  rt.parallel_for(n, 1, &f, [](void* ctx, int64_t b, int64_t e) {
+    F& fn = *static_cast<F*>(ctx);
+    for (int64_t i = b; i < e; ++i) fn(i);
+  });
+}
+template <typename T>
+T* tls_buf(int slot, int64_t n) {
+  // Per-thread scratch, grown on demand and kept for the thread's lifetime (bounded by the
+  // largest tile seen), so the hot path never allocates.
+  static thread_local void* ptr[16] = {nullptr};
+  static thread_local int64_t cap[16] = {0};
+  const int64_t bytes = sizeof(T) * (n > 0 ? n : 1);
+  if (cap[slot] < bytes) {
+    free(ptr[slot]);
+    ptr[slot] = malloc(bytes);
+    if (!ptr[slot]) abort();
+    cap[slot] = bytes;
+  }
+  return static_cast<T*>(ptr[slot]);
+}
+
+template <typename T>
+inline void mm_nn(const Runtime& rt, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda,
+                  const T* b, int64_t ldb, T* c, int64_t ldc, bool add);
+template <>
+inline void mm_nn<float>(const Runtime& rt, int64_t M, int64_t N, int64_t K, const float* a,
+                         int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                         bool add) {
+  if (M > 0 && N > 0) rt.sbrgemm(M, N, K, lda, ldb, ldc, add, a, b, c);
+}
+template <>
+inline void mm_nn<double>(const Runtime& rt, int64_t M, int64_t N, int64_t K, const double* a,
+                          int64_t lda, const double* b, int64_t ldb, double* c, int64_t ldc,
+                          bool add) {
+  gemm_rm<double>(rt, 'N', 'N', M, N, K, 1.0, a, lda, b, ldb, add ? 1.0 : 0.0, c, ldc);
+}
+
+MSFUSED_KERNEL_END
