@@ -21,17 +21,17 @@ def _bench(args) -> int:
 
 
 def _train(args) -> int:
-    from . import train
+    from .paper import train
     return train.run(args)
 
 
 def _compare(args) -> int:
-    from . import compare
+    from .paper import compare
     return compare.run(args)
 
 
 def _params(_args) -> int:
-    from . import models
+    from .paper import models
     models.print_parameter_counts()
     return 0
 
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench)
     s = sub.add_parser("backends", help="which backends are usable here, and why not")
     s.set_defaults(func=_backends)
-    from . import compare, train
+    from .paper import compare, train
     t = sub.add_parser("train", help="train one of the paper's networks on one data set")
     train.add_arguments(t)
     t.set_defaults(func=_train)

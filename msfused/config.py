@@ -1,23 +1,23 @@
-"""The block's configuration: names, integer codes shared with the kernels, and helpers.
+"""The block's configuration: merge names and codes, the validated static arguments of one
+call (BlockConfig), and shape helpers.
 
-The integer codes below are part of the operator schemas (`merge`, `act` arguments of the
-`msfused::*` ops), so C++, CUDA and Triton kernels all read the same numbers.
+The integer codes are part of the operator schemas (`merge`, `act` arguments of the
+`msfused::*` ops), so the C++, CUDA and Triton kernels all read the same numbers:
+merges here (csrc/block_desc.h enum Merge), activations in msfused/activations.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import numbers
+from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
+from .activations import ACTIVATIONS, act_code, apply_act  # noqa: F401  (re-exported)
 
 MERGES = ("concat", "add")  # code = index
-ACTIVATIONS = ("none", "relu", "relu6", "silu")  # code = index
-
 MERGE_CONCAT, MERGE_ADD = 0, 1
-ACT_NONE, ACT_RELU, ACT_RELU6, ACT_SILU = 0, 1, 2, 3
 
 
-def merge_code(merge: str) -> int:
+def merge_code(merge) -> int:
     if not isinstance(merge, str):
         raise TypeError(f"merge: expected one of {MERGES}, got {type(merge).__name__} {merge!r}")
     if merge not in MERGES:
@@ -25,24 +25,18 @@ def merge_code(merge: str) -> int:
     return MERGES.index(merge)
 
 
-def act_code(activation: str) -> int:
-    if not isinstance(activation, str):
-        raise TypeError(
-            f"activation: expected one of {ACTIVATIONS}, got {type(activation).__name__} {activation!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-    return ACTIVATIONS.index(activation)
+def check_stride(stride) -> int:
+    if isinstance(stride, bool) or not isinstance(stride, numbers.Integral):
+        raise TypeError(f"stride: expected int 1 or 2, got {type(stride).__name__} {stride!r}")
+    if stride not in (1, 2):
+        raise ValueError(f"stride: expected 1 or 2, got {stride!r}")
+    return int(stride)
 
 
-def apply_act(t: torch.Tensor, act: int) -> torch.Tensor:
-    """The block's activation by code, as torch.nn.functional computes it."""
-    if act == ACT_RELU:
-        return F.relu(t)
-    if act == ACT_RELU6:
-        return F.relu6(t)
-    if act == ACT_SILU:
-        return F.silu(t)
-    return t
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected bool, got {type(value).__name__} {value!r}")
+    return value
 
 
 def out_size(size: int, stride: int) -> int:
@@ -64,8 +58,13 @@ class BlockConfig:
 
     stride: int
     merge: int  # MERGE_* code
-    act: int  # ACT_* code
+    act: int  # activation code (msfused.activations)
     residual: bool
+    # the schemas' trailing (stride, merge, act, residual) arguments, built once
+    op_args: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "op_args", (self.stride, self.merge, self.act, self.residual))
 
     @property
     def merge_name(self) -> str:
@@ -74,3 +73,20 @@ class BlockConfig:
     @property
     def act_name(self) -> str:
         return ACTIVATIONS[self.act]
+
+
+def _make_config(stride, merge, activation, residual) -> BlockConfig:
+    return BlockConfig(stride=check_stride(stride), merge=merge_code(merge),
+                       act=act_code(activation), residual=check_bool("residual", residual))
+
+
+_cached_config = functools.lru_cache(maxsize=256, typed=True)(_make_config)
+
+
+def make_config(stride, merge, activation, residual) -> BlockConfig:
+    """BlockConfig from the user-facing names, or a ValueError/TypeError naming the
+    argument. Cached by value and type (1 and 1.0 and True are different keys)."""
+    try:
+        return _cached_config(stride, merge, activation, residual)
+    except TypeError:  # an unhashable argument (or a wrong type): the checks say which
+        return _make_config(stride, merge, activation, residual)

@@ -19,7 +19,7 @@ def convert(model: nn.Module, backend: str) -> nn.Module:
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     check_backend_name(backend)
     if backend != "auto":
-        why = get_backend(backend).unavailable_reason()
+        why = get_backend(backend).unavailable_reason
         if why is not None:
             raise BackendUnavailableError(f"backend {backend!r} is not available: {why}")
     for m in model.modules():

@@ -1,14 +1,14 @@
-"""Functional form of the block: validate once, pick the backend, run it."""
+"""Functional form of the block: the configuration from its names, the backend, the run
+(the backend's operator checks x and the weights)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from .backends import resolve_backend
-from .backends.registry import check_backend_name
+from .backends.registry import check_backend_name, resolve_backend
+from .config import make_config
 from .params import BlockParams
-from .validation import check_block_inputs, make_config
 
 
 def multiscale_separable_block(
@@ -29,8 +29,7 @@ def multiscale_separable_block(
     cfg = make_config(stride, merge, activation, residual)
     if not isinstance(params, BlockParams):
         params = BlockParams(*params)
-    check_block_inputs(x, params, cfg)
-    return resolve_backend(check_backend_name(backend), x).forward(x, params, cfg)
+    return resolve_backend(check_backend_name(backend), x).run(x, params, cfg)
 
 
 def backend_for(x: torch.Tensor, backend: str = "auto") -> Optional[str]:

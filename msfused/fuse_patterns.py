@@ -21,12 +21,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from .activations import TABLE as ACTIVATION_TABLE
 from .config import needs_projection
 
-_RELU_FUNCS = (F.relu, torch.relu, torch.relu_, F.relu_)
 _ADD_FUNCS = (operator.add, torch.add)
 _CAT_FUNCS = (torch.cat, torch.concat, torch.concatenate)
 
@@ -53,36 +52,22 @@ def _arg(node: fx.Node, i: int, name: str, default):
 
 
 def activation_of(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
-    """'relu', 'relu6' or 'silu' when the node applies that activation (as an nn module,
-    a torch.nn.functional / torch function or a Tensor method), else None."""
+    """The name of the activation the node applies (as an nn module, a torch.nn.functional
+    or torch function, or a Tensor method: the spellings of msfused.activations' table),
+    else None."""
     if _only_input(node) is None:
         return None
-    if node.op == "call_module":
-        m = _module(gm, node)
-        if _has_hooks(m):
-            return None
-        if type(m) is nn.ReLU:
-            return "relu"
-        if type(m) is nn.SiLU:
-            return "silu"
-        if type(m) in (nn.ReLU6, nn.Hardtanh) and m.min_val == 0.0 and m.max_val == 6.0:
-            return "relu6"
-        return None
-    if node.op == "call_function":
-        t = node.target
-        if t in _RELU_FUNCS:
-            return "relu"
-        if t is F.relu6:
-            return "relu6"
-        if t is F.silu:
-            return "silu"
-        if t is F.hardtanh and _arg(node, 1, "min_val", -1.0) == 0.0 \
-                and _arg(node, 2, "max_val", 1.0) == 6.0:
-            return "relu6"
-        return None
-    if node.op == "call_method":
-        if node.target in ("relu", "relu_"):
-            return "relu"
+    for act in ACTIVATION_TABLE:
+        if node.op == "call_module":
+            m = _module(gm, node)
+            if type(m) in act.modules and not _has_hooks(m) and act.module_check(m):
+                return act.name
+        elif node.op == "call_function" and node.target in act.functions:
+            check = act.functions[node.target]
+            if check is None or check(tuple(node.args), dict(node.kwargs)):
+                return act.name
+        elif node.op == "call_method" and node.target in act.methods:
+            return act.name
     return None
 
 

@@ -10,6 +10,7 @@ import torch
 import msfused
 from blockutil import make_block, rel_err
 from conftest import ALL_BACKENDS, backend_device, require
+from msfused.backends import get_backend
 from msfused.params import BlockParams
 
 
@@ -151,6 +152,9 @@ BAD_CALLS = {
     "act_type": (lambda x, p: (x, p, {"activation": 1}), TypeError, "activation"),
     "residual_type": (lambda x, p: (x, p, {"residual": "yes"}), TypeError, "residual"),
     "backend_name": (lambda x, p: (x, p, {"backend": "fpga"}), ValueError, "backend"),
+    "zero_n": (lambda x, p: (x, p._replace(pa=p.pa[:0], pb=p.pb[:0], qa=p.qa[:0], qb=p.qb[:0],
+                                           ws=p.ws[:0], bs=p.bs[:0]), {}), ValueError, "pa"),
+    "unexpected_projection": (lambda x, p: (x, p, {"residual": False}), ValueError, "ws"),
 }
 
 
@@ -202,27 +206,139 @@ def test_module_rejects_wrong_input(backend):
         m(torch.randn(1, 4, 5, 5, device=dev, dtype=torch.float64 if m.dw_a.weight.dtype == torch.float32 else torch.float32))
 
 
+# The same inputs through a direct operator call (codes, not names; every fused backend).
+# Each: (x, params, stride, merge, act, residual) -> the bad variant, exception, argument.
+OP_BAD_CALLS = {
+    "rank3": (lambda x, p, c: (x[0], p, c), ValueError, "x"),
+    "rank5": (lambda x, p, c: (x[None], p, c), ValueError, "x"),
+    "channels": (lambda x, p, c: (x.new_zeros(2, 5, 6, 5), p, c), ValueError, "channels"),
+    "zero_batch": (lambda x, p, c: (x[:0], p, c), ValueError, "x"),
+    "zero_width": (lambda x, p, c: (x[..., :0], p, c), ValueError, "x"),
+    "int_input": (lambda x, p, c: (x.long(), BlockParams(*[t.long() for t in p]), c), TypeError, "x"),
+    "weight_dtype": (lambda x, p, c: (x, p._replace(pa=p.pa.double()), c), TypeError, "pa"),
+    "bias_dtype": (lambda x, p, c: (x, p._replace(ba=p.ba.half()), c), TypeError, "ba"),
+    "weight_shape": (lambda x, p, c: (x, p._replace(wc=p.wc[:, :, :2]), c), ValueError, "wc"),
+    "pointwise_mismatch": (lambda x, p, c: (x, p._replace(pb=p.pb[:2]), c), ValueError, "pb"),
+    "bias_shape": (lambda x, p, c: (x, p._replace(qa=p.qa[:1]), c), ValueError, "qa"),
+    "missing_projection": (lambda x, p, c: (x, p._replace(ws=None, bs=None), c), ValueError, "ws"),
+    "unexpected_projection": (lambda x, p, c: (x, p, (*c[:3], False)), ValueError, "ws"),
+    "zero_n": (lambda x, p, c: (x, p._replace(pa=p.pa[:0], pb=p.pb[:0], qa=p.qa[:0], qb=p.qb[:0],
+                                              ws=p.ws[:0], bs=p.bs[:0]), c), ValueError, "pa"),
+    "stride3": (lambda x, p, c: (x, p, (3, *c[1:])), ValueError, "stride"),
+    "stride0": (lambda x, p, c: (x, p, (0, *c[1:])), ValueError, "stride"),
+    "merge_code": (lambda x, p, c: (x, p, (c[0], 7, *c[2:])), ValueError, "merge"),
+    "act_code": (lambda x, p, c: (x, p, (*c[:2], 9, c[3])), ValueError, "act"),
+    "act_negative": (lambda x, p, c: (x, p, (*c[:2], -1, c[3])), ValueError, "act"),
+}
+
+
+def _ops_of(backend):
+    ops = get_backend(backend).ops
+    assert ops is not None, f"backend {backend} has no operators"
+    return ops
+
+
+@pytest.mark.parametrize("case", sorted(OP_BAD_CALLS))
+def test_bad_input_direct_op_call(fused_backend, case):
+    """Callers of torch.ops.msfused.* get the same clear errors, never a crash or a
+    RuntimeError: the forward and the backward operator of every fused backend."""
+    dev = backend_device(fused_backend)
+    ops = _ops_of(fused_backend)
+    x, p = _ok_args(device=dev)
+    p = BlockParams(*[t.detach() for t in p])
+    make, exc, name = OP_BAD_CALLS[case]
+    cfg = (1, 0, 1, True)  # stride 1, concat, relu, residual (C=4 -> 6: a projection)
+    bx, bp, bc = make(x, p, cfg)
+    with pytest.raises(exc, match=name):
+        ops.forward(bx, *bp, *bc, False)
+    y = ops.forward(x, *p, *cfg, False)[0]
+    with pytest.raises(exc, match=name):
+        ops.backward(torch.ones_like(y), bx, y, *bp, *bc)
+
+
+BWD_BAD_CALLS = {
+    "grad_y_shape": (lambda gy, sv: (gy[:, :1], sv), ValueError, "grad_y"),
+    "grad_y_dtype": (lambda gy, sv: (gy.double(), sv), TypeError, "grad_y"),
+    "saved_shape": (lambda gy, sv: (gy, sv[:1]), ValueError, "saved"),
+    "saved_dtype": (lambda gy, sv: (gy, sv.double()), TypeError, "saved"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BWD_BAD_CALLS))
+def test_bad_backward_extras(fused_backend, case):
+    dev = backend_device(fused_backend)
+    ops = _ops_of(fused_backend)
+    x, p = _ok_args(device=dev)
+    p = BlockParams(*[t.detach() for t in p])
+    cfg = (1, 0, 1, True)
+    y = ops.forward(x, *p, *cfg, False)[0]
+    make, exc, name = BWD_BAD_CALLS[case]
+    gy, sv = make(torch.ones_like(y), y)
+    with pytest.raises(exc, match=name):
+        ops.backward(gy, x, sv, *p, *cfg)
+
+
+@pytest.mark.parametrize("case", ["rank3", "rank5", "channels", "zero_batch", "zero_width",
+                                  "int_input", "not_tensor"])
+def test_bad_input_module(backend, case):
+    """The module checks nothing of x in Python for the C++ backends: the operator does."""
+    dev = backend_device(backend)
+    m = make_block(4, 3, backend=backend, device=dev)
+    make, exc, name = BAD_CALLS[case]
+    x, _ = _ok_args(device=dev)
+    bad = make(x, m.params())[0]
+    with pytest.raises(exc, match=name):
+        m(bad)
+
+
 def test_ops_check_their_arguments_directly():
-    """Callers of torch.ops.msfused.* get the same clear errors, not a crash."""
-    if not msfused.available_backends()["cpp"].available:
-        pytest.skip("cpp backend not built")
+    """A few direct calls spelled out, with the messages users see."""
+    require("cpp")
     x, p = _ok_args()
     op = torch.ops.msfused.block_forward
-    with pytest.raises(ValueError, match="stride"):
+    with pytest.raises(ValueError, match="stride: expected 1 or 2, got 3"):
         op(x, *p, 3, 0, 1, True, False)
-    with pytest.raises(ValueError, match="merge"):
+    with pytest.raises(ValueError, match=r"merge: expected 0 \(concat\) or 1 \(add\), got 7"):
         op(x, *p, 1, 7, 1, True, False)
-    with pytest.raises(ValueError, match="x"):
-        op(x[0], *p, 1, 0, 1, True, False)
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(ValueError, match="act: expected one of 0 none, 1 relu, 2 relu6, 3 silu"):
+        op(x, *p, 1, 0, 4, True, False)
+    with pytest.raises(ValueError, match=r"x: expected 4 channels \(the weights' in_channels\)"):
         op(torch.randn(2, 5, 6, 5), *p, 1, 0, 1, True, False)
-    with pytest.raises(TypeError, match="pa"):
-        op(x, *p._replace(pa=p.pa.double()), 1, 0, 1, True, False)
-    with pytest.raises(ValueError, match="ws"):
-        op(x, *p._replace(ws=None, bs=None), 1, 0, 1, True, False)
+    with pytest.raises(ValueError, match=r"pa: expected at least one output channel \(N >= 1\)"):
+        op(x, *p._replace(pa=p.pa[:0], pb=p.pb[:0], qa=p.qa[:0], qb=p.qb[:0], ws=p.ws[:0],
+                          bs=p.bs[:0]), 1, 0, 1, True, False)
     with pytest.raises(TypeError, match="float32, float64, bfloat16 and float16, got Int"):
         op(x.int(), *[t.int() if t is not None else None for t in p], 1, 0, 1, True, False)
     y16, _ = op(x.half(), *[t.half() if t is not None else None for t in p], 1, 0, 1, True, False)
     assert y16.dtype == torch.float16  # computed in float32 inside the op
-    with pytest.raises(ValueError, match="grad_y"):
-        torch.ops.msfused.block_backward(torch.randn(1), x, torch.empty(0), *p, 1, 0, 0, True)
+
+
+def test_triton_ops_refuse_cpu_tensors_without_the_interpreter():
+    """No silent fall-back: a CPU tensor handed to the Triton operators outside
+    TRITON_INTERPRET=1 is a ValueError naming x (the ops exist whenever Triton imports)."""
+    pytest.importorskip("triton")
+    code = """
+import torch, msfused, sys
+sys.path.insert(0, %r)
+from blockutil import make_block
+m = make_block(4, 3)
+x = torch.randn(2, 4, 6, 5)
+try:
+    torch.ops.msfused.triton_block_forward(x, *m.params(), 1, 0, 1, True, False)
+except ValueError as e:
+    print("ValueError", e)
+""" % os.path.dirname(__file__)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ValueError x: the triton kernels run on CUDA tensors"), out.stdout
+
+
+def test_double_backward_says_it_is_not_supported():
+    require("cpp")
+    m = make_block(4, 3, backend="cpp", dtype=torch.float64)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(m(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()

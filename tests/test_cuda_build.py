@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import msfused
-from msfused import fused_ops
+from msfused.ops import extension as fused_ops
 
 OPS = ("block_forward", "block_backward")
 

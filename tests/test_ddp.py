@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import msfused
 from conftest import require
-from msfused.models import PaperNet
+from msfused.paper.models import PaperNet
 
 STEPS, BATCH = 3, 8
 

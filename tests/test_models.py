@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import require
-from msfused import data as data_mod
-from msfused import train as train_mod
-from msfused.models import MODELS, build_model, parameter_count, unit_parameter_count
+from msfused.paper import data as data_mod
+from msfused.paper import train as train_mod
+from msfused.paper.models import MODELS, build_model, parameter_count, unit_parameter_count
 
 
 def test_table2_exact():
@@ -122,3 +122,11 @@ def test_network_parameter_counts_are_real():
     expect = (9 * 32 + 32) + (9 * 32 * 64 + 64) + (3136 * 384 + 384) + (384 * 192 + 192) \
         + (192 * 10 + 10)
     assert parameter_count(net) == expect
+
+
+def test_documented_import_path_of_the_networks():
+    """README: `msfused.models` (the module itself is msfused.paper.models)."""
+    import msfused.models
+    import msfused.paper.models
+    assert msfused.models is msfused.paper.models
+    assert msfused.models.unit_parameter_count("ms1", 32) == 91

@@ -9,7 +9,7 @@ import msfused
 from blockutil import make_block
 from conftest import backend_device
 from msfused.backends import get_backend
-from msfused.validation import make_config
+from msfused.config import make_config
 
 
 @pytest.mark.parametrize("merge,act,residual,stride", [
@@ -54,8 +54,8 @@ def test_opcheck(fused_backend, merge, act, stride, channels_last):
             and (merge, act, stride, channels_last) not in INTERPRETER_OPCHECK):
         pytest.skip("triton under the interpreter: opcheck on 3 representative cases only "
                     "(~30 s each); all cases run on a GPU")
-    if b.opcheck_samples is None:
-        pytest.fail(f"backend {fused_backend} registers no opcheck samples")
+    if b.ops is None:
+        pytest.fail(f"backend {fused_backend} registers no operators")
     dev = backend_device(fused_backend)
     dtype = torch.float64 if torch.float64 in b.dtypes else torch.float32
     m = make_block(4, 3, merge=merge, stride=stride, activation=act, backend=fused_backend,
@@ -66,5 +66,5 @@ def test_opcheck(fused_backend, merge, act, stride, channels_last):
     if channels_last:
         x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     cfg = make_config(stride, merge, act, True)
-    for op, args in b.opcheck_samples(x, m.params(), cfg):
+    for op, args in b.ops.opcheck_samples(x, m.params(), cfg):
         torch.library.opcheck(op, args)

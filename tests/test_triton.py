@@ -2,14 +2,12 @@
 
 Runs on CUDA when a GPU is visible, else on CPU tensors under TRITON_INTERPRET=1 (small
 shapes; the interpreter is slow), else skips."""
-import os
-
 import pytest
 import torch
 
 import msfused
 from blockutil import make_block, rel_err, run_fwd_bwd
-from conftest import backend_device, require
+from conftest import require
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -69,7 +67,7 @@ def test_opcheck(merge, act, residual, stride, bias):
     m = make_block(4, 3, merge=merge, stride=stride, activation=act, residual=residual,
                    bias=bias, backend="triton", device=dev)
     x = torch.randn(2, 4, 5, 6, device=dev)
-    samples = msfused.backends.get_backend("triton").opcheck_samples(x, m.params(), m.config)
+    samples = msfused.backends.get_backend("triton").ops.opcheck_samples(x, m.params(), m.config)
     assert len(samples) == 3
     for op, args in samples:
         torch.library.opcheck(op, args)
@@ -93,7 +91,7 @@ def test_refuses_float64():
 
 def test_op_overhead_measurable():
     """The per-call overhead helper runs (numbers: see TRITON_NOTES.md)."""
-    from msfused import triton_ops
+    from msfused.ops import triton_ops
     dev = _dev()
     m = make_block(4, 3, backend="triton", device=dev)
     r = triton_ops.measure_overhead(torch.randn(1, 4, 4, 4, device=dev), m.params(), m.config,

@@ -25,8 +25,8 @@ import sys
 import torch
 
 import msfused
-from msfused.config import (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_SILU, BlockConfig,
-                            act_code, merge_code, needs_projection, out_channels)
+from msfused import activations
+from msfused.config import BlockConfig, act_code, merge_code, needs_projection, out_channels
 from msfused.layout import memory_format_of
 from msfused.reference import block_preactivation
 
@@ -52,16 +52,14 @@ def build():
     return ctypes.CDLL(LIB)
 
 
+ACT_RELU, ACT_RELU6 = act_code("relu"), act_code("relu6")
+
+
 def dact_from_saved(act, saved):
-    """act' as the kernels compute it from what the forward saved (common.cuh dact_saved)."""
-    if act == ACT_RELU:
-        return (saved > 0).double()
-    if act == ACT_RELU6:
-        return ((saved > 0) & (saved < 6)).double()
-    if act == ACT_SILU:
-        sg = torch.sigmoid(saved)
-        return sg * (1 + saved * (1 - sg))
-    return torch.ones_like(saved)
+    """act' as the kernels compute it from what the forward saved (msfused.activations)."""
+    if saved is None:
+        return 1.0
+    return activations.grad_from_saved(act, torch.ones_like(saved), saved)
 
 
 def grads_of(x, params):
@@ -97,7 +95,7 @@ def emulate(lib, x, params, cfg, gy, backward=True):
     code = DTYPE_CODE[dtype]
     assert lib.emu_forward(code, desc, ptrs, ptr(y), ptr(pre)) == 0
     gy = gy.contiguous(memory_format=ofmt)
-    saved = {ACT_NONE: None, ACT_SILU: pre}.get(cfg.act, y)
+    saved = activations.saved_for_backward(cfg.act, y, pre)
     if not backward:
         return y, saved, [None] * 13
     lib.emu_ws.restype = ctypes.c_size_t
@@ -176,7 +174,7 @@ def act_flips(act, z, saved, dtype):
     if act not in (ACT_RELU, ACT_RELU6):
         return 0, z.numel(), 0.0, 0.0
     mine = dact_from_saved(act, saved)
-    exact = (z > 0).double() if act == ACT_RELU else ((z > 0) & (z < 6)).double()
+    exact = dact_from_saved(act, z)
     differ = mine != exact
     dist = z.abs() if act == ACT_RELU else torch.minimum(z.abs(), (z - 6).abs())
     band = 4 * torch.finfo(dtype).eps * z.pow(2).mean().sqrt().item()

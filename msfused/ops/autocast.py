@@ -1,4 +1,5 @@
-"""Autocast for the fused operators.
+"""Autocast for the operators defined in Python (the Triton ones); the C++/CUDA operators
+have theirs in C++ (csrc/autocast.cpp), with the same rule.
 
 Under `torch.autocast(device, dtype)` eager PyTorch runs conv2d in the autocast dtype. The
 fused block does the same: an Autocast kernel on each forward operator casts its

@@ -1,16 +1,16 @@
 """The Triton kernels as PyTorch custom operators, `msfused::triton_block_forward` and
-`msfused::triton_block_backward`, defined with torch.library.triton_op and launched through
-torch.library.wrap_triton, so torch.compile(fullgraph=True) traces into the kernels (no
-graph break) and the fake kernels come for free (the op body runs under FakeTensorMode,
-where wrap_triton launches nothing). Autograd is registered on the forward; the backward
-op recomputes a, b1, b from x (see msfused.triton_kernels).
+`msfused::triton_block_backward`, with the schemas of the C++ operators. On a GPU they are
+torch.library.triton_op and launch through torch.library.wrap_triton, so
+torch.compile(fullgraph=True) traces into the kernels (no graph break) and the fake kernels
+come for free (the op body runs under FakeTensorMode, where wrap_triton launches nothing).
+Autograd and autocast are registered in Python through msfused.ops.registration; the
+backward op recomputes a, b1, b from x (see msfused.ops.triton_kernels).
 
-What the forward saves is what the final activation needs, like msfused.fused_ops:
-relu, relu6 -> y; silu -> the pre-activation (written by the same launch); none -> nothing.
-
-On a CPU tensor without TRITON_INTERPRET=1 (the triton backend never sends one, but a
-direct caller or opcheck may) the ops fall back to the reference (autograd for the
-backward); with TRITON_INTERPRET=1 CPU tensors run the real kernels in the interpreter.
+Defined at `import msfused` whenever Triton imports (so a fresh process can
+torch.export.load a program that calls them). Arguments are checked once, at the op's
+entry (msfused.validation, the rules of csrc/block_args.cpp). The kernels run on CUDA
+tensors, and on CPU tensors only under TRITON_INTERPRET=1; any other tensor is refused
+with a ValueError, never handed to another implementation.
 
 Per-call overhead (op wrapper vs. direct kernel launch): see `measure_overhead()` and
 TRITON_NOTES.md for the numbers measured here (CPU, interpreter: Python-side cost only).
@@ -23,13 +23,13 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import autocast
+from .. import activations
+from ..config import MERGE_CONCAT, BlockConfig, needs_projection, out_channels, out_size
+from ..layout import memory_format_of
+from ..params import BlockParams
+from ..validation import check_backward_inputs, check_op_call
 from . import triton_kernels as K
-from .config import (ACT_NONE, ACT_SILU, MERGE_CONCAT, BlockConfig, apply_act,
-                     needs_projection, out_channels, out_size)
-from .layout import memory_format_of
-from .params import BlockParams
-from .reference import block_preactivation
+from .registration import register_block_ops
 
 triton_op = torch.library.triton_op
 wrap_triton = torch.library.wrap_triton
@@ -47,45 +47,29 @@ def _interpret() -> bool:
 _INTERPRET_AT_IMPORT = _interpret()
 
 
-class _NoLaunch:
-    """Stands in for a kernel while computing fake (shape-only) outputs."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-def _launcher(x: Tensor):
-    """How the op body launches a kernel k: `_launcher(x)(k)[grid](...)`.
-
-    On a GPU: torch.library.wrap_triton(k), so torch.compile traces into the kernel and
-    fake tensors launch nothing. Under TRITON_INTERPRET=1 wrap_triton cannot trace an
-    interpreted kernel (torch 2.14 hands back the raw kernel, which then reads fake data
-    pointers): real tensors launch the interpreted kernel directly, fake ones nothing.
-    """
-    if not _INTERPRET_AT_IMPORT:
-        return wrap_triton
-    from torch._subclasses.fake_tensor import is_fake
-    if is_fake(x):
-        return lambda k: _NoLaunch()
-    return lambda k: k
+def _launcher():
+    """How the op body launches a kernel k: `_launcher()(k)[grid](...)`. On a GPU through
+    torch.library.wrap_triton (torch.compile traces into the kernel; fake tensors launch
+    nothing). Under TRITON_INTERPRET=1 the kernel itself: wrap_triton cannot trace an
+    interpreted kernel, and there the op is a plain custom op whose fake kernel is
+    msfused.ops.registration's (the body never sees a fake tensor)."""
+    return (lambda k: k) if _INTERPRET_AT_IMPORT else wrap_triton
 
 
 def _define_op(name: str):
     """torch.library.triton_op on a GPU (decomposed by AOTDispatcher so Inductor sees the
-    kernels). Under the interpreter a plain custom_op whose fake kernel is the same body
-    with no launches: torch.compile keeps it as one opaque node (still no graph break)."""
+    kernels). Under the interpreter a plain custom_op: torch.compile keeps it as one opaque
+    node (still no graph break)."""
     if not _INTERPRET_AT_IMPORT:
         return triton_op(name, mutates_args=())
-
-    def dec(fn):
-        op = torch.library.custom_op(name, mutates_args=())(fn)
-        op.register_fake(fn)
-        return op
-    return dec
+    return torch.library.custom_op(name, mutates_args=())
 
 
-def _use_triton(x: Tensor) -> bool:
-    return x.device.type == "cuda" or (x.device.type == "cpu" and _interpret())
+def _check_device(x: Tensor) -> None:
+    if x.device.type == "cuda" or (x.device.type == "cpu" and _INTERPRET_AT_IMPORT):
+        return
+    where = "CUDA tensors (CPU tensors under TRITON_INTERPRET=1)"
+    raise ValueError(f"x: the triton kernels run on {where}, got a tensor on {x.device}")
 
 
 def _np2(v: int, lo: int = 16, hi: int = 64) -> int:
@@ -132,16 +116,6 @@ def _biases(x, ba, bb, bc, qa, qb, bs, c, n, c_out, res):
 
 
 # ---------------------------------------------------------------------------------------
-# reference fallback (CPU without the interpreter)
-# ---------------------------------------------------------------------------------------
-
-def _reference_fwd(x, p: BlockParams, cfg: BlockConfig):
-    m = block_preactivation(x, p, cfg)
-    fmt = memory_format_of(x)
-    return apply_act(m, cfg.act).contiguous(memory_format=fmt), m.contiguous(memory_format=fmt)
-
-
-# ---------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------
 
@@ -151,22 +125,29 @@ def triton_block_forward(x: Tensor, wa: Tensor, ba: Optional[Tensor], wb: Tensor
                          qa: Optional[Tensor], pb: Tensor, qb: Optional[Tensor],
                          ws: Optional[Tensor], bs: Optional[Tensor], stride: int, merge: int,
                          act: int, residual: bool, save_preact: bool) -> Tuple[Tensor, Tensor]:
+    check_op_call(x, BlockParams(wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs), stride, merge,
+                  act, residual)
+    _check_device(x)
     return _forward_impl(x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs, stride, merge,
-                         act, residual, save_preact, _launcher(x))
+                         act, residual, save_preact, _launcher())
 
 
-def _forward_impl(x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs, stride, merge, act,
-                  residual, save_preact, wrap):
+def _sizes(x: Tensor, pa: Tensor, stride: int, merge: int):
+    """x contiguous in its own memory format, and the call's sizes (checked for the
+    kernels' 32-bit indexing): x, (B, C, H, W, N, C_out, Ho, Wo), the memory format."""
     bsz, c, h, w = x.shape
     n = pa.shape[0]
     c_out = out_channels(n, merge)
     ho, wo = out_size(h, stride), out_size(w, stride)
     fmt = memory_format_of(x)
-    if not _use_triton(x):
-        y, pre = _reference_fwd(x, BlockParams(wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs),
-                                BlockConfig(stride, merge, act, residual))
-        return y, (pre if save_preact else x.new_empty((0,)))
+    x = x.contiguous(memory_format=fmt)
     _check(x, c_out, ho, wo)
+    return x, (bsz, c, h, w, n, c_out, ho, wo), fmt
+
+
+def _forward_impl(x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs, stride, merge, act,
+                  residual, save_preact, wrap):
+    x, (bsz, c, h, w, n, c_out, ho, wo), fmt = _sizes(x, pa, stride, merge)
     res = _res_code(c, c_out, stride, residual)
     has_bias, (ba_, bb_, bc_, qa_, qb_, bs_) = _biases(x, ba, bb, bc, qa, qb, bs, c, n, c_out, res)
     ws_ = ws.contiguous() if res == 2 else x
@@ -202,19 +183,15 @@ def triton_block_backward(grad_y: Tensor, x: Tensor, saved: Tensor, wa: Tensor,
                           bc: Optional[Tensor], pa: Tensor, qa: Optional[Tensor], pb: Tensor,
                           qb: Optional[Tensor], ws: Optional[Tensor], bs: Optional[Tensor],
                           stride: int, merge: int, act: int, residual: bool) -> List[Tensor]:
-    bsz, c, h, w = x.shape
-    n = pa.shape[0]
-    c_out = out_channels(n, merge)
-    ho, wo = out_size(h, stride), out_size(w, stride)
-    empty = x.new_empty((0,))
-    if not _use_triton(x):
-        return _reference_bwd(grad_y, x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs,
-                              stride, merge, act, residual)
-    _check(x, c_out, ho, wo)
+    p = BlockParams(wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs)
+    check_op_call(x, p, stride, merge, act, residual)
+    _check_device(x)
+    x, (bsz, c, h, w, n, c_out, ho, wo), fmt = _sizes(x, pa, stride, merge)
+    grad_y, saved = check_backward_inputs(grad_y, x, saved, p, stride, merge, act, residual)
     res = _res_code(c, c_out, stride, residual)
     has_bias, (ba_, bb_, bc_, _, _, _) = _biases(x, ba, bb, bc, qa, qb, bs, c, n, c_out, res)
     ieee, lowp, dtid = _flags(x)
-    wrap = _launcher(x)
+    wrap = _launcher()
     wa_, wb_, wc_ = wa.contiguous(), wb.contiguous(), wc.contiguous()
     pa_, pb_ = pa.contiguous(), pb.contiguous()
     ws_ = ws.contiguous() if res == 2 else x
@@ -224,7 +201,7 @@ def triton_block_backward(grad_y: Tensor, x: Tensor, saved: Tensor, wa: Tensor,
 
     # 1. gz = grad_y * act'(saved), fp32 [B, P, C_out]
     gz = torch.empty((bsz, P, c_out), **f32)
-    sv = saved if act != ACT_NONE else grad_y
+    sv = saved if activations.saves(act) != "nothing" else grad_y
     wrap(K._gz_kernel)[lambda m: (bsz * _cdiv(P, m["BLOCK_P"]), _cdiv(c_out, m["BLOCK_O"]))](
         grad_y, sv, gz, P, wo, c_out,
         grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3),
@@ -283,8 +260,8 @@ def triton_block_backward(grad_y: Tensor, x: Tensor, saved: Tensor, wa: Tensor,
     gsum = gz.sum((0, 1))
     dt = x.dtype
 
-    def own(t):  # outputs of a custom op must not alias each other: always a fresh tensor
-        return t.to(dt, copy=True)
+    def own(t):  # a fresh, contiguous tensor (outputs of a custom op must not alias)
+        return t.to(dtype=dt, memory_format=torch.contiguous_format, copy=True)
 
     dwa = own(s1[:9].t().reshape(c, 1, 3, 3))
     dwc = own(s2[:9].t().reshape(c, 1, 3, 3))
@@ -296,98 +273,13 @@ def triton_block_backward(grad_y: Tensor, x: Tensor, saved: Tensor, wa: Tensor,
     return [dx, dwa, dba, dwb, dbb, dwc, dbc, dpa, dqa, dpb, dqb, dws, dbs]
 
 
-def _reference_bwd(grad_y, x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs,
-                   stride, merge, act, residual):
-    params = [wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs]
-    with torch.enable_grad():
-        xd = x.detach().requires_grad_(True)
-        pd = [None if t is None else t.detach().requires_grad_(True) for t in params]
-        y, _ = _reference_fwd(xd, BlockParams(*pd), BlockConfig(stride, merge, act, residual))
-        leaves = [xd] + [t for t in pd if t is not None]
-        gs = list(torch.autograd.grad(y, leaves, grad_y))
-    n, c = pa.shape[0], x.shape[1]
-    sizes = [c, c, c, n, n]  # ba, bb, bc, qa, qb: zeros when absent (autograd drops them)
-    out = [gs.pop(0)]
-    for i, t in enumerate(pd):
-        if t is not None:
-            out.append(gs.pop(0))
-        elif i in (1, 3, 5, 7, 9):
-            out.append(x.new_zeros((sizes[(i - 1) // 2],)))
-        else:
-            out.append(x.new_empty((0,)))
-    return out
+OPS = register_block_ops("msfused::triton_block_forward", "msfused::triton_block_backward",
+                         fake=_INTERPRET_AT_IMPORT, autograd=True, autocast=True)
 
 
 # ---------------------------------------------------------------------------------------
-# autograd
+# overhead measurement
 # ---------------------------------------------------------------------------------------
-
-def _saved_kind(act: int) -> str:
-    return "none" if act == ACT_NONE else ("preact" if act == ACT_SILU else "output")
-
-
-def _setup_context(ctx, inputs, output):
-    x, *params = inputs[:13]
-    stride, merge, act, residual, _ = inputs[13:]
-    y, pre = output
-    kind = _saved_kind(act)
-    saved = y if kind == "output" else (pre if kind == "preact" else None)
-    ctx.save_for_backward(x, saved, *params)
-    ctx.config = (stride, merge, act, residual)
-    ctx.mark_non_differentiable(pre)
-
-
-def _backward(ctx, grad_y, _grad_pre):
-    x, saved, *params = ctx.saved_tensors
-    stride, merge, act, residual = ctx.config
-    if saved is None:
-        saved = x.new_empty((0,))
-    if act == ACT_SILU and saved.numel() == 0:
-        # called with save_preact=False (triton_block never does that when grad is needed):
-        # recompute the pre-activation with one more forward launch
-        _, saved = torch.ops.msfused.triton_block_forward(x, *params, stride, merge, act,
-                                                           residual, True)
-    grads = torch.ops.msfused.triton_block_backward(grad_y, x, saved, *params,
-                                                     stride, merge, act, residual)
-    out = [g if p is not None else None for g, p in zip(grads[1:], params)]
-    return (grads[0], *out, None, None, None, None, None)
-
-
-triton_block_forward.register_autograd(_backward, setup_context=_setup_context)
-autocast.register("msfused::triton_block_forward")
-
-
-# ---------------------------------------------------------------------------------------
-# entry points
-# ---------------------------------------------------------------------------------------
-
-def triton_block(x: Tensor, p: BlockParams, cfg: BlockConfig) -> Tensor:
-    """The triton backend's forward (differentiable through the registered autograd)."""
-    x = x.contiguous(memory_format=memory_format_of(x))
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or any(t is not None and t.requires_grad for t in p))
-    y, _ = torch.ops.msfused.triton_block_forward(
-        x, *p, cfg.stride, cfg.merge, cfg.act, cfg.residual,
-        bool(needs_grad and cfg.act == ACT_SILU))
-    return y
-
-
-def opcheck_samples(x: Tensor, p: BlockParams, cfg: BlockConfig) -> list:
-    """(op, args) pairs for torch.library.opcheck: forward (with and without the saved
-    pre-activation) and backward."""
-    x = x.contiguous(memory_format=memory_format_of(x))
-    tail = (cfg.stride, cfg.merge, cfg.act, cfg.residual)
-    fwd = torch.ops.msfused.triton_block_forward.default
-    samples = [(fwd, (x, *p, *tail, False)), (fwd, (x, *p, *tail, True))]
-    with torch.no_grad():
-        y, pre = fwd(x, *p, *tail, True)
-    saved = {"none": x.new_empty((0,)), "output": y, "preact": pre}[_saved_kind(cfg.act)]
-    gy = torch.randn_like(y)
-    # the backward op has no autograd of its own (no double backward): detached inputs
-    d = [None if t is None else t.detach() for t in (x, saved, *p)]
-    samples.append((torch.ops.msfused.triton_block_backward.default, (gy, *d, *tail)))
-    return samples
-
 
 def direct_forward(x: Tensor, p: BlockParams, cfg: BlockConfig) -> Tensor:
     """The forward kernel launched directly (no custom op, no dispatcher, no autograd):
@@ -414,6 +306,6 @@ def measure_overhead(x: Tensor, p: BlockParams, cfg: BlockConfig, iters: int = 2
         return (time.perf_counter() - t0) / iters * 1e6
 
     with torch.no_grad():
-        op = timeit(lambda: triton_block(x, p, cfg))
+        op = timeit(lambda: OPS.run(x, p, cfg))
         direct = timeit(lambda: direct_forward(x, p, cfg))
     return {"op_us": op, "direct_us": direct, "overhead_us": op - direct}

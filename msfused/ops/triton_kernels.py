@@ -1,7 +1,7 @@
 """Triton kernels of the block (SPEC section 1): one forward launch, five backward launches.
 
-Importing this module imports triton; msfused imports it lazily (msfused.triton_ops does,
-on the first call of the triton backend), so `import msfused` works without Triton.
+Importing this module imports triton; msfused imports it (through msfused.ops.triton_ops)
+at `import msfused` when Triton is installed, and not at all otherwise.
 
 Layout and tiles
 ----------------
@@ -90,6 +90,8 @@ import os
 import triton
 import triton.language as tl
 
+from ..activations import ACTIVATIONS
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The interpreter's tl.dot multiplies the raw bits of bfloat16 operands (Triton 3.8: garbage
 # results). Under the interpreter, dots therefore run on fp32 copies of their operands, which
@@ -108,26 +110,35 @@ def _configs(specs):
 # jit helpers
 # ---------------------------------------------------------------------------------------
 
+# The activation codes of msfused/activations.py (its table is the one source of them).
+_ACT_RELU = tl.constexpr(ACTIVATIONS.index("relu"))
+_ACT_RELU6 = tl.constexpr(ACTIVATIONS.index("relu6"))
+_ACT_SILU = tl.constexpr(ACTIVATIONS.index("silu"))
+_ACT_NONE = tl.constexpr(ACTIVATIONS.index("none"))
+
+
 @triton.jit
 def _act(v, ACT: tl.constexpr):
-    if ACT == 1:
+    """The block's activation, as torch.nn.functional computes it (NaN propagates)."""
+    if ACT == _ACT_RELU:
         v = tl.where(v < 0, 0.0, v)
-    elif ACT == 2:
+    elif ACT == _ACT_RELU6:
         v = tl.where(v < 0, 0.0, tl.where(v > 6, 6.0, v))
-    elif ACT == 3:
+    elif ACT == _ACT_SILU:
         v = v * tl.sigmoid(v)
     return v
 
 
 @triton.jit
-def _act_bwd(g, pre, ACT: tl.constexpr):
-    """g * act'(pre). relu'(0) = 0; relu6' is 0 at 0 and at 6 (PyTorch's convention).
-    For relu/relu6, `pre` may also be the activation's output (same sign tests)."""
-    if ACT == 1:
-        g = tl.where(pre > 0, g, 0.0)
-    elif ACT == 2:
-        g = tl.where((pre > 0) & (pre < 6), g, 0.0)
-    elif ACT == 3:
+def _act_grad(g, pre, ACT: tl.constexpr):
+    """g * act'(pre), PyTorch's select forms for relu/relu6 (threshold_backward,
+    hardtanh_backward: 0 where the unit is off, kinks included; g elsewhere, also at NaN).
+    For relu/relu6, `pre` may also be the activation's output (the same tests)."""
+    if ACT == _ACT_RELU:
+        g = tl.where(pre <= 0, 0.0, g)
+    elif ACT == _ACT_RELU6:
+        g = tl.where((pre <= 0) | (pre >= 6), 0.0, g)
+    elif ACT == _ACT_SILU:
         s = tl.sigmoid(pre)
         g = g * (s * (1.0 + pre * (1.0 - s)))
     return g
@@ -308,10 +319,10 @@ def _gz_kernel(gy_ptr, s_ptr, gz_ptr, P, Wo, C_OUT,
     wo = p % Wo
     g = tl.load(gy_ptr + bi * sgb + o[None, :] * sgc + ho[:, None] * sgh + wo[:, None] * sgw,
                 mask=m, other=0.0).to(tl.float32)
-    if ACT != 0:
+    if ACT != _ACT_NONE:
         s = tl.load(s_ptr + bi * ssb + o[None, :] * ssc + ho[:, None] * ssh
                     + wo[:, None] * ssw, mask=m, other=0.0).to(tl.float32)
-        g = _act_bwd(g, s, ACT)
+        g = _act_grad(g, s, ACT)
     tl.store(gz_ptr + bi * P * C_OUT + p[:, None] * C_OUT + o[None, :], g, mask=m)
 
 
@@ -371,8 +382,8 @@ def _bwd_branch_kernel(x_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, wc_ptr, bc_ptr, pa
             wpb = wpb.to(tl.float32)
         da = _mm(ga, wpa, da, IEEE)
         db = _mm(gb, wpb, db, IEEE)
-    da_pre = _act_bwd(da, a_pre, ACT)
-    db_pre = _act_bwd(db, b_pre, ACT)
+    da_pre = _act_grad(da, a_pre, ACT)
+    db_pre = _act_grad(db, b_pre, ACT)
 
     sm = pm[:, None] & cm[None, :]
     s_off = bi * P * C + p[:, None] * C + cc[None, :]
@@ -438,7 +449,7 @@ def _bwd_b1_kernel(x_ptr, wb_ptr, bb_ptr, wc_ptr, dbp_s, db1p_s, part_ptr, n_par
             tl.store(row + (dy * 3 + dx) * C + cc, tl.sum(b1 * g, axis=0), mask=cm)
             if dy == 1 and dx == 1:
                 tl.store(row + 9 * C + cc, tl.sum(g, axis=0), mask=cm)  # dbc
-    db1_pre = tl.where(qm[:, None], _act_bwd(db1, b1_pre, ACT), 0.0)
+    db1_pre = tl.where(qm[:, None], _act_grad(db1, b1_pre, ACT), 0.0)
     tl.store(db1p_s + bi * P * C + q[:, None] * C + cc[None, :], db1_pre,
              mask=qm[:, None] & cm[None, :])
 

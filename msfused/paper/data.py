@@ -76,14 +76,14 @@ def load_mnist5k() -> Data:
     return Data("mnist5k", X[tr], y[tr], X[te], y[te], 10, mean, std)
 
 
-def _torchvision():
+def _torchvision(name: str):
     try:
         import torchvision
     except ImportError as e:
         raise DatasetMissingError(
-            "this data set is read through torchvision: pip install torchvision "
-            "(the build matching your torch, e.g. torchvision==0.29.* for torch 2.14; "
-            "or pip install 'msfused[data]')") from e
+            f"data set {name!r} is read through torchvision, which is not installed: "
+            "pip install torchvision (the release matching your torch, e.g. "
+            "torchvision==0.29.1 for torch 2.14.1)") from e
     return torchvision.datasets
 
 
@@ -108,7 +108,7 @@ def _from_torchvision(ds) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_torchvision(name: str, data_dir: str, download: bool = False) -> Data:
-    tvd = _torchvision()
+    tvd = _torchvision(name)
     if data_dir is None:
         raise DatasetMissingError(f"data set {name!r} needs --data-dir DIR (the folder that "
                                   f"holds it, or where --download should put it)")
