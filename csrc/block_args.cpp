@@ -134,7 +134,8 @@ void check_backward_extras(const BlockDesc& d, const at::Tensor& x, TensorRef& g
     return;
   }
   TORCH_CHECK_VALUE(saved.sizes() == grad_y.sizes(), "saved: expected shape ", grad_y.sizes(),
-                    " (the output for relu/relu6, the pre-activation for silu), got ",
+                    " (the ", act_saves(d.act) == kSavesOutput ? "output" : "pre-activation",
+                    ", which the gradient of ", act_name(d.act), " reads), got ",
                     saved.sizes());
   TORCH_CHECK_TYPE(saved.scalar_type() == x.scalar_type(), "saved: expected dtype ",
                    x.scalar_type(), ", got ", saved.scalar_type());
