@@ -110,3 +110,13 @@ TORCH_LIBRARY_IMPL(msfused, Autograd, m) {
   m.impl("block_forward", &msfused::block_forward_autograd);
   m.impl("block_backward", &msfused::block_backward_autograd);
 }
+
+// The same kernels at the per-device keys too: msfused/ops/lowering.py reaches them from
+// Python by key (OpOverload._op_dk), which finds a kernel registered at the key itself,
+// not one that the Autograd alias fills in.
+TORCH_LIBRARY_IMPL(msfused, AutogradCPU, m) {
+  m.impl("block_forward", &msfused::block_forward_autograd);
+}
+TORCH_LIBRARY_IMPL(msfused, AutogradCUDA, m) {
+  m.impl("block_forward", &msfused::block_forward_autograd);
+}

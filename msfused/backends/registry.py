@@ -10,6 +10,7 @@ break.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
@@ -137,11 +138,30 @@ def _resolve(name: str, device_type: str, dtype: torch.dtype) -> Backend:
     return best
 
 
+_MODULES = sys.modules
+_compiling = torch.compiler.is_dynamo_compiling
+
+
+def _in_torchscript_onnx_export() -> bool:
+    """The TorchScript ONNX exporter (torch.onnx.export(..., dynamo=False)) is tracing: it
+    knows no custom operator, so the block is traced as the reference's standard
+    convolutions. (The dynamo exporter lowers the fused operators instead:
+    msfused.ops.lowering.) Read off the exporter's flag without importing torch.onnx."""
+    for name in ("torch.onnx._internal.torchscript_exporter._globals", "torch.onnx._globals"):
+        mod = _MODULES.get(name)
+        if mod is not None:
+            return bool(mod.GLOBALS.in_onnx_export)
+    return False
+
+
 def resolve_backend(name: str, x) -> Backend:
     """The backend that runs x. A named backend that cannot run x raises; only 'auto'
     chooses (and MSFUSED_BACKEND, when set, overrides 'auto' with a name)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
+    # "torch.onnx" is in sys.modules only once something imported the exporter
+    if "torch.onnx" in _MODULES and not _compiling() and _in_torchscript_onnx_export():
+        return _BACKENDS["reference"]
     # x.is_cpu first: x.device builds a device object (~0.3 us on a ~8 us path)
     dtype = run_dtype(x) if torch._C._is_any_autocast_enabled() else x.dtype
     key = (name, "cpu" if x.is_cpu else x.device.type, dtype)

@@ -10,8 +10,9 @@ Every fused backend exposes the same two schemas (csrc/ops.cpp):
 `register_block_ops` adds what the operators do not bring themselves: fake (shape-only)
 kernels for torch.compile/export, autograd and autocast written in Python (the C++/CUDA
 operators register both in C++; Python-defined ones, like the Triton operators, need
-them here), and returns a `BlockOps` that runs the block (the backend's forward) and
-lists the calls torch.library.opcheck should check.
+them here), the lowering to core ATen that run_decompositions() and the ONNX exporter
+trace (msfused.ops.lowering), and returns a `BlockOps` that runs the block (the backend's
+forward) and lists the calls torch.library.opcheck should check.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ..config import BlockConfig, out_channels, out_size
 from ..layout import memory_format_of
 from ..params import BlockParams
 from . import autocast as autocast_mod
+from .lowering import register_lowering
 
 
 def _op(qualname: str):
@@ -141,7 +143,8 @@ def register_block_ops(forward: str, backward: str, *, fake: bool = False,
                        autograd: bool = False, autocast: bool = False) -> BlockOps:
     """Complete the registration of the operators `forward` and `backward` ("ns::name",
     already defined): fake kernels (fake=True), autograd in Python on the forward
-    (autograd=True), CPU/CUDA Autocast kernels in Python on the forward (autocast=True)."""
+    (autograd=True), CPU/CUDA Autocast kernels in Python on the forward (autocast=True),
+    and always the forward's lowering for run_decompositions() and ONNX."""
     if fake:
         torch.library.register_fake(forward)(forward_fake)
         torch.library.register_fake(backward)(backward_fake)
@@ -151,4 +154,5 @@ def register_block_ops(forward: str, backward: str, *, fake: bool = False,
                                         setup_context=_setup_context)
     if autocast:
         autocast_mod.register(forward)
+    register_lowering(fwd, autograd_in_cpp=not autograd)
     return BlockOps(fwd, bwd, _make_run(fwd, python_autograd=autograd))
