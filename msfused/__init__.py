@@ -4,7 +4,7 @@ from .backends import BackendUnavailableError, available_backends, backend_names
 from .config import ACTIVATIONS, MERGES, BlockConfig
 from .convert import convert
 from .functional import backend_for, multiscale_separable_block
-from .fuse import FuseResult, Swap, fuse_model
+from .fuse import FuseReport, Swap, fuse_model
 from .modules import MultiScaleSeparableBlock
 from .params import BlockParams
 from .reference import block_reference
@@ -14,4 +14,4 @@ __version__ = "0.1.0"
 __all__ = ["MultiScaleSeparableBlock", "multiscale_separable_block", "available_backends",
            "backend_names", "backend_for", "BackendUnavailableError", "BlockParams",
            "BlockConfig", "block_reference", "MERGES", "ACTIVATIONS", "fuse_model",
-           "FuseResult", "Swap", "convert"]
+           "FuseReport", "Swap", "convert"]

@@ -11,18 +11,23 @@ How it works, module by module, deepest first:
    replaced by the fx GraphModule in which each matched sub-graph is one call of a new
    block, every other node and submodule untouched.
 Nothing is patched on classes; the model's own instances are modified in place and the
-(possibly new) root is returned, with a report of every swap.
+model is returned, as torch.ao.quantization.fuse_modules, torch.compile and fx passes
+return theirs (a new object only when the root module itself had to become an fx
+GraphModule). What was swapped is logged (logger "msfused.fuse", INFO) and, with
+report=True, returned beside the model as a FuseReport.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .backends.registry import check_backend_name
+from .fuse_norms import is_norm_leaf
 from .fuse_patterns import BlockMatch, find_blocks
 from .modules import MultiScaleSeparableBlock
 
@@ -42,13 +47,14 @@ class Swap:
         return f"{self.path or '<root>'}: {self.block} <- {', '.join(self.replaced)}{folded}"
 
 
-@dataclass
-class FuseResult:
-    """What fuse_model returns: the model to use from now on (the same object unless the
-    root itself had to be rewritten), the swaps made, and the modules that fx could not
-    trace (with why) and that were therefore not searched."""
+_LOG = logging.getLogger(__name__)
 
-    model: nn.Module
+
+@dataclass
+class FuseReport:
+    """What fuse_model did: the swaps made, and the modules that fx could not trace (with
+    why) and that were therefore not searched."""
+
     swaps: List[Swap] = field(default_factory=list)
     untraceable: List[Tuple[str, str]] = field(default_factory=list)
 
@@ -61,7 +67,8 @@ class FuseResult:
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, MultiScaleSeparableBlock) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, MultiScaleSeparableBlock) or is_norm_leaf(m)
+                or super().is_leaf_module(m, qualname))
 
 
 def _join(prefix: str, name: str) -> str:
@@ -137,30 +144,39 @@ def _searchable(mod: nn.Module) -> bool:
     return convs >= 5  # the block has five convs (six with a projection)
 
 
-def fuse_model(model: nn.Module, backend: str = "auto", *, fold_batchnorm: bool = True) -> FuseResult:
+def fuse_model(model: nn.Module, backend: str = "auto", *, fold_batchnorm: bool = True,
+               report: bool = False) -> Union[nn.Module, Tuple[nn.Module, FuseReport]]:
     """Swap every sub-graph of `model` that computes the multi-scale separable block from
     plain nn.Conv2d modules for a MultiScaleSeparableBlock (backend `backend`) with the
-    same weights. Returns a FuseResult: use `.model` from then on, read `.swaps`.
+    same weights, and return the model: `model = msfused.fuse_model(model)`. With
+    report=True, return `(model, FuseReport)`; the report is logged either way (logger
+    "msfused.fuse", INFO).
 
     Matched: depthwise 3x3 (padding 1, stride 1 or 2) twice from one input, the second of
     them followed by a depthwise 3x3 at stride 1; a 1x1 conv after each branch (same
     width); torch.cat(dim=1) (short branch first) or +; an optional + of the input itself
     (stride 1, same width) or of a 1x1 projection of it; one activation (relu, relu6, silu
     as nn modules, torch.nn.functional or tensor methods, or none) after every depthwise
-    conv and at the end. A BatchNorm2d in eval mode right after any of these convs is
-    folded into it (fold_batchnorm=False leaves such sub-graphs alone). Anything that only
+    conv and at the end. An eval-mode norm right after any of these convs is folded into it:
+    nn.BatchNorm2d, timm's BatchNormAct2d (whose activation then counts as the one after
+    the conv) and FrozenBatchNormAct2d, torchvision's FrozenBatchNorm2d
+    (fold_batchnorm=False leaves such sub-graphs alone). torchvision's Conv2dNormActivation
+    and timm's ConvNormAct layers are seen through. Anything that only
     looks alike (another kernel size, dilation, groups, padding, padding mode, a conv
     subclass, hooks, an intermediate used elsewhere, different activations) is left as is.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     check_backend_name(backend)
-    result = FuseResult(model)
+    if not isinstance(report, bool):
+        raise TypeError(f"report: expected bool, got {type(report).__name__} {report!r}")
+    result = FuseReport()
+    root = model
     names = [n for n, _ in model.named_modules()]
     names.sort(key=lambda n: -(n.count(".") + 1 if n else 0))  # deepest first, root last
     for path in names:
         try:
-            mod = result.model.get_submodule(path) if path else result.model
+            mod = root.get_submodule(path) if path else root
         except AttributeError:  # an ancestor was replaced already
             continue
         if not _searchable(mod):
@@ -185,7 +201,8 @@ def fuse_model(model: nn.Module, backend: str = "auto", *, fold_batchnorm: bool 
             new = gm
         result.swaps.extend(swaps)
         if path:
-            _replace_everywhere(result.model, mod, new)
+            _replace_everywhere(root, mod, new)
         else:
-            result.model = new
-    return result
+            root = new
+    _LOG.info("%s", result)
+    return (root, result) if report else root

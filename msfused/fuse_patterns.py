@@ -7,9 +7,10 @@ find_blocks(gm) returns every place where a graph computes
     m  = cat([pw_a(a), pw_b(b)], dim=1)  or  pw_a(a) + pw_b(b)     (1x1 convs, C -> N)
     y  = act(m + x)  |  act(m + shortcut(x))  |  act(m)
 
-where each conv may be followed by an eval-mode BatchNorm2d (folded), `act` is one of
-relu / relu6 / silu (the same everywhere) or absent, and every intermediate value is
-used by the pattern only. Matching is exact about what changes the math: kernel size,
+where each conv may be followed by an eval-mode norm (folded; msfused.fuse_norms lists the
+spellings, some of which apply the activation themselves), `act` is one of relu / relu6 /
+silu (the same everywhere) or absent, and every intermediate value is used by the pattern
+only. Matching is exact about what changes the math: kernel size,
 padding, dilation, groups, padding mode, the conv's class (a subclass may override
 forward) and hooks (a fused block would skip them); anything else is left alone.
 """
@@ -25,6 +26,7 @@ from torch import nn
 
 from .activations import TABLE as ACTIVATION_TABLE
 from .config import needs_projection
+from .fuse_norms import is_norm_leaf, norm_info
 
 _ADD_FUNCS = (operator.add, torch.add)
 _CAT_FUNCS = (torch.cat, torch.concat, torch.concatenate)
@@ -98,27 +100,25 @@ def _is_cat(node: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
 
 @dataclass
 class ConvUnit:
-    """One conv call, with the eval-mode BatchNorm2d that follows it if any."""
+    """One conv call, with the eval-mode norm that follows it if any (msfused.fuse_norms),
+    and the activation that norm applies itself (timm's BatchNormAct2d), if any."""
 
     conv: str
     bn: Optional[str]
     nodes: Tuple[fx.Node, ...]
     input: fx.Node
+    act_inside: str = "none"
 
     def folded(self, gm: fx.GraphModule) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(weight, bias) of conv followed by BN, computed in float64, in the conv's dtype."""
+        """(weight, bias) of conv followed by the norm, computed in float64, in the conv's
+        dtype."""
         conv = gm.get_submodule(self.conv)
         w = conv.weight.detach().double()
         b = (conv.bias.detach().double() if conv.bias is not None
              else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device))
         if self.bn is not None:
-            bn = gm.get_submodule(self.bn)
-            scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight.detach().double()
-            shift = -bn.running_mean.double() * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias.detach().double()
+            info = norm_info(gm.get_submodule(self.bn))
+            scale, shift = info.scale.to(w.device), info.shift.to(w.device)
             w = w * scale.view(-1, 1, 1, 1)
             b = b * scale + shift
         return w.to(conv.weight.dtype), b.to(conv.weight.dtype)
@@ -133,18 +133,24 @@ def _plain_conv(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Conv2d]:
     return m
 
 
+def _is_norm(m: Optional[nn.Module]) -> bool:
+    return m is not None and (type(m) is nn.BatchNorm2d or is_norm_leaf(m))
+
+
 def _conv_unit(gm: fx.GraphModule, node: fx.Node, fold_bn: bool) -> Optional[ConvUnit]:
     m = _module(gm, node)
-    if type(m) is nn.BatchNorm2d:
-        if not fold_bn or m.training or m.running_mean is None or _has_hooks(m):
+    if _is_norm(m):
+        info = norm_info(m) if fold_bn else None
+        if info is None:
             return None
         inner = _only_input(node)
         if inner is None or node.kwargs or len(node.args) != 1:
             return None
         conv = _plain_conv(gm, inner)
-        if conv is None or conv.out_channels != m.num_features:
+        if conv is None or conv.out_channels != info.num_features:
             return None
-        return ConvUnit(inner.target, node.target, (inner, node), inner.args[0])
+        return ConvUnit(inner.target, node.target, (inner, node), inner.args[0],
+                        info.activation)
     if _plain_conv(gm, node) is None or not isinstance(node.args[0], fx.Node):
         return None
     return ConvUnit(node.target, None, (node,), node.args[0])
@@ -216,19 +222,28 @@ class _Matcher:
     def __init__(self, gm: fx.GraphModule, fold_bn: bool):
         self.gm, self.fold_bn = gm, fold_bn
 
-    def conv(self, node, check) -> Optional[ConvUnit]:
+    def conv(self, node, check, act_inside: str = "none") -> Optional[ConvUnit]:
+        """The conv unit ending at node, if its conv passes check and its norm applies
+        act_inside itself ("none": no activation inside)."""
         u = _conv_unit(self.gm, node, self.fold_bn)
-        if u is None or not check(self.gm.get_submodule(u.conv)):
+        if u is None or u.act_inside != act_inside or not check(self.gm.get_submodule(u.conv)):
             return None
         return u
 
-    def activated(self, node, act) -> Optional[Tuple[fx.Node, List[fx.Node]]]:
-        """(the pre-activation node, [the activation node]) for act, or (node, []) for none."""
+    def activated(self, node, act) -> Optional[Tuple[fx.Node, List[fx.Node], str]]:
+        """node = act(pre): (pre, [the activation node], "none") for a separate activation;
+        (node, [], act) when node is a norm that applies act itself (then pre is that norm's
+        conv unit); (node, [], "none") for act none."""
         if act == "none":
-            return node, []
-        if activation_of(self.gm, node) != act:
-            return None
-        return node.args[0], [node]
+            return node, [], "none"
+        if activation_of(self.gm, node) == act:
+            return node.args[0], [node], "none"
+        m = _module(self.gm, node)
+        if _is_norm(m) and self.fold_bn:
+            info = norm_info(m)
+            if info is not None and info.activation == act:
+                return node, [], act
+        return None
 
     def branch_a(self, pa: fx.Node, act: str):
         pw = self.conv(pa, _is_pointwise)
@@ -237,7 +252,7 @@ class _Matcher:
         r = self.activated(pw.input, act)
         if r is None:
             return None
-        dw = self.conv(r[0], _is_depthwise3)
+        dw = self.conv(r[0], _is_depthwise3, r[2])
         if dw is None:
             return None
         return dw, pw, [*dw.nodes, *r[1], *pw.nodes]
@@ -249,13 +264,13 @@ class _Matcher:
         r2 = self.activated(pw.input, act)
         if r2 is None:
             return None
-        dc = self.conv(r2[0], _is_depthwise3)
+        dc = self.conv(r2[0], _is_depthwise3, r2[2])
         if dc is None or _stride(self.gm.get_submodule(dc.conv)) != 1:
             return None
         r1 = self.activated(dc.input, act)
         if r1 is None:
             return None
-        db = self.conv(r1[0], _is_depthwise3)
+        db = self.conv(r1[0], _is_depthwise3, r1[2])
         if db is None:
             return None
         return db, dc, pw, [*db.nodes, *r1[1], *dc.nodes, *r2[1], *pw.nodes]

@@ -92,9 +92,35 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+class _Fused:
+    """fuse_model's (model, report) on a copy, with the report's fields at hand."""
+
+    def __init__(self, model, report):
+        self.model, self.report = model, report
+        self.swaps, self.untraceable = report.swaps, report.untraceable
+
+    def __str__(self):
+        return str(self.report)
+
+
 def _fused_copy(model, **kw):
-    m = copy.deepcopy(model)
-    return msfused.fuse_model(m, **kw)
+    return _Fused(*msfused.fuse_model(copy.deepcopy(model), report=True, **kw))
+
+
+def test_fuse_model_returns_the_model_and_logs_the_swaps(caplog):
+    """`model = msfused.fuse_model(model)` is the line users write first: it returns the
+    model (modified in place), and the swaps are in the log."""
+    require("cpp")
+    torch.manual_seed(0)
+    model = HandNet().eval()
+    x = torch.randn(2, 3, 11, 9)
+    y0 = model(x)
+    with caplog.at_level("INFO", logger="msfused.fuse"):
+        fused = msfused.fuse_model(model, backend="cpp")
+    assert fused is model and _rel(fused(x), y0) < 1e-5
+    assert "2 block(s) swapped" in caplog.text and "block1" in caplog.text
+    with pytest.raises(TypeError, match="report"):
+        msfused.fuse_model(model, report="yes")
 
 
 def test_acceptance_model_fused_compiled_exported():
