@@ -181,8 +181,31 @@ def _variants(shape: Shape, device: str, dtype: torch.dtype, backends: List[str]
     return out
 
 
+def onnxruntime_forward(module: torch.nn.Module, x: torch.Tensor):
+    """(forward callable, None) running `module` exported to ONNX (the dynamo exporter, as
+    users ship it) in ONNX Runtime on the CPU with torch's thread count; or (None, why not)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None, "onnxruntime is not installed (pip install 'msfused[onnx]')"
+    import contextlib
+    import io
+    import warnings
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        proto = torch.onnx.export(module.eval(), (x,), dynamo=True).model_proto
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(proto.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    name, xn = sess.get_inputs()[0].name, x.contiguous().numpy()
+    return (lambda: sess.run(None, {name: xn})), None
+
+
 def bench_shape(shape: Shape, device: str, dtype: torch.dtype, backends: List[str],
-                ceilings: Dict[str, float], compile_ref: bool, min_time: float) -> List[Row]:
+                ceilings: Dict[str, float], compile_ref: bool, min_time: float,
+                onnxruntime: bool = False) -> List[Row]:
     torch.manual_seed(0)
     elem = torch.finfo(dtype).bits // 8
     x0 = torch.randn(shape.batch, shape.c, shape.h, shape.w, device=device, dtype=dtype)
@@ -221,6 +244,13 @@ def bench_shape(shape: Shape, device: str, dtype: torch.dtype, backends: List[st
         except Exception:  # compiled modules hide their saved tensors
             saved = None
         results[(name, "saved")] = saved
+    if onnxruntime and device == "cpu" and dtype == torch.float32:
+        base = _variants(shape, device, dtype, [], False)[0][1]
+        fn, why = onnxruntime_forward(base, x0)
+        if fn is None:
+            print(f"  (ONNX Runtime skipped: {why})")
+        else:
+            results[("onnxrt", "fwd")] = (time_fn(fn, device, min_time=min_time), None)
     rows = []
     for mode, fl, by in (("fwd", fl_f, by_f), ("fwd+bwd", fl_t, by_t)):
         best_eager = min(results[("eager-nchw", mode)][0], results[("eager-cl", mode)][0])
@@ -289,7 +319,61 @@ def summarize(rows: List[Row], backends: List[str]) -> str:
     return "\n".join(lines)
 
 
+def plot_results(result: dict, path: str) -> None:
+    """Per shape, each variant's speed-up over the best eager layout (forward, and
+    forward+backward), with the floor: the speed-up at which the run's ceilings say the
+    block cannot go faster (max of FLOPs over the GEMM rate, bytes over the copy rate)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    rows = [Row(**r) for r in result["rows"]]
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    modes = [m for m in ("fwd", "fwd+bwd") if any(r.mode == m for r in rows)]
+    variants = [v for v in dict.fromkeys(r.variant for r in rows) if not v.startswith("eager")]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.2), squeeze=False)
+    width = 0.8 / max(1, len(variants))
+    for ax, mode in zip(axes[0], modes):
+        for i, v in enumerate(variants):
+            xs, ys = [], []
+            for j, sh in enumerate(shapes):
+                r = [r for r in rows if r.shape == sh and r.mode == mode and r.variant == v]
+                if r:
+                    xs.append(j + (i - (len(variants) - 1) / 2) * width)
+                    ys.append(r[0].vs_eager)
+            if xs:
+                ax.bar(xs, ys, width, label=v)
+        for j, sh in enumerate(shapes):  # the floor as a speed-up: vs_eager / floor_frac
+            r = [r for r in rows if r.shape == sh and r.mode == mode and r.floor_frac > 0]
+            if r:
+                ax.hlines(r[0].vs_eager / r[0].floor_frac, j - 0.45, j + 0.45, colors="k",
+                          linestyles="dashed", label="floor" if j == 0 else None)
+        ax.axhline(1.0, color="grey", linewidth=0.8)  # the best eager layout
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(range(len(shapes)), shapes, rotation=20)
+        ax.set_ylabel("speed-up over the best eager layout")
+        ax.set_title(f"{mode}, {result['dtype']}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8, ncol=2)
+    fig.suptitle(f"{result['device']}; torch {result['torch']}; commit {result['commit']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(args) -> dict:
+    if getattr(args, "from_results", ""):  # re-plot a results file, measure nothing
+        with open(args.from_results) as f:
+            result = json.load(f)
+        if not args.plot:
+            raise SystemExit("msfused bench: --from needs --plot FILE.png")
+        plot_results(result, args.plot)
+        print(f"plot written to {args.plot}")
+        return result
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("msfused bench: --device cuda but no GPU is visible")
@@ -319,7 +403,7 @@ def run(args) -> dict:
     rows: List[Row] = []
     for s in shapes:
         r = bench_shape(s, device, dtype, backends, ceilings, args.compile and not args.quick,
-                        args.min_time)
+                        args.min_time, onnxruntime=args.onnxruntime and not args.quick)
         rows += r
         print(format_table(r).split("\n", 2)[2] if rows != r else format_table(r), flush=True)
     summary = summarize(rows, backends)
@@ -338,6 +422,9 @@ def run(args) -> dict:
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"results written to {out}")
+    if args.plot:
+        plot_results(result, args.plot)
+        print(f"plot written to {args.plot}")
     return result
 
 
@@ -354,7 +441,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small batches, no compile (smoke test)")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per variant")
     p.add_argument("--out", default="", help="results file (JSON)")
+    p.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false",
+                   help="skip ONNX Runtime (measured on the CPU in float32 when installed)")
+    p.add_argument("--plot", default="", help="also draw the speed-ups into this PNG")
+    p.add_argument("--from", dest="from_results", default="",
+                   help="with --plot: draw a results file instead of measuring")
 
 
 __all__ = ["Shape", "SHAPES", "run", "add_arguments", "flops_forward", "bytes_forward",
-           "memory_format_of"]
+           "memory_format_of", "plot_results", "onnxruntime_forward"]
