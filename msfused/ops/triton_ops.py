@@ -40,11 +40,7 @@ BWD_BLOCK_P_BRANCH = 32  # pixel tile of the kernels that write per-program part
 BWD_BLOCK_P_B1 = 64
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-_INTERPRET_AT_IMPORT = _interpret()
+_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _launcher():
