@@ -2,6 +2,12 @@
 
 Runs on CUDA when a GPU is visible, else on CPU tensors under TRITON_INTERPRET=1 (small
 shapes; the interpreter is slow), else skips."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
 import pytest
 import torch
 
@@ -97,3 +103,90 @@ def test_op_overhead_measurable():
     r = triton_ops.measure_overhead(torch.randn(1, 4, 4, 4, device=dev), m.params(), m.config,
                                     iters=3)
     assert r["op_us"] > 0 and r["direct_us"] > 0
+
+
+# Shapes that cross every tile boundary of the strip kernels (4 output rows x BW columns,
+# BW = 8 for Wo <= 8 else 16; BLOCK_C = 16 input channels per chunk; BLOCK_N output channels
+# per program, at most 64 for concat and 128 for add): a last strip of 1 row, a last column
+# block of 5, three channel chunks with a remainder, two N tiles with a remainder, the
+# projection and the identity shortcut, both strides.
+TILE_CASES = [
+    (40, 70, 9, 21, "concat", 1),    # projection; N tiles 64 + 6
+    (16, 130, 6, 7, "add", 2),       # projection; N tiles 128 + 2; BW = 8
+    (33, 33, 13, 17, "add", 1),      # identity shortcut; chunks 16 + 16 + 1
+    (20, 10, 17, 9, "concat", 2),    # projection at stride 2; Wo = 5 with BW = 8
+]
+
+
+@pytest.mark.parametrize("c,n,h,w,merge,stride", TILE_CASES,
+                         ids=[f"C{c}N{n}_{h}x{w}_{m}_s{s}" for c, n, h, w, m, s in TILE_CASES])
+def test_strip_tile_boundaries(c, n, h, w, merge, stride):
+    dev = _dev()
+    kw = dict(merge=merge, stride=stride, activation="relu", residual=True)
+    m = make_block(c, n, backend="triton", device=dev, **kw)
+    ref = make_block(c, n, backend="reference", dtype=torch.float64, **kw)
+    g = torch.Generator().manual_seed(5)
+    x64 = torch.randn(1, c, h, w, generator=g, dtype=torch.float64)
+    gy64 = torch.randn(ref(x64).shape, generator=g, dtype=torch.float64)
+    y_ref, dx_ref, gr_ref = run_fwd_bwd(ref, x64, gy64)
+    x = x64.to(dev, torch.float32).contiguous(memory_format=torch.channels_last)
+    y, dx, gr = run_fwd_bwd(m, x, gy64.to(dev, torch.float32))
+    assert rel_err(y, y_ref) <= 2e-5 and rel_err(dx, dx_ref) <= 2e-5
+    for k in gr_ref:
+        assert rel_err(gr[k], gr_ref[k]) <= 2e-5, k
+
+
+def test_verbose_prints_the_autotuner_choice():
+    """MSFUSED_TRITON_VERBOSE=1 prints each kernel's chosen config once per tuning key."""
+    pytest.importorskip("triton")
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    code = """
+import sys, torch
+sys.path.insert(0, %r)
+from blockutil import make_block
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+m = make_block(4, 3, backend="triton", device=dev)
+x = torch.randn(1, 4, 5, 5, device=dev, requires_grad=True)
+m(x).sum().backward()
+m(x).sum().backward()
+""" % os.path.dirname(__file__)
+    env = dict(os.environ, MSFUSED_TRITON_VERBOSE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("msfused triton: ")]
+    names = [ln.split()[2] for ln in lines]
+    for k in ("_fwd_kernel", "_gz_kernel", "_bwd_branch_kernel", "_bwd_b1_kernel",
+              "_bwd_dx_kernel", "_pw_grad_kernel"):
+        assert k in names, out.stderr
+    assert len(names) == len(set(lines)), "a choice was printed twice for the same key"
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """Offline: every kernel variant the benchmark shapes launch, with every autotune config
+    it would try, compiles for sm_90 (the compiled frontend accepts what the interpreter
+    runs), uses tensor cores where it has dots (HMMA or Hopper's HGMMA) in bfloat16, and has
+    no local-memory spills (tools/triton_sass.py; no GPU needed)."""
+    triton = pytest.importorskip("triton")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(bin_dir, "ptxas")):
+        pytest.skip("this Triton has no NVIDIA backend (ptxas) to compile for sm_90")
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "triton_sass.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as d:
+        out_json = os.path.join(d, "rows.json")
+        r = subprocess.run([sys.executable, tool, "--shapes", "paper-u3,mnet-14",
+                            "--json", out_json], env=env, capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        with open(out_json) as f:
+            rows = json.load(f)
+    kernels = {row["kernel"] for row in rows}
+    assert kernels == {"_fwd_kernel", "_gz_kernel", "_bwd_branch_kernel", "_bwd_b1_kernel",
+                       "_bwd_dx_kernel", "_pw_grad_kernel"}, kernels
+    for row in rows:
+        where = f"{row['shape']} {row['kernel']} {row['config']}"
+        assert row["ldl"] == 0 and row["stl"] == 0, f"local-memory spills in {where}"
+        if row["kernel"] in ("_fwd_kernel", "_bwd_branch_kernel", "_pw_grad_kernel"):
+            assert row["hmma"] + row["hgmma"] > 0, f"no tensor-core instruction in {where}"

@@ -36,8 +36,8 @@ wrap_triton = torch.library.wrap_triton
 
 _DTYPE_ID = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _INT32_MAX = 2 ** 31 - 1
-BWD_BLOCK_P_BRANCH = 32  # pixel tile of the kernels that write per-program partials
-BWD_BLOCK_P_B1 = 64
+BWD_BLOCK_P_B1 = 64  # pixel tile of the b1 kernel (its per-program partials are sized by it)
+_ACC_ELEMS = 8192  # fp32 accumulator elements per program of the forward (see triton_kernels)
 
 
 _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
@@ -59,6 +59,30 @@ def _define_op(name: str):
     if not _INTERPRET_AT_IMPORT:
         return triton_op(name, mutates_args=())
     return torch.library.custom_op(name, mutates_args=())
+
+
+_VERBOSE = os.environ.get("MSFUSED_TRITON_VERBOSE") == "1"
+_reported = set()
+
+
+def _launch(wrap, kernel, grid, *args, **kwargs):
+    """wrap(kernel)[grid](*args, **kwargs); with MSFUSED_TRITON_VERBOSE=1, prints (stderr)
+    the autotuner's choice once per kernel and tuning key."""
+    wrap(kernel)[grid](*args, **kwargs)
+    if _VERBOSE:
+        _report_choice(kernel)
+
+
+def _report_choice(kernel) -> None:
+    import sys
+
+    name = kernel.base_fn.__name__
+    # the autotuner fills its cache only when it has several configs to choose from
+    chosen = list(kernel.cache.items()) or [("(single config)", kernel.best_config)]
+    for key, cfg in chosen:
+        if (name, key) not in _reported:
+            _reported.add((name, key))
+            print(f"msfused triton: {name} key={key} -> {cfg}", file=sys.stderr)
 
 
 def _check_device(x: Tensor) -> None:
@@ -88,8 +112,17 @@ def _check(x: Tensor, c_out: int, ho: int, wo: int) -> None:
                          "elements or more; the triton kernels index within an image in 32 bits")
 
 
+def _strip_tiles(ho: int, wo: int):
+    """Column block BW of the strip kernels and their tile counts per image: (BW, column
+    blocks, strips x column blocks)."""
+    bw = 8 if wo <= 8 else 16
+    n_cb = _cdiv(wo, bw)
+    return bw, n_cb, _cdiv(ho, K.STRIP_ROWS) * n_cb
+
+
 def _flags(x: Tensor):
-    ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    # float32 dots in tf32 only where eager's 1x1 convolutions would use it
+    ieee = x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
     lowp = x.dtype in (torch.float16, torch.bfloat16)
     return ieee, lowp, _DTYPE_ID[x.dtype]
 
@@ -151,21 +184,20 @@ def _forward_impl(x, wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs, stride, mer
     pre = (torch.empty((bsz, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
            if save_preact else x.new_empty((0,)))
     ieee, lowp, dtid = _flags(x)
-    block_n = _np2(n)
-    n_tiles = _cdiv(n, block_n)
-    p_total = ho * wo
+    bw, n_cb, tiles = _strip_tiles(ho, wo)
+    n_acc = 2 if merge == MERGE_CONCAT else 1
+    block_n = _np2(n, hi=max(16, min(128, _ACC_ELEMS // (K.STRIP_ROWS * bw * n_acc))))
+    grid = (bsz * tiles, _cdiv(n, block_n))
 
-    def grid(meta):
-        return (bsz * _cdiv(p_total, meta["BLOCK_P"]), n_tiles * (2 if merge == MERGE_CONCAT else 1))
-
-    wrap(K._fwd_kernel)[grid](
+    _launch(wrap, K._fwd_kernel, grid,
         x, wa.contiguous(), ba_, wb.contiguous(), bb_, wc.contiguous(), bc_, pa.contiguous(),
         qa_, pb.contiguous(), qb_, ws_, bs_, y, pre if save_preact else y,
-        c, h, w, ho, wo, n, c_out, n_tiles,
+        c, h, w, ho, wo, n, n_cb, tiles,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         y.stride(0), y.stride(1), y.stride(2), y.stride(3),
         STRIDE=stride, MERGE=merge, ACT=act, RES=res, HAS_BIAS=has_bias,
-        SAVE_PRE=bool(save_preact), IEEE=ieee, LOWP=lowp, DTYPE_ID=dtid, BLOCK_N=block_n)
+        SAVE_PRE=bool(save_preact), IEEE=ieee, LOWP=lowp, DTYPE_ID=dtid, BLOCK_N=block_n,
+        BW=bw)
     return y, pre
 
 
@@ -182,12 +214,16 @@ def triton_block_backward(grad_y: Tensor, x: Tensor, saved: Tensor, wa: Tensor,
     p = BlockParams(wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs)
     check_op_call(x, p, stride, merge, act, residual)
     _check_device(x)
+    return _backward_impl(grad_y, x, saved, p, stride, merge, act, residual, _launcher())
+
+
+def _backward_impl(grad_y, x, saved, p: BlockParams, stride, merge, act, residual, wrap):
+    wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs = p
     x, (bsz, c, h, w, n, c_out, ho, wo), fmt = _sizes(x, pa, stride, merge)
     grad_y, saved = check_backward_inputs(grad_y, x, saved, p, stride, merge, act, residual)
     res = _res_code(c, c_out, stride, residual)
     has_bias, (ba_, bb_, bc_, _, _, _) = _biases(x, ba, bb, bc, qa, qb, bs, c, n, c_out, res)
     ieee, lowp, dtid = _flags(x)
-    wrap = _launcher()
     wa_, wb_, wc_ = wa.contiguous(), wb.contiguous(), wc.contiguous()
     pa_, pb_ = pa.contiguous(), pb.contiguous()
     ws_ = ws.contiguous() if res == 2 else x
@@ -198,7 +234,7 @@ def triton_block_backward(grad_y: Tensor, x: Tensor, saved: Tensor, wa: Tensor,
     # 1. gz = grad_y * act'(saved), fp32 [B, P, C_out]
     gz = torch.empty((bsz, P, c_out), **f32)
     sv = saved if activations.saves(act) != "nothing" else grad_y
-    wrap(K._gz_kernel)[lambda m: (bsz * _cdiv(P, m["BLOCK_P"]), _cdiv(c_out, m["BLOCK_O"]))](
+    _launch(wrap, K._gz_kernel, lambda m: (bsz * _cdiv(P, m["BLOCK_P"]), _cdiv(c_out, m["BLOCK_O"])),
         grad_y, sv, gz, P, wo, c_out,
         grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3),
         sv.stride(0), sv.stride(1), sv.stride(2), sv.stride(3) if sv.dim() == 4 else 0,
@@ -209,25 +245,25 @@ def triton_block_backward(grad_y: Tensor, x: Tensor, saved: Tensor, wa: Tensor,
     b_s = torch.empty((bsz, P, c), **f32)
     dap = torch.empty((bsz, P, c), **f32)
     dbp = torch.empty((bsz, P, c), **f32)
-    t1 = _cdiv(P, BWD_BLOCK_P_BRANCH)
-    part1 = torch.empty((bsz * t1, 10, c), **f32)
-    wrap(K._bwd_branch_kernel)[lambda m: (bsz * t1, _cdiv(c, m["BLOCK_C"]))](
+    bw, n_cb, tiles = _strip_tiles(ho, wo)
+    part1 = torch.empty((bsz * tiles, 10, c), **f32)
+    _launch(wrap, K._bwd_branch_kernel, lambda m: (bsz * tiles, _cdiv(c, m["BLOCK_C"])),
         x, wa_, ba_, wb_, bb_, wc_, bc_, pa_, pb_, gz, a_s, b_s, dap, dbp, part1, 10 * c,
-        c, h, w, ho, wo, n, c_out, *sx,
+        c, h, w, ho, wo, n, c_out, n_cb, tiles, *sx,
         STRIDE=stride, MERGE=merge, ACT=act, HAS_BIAS=has_bias, IEEE=ieee, LOWP=lowp,
-        DTYPE_ID=dtid, BLOCK_N=_np2(n, hi=32), BLOCK_P=BWD_BLOCK_P_BRANCH)
+        DTYPE_ID=dtid, BLOCK_N=_np2(n, hi=32), BW=bw)
 
     # 3. db1_pre; partials of dWc, dbc, dWb, dbb
     db1p = torch.empty((bsz, P, c), **f32)
     t2 = _cdiv(P, BWD_BLOCK_P_B1)
     part2 = torch.empty((bsz * t2, 20, c), **f32)
-    wrap(K._bwd_b1_kernel)[lambda m: (bsz * t2, _cdiv(c, m["BLOCK_C"]))](
+    _launch(wrap, K._bwd_b1_kernel, lambda m: (bsz * t2, _cdiv(c, m["BLOCK_C"])),
         x, wb_, bb_, wc_, dbp, db1p, part2, 20 * c, c, h, w, ho, wo, *sx,
         STRIDE=stride, ACT=act, HAS_BIAS=has_bias, DTYPE_ID=dtid, BLOCK_P=BWD_BLOCK_P_B1)
 
     # 4. dx
     dx = torch.empty_like(x, memory_format=memory_format_of(x))
-    wrap(K._bwd_dx_kernel)[lambda m: (bsz * _cdiv(h * w, m["BLOCK_P"]), _cdiv(c, m["BLOCK_C"]))](
+    _launch(wrap, K._bwd_dx_kernel, lambda m: (bsz * _cdiv(h * w, m["BLOCK_P"]), _cdiv(c, m["BLOCK_C"])),
         wa_, wb_, ws_, dap, db1p, gz, dx, c, h, w, ho, wo, c_out,
         dx.stride(0), dx.stride(1), dx.stride(2), dx.stride(3),
         STRIDE=stride, RES=res, IEEE=ieee, LOWP=lowp, DTYPE_ID=dtid, BLOCK_O=_np2(c_out, hi=32))
@@ -239,7 +275,7 @@ def triton_block_backward(grad_y: Tensor, x: Tensor, saved: Tensor, wa: Tensor,
 
     def pw_grad(col0, nn, a_t, sa):
         out = torch.empty((split, nn, c), **f32)
-        wrap(K._pw_grad_kernel)[lambda m: (_cdiv(nn, m["BLOCK_NN"]), _cdiv(c, m["BLOCK_C"]), split)](
+        _launch(wrap, K._pw_grad_kernel, lambda m: (_cdiv(nn, m["BLOCK_NN"]), _cdiv(c, m["BLOCK_C"]), split),
             gz, col0, c_out, a_t, sa[0], sa[1], sa[2], sa[3], x, out, R, P, wo, nn, c, rows,
             IEEE=ieee, LOWP=lowp, DTYPE_ID=dtid)
         return out.sum(0).view(nn, c, 1, 1).to(x.dtype, copy=True)
