@@ -32,9 +32,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
 import msfused  # noqa: E402
 from msfused.benchmark import SHAPES  # noqa: E402
@@ -77,6 +76,23 @@ def record_launches(shape, dtype, channels_last: bool):
     return rec.launches
 
 
+_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_DIV16 = [["tt.divisibility", 16]]
+
+
+def _specialise(v):
+    """(signature type, attributes or the constexpr value) of one runtime argument, as
+    Triton's JIT specialises it: pointers and ints divisible by 16 get tt.divisibility,
+    an int equal to 1 becomes a constant."""
+    if isinstance(v, torch.Tensor):
+        return "*" + _TT[v.dtype], (_DIV16 if v.data_ptr() % 16 == 0 else [])
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v == 1:
+            return "constexpr", 1
+        return ("i32" if -2 ** 31 <= v < 2 ** 31 else "i64"), (_DIV16 if v % 16 == 0 else [])
+    raise TypeError(f"unexpected runtime kernel argument {v!r}")
+
+
 def _source(autotuner, args, kwargs, config):
     fn = autotuner.fn
     values = dict(zip(fn.arg_names, args))
@@ -89,12 +105,12 @@ def _source(autotuner, args, kwargs, config):
             signature[name] = "constexpr"
             constexprs[name] = v
             continue
-        ty, key = native_specialize_impl(BaseBackend, v, False, True, True)
+        ty, extra = _specialise(v)
         signature[name] = ty
-        if ty == "constexpr":  # an int equal to 1, as the JIT specialises it
-            constexprs[name] = key
-        elif isinstance(key, str):
-            attrs[(i,)] = BaseBackend.parse_attr(key)
+        if ty == "constexpr":
+            constexprs[name] = extra
+        elif extra:
+            attrs[(i,)] = extra
     return ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
 
 
