@@ -78,7 +78,10 @@ def _report_choice(kernel) -> None:
 
     name = kernel.base_fn.__name__
     # the autotuner fills its cache only when it has several configs to choose from
-    chosen = list(kernel.cache.items()) or [("(single config)", kernel.best_config)]
+    chosen = list(kernel.cache.items())
+    if not chosen:
+        best = getattr(kernel, "best_config", None)  # unset while tracing: nothing ran
+        chosen = [("(single config)", best)] if best is not None else []
     for key, cfg in chosen:
         if (name, key) not in _reported:
             _reported.add((name, key))
