@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -55,14 +55,31 @@ MOBILENET_SHAPES = [
 SHAPES = {"paper": PAPER_SHAPES, "mobilenet": MOBILENET_SHAPES}
 
 
-def flops_forward(s: Shape) -> float:
-    """Multiply-adds x 2 of the forward: three depthwise 3x3 (b1 over the full output),
-    two pointwise convs, and the projection when there is one."""
+def flops_split(s: Shape) -> Tuple[float, float]:
+    """(depthwise, GEMM) FLOPs (multiply-adds x 2) of the forward: three depthwise 3x3 (b1
+    over the full output) on the FP32 units, the two pointwise convs and the projection
+    (when there is one) as GEMMs."""
     ho, wo = out_size(s.h, s.stride), out_size(s.w, s.stride)
     c_out = out_channels(s.n, 0 if s.merge == "concat" else 1)
     proj = c_out * s.c if (s.stride != 1 or c_out != s.c) else 0
-    macs = s.batch * ho * wo * (27 * s.c + 2 * s.n * s.c + proj)
-    return 2.0 * macs
+    pixels = s.batch * ho * wo
+    return 2.0 * pixels * 27 * s.c, 2.0 * pixels * (2 * s.n * s.c + proj)
+
+
+def flops_forward(s: Shape) -> float:
+    """All FLOPs of the forward (depthwise + GEMM)."""
+    return sum(flops_split(s))
+
+
+def floor_seconds(s: Shape, elem: int, ceilings: Dict[str, float], train: bool) -> float:
+    """The time under which the block cannot run here: max(bytes / copy bandwidth,
+    depthwise FLOPs / FP32 rate, GEMM FLOPs / GEMM rate in the benchmark dtype), with the
+    run's measured ceilings; forward+backward counts 3x the forward's FLOPs."""
+    dw, gemm = flops_split(s)
+    k = 3.0 if train else 1.0
+    by = bytes_train(s, elem) if train else bytes_forward(s, elem)
+    fp32 = ceilings.get("fp32_flops", ceilings["gemm_flops"])
+    return max(by / ceilings["copy_bytes_per_s"], k * dw / fp32, k * gemm / ceilings["gemm_flops"])
 
 
 def bytes_forward(s: Shape, elem: int) -> float:
@@ -109,18 +126,56 @@ def time_fn(fn: Callable[[], object], device: str, min_time: float = 0.3,
     return statistics.median(times)
 
 
+def gpu_time_fn(fn: Callable[[], object], min_time: float = 0.3, max_reps: int = 200) -> float:
+    """Median GPU seconds per call with a cold L2 (the triton.testing.do_bench method): each
+    call runs after a write of a buffer larger than L2, and CUDA events time the call alone.
+    The flush keeps the GPU busy while the host enqueues the call, so host overhead shorter
+    than the flush (about 60 us) is hidden; time_fn's figure is what a user's loop sees."""
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    events = []
+    start = time.perf_counter()
+    while len(events) < max_reps and (time.perf_counter() - start < min_time or len(events) < 5):
+        flush.zero_()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        events.append((e0, e1))
+        if len(events) % 10 == 0:
+            e1.synchronize()  # keeps the host from racing far ahead of the clock
+    torch.cuda.synchronize()
+    return statistics.median(e0.elapsed_time(e1) / 1e3 for e0, e1 in events)
+
+
 def measure_ceilings(device: str, dtype: torch.dtype) -> Dict[str, float]:
-    """GEMM rate (FLOP/s) in `dtype` and copy bandwidth (bytes read + written per s)."""
+    """GEMM rate (FLOP/s) in `dtype` (tensor cores on a GPU for 16-bit types; TF32 where
+    PyTorch's flags allow it), the FP32 FMA rate (a float32 GEMM without TF32: the depthwise
+    convolutions' units) and copy bandwidth (bytes read + written per s)."""
     n = 2048 if device == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t = time_fn(lambda: torch.mm(a, b), device, min_time=0.5, max_reps=20)
-    gemm = 2.0 * n ** 3 / t
+
+    def gemm_rate(dt):
+        a = torch.randn(n, n, device=device, dtype=dt)
+        b = torch.randn(n, n, device=device, dtype=dt)
+        t = time_fn(lambda: torch.mm(a, b), device, min_time=0.5, max_reps=20)
+        return 2.0 * n ** 3 / t
+    gemm = gemm_rate(dtype)
+    if device == "cuda":
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            fp32 = gemm_rate(torch.float32)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    else:
+        fp32 = gemm if dtype == torch.float32 else gemm_rate(torch.float32)
     nbytes = (256 << 20) if device == "cpu" else (1 << 30)
     src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device, min_time=0.5, max_reps=20)
-    return {"gemm_flops": gemm, "copy_bytes_per_s": 2.0 * nbytes / t}
+    return {"gemm_flops": gemm, "fp32_flops": fp32, "copy_bytes_per_s": 2.0 * nbytes / t}
 
 
 def saved_bytes_per_block(module: torch.nn.Module, x: torch.Tensor) -> int:
@@ -148,13 +203,15 @@ class Row:
     shape: str
     variant: str
     mode: str  # "fwd" or "fwd+bwd"
-    ms: float
-    vs_eager: float  # best eager time / this time (> 1: faster)
+    ms: float  # per call as a user's loop sees it (on a GPU: host overhead included)
+    vs_eager: float  # best eager time / this time (> 1: faster); on a GPU, GPU times
     gflops: float
     gbps: float
-    floor_frac: float  # max(flop floor, byte floor) / time
+    floor_frac: float  # floor_seconds / time (GPU time on a GPU)
     saved_mb: Optional[float] = None
     peak_mb: Optional[float] = None
+    gpu_ms: Optional[float] = None  # GPU time per call, cold L2 (gpu_time_fn); GPU only
+    vs_eager_call: Optional[float] = None  # the same ratio on the per-call times; GPU only
 
 
 def _variants(shape: Shape, device: str, dtype: torch.dtype, backends: List[str],
@@ -238,7 +295,8 @@ def bench_shape(shape: Shape, device: str, dtype: torch.dtype, backends: List[st
                 torch.cuda.synchronize()
                 peak = (torch.cuda.max_memory_allocated() - base_mem) / 2 ** 20
             t = time_fn(fn, device, min_time=min_time)
-            results[(name, mode)] = (t, peak)
+            tg = gpu_time_fn(fn, min_time=min_time) if device == "cuda" else None
+            results[(name, mode)] = (t, peak, tg)
         try:
             saved = saved_bytes_per_block(mod, xg) / 2 ** 20
         except Exception:  # compiled modules hide their saved tensors
@@ -250,17 +308,23 @@ def bench_shape(shape: Shape, device: str, dtype: torch.dtype, backends: List[st
         if fn is None:
             print(f"  (ONNX Runtime skipped: {why})")
         else:
-            results[("onnxrt", "fwd")] = (time_fn(fn, device, min_time=min_time), None)
+            results[("onnxrt", "fwd")] = (time_fn(fn, device, min_time=min_time), None, None)
     rows = []
     for mode, fl, by in (("fwd", fl_f, by_f), ("fwd+bwd", fl_t, by_t)):
-        best_eager = min(results[("eager-nchw", mode)][0], results[("eager-cl", mode)][0])
-        floor = max(fl / ceilings["gemm_flops"], by / ceilings["copy_bytes_per_s"])
+        floor = floor_seconds(shape, elem, ceilings, mode == "fwd+bwd")
+        eager = [results[(e, mode)] for e in ("eager-nchw", "eager-cl")]
+        best_call = min(e[0] for e in eager)
+        best_gpu = min(e[2] for e in eager) if device == "cuda" else None
         for (name, m), val in results.items():
             if m != mode:
                 continue
-            t, peak = val
-            rows.append(Row(shape.name, name, mode, t * 1e3, best_eager / t, fl / t / 1e9,
-                            by / t / 1e9, floor / t, results.get((name, "saved")), peak))
+            t, peak, tg = val
+            tt = tg if tg is not None else t  # the ratio and the floor on GPU time
+            best = best_gpu if tg is not None else best_call
+            rows.append(Row(shape.name, name, mode, t * 1e3, best / tt, fl / tt / 1e9,
+                            by / tt / 1e9, floor / tt, results.get((name, "saved")), peak,
+                            None if tg is None else tg * 1e3,
+                            None if tg is None else best_call / t))
     return rows
 
 
@@ -294,14 +358,25 @@ def device_name(device: str) -> str:
 
 
 def format_table(rows: List[Row]) -> str:
-    hdr = (f"{'shape':<10} {'variant':<14} {'mode':<8} {'ms':>9} {'x eager':>8} "
-           f"{'GFLOP/s':>8} {'GB/s':>8} {'floor%':>7} {'saved MB':>9} {'peak MB':>8}")
+    gpu = any(r.gpu_ms is not None for r in rows)
+    hdr = (f"{'shape':<10} {'variant':<14} {'mode':<8} {'ms':>9} "
+           + (f"{'x eager':>8} {'GPU ms':>9} " if gpu else "")
+           + f"{'x eager':>8} {'GFLOP/s':>8} {'GB/s':>8} {'floor%':>7} {'saved MB':>9} "
+           f"{'peak MB':>8}")
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         saved = "" if r.saved_mb is None else f"{r.saved_mb:9.1f}"
         peak = "" if r.peak_mb is None else f"{r.peak_mb:8.1f}"
-        lines.append(f"{r.shape:<10} {r.variant:<14} {r.mode:<8} {r.ms:9.3f} {r.vs_eager:8.2f} "
-                     f"{r.gflops:8.1f} {r.gbps:8.1f} {100 * r.floor_frac:6.1f}% {saved:>9} {peak:>8}")
+        mid = ""
+        if gpu:
+            mid = (f"{r.vs_eager_call or 0:8.2f} {r.gpu_ms or 0:9.3f} " if r.gpu_ms is not None
+                   else f"{'':8} {'':9} ")
+        lines.append(f"{r.shape:<10} {r.variant:<14} {r.mode:<8} {r.ms:9.3f} {mid}"
+                     f"{r.vs_eager:8.2f} {r.gflops:8.1f} {r.gbps:8.1f} {100 * r.floor_frac:6.1f}% "
+                     f"{saved:>9} {peak:>8}")
+    if gpu:
+        lines.append("(first 'ms' and 'x eager': per call as a loop sees it; 'GPU ms', the "
+                     "second 'x eager', GFLOP/s, GB/s and floor%: GPU time, cold L2)")
     return "\n".join(lines)
 
 
@@ -322,7 +397,8 @@ def summarize(rows: List[Row], backends: List[str]) -> str:
 def plot_results(result: dict, path: str) -> None:
     """Per shape, each variant's speed-up over the best eager layout (forward, and
     forward+backward), with the floor: the speed-up at which the run's ceilings say the
-    block cannot go faster (max of FLOPs over the GEMM rate, bytes over the copy rate)."""
+    block cannot go faster (floor_seconds: bytes over the copy rate, depthwise FLOPs over
+    the FP32 rate, GEMM FLOPs over the GEMM rate)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -398,7 +474,8 @@ def run(args) -> dict:
     ceilings = measure_ceilings(device, dtype if dtype != torch.float64 else torch.float64)
     print(f"device: {device_name(device)}; torch {torch.__version__}; commit {git_commit()}; "
           f"dtype {args.dtype}")
-    print(f"ceilings: GEMM {ceilings['gemm_flops'] / 1e9:.1f} GFLOP/s, copy "
+    print(f"ceilings: GEMM ({args.dtype}) {ceilings['gemm_flops'] / 1e9:.1f} GFLOP/s, FP32 "
+          f"{ceilings['fp32_flops'] / 1e9:.1f} GFLOP/s, copy "
           f"{ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s; fused backends: {backends}")
     rows: List[Row] = []
     for s in shapes:

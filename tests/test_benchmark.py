@@ -1,0 +1,50 @@
+"""The harness's arithmetic (no timing here: performance lives in `msfused bench`)."""
+import json
+import os
+
+from msfused.benchmark import (SHAPES, Row, bytes_forward, bytes_train, floor_seconds,
+                               flops_forward, flops_split, format_table)
+
+MNET14 = {s.name: s for g in SHAPES.values() for s in g}["mnet-14"]
+
+
+def test_flops_split_counts_the_depthwise_and_the_gemms():
+    s = MNET14  # add, C=256, N=128, 14x14, batch 32: a projection (C_out 128 != 256)
+    dw, gemm = flops_split(s)
+    px = 32 * 14 * 14
+    assert dw == 2 * px * 27 * 256
+    assert gemm == 2 * px * (2 * 128 * 256 + 128 * 256)
+    assert flops_forward(s) == dw + gemm
+
+
+def test_floor_is_the_largest_of_the_three_terms():
+    s, elem = MNET14, 2
+    dw, gemm = flops_split(s)
+    by_f, by_t = bytes_forward(s, elem), bytes_train(s, elem)
+    huge = 1e30
+    bw_bound = {"gemm_flops": huge, "fp32_flops": huge, "copy_bytes_per_s": 1e9}
+    dw_bound = {"gemm_flops": huge, "fp32_flops": 1e6, "copy_bytes_per_s": huge}
+    mm_bound = {"gemm_flops": 1e6, "fp32_flops": huge, "copy_bytes_per_s": huge}
+    assert floor_seconds(s, elem, bw_bound, False) == by_f / 1e9
+    assert floor_seconds(s, elem, bw_bound, True) == by_t / 1e9
+    assert floor_seconds(s, elem, dw_bound, False) == dw / 1e6
+    assert floor_seconds(s, elem, mm_bound, True) == 3 * gemm / 1e6
+    # a results file from before the FP32 ceiling: the GEMM rate stands in for it
+    old = {"gemm_flops": 1e6, "copy_bytes_per_s": huge}
+    assert floor_seconds(s, elem, old, False) == max(dw, gemm) / 1e6
+
+
+def test_gpu_rows_show_both_timings():
+    cpu = Row("mnet-14", "cpp-cl", "fwd", 1.0, 2.0, 1.0, 1.0, 0.5)
+    gpu = Row("mnet-14", "cuda-cl", "fwd", 0.5, 3.0, 1.0, 1.0, 0.5, gpu_ms=0.1, vs_eager_call=1.5)
+    assert "GPU ms" not in format_table([cpu])
+    table = format_table([gpu])
+    assert "GPU ms" in table and "0.100" in table and "1.50" in table
+
+
+def test_old_results_files_still_load():
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
+                        "bench-cpu-float32-onnx.json")
+    with open(path) as f:
+        rows = [Row(**r) for r in json.load(f)["rows"]]
+    assert rows and all(r.gpu_ms is None for r in rows)
