@@ -86,3 +86,32 @@ def test_no_local_memory_in_float32_kernels():
                 checked += 1
                 assert "LOCAL:0" in res, f"{line}\n{res}"
     assert checked > 0
+
+
+def _nvcc():
+    for c in [shutil.which("nvcc")] + [os.path.join(os.environ[e], "bin", "nvcc")
+                                       for e in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(e)] \
+            + ["/usr/local/cuda/bin/nvcc"]:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def test_ptx_wrappers_compile_to_tensor_core_sass(tmp_path):
+    """csrc/cuda/ptx_wrappers.cuh, built for sm_90 through the probe kernel the emulator runs:
+    the PTX strings become the instructions they are meant to (bf16 and fp16 mma.sync m16n8k16
+    with float accumulators, ldmatrix x4/x2 and .trans, 16-byte cp.async with zero-fill)."""
+    nvcc, tool = _nvcc(), _cuobjdump()
+    if nvcc is None or tool is None:
+        pytest.skip("needs nvcc and cuobjdump")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cubin = str(tmp_path / "probe.cubin")
+    subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-cubin",
+                    "-I" + os.path.join(root, "csrc", "cuda"), "-I" + os.path.join(root, "csrc"),
+                    os.path.join(root, "tools", "cuda_emu", "probes", "ptx_probe.cu"),
+                    "-o", cubin], check=True, capture_output=True, timeout=300)
+    sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True,
+                          timeout=120).stdout
+    for instr in ("HMMA.16816.F32.BF16", "HMMA.16816.F32 ", "LDSM.16.M88.4", "LDSM.16.MT88.2",
+                  "LDSM.16.M88.2", "LDGSTS.E.BYPASS.128"):
+        assert instr in sass, f"{instr.strip()} not in the probe's SASS"

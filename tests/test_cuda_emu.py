@@ -128,3 +128,42 @@ def test_wmma_standin(wmma_probe, mode, message):
         assert r.returncode == 0 and "bad=0" in r.stdout, r.stdout + r.stderr
     else:
         assert r.returncode != 0 and message in r.stderr, r.stdout + r.stderr
+
+
+# ---- mma.sync / ldmatrix / cp.async (csrc/cuda/ptx_wrappers.cuh, emulated by emu_ptx.h) --
+@pytest.fixture(scope="module")
+def ptx_probe(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found")
+    d = tmp_path_factory.mktemp("ptx")
+    emu = os.path.join(ROOT, "tools", "cuda_emu")
+    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-DMSFUSED_CUDA_EMU", "-include",
+                    os.path.join(emu, "emu.h"), "-I" + os.path.join(ROOT, "csrc", "cuda"),
+                    "-I" + os.path.join(ROOT, "csrc"), "-x", "c++",
+                    os.path.join(emu, "probes", "ptx_probe.cu"), "-o", str(d / "probe")],
+                   check=True)
+    return str(d / "probe")
+
+
+@pytest.mark.parametrize("mode,message", [
+    (0, None),                   # bfloat16: D = A B + 1 exactly, PTX's fragment layouts
+    (6, None),                   # float16
+    (1, "while a cp.async into it is in flight"),
+    (2, "read before a __syncthreads()"),
+    (3, "ldmatrix: row address not 16-byte aligned"),
+    (4, "not every lane of the warp called"),
+    (5, "never waited for"),
+    (7, "bad=")])                # B loaded without .trans: wrong elements, wrong D
+def test_ptx_standins(ptx_probe, mode, message):
+    """The emulator's mma.sync, ldmatrix and cp.async follow PTX's per-lane fragment layouts
+    (a correct kernel gets exact results, a wrong layout wrong ones) and abort on a broken
+    rule, so tensor-core kernels built on ptx_wrappers.cuh are checked without a GPU."""
+    env = dict(os.environ, CUDA_EMU_WARP_TIMEOUT_S="3")
+    r = subprocess.run([ptx_probe, str(mode)], capture_output=True, text=True, env=env,
+                       timeout=120)
+    if message is None:
+        assert r.returncode == 0 and "bad=0" in r.stdout, r.stdout + r.stderr
+    elif message == "bad=":
+        assert r.returncode != 0 and "bad=0" not in r.stdout, r.stdout + r.stderr
+    else:
+        assert r.returncode != 0 and message in r.stderr, r.stdout + r.stderr

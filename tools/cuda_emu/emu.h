@@ -2,7 +2,8 @@
 // math, masking, halos and barriers can be tested on a machine without a GPU:
 // every CTA runs as blockDim.x std::threads sharing "__shared__" (static) memory, with
 // __syncthreads as a std::barrier. Not for speed. float16/bfloat16 are 2-byte stand-ins with
-// the rounding of cuda_fp16.h / cuda_bf16.h (round to nearest even, NaN kept).
+// the rounding of cuda_fp16.h / cuda_bf16.h (round to nearest even, NaN kept). nvcuda::wmma
+// is below; mma.sync, ldmatrix and cp.async (csrc/cuda/ptx_wrappers.cuh) are in emu_ptx.h.
 #pragma once
 #include <barrier>
 #include <chrono>
@@ -70,7 +71,15 @@ inline double emu_shfl[1024];
 alignas(128) inline unsigned char emu_dyn_smem[256 * 1024];
 inline size_t emu_dyn_bytes = 0;
 
-inline void __syncthreads() { emu_bar->arrive_and_wait(); }
+// emu_ptx.h (included at the end): cp.async bookkeeping per block and at each barrier.
+inline void emu_ptx_block_begin();
+inline void emu_ptx_block_end();
+inline void emu_ptx_publish_own();
+
+inline void __syncthreads() {
+  emu_ptx_publish_own();
+  emu_bar->arrive_and_wait();
+}
 
 template <typename A>
 inline A __shfl_down_sync(unsigned, A v, int off) {
@@ -100,6 +109,7 @@ void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
           reinterpret_cast<float*>(emu_dyn_smem)[i] = NAN;
         std::barrier<> bar(nt);
         emu_bar = &bar;
+        emu_ptx_block_begin();
         std::vector<std::thread> th;
         th.reserve(nt);
         for (unsigned t = 0; t < nt; ++t)
@@ -109,6 +119,7 @@ void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
             kernel(args...);
           });
         for (auto& x : th) x.join();
+        emu_ptx_block_end();
       }
 }
 #define MSF_LAUNCH(kernel, grid, block, smem, stream, ...) \
@@ -269,3 +280,5 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
 }
 }  // namespace wmma
 }  // namespace nvcuda
+
+#include "emu_ptx.h"  // msfused::ptx: mma.sync, ldmatrix, cp.async stand-ins
