@@ -67,7 +67,8 @@ def _bwd_branch_kernel(x_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, wc_ptr, bc_ptr, pa
                        BLOCK_C: tl.constexpr):
     """Per (image, strip of 4 output rows x BW columns, channel tile): recompute a and b on
     the strip (the forward's roll), da = gz_a @ Pa and db = gz_b @ Pb on tensor cores,
-    times act'; write a, b, da_pre, db_pre to the fp32 scratch and this program's partials of
+    times act'; write a, b (in x's dtype), da_pre, db_pre (fp32) to the scratch and this
+    program's partials of
     dWa (rows 0..8) and dba (row 9)."""
     pid0 = tl.program_id(0)
     bi = (pid0 // N_TILES_PER_IMAGE).to(tl.int64)
@@ -116,8 +117,8 @@ def _bwd_branch_kernel(x_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, wc_ptr, bc_ptr, pa
     db_pre = tl.where(sm, _act_grad(db, b_pre, ACT), 0.0)
 
     s_off = bi * P * C + p[:, None] * C + cc[None, :]
-    tl.store(a_s + s_off, _act(a_pre, ACT), mask=sm)
-    tl.store(b_s + s_off, _act(b_pre, ACT), mask=sm)
+    tl.store(a_s + s_off, _act(a_pre, ACT).to(a_s.dtype.element_ty), mask=sm)
+    tl.store(b_s + s_off, _act(b_pre, ACT).to(b_s.dtype.element_ty), mask=sm)
     tl.store(dap_s + s_off, da_pre, mask=sm)
     tl.store(dbp_s + s_off, db_pre, mask=sm)
 

@@ -63,8 +63,9 @@ atomics, a fixed reduction order for a given shape):
   1. `_gz_kernel`: gz = grad_y * act'(saved) -> fp32 scratch [B, Ho*Wo, C_out].
   2. `_bwd_branch_kernel` (strip x channel tile): recomputes a, b with the forward's roll
      (22.5 x loads per pixel-channel at S=1, before 90), da = gz_a @ Pa and db = gz_b @ Pb
-     with tl.dot over N chunks, da_pre/db_pre = d * act'(pre); writes a, b, da_pre, db_pre
-     to fp32 scratch and per-program partials of dWa, dba (9 more x loads).
+     with tl.dot over N chunks, da_pre/db_pre = d * act'(pre); writes a, b (in x's dtype:
+     only the weight-gradient dots read them, rounded to it anyway), da_pre, db_pre (fp32)
+     to scratch and per-program partials of dWa, dba (9 more x loads).
   3. `_bwd_b1_kernel`: recomputes b1 at its own pixels (9 loads), reads db_pre of the 9
      neighbours from scratch: db1 (transposed stride-1 depthwise), partials of dWc, dbc;
      db1_pre; its partials of dWb, dbb; writes db1_pre.
