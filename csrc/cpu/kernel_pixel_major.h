@@ -14,9 +14,10 @@ MSFUSED_KERNEL_BEGIN
 // tap-major too. Tile scratch is thread-local and reused across calls (no page faults).
 
 
-// xb[(k * (W + 2) + w + 1) * C + c] = x[bi, c, hb + k, w] (zero outside the image).
-template <typename T>
-void load_x_band_pm(const BlockDesc& d, const T* x, int64_t bi, int64_t hb, int64_t nrows,
+// xb[(k * (W + 2) + w + 1) * C + c] = x[bi, c, hb + k, w] (zero outside the image), widened
+// to the compute type T when x is 16-bit storage.
+template <typename T, typename I>
+void load_x_band_pm(const BlockDesc& d, const I* x, int64_t bi, int64_t hb, int64_t nrows,
                     T* xb) {
   const int64_t C = d.C, W = d.W, RW = (W + 2) * C;
   for (int64_t k = 0; k < nrows; ++k) {
@@ -28,12 +29,18 @@ void load_x_band_pm(const BlockDesc& d, const T* x, int64_t bi, int64_t hb, int6
     }
     memset(row, 0, sizeof(T) * C);
     memset(row + (W + 1) * C, 0, sizeof(T) * C);
-    if (d.channels_last) {
+    if (d.channels_last && std::is_same_v<T, I>) {
       memcpy(row + C, x + ((bi * d.H + h) * W) * C, sizeof(T) * W * C);
+    } else if (d.channels_last) {
+      constexpr int VN = Vec<T>::n;
+      const I* src = x + ((bi * d.H + h) * W) * C;
+      int64_t e = 0;
+      for (; e + VN <= W * C; e += VN) vstore(row + C + e, vload_as<T>(src + e));
+      for (; e < W * C; ++e) row[C + e] = load_as<T>(src + e);
     } else {
       for (int64_t c = 0; c < C; ++c) {
-        const T* src = x + ((bi * C + c) * d.H + h) * W;
-        for (int64_t w = 0; w < W; ++w) row[(w + 1) * C + c] = src[w];
+        const I* src = x + ((bi * C + c) * d.H + h) * W;
+        for (int64_t w = 0; w < W; ++w) row[(w + 1) * C + c] = load_as<T>(src + w);
       }
     }
   }
@@ -72,9 +79,10 @@ inline void dw_taps4(const T* r, int64_t C, V k0, V k1, V k2, V& a0, V& a1, V& a
 // in registers, so an input vector loaded once serves up to three sums (one per pixel in
 // the per-pixel form, with a weight load beside every input load).
 // When init is given, sums start from init[w * ps + c] instead of the bias (init may be post).
-template <int S, int ACT, typename T>
+// post may be 16-bit storage (O = bf16_t: act(z) rounded on the store); pre is always T.
+template <int S, int ACT, typename T, typename O>
 void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, const T* bias,
-               T* post, T* pre, int64_t ps, const T* init = nullptr) {
+               O* post, T* pre, int64_t ps, const T* init = nullptr) {
   typedef typename Vec<T>::type V;
   constexpr int VN = Vec<T>::n;
   int64_t c0 = 0;
@@ -98,7 +106,7 @@ void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, cons
       dw_taps4<S>(r, C, w0, w1, w2, a0, a1, a2, a3);
       dw_taps4<S>(r + rs, C, w3, w4, w5, a0, a1, a2, a3);
       dw_taps4<S>(r + 2 * rs, C, w6, w7, w8, a0, a1, a2, a3);
-      T* po = post + w * ps + c0;
+      O* po = post + w * ps + c0;
       T* pr = pre ? pre + w * ps + c0 : nullptr;
       dw_store<ACT>(a0, po, pr);
       dw_store<ACT>(a1, po + ps, pr ? pr + ps : nullptr);
@@ -127,7 +135,7 @@ void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, cons
       for (int ti = 0; ti < 3; ++ti)
         for (int tj = 0; tj < 3; ++tj) acc += wt[(ti * 3 + tj) * C + c0] * p0[ti * rs + tj * C];
       if (pre) pre[w * ps + c0] = acc;
-      post[w * ps + c0] = act_f<ACT>(acc);
+      store_as(post + w * ps + c0, act_f<ACT>(acc));
     }
 }
 
@@ -154,9 +162,10 @@ void transpose(const T* src, int64_t n, int64_t k, T* dst) {
 
 // The depthwise part of one tile, pixel-major: the b1 band (R + 2 rows, zero-padded
 // columns), then rows of A. pre_ab (when act' reads the pre-activation) gets pre-activations in A's layout.
-template <typename T, int S, int ACT>
+// A may be 16-bit storage (O = bf16_t: the GEMM's operand, rounded once); b1 stays in T.
+template <typename T, int S, int ACT, typename O>
 void tile_dw_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, const T* wt,
-                const TileGeom& g, const T* xb, T* b1b, T* A, T* pre_ab) {
+                const TileGeom& g, const T* xb, T* b1b, O* A, T* pre_ab) {
   const int64_t C = d.C, Wo = d.Wo, XR = (d.W + 2) * C, BR = (Wo + 2) * C, K = pl.Ktot;
   const T* wat = wt;
   const T* wbt = wt + 9 * C;
@@ -173,12 +182,17 @@ void tile_dw_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, co
     dw_row_pm<S, ACT>(xb + S * k * XR, XR, C, Wo, wbt, t.bb, brow + C, (T*)nullptr, C);
   }
   for (int64_t i = 0; i < g.R; ++i) {
-    T* arow = A + i * Wo * K;
+    O* arow = A + i * Wo * K;
     T* prow = pre_ab ? pre_ab + i * Wo * K : nullptr;
     dw_row_pm<S, ACT>(xb + S * (i + 1) * XR, XR, C, Wo, wat, t.ba, arow, prow, K);
     if (pl.Cs)
-      for (int64_t w = 0; w < Wo; ++w)
-        memcpy(arow + w * K + C, xb + (S * (i + 1) + 1) * XR + (S * w + 1) * C, sizeof(T) * C);
+      for (int64_t w = 0; w < Wo; ++w) {
+        const T* xs = xb + (S * (i + 1) + 1) * XR + (S * w + 1) * C;
+        if constexpr (std::is_same_v<T, O>)
+          memcpy(arow + w * K + C, xs, sizeof(T) * C);
+        else  // x was 16-bit storage: exact
+          for (int64_t c = 0; c < C; ++c) store_as(arow + w * K + C + c, xs[c]);
+      }
     dw_row_pm<1, ACT>(b1b + i * BR, BR, C, Wo, wct, t.bc, arow + K - C,
                       prow ? prow + K - C : nullptr, K);
   }
