@@ -87,3 +87,24 @@ def test_bf16_nan_propagates_like_conv2d():
     assert torch.equal(torch.isnan(y), torch.isnan(yr))
     assert torch.equal(torch.isinf(y), torch.isinf(yr))
 
+
+
+def test_bf16_weight_gradients_are_deterministic():
+    """The same bits from two runs and from one and two threads (fixed chunking, fixed-order
+    reduction of the float32 partials, bfloat16 GEMM or not)."""
+    require("cpp")
+    m = make_block(32, 16, merge="concat", stride=1, backend="cpp", dtype=torch.bfloat16)
+    x = torch.randn(6, 32, 12, 10).bfloat16()
+    gy = torch.randn(6, 32, 12, 10).bfloat16()
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 2):
+            torch.set_num_threads(n)
+            runs.append(run_fwd_bwd(m, x, gy))
+    finally:
+        torch.set_num_threads(threads)
+    for y, dx, grads in runs[1:]:
+        assert torch.equal(dx, runs[0][1])
+        for k in grads:
+            assert torch.equal(grads[k], runs[0][2][k]), f"{k} differs between runs"

@@ -209,6 +209,13 @@ bool native_bf16(const BlockDesc& d, at::ScalarType t) {
          native_bf16_available();
 }
 
+// The bfloat16 backward runs the float32 kernels on widened tensors, with the tile GEMMs
+// on bfloat16 operands (kernel_grad_gemms.h) under the forward's conditions plus N even
+// (the dA GEMM reduces over N, and the bfloat16 brgemm needs an even reduction).
+bool native_bf16_grad_gemms(const BlockDesc& d, const at::Tensor& x) {
+  return native_bf16(d, x.scalar_type()) && d.N % 2 == 0;
+}
+
 BlockTensors<uint16_t> bf16_bits(const BlockTensors<at::BFloat16>& t) {
   auto b = [](const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); };
   return BlockTensors<uint16_t>{b(t.x),  b(t.wa), b(t.ba), b(t.wb), b(t.bb), b(t.wc), b(t.bc),
@@ -263,7 +270,8 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const BlockDesc& d, const Bloc
 }
 
 std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
-                                        const at::Tensor& gy, const at::Tensor& sv) {
+                                        const at::Tensor& gy, const at::Tensor& sv,
+                                        bool bf16_products = false) {
   std::vector<at::Tensor> grads = alloc_grads(a, d);
   const BackwardScratch sl = backward_scratch(d, make_plan(d, true));
   at::Tensor scratch = at::empty({sl.total}, a.x->options());
@@ -271,11 +279,13 @@ std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
     auto t = tensors_of<scalar_t>(a);
     auto g = grads_of<scalar_t>(grads, d);
     const scalar_t* s = act_saves(d.act) == kSavesNothing ? nullptr : sv.data_ptr<scalar_t>();
+    Runtime rt = runtime();
+    rt.bf16_products = bf16_products;
     if (use_avx2())
-      avx2::block_backward<scalar_t>(runtime(), d, t, gy.data_ptr<scalar_t>(), s, g,
+      avx2::block_backward<scalar_t>(rt, d, t, gy.data_ptr<scalar_t>(), s, g,
                                      scratch.data_ptr<scalar_t>());
     else
-      base::block_backward<scalar_t>(runtime(), d, t, gy.data_ptr<scalar_t>(), s, g,
+      base::block_backward<scalar_t>(rt, d, t, gy.data_ptr<scalar_t>(), s, g,
                                      scratch.data_ptr<scalar_t>());
   });
   return grads;
@@ -300,7 +310,7 @@ std::vector<at::Tensor> block_backward_cpu(MSF_BACKWARD_PARAMS) {
   if (!is_reduced(x.scalar_type())) return backward_kernel(d, a, *gy, *sv);
   std::vector<at::Tensor> grads =
       backward_kernel(d, cast_block_args(a, at::kFloat), gy->to(at::kFloat),
-                      sv->numel() ? sv->to(at::kFloat) : *sv);
+                      sv->numel() ? sv->to(at::kFloat) : *sv, native_bf16_grad_gemms(d, x));
   for (auto& g : grads) g = g.to(x.scalar_type());
   return grads;
 }

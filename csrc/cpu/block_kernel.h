@@ -30,6 +30,9 @@ struct Runtime {
   // bfloat16 brgemm. Null where the binding found no native bfloat16 GEMM.
   void (*bbrgemm)(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
                   bool add, const uint16_t* a, const uint16_t* b, float* c);
+  // The call's tensors were bfloat16 (widened for a float32 kernel) and bbrgemm is native:
+  // the float32 backward may round its GEMM operands to bfloat16 and use bbrgemm.
+  bool bf16_products = false;
 };
 
 

@@ -1,5 +1,6 @@
 // The pixel-major CPU path (C >= kPixelMajorMinC).
 #pragma once
+#include "cpu/kernel_grad_gemms.h"
 #include "cpu/kernel_tiles.h"
 
 MSFUSED_KERNEL_BEGIN
@@ -333,8 +334,8 @@ inline void tap_sum(int n, const T* const* w, const T* const* s, int64_t C, T* o
 template <typename T, int S, int ACT>
 void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
                     const BlockTensors<T>& t, const T* wt, const T* gy, const T* saved,
-                    const T* wp, T* dx, T* SA, T* SB, int64_t istride, T* part, int64_t t0,
-                    int64_t t1, T* b1img) {
+                    const T* wp, const bf16_t* wpv, T* dx, T* SA, T* SB, int64_t istride,
+                    T* part, int64_t t0, int64_t t1, T* b1img) {
   const int64_t HoWo = d.Ho * d.Wo, C = d.C, N = d.N, Wo = d.Wo, Cout = d.Cout, K = pl.Ktot;
   const int64_t XR = (d.W + 2) * C, BR = (Wo + 2) * C;
   const PartLayout L(d, pl);
@@ -369,18 +370,13 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
       if (b1img)  // keep the tile's own b1 rows for pass 2 (act'(b1) without recomputing)
         for (int64_t k = 1; k <= g.R; ++k)
           memcpy(b1img + (g.r0 + k - 1) * Wo * C, b1b + k * BR + C, sizeof(T) * Wo * C);
-      if (d.merge == kAdd) {
-        mm_nn<T>(rt, N, K, P, G, P, A, K, part + L.pw, K, true);
-        mm_nn<T>(rt, P, K, N, Gpm, Cout, wp, K, dA, K, false);
-      } else {
-        const int64_t kk = C + pl.Cs;
-        mm_nn<T>(rt, N, kk, P, G, P, A, K, part + L.pw, kk, true);
-        mm_nn<T>(rt, N, kk, P, G + N * P, P, A + C, K, part + L.pw + N * kk, kk, true);
-        mm_nn<T>(rt, P, kk, N, Gpm, Cout, wp, kk, dA, K, false);
-        if (pl.Cs)
-          for (int64_t p = 0; p < P; ++p) memset(dA + p * K + kk, 0, sizeof(T) * C);
-        mm_nn<T>(rt, P, kk, N, Gpm + N, Cout, wp + N * kk, kk, dA + C, K, pl.Cs > 0);
-      }
+      bool bf16_done = false;
+      if constexpr (std::is_same_v<T, float>)
+        if (wpv) {
+          tile_grad_gemms_bf16(rt, d, pl, G, Gpm, A, P, wpv, part + L.pw, dA);
+          bf16_done = true;
+        }
+      if (!bf16_done) tile_grad_gemms<T>(rt, d, pl, G, Gpm, A, P, wp, part + L.pw, dA);
       for (int64_t i = 0; i < g.R; ++i)
         for (int64_t w = 0; w < Wo; ++w) {
           const int64_t p = i * Wo + w;
@@ -588,8 +584,8 @@ void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t
 // parallel passes over all tiles with the scratch for the whole batch (SA, SB).
 template <typename T, int S, int ACT>
 void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
-                 const T* wt, const T* wtr, const T* gy, const T* saved, const T* wp, T* dx,
-                 T* SA, T* SB, T* parts) {
+                 const T* wt, const T* wtr, const T* gy, const T* saved, const T* wp,
+                 const bf16_t* wpv, T* dx, T* SA, T* SB, T* parts) {
   const int64_t istride = d.C * (d.Ho + 2) * (d.Wo + 2);
   if (pl.per_image) {
     auto task = [&](int64_t chunk) {
@@ -612,11 +608,12 @@ void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Bl
           one_band ? tls_buf<T>(1, (S * (pl.R + 1) + 3) * (d.W + 2) * d.C) : nullptr;
       for (int64_t img = i0; img < i1; ++img) {
         const int64_t t0 = img * pl.nbands, t1 = t0 + pl.nbands;
-        pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, dx, sa, sb, 0, part, t0, t1,
-                                  b1copy);
+        pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, wpv, dx, sa, sb, 0, part, t0,
+                                  t1, b1copy);
         pass2_tiles_pm<T, S, ACT>(d, pl, t, wt, wtr, dx, sa, sb, 0, part, t0, t1, b1i, b1rs,
                                   xband);
       }
+      if (wpv) rt.brgemm_release();  // AMX tiles: see forward_pm_bf16
     };
     par_for(rt, pl.nchunks, task);
     rt.brgemm_release();
@@ -626,8 +623,9 @@ void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Bl
     const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
     T* part = parts + chunk * pl.part;
     memset(part, 0, sizeof(T) * pl.part);
-    pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, dx, SA, SB, istride, part, t0, t1,
-                              (T*)nullptr);
+    pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, wpv, dx, SA, SB, istride, part, t0,
+                              t1, (T*)nullptr);
+    if (wpv) rt.brgemm_release();  // AMX tiles: see forward_pm_bf16
   };
   par_for(rt, pl.nchunks, task1);
   rt.brgemm_release();

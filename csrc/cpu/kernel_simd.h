@@ -98,6 +98,15 @@ inline void store_as(O* p, T v) {
   else *p = v;
 }
 
+// The bfloat16 bits of each lane of v (float_to_bf16 on a vector), in the low half of a
+// 32-bit lane.
+inline auto bf16_bits(typename Vec<float>::type v) {
+  typedef uint32_t U __attribute__((vector_size(4 * Vec<float>::n)));
+  const U u = (U)v;
+  const U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return v != v ? (u >> 16) | 0x40u : rounded;
+}
+
 template <typename T, typename O>
 inline typename Vec<T>::type vload_as(const O* p) {
   if constexpr (std::is_same_v<O, bf16_t>) {
@@ -118,10 +127,7 @@ inline void vstore_as(O* p, typename Vec<T>::type v) {
     constexpr int VN = Vec<float>::n;
     typedef uint16_t H __attribute__((vector_size(2 * VN), aligned(2)));
     typedef uint32_t U __attribute__((vector_size(4 * VN)));
-    const U u = (U)v;
-    const U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const U r = v != v ? (u >> 16) | 0x40u : rounded;
-    *reinterpret_cast<H*>(p) = __builtin_convertvector(r, H);
+    *reinterpret_cast<H*>(p) = __builtin_convertvector(bf16_bits(v), H);
   } else {
     vstore(p, v);
   }
