@@ -281,7 +281,10 @@ std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
     const scalar_t* s = act_saves(d.act) == kSavesNothing ? nullptr : sv.data_ptr<scalar_t>();
     Runtime rt = runtime();
     rt.bf16_products = bf16_products;
-    if (use_avx2())
+    if (bf16_products)  // (float32 only) an AVX512-BF16 CPU: the kernels' AVX-512 build
+      avx512::block_backward<scalar_t>(rt, d, t, gy.data_ptr<scalar_t>(), s, g,
+                                       scratch.data_ptr<scalar_t>());
+    else if (use_avx2())
       avx2::block_backward<scalar_t>(rt, d, t, gy.data_ptr<scalar_t>(), s, g,
                                      scratch.data_ptr<scalar_t>());
     else

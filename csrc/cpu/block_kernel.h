@@ -48,6 +48,7 @@ struct Runtime {
 
 MSFUSED_DECLARE_ISA(base)
 MSFUSED_DECLARE_ISA(avx2)
+MSFUSED_DECLARE_ISA(avx512)  // used for the bfloat16 backward only (block_kernel_avx512.cpp)
 #undef MSFUSED_DECLARE_ISA
 
 // The bfloat16 forward computed natively (kernel_bf16_forward.h; t, y and pre are bfloat16

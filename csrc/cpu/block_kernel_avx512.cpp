@@ -1,6 +1,7 @@
 // The CPU kernels compiled for AVX-512 (64-byte vectors: 16-channel blocks in the depthwise
-// rows): the native bfloat16 forward, which the binding runs only on CPUs with AVX512-BF16
-// (off x86-64 this is a baseline build that nothing calls).
+// rows): the native bfloat16 forward and the float32 kernels that the bfloat16 backward
+// runs (with bfloat16 GEMMs), which the binding calls only on CPUs with AVX512-BF16 (off
+// x86-64 this is a baseline build that nothing calls).
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 #define MSFUSED_VEC_BYTES 64
@@ -9,6 +10,7 @@
 #include <type_traits>
 
 #include "cpu/block_kernel.h"
+#include "cpu/block_kernel_impl.h"
 #include "cpu/kernel_bf16_forward.h"
 
 namespace msfused {
