@@ -2,8 +2,9 @@
 // forward runs in the dtype the current context names, as conv2d does. x and the weights
 // are cast by at::autocast::cached_cast (floating tensors on that device, float64 excluded;
 // weight casts cached for the context like conv2d's), then the op runs with that device's
-// autocast key excluded. The kernels accumulate in float32 whatever the input dtype and keep
-// every intermediate (a, b1, b, the pointwise sums) in float32.
+// autocast key excluded. The kernels accumulate in float32 whatever the input dtype; the
+// CPU's native bfloat16 path rounds a and b to bfloat16 as the pointwise GEMM's operands
+// (as eager does), every other intermediate stays float32 (csrc/cpu/kernel_bf16_forward.h).
 //
 // block_backward needs no Autocast kernel (autocast's fallthrough applies): autograd calls
 // it with what the forward saved, already in the autocast dtype.

@@ -9,6 +9,7 @@ nothing here knows about a particular fused backend.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -216,25 +217,38 @@ class Row:
 
 def _variants(shape: Shape, device: str, dtype: torch.dtype, backends: List[str],
               compile_ref: bool):
-    """(name, module, memory_format) for each variant measured at this shape."""
-    mk = lambda b: msfused.MultiScaleSeparableBlock(  # noqa: E731
+    """(name, module, memory_format, autocast) for each variant measured at this shape.
+    For 16-bit dtypes the modules hold weights in that dtype; with `autocast` the module
+    holds float32 weights and runs under torch.autocast(device, dtype) on a float32 input,
+    the way mixed-precision training runs it (the "-ac" variants)."""
+    mk = lambda b, dt=dtype: msfused.MultiScaleSeparableBlock(  # noqa: E731
         shape.c, shape.n, merge=shape.merge, stride=shape.stride, backend=b,
-        device=device, dtype=dtype)
+        device=device, dtype=dt)
     base = mk("reference")
     state = base.state_dict()
-    out = [("eager-nchw", base, torch.contiguous_format),
-           ("eager-cl", base, torch.channels_last)]
+    lowp = dtype in (torch.float16, torch.bfloat16)
+    base32 = None
+    if lowp:
+        base32 = mk("reference", torch.float32)
+        base32.load_state_dict(state)
+    fmts = (("nchw", torch.contiguous_format), ("cl", torch.channels_last))
+    out = [(f"eager-{f}", base, fmt, False) for f, fmt in fmts]
+    if lowp:
+        out += [(f"eager-ac-{f}", base32, fmt, True) for f, fmt in fmts]
     for b in backends:
         m = mk(b)
         m.load_state_dict(state)
-        out.append((f"{b}-nchw", m, torch.contiguous_format))
-        out.append((f"{b}-cl", m, torch.channels_last))
+        out += [(f"{b}-{f}", m, fmt, False) for f, fmt in fmts]
+        if lowp:
+            m32 = mk(b, torch.float32)
+            m32.load_state_dict(state)
+            out += [(f"{b}-ac-{f}", m32, fmt, True) for f, fmt in fmts]
     if compile_ref:  # inductor prefers channels_last for convolutions
         # a fresh dynamo cache per shape: every shape recompiles the block's forward (and
         # again for grad mode), and past torch._dynamo.config.recompile_limit dynamo
         # silently runs the later shapes eagerly
         torch._dynamo.reset()
-        out.append(("compile-cl", torch.compile(base), torch.channels_last))
+        out.append(("compile-cl", torch.compile(base), torch.channels_last, False))
     return out
 
 
@@ -269,21 +283,24 @@ def bench_shape(shape: Shape, device: str, dtype: torch.dtype, backends: List[st
     fl_f, by_f = flops_forward(shape), bytes_forward(shape, elem)
     fl_t, by_t = 3 * fl_f, bytes_train(shape, elem)
     results: Dict[tuple, tuple] = {}
-    for name, mod, fmt in _variants(shape, device, dtype, backends, compile_ref):
-        x = x0.contiguous(memory_format=fmt)
+    for name, mod, fmt, ac in _variants(shape, device, dtype, backends, compile_ref):
+        x = (x0.float() if ac else x0).contiguous(memory_format=fmt)
         xg = x.clone().requires_grad_(True)
-        with torch.no_grad():
+        cast = (lambda: torch.autocast(device, dtype=dtype)) if ac else contextlib.nullcontext
+        with torch.no_grad(), cast():
             gy = torch.randn_like(mod(x))
 
         def fwd():
-            with torch.no_grad():
+            with torch.no_grad(), cast():
                 return mod(x)
 
         def train():
             xg.grad = None
             for p in mod.parameters():
                 p.grad = None
-            mod(xg).backward(gy)
+            with cast():
+                y = mod(xg)
+            y.backward(gy)
 
         for mode, fn in (("fwd", fwd), ("fwd+bwd", train)):
             peak = None
@@ -298,7 +315,8 @@ def bench_shape(shape: Shape, device: str, dtype: torch.dtype, backends: List[st
             tg = gpu_time_fn(fn, min_time=min_time) if device == "cuda" else None
             results[(name, mode)] = (t, peak, tg)
         try:
-            saved = saved_bytes_per_block(mod, xg) / 2 ** 20
+            with cast():
+                saved = saved_bytes_per_block(mod, xg) / 2 ** 20
         except Exception:  # compiled modules hide their saved tensors
             saved = None
         results[(name, "saved")] = saved
@@ -312,7 +330,9 @@ def bench_shape(shape: Shape, device: str, dtype: torch.dtype, backends: List[st
     rows = []
     for mode, fl, by in (("fwd", fl_f, by_f), ("fwd+bwd", fl_t, by_t)):
         floor = floor_seconds(shape, elem, ceilings, mode == "fwd+bwd")
-        eager = [results[(e, mode)] for e in ("eager-nchw", "eager-cl")]
+        # the best eager layout (and, for 16-bit dtypes, the better of 16-bit weights and
+        # autocast): what a user of plain PyTorch gets at best
+        eager = [v for (name, m), v in results.items() if m == mode and name.startswith("eager")]
         best_call = min(e[0] for e in eager)
         best_gpu = min(e[2] for e in eager) if device == "cuda" else None
         for (name, m), val in results.items():

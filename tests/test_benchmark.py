@@ -1,9 +1,14 @@
-"""The harness's arithmetic (no timing here: performance lives in `msfused bench`)."""
+"""The benchmark harness (msfused bench): its arithmetic, which variants a 16-bit run
+measures and what the ratios are taken against (no timing here: performance lives in
+`msfused bench`)."""
 import json
 import os
 
-from msfused.benchmark import (SHAPES, Row, bytes_forward, bytes_train, floor_seconds,
-                               flops_forward, flops_split, format_table)
+import pytest
+import torch
+
+from msfused.benchmark import (SHAPES, Row, Shape, bench_shape, bytes_forward, bytes_train,
+                               floor_seconds, flops_forward, flops_split, format_table)
 
 MNET14 = {s.name: s for g in SHAPES.values() for s in g}["mnet-14"]
 
@@ -48,3 +53,20 @@ def test_old_results_files_still_load():
     with open(path) as f:
         rows = [Row(**r) for r in json.load(f)["rows"]]
     assert rows and all(r.gpu_ms is None for r in rows)
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_bench_shape_variants_and_best_eager(dtype):
+    s = Shape("tiny", 2, 8, 8, 6, 6, "add")
+    ceilings = {"gemm_flops": 1e11, "copy_bytes_per_s": 1e10}
+    rows = bench_shape(s, "cpu", dtype, ["cpp"], ceilings, compile_ref=False, min_time=0.0)
+    names = {r.variant for r in rows}
+    eager, fused = {"eager-nchw", "eager-cl"}, {"cpp-nchw", "cpp-cl"}
+    if dtype == torch.bfloat16:  # 16-bit weights and autocast, for eager and the fused op
+        eager |= {"eager-ac-nchw", "eager-ac-cl"}
+        fused |= {"cpp-ac-nchw", "cpp-ac-cl"}
+    assert names == eager | fused
+    for mode in ("fwd", "fwd+bwd"):
+        mine = [r for r in rows if r.mode == mode]
+        best = min(r.ms for r in mine if r.variant in eager)
+        for r in mine:
+            assert r.vs_eager == pytest.approx(best / r.ms)

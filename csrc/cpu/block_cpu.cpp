@@ -127,12 +127,20 @@ void brgemm_release() {
 #endif
 }
 
+void bbrgemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
+             const uint16_t* a, const uint16_t* b, float* c) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add,
+                              reinterpret_cast<const at::BFloat16*>(a),
+                              reinterpret_cast<const at::BFloat16*>(b), c, /*is_vnni=*/true);
+}
+
 void parallel_for(int64_t n, int64_t grain, void* ctx, void (*f)(void*, int64_t, int64_t)) {
   at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { f(ctx, b, e); });
 }
 
 Runtime runtime() {
-  return Runtime{&parallel_for, &sgemm, &dgemm, &sbrgemm, &brgemm_release, at::get_num_threads()};
+  return Runtime{&parallel_for, &sgemm,     &dgemm, &sbrgemm, &brgemm_release,
+                 at::get_num_threads(), &bbrgemm};
 }
 
 // AVX2+FMA kernels when the CPU has them; MSFUSED_CPU_ISA=base forces the baseline.
@@ -149,6 +157,83 @@ bool use_avx2() {
   return v;
 }
 
+// Native bfloat16 (kernel_bf16_forward.h) where the CPU has AVX512-BF16 (AMX-BF16 CPUs all
+// do) and oneDNN's bfloat16 brgemm answers a probe correctly: oneDNN then picks AMX tiles
+// or AVX512-BF16 dot products itself. Elsewhere (no bf16 instructions: oneDNN would
+// emulate them, slower than the float32 kernels) bfloat16 takes the widening path below.
+// MSFUSED_CPU_BF16=widen forces the widening path (A/B runs, tests of the fallback).
+bool probe_bf16_brgemm() {
+  try {
+    // C (1 x 16) = A (1 x 4) B with A = [1 2 3 4], B[k][n] = (k + 1) (1 + n % 2), B packed
+    // VNNI (pack_vnni's layout): C[n] = 30 (1 + n % 2) when the layouts agree.
+    at::BFloat16 a[4], b[4 * 16];
+    for (int k = 0; k < 4; ++k) {
+      a[k] = at::BFloat16(float(k + 1));
+      for (int n = 0; n < 16; ++n) b[(k / 2) * 32 + 2 * n + k % 2] = at::BFloat16(float((k + 1) * (1 + n % 2)));
+    }
+    float c[16];
+    at::native::cpublas::brgemm(1, 16, 4, 4, 16, 16, false, a, b, c, /*is_vnni=*/true);
+    at::native::cpublas::brgemm_release();
+    for (int n = 0; n < 16; ++n)
+      if (c[n] != 30.f * (1 + n % 2)) return false;
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+bool native_bf16_available() {
+  static const bool v = [] {
+    const char* env = std::getenv("MSFUSED_CPU_BF16");
+    if (env && std::strcmp(env, "widen") == 0) return false;
+    if (no_blas() || !use_avx2()) return false;
+#if defined(__x86_64__) || defined(__i386__)
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq") ||
+        !__builtin_cpu_supports("avx512bf16"))
+      return false;
+    return probe_bf16_brgemm();
+#else
+    return false;
+#endif
+  }();
+  // oneDNN can be switched off at run time (torch.backends.mkldnn); brgemm then refuses.
+  return v && at::globalContext().userEnabledMkldnn();
+}
+
+// Even C only: every GEMM's K (2C + Cs, C + Cs, C) is then even, as oneDNN's bfloat16 AMX
+// kernels need (an odd K stopped the process with SIGILL on the AMX build machine,
+// benchmarks/NOTES.md entry 10). Odd C takes the widening path.
+bool native_bf16(const BlockDesc& d, at::ScalarType t) {
+  return t == at::kBFloat16 && d.C % 2 == 0 && make_plan(d).pixel_major &&
+         native_bf16_available();
+}
+
+// The bfloat16 backward runs the float32 kernels on widened tensors, with the tile GEMMs
+// on bfloat16 operands (kernel_grad_gemms.h) under the forward's conditions plus N even
+// (the dA GEMM reduces over N, and the bfloat16 brgemm needs an even reduction).
+bool native_bf16_grad_gemms(const BlockDesc& d, const at::Tensor& x) {
+  return native_bf16(d, x.scalar_type()) && d.N % 2 == 0;
+}
+
+BlockTensors<uint16_t> bf16_bits(const BlockTensors<at::BFloat16>& t) {
+  auto b = [](const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); };
+  return BlockTensors<uint16_t>{b(t.x),  b(t.wa), b(t.ba), b(t.wb), b(t.bb), b(t.wc), b(t.bc),
+                                b(t.pa), b(t.qa), b(t.pb), b(t.qb), b(t.ws), b(t.bs)};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_bf16(const BlockDesc& d, const BlockArgs& a,
+                                                bool save_preact) {
+  auto opts = a.x->options().memory_format(io_format(d));
+  at::Tensor y = at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts);
+  at::Tensor pre = save_preact ? at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts)
+                               : at::empty({0}, a.x->options());
+  uint16_t* p = save_preact ? reinterpret_cast<uint16_t*>(pre.data_ptr<at::BFloat16>()) : nullptr;
+  avx512::block_forward_bf16(runtime(), d, bf16_bits(tensors_of<at::BFloat16>(a)),
+                             reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), p);
+  return {y, pre};
+}
+
 void check_cpu(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "x: the CPU kernels need a CPU tensor, got one on ",
                     x.device());
@@ -158,10 +243,11 @@ void check_cpu(const at::Tensor& x) {
                    t);
 }
 
-// bfloat16/float16 (CPU autocast, or a half-precision model): the kernels compute in float32.
-// Inputs are widened once at the op boundary and the results rounded once at the end, so
-// every intermediate (a, b1, b, the GEMM sums) keeps float32 precision; the price is one
-// float32 copy of x, y and the weights, which a CPU without native bf16 FMA pays anyway.
+// bfloat16/float16 without a native path (float16 always; bfloat16 in the backward, on CPUs
+// without AVX512-BF16, and on the planar path, C < kPixelMajorMinC): the kernels compute in
+// float32. Inputs are widened once at the op boundary and the results rounded once at the
+// end, so every intermediate (a, b1, b, the GEMM sums) keeps float32 precision; the price is
+// one float32 copy of x, y and the weights, which a CPU without native bf16 FMA pays anyway.
 bool is_reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
 // y (and the pre-activation when save_preact) for validated, contiguous arguments of a
@@ -184,7 +270,8 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const BlockDesc& d, const Bloc
 }
 
 std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
-                                        const at::Tensor& gy, const at::Tensor& sv) {
+                                        const at::Tensor& gy, const at::Tensor& sv,
+                                        bool bf16_products = false) {
   std::vector<at::Tensor> grads = alloc_grads(a, d);
   const BackwardScratch sl = backward_scratch(d, make_plan(d, true));
   at::Tensor scratch = at::empty({sl.total}, a.x->options());
@@ -192,11 +279,16 @@ std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
     auto t = tensors_of<scalar_t>(a);
     auto g = grads_of<scalar_t>(grads, d);
     const scalar_t* s = act_saves(d.act) == kSavesNothing ? nullptr : sv.data_ptr<scalar_t>();
-    if (use_avx2())
-      avx2::block_backward<scalar_t>(runtime(), d, t, gy.data_ptr<scalar_t>(), s, g,
+    Runtime rt = runtime();
+    rt.bf16_products = bf16_products;
+    if (bf16_products)  // (float32 only) an AVX512-BF16 CPU: the kernels' AVX-512 build
+      avx512::block_backward<scalar_t>(rt, d, t, gy.data_ptr<scalar_t>(), s, g,
+                                       scratch.data_ptr<scalar_t>());
+    else if (use_avx2())
+      avx2::block_backward<scalar_t>(rt, d, t, gy.data_ptr<scalar_t>(), s, g,
                                      scratch.data_ptr<scalar_t>());
     else
-      base::block_backward<scalar_t>(runtime(), d, t, gy.data_ptr<scalar_t>(), s, g,
+      base::block_backward<scalar_t>(rt, d, t, gy.data_ptr<scalar_t>(), s, g,
                                      scratch.data_ptr<scalar_t>());
   });
   return grads;
@@ -206,6 +298,7 @@ std::tuple<at::Tensor, at::Tensor> block_forward_cpu(MSF_FORWARD_PARAMS) {
   BlockArgs a = make_block_args(x, MSF_WEIGHT_ARGS);
   check_cpu(x);
   const BlockDesc d = check_and_describe(a, MSF_CONFIG_ARGS);
+  if (native_bf16(d, x.scalar_type())) return forward_bf16(d, a, save_preact);
   if (!is_reduced(x.scalar_type())) return forward_kernel(d, a, save_preact);
   auto [y, pre] = forward_kernel(d, cast_block_args(a, at::kFloat), save_preact);
   return {y.to(x.scalar_type()), pre.to(x.scalar_type())};
@@ -220,7 +313,7 @@ std::vector<at::Tensor> block_backward_cpu(MSF_BACKWARD_PARAMS) {
   if (!is_reduced(x.scalar_type())) return backward_kernel(d, a, *gy, *sv);
   std::vector<at::Tensor> grads =
       backward_kernel(d, cast_block_args(a, at::kFloat), gy->to(at::kFloat),
-                      sv->numel() ? sv->to(at::kFloat) : *sv);
+                      sv->numel() ? sv->to(at::kFloat) : *sv, native_bf16_grad_gemms(d, x));
   for (auto& g : grads) g = g.to(x.scalar_type());
   return grads;
 }

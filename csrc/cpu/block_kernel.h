@@ -25,6 +25,14 @@ struct Runtime {
                   bool add, const float* a, const float* b, float* c);
   void (*brgemm_release)();
   int64_t num_threads;
+  // Row-major C (M x N, float) = A (M x K, bfloat16 bits, lda) B [+ C when add], B in the
+  // VNNI layout with leading dimension ldb (kernel_bf16_forward.h, pack_vnni): oneDNN's
+  // bfloat16 brgemm. Null where the binding found no native bfloat16 GEMM.
+  void (*bbrgemm)(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
+                  bool add, const uint16_t* a, const uint16_t* b, float* c);
+  // The call's tensors were bfloat16 (widened for a float32 kernel) and bbrgemm is native:
+  // the float32 backward may round its GEMM operands to bfloat16 and use bbrgemm.
+  bool bf16_products = false;
 };
 
 
@@ -40,7 +48,16 @@ struct Runtime {
 
 MSFUSED_DECLARE_ISA(base)
 MSFUSED_DECLARE_ISA(avx2)
+MSFUSED_DECLARE_ISA(avx512)  // used for the bfloat16 backward only (block_kernel_avx512.cpp)
 #undef MSFUSED_DECLARE_ISA
+
+// The bfloat16 forward computed natively (kernel_bf16_forward.h; t, y and pre are bfloat16
+// bits): pixel-major plans only (C >= kPixelMajorMinC), needs Runtime::bbrgemm. Compiled for
+// AVX-512 (block_kernel_avx512.cpp): the binding runs it only on CPUs with AVX512-BF16.
+namespace avx512 {
+void block_forward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTensors<uint16_t>& t,
+                        uint16_t* y, uint16_t* pre);
+}
 
 }  // namespace cpu
 }  // namespace msfused

@@ -64,7 +64,14 @@ void backward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>&
     for (int k = 0; k < 3; ++k)  // kernels rotated by 180 degrees: tap t <- tap 8 - t
       for (int tap = 0; tap < 9; ++tap)
         memcpy(wtr.p + (k * 9 + tap) * C, wt.p + (k * 9 + 8 - tap) * C, sizeof(T) * C);
-    backward_pm<T, S, ACT>(rt, d, pl, t, wt.p, wtr.p, gy, saved, wp.p, g.dx, SA, SB, parts);
+    // bfloat16 operands for the tile GEMMs (kernel_grad_gemms.h) when the call's tensors
+    // were bfloat16 and the CPU multiplies them natively
+    const bool bf16 = std::is_same_v<T, float> && rt.bf16_products;
+    Buf<bf16_t> wpv(bf16 ? packed_weight_elems(d, pl) : 0);
+    if constexpr (std::is_same_v<T, float>)
+      if (bf16) pack_grad_weights_vnni(d, pl, wp.p, wpv.p);
+    backward_pm<T, S, ACT>(rt, d, pl, t, wt.p, wtr.p, gy, saved, wp.p, bf16 ? wpv.p : nullptr,
+                           g.dx, SA, SB, parts);
   } else {
     backward_pass1<T, S, ACT>(rt, d, pl, t, gy, saved, wp.p, g.dx, SA, SB, parts);
     backward_pass2<T, S, ACT>(rt, d, pl, t, g.dx, SA, SB, parts);

@@ -1,5 +1,6 @@
 // The pixel-major CPU path (C >= kPixelMajorMinC).
 #pragma once
+#include "cpu/kernel_grad_gemms.h"
 #include "cpu/kernel_tiles.h"
 
 MSFUSED_KERNEL_BEGIN
@@ -14,9 +15,10 @@ MSFUSED_KERNEL_BEGIN
 // tap-major too. Tile scratch is thread-local and reused across calls (no page faults).
 
 
-// xb[(k * (W + 2) + w + 1) * C + c] = x[bi, c, hb + k, w] (zero outside the image).
-template <typename T>
-void load_x_band_pm(const BlockDesc& d, const T* x, int64_t bi, int64_t hb, int64_t nrows,
+// xb[(k * (W + 2) + w + 1) * C + c] = x[bi, c, hb + k, w] (zero outside the image), widened
+// to the compute type T when x is 16-bit storage.
+template <typename T, typename I>
+void load_x_band_pm(const BlockDesc& d, const I* x, int64_t bi, int64_t hb, int64_t nrows,
                     T* xb) {
   const int64_t C = d.C, W = d.W, RW = (W + 2) * C;
   for (int64_t k = 0; k < nrows; ++k) {
@@ -28,12 +30,18 @@ void load_x_band_pm(const BlockDesc& d, const T* x, int64_t bi, int64_t hb, int6
     }
     memset(row, 0, sizeof(T) * C);
     memset(row + (W + 1) * C, 0, sizeof(T) * C);
-    if (d.channels_last) {
+    if (d.channels_last && std::is_same_v<T, I>) {
       memcpy(row + C, x + ((bi * d.H + h) * W) * C, sizeof(T) * W * C);
+    } else if (d.channels_last) {
+      constexpr int VN = Vec<T>::n;
+      const I* src = x + ((bi * d.H + h) * W) * C;
+      int64_t e = 0;
+      for (; e + VN <= W * C; e += VN) vstore(row + C + e, vload_as<T>(src + e));
+      for (; e < W * C; ++e) row[C + e] = load_as<T>(src + e);
     } else {
       for (int64_t c = 0; c < C; ++c) {
-        const T* src = x + ((bi * C + c) * d.H + h) * W;
-        for (int64_t w = 0; w < W; ++w) row[(w + 1) * C + c] = src[w];
+        const I* src = x + ((bi * C + c) * d.H + h) * W;
+        for (int64_t w = 0; w < W; ++w) row[(w + 1) * C + c] = load_as<T>(src + w);
       }
     }
   }
@@ -72,9 +80,10 @@ inline void dw_taps4(const T* r, int64_t C, V k0, V k1, V k2, V& a0, V& a1, V& a
 // in registers, so an input vector loaded once serves up to three sums (one per pixel in
 // the per-pixel form, with a weight load beside every input load).
 // When init is given, sums start from init[w * ps + c] instead of the bias (init may be post).
-template <int S, int ACT, typename T>
+// post may be 16-bit storage (O = bf16_t: act(z) rounded on the store); pre is always T.
+template <int S, int ACT, typename T, typename O>
 void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, const T* bias,
-               T* post, T* pre, int64_t ps, const T* init = nullptr) {
+               O* post, T* pre, int64_t ps, const T* init = nullptr) {
   typedef typename Vec<T>::type V;
   constexpr int VN = Vec<T>::n;
   int64_t c0 = 0;
@@ -98,7 +107,7 @@ void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, cons
       dw_taps4<S>(r, C, w0, w1, w2, a0, a1, a2, a3);
       dw_taps4<S>(r + rs, C, w3, w4, w5, a0, a1, a2, a3);
       dw_taps4<S>(r + 2 * rs, C, w6, w7, w8, a0, a1, a2, a3);
-      T* po = post + w * ps + c0;
+      O* po = post + w * ps + c0;
       T* pr = pre ? pre + w * ps + c0 : nullptr;
       dw_store<ACT>(a0, po, pr);
       dw_store<ACT>(a1, po + ps, pr ? pr + ps : nullptr);
@@ -127,7 +136,7 @@ void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, cons
       for (int ti = 0; ti < 3; ++ti)
         for (int tj = 0; tj < 3; ++tj) acc += wt[(ti * 3 + tj) * C + c0] * p0[ti * rs + tj * C];
       if (pre) pre[w * ps + c0] = acc;
-      post[w * ps + c0] = act_f<ACT>(acc);
+      store_as(post + w * ps + c0, act_f<ACT>(acc));
     }
 }
 
@@ -154,9 +163,10 @@ void transpose(const T* src, int64_t n, int64_t k, T* dst) {
 
 // The depthwise part of one tile, pixel-major: the b1 band (R + 2 rows, zero-padded
 // columns), then rows of A. pre_ab (when act' reads the pre-activation) gets pre-activations in A's layout.
-template <typename T, int S, int ACT>
+// A may be 16-bit storage (O = bf16_t: the GEMM's operand, rounded once); b1 stays in T.
+template <typename T, int S, int ACT, typename O>
 void tile_dw_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, const T* wt,
-                const TileGeom& g, const T* xb, T* b1b, T* A, T* pre_ab) {
+                const TileGeom& g, const T* xb, T* b1b, O* A, T* pre_ab) {
   const int64_t C = d.C, Wo = d.Wo, XR = (d.W + 2) * C, BR = (Wo + 2) * C, K = pl.Ktot;
   const T* wat = wt;
   const T* wbt = wt + 9 * C;
@@ -173,12 +183,17 @@ void tile_dw_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, co
     dw_row_pm<S, ACT>(xb + S * k * XR, XR, C, Wo, wbt, t.bb, brow + C, (T*)nullptr, C);
   }
   for (int64_t i = 0; i < g.R; ++i) {
-    T* arow = A + i * Wo * K;
+    O* arow = A + i * Wo * K;
     T* prow = pre_ab ? pre_ab + i * Wo * K : nullptr;
     dw_row_pm<S, ACT>(xb + S * (i + 1) * XR, XR, C, Wo, wat, t.ba, arow, prow, K);
     if (pl.Cs)
-      for (int64_t w = 0; w < Wo; ++w)
-        memcpy(arow + w * K + C, xb + (S * (i + 1) + 1) * XR + (S * w + 1) * C, sizeof(T) * C);
+      for (int64_t w = 0; w < Wo; ++w) {
+        const T* xs = xb + (S * (i + 1) + 1) * XR + (S * w + 1) * C;
+        if constexpr (std::is_same_v<T, O>)
+          memcpy(arow + w * K + C, xs, sizeof(T) * C);
+        else  // x was 16-bit storage: exact
+          for (int64_t c = 0; c < C; ++c) store_as(arow + w * K + C + c, xs[c]);
+      }
     dw_row_pm<1, ACT>(b1b + i * BR, BR, C, Wo, wct, t.bc, arow + K - C,
                       prow ? prow + K - C : nullptr, K);
   }
@@ -319,8 +334,8 @@ inline void tap_sum(int n, const T* const* w, const T* const* s, int64_t C, T* o
 template <typename T, int S, int ACT>
 void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
                     const BlockTensors<T>& t, const T* wt, const T* gy, const T* saved,
-                    const T* wp, T* dx, T* SA, T* SB, int64_t istride, T* part, int64_t t0,
-                    int64_t t1, T* b1img) {
+                    const T* wp, const bf16_t* wpv, T* dx, T* SA, T* SB, int64_t istride,
+                    T* part, int64_t t0, int64_t t1, T* b1img) {
   const int64_t HoWo = d.Ho * d.Wo, C = d.C, N = d.N, Wo = d.Wo, Cout = d.Cout, K = pl.Ktot;
   const int64_t XR = (d.W + 2) * C, BR = (Wo + 2) * C;
   const PartLayout L(d, pl);
@@ -355,18 +370,13 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
       if (b1img)  // keep the tile's own b1 rows for pass 2 (act'(b1) without recomputing)
         for (int64_t k = 1; k <= g.R; ++k)
           memcpy(b1img + (g.r0 + k - 1) * Wo * C, b1b + k * BR + C, sizeof(T) * Wo * C);
-      if (d.merge == kAdd) {
-        mm_nn<T>(rt, N, K, P, G, P, A, K, part + L.pw, K, true);
-        mm_nn<T>(rt, P, K, N, Gpm, Cout, wp, K, dA, K, false);
-      } else {
-        const int64_t kk = C + pl.Cs;
-        mm_nn<T>(rt, N, kk, P, G, P, A, K, part + L.pw, kk, true);
-        mm_nn<T>(rt, N, kk, P, G + N * P, P, A + C, K, part + L.pw + N * kk, kk, true);
-        mm_nn<T>(rt, P, kk, N, Gpm, Cout, wp, kk, dA, K, false);
-        if (pl.Cs)
-          for (int64_t p = 0; p < P; ++p) memset(dA + p * K + kk, 0, sizeof(T) * C);
-        mm_nn<T>(rt, P, kk, N, Gpm + N, Cout, wp + N * kk, kk, dA + C, K, pl.Cs > 0);
-      }
+      bool bf16_done = false;
+      if constexpr (std::is_same_v<T, float>)
+        if (wpv) {
+          tile_grad_gemms_bf16(rt, d, pl, G, Gpm, A, P, wpv, part + L.pw, dA);
+          bf16_done = true;
+        }
+      if (!bf16_done) tile_grad_gemms<T>(rt, d, pl, G, Gpm, A, P, wp, part + L.pw, dA);
       for (int64_t i = 0; i < g.R; ++i)
         for (int64_t w = 0; w < Wo; ++w) {
           const int64_t p = i * Wo + w;
@@ -574,8 +584,8 @@ void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t
 // parallel passes over all tiles with the scratch for the whole batch (SA, SB).
 template <typename T, int S, int ACT>
 void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
-                 const T* wt, const T* wtr, const T* gy, const T* saved, const T* wp, T* dx,
-                 T* SA, T* SB, T* parts) {
+                 const T* wt, const T* wtr, const T* gy, const T* saved, const T* wp,
+                 const bf16_t* wpv, T* dx, T* SA, T* SB, T* parts) {
   const int64_t istride = d.C * (d.Ho + 2) * (d.Wo + 2);
   if (pl.per_image) {
     auto task = [&](int64_t chunk) {
@@ -598,11 +608,12 @@ void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Bl
           one_band ? tls_buf<T>(1, (S * (pl.R + 1) + 3) * (d.W + 2) * d.C) : nullptr;
       for (int64_t img = i0; img < i1; ++img) {
         const int64_t t0 = img * pl.nbands, t1 = t0 + pl.nbands;
-        pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, dx, sa, sb, 0, part, t0, t1,
-                                  b1copy);
+        pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, wpv, dx, sa, sb, 0, part, t0,
+                                  t1, b1copy);
         pass2_tiles_pm<T, S, ACT>(d, pl, t, wt, wtr, dx, sa, sb, 0, part, t0, t1, b1i, b1rs,
                                   xband);
       }
+      if (wpv) rt.brgemm_release();  // AMX tiles: see forward_pm_bf16
     };
     par_for(rt, pl.nchunks, task);
     rt.brgemm_release();
@@ -612,8 +623,9 @@ void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Bl
     const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
     T* part = parts + chunk * pl.part;
     memset(part, 0, sizeof(T) * pl.part);
-    pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, dx, SA, SB, istride, part, t0, t1,
-                              (T*)nullptr);
+    pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, wpv, dx, SA, SB, istride, part, t0,
+                              t1, (T*)nullptr);
+    if (wpv) rt.brgemm_release();  // AMX tiles: see forward_pm_bf16
   };
   par_for(rt, pl.nchunks, task1);
   rt.brgemm_release();

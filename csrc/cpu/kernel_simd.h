@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "activations.h"
 #include "cpu/block_kernel.h"
 
@@ -36,21 +38,25 @@ struct Buf {  // heap scratch of one task; malloc keeps this free of std:: templ
 };
 
 
-// 32-byte vectors through GCC/Clang vector extensions (one AVX2 register; two SSE/NEON
-// registers in the baseline build). Register-blocked loops use these explicitly: with plain
-// arrays the compiler keeps the accumulators on the stack. aligned(sizeof(T)) makes the
-// pointer casts below valid unaligned loads and stores.
+// Vectors through GCC/Clang vector extensions, MSFUSED_VEC_BYTES wide: 32 by default (one
+// AVX2 register; two SSE/NEON registers in the baseline build), 64 in the AVX-512 build.
+// Register-blocked loops use these explicitly: with plain arrays the compiler keeps the
+// accumulators on the stack. aligned(sizeof(T)) makes the pointer casts below valid
+// unaligned loads and stores.
+#ifndef MSFUSED_VEC_BYTES
+#define MSFUSED_VEC_BYTES 32
+#endif
 template <typename T>
 struct Vec;
 template <>
 struct Vec<float> {
-  typedef float type __attribute__((vector_size(32), aligned(4)));
-  static constexpr int n = 8;
+  typedef float type __attribute__((vector_size(MSFUSED_VEC_BYTES), aligned(4)));
+  static constexpr int n = MSFUSED_VEC_BYTES / 4;
 };
 template <>
 struct Vec<double> {
-  typedef double type __attribute__((vector_size(32), aligned(8)));
-  static constexpr int n = 4;
+  typedef double type __attribute__((vector_size(MSFUSED_VEC_BYTES), aligned(8)));
+  static constexpr int n = MSFUSED_VEC_BYTES / 8;
 };
 template <typename T>
 inline typename Vec<T>::type vload(const T* p) {
@@ -59,6 +65,72 @@ inline typename Vec<T>::type vload(const T* p) {
 template <typename T>
 inline void vstore(T* p, typename Vec<T>::type v) {
   *reinterpret_cast<typename Vec<T>::type*>(p) = v;
+}
+
+// ---- 16-bit storage: bfloat16 as its bits (the upper half of a float32) -------------------
+// Kernels that read or write bfloat16 tensors compute in float: elements are widened on
+// load (exact) and rounded to nearest even on store (NaN stays a quiet NaN), which is what
+// PyTorch's own float -> bfloat16 conversion does. For O == T the helpers below are plain
+// loads and stores, so one kernel template serves both storage types.
+typedef uint16_t bf16_t;
+
+inline float bf16_to_float(bf16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline bf16_t float_to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t((u >> 16) | 0x40);  // quiet NaN
+  return bf16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <typename T, typename O>
+inline T load_as(const O* p) {
+  if constexpr (std::is_same_v<O, bf16_t>) return bf16_to_float(*p);
+  else return T(*p);
+}
+template <typename T, typename O>
+inline void store_as(O* p, T v) {
+  if constexpr (std::is_same_v<O, bf16_t>) *p = float_to_bf16(v);
+  else *p = v;
+}
+
+// The bfloat16 bits of each lane of v (float_to_bf16 on a vector), in the low half of a
+// 32-bit lane.
+inline auto bf16_bits(typename Vec<float>::type v) {
+  typedef uint32_t U __attribute__((vector_size(4 * Vec<float>::n)));
+  const U u = (U)v;
+  const U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return v != v ? (u >> 16) | 0x40u : rounded;
+}
+
+template <typename T, typename O>
+inline typename Vec<T>::type vload_as(const O* p) {
+  if constexpr (std::is_same_v<O, bf16_t>) {
+    static_assert(std::is_same_v<T, float>, "bfloat16 storage widens to float");
+    constexpr int VN = Vec<float>::n;
+    typedef uint16_t H __attribute__((vector_size(2 * VN), aligned(2)));
+    typedef uint32_t U __attribute__((vector_size(4 * VN)));
+    const U u = __builtin_convertvector(*reinterpret_cast<const H*>(p), U) << 16;
+    return (typename Vec<float>::type)u;
+  } else {
+    return vload(p);
+  }
+}
+template <typename T, typename O>
+inline void vstore_as(O* p, typename Vec<T>::type v) {
+  if constexpr (std::is_same_v<O, bf16_t>) {
+    static_assert(std::is_same_v<T, float>, "bfloat16 storage rounds from float");
+    constexpr int VN = Vec<float>::n;
+    typedef uint16_t H __attribute__((vector_size(2 * VN), aligned(2)));
+    typedef uint32_t U __attribute__((vector_size(4 * VN)));
+    *reinterpret_cast<H*>(p) = __builtin_convertvector(bf16_bits(v), H);
+  } else {
+    vstore(p, v);
+  }
 }
 
 // ---- activations (csrc/activations.h) on scalars, rows and vectors -------------------------
@@ -89,11 +161,13 @@ inline typename Vec<T>::type act_v(typename Vec<T>::type v) {
   }
 }
 
-// Stores one pixel's channel vector: pre (if asked) gets z, post gets act(z).
-template <int ACT, typename V, typename T>
-inline void dw_store(V z, T* post, T* pre) {
-  if (pre) vstore(pre, z);
-  vstore(post, act_v<ACT, T>(z));
+// Stores one pixel's channel vector: pre (if asked) gets z, post gets act(z) (rounded
+// when post is 16-bit storage).
+template <int ACT, typename V, typename O, typename P>
+inline void dw_store(V z, O* post, P* pre) {
+  typedef std::remove_cv_t<std::remove_reference_t<decltype(z[0])>> T;
+  if (pre) vstore_as<T>(pre, z);
+  vstore_as<T>(post, act_v<ACT, T>(z));
 }
 
 // out[i] = g[i] * act'(i) for n elements (out may be g), branch-free and vectorised where

@@ -55,32 +55,33 @@ void pack_weights(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, 
 // Epilogue of a tile: z = (pointwise/projection sum) + output bias (+ identity residual,
 // x having y's shape and layout then); y = act(z), pre = z if asked. The sum is read at
 // src[p * sp + co * sc]: the tile of y itself (planar path, in place) or a pixel-major
-// buffer (pixel-major path).
-template <typename T, int ACT>
-void epilogue(const BlockDesc& d, const T* src, int64_t sp, int64_t sc, T* ytile,
-              const T* xres, T* ptile, const T* bias, int64_t P) {
+// buffer (pixel-major path). y, x and pre may be 16-bit storage (O = bf16_t): x widened,
+// y and pre rounded once here.
+template <typename T, int ACT, typename O>
+void epilogue(const BlockDesc& d, const T* src, int64_t sp, int64_t sc, O* ytile,
+              const O* xres, O* ptile, const T* bias, int64_t P) {
   const int64_t HoWo = d.Ho * d.Wo, Cout = d.Cout;
   // y's own strides for pixel p, channel co
   const int64_t yp = d.channels_last ? Cout : 1, yc = d.channels_last ? 1 : HoWo;
   auto one = [&](int64_t p, int64_t co) {
     T z = src[p * sp + co * sc] + bias[co];
     const int64_t o = p * yp + co * yc;
-    if (xres) z += xres[o];
-    if (ptile) ptile[o] = z;
-    ytile[o] = act_f<ACT>(z);
+    if (xres) z += load_as<T>(xres + o);
+    if (ptile) store_as(ptile + o, z);
+    store_as(ytile + o, act_f<ACT>(z));
   };
   if (d.channels_last && sp == Cout && sc == 1) {  // everything P x Cout: channel vectors
     typedef typename Vec<T>::type V;
     constexpr int VN = Vec<T>::n;
     for (int64_t p = 0; p < P; ++p) {
       const T* sr = src + p * Cout;
-      T* yr = ytile + p * Cout;
-      const T* xr = xres ? xres + p * Cout : nullptr;
-      T* pr = ptile ? ptile + p * Cout : nullptr;
+      O* yr = ytile + p * Cout;
+      const O* xr = xres ? xres + p * Cout : nullptr;
+      O* pr = ptile ? ptile + p * Cout : nullptr;
       int64_t co = 0;
       for (; co + VN <= Cout; co += VN) {
         V z = vload(sr + co) + vload(bias + co);
-        if (xr) z += vload(xr + co);
+        if (xr) z += vload_as<T>(xr + co);
         dw_store<ACT>(z, yr + co, pr ? pr + co : nullptr);
       }
       for (; co < Cout; ++co) one(p, co);
