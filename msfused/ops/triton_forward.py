@@ -8,6 +8,18 @@ from .triton_jit import (_act, _cat_k, _cat_rows, _mm, _mm2, _strip_branches, _s
                          configs, prune_channel_tiles)
 
 
+def _prune_forward_configs(configs, named_args, **kwargs):
+    """The channel tiles the input needs (prune_channel_tiles), and BLOCK_C = 16 only where the
+    accumulators are at the host's cap (4*BW x BLOCK_N x accumulators = 8192 fp32): there
+    BLOCK_C = 32 spills in Triton 3.6's SASS (mnet-14) and sits at 244-255 registers in 3.8
+    (tools/triton_sass.py)."""
+    configs = prune_channel_tiles(configs, named_args, **kwargs)
+    n_acc = 2 if kwargs["MERGE"] == 0 else 1
+    if 4 * kwargs["BW"] * kwargs["BLOCK_N"] * n_acc >= 8192:
+        configs = [c for c in configs if c.kwargs["BLOCK_C"] == 16] or configs[:1]
+    return configs
+
+
 @triton.jit
 def _epilogue(acc, q_ptr, bs_ptr, x_img, y_ptr, pre_ptr, yoff_px, ho, wo, pm, n, nm, ocol,
               sxc, sxh, sxw, syc, RES: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -37,7 +49,7 @@ def _epilogue(acc, q_ptr, bs_ptr, x_img, y_ptr, pre_ptr, yoff_px, ho, wo, pm, n,
         ({"BLOCK_C": 16}, 8, 1),
         ({"BLOCK_C": 32}, 8, 1),
     ]),
-    prune_configs_by={"early_config_prune": prune_channel_tiles},
+    prune_configs_by={"early_config_prune": _prune_forward_configs},
     key=["C", "H", "W", "N", "STRIDE", "MERGE", "ACT", "RES", "HAS_BIAS", "SAVE_PRE", "IEEE",
          "DTYPE_ID", "BLOCK_N", "BW"],
 )
