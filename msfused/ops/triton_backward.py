@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .triton_jit import (_ACT_NONE, _act, _act_grad, _dw_x, _mm, _strip_branches,
-                         _strip_pixels, _wtap, configs, prune_channel_tiles)
+                         _strip_program, _wtap, configs, prune_channel_tiles)
 
 
 @triton.autotune(configs=configs([({"BLOCK_P": 64, "BLOCK_O": 32}, 4, 1)]),
@@ -68,15 +68,10 @@ def _bwd_branch_kernel(x_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, wc_ptr, bc_ptr, pa
     """Per (image, strip of 4 output rows x BW columns, channel tile): recompute a and b on
     the strip (the forward's roll), da = gz_a @ Pa and db = gz_b @ Pb on tensor cores,
     times act'; write a, b (in x's dtype), da_pre, db_pre (fp32) to the scratch and this
-    program's partials of
-    dWa (rows 0..8) and dba (row 9)."""
+    program's partials of dWa (rows 0..8) and dba (row 9)."""
     pid0 = tl.program_id(0)
-    bi = (pid0 // N_TILES_PER_IMAGE).to(tl.int64)
-    t = pid0 % N_TILES_PER_IMAGE
-    r0 = (t // N_COLBLOCKS) * 4
-    c0 = (t % N_COLBLOCKS) * BW
-    wo_row = c0 + tl.arange(0, BW)
-    ho, wo, pm = _strip_pixels(r0, c0, Ho, Wo, BW)
+    bi, r0, wo_row, ho, wo, pm = _strip_program(pid0, N_COLBLOCKS, N_TILES_PER_IMAGE,
+                                                Ho, Wo, BW)
     p = ho * Wo + wo
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cc < C

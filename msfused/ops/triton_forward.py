@@ -4,8 +4,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_jit import (_act, _cat_k, _cat_rows, _mm, _mm2, _strip_branches, _strip_pixels,
-                         configs, prune_channel_tiles)
+from .triton_jit import (_act, _cat_k, _cat_rows, _mm, _mm2, _strip_branches,
+                         _strip_program, configs, prune_channel_tiles)
 
 
 def _prune_forward_configs(configs, named_args, **kwargs):
@@ -64,12 +64,8 @@ def _fwd_kernel(x_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, wc_ptr, bc_ptr, pa_ptr, q
                 BLOCK_N: tl.constexpr, BW: tl.constexpr, BLOCK_C: tl.constexpr):
     # axis 0: (image, strip of 4 output rows, block of BW output columns); axis 1: N tile
     pid0 = tl.program_id(0)
-    bi = (pid0 // N_TILES_PER_IMAGE).to(tl.int64)
-    t = pid0 % N_TILES_PER_IMAGE
-    r0 = (t // N_COLBLOCKS) * 4
-    c0 = (t % N_COLBLOCKS) * BW
-    wo_row = c0 + tl.arange(0, BW)
-    ho, wo, pm = _strip_pixels(r0, c0, Ho, Wo, BW)
+    bi, r0, wo_row, ho, wo, pm = _strip_program(pid0, N_COLBLOCKS, N_TILES_PER_IMAGE,
+                                                Ho, Wo, BW)
     x_img = x_ptr + bi * sxb
 
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -270,9 +270,15 @@ def _strip_branches(x_img, wa_ptr, ba_ptr, wb_ptr, bb_ptr, wc_ptr, bc_ptr, cc, c
 
 
 @triton.jit
-def _strip_pixels(r0, c0, Ho, Wo, BW: tl.constexpr):
-    """Row, column and validity of the strip's 4*BW pixels, in _stack4's order."""
+def _strip_program(pid0, N_COLBLOCKS, N_TILES_PER_IMAGE, Ho, Wo, BW: tl.constexpr):
+    """What program pid0 of a strip kernel owns (grid axis 0 = image x strip of 4 output rows
+    x block of BW columns): the image (int64), the strip's first row r0, its columns [BW],
+    and the row, column and validity of its 4*BW pixels in _stack4's order."""
+    bi = (pid0 // N_TILES_PER_IMAGE).to(tl.int64)
+    t = pid0 % N_TILES_PER_IMAGE
+    r0 = (t // N_COLBLOCKS) * 4
+    c0 = (t % N_COLBLOCKS) * BW
     m = tl.arange(0, 4 * BW)
     ho = r0 + m // BW
     wo = c0 + m % BW
-    return ho, wo, (ho < Ho) & (wo < Wo)
+    return bi, r0, c0 + tl.arange(0, BW), ho, wo, (ho < Ho) & (wo < Wo)
