@@ -138,11 +138,67 @@ def _dw_x(x_img, w_ptr, cc, cm, oh, ow, om, H, W, sxc, sxh, sxw,
 # ---------------------------------------------------------------------------------------
 
 @triton.jit
-def _row_taps(x_img, wa_ptr, wb_ptr, cc, cm, q, wo, H, W, sxc, sxh, sxw,
+def _taps3(w_ptr, cc, cm, ROW: tl.constexpr):
+    """Kernel row ROW of a depthwise weight for channels cc: three [1, BLOCK_C] fp32 taps,
+    loaded once per channel chunk, in the 2-D layout of the tiles they scale."""
+    p = w_ptr + cc[None, :] * 9 + ROW * 3
+    m = cm[None, :]
+    return (tl.load(p, mask=m, other=0.0).to(tl.float32),
+            tl.load(p + 1, mask=m, other=0.0).to(tl.float32),
+            tl.load(p + 2, mask=m, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _row_taps_ky(row_ptr, xoff, wcol, W, sxw, mrow, a0, a1, a2, b0, b1, b2,
+                 ta, tw, tc, te, xs, CENTRE: tl.constexpr, STRIDE: tl.constexpr):
+    """One kernel row's part of _row_taps: the x row at row_ptr (mrow: the row's validity and
+    the channel mask, [1, BLOCK_C]) at columns wo*S + off, off = -(S+1) .. S+1, each tile
+    loaded once and fed to every sum that reads it; a0..a2 / b0..b2 are this kernel row's
+    taps of Wa / Wb. CENTRE: the stride grid's row (its off = 0 tile is the projection's
+    input)."""
+    for j in tl.static_range(2 * STRIDE + 3):
+        # this tile: x columns wo*S + off, off = j - S - 1 (constexpr arithmetic inline: the
+        # compiler refuses a constexpr name reassigned in a static loop)
+        m = ((wcol >= STRIDE + 1 - j) & (wcol < W - (j - STRIDE - 1)))[:, None] & mrow
+        xv = tl.load(row_ptr + (j - STRIDE - 1) * sxw + xoff, mask=m, other=0.0).to(tl.float32)
+        if CENTRE and j == STRIDE + 1:
+            xs = xv
+        # centre column (a and b1 at wo): kx = off + 1 = j - S
+        if j == STRIDE:
+            ta += xv * a0
+            tc += xv * b0
+        elif j == STRIDE + 1:
+            ta += xv * a1
+            tc += xv * b1
+        elif j == STRIDE + 2:
+            ta += xv * a2
+            tc += xv * b2
+        # column wo - 1: x column (wo - 1)*S + kx - 1, so kx = off + S + 1 = j
+        if j == 0:
+            tw += xv * b0
+        elif j == 1:
+            tw += xv * b1
+        elif j == 2:
+            tw += xv * b2
+        # column wo + 1: kx = off - S + 1 = j - 2S
+        if j == 2 * STRIDE:
+            te += xv * b0
+        elif j == 2 * STRIDE + 1:
+            te += xv * b1
+        elif j == 2 * STRIDE + 2:
+            te += xv * b2
+    return ta, tw, tc, te, xs
+
+
+@triton.jit
+def _row_taps(x_img, xoff, wcol, cm2, q, H, W, sxh, sxw,
+              a0, a1, a2, a3, a4, a5, a6, a7, a8, b0, b1, b2, b3, b4, b5, b6, b7, b8,
               STRIDE: tl.constexpr, BW: tl.constexpr, BLOCK_C: tl.constexpr):
     """Depthwise sums (no bias) for output row q (a scalar, may lie outside the image) at
-    columns wo [BW]: a at (q, wo); b1 at (q, wo - 1), (q, wo), (q, wo + 1); and x at the
-    stride grid point (q*S, wo*S), fp32 [BW, BLOCK_C] each.
+    the strip's columns wo: a at (q, wo); b1 at (q, wo - 1), (q, wo), (q, wo + 1); and x at
+    the stride grid point (q*S, wo*S), fp32 [BW, BLOCK_C] each. xoff = the tile's offsets of
+    x at (row 0, column wo*S), wcol = wo*S, cm2 = the channel mask [1, BLOCK_C]; a0..a8 and
+    b0..b8 the taps of Wa and Wb.
 
     The three b1 columns and a read x at columns wo*S + off for off in -(S+1) .. S+1: each of
     those 2S+3 tiles per x row is loaded once and feeds every sum that uses it, so one call
@@ -152,30 +208,16 @@ def _row_taps(x_img, wa_ptr, wb_ptr, cc, cm, q, wo, H, W, sxc, sxh, sxw,
     tc = tl.zeros([BW, BLOCK_C], dtype=tl.float32)
     te = tl.zeros([BW, BLOCK_C], dtype=tl.float32)
     xs = tl.zeros([BW, BLOCK_C], dtype=tl.float32)
-    cmask = cm[None, :]
-    for ky in tl.static_range(3):
-        hi = q * STRIDE + (ky - 1)
-        hok = (hi >= 0) & (hi < H)
-        row = x_img + hi * sxh
-        for j in tl.static_range(2 * STRIDE + 3):
-            # x column wo*S + off; off = j - S - 1
-            wi = wo * STRIDE + (j - STRIDE - 1)
-            m = (wi >= 0) & (wi < W) & hok
-            xv = tl.load(row + wi[:, None] * sxw + cc[None, :] * sxc,
-                         mask=m[:, None] & cmask, other=0.0).to(tl.float32)
-            if ky == 1 and j == STRIDE + 1:
-                xs = xv
-            # centre column (a and b1): kx = off + 1
-            if j >= STRIDE and j <= STRIDE + 2:
-                k = ky * 3 + (j - STRIDE)
-                ta += xv * _wtap(wa_ptr, cc, cm, k)
-                tc += xv * _wtap(wb_ptr, cc, cm, k)
-            # column wo - 1: x column (wo - 1)*S + kx - 1, so kx = off + S + 1 = j
-            if j <= 2:
-                tw += xv * _wtap(wb_ptr, cc, cm, ky * 3 + j)
-            # column wo + 1: kx = off - S + 1 = j - 2S
-            if j >= 2 * STRIDE:
-                te += xv * _wtap(wb_ptr, cc, cm, ky * 3 + j - 2 * STRIDE)
+    h0 = q * STRIDE - 1
+    ta, tw, tc, te, xs = _row_taps_ky(x_img + h0 * sxh, xoff, wcol, W, sxw,
+                                      cm2 & (h0 >= 0) & (h0 < H), a0, a1, a2, b0, b1, b2,
+                                      ta, tw, tc, te, xs, False, STRIDE)
+    ta, tw, tc, te, xs = _row_taps_ky(x_img + (h0 + 1) * sxh, xoff, wcol, W, sxw,
+                                      cm2 & (h0 + 1 >= 0) & (h0 + 1 < H), a3, a4, a5, b3, b4,
+                                      b5, ta, tw, tc, te, xs, True, STRIDE)
+    ta, tw, tc, te, xs = _row_taps_ky(x_img + (h0 + 2) * sxh, xoff, wcol, W, sxw,
+                                      cm2 & (h0 + 2 >= 0) & (h0 + 2 < H), a6, a7, a8, b6, b7,
+                                      b8, ta, tw, tc, te, xs, False, STRIDE)
     return ta, tw, tc, te, xs
 
 
@@ -196,28 +238,11 @@ def _b1_act(sl, sc, sr, bbv, q, wo, Ho, Wo, ACT: tl.constexpr, HAS_BIAS: tl.cons
 
 
 @triton.jit
-def _b_row(u0, u1, u2, v0, v1, v2, w0, w1, w2, wc_ptr, cc, cm):
+def _b_row(u0, u1, u2, v0, v1, v2, w0, w1, w2, c0, c1, c2, c3, c4, c5, c6, c7, c8):
     """Second depthwise conv (no bias) of one output row from the b1 rows above (u), at (v)
-    and below (w) it, each at columns wo - 1, wo, wo + 1."""
-    acc = u0 * _wtap(wc_ptr, cc, cm, 0)
-    acc += u1 * _wtap(wc_ptr, cc, cm, 1)
-    acc += u2 * _wtap(wc_ptr, cc, cm, 2)
-    acc += v0 * _wtap(wc_ptr, cc, cm, 3)
-    acc += v1 * _wtap(wc_ptr, cc, cm, 4)
-    acc += v2 * _wtap(wc_ptr, cc, cm, 5)
-    acc += w0 * _wtap(wc_ptr, cc, cm, 6)
-    acc += w1 * _wtap(wc_ptr, cc, cm, 7)
-    acc += w2 * _wtap(wc_ptr, cc, cm, 8)
-    return acc
-
-
-@triton.jit
-def _stack4(t0, t1, t2, t3, BW: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Four [BW, BLOCK_C] row tiles as one [4*BW, BLOCK_C] tile, row-major (m = r*BW + w):
-    the M dimension of the strip's dots."""
-    u = tl.join(tl.join(t0, t1), tl.join(t2, t3))  # [BW, C, 2 (t0|t1), 2 (t01|t23)]
-    u = tl.permute(u, (3, 2, 0, 1))
-    return tl.reshape(u, (4 * BW, BLOCK_C))
+    and below (w) it, each at columns wo - 1, wo, wo + 1; c0..c8 the taps of Wc."""
+    return (u0 * c0 + u1 * c1 + u2 * c2 + v0 * c3 + v1 * c4 + v2 * c5
+            + w0 * c6 + w1 * c7 + w2 * c8)
 
 
 @triton.jit
@@ -237,11 +262,26 @@ def _strip_branches(x_img, wa_ptr, ba_ptr, wb_ptr, bb_ptr, wc_ptr, bc_ptr, cc, c
         bbv = tl.load(bb_ptr + cc, mask=cm, other=0.0).to(tl.float32)
     else:
         bbv = tl.zeros([BLOCK_C], dtype=tl.float32)
-    _, s0, s1, s2, _ = _row_taps(x_img, wa_ptr, wb_ptr, cc, cm, r0 - 1, wo, H, W, sxc, sxh, sxw,
-                                 STRIDE, BW, BLOCK_C)
+    # loop invariants of the roll: the taps, the tile's x offsets and column indices
+    a0, a1, a2 = _taps3(wa_ptr, cc, cm, 0)
+    a3, a4, a5 = _taps3(wa_ptr, cc, cm, 1)
+    a6, a7, a8 = _taps3(wa_ptr, cc, cm, 2)
+    b0, b1, b2 = _taps3(wb_ptr, cc, cm, 0)
+    b3, b4, b5 = _taps3(wb_ptr, cc, cm, 1)
+    b6, b7, b8 = _taps3(wb_ptr, cc, cm, 2)
+    c0, c1, c2 = _taps3(wc_ptr, cc, cm, 0)
+    c3, c4, c5 = _taps3(wc_ptr, cc, cm, 1)
+    c6, c7, c8 = _taps3(wc_ptr, cc, cm, 2)
+    wcol = wo * STRIDE
+    xoff = wcol[:, None] * sxw + cc[None, :] * sxc
+    cm2 = cm[None, :]
+    _, s0, s1, s2, _ = _row_taps(x_img, xoff, wcol, cm2, r0 - 1, H, W, sxh, sxw,
+                                 a0, a1, a2, a3, a4, a5, a6, a7, a8,
+                                 b0, b1, b2, b3, b4, b5, b6, b7, b8, STRIDE, BW, BLOCK_C)
     u0, u1, u2 = _b1_act(s0, s1, s2, bbv, r0 - 1, wo, Ho, Wo, ACT, HAS_BIAS)
-    a_p, s0, s1, s2, x_p = _row_taps(x_img, wa_ptr, wb_ptr, cc, cm, r0, wo, H, W, sxc, sxh,
-                                     sxw, STRIDE, BW, BLOCK_C)
+    a_p, s0, s1, s2, x_p = _row_taps(x_img, xoff, wcol, cm2, r0, H, W, sxh, sxw,
+                                     a0, a1, a2, a3, a4, a5, a6, a7, a8,
+                                     b0, b1, b2, b3, b4, b5, b6, b7, b8, STRIDE, BW, BLOCK_C)
     v0, v1, v2 = _b1_act(s0, s1, s2, bbv, r0, wo, Ho, Wo, ACT, HAS_BIAS)
     rsel = tl.arange(0, 4)[:, None, None]
     a_st = tl.zeros([4, BW, BLOCK_C], dtype=tl.float32)
@@ -249,10 +289,11 @@ def _strip_branches(x_img, wa_ptr, ba_ptr, wb_ptr, bb_ptr, wc_ptr, bc_ptr, cc, c
     x_st = tl.zeros([4, BW, BLOCK_C], dtype=tl.float32)
     for t in range(4):
         q = r0 + t + 1
-        a_n, s0, s1, s2, x_n = _row_taps(x_img, wa_ptr, wb_ptr, cc, cm, q, wo, H, W, sxc, sxh,
-                                         sxw, STRIDE, BW, BLOCK_C)
+        a_n, s0, s1, s2, x_n = _row_taps(x_img, xoff, wcol, cm2, q, H, W, sxh, sxw,
+                                         a0, a1, a2, a3, a4, a5, a6, a7, a8,
+                                         b0, b1, b2, b3, b4, b5, b6, b7, b8, STRIDE, BW, BLOCK_C)
         w0, w1, w2 = _b1_act(s0, s1, s2, bbv, q, wo, Ho, Wo, ACT, HAS_BIAS)
-        b_t = _b_row(u0, u1, u2, v0, v1, v2, w0, w1, w2, wc_ptr, cc, cm)
+        b_t = _b_row(u0, u1, u2, v0, v1, v2, w0, w1, w2, c0, c1, c2, c3, c4, c5, c6, c7, c8)
         a_st = tl.where(rsel == t, a_p[None, :, :], a_st)
         b_st = tl.where(rsel == t, b_t[None, :, :], b_st)
         x_st = tl.where(rsel == t, x_p[None, :, :], x_st)
@@ -273,7 +314,7 @@ def _strip_branches(x_img, wa_ptr, ba_ptr, wb_ptr, bb_ptr, wc_ptr, bc_ptr, cc, c
 def _strip_program(pid0, N_COLBLOCKS, N_TILES_PER_IMAGE, Ho, Wo, BW: tl.constexpr):
     """What program pid0 of a strip kernel owns (grid axis 0 = image x strip of 4 output rows
     x block of BW columns): the image (int64), the strip's first row r0, its columns [BW],
-    and the row, column and validity of its 4*BW pixels in _stack4's order."""
+    and the row, column and validity of its 4*BW pixels, row-major over the strip."""
     bi = (pid0 // N_TILES_PER_IMAGE).to(tl.int64)
     t = pid0 % N_TILES_PER_IMAGE
     r0 = (t // N_COLBLOCKS) * 4
