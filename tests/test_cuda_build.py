@@ -4,11 +4,14 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
 
 import msfused
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from msfused.ops import extension as fused_ops
 
 OPS = ("block_forward", "block_backward")
@@ -115,3 +118,23 @@ def test_ptx_wrappers_compile_to_tensor_core_sass(tmp_path):
     for instr in ("HMMA.16816.F32.BF16", "HMMA.16816.F32 ", "LDSM.16.M88.4", "LDSM.16.MT88.2",
                   "LDSM.16.M88.2", "LDGSTS.E.BYPASS.128"):
         assert instr in sass, f"{instr.strip()} not in the probe's SASS"
+
+
+def test_tensor_core_forward_sass():
+    """Every instantiation of the float16/bfloat16 forward (block_forward_mma.cu) runs its GEMM
+    on tensor cores (HMMA) fed by ldmatrix (LDSM), stages x and the weights with 16-byte
+    cp.async (LDGSTS .128), writes y with 16-byte stores, and keeps everything in registers
+    (no local memory). The table: python tools/cuda_sass.py forward_mma."""
+    _built_with_cuda()
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import cuda_sass
+    tool, so = cuda_sass.cuobjdump(), cuda_sass.shared_object()
+    if tool is None or so is None:
+        pytest.skip("cuobjdump or the shared object not found")
+    ks = cuda_sass.kernels(so, tool, "block_forward_mma_kernel")
+    assert len(ks) == 8, sorted(ks)  # {bfloat16, half} x stride {1, 2} x tile width {8, 16}
+    for name, r in ks.items():
+        short = cuda_sass.demangle_short(name)
+        assert r["local"] == 0 and r["LDL"] == 0 and r["STL"] == 0, (short, r)
+        for op in ("HMMA", "LDSM", "LDGSTS128", "STG128"):
+            assert r[op] > 0, (short, op, r)

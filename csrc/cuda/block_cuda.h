@@ -9,6 +9,7 @@
 #include <cstddef>
 
 #include "block_desc.h"
+#include "forward_mma_plan.h"
 
 namespace msfused {
 namespace cuda {
@@ -17,6 +18,16 @@ namespace cuda {
 template <typename T>
 const char* launch_block_forward(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
                                  cudaStream_t stream);
+
+// The float16/bfloat16 forward on tensor cores (block_forward_mma.cu), which
+// launch_block_forward calls for 2-byte T, and its plan for a call (the emulator's tables).
+template <typename T>
+const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
+                                     cudaStream_t stream);
+template <typename T>
+MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* y,
+                         size_t smem_limit);
+size_t mma_smem_limit();  // the current device's opt-in shared memory per block
 
 // Scratch the backward needs, in bytes, for element size elem_bytes (2, 4 or 8).
 size_t block_backward_workspace_bytes(const BlockDesc& d, int elem_bytes);

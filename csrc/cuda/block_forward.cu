@@ -1,4 +1,4 @@
-// Fused forward of the block in one launch.
+// Fused forward of the block in one launch (float32 / float64).
 //
 // Grid: x = B * tiles (8x8 output pixels of one image), y = blocks of 64 output channels of
 // one branch (concat: the blocks of branch A, then those of branch B; add: blocks of N).
@@ -9,16 +9,9 @@
 // epilogue adds biases, the residual, applies the activation and writes y (and the
 // pre-activation) once. Nothing between x and y touches global memory.
 //
-// Two GEMM paths:
-//  - float32 / float64 (block_forward_kernel): FMAs, accumulators in registers, each thread
-//    owns 4 output channels x 4 pixels.
-//  - float16 / bfloat16 (block_forward_tc_kernel): tensor cores through nvcuda::wmma
-//    (16x16x16, float accumulation). The chunk's a, b and strided x are rounded to the
-//    dtype (as eager PyTorch's conv outputs are) into k-major [KC][LDP] tiles, the
-//    pointwise weights into co-major [COB][LDK] tiles; each of the 8 warps owns a
-//    16-pixel x 32-channel piece of the 64 x 64 output and accumulates every K-slice
-//    (branch A, branch B, projection) into the same float fragments. The fragments go
-//    through shared memory to the same epilogue as the FMA path.
+// This file is the float32 / float64 forward: FMAs, accumulators in registers, each thread
+// owning 4 output channels x 4 pixels. float16 / bfloat16 run on tensor cores in
+// block_forward_mma.cu, which stages x once per tile for every output channel.
 #include "block_cuda.h"
 #include "tile.cuh"
 
@@ -204,193 +197,35 @@ __global__ void __launch_bounds__(NT) block_forward_kernel(BlockDesc d, BlockTen
   epilogue<T, A>(d, t, y, pre, ct, tc, tp, [&](int i, int j) { return acc[i][j]; });
 }
 
-// ---- float16 / bfloat16: the pointwise GEMM on tensor cores (nvcuda::wmma) ---------------
-//
-// D[p][co] = sum_k act[p][k] * w[k][co] over the chunk's K-slices, M = 64 tile pixels,
-// N = 64 output channels, 16x16x16 fragments. Operand tiles (16-bit, in shared memory):
-//   sa, sb, sx: [TC_KC][LDP], element (p, k) at k * LDP + p: the A operand, col_major.
-//     k-major so the depthwise loops (consecutive threads, consecutive pixels) store
-//     without bank conflicts; LDP = 72 (144-byte rows) keeps the 8 rows that one 8x8
-//     fragment piece reads in distinct 16-byte bank groups.
-//   wA, wB, wS: [COB][LDK], element (k, co) at co * LDK + k: the B operand, col_major.
-//     co-major so the staging loop reads the weights (co, c) with c fastest, coalesced;
-//     LDK = 24 (48-byte rows), conflict-free for the same reason.
-// Leading dimensions are multiples of 8 elements and every fragment pointer is 32-byte
-// aligned (WMMA's rules; tools/cuda_emu asserts them). The float accumulators are stored to
-// sout [64][LDO] (pixel-major for NHWC, channel-major for NCHW, so the epilogue's reads are
-// at most 2-way conflicted), which reuses the staging area once the chunk loop is done.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#error "msfused: the float16/bfloat16 forward needs bfloat16 tensor cores (sm_80 or newer); set TORCH_CUDA_ARCH_LIST to 8.0 or above"
-#endif
-constexpr int TC_KC = 16;      // channels per chunk: one 16-deep k-step per K-slice
-constexpr int LDP = TP + 8;    // 72
-constexpr int LDK = TC_KC + 8; // 24
-constexpr int LDO = COB + 8;   // 72 floats
-static_assert(TP == 64 && COB == 64 && NT == 256, "8 warps of 16 pixels x 32 channels");
-static_assert(LDP % 8 == 0 && LDK % 8 == 0 && LDO % 4 == 0, "WMMA leading dimensions");
-
-// Byte offsets of the tensor-core kernel's shared memory (128-byte aligned sections).
-struct TcSmem {
-  size_t xs, b1, dw, sa, sb, sx, wa, wb, ws, total;
-};
-__host__ __device__ inline size_t align128(size_t v) { return (v + 127) & ~size_t(127); }
-__host__ __device__ inline TcSmem tc_smem(int s) {
-  constexpr size_t F = sizeof(float), H = 2;  // float staging, 16-bit operands
-  TcSmem m;
-  size_t o = 0;
-  m.xs = o; o = align128(o + F * TC_KC * stage_rows(s) * stage_cols(s));
-  m.b1 = o; o = align128(o + F * TC_KC * RH * RW);
-  m.dw = o; o = align128(o + F * 30 * TC_KC);
-  m.sa = o; o = align128(o + H * TC_KC * LDP);
-  m.sb = o; o = align128(o + H * TC_KC * LDP);
-  m.sx = o; o = align128(o + H * TC_KC * LDP);
-  m.wa = o; o = align128(o + H * COB * LDK);
-  m.wb = o; o = align128(o + H * COB * LDK);
-  m.ws = o; o = align128(o + H * COB * LDK);
-  const size_t out = F * TP * LDO;  // sout, from offset 0 after the chunk loop
-  m.total = o > out ? o : out;
-  return m;
-}
-
-// acc[n] += A(16 px x 16 k at act) * B(16 k x 16 co at w + 16 n co), n = 0, 1.
-template <typename T>
-__device__ __forceinline__ void tc_mma(
-    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[2],
-    const T* act, const T* w) {
-  namespace wmma = nvcuda::wmma;
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
-  wmma::load_matrix_sync(fa, act, LDP);
-#pragma unroll
-  for (int n = 0; n < 2; ++n) {
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-    wmma::load_matrix_sync(fb, w + n * 16 * LDK, LDK);
-    wmma::mma_sync(acc[n], fa, fb, acc[n]);
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(NT) block_forward_tc_kernel(BlockDesc d, BlockTensors<T> t,
-                                                              T* y, T* pre, int tiles_w,
-                                                              int tiles_hw, int nblk_a) {
-  namespace wmma = nvcuda::wmma;
-  constexpr int KC = TC_KC;
-  MSF_EXTERN_SMEM(smem_raw);
-  const int s = d.stride;
-  const int XR = stage_rows(s), XC = stage_cols(s);
-  const TcSmem L = tc_smem(s);
-  float* xs = reinterpret_cast<float*>(smem_raw + L.xs);
-  float* b1 = reinterpret_cast<float*>(smem_raw + L.b1);
-  float* dw = reinterpret_cast<float*>(smem_raw + L.dw);
-  T* sa = reinterpret_cast<T*>(smem_raw + L.sa);
-  T* sb = reinterpret_cast<T*>(smem_raw + L.sb);
-  T* sx = reinterpret_cast<T*>(smem_raw + L.sx);
-  T* wA = reinterpret_cast<T*>(smem_raw + L.wa);
-  T* wB = reinterpret_cast<T*>(smem_raw + L.wb);
-  T* wS = reinterpret_cast<T*>(smem_raw + L.ws);
-  float* sout = reinterpret_cast<float*>(smem_raw);  // after the chunk loop only
-
-  const CtaTile ct = cta_tile(d, tiles_w, tiles_hw, nblk_a);
-  const int64_t bimg = ct.bimg, r0 = ct.r0, q0 = ct.q0, co0 = ct.co0, ch_off = ct.ch_off;
-  const int64_t N = d.N, C = d.C;
-  const bool need_a = ct.need_a, need_b = ct.need_b, proj = ct.proj;
-
-  const int tid = threadIdx.x;
-  const int warp = tid / 32;
-  const int wm = (warp % 4) * 16;  // this warp's 16 pixels
-  const int wn = (warp / 4) * 32;  // and 32 output channels
-  const T zero = from_acc<T>(0.f);
-
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
-  wmma::fill_fragment(acc[0], 0.f);
-  wmma::fill_fragment(acc[1], 0.f);
-
-  const int64_t ih0 = s * (r0 - 1) - 1, iw0 = s * (q0 - 1) - 1;
-  for (int64_t c0 = 0; c0 < C; c0 += KC) {
-    __syncthreads();  // the previous chunk's GEMM is done with the staged operands
-    stage_x<T, float, KC>(d, t.x, bimg, c0, ih0, iw0, XR, XC, xs);
-    stage_dw_weights<T, float, KC>(d, t, c0, dw);
-    for (int idx = tid; idx < KC * COB; idx += NT) {
-      const int k = idx % KC, j = idx / KC;  // k fastest: consecutive channels in memory
-      const int64_t c = c0 + k, co = co0 + j;
-      const bool ok = c < C && co < N;
-      if (need_a) wA[j * LDK + k] = ok ? t.pa[co * C + c] : zero;
-      if (need_b) wB[j * LDK + k] = ok ? t.pb[co * C + c] : zero;
-      if (proj) wS[j * LDK + k] = ok ? t.ws[(ch_off + co) * C + c] : zero;
-    }
-    __syncthreads();
-    if (need_b) compute_b1<float, KC>(d, r0, q0, XR, XC, xs, dw, b1);
-    for (int idx = tid; idx < KC * TP; idx += NT) {
-      const int k = idx / TP, p = idx % TP;
-      if (need_a) sa[k * LDP + p] = from_acc<T>(act_apply(d.act, a_pre_at<float, KC>(s, k, p, XR, XC, xs, dw)));
-      if (proj) sx[k * LDP + p] = from_acc<T>(xs_at(s, k, p, XR, XC, xs));
-    }
-    __syncthreads();
-    if (need_b)
-      for (int idx = tid; idx < KC * TP; idx += NT) {
-        const int k = idx / TP, p = idx % TP;
-        sb[k * LDP + p] = from_acc<T>(act_apply(d.act, b_pre_at<float, KC>(k, p, b1, dw)));
-      }
-    __syncthreads();
-    if (need_a) tc_mma<T>(acc, sa + wm, wA + wn * LDK);
-    if (need_b) tc_mma<T>(acc, sb + wm, wB + wn * LDK);
-    if (proj) tc_mma<T>(acc, sx + wm, wS + wn * LDK);
-  }
-
-  // Accumulators to shared memory (over the staging area), then the common epilogue.
-  __syncthreads();
-  const bool cl = d.channels_last;
-#pragma unroll
-  for (int n = 0; n < 2; ++n) {
-    const int co = wn + 16 * n;
-    if (cl)
-      wmma::store_matrix_sync(sout + wm * LDO + co, acc[n], LDO, wmma::mem_row_major);
-    else
-      wmma::store_matrix_sync(sout + co * LDO + wm, acc[n], LDO, wmma::mem_col_major);
-  }
-  __syncthreads();
-  // NHWC: consecutive threads own consecutive channels (coalesced stores); NCHW: pixels.
-  const int tc = cl ? tid % 16 : tid / 16;
-  const int tp = cl ? tid / 16 : tid % 16;
-  epilogue<T, float>(d, t, y, pre, ct, tc, tp, [&](int i, int j) {
-    const int co = tc + 16 * i, p = tp + 16 * j;
-    return cl ? sout[p * LDO + co] : sout[co * LDO + p];
-  });
-}
-
-template <typename T, int KC>
-auto pick_forward_kernel() {
-  if constexpr (sizeof(T) == 2)
-    return block_forward_tc_kernel<T>;
-  else
-    return block_forward_kernel<T, KC>;
-}
-
 }  // namespace
 
 template <typename T>
 const char* launch_block_forward(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
                                  cudaStream_t stream) {
-  using A = typename AccT<T>::type;
-  constexpr int KC = FwdKC<T>::value;
   if (d.B * d.Cout * d.Ho * d.Wo == 0) return nullptr;
-  const int64_t tiles_h = (d.Ho + TH - 1) / TH, tiles_w = (d.Wo + TW - 1) / TW;
-  const int64_t nblk = (d.N + COB - 1) / COB;
-  const int64_t grid_x = d.B * tiles_h * tiles_w;
-  const int64_t grid_y = d.merge == kConcat ? 2 * nblk : nblk;
-  if (grid_x > 0x7fffffffLL || tiles_h * tiles_w > 0x7fffffffLL || grid_y > 65535)
-    return "block_forward: the input is too large for the CUDA kernel's grid";
-  // float16/bfloat16: tensor cores; float32/float64: FMAs.
-  constexpr bool tc = sizeof(T) == 2;
-  const size_t smem = tc ? tc_smem(d.stride).total : fwd_smem_elems<A, KC>(d.stride) * sizeof(A);
-  auto kernel = pick_forward_kernel<T, KC>();
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem));
-  if (e != cudaSuccess) return cudaGetErrorString(e);
-  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
-  MSF_LAUNCH(kernel, grid, NT, smem, stream, d, t, y, pre, static_cast<int>(tiles_w),
-             static_cast<int>(tiles_h * tiles_w), static_cast<int>(nblk));
-  e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+  // float16/bfloat16: the tensor-core kernel (block_forward_mma.cu); float32/float64: FMAs.
+  if constexpr (sizeof(T) == 2) {
+    return launch_block_forward_mma<T>(d, t, y, pre, stream);
+  } else {
+    using A = typename AccT<T>::type;
+    constexpr int KC = FwdKC<T>::value;
+    const int64_t tiles_h = (d.Ho + TH - 1) / TH, tiles_w = (d.Wo + TW - 1) / TW;
+    const int64_t nblk = (d.N + COB - 1) / COB;
+    const int64_t grid_x = d.B * tiles_h * tiles_w;
+    const int64_t grid_y = d.merge == kConcat ? 2 * nblk : nblk;
+    if (grid_x > 0x7fffffffLL || tiles_h * tiles_w > 0x7fffffffLL || grid_y > 65535)
+      return "block_forward: the input is too large for the CUDA kernel's grid";
+    const size_t smem = fwd_smem_elems<A, KC>(d.stride) * sizeof(A);
+    auto kernel = block_forward_kernel<T, KC>;
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+    if (e != cudaSuccess) return cudaGetErrorString(e);
+    const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+    MSF_LAUNCH(kernel, grid, NT, smem, stream, d, t, y, pre, static_cast<int>(tiles_w),
+               static_cast<int>(tiles_h * tiles_w), static_cast<int>(nblk));
+    e = cudaGetLastError();
+    return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+  }
 }
 
 template const char* launch_block_forward<float>(const BlockDesc&, const BlockTensors<float>&,

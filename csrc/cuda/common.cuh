@@ -5,7 +5,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>  // nvcuda::wmma (tensor cores) for the float16/bfloat16 forward GEMM
 #endif
 
 #include <cstdint>
@@ -18,7 +17,7 @@
   kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #endif
 #ifndef MSF_EXTERN_SMEM
-// 128-byte aligned: WMMA fragment pointers into it must be 32-byte aligned.
+// 128-byte aligned: the kernels' shared-memory maps align their sections to 128 bytes.
 #define MSF_EXTERN_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 

@@ -64,3 +64,24 @@ extern "C" int emu_backward(int dtype, const int64_t* dv, void** p, const void* 
   if (e) std::fprintf(stderr, "%s\n", e);
   return e ? 1 : 0;
 }
+
+// Global bytes the kernels read from x, read elsewhere (weights, biases) and wrote, since
+// the last call (then reset); x_bytes: the size of x, whose reads are counted apart.
+extern "C" void emu_bytes(const void* x, uint64_t x_bytes, uint64_t* read_x, uint64_t* read_other,
+                          uint64_t* written) {
+  *read_x = emu_bytes_read_x.exchange(0);
+  *read_other = emu_bytes_read.exchange(0);
+  *written = emu_bytes_written.exchange(0);
+  emu_x_lo = x;
+  emu_x_hi = static_cast<const unsigned char*>(x) + x_bytes;
+}
+
+// The float16/bfloat16 forward's plan for a call: TH, TW, tiles per image, smem bytes,
+// vec_x, vec_w, vec_y.
+extern "C" void emu_mma_plan(const int64_t* dv, void** p, void* y, int64_t* out) {
+  const BlockDesc d = desc_of(dv);
+  const cuda::MmaPlan pl = cuda::plan_forward_mma<__nv_bfloat16>(
+      d, tens<__nv_bfloat16>(p), static_cast<const __nv_bfloat16*>(y), cuda::mma_smem_limit());
+  out[0] = pl.TH; out[1] = pl.TW; out[2] = pl.tiles_hw; out[3] = pl.smem;
+  out[4] = pl.vec_x; out[5] = pl.vec_w; out[6] = pl.vec_y;
+}

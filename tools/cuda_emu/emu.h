@@ -2,9 +2,11 @@
 // math, masking, halos and barriers can be tested on a machine without a GPU:
 // every CTA runs as blockDim.x std::threads sharing "__shared__" (static) memory, with
 // __syncthreads as a std::barrier. Not for speed. float16/bfloat16 are 2-byte stand-ins with
-// the rounding of cuda_fp16.h / cuda_bf16.h (round to nearest even, NaN kept). nvcuda::wmma
-// is below; mma.sync, ldmatrix and cp.async (csrc/cuda/ptx_wrappers.cuh) are in emu_ptx.h.
+// the rounding of cuda_fp16.h / cuda_bf16.h (round to nearest even, NaN kept). mma.sync,
+// ldmatrix and cp.async (csrc/cuda/ptx_wrappers.cuh) are in emu_ptx.h. Global bytes moved
+// through csrc/cuda/global_io.cuh and cp.async are counted (emu_bytes_* below).
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <chrono>
 #include <cmath>
@@ -59,12 +61,32 @@ inline dim3 blockDim, gridDim;
 typedef void* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+// An H100 / H200's opt-in shared memory per block (CUDA_EMU_SMEM_LIMIT overrides, to test
+// the plans of smaller GPUs).
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) {
+  const char* e = std::getenv("CUDA_EMU_SMEM_LIMIT");
+  *v = e ? std::atoi(e) : 227 * 1024;
+  return cudaSuccess;
+}
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int v) {
   return v <= 227 * 1024 ? cudaSuccess : cudaErrorInvalidValue;
 }
+
+// Global-memory bytes the kernels move through csrc/cuda/global_io.cuh and cp.async; reads
+// inside [emu_x_lo, emu_x_hi) (the driver sets it to x) are counted apart.
+inline std::atomic<uint64_t> emu_bytes_read{0}, emu_bytes_read_x{0}, emu_bytes_written{0};
+inline const void* emu_x_lo = nullptr;
+inline const void* emu_x_hi = nullptr;
+inline void emu_count_read(const void* p, size_t n) {
+  const bool in_x = p >= emu_x_lo && p < emu_x_hi;
+  (in_x ? emu_bytes_read_x : emu_bytes_read) += n;
+}
+inline void emu_count_written(size_t n) { emu_bytes_written += n; }
 
 inline std::barrier<>* emu_bar = nullptr;
 inline double emu_shfl[1024];
@@ -125,15 +147,7 @@ void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
 #define MSF_LAUNCH(kernel, grid, block, smem, stream, ...) \
   emu_launch(kernel, dim3(grid), dim3(block), smem, __VA_ARGS__)
 
-// ---- nvcuda::wmma (16x16x16) --------------------------------------------------------------
-// Semantics only: every thread holds the whole 16x16 tile of a fragment (float for
-// accumulators, the element type for operands) and all 32 lanes of a warp compute the same
-// values; lane 0 alone stores. What real WMMA requires is asserted, so layout mistakes show
-// up on the CPU: every lane of the warp calls (a warp barrier that times out otherwise) with
-// the same pointer, leading dimension and layout; ldm a multiple of 8 (16-bit elements) or 4
-// (float); pointers 32-byte aligned; a tile in dynamic shared memory lies inside the bytes
-// the launch asked for. The product is summed in float in k order (real tensor cores may
-// add in another order; the 16-bit products are exact in float either way).
+// ---- warp-collective bookkeeping (emu_ptx.h's mma.sync and ldmatrix) --------------------
 [[noreturn]] inline void emu_fail(const char* what) {
   std::fprintf(stderr, "cuda_emu: %s (thread %u of block %u,%u)\n", what, threadIdx.x,
                blockIdx.x, blockIdx.y);
@@ -155,7 +169,7 @@ inline EmuWarpSlot emu_warps[32];
 
 // All 32 lanes of the calling thread's warp meet here with the same (op, ptr, ldm, layout).
 inline void emu_warp_collective(int op, const void* ptr, unsigned ldm, int layout) {
-  if (blockDim.x % 32 != 0) emu_fail("wmma in a block whose size is not a multiple of 32");
+  if (blockDim.x % 32 != 0) emu_fail("a warp-collective op in a block whose size is not a multiple of 32");
   const unsigned lane = threadIdx.x % 32;
   EmuWarpSlot& w = emu_warps[threadIdx.x / 32];
   std::unique_lock<std::mutex> lk(w.m);
@@ -168,7 +182,7 @@ inline void emu_warp_collective(int op, const void* ptr, unsigned ldm, int layou
     for (int l = 1; l < 32; ++l)
       if (w.op[l] != w.op[0] || w.ptr[l] != w.ptr[0] || w.ldm[l] != w.ldm[0] ||
           w.layout[l] != w.layout[0])
-        emu_fail("wmma: lanes of a warp called with different operations or arguments");
+        emu_fail("lanes of a warp called a warp-collective op with different operations or arguments");
     w.count = 0;
     ++w.gen;
     w.cv.notify_all();
@@ -179,106 +193,7 @@ inline void emu_warp_collective(int op, const void* ptr, unsigned ldm, int layou
     return e ? std::atoi(e) : 60;
   }();
   if (!w.cv.wait_for(lk, std::chrono::seconds(timeout_s), [&] { return w.gen != gen; }))
-    emu_fail("wmma: not every lane of the warp called (warp-divergent wmma)");
+    emu_fail("not every lane of the warp called a warp-collective op (warp divergence)");
 }
-
-namespace nvcuda {
-namespace wmma {
-struct row_major {};
-struct col_major {};
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "the emulator has 16x16x16 only");
-  static_assert(std::is_same_v<Use, accumulator> == std::is_void_v<Layout>,
-                "operand fragments need a layout, accumulators none");
-  static_assert(!std::is_same_v<Use, accumulator> || std::is_same_v<T, float>,
-                "float accumulators only");
-  static_assert(std::is_same_v<Use, accumulator> || std::is_same_v<T, __half> ||
-                    std::is_same_v<T, __nv_bfloat16>,
-                "half / bfloat16 operands only");
-  T v[16][16];  // v[row][col]: A is M x K, B is K x N, C is M x N
-};
-
-template <typename T>
-inline float emu_wmma_f(T v) {
-  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
-  else return v;
-}
-
-template <typename T>
-inline void emu_wmma_check(const void* p, unsigned ldm, bool col, const char* what) {
-  constexpr unsigned mult = sizeof(T) == 2 ? 8 : 4;  // 16 bytes
-  if (ldm % mult != 0) emu_fail("wmma: ldm not a multiple of 16 bytes (8 x 16-bit, 4 x float)");
-  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) emu_fail("wmma: pointer not 32-byte aligned");
-  if (ldm < 16) emu_fail("wmma: ldm shorter than a 16-element row");
-  const auto* b = static_cast<const unsigned char*>(p);
-  if (b >= emu_dyn_smem && b < emu_dyn_smem + sizeof(emu_dyn_smem)) {
-    const size_t first = size_t(b - emu_dyn_smem);
-    const size_t last = first + (size_t(15) * ldm + 16) * sizeof(T);  // one past the tile
-    if (last > emu_dyn_bytes) emu_fail(what);
-  }
-  (void)col;
-}
-
-template <typename Use, typename T, typename L>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
-  constexpr bool col = std::is_same_v<L, col_major>;
-  emu_wmma_check<T>(p, ldm, col, "wmma load: tile beyond the launch's dynamic shared memory");
-  emu_warp_collective(1, p, ldm, col);
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.v[r][c] = col ? p[c * ldm + r] : p[r * ldm + c];
-  emu_warp_collective(2, p, ldm, col);  // every lane has read before anyone goes on
-}
-
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
-                             unsigned ldm, layout_t layout) {
-  const bool col = layout == mem_col_major;
-  emu_wmma_check<float>(p, ldm, col, "wmma load: tile beyond the launch's dynamic shared memory");
-  emu_warp_collective(3, p, ldm, col);
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.v[r][c] = col ? p[c * ldm + r] : p[r * ldm + c];
-  emu_warp_collective(4, p, ldm, col);
-}
-
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
-                              unsigned ldm, layout_t layout) {
-  const bool col = layout == mem_col_major;
-  emu_wmma_check<float>(p, ldm, col, "wmma store: tile beyond the launch's dynamic shared memory");
-  emu_warp_collective(5, p, ldm, col);
-  if (threadIdx.x % 32 == 0)
-    for (int r = 0; r < 16; ++r)
-      for (int c = 0; c < 16; ++c) (col ? p[c * ldm + r] : p[r * ldm + c]) = f.v[r][c];
-  emu_warp_collective(6, p, ldm, col);  // stored before any lane goes on
-}
-
-inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
-  emu_warp_collective(7, nullptr, 0, 0);
-  for (auto& row : f.v)
-    for (auto& x : row) x = v;
-}
-
-template <typename T, typename LA, typename LB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
-                     const fragment<matrix_a, 16, 16, 16, T, LA>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
-  emu_warp_collective(8, nullptr, 0, 0);
-  float r[16][16];
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 16; ++j) {
-      float s = c.v[i][j];
-      for (int k = 0; k < 16; ++k) s += emu_wmma_f(a.v[i][k]) * emu_wmma_f(b.v[k][j]);
-      r[i][j] = s;
-    }
-  std::memcpy(d.v, r, sizeof(r));
-}
-}  // namespace wmma
-}  // namespace nvcuda
 
 #include "emu_ptx.h"  // msfused::ptx: mma.sync, ldmatrix, cp.async stand-ins

@@ -107,7 +107,10 @@ inline void cp_async_16(void* smem, const void* gmem, bool valid) {
     emu_fail("cp.async: global address not 16-byte aligned");
   EmuAsyncCopy c;
   c.dst = static_cast<unsigned char*>(smem);
-  if (valid) std::memcpy(c.data, gmem, 16);
+  if (valid) {
+    std::memcpy(c.data, gmem, 16);
+    emu_count_read(gmem, 16);
+  }
   else std::memset(c.data, 0, 16);
   c.owner = threadIdx.x;
   c.group = emu_async_open_group;

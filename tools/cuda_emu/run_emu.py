@@ -15,6 +15,7 @@ pre-activation lies within half an ulp below 6 (the stored y rounds to 6.0 and a
 
     python tools/cuda_emu/run_emu.py [--quick]
     python tools/cuda_emu/run_emu.py --forward-low   # float16/bfloat16 forward, every config
+    python tools/cuda_emu/run_emu.py --bytes         # forward's global bytes, benchmark shapes
 """
 import ctypes
 import itertools
@@ -43,6 +44,7 @@ LIB = os.path.join(os.environ.get("TMPDIR", "/tmp"), "libmsfused_cuda_emu.so")
 
 def build():
     src = [os.path.join(ROOT, "csrc/cuda/block_forward.cu"),
+           os.path.join(ROOT, "csrc/cuda/block_forward_mma.cu"),
            os.path.join(ROOT, "csrc/cuda/block_backward.cu"), os.path.join(HERE, "driver.cpp")]
     cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-DMSFUSED_CUDA_EMU",
            "-Wno-unknown-pragmas", "-include", os.path.join(HERE, "emu.h"),
@@ -225,8 +227,8 @@ def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
-# The float16/bfloat16 forward (tensor cores, nvcuda::wmma; emu.h emulates it and asserts its
-# layout rules) over every config: merge, stride, residual (identity where C == Cout at
+# The float16/bfloat16 forward (tensor cores: mma.sync, ldmatrix, cp.async; emu_ptx.h emulates
+# them and asserts their rules) over every config: merge, stride, residual (identity where C == Cout at
 # stride 1, else projection), layout, each activation; C and N not multiples of 16 / 64
 # (partial K-chunks, two 64-channel blocks), C = 1, 1x1 images, several tiles and chunks.
 FORWARD_LOW_SHAPES = [(20, 70, 11, 10, 2), (1, 1, 1, 1, 3), (5, 3, 7, 9, 2), (8, 8, 9, 6, 2),
@@ -267,11 +269,66 @@ def main_forward_low(lib):
     return 1 if fails else 0
 
 
+def forward_bytes(lib, shape, batch=1, dtype=torch.bfloat16):
+    """Global bytes of one emulated channels_last forward at a benchmark shape (the module's
+    default config), counted by the emulator: a dict with the plan (tile, CTAs, shared
+    memory), x's size and the bytes read from it, the weights' size and the bytes read of
+    them (and the biases), y's size and the bytes written."""
+    torch.manual_seed(0)
+    m = msfused.MultiScaleSeparableBlock(shape.c, shape.n, merge=shape.merge,
+                                         stride=shape.stride, backend="reference", dtype=dtype)
+    cfg = m.config
+    params = [t.detach().contiguous() if t is not None else None for t in m.params()]
+    x = torch.randn(batch, shape.c, shape.h, shape.w, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    n, stride = shape.n, shape.stride
+    cout = out_channels(n, cfg.merge)
+    ho, wo = (shape.h - 1) // stride + 1, (shape.w - 1) // stride + 1
+    proj = cfg.residual and needs_projection(shape.c, cout, stride)
+    desc = (ctypes.c_int64 * 14)(batch, shape.c, shape.h, shape.w, n, cout, ho, wo, stride,
+                                 cfg.merge, cfg.act, int(cfg.residual), int(proj), 1)
+    y = torch.empty((batch, cout, ho, wo), dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    ptrs = (ctypes.c_void_p * 13)(ptr(x), *[ptr(t) for t in params])
+    plan = (ctypes.c_int64 * 7)()
+    lib.emu_mma_plan(desc, ptrs, ptr(y), plan)
+    counts = [ctypes.c_uint64() for _ in range(3)]
+    xb = x.numel() * x.element_size()
+    lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(c) for c in counts])  # reset
+    saves = activations.TABLE[cfg.act].saves == "preact"  # the binding saves the pre-activation
+    pre = torch.empty_like(y) if saves else None
+    assert lib.emu_forward(DTYPE_CODE[dtype], desc, ptrs, ptr(y), ptr(pre)) == 0
+    lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(c) for c in counts])
+    read_x, read_other, written = (c.value for c in counts)
+    ctas = batch * plan[2]
+    wbytes = sum(t.numel() * t.element_size() for t in params if t is not None)
+    yb = y.numel() * y.element_size() * (2 if pre is not None else 1)
+    return dict(name=shape.name, tile=f"{plan[0]}x{plan[1]}", ctas=ctas, smem=plan[3],
+                vec=(bool(plan[4]), bool(plan[5]), bool(plan[6])), x=xb, read_x=read_x,
+                w=wbytes, read_w=read_other, y=yb, written=written)
+
+
+def main_bytes(lib, batch):
+    from msfused.benchmark import SHAPES
+    print(f"emulated bfloat16 channels_last forward, batch {batch}: global bytes per launch")
+    print(f"{'shape':9} {'tile':>6} {'CTAs':>5} {'smem KB':>7} {'x read/x':>9} "
+          f"{'w read/(CTAs*w)':>16} {'y written/y':>12}")
+    for group in SHAPES.values():
+        for shape in group:
+            r = forward_bytes(lib, shape, batch)
+            print(f"{r['name']:9} {r['tile']:>6} {r['ctas']:5d} {r['smem'] / 1024:7.1f} "
+                  f"{r['read_x'] / r['x']:9.3f} {r['read_w'] / (r['ctas'] * r['w']):16.3f} "
+                  f"{r['written'] / r['y']:12.3f}", flush=True)
+    return 0
+
+
 def main():
     quick = "--quick" in sys.argv
     lib = build()
     if "--forward-low" in sys.argv:
         return main_forward_low(lib)
+    if "--bytes" in sys.argv:
+        return main_bytes(lib, int(os.environ.get("EMU_BATCH", "1")))
     shapes = [(5, 3, 7, 9, 2), (1, 1, 1, 1, 3), (20, 70, 11, 10, 1), (3, 2, 17, 18, 1),
               (4, 2, 2, 33, 1)]
     if quick:

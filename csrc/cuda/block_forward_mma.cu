@@ -1,0 +1,443 @@
+// The float16/bfloat16 forward in one launch, on tensor cores (mma.sync m16n8k16, ldmatrix,
+// cp.async: csrc/cuda/ptx_wrappers.cuh). The plan (tile, K layout, shared-memory map) is
+// csrc/cuda/forward_mma_plan.h.
+//
+// A CTA owns a TH x TW tile of output pixels of one image and computes every output channel:
+//   phase 1, per chunk of MMA_KC input channels (double-buffered: the next chunk's x is in
+//     flight while this one is computed): x over the tile plus its halo lands in shared
+//     memory (16-byte cp.async in channels_last with C % 8 == 0, element loads otherwise),
+//     then a, b1 on the tile plus a ring (float), b and the strided x are computed on the
+//     FP32 cores and written, rounded to the dtype as eager's conv outputs are, into the GEMM
+//     operand A[pixel][k] (segments a, b, xs; forward_mma_plan.h). x is read once per tile
+//     and a, b1, b are computed once, whatever C_out is.
+//   phase 2, per block of MMA_NB output channels: the block's weights stream through two
+//     shared-memory slices (cp.async) while the warps multiply out of A; each warp owns 32 of
+//     the 64 channels and up to four 16-pixel rows of the tile (fragments through ldmatrix,
+//     float accumulators in registers). The epilogue adds the biases and the identity
+//     residual (the xs segment: x at the output pixel), applies the activation and writes y
+//     (and the pre-activation) with 16-byte stores where channels_last allows.
+// Layout, merge, projection and activation are warp-uniform run-time branches outside the
+// MMA loop; the stride and the tile width are template parameters (they fix the shared
+// tiles' row lengths, so the index math divides by constants).
+#include "block_cuda.h"
+#include "common.cuh"
+#include "forward_mma_plan.h"
+#include "global_io.cuh"
+#include "ptx_wrappers.cuh"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "msfused: the float16/bfloat16 forward needs bfloat16 tensor cores (sm_80 or newer); set TORCH_CUDA_ARCH_LIST to 8.0 or above"
+#endif
+
+namespace msfused {
+namespace cuda {
+namespace {
+
+constexpr int NT = MMA_NT, KC = MMA_KC, NB = MMA_NB, KB = MMA_KB, LDW = MMA_LDW,
+              LDO = MMA_LDO;
+
+// sum_ij w9[3i+j] * src[i * ld + j * KC]: a 3x3 window of a channel-interleaved tile.
+template <typename S>
+__device__ __forceinline__ float dw9(const S* __restrict__ src, int ld,
+                                     const float* __restrict__ w9) {
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 3; ++i)
+#pragma unroll
+    for (int j = 0; j < 3; ++j) s += w9[i * 3 + j] * to_acc(src[i * ld + j * KC]);
+  return s;
+}
+
+// What one GEMM block computes: output channels co0 .. co0 + NB of a branch of nb channels,
+// written at ch_off + co, from A's K range [k_lo, k_hi).
+struct GemmBlock {
+  int co0, nb, ch_off, k_lo, k_hi;
+  bool branch_b;
+};
+
+__device__ __forceinline__ GemmBlock gemm_block(const BlockDesc& d, const MmaPlan& pl, int blk) {
+  GemmBlock g;
+  g.branch_b = d.merge == kConcat && blk >= pl.nblk_a;
+  g.co0 = (g.branch_b ? blk - pl.nblk_a : blk) * NB;
+  g.nb = int(d.N);
+  g.ch_off = g.branch_b ? int(d.N) : 0;
+  mma_block_k_range(d, pl, blk, g.k_lo, g.k_hi);
+  return g;
+}
+
+// The weight of A-column k (a segment and a channel c of it) for branch channel co, or null
+// where it is zero (c >= C: the segment's padding).
+template <typename T>
+__device__ __forceinline__ const T* weight_at(const BlockDesc& d, const MmaPlan& pl,
+                                              const BlockTensors<T>& t, const GemmBlock& g,
+                                              int k, int co) {
+  const int C = int(d.C);
+  if (k >= pl.seg_a && k < pl.seg_a + pl.C16) {
+    const int c = k - pl.seg_a;
+    return c < C ? t.pa + int64_t(co) * C + c : nullptr;
+  }
+  if (k >= pl.seg_b && k < pl.seg_b + pl.C16) {
+    const int c = k - pl.seg_b;
+    return c < C ? t.pb + int64_t(co) * C + c : nullptr;
+  }
+  const int c = k - pl.seg_x;  // the projection's segment
+  return c < C ? t.ws + int64_t(g.ch_off + co) * C + c : nullptr;
+}
+
+// Weight slice [NB rows co][KB columns k] of block g at K offset kb into w (row LDW).
+template <typename T>
+__device__ __forceinline__ void stage_weights(const BlockDesc& d, const MmaPlan& pl,
+                                              const BlockTensors<T>& t, const GemmBlock& g,
+                                              int kb, T* __restrict__ w) {
+  const int tid = threadIdx.x;
+  if (pl.vec_w) {
+    for (int i = tid; i < NB * (KB / 8); i += NT) {
+      const int n = i / (KB / 8), v = i % (KB / 8);
+      const int k = kb + 8 * v, co = g.co0 + n;
+      const T* src = (k < g.k_hi && co < g.nb) ? weight_at(d, pl, t, g, k, co) : nullptr;
+      ptx::cp_async_16(w + n * LDW + 8 * v, src != nullptr ? src : t.x, src != nullptr);
+    }
+  } else {
+    const T zero = from_acc<T>(0.f);
+    for (int i = tid; i < NB * KB; i += NT) {
+      const int n = i / KB, kk = i % KB;
+      const int k = kb + kk, co = g.co0 + n;
+      const T* src = (k < g.k_hi && co < g.nb) ? weight_at(d, pl, t, g, k, co) : nullptr;
+      w[n * LDW + kk] = src != nullptr ? ldg(src) : zero;
+    }
+  }
+}
+
+// x[b, c0 .. c0+KC, ih0 .. ih0+XR, iw0 .. iw0+XC] into xs[(rr * XC + cc) * KC + k], zero
+// outside the image and for c >= C.
+template <typename T, int XC>
+__device__ __forceinline__ void stage_x(const BlockDesc& d, const MmaPlan& pl, const T* x_img,
+                                        const T* x_any, int c0, int ih0, int iw0,
+                                        T* __restrict__ xs) {
+  const int tid = threadIdx.x, XR = pl.XR, C = int(d.C), H = int(d.H), W = int(d.W);
+  if (pl.vec_x) {
+    for (int i = tid; i < XR * XC * (KC / 8); i += NT) {
+      const int v = i % (KC / 8), pos = i / (KC / 8), rr = pos / XC, cc = pos % XC;
+      const int h = ih0 + rr, w = iw0 + cc, c = c0 + 8 * v;
+      const bool ok = h >= 0 && h < H && w >= 0 && w < W && c < C;
+      const T* src = ok ? x_img + (int64_t(h) * W + w) * C + c : x_any;
+      ptx::cp_async_16(xs + pos * KC + 8 * v, src, ok);
+    }
+    return;
+  }
+  const T zero = from_acc<T>(0.f);
+  if (d.channels_last) {  // channels fastest: consecutive threads, consecutive memory
+    for (int i = tid; i < XR * XC * KC; i += NT) {
+      const int k = i % KC, pos = i / KC, rr = pos / XC, cc = pos % XC;
+      const int h = ih0 + rr, w = iw0 + cc, c = c0 + k;
+      const bool ok = h >= 0 && h < H && w >= 0 && w < W && c < C;
+      xs[i] = ok ? ldg(x_img + (int64_t(h) * W + w) * C + c) : zero;
+    }
+  } else {  // NCHW: columns fastest
+    for (int i = tid; i < XR * XC * KC; i += NT) {
+      const int cc = i % XC, r = i / XC, rr = r % XR, k = r / XR;
+      const int h = ih0 + rr, w = iw0 + cc, c = c0 + k;
+      const bool ok = h >= 0 && h < H && w >= 0 && w < W && c < C;
+      xs[(rr * XC + cc) * KC + k] = ok ? ldg(x_img + (int64_t(c) * H + h) * W + w) : zero;
+    }
+  }
+}
+
+// Depthwise weights and biases of channels c0 .. c0+KC: dw[(which * KC + k) * 9 + tap] for
+// which = a, b (first conv of branch B), c (second), then the biases at 27 KC + which * KC + k.
+template <typename T>
+__device__ __forceinline__ void stage_dw(const BlockDesc& d, const BlockTensors<T>& t, int c0,
+                                         float* __restrict__ dw) {
+  const int C = int(d.C);
+  for (int i = threadIdx.x; i < 30 * KC; i += NT) {
+    float v = 0.f;
+    if (i < 27 * KC) {
+      const int which = i / (9 * KC), r = i % (9 * KC), c = c0 + r / 9;
+      const T* w = which == 0 ? t.wa : (which == 1 ? t.wb : t.wc);
+      if (c < C) v = to_acc(ldg(w + c * 9 + r % 9));
+    } else {
+      const int which = (i - 27 * KC) / KC, c = c0 + (i - 27 * KC) % KC;
+      const T* b = which == 0 ? t.ba : (which == 1 ? t.bb : t.bc);
+      if (b != nullptr && c < C) v = to_acc(ldg(b + c));
+    }
+    dw[i] = v;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float bias_of(const BlockDesc& d, const BlockTensors<T>& t,
+                                         const GemmBlock& g, int co) {
+  float v = 0.f;
+  if (co >= g.nb) return v;
+  const bool a = d.merge != kConcat || !g.branch_b, b = d.merge != kConcat || g.branch_b;
+  if (a && t.qa != nullptr) v += to_acc(ldg(t.qa + co));
+  if (b && t.qb != nullptr) v += to_acc(ldg(t.qb + co));
+  if (d.projection && t.bs != nullptr) v += to_acc(ldg(t.bs + g.ch_off + co));
+  return v;
+}
+
+template <typename T, int S, int TW>
+__global__ void __launch_bounds__(NT, 1)
+    block_forward_mma_kernel(BlockDesc d, BlockTensors<T> t, T* y, T* pre, MmaPlan pl) {
+  constexpr int XC = S * (TW + 1) + 3, RW = TW + 2;
+  MSF_EXTERN_SMEM(sm);
+  T* sA = reinterpret_cast<T*>(sm + pl.off_a);
+  T* xs0 = reinterpret_cast<T*>(sm + pl.off_x0);
+  T* xs1 = reinterpret_cast<T*>(sm + pl.off_x1);
+  float* b1 = reinterpret_cast<float*>(sm + pl.off_b1);
+  float* dw = reinterpret_cast<float*>(sm + pl.off_dw);
+  float* sO = reinterpret_cast<float*>(sm + pl.off_o);
+  T* w0 = reinterpret_cast<T*>(sm + pl.off_w0);
+  T* w1 = reinterpret_cast<T*>(sm + pl.off_w1);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int tile = int(blockIdx.x % unsigned(pl.tiles_hw));
+  const int64_t bimg = blockIdx.x / unsigned(pl.tiles_hw);
+  const int TH = pl.TH, P = pl.P, LDA = pl.LDA, C = int(d.C), C16 = pl.C16;
+  const int Ho = int(d.Ho), Wo = int(d.Wo), act = d.act;
+  const int r0 = (tile / pl.tiles_w) * TH, q0 = (tile % pl.tiles_w) * TW;
+  const T* x_img = t.x + bimg * d.C * d.H * d.W;
+  const T zero = from_acc<T>(0.f);
+
+  // ---- phase 1: x once per tile; a, b1, b, xs into A ------------------------------------
+  const int ih0 = S * (r0 - 1) - 1, iw0 = S * (q0 - 1) - 1;
+  const int nchunks = (C16 + KC - 1) / KC;
+  stage_x<T, XC>(d, pl, x_img, t.x, 0, ih0, iw0, xs0);
+  ptx::cp_async_commit();
+  for (int ci = 0; ci < nchunks; ++ci) {
+    const int c0 = ci * KC;
+    const T* xs = (ci & 1) ? xs1 : xs0;
+    if (ci + 1 < nchunks) stage_x<T, XC>(d, pl, x_img, t.x, c0 + KC, ih0, iw0, (ci & 1) ? xs0 : xs1);
+    ptx::cp_async_commit();  // possibly empty: the wait below then always means "chunk ci"
+    stage_dw<T>(d, t, c0, dw);
+    ptx::cp_async_wait<1>();
+    __syncthreads();
+    // b1 on the tile plus its ring, activated, zero outside the output (the second conv's
+    // padding); a and the strided x at the tile's pixels.
+    for (int i = tid; i < (TH + 2) * RW * KC; i += NT) {
+      const int k = i % KC, pos = i / KC, lr = pos / RW, lc = pos % RW;
+      const int oh = r0 - 1 + lr, ow = q0 - 1 + lc;
+      float v = 0.f;
+      if (c0 + k < C && oh >= 0 && oh < Ho && ow >= 0 && ow < Wo)
+        v = act_apply(act, dw9(xs + (S * lr * XC + S * lc) * KC + k, XC * KC, dw + (KC + k) * 9) +
+                               dw[27 * KC + KC + k]);
+      b1[i] = v;
+    }
+    for (int i = tid; i < P * KC; i += NT) {
+      const int k = i % KC, p = i / KC, c = c0 + k;
+      if (c >= C16) continue;
+      const int lr = p / TW, lc = p % TW;
+      T* arow = sA + p * LDA;
+      const T* src = xs + (S * (lr + 1) * XC + S * (lc + 1)) * KC + k;
+      T av = zero, xv = zero;
+      if (c < C) {
+        av = from_acc<T>(act_apply(act, dw9(src, XC * KC, dw + k * 9) + dw[27 * KC + k]));
+        xv = src[(XC + 1) * KC];
+      }
+      arow[pl.seg_a + c] = av;
+      if (pl.seg_x >= 0) arow[pl.seg_x + c] = xv;
+    }
+    __syncthreads();
+    for (int i = tid; i < P * KC; i += NT) {
+      const int k = i % KC, p = i / KC, c = c0 + k;
+      if (c >= C16) continue;
+      const int lr = p / TW, lc = p % TW;
+      float v = 0.f;
+      if (c < C)
+        v = act_apply(act, dw9(b1 + (lr * RW + lc) * KC + k, RW * KC, dw + (2 * KC + k) * 9) +
+                               dw[27 * KC + 2 * KC + k]);
+      sA[p * LDA + pl.seg_b + c] = from_acc<T>(v);
+    }
+    __syncthreads();  // x stage, b1 and dw are free for the next chunk
+  }
+  ptx::cp_async_wait<0>();  // (the last group is empty)
+
+  // ---- phase 2: the GEMM per block of NB output channels ---------------------------------
+  const int nhalf = warp & 1;   // which 32 of the block's 64 channels
+  const int mrow = warp >> 1;   // 16-pixel rows mrow, mrow + 4, mrow + 8, mrow + 12
+  const int mtiles = P / 16;
+  const bool cl = d.channels_last, identity = d.residual && !d.projection;
+  const int64_t Cout = d.Cout;
+  for (int blk = 0; blk < pl.nblk; ++blk) {
+    const GemmBlock g = gemm_block(d, pl, blk);
+    float acc[4][4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][n][e] = 0.f;
+    if (tid < NB) dw[tid] = bias_of<T>(d, t, g, g.co0 + tid);
+
+    const int nst = (g.k_hi - g.k_lo + KB - 1) / KB;
+    stage_weights<T>(d, pl, t, g, g.k_lo, w0);
+    ptx::cp_async_commit();
+    for (int st = 0; st < nst; ++st) {
+      const int kb = g.k_lo + st * KB;
+      const T* w = (st & 1) ? w1 : w0;
+      if (st + 1 < nst) stage_weights<T>(d, pl, t, g, kb + KB, (st & 1) ? w0 : w1);
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<1>();
+      __syncthreads();
+      const int kend = g.k_hi - kb < KB ? g.k_hi - kb : KB;
+      for (int kk = 0; kk < kend; kk += 16) {
+        // B fragments of this warp's 32 channels (four n8 tiles): ldmatrix on [co][k] rows;
+        // lanes 8j .. 8j+7 address channels 8 (j / 2) .. +7 at k offset 8 (j % 2).
+        uint32_t bf[4][2];
+        {
+          const int j = lane / 8, i = lane % 8;
+          const T* row = w + (nhalf * 32 + (j / 2) * 8 + i) * LDW + kk + (j % 2) * 8;
+          uint32_t r[4];
+          ptx::ldmatrix_x4(r, row);
+          bf[0][0] = r[0]; bf[0][1] = r[1]; bf[1][0] = r[2]; bf[1][1] = r[3];
+          ptx::ldmatrix_x4(r, row + 16 * LDW);
+          bf[2][0] = r[0]; bf[2][1] = r[1]; bf[3][0] = r[2]; bf[3][1] = r[3];
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int mt = mrow + 4 * j;
+          if (mt < mtiles) {  // warp-uniform
+            uint32_t a[4];
+            ptx::ldmatrix_x4(a, sA + (mt * 16 + lane % 16) * LDA + kb + kk + 8 * (lane / 16));
+#pragma unroll
+            for (int n = 0; n < 4; ++n) ptx::mma_m16n8k16<T>(acc[j][n], a, bf[n]);
+          }
+        }
+      }
+      __syncthreads();  // this slice is free for the copy after the next
+    }
+
+    // accumulators -> the float output tile: d[0..1] at (row g, cols 2t, 2t+1), d[2..3] at g+8
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int mt = mrow + 4 * j;
+      if (mt < mtiles) {
+        const int row = mt * 16 + lane / 4;
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+          const int col = nhalf * 32 + n * 8 + 2 * (lane % 4);
+          sO[row * LDO + col] = acc[j][n][0];
+          sO[row * LDO + col + 1] = acc[j][n][1];
+          sO[(row + 8) * LDO + col] = acc[j][n][2];
+          sO[(row + 8) * LDO + col + 1] = acc[j][n][3];
+        }
+      }
+    }
+    __syncthreads();
+
+    // epilogue: bias, identity residual, activation, stores
+    if (cl) {
+      for (int i = tid; i < P * (NB / 8); i += NT) {
+        const int g8 = i % (NB / 8), p = i / (NB / 8);
+        const int oh = r0 + p / TW, ow = q0 + p % TW, co = g.co0 + 8 * g8;
+        if (oh >= Ho || ow >= Wo || co >= g.nb) continue;
+        const int ch = g.ch_off + co;
+        const int64_t o = ((bimg * Ho + oh) * Wo + ow) * Cout + ch;
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          v[e] = sO[p * LDO + 8 * g8 + e] + dw[8 * g8 + e];
+          if (identity && co + e < g.nb) v[e] += to_acc(sA[p * LDA + pl.seg_x + ch + e]);
+        }
+        if (pl.vec_y && co + 8 <= g.nb) {
+          Vec16 vp, vy;
+          T* hp = reinterpret_cast<T*>(&vp);
+          T* hy = reinterpret_cast<T*>(&vy);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            hp[e] = from_acc<T>(v[e]);
+            hy[e] = from_acc<T>(act_apply(act, v[e]));
+          }
+          if (pre != nullptr) stg16(pre + o, vp);
+          stg16(y + o, vy);
+        } else {
+          for (int e = 0; e < 8 && co + e < g.nb; ++e) {
+            if (pre != nullptr) stg(pre + o + e, from_acc<T>(v[e]));
+            stg(y + o + e, from_acc<T>(act_apply(act, v[e])));
+          }
+        }
+      }
+    } else {
+      for (int i = tid; i < P * NB; i += NT) {
+        const int p = i % P, n = i / P;
+        const int oh = r0 + p / TW, ow = q0 + p % TW, co = g.co0 + n;
+        if (oh >= Ho || ow >= Wo || co >= g.nb) continue;
+        const int ch = g.ch_off + co;
+        float v = sO[p * LDO + n] + dw[n];
+        if (identity) v += to_acc(sA[p * LDA + pl.seg_x + ch]);
+        const int64_t o = ((bimg * Cout + ch) * Ho + oh) * Wo + ow;
+        if (pre != nullptr) stg(pre + o, from_acc<T>(v));
+        stg(y + o, from_acc<T>(act_apply(act, v)));
+      }
+    }
+    __syncthreads();  // the output tile and the biases are free for the next block
+  }
+}
+
+template <typename T, int S, int TW>
+const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
+                         const MmaPlan& pl, cudaStream_t stream) {
+  auto kernel = block_forward_mma_kernel<T, S, TW>;
+  // The opt-in above 48 KB, raised once per kernel and device to the largest plan seen.
+  static int raised[64] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) return "block_forward: CUDA device index out of range";
+  if (int(pl.smem) > raised[dev]) {
+    const cudaError_t e = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pl.smem));
+    if (e != cudaSuccess) return cudaGetErrorString(e);
+    raised[dev] = int(pl.smem);
+  }
+  const unsigned grid = unsigned(d.B * pl.tiles_hw);
+  MSF_LAUNCH(kernel, grid, NT, pl.smem, stream, d, t, y, pre, pl);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+size_t mma_smem_limit() {
+  int dev = 0, v = 0;
+  cudaGetDevice(&dev);
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return 48 * 1024;
+  return size_t(v);
+}
+
+template <typename T>
+MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* y,
+                         size_t smem_limit) {
+  const bool w16 = aligned16(t.pa) && aligned16(t.pb) && (t.ws == nullptr || aligned16(t.ws));
+  return plan_mma_forward(d, smem_limit, aligned16(t.x), w16, aligned16(y));
+}
+
+template <typename T>
+const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
+                                     cudaStream_t stream) {
+  MmaPlan pl = plan_forward_mma(d, t, y, mma_smem_limit());
+  if (pre != nullptr && !aligned16(pre)) pl.vec_y = false;
+  if (pl.P == 0) return "block_forward: no tile of the float16/bfloat16 kernel fits this GPU's shared memory";
+  if (d.stride == 1)
+    return pl.TW == 8 ? launch_typed<T, 1, 8>(d, t, y, pre, pl, stream)
+                      : launch_typed<T, 1, 16>(d, t, y, pre, pl, stream);
+  return pl.TW == 8 ? launch_typed<T, 2, 8>(d, t, y, pre, pl, stream)
+                    : launch_typed<T, 2, 16>(d, t, y, pre, pl, stream);
+}
+
+template MmaPlan plan_forward_mma<__half>(const BlockDesc&, const BlockTensors<__half>&,
+                                          const __half*, size_t);
+template MmaPlan plan_forward_mma<__nv_bfloat16>(const BlockDesc&,
+                                                 const BlockTensors<__nv_bfloat16>&,
+                                                 const __nv_bfloat16*, size_t);
+template const char* launch_block_forward_mma<__half>(const BlockDesc&,
+                                                      const BlockTensors<__half>&, __half*,
+                                                      __half*, cudaStream_t);
+template const char* launch_block_forward_mma<__nv_bfloat16>(
+    const BlockDesc&, const BlockTensors<__nv_bfloat16>&, __nv_bfloat16*, __nv_bfloat16*,
+    cudaStream_t);
+
+}  // namespace cuda
+}  // namespace msfused

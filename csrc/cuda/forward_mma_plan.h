@@ -1,0 +1,162 @@
+// Host-side plan of the float16/bfloat16 forward (block_forward_mma.cu): the output tile, the
+// K layout of the GEMM operand in shared memory, which 16-byte paths the pointers allow, and
+// the shared-memory map. Plain C++ (no CUDA headers): the launcher, the emulator's driver
+// and its tile table use the same function.
+//
+// The kernel's CTA owns a TH x TW tile of output pixels of one image and computes every
+// output channel for it. Phase 1 streams x through shared memory in chunks of KC channels
+// (one staging of x per tile) and writes the GEMM operand A = [a | b | xs] for every input
+// channel, 16-bit, pixel-major; phase 2 runs the pointwise / projection GEMM out of it for
+// each block of NB output channels, with the weights streamed in K-slices of KB.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "block_desc.h"
+
+namespace msfused {
+namespace cuda {
+
+constexpr int MMA_NT = 256;  // threads per CTA (8 warps)
+constexpr int MMA_KC = 32;   // input channels per staged chunk
+constexpr int MMA_NB = 64;   // output channels per GEMM block
+constexpr int MMA_KB = 64;   // K per staged weight slice
+constexpr int MMA_PAD = 8;   // 16 bytes of row padding: ldmatrix's 8 rows land in 8 bank groups
+constexpr int MMA_LDW = MMA_KB + MMA_PAD;  // row of a staged weight slice (elements)
+constexpr int MMA_LDO = MMA_NB + 4;        // row of the float output tile
+constexpr int MMA_MAX_P = 256;             // pixels per tile: 8 warps x 2 x 16 rows
+
+struct MmaPlan {
+  int TH, TW, P;              // output tile: TH x TW pixels, P = TH * TW, a multiple of 16
+  int tiles_w, tiles_hw;      // tiles per image row / per image
+  int XR, XC;                 // staged x tile (tile plus the halo of both convs)
+  int C16;                    // C rounded up to 16: each operand segment's width
+  int seg_a, seg_b, seg_x;    // K offset of a, b and the strided x in A (-1: absent)
+  int LDA;                    // row of A (elements): the segments plus MMA_PAD
+  int nblk_a, nblk;           // GEMM blocks of branch A (concat) and in all
+  bool vec_x, vec_w, vec_y;   // 16-byte paths: x (cp.async), weights (cp.async), y (stores)
+  uint32_t off_a, off_x0, off_x1, off_b1, off_dw, off_w0, off_w1, off_o, smem;  // bytes
+};
+
+inline int mma_stage_rows(int s, int th) { return s * (th + 1) + 3; }
+
+inline uint32_t mma_align128(size_t v) { return uint32_t((v + 127) & ~size_t(127)); }
+
+// K layout: add [a | b | xs], concat [a | xs | b], so every GEMM block reads one contiguous
+// K range: add all of it, concat branch A [a | xs] and branch B [xs | b]. xs is there for a
+// projection (a GEMM input) or an identity residual (read by the epilogue only).
+inline void mma_plan_segments(const BlockDesc& d, MmaPlan& p) {
+  p.C16 = int((d.C + 15) / 16 * 16);
+  const bool xs = d.residual;
+  int k = 0;
+  p.seg_a = k; k += p.C16;
+  if (d.merge == kConcat) {
+    p.seg_x = xs ? k : -1; k += xs ? p.C16 : 0;
+    p.seg_b = k; k += p.C16;
+  } else {
+    p.seg_b = k; k += p.C16;
+    p.seg_x = xs ? k : -1; k += xs ? p.C16 : 0;
+  }
+  p.LDA = k + MMA_PAD;
+}
+
+// K range [lo, hi) of GEMM block blk.
+MSF_HD void mma_block_k_range(const BlockDesc& d, const MmaPlan& p, int blk, int& lo, int& hi) {
+  const bool proj = d.projection;
+  if (d.merge != kConcat) {
+    lo = 0;
+    hi = 2 * p.C16 + (proj ? p.C16 : 0);
+  } else if (blk < p.nblk_a) {
+    lo = p.seg_a;
+    hi = p.seg_a + p.C16 + (proj ? p.C16 : 0);
+  } else {
+    lo = proj ? p.seg_x : p.seg_b;
+    hi = p.seg_b + p.C16;
+  }
+}
+
+inline void mma_plan_smem(MmaPlan& p) {
+  const size_t H = 2, F = 4;
+  size_t o = 0;
+  p.off_a = 0; o = mma_align128(o + H * size_t(p.P) * p.LDA);
+  // phase 1 (x stages, b1) and phase 2 (the float output tile) share one region
+  const size_t region = o;
+  const size_t xst = H * size_t(p.XR) * p.XC * MMA_KC;
+  p.off_x0 = uint32_t(o); o = mma_align128(o + xst);
+  p.off_x1 = uint32_t(o); o = mma_align128(o + xst);
+  p.off_b1 = uint32_t(o); o = mma_align128(o + F * size_t(p.TH + 2) * (p.TW + 2) * MMA_KC);
+  p.off_o = uint32_t(region);
+  const size_t out_end = mma_align128(region + F * size_t(p.P) * MMA_LDO);
+  if (out_end > o) o = out_end;
+  p.off_dw = uint32_t(o); o = mma_align128(o + F * 30 * MMA_KC);  // phase 2: the block's biases
+  p.off_w0 = uint32_t(o); o = mma_align128(o + H * size_t(MMA_NB) * MMA_LDW);
+  p.off_w1 = uint32_t(o); o = mma_align128(o + H * size_t(MMA_NB) * MMA_LDW);
+  p.smem = uint32_t(o);
+}
+
+// Elements the CTAs of one tile choice move: x staged (in-image part of every tile's halo),
+// y written (padded tiles: the wasted compute), weights streamed per CTA.
+inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p) {
+  auto covered = [](int64_t n_out, int64_t n_in, int tile, int s) {
+    int64_t sum = 0;  // input rows (cols) staged inside the image, over the tiles
+    const int64_t staged = s * (tile + 1) + 3;
+    for (int64_t t0 = 0; t0 < n_out; t0 += tile) {
+      int64_t lo = s * (t0 - 1) - 1, hi = lo + staged;
+      if (lo < 0) lo = 0;
+      if (hi > n_in) hi = n_in;
+      sum += hi > lo ? hi - lo : 0;
+    }
+    return sum;
+  };
+  const double tiles = double(d.B) * p.tiles_hw;
+  const double x = double(d.B) * d.C * covered(d.Ho, d.H, p.TH, d.stride) *
+                   covered(d.Wo, d.W, p.TW, d.stride);
+  const double y = tiles * p.P * d.Cout;
+  double w = 0;
+  for (int blk = 0; blk < p.nblk; ++blk) {
+    int lo, hi;
+    mma_block_k_range(d, p, blk, lo, hi);
+    w += double(hi - lo) * MMA_NB;
+  }
+  return x + y + tiles * w;
+}
+
+// The plan with the cheapest tile that fits smem_limit bytes; P == 0 if none fits.
+inline MmaPlan plan_mma_forward(const BlockDesc& d, size_t smem_limit, bool x_aligned16,
+                                bool w_aligned16, bool y_aligned16) {
+  MmaPlan best{};
+  double best_cost = 0;
+  const int64_t nb_branch = (d.N + MMA_NB - 1) / MMA_NB;
+  for (int tw : {8, 16}) {
+    if (tw == 16 && d.Wo <= 8) continue;
+    for (int th = 1; th <= 32; ++th) {
+      MmaPlan p{};
+      p.TH = th; p.TW = tw; p.P = th * tw;
+      if (p.P % 16 != 0 || p.P > MMA_MAX_P) continue;
+      if (th >= d.Ho + 2) continue;  // two or more rows past the image: no gain
+      const int64_t tiles_h = (d.Ho + th - 1) / th, tiles_w = (d.Wo + tw - 1) / tw;
+      if (tiles_h * tiles_w > 0x7fffffffLL || d.B * tiles_h * tiles_w > 0x7fffffffLL) continue;
+      p.tiles_w = int(tiles_w);
+      p.tiles_hw = int(tiles_h * tiles_w);
+      p.XR = mma_stage_rows(d.stride, th);
+      p.XC = mma_stage_rows(d.stride, tw);
+      mma_plan_segments(d, p);
+      p.nblk_a = int(nb_branch);
+      p.nblk = int(d.merge == kConcat ? 2 * nb_branch : nb_branch);
+      mma_plan_smem(p);
+      if (p.smem > smem_limit) continue;
+      const double cost = mma_plan_cost(d, p);
+      if (best.P == 0 || cost < best_cost) {
+        best = p;
+        best_cost = cost;
+      }
+    }
+  }
+  best.vec_x = d.channels_last && d.C % 8 == 0 && x_aligned16;
+  best.vec_w = d.C % 8 == 0 && w_aligned16;
+  best.vec_y = d.channels_last && d.Cout % 8 == 0 && d.N % 8 == 0 && y_aligned16;
+  return best;
+}
+
+}  // namespace cuda
+}  // namespace msfused

@@ -1,0 +1,46 @@
+// Global-memory loads and stores of the tensor-core kernels, as named helpers so that the CPU
+// emulator (tools/cuda_emu) can count every byte a launch reads and writes: the kernels that
+// use these touch global memory only through them and ptx::cp_async_16.
+#pragma once
+#include <cstdint>
+
+namespace msfused {
+namespace cuda {
+
+// 16 bytes, 16-byte aligned: the unit of the vector paths.
+struct alignas(16) Vec16 {
+  uint32_t w[4];
+};
+
+#ifndef MSFUSED_CUDA_EMU
+template <typename T>
+__device__ __forceinline__ T ldg(const T* p) {
+  return __ldg(p);
+}
+template <typename T>
+__device__ __forceinline__ void stg(T* p, T v) {
+  *p = v;
+}
+__device__ __forceinline__ void stg16(void* p, const Vec16& v) {
+  *reinterpret_cast<uint4*>(p) = make_uint4(v.w[0], v.w[1], v.w[2], v.w[3]);
+}
+#else   // tools/cuda_emu/emu.h: emu_count_read / emu_count_written
+template <typename T>
+inline T ldg(const T* p) {
+  emu_count_read(p, sizeof(T));
+  return *p;
+}
+template <typename T>
+inline void stg(T* p, T v) {
+  emu_count_written(sizeof(T));
+  *p = v;
+}
+inline void stg16(void* p, const Vec16& v) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail("stg16: address not 16-byte aligned");
+  emu_count_written(16);
+  *static_cast<Vec16*>(p) = v;
+}
+#endif
+
+}  // namespace cuda
+}  // namespace msfused
