@@ -59,6 +59,19 @@ def test_tensor_core_forward(emu_lib, case, dtype):
     assert ok, line
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_forward_falls_back_when_no_tile_fits(emu_lib, dtype, monkeypatch):
+    """A GPU whose shared memory holds no tile of the tensor-core kernel's operand (very
+    large C; here a 20 KB device) gets the FMA kernel, with the same results."""
+    from msfused.benchmark import SHAPES
+    run_emu, lib = emu_lib
+    monkeypatch.setenv("CUDA_EMU_SMEM_LIMIT", str(20 * 1024))
+    assert run_emu.forward_bytes(lib, SHAPES["paper"][2])["tile"] == "0x0"  # no plan
+    ok, line = run_emu.run_forward_low(lib, ((20, 70, 11, 10, 2), "add", 2, True, True, "silu"),
+                                       dtype)
+    assert ok, line
+
+
 def _covered(n_out, n_in, tile, s):
     """Input rows (columns) staged inside the image, over the tiles of one image."""
     total = 0

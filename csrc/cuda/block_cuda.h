@@ -28,6 +28,9 @@ template <typename T>
 MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* y,
                          size_t smem_limit);
 size_t mma_smem_limit();  // the current device's opt-in shared memory per block
+// Whether some tile of that kernel fits the device (else the FMA kernel runs: very large C).
+template <typename T>
+bool forward_mma_fits(const BlockDesc& d, const BlockTensors<T>& t, const T* y);
 
 // Scratch the backward needs, in bytes, for element size elem_bytes (2, 4 or 8).
 size_t block_backward_workspace_bytes(const BlockDesc& d, int elem_bytes);

@@ -203,10 +203,12 @@ template <typename T>
 const char* launch_block_forward(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
                                  cudaStream_t stream) {
   if (d.B * d.Cout * d.Ho * d.Wo == 0) return nullptr;
-  // float16/bfloat16: the tensor-core kernel (block_forward_mma.cu); float32/float64: FMAs.
+  // float16/bfloat16: the tensor-core kernel (block_forward_mma.cu) unless C is too large for
+  // its operand tile in shared memory; float32/float64 (and that case): FMAs.
   if constexpr (sizeof(T) == 2) {
-    return launch_block_forward_mma<T>(d, t, y, pre, stream);
-  } else {
+    if (forward_mma_fits<T>(d, t, y)) return launch_block_forward_mma<T>(d, t, y, pre, stream);
+  }
+  {
     using A = typename AccT<T>::type;
     constexpr int KC = FwdKC<T>::value;
     const int64_t tiles_h = (d.Ho + TH - 1) / TH, tiles_w = (d.Wo + TW - 1) / TW;

@@ -19,6 +19,9 @@
 // Layout, merge, projection and activation are warp-uniform run-time branches outside the
 // MMA loop; the stride and the tile width are template parameters (they fix the shared
 // tiles' row lengths, so the index math divides by constants).
+#include <cstdlib>
+#include <cstring>
+
 #include "block_cuda.h"
 #include "common.cuh"
 #include "forward_mma_plan.h"
@@ -403,21 +406,58 @@ size_t mma_smem_limit() {
   int dev = 0, v = 0;
   cudaGetDevice(&dev);
   if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    return 48 * 1024;
-  return size_t(v);
+    v = 48 * 1024;
+  // MSFUSED_CUDA_FWD_SMEM (bytes) caps it, to trade tile size for two CTAs per SM when
+  // measuring (read once per process).
+  static const size_t cap = [] {
+    const char* e = std::getenv("MSFUSED_CUDA_FWD_SMEM");
+    return e != nullptr ? size_t(std::strtoull(e, nullptr, 10)) : size_t(0);
+  }();
+  return cap != 0 && cap < size_t(v) ? cap : size_t(v);
 }
+
+namespace {
+// The plan of the last few call shapes of this thread: planning tries ~50 tiles, a few
+// microseconds of host time that every call of a network's block would otherwise pay.
+struct PlanKey {
+  int64_t v[12];
+  bool operator==(const PlanKey& o) const { return std::memcmp(v, o.v, sizeof(v)) == 0; }
+};
+struct PlanEntry {
+  PlanKey key;
+  MmaPlan plan;
+};
+constexpr int kPlanCache = 16;
+thread_local PlanEntry plan_cache[kPlanCache];
+thread_local int plan_cache_n = 0, plan_cache_next = 0;
+}  // namespace
 
 template <typename T>
 MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* y,
                          size_t smem_limit) {
   const bool w16 = aligned16(t.pa) && aligned16(t.pb) && (t.ws == nullptr || aligned16(t.ws));
-  return plan_mma_forward(d, smem_limit, aligned16(t.x), w16, aligned16(y));
+  const bool x16 = aligned16(t.x), y16 = aligned16(y);
+  PlanKey key{{d.B, d.C, d.H, d.W, d.N, d.stride,
+               d.merge | (d.residual << 2) | (d.projection << 3) | (d.channels_last << 4),
+               int64_t(smem_limit), x16, w16, y16, 0}};
+  for (int i = 0; i < plan_cache_n; ++i)
+    if (plan_cache[i].key == key) return plan_cache[i].plan;
+  const MmaPlan plan = plan_mma_forward(d, smem_limit, x16, w16, y16);
+  plan_cache[plan_cache_next] = PlanEntry{key, plan};
+  plan_cache_next = (plan_cache_next + 1) % kPlanCache;
+  if (plan_cache_n < kPlanCache) ++plan_cache_n;
+  return plan;
+}
+
+template <typename T>
+bool forward_mma_fits(const BlockDesc& d, const BlockTensors<T>& t, const T* y) {
+  return plan_forward_mma(d, t, y, mma_smem_limit()).P != 0;
 }
 
 template <typename T>
 const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
                                      cudaStream_t stream) {
-  MmaPlan pl = plan_forward_mma(d, t, y, mma_smem_limit());
+  MmaPlan pl = plan_forward_mma(d, t, static_cast<const T*>(y), mma_smem_limit());
   if (pre != nullptr && !aligned16(pre)) pl.vec_y = false;
   if (pl.P == 0) return "block_forward: no tile of the float16/bfloat16 kernel fits this GPU's shared memory";
   if (d.stride == 1)
@@ -427,6 +467,11 @@ const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& 
                     : launch_typed<T, 2, 16>(d, t, y, pre, pl, stream);
 }
 
+template bool forward_mma_fits<__half>(const BlockDesc&, const BlockTensors<__half>&,
+                                       const __half*);
+template bool forward_mma_fits<__nv_bfloat16>(const BlockDesc&,
+                                              const BlockTensors<__nv_bfloat16>&,
+                                              const __nv_bfloat16*);
 template MmaPlan plan_forward_mma<__half>(const BlockDesc&, const BlockTensors<__half>&,
                                           const __half*, size_t);
 template MmaPlan plan_forward_mma<__nv_bfloat16>(const BlockDesc&,
