@@ -124,7 +124,8 @@ def test_tensor_core_forward_sass():
     """Every instantiation of the float16/bfloat16 forward (block_forward_mma.cu) runs its GEMM
     on tensor cores (HMMA) fed by ldmatrix (LDSM), stages x and the weights with 16-byte
     cp.async (LDGSTS .128), writes y with 16-byte stores, and keeps everything in registers
-    (no local memory). The table: python tools/cuda_sass.py forward_mma."""
+    (no local memory) within 128 per thread, the two CTAs per SM that the tile plan assumes
+    (csrc/cuda/forward_mma_plan.h). The table: python tools/cuda_sass.py forward_mma."""
     _built_with_cuda()
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import cuda_sass
@@ -136,5 +137,6 @@ def test_tensor_core_forward_sass():
     for name, r in ks.items():
         short = cuda_sass.demangle_short(name)
         assert r["local"] == 0 and r["LDL"] == 0 and r["STL"] == 0, (short, r)
+        assert r["regs"] <= 128, (short, r)
         for op in ("HMMA", "LDSM", "LDGSTS128", "STG128"):
             assert r[op] > 0, (short, op, r)

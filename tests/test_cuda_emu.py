@@ -90,7 +90,7 @@ def test_forward_global_bytes(emu_lib, name):
     from msfused.benchmark import SHAPES
     run_emu, lib = emu_lib
     shape = {s.name: s for g in SHAPES.values() for s in g}[name]
-    r = run_emu.forward_bytes(lib, shape, batch=2)
+    r = run_emu.forward_bytes(lib, shape, batch=2, plan_batch=shape.batch)
     th, tw = map(int, r["tile"].split("x"))
     ho, wo = (shape.h - 1) // shape.stride + 1, (shape.w - 1) // shape.stride + 1
     staged = (_covered(ho, shape.h, th, shape.stride) * _covered(wo, shape.w, tw, shape.stride)

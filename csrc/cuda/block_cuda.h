@@ -26,8 +26,8 @@ const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& 
                                      cudaStream_t stream);
 template <typename T>
 MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* y,
-                         size_t smem_limit);
-size_t mma_smem_limit();  // the current device's opt-in shared memory per block
+                         const MmaDevice& dev);
+MmaDevice mma_device();  // the current device's shared memory and SM count
 // Whether some tile of that kernel fits the device (else the FMA kernel runs: very large C).
 template <typename T>
 bool forward_mma_fits(const BlockDesc& d, const BlockTensors<T>& t, const T* y);

@@ -19,8 +19,10 @@
 // Layout, merge, projection and activation are warp-uniform run-time branches outside the
 // MMA loop; the stride and the tile width are template parameters (they fix the shared
 // tiles' row lengths, so the index math divides by constants).
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "block_cuda.h"
 #include "common.cuh"
@@ -39,16 +41,56 @@ namespace {
 constexpr int NT = MMA_NT, KC = MMA_KC, NB = MMA_NB, KB = MMA_KB, LDW = MMA_LDW,
               LDO = MMA_LDO;
 
-// sum_ij w9[3i+j] * src[i * ld + j * KC]: a 3x3 window of a channel-interleaved tile.
-template <typename S>
-__device__ __forceinline__ float dw9(const S* __restrict__ src, int ld,
-                                     const float* __restrict__ w9) {
-  float s = 0.f;
+constexpr int SEG = 4;  // rows per depthwise work item: 3 (SEG + 2) / SEG loads per output
+
+__device__ __forceinline__ int min_i(int a, int b) { return a < b ? a : b; }
+
+__device__ __forceinline__ void load_taps(float (&w)[9], const float* __restrict__ src) {
 #pragma unroll
-  for (int i = 0; i < 3; ++i)
+  for (int j = 0; j < 9; ++j) w[j] = src[j];
+}
+
+// One channel's 3x3 depthwise conv down a column of a channel-interleaved shared tile:
+// for r in [r_begin, r_end), v = sum_ij w[3i+j] src[(S r + i) ld + j KC] and emit(r, v, the
+// window's centre). The 3x3 window slides in registers: S new input rows (3 S loads) per
+// output instead of 9.
+template <int S, typename Src, typename Emit>
+__device__ __forceinline__ void dw_column(const Src* __restrict__ src, int ld,
+                                          const float (&w)[9], int r_begin, int r_end,
+                                          Emit emit) {
+  float win[3][3];
+  auto load_row = [&](float (&row)[3], int ir) {
 #pragma unroll
-    for (int j = 0; j < 3; ++j) s += w9[i * 3 + j] * to_acc(src[i * ld + j * KC]);
-  return s;
+    for (int j = 0; j < 3; ++j) row[j] = to_acc(src[ir * ld + j * KC]);
+  };
+  load_row(win[0], S * r_begin);
+  load_row(win[1], S * r_begin + 1);
+  load_row(win[2], S * r_begin + 2);
+  for (int r = r_begin; r < r_end; ++r) {
+    if (r > r_begin) {
+#pragma unroll
+      for (int j = 0; j < 3; ++j) {
+        if (S == 1) {
+          win[0][j] = win[1][j];
+          win[1][j] = win[2][j];
+        } else {
+          win[0][j] = win[2][j];
+        }
+      }
+      if (S == 1) {
+        load_row(win[2], r + 2);
+      } else {
+        load_row(win[1], S * r + 1);
+        load_row(win[2], S * r + 2);
+      }
+    }
+    float v = 0.f;
+#pragma unroll
+    for (int i = 0; i < 3; ++i)
+#pragma unroll
+      for (int j = 0; j < 3; ++j) v += w[i * 3 + j] * win[i][j];
+    emit(r, v, win[1][1]);
+  }
 }
 
 // What one GEMM block computes: output channels co0 .. co0 + NB of a branch of nb channels,
@@ -180,7 +222,7 @@ __device__ __forceinline__ float bias_of(const BlockDesc& d, const BlockTensors<
 }
 
 template <typename T, int S, int TW>
-__global__ void __launch_bounds__(NT, 1)
+__global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 registers
     block_forward_mma_kernel(BlockDesc d, BlockTensors<T> t, T* y, T* pre, MmaPlan pl) {
   constexpr int XC = S * (TW + 1) + 3, RW = TW + 2;
   MSF_EXTERN_SMEM(sm);
@@ -205,6 +247,7 @@ __global__ void __launch_bounds__(NT, 1)
   // ---- phase 1: x once per tile; a, b1, b, xs into A ------------------------------------
   const int ih0 = S * (r0 - 1) - 1, iw0 = S * (q0 - 1) - 1;
   const int nchunks = (C16 + KC - 1) / KC;
+  const int seg_ring = (TH + 2 + SEG - 1) / SEG, seg_tile = (TH + SEG - 1) / SEG;
   stage_x<T, XC>(d, pl, x_img, t.x, 0, ih0, iw0, xs0);
   ptx::cp_async_commit();
   for (int ci = 0; ci < nchunks; ++ci) {
@@ -216,40 +259,61 @@ __global__ void __launch_bounds__(NT, 1)
     ptx::cp_async_wait<1>();
     __syncthreads();
     // b1 on the tile plus its ring, activated, zero outside the output (the second conv's
-    // padding); a and the strided x at the tile's pixels.
-    for (int i = tid; i < (TH + 2) * RW * KC; i += NT) {
-      const int k = i % KC, pos = i / KC, lr = pos / RW, lc = pos % RW;
-      const int oh = r0 - 1 + lr, ow = q0 - 1 + lc;
-      float v = 0.f;
-      if (c0 + k < C && oh >= 0 && oh < Ho && ow >= 0 && ow < Wo)
-        v = act_apply(act, dw9(xs + (S * lr * XC + S * lc) * KC + k, XC * KC, dw + (KC + k) * 9) +
-                               dw[27 * KC + KC + k]);
-      b1[i] = v;
-    }
-    for (int i = tid; i < P * KC; i += NT) {
-      const int k = i % KC, p = i / KC, c = c0 + k;
-      if (c >= C16) continue;
-      const int lr = p / TW, lc = p % TW;
-      T* arow = sA + p * LDA;
-      const T* src = xs + (S * (lr + 1) * XC + S * (lc + 1)) * KC + k;
-      T av = zero, xv = zero;
-      if (c < C) {
-        av = from_acc<T>(act_apply(act, dw9(src, XC * KC, dw + k * 9) + dw[27 * KC + k]));
-        xv = src[(XC + 1) * KC];
+    // padding); a and the strided x at the tile's pixels. Each item is one channel and one
+    // column over SEG rows (consecutive threads: consecutive channels, conflict-free).
+    for (int i = tid; i < KC * RW * seg_ring; i += NT) {
+      const int k = i % KC, rest = i / KC, lc = rest % RW, r_begin = (rest / RW) * SEG;
+      const int r_end = min_i(r_begin + SEG, TH + 2), ow = q0 - 1 + lc;
+      float* out = b1 + lc * KC + k;
+      if (c0 + k >= C || ow < 0 || ow >= Wo) {
+        for (int r = r_begin; r < r_end; ++r) out[r * RW * KC] = 0.f;
+        continue;
       }
-      arow[pl.seg_a + c] = av;
-      if (pl.seg_x >= 0) arow[pl.seg_x + c] = xv;
+      float w[9];
+      load_taps(w, dw + (KC + k) * 9);
+      const float bias = dw[27 * KC + KC + k];
+      dw_column<S>(xs + S * lc * KC + k, XC * KC, w, r_begin, r_end, [&](int r, float v, float) {
+        const int oh = r0 - 1 + r;
+        out[r * RW * KC] = (oh >= 0 && oh < Ho) ? act_apply(act, v + bias) : 0.f;
+      });
+    }
+    for (int i = tid; i < KC * TW * seg_tile; i += NT) {
+      const int k = i % KC, rest = i / KC, lc = rest % TW, r_begin = (rest / TW) * SEG;
+      const int r_end = min_i(r_begin + SEG, TH), c = c0 + k;
+      if (c >= C16) continue;
+      T* out = sA + lc * LDA + c;  // + p * LDA with p = r * TW + lc
+      if (c >= C) {
+        for (int r = r_begin; r < r_end; ++r) {
+          out[r * TW * LDA + pl.seg_a] = zero;
+          if (pl.seg_x >= 0) out[r * TW * LDA + pl.seg_x] = zero;
+        }
+        continue;
+      }
+      float w[9];
+      load_taps(w, dw + k * 9);
+      const float bias = dw[27 * KC + k];
+      dw_column<S>(xs + (S * XC + S * (lc + 1)) * KC + k, XC * KC, w, r_begin, r_end,
+                   [&](int r, float v, float center) {
+                     out[r * TW * LDA + pl.seg_a] = from_acc<T>(act_apply(act, v + bias));
+                     if (pl.seg_x >= 0) out[r * TW * LDA + pl.seg_x] = from_acc<T>(center);
+                   });
     }
     __syncthreads();
-    for (int i = tid; i < P * KC; i += NT) {
-      const int k = i % KC, p = i / KC, c = c0 + k;
+    for (int i = tid; i < KC * TW * seg_tile; i += NT) {
+      const int k = i % KC, rest = i / KC, lc = rest % TW, r_begin = (rest / TW) * SEG;
+      const int r_end = min_i(r_begin + SEG, TH), c = c0 + k;
       if (c >= C16) continue;
-      const int lr = p / TW, lc = p % TW;
-      float v = 0.f;
-      if (c < C)
-        v = act_apply(act, dw9(b1 + (lr * RW + lc) * KC + k, RW * KC, dw + (2 * KC + k) * 9) +
-                               dw[27 * KC + 2 * KC + k]);
-      sA[p * LDA + pl.seg_b + c] = from_acc<T>(v);
+      T* out = sA + lc * LDA + pl.seg_b + c;
+      if (c >= C) {
+        for (int r = r_begin; r < r_end; ++r) out[r * TW * LDA] = zero;
+        continue;
+      }
+      float w[9];
+      load_taps(w, dw + (2 * KC + k) * 9);
+      const float bias = dw[27 * KC + 2 * KC + k];
+      dw_column<1>(b1 + lc * KC + k, RW * KC, w, r_begin, r_end, [&](int r, float v, float) {
+        out[r * TW * LDA] = from_acc<T>(act_apply(act, v + bias));
+      });
     }
     __syncthreads();  // x stage, b1 and dw are free for the next chunk
   }
@@ -282,7 +346,7 @@ __global__ void __launch_bounds__(NT, 1)
       ptx::cp_async_commit();
       ptx::cp_async_wait<1>();
       __syncthreads();
-      const int kend = g.k_hi - kb < KB ? g.k_hi - kb : KB;
+      const int kend = min_i(KB, g.k_hi - kb);
       for (int kk = 0; kk < kend; kk += 16) {
         // B fragments of this warp's 32 channels (four n8 tiles): ldmatrix on [co][k] rows;
         // lanes 8j .. 8j+7 address channels 8 (j / 2) .. +7 at k offset 8 (j % 2).
@@ -402,18 +466,40 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 }  // namespace
 
-size_t mma_smem_limit() {
-  int dev = 0, v = 0;
+namespace {
+size_t env_bytes(const char* name) {
+  const char* e = std::getenv(name);
+  return e != nullptr ? size_t(std::strtoull(e, nullptr, 10)) : size_t(0);
+}
+std::pair<int, int> env_tile(const char* name) {
+  const char* e = std::getenv(name);
+  int th = 0, tw = 0;
+  if (e == nullptr || std::sscanf(e, "%dx%d", &th, &tw) != 2) th = tw = 0;
+  return {th, tw};
+}
+}  // namespace
+
+MmaDevice mma_device() {
+  int dev = 0, block = 0, sm = 0, sms = 0;
   cudaGetDevice(&dev);
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    v = 48 * 1024;
-  // MSFUSED_CUDA_FWD_SMEM (bytes) caps it, to trade tile size for two CTAs per SM when
-  // measuring (read once per process).
-  static const size_t cap = [] {
-    const char* e = std::getenv("MSFUSED_CUDA_FWD_SMEM");
-    return e != nullptr ? size_t(std::strtoull(e, nullptr, 10)) : size_t(0);
-  }();
-  return cap != 0 && cap < size_t(v) ? cap : size_t(v);
+  if (cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    block = 48 * 1024;
+  if (cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess)
+    sm = block;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) sms = 1;
+  // MSFUSED_CUDA_FWD_SMEM (bytes) caps the block's share, to trade tile size for CTAs per SM
+  // when measuring; MSFUSED_CUDA_FWD_TILE=THxTW (TW 8 or 16) forces a tile where it fits. Read
+  // once per process (by the emulator, whose tests change them, at every call).
+#ifdef MSFUSED_CUDA_EMU
+  const size_t cap = env_bytes("MSFUSED_CUDA_FWD_SMEM");
+  const std::pair<int, int> tile = env_tile("MSFUSED_CUDA_FWD_TILE");
+#else
+  static const size_t cap = env_bytes("MSFUSED_CUDA_FWD_SMEM");
+  static const std::pair<int, int> tile = env_tile("MSFUSED_CUDA_FWD_TILE");
+#endif
+  MmaDevice m{size_t(block), size_t(sm), sms, tile.first, tile.second};
+  if (cap != 0 && cap < m.smem_block) m.smem_block = cap;
+  return m;
 }
 
 namespace {
@@ -434,15 +520,17 @@ thread_local int plan_cache_n = 0, plan_cache_next = 0;
 
 template <typename T>
 MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* y,
-                         size_t smem_limit) {
+                         const MmaDevice& dev) {
   const bool w16 = aligned16(t.pa) && aligned16(t.pb) && (t.ws == nullptr || aligned16(t.ws));
   const bool x16 = aligned16(t.x), y16 = aligned16(y);
   PlanKey key{{d.B, d.C, d.H, d.W, d.N, d.stride,
-               d.merge | (d.residual << 2) | (d.projection << 3) | (d.channels_last << 4),
-               int64_t(smem_limit), x16, w16, y16, 0}};
+               d.merge | (d.residual << 2) | (d.projection << 3) | (d.channels_last << 4) |
+                   (x16 << 5) | (w16 << 6) | (y16 << 7),
+               int64_t(dev.smem_block), int64_t(dev.smem_sm), dev.sms, dev.force_th,
+               dev.force_tw}};
   for (int i = 0; i < plan_cache_n; ++i)
     if (plan_cache[i].key == key) return plan_cache[i].plan;
-  const MmaPlan plan = plan_mma_forward(d, smem_limit, x16, w16, y16);
+  const MmaPlan plan = plan_mma_forward(d, dev, x16, w16, y16);
   plan_cache[plan_cache_next] = PlanEntry{key, plan};
   plan_cache_next = (plan_cache_next + 1) % kPlanCache;
   if (plan_cache_n < kPlanCache) ++plan_cache_n;
@@ -451,13 +539,13 @@ MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* 
 
 template <typename T>
 bool forward_mma_fits(const BlockDesc& d, const BlockTensors<T>& t, const T* y) {
-  return plan_forward_mma(d, t, y, mma_smem_limit()).P != 0;
+  return plan_forward_mma(d, t, y, mma_device()).P != 0;
 }
 
 template <typename T>
 const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
                                      cudaStream_t stream) {
-  MmaPlan pl = plan_forward_mma(d, t, static_cast<const T*>(y), mma_smem_limit());
+  MmaPlan pl = plan_forward_mma(d, t, static_cast<const T*>(y), mma_device());
   if (pre != nullptr && !aligned16(pre)) pl.vec_y = false;
   if (pl.P == 0) return "block_forward: no tile of the float16/bfloat16 kernel fits this GPU's shared memory";
   if (d.stride == 1)
@@ -473,10 +561,10 @@ template bool forward_mma_fits<__nv_bfloat16>(const BlockDesc&,
                                               const BlockTensors<__nv_bfloat16>&,
                                               const __nv_bfloat16*);
 template MmaPlan plan_forward_mma<__half>(const BlockDesc&, const BlockTensors<__half>&,
-                                          const __half*, size_t);
+                                          const __half*, const MmaDevice&);
 template MmaPlan plan_forward_mma<__nv_bfloat16>(const BlockDesc&,
                                                  const BlockTensors<__nv_bfloat16>&,
-                                                 const __nv_bfloat16*, size_t);
+                                                 const __nv_bfloat16*, const MmaDevice&);
 template const char* launch_block_forward_mma<__half>(const BlockDesc&,
                                                       const BlockTensors<__half>&, __half*,
                                                       __half*, cudaStream_t);

@@ -9,6 +9,7 @@
 // channel, 16-bit, pixel-major; phase 2 runs the pointwise / projection GEMM out of it for
 // each block of NB output channels, with the weights streamed in K-slices of KB.
 #pragma once
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -36,6 +37,13 @@ struct MmaPlan {
   int nblk_a, nblk;           // GEMM blocks of branch A (concat) and in all
   bool vec_x, vec_w, vec_y;   // 16-byte paths: x (cp.async), weights (cp.async), y (stores)
   uint32_t off_a, off_x0, off_x1, off_b1, off_dw, off_w0, off_w1, off_o, smem;  // bytes
+};
+
+// What the plan needs of the GPU: shared memory per block (opt-in) and per SM, SM count.
+struct MmaDevice {
+  size_t smem_block, smem_sm;
+  int sms;
+  int force_th, force_tw;  // a tile to use where it fits (0: the cost model's), for measuring
 };
 
 inline int mma_stage_rows(int s, int th) { return s * (th + 1) + 3; }
@@ -94,9 +102,11 @@ inline void mma_plan_smem(MmaPlan& p) {
   p.smem = uint32_t(o);
 }
 
-// Elements the CTAs of one tile choice move: x staged (in-image part of every tile's halo),
-// y written (padded tiles: the wasted compute), weights streamed per CTA.
-inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p) {
+// Cost of one tile choice: the elements its CTAs move (x staged: the in-image part of every
+// tile's halo; y written, padded tiles included: the wasted compute; weights streamed per CTA)
+// per CTA, times the waves of CTAs the GPU runs (CTAs per SM from shared memory, at most two
+// by registers: 128 x 256 threads), so that a grid too small to fill the GPU pays for it.
+inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p, const MmaDevice& dev) {
   auto covered = [](int64_t n_out, int64_t n_in, int tile, int s) {
     int64_t sum = 0;  // input rows (cols) staged inside the image, over the tiles
     const int64_t staged = s * (tile + 1) + 3;
@@ -118,22 +128,37 @@ inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p) {
     mma_block_k_range(d, p, blk, lo, hi);
     w += double(hi - lo) * MMA_NB;
   }
-  return x + y + tiles * w;
+  const size_t per_cta = p.smem + 1024;  // the driver reserves 1 KB per CTA
+  int per_sm = int(dev.smem_sm / per_cta);
+  if (per_sm > 2) per_sm = 2;
+  if (per_sm < 1) per_sm = 1;
+  const double slots = double(dev.sms > 0 ? dev.sms : 1) * per_sm;
+  const double waves = std::ceil(tiles / slots);
+  return (x + y + tiles * w) / tiles * waves;
 }
 
-// The plan with the cheapest tile that fits smem_limit bytes; P == 0 if none fits.
-inline MmaPlan plan_mma_forward(const BlockDesc& d, size_t smem_limit, bool x_aligned16,
-                                bool w_aligned16, bool y_aligned16) {
+// The plan with the cheapest tile that fits the device; P == 0 if none fits.
+inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, bool x_aligned16,
+                                bool w_aligned16, bool y_aligned16, int only_th = 0,
+                                int only_tw = 0) {
   MmaPlan best{};
   double best_cost = 0;
+  if (dev.force_th > 0 && dev.force_tw > 0) {
+    MmaDevice free_dev = dev;
+    free_dev.force_th = free_dev.force_tw = 0;
+    const MmaPlan p = plan_mma_forward(d, free_dev, x_aligned16, w_aligned16, y_aligned16,
+                                       dev.force_th, dev.force_tw);
+    if (p.P != 0) return p;
+  }
   const int64_t nb_branch = (d.N + MMA_NB - 1) / MMA_NB;
   for (int tw : {8, 16}) {
-    if (tw == 16 && d.Wo <= 8) continue;
+    if (only_tw != 0 ? tw != only_tw : (tw == 16 && d.Wo <= 8)) continue;
     for (int th = 1; th <= 32; ++th) {
+      if (only_th != 0 && th != only_th) continue;
       MmaPlan p{};
       p.TH = th; p.TW = tw; p.P = th * tw;
       if (p.P % 16 != 0 || p.P > MMA_MAX_P) continue;
-      if (th >= d.Ho + 2) continue;  // two or more rows past the image: no gain
+      if (only_th == 0 && th >= d.Ho + 2) continue;  // two or more rows past the image
       const int64_t tiles_h = (d.Ho + th - 1) / th, tiles_w = (d.Wo + tw - 1) / tw;
       if (tiles_h * tiles_w > 0x7fffffffLL || d.B * tiles_h * tiles_w > 0x7fffffffLL) continue;
       p.tiles_w = int(tiles_w);
@@ -144,8 +169,8 @@ inline MmaPlan plan_mma_forward(const BlockDesc& d, size_t smem_limit, bool x_al
       p.nblk_a = int(nb_branch);
       p.nblk = int(d.merge == kConcat ? 2 * nb_branch : nb_branch);
       mma_plan_smem(p);
-      if (p.smem > smem_limit) continue;
-      const double cost = mma_plan_cost(d, p);
+      if (p.smem > dev.smem_block) continue;
+      const double cost = mma_plan_cost(d, p, dev);
       if (best.P == 0 || cost < best_cost) {
         best = p;
         best_cost = cost;

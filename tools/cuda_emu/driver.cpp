@@ -81,7 +81,7 @@ extern "C" void emu_bytes(const void* x, uint64_t x_bytes, uint64_t* read_x, uin
 extern "C" void emu_mma_plan(const int64_t* dv, void** p, void* y, int64_t* out) {
   const BlockDesc d = desc_of(dv);
   const cuda::MmaPlan pl = cuda::plan_forward_mma<__nv_bfloat16>(
-      d, tens<__nv_bfloat16>(p), static_cast<const __nv_bfloat16*>(y), cuda::mma_smem_limit());
+      d, tens<__nv_bfloat16>(p), static_cast<const __nv_bfloat16*>(y), cuda::mma_device());
   out[0] = pl.TH; out[1] = pl.TW; out[2] = pl.tiles_hw; out[3] = pl.smem;
   out[4] = pl.vec_x; out[5] = pl.vec_w; out[6] = pl.vec_y;
 }

@@ -61,13 +61,19 @@ inline dim3 blockDim, gridDim;
 typedef void* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-// An H100 / H200's opt-in shared memory per block (CUDA_EMU_SMEM_LIMIT overrides, to test
-// the plans of smaller GPUs).
-inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) {
+// An H100 / H200 (SXM): 132 SMs, 228 KB of shared memory per SM, 227 KB per block opt-in
+// (CUDA_EMU_SMEM_LIMIT overrides the last, to test the plans of smaller GPUs).
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   const char* e = std::getenv("CUDA_EMU_SMEM_LIMIT");
-  *v = e ? std::atoi(e) : 227 * 1024;
+  *v = a == cudaDevAttrMultiProcessorCount ? 132
+     : a == cudaDevAttrMaxSharedMemoryPerMultiprocessor ? 228 * 1024
+     : (e ? std::atoi(e) : 227 * 1024);
   return cudaSuccess;
 }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }

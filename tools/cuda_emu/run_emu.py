@@ -230,9 +230,11 @@ def dtype_name(dtype):
 # The float16/bfloat16 forward (tensor cores: mma.sync, ldmatrix, cp.async; emu_ptx.h emulates
 # them and asserts their rules) over every config: merge, stride, residual (identity where C == Cout at
 # stride 1, else projection), layout, each activation; C and N not multiples of 16 / 64
-# (partial K-chunks, two 64-channel blocks), C = 1, 1x1 images, several tiles and chunks.
+# (partial K-chunks, two 64-channel blocks), C = 1, 1x1 images, several tiles and chunks;
+# C = 3 with N = 1 on 7x5, and C = 256 (eight chunks, 16-byte paths) with N = 140 (C_out 280
+# with concat: five blocks per branch, partial ones).
 FORWARD_LOW_SHAPES = [(20, 70, 11, 10, 2), (1, 1, 1, 1, 3), (5, 3, 7, 9, 2), (8, 8, 9, 6, 2),
-                      (8, 4, 9, 6, 1), (33, 64, 17, 18, 1)]
+                      (8, 4, 9, 6, 1), (33, 64, 17, 18, 1), (3, 1, 7, 5, 2), (256, 140, 7, 5, 1)]
 
 
 def forward_low_cases():
@@ -269,17 +271,38 @@ def main_forward_low(lib):
     return 1 if fails else 0
 
 
-def forward_bytes(lib, shape, batch=1, dtype=torch.bfloat16):
+def forward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, plan_batch=None):
     """Global bytes of one emulated channels_last forward at a benchmark shape (the module's
     default config), counted by the emulator: a dict with the plan (tile, CTAs, shared
     memory), x's size and the bytes read from it, the weights' size and the bytes read of
-    them (and the biases), y's size and the bytes written."""
+    them (and the biases), y's size and the bytes written. plan_batch: run `batch` images
+    with the tile the plan picks for plan_batch (the plan weighs how full the GPU is)."""
+    if plan_batch is not None:
+        tile = forward_bytes_plan(lib, shape, plan_batch, dtype)
+        old = os.environ.get("MSFUSED_CUDA_FWD_TILE")
+        os.environ["MSFUSED_CUDA_FWD_TILE"] = tile
+        try:
+            return forward_bytes(lib, shape, batch, dtype)
+        finally:
+            if old is None:
+                del os.environ["MSFUSED_CUDA_FWD_TILE"]
+            else:
+                os.environ["MSFUSED_CUDA_FWD_TILE"] = old
+    return _forward_bytes(lib, shape, batch, dtype)
+
+
+def forward_bytes_plan(lib, shape, batch, dtype=torch.bfloat16):
+    """The tile ("THxTW") the plan picks at this batch."""
+    return _forward_bytes(lib, shape, batch, dtype, run=False)["tile"]
+
+
+def _forward_bytes(lib, shape, batch, dtype, run=True):
     torch.manual_seed(0)
     m = msfused.MultiScaleSeparableBlock(shape.c, shape.n, merge=shape.merge,
                                          stride=shape.stride, backend="reference", dtype=dtype)
     cfg = m.config
     params = [t.detach().contiguous() if t is not None else None for t in m.params()]
-    x = torch.randn(batch, shape.c, shape.h, shape.w, dtype=dtype).contiguous(
+    x = torch.randn(batch if run else 1, shape.c, shape.h, shape.w, dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     n, stride = shape.n, shape.stride
     cout = out_channels(n, cfg.merge)
@@ -287,11 +310,13 @@ def forward_bytes(lib, shape, batch=1, dtype=torch.bfloat16):
     proj = cfg.residual and needs_projection(shape.c, cout, stride)
     desc = (ctypes.c_int64 * 14)(batch, shape.c, shape.h, shape.w, n, cout, ho, wo, stride,
                                  cfg.merge, cfg.act, int(cfg.residual), int(proj), 1)
-    y = torch.empty((batch, cout, ho, wo), dtype=dtype).contiguous(
+    y = torch.empty((batch if run else 1, cout, ho, wo), dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     ptrs = (ctypes.c_void_p * 13)(ptr(x), *[ptr(t) for t in params])
     plan = (ctypes.c_int64 * 7)()
     lib.emu_mma_plan(desc, ptrs, ptr(y), plan)
+    if not run:
+        return dict(tile=f"{plan[0]}x{plan[1]}", ctas=batch * plan[2], smem=plan[3])
     counts = [ctypes.c_uint64() for _ in range(3)]
     xb = x.numel() * x.element_size()
     lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(c) for c in counts])  # reset
@@ -310,12 +335,13 @@ def forward_bytes(lib, shape, batch=1, dtype=torch.bfloat16):
 
 def main_bytes(lib, batch):
     from msfused.benchmark import SHAPES
-    print(f"emulated bfloat16 channels_last forward, batch {batch}: global bytes per launch")
+    print(f"emulated bfloat16 channels_last forward, batch {batch} with the tile planned for "
+          "the benchmark's batch: global bytes per launch")
     print(f"{'shape':9} {'tile':>6} {'CTAs':>5} {'smem KB':>7} {'x read/x':>9} "
           f"{'w read/(CTAs*w)':>16} {'y written/y':>12}")
     for group in SHAPES.values():
         for shape in group:
-            r = forward_bytes(lib, shape, batch)
+            r = forward_bytes(lib, shape, batch, plan_batch=shape.batch)
             print(f"{r['name']:9} {r['tile']:>6} {r['ctas']:5d} {r['smem'] / 1024:7.1f} "
                   f"{r['read_x'] / r['x']:9.3f} {r['read_w'] / (r['ctas'] * r['w']):16.3f} "
                   f"{r['written'] / r['y']:12.3f}", flush=True)

@@ -1,12 +1,15 @@
-"""GPU time of the CUDA backend's bfloat16 channels_last forward at the benchmark shapes, with
-the tensor-core kernel's shared memory capped (MSFUSED_CUDA_FWD_SMEM), against eager's: does a
-smaller tile that lets two or three CTAs share an SM beat the largest tile that fits?
+"""GPU time of the CUDA backend's bfloat16 channels_last forward at the benchmark shapes for
+several tiles of the tensor-core kernel, against eager's: is the plan's cost model
+(csrc/cuda/forward_mma_plan.h: traffic per CTA times waves, at most two CTAs per SM) right,
+or does a larger tile (less halo, one CTA per SM) or a smaller one (three CTAs per SM) win?
 
-    python tools/gpu/forward_sweep.py            # every cap, one subprocess each
-    python tools/gpu/forward_sweep.py --one      # this process's cap only (the subprocess)
+    python tools/gpu/forward_sweep.py            # every variant, one subprocess each
+    python tools/gpu/forward_sweep.py --one      # this process's settings only
 
-Prints one line per (cap, shape): GPU ms of the fused forward (cold L2), of eager (best of
-NCHW and channels_last) and the ratio. The cap is read once per process, hence subprocesses.
+Variants set MSFUSED_CUDA_FWD_TILE (THxTW, used where it fits) or MSFUSED_CUDA_FWD_SMEM (a cap
+on the shared memory per CTA); both are read once per process, hence the subprocesses. One
+line per (variant, shape): GPU ms of the fused forward (cold L2), of eager (best of NCHW and
+channels_last), the ratio and the fused output's error against eager's.
 """
 import os
 import subprocess
@@ -17,13 +20,15 @@ import torch
 import msfused
 from msfused.benchmark import SHAPES, gpu_time_fn
 
-# 0: the device's opt-in maximum (one CTA per SM at the benchmark shapes); 113 KB: two CTAs
-# per SM of an H100/H200 (228 KB, 1 KB reserved per CTA); 75 KB: three.
-CAPS = [0, 113 * 1024, 75 * 1024]
+VARIANTS = [{}, {"MSFUSED_CUDA_FWD_TILE": "16x16"}, {"MSFUSED_CUDA_FWD_TILE": "8x16"},
+            {"MSFUSED_CUDA_FWD_TILE": "8x8"}, {"MSFUSED_CUDA_FWD_TILE": "4x16"},
+            {"MSFUSED_CUDA_FWD_SMEM": str(75 * 1024)}]  # 75 KB: three CTAs per SM
 
 
 def one():
-    cap = os.environ.get("MSFUSED_CUDA_FWD_SMEM", "0")
+    name = " ".join(f"{k[len('MSFUSED_CUDA_FWD_'):].lower()}={os.environ[k]}"
+                    for k in ("MSFUSED_CUDA_FWD_TILE", "MSFUSED_CUDA_FWD_SMEM")
+                    if os.environ.get(k)) or "plan"
     torch.backends.cudnn.benchmark = True
     for group in SHAPES.values():
         for s in group:
@@ -38,9 +43,10 @@ def one():
             xcl = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 err = (m(xcl).float() - ref(xcl).float()).norm() / ref(xcl).float().norm()
-                fused = gpu_time_fn(lambda: m(xcl))
-                eager = min(gpu_time_fn(lambda: ref(x)), gpu_time_fn(lambda: ref(xcl)))
-            print(f"cap {int(cap) // 1024:4d} KB  {s.name:9} fused {fused * 1e3:8.4f} ms  "
+                fused = gpu_time_fn(lambda: m(xcl), min_time=0.1)
+                eager = min(gpu_time_fn(lambda: ref(x), min_time=0.1),
+                            gpu_time_fn(lambda: ref(xcl), min_time=0.1))
+            print(f"{name:16} {s.name:9} fused {fused * 1e3:8.4f} ms  "
                   f"eager {eager * 1e3:8.4f} ms  eager/fused {eager / fused:6.2f}x  "
                   f"rel.err {err.item():.1e}", flush=True)
 
@@ -50,8 +56,8 @@ def main():
         one()
         return 0
     rc = 0
-    for cap in CAPS:
-        env = dict(os.environ, MSFUSED_CUDA_FWD_SMEM=str(cap))
+    for variant in VARIANTS:
+        env = dict(os.environ, **variant)
         rc |= subprocess.run([sys.executable, __file__, "--one"], env=env).returncode
     return rc
 
