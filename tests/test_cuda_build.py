@@ -121,8 +121,9 @@ def test_ptx_wrappers_compile_to_tensor_core_sass(tmp_path):
 
 
 def test_tensor_core_forward_sass():
-    """Every instantiation of the float16/bfloat16 forward (block_forward_mma.cu) runs its GEMM
-    on tensor cores (HMMA) fed by ldmatrix (LDSM), stages x and the weights with 16-byte
+    """Every instantiation of the tensor-core forward (block_forward_mma.cu: float16, bfloat16,
+    and float32 on TF32) runs its GEMM on tensor cores (HMMA), fed by ldmatrix (LDSM) in the
+    16-bit ones, stages x and the weights with 16-byte
     cp.async (LDGSTS .128), writes y with 16-byte stores, and keeps everything in registers
     (no local memory) within 128 per thread, the two CTAs per SM that the tile plan assumes
     (csrc/cuda/forward_mma_plan.h). The table: python tools/cuda_sass.py forward_mma."""
@@ -133,10 +134,12 @@ def test_tensor_core_forward_sass():
     if tool is None or so is None:
         pytest.skip("cuobjdump or the shared object not found")
     ks = cuda_sass.kernels(so, tool, "block_forward_mma_kernel")
-    assert len(ks) == 8, sorted(ks)  # {bfloat16, half} x stride {1, 2} x tile width {8, 16}
+    # {bfloat16, half, float} x stride {1, 2} x tile width {8, 16}
+    assert len(ks) == 12, sorted(ks)
     for name, r in ks.items():
         short = cuda_sass.demangle_short(name)
         assert r["local"] == 0 and r["LDL"] == 0 and r["STL"] == 0, (short, r)
         assert r["regs"] <= 128, (short, r)
-        for op in ("HMMA", "LDSM", "LDGSTS128", "STG128"):
+        ops = ("HMMA", "LDGSTS128", "STG128") + (() if "float," in short else ("LDSM",))
+        for op in ops:
             assert r[op] > 0, (short, op, r)

@@ -72,6 +72,15 @@ def test_forward_falls_back_when_no_tile_fits(emu_lib, dtype, monkeypatch):
     assert ok, line
 
 
+@pytest.mark.parametrize("case", MMA_CASES[:6], ids=lambda c: "-".join(map(str, c[0] + c[1:])))
+def test_tf32_forward(emu_lib, case):
+    """float32 with TF32 allowed runs the same kernel on TF32 tensor cores (m16n8k8): within a
+    few TF32 units of float64, and not the FMA kernel's result."""
+    run_emu, lib = emu_lib
+    ok, line = run_emu.run_forward_tf32(lib, case)
+    assert ok, line
+
+
 def _covered(n_out, n_in, tile, s):
     """Input rows (columns) staged inside the image, over the tiles of one image."""
     total = 0

@@ -40,9 +40,11 @@ void check_cuda(const at::Tensor& x) {
 template <typename T, typename U>
 void forward_typed(const BlockDesc& d, const BlockArgs& a, at::Tensor& y, at::Tensor& pre,
                    cudaStream_t st) {
+  // float32 on TF32 tensor cores exactly where eager's convolutions would use them
+  const bool tf32 = at::globalContext().allowTF32CuDNN();
   const char* err = cuda::launch_block_forward<U>(
       d, recast<U>(tensors_of<T>(a)), reinterpret_cast<U*>(y.data_ptr<T>()),
-      pre.numel() ? reinterpret_cast<U*>(pre.data_ptr<T>()) : nullptr, st);
+      pre.numel() ? reinterpret_cast<U*>(pre.data_ptr<T>()) : nullptr, tf32, st);
   TORCH_CHECK(err == nullptr, "msfused block_forward (CUDA): ", err);
 }
 

@@ -15,12 +15,15 @@ namespace msfused {
 namespace cuda {
 
 // y and pre are in the io layout (NHWC when d.channels_last, else NCHW); pre may be null.
+// allow_tf32: float32 may run its pointwise GEMM on TF32 tensor cores (the binding passes
+// torch.backends.cudnn.allow_tf32, the flag eager's convolutions obey); else FMAs.
 template <typename T>
 const char* launch_block_forward(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
-                                 cudaStream_t stream);
+                                 bool allow_tf32, cudaStream_t stream);
 
-// The float16/bfloat16 forward on tensor cores (block_forward_mma.cu), which
-// launch_block_forward calls for 2-byte T, and its plan for a call (the emulator's tables).
+// The tensor-core forward (block_forward_mma.cu) that launch_block_forward calls for
+// float16/bfloat16, and for float32 with allow_tf32; its plan for a call (the emulator's
+// tables).
 template <typename T>
 const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
                                      cudaStream_t stream);

@@ -12,6 +12,8 @@
 // This file is the float32 / float64 forward: FMAs, accumulators in registers, each thread
 // owning 4 output channels x 4 pixels. float16 / bfloat16 run on tensor cores in
 // block_forward_mma.cu, which stages x once per tile for every output channel.
+#include <type_traits>
+
 #include "block_cuda.h"
 #include "tile.cuh"
 
@@ -201,12 +203,14 @@ __global__ void __launch_bounds__(NT) block_forward_kernel(BlockDesc d, BlockTen
 
 template <typename T>
 const char* launch_block_forward(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
-                                 cudaStream_t stream) {
+                                 bool allow_tf32, cudaStream_t stream) {
   if (d.B * d.Cout * d.Ho * d.Wo == 0) return nullptr;
-  // float16/bfloat16: the tensor-core kernel (block_forward_mma.cu) unless C is too large for
-  // its operand tile in shared memory; float32/float64 (and that case): FMAs.
-  if constexpr (sizeof(T) == 2) {
-    if (forward_mma_fits<T>(d, t, y)) return launch_block_forward_mma<T>(d, t, y, pre, stream);
+  // float16/bfloat16, and float32 where TF32 is allowed: the tensor-core kernel
+  // (block_forward_mma.cu) unless C is too large for its operand tile in shared memory;
+  // float64, float32 without TF32 (and that case): FMAs.
+  if constexpr (sizeof(T) == 2 || std::is_same_v<T, float>) {
+    if ((sizeof(T) == 2 || allow_tf32) && forward_mma_fits<T>(d, t, y))
+      return launch_block_forward_mma<T>(d, t, y, pre, stream);
   }
   {
     using A = typename AccT<T>::type;
@@ -231,15 +235,15 @@ const char* launch_block_forward(const BlockDesc& d, const BlockTensors<T>& t, T
 }
 
 template const char* launch_block_forward<float>(const BlockDesc&, const BlockTensors<float>&,
-                                                 float*, float*, cudaStream_t);
+                                                 float*, float*, bool, cudaStream_t);
 template const char* launch_block_forward<double>(const BlockDesc&, const BlockTensors<double>&,
-                                                  double*, double*, cudaStream_t);
+                                                  double*, double*, bool, cudaStream_t);
 template const char* launch_block_forward<__half>(const BlockDesc&, const BlockTensors<__half>&,
-                                                  __half*, __half*, cudaStream_t);
+                                                  __half*, __half*, bool, cudaStream_t);
 template const char* launch_block_forward<__nv_bfloat16>(const BlockDesc&,
                                                          const BlockTensors<__nv_bfloat16>&,
                                                          __nv_bfloat16*, __nv_bfloat16*,
-                                                         cudaStream_t);
+                                                         bool, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace msfused

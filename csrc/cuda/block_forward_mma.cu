@@ -38,8 +38,11 @@ namespace msfused {
 namespace cuda {
 namespace {
 
-constexpr int NT = MMA_NT, KC = MMA_KC, NB = MMA_NB, KB = MMA_KB, LDW = MMA_LDW,
-              LDO = MMA_LDO;
+constexpr int NT = MMA_NT, KC = MMA_KC, NB = MMA_NB, KB = MMA_KB, LDO = MMA_LDO;
+
+// Elements per 16 bytes (one cp.async / vector store) and the weight slice's row.
+template <typename T> constexpr int VE = 16 / int(sizeof(T));
+template <typename T> constexpr int LDW = mma_ldw(int(sizeof(T)));
 
 constexpr int SEG = 4;  // rows per depthwise work item: 3 (SEG + 2) / SEG loads per output
 
@@ -135,12 +138,13 @@ __device__ __forceinline__ void stage_weights(const BlockDesc& d, const MmaPlan&
                                               const BlockTensors<T>& t, const GemmBlock& g,
                                               int kb, T* __restrict__ w) {
   const int tid = threadIdx.x;
+  constexpr int V = VE<T>, L = LDW<T>;
   if (pl.vec_w) {
-    for (int i = tid; i < NB * (KB / 8); i += NT) {
-      const int n = i / (KB / 8), v = i % (KB / 8);
-      const int k = kb + 8 * v, co = g.co0 + n;
+    for (int i = tid; i < NB * (KB / V); i += NT) {
+      const int n = i / (KB / V), v = i % (KB / V);
+      const int k = kb + V * v, co = g.co0 + n;
       const T* src = (k < g.k_hi && co < g.nb) ? weight_at(d, pl, t, g, k, co) : nullptr;
-      ptx::cp_async_16(w + n * LDW + 8 * v, src != nullptr ? src : t.x, src != nullptr);
+      ptx::cp_async_16(w + n * L + V * v, src != nullptr ? src : t.x, src != nullptr);
     }
   } else {
     const T zero = from_acc<T>(0.f);
@@ -148,7 +152,7 @@ __device__ __forceinline__ void stage_weights(const BlockDesc& d, const MmaPlan&
       const int n = i / KB, kk = i % KB;
       const int k = kb + kk, co = g.co0 + n;
       const T* src = (k < g.k_hi && co < g.nb) ? weight_at(d, pl, t, g, k, co) : nullptr;
-      w[n * LDW + kk] = src != nullptr ? ldg(src) : zero;
+      w[n * L + kk] = src != nullptr ? ldg(src) : zero;
     }
   }
 }
@@ -160,13 +164,14 @@ __device__ __forceinline__ void stage_x(const BlockDesc& d, const MmaPlan& pl, c
                                         const T* x_any, int c0, int ih0, int iw0,
                                         T* __restrict__ xs) {
   const int tid = threadIdx.x, XR = pl.XR, C = int(d.C), H = int(d.H), W = int(d.W);
+  constexpr int V = VE<T>;
   if (pl.vec_x) {
-    for (int i = tid; i < XR * XC * (KC / 8); i += NT) {
-      const int v = i % (KC / 8), pos = i / (KC / 8), rr = pos / XC, cc = pos % XC;
-      const int h = ih0 + rr, w = iw0 + cc, c = c0 + 8 * v;
+    for (int i = tid; i < XR * XC * (KC / V); i += NT) {
+      const int v = i % (KC / V), pos = i / (KC / V), rr = pos / XC, cc = pos % XC;
+      const int h = ih0 + rr, w = iw0 + cc, c = c0 + V * v;
       const bool ok = h >= 0 && h < H && w >= 0 && w < W && c < C;
       const T* src = ok ? x_img + (int64_t(h) * W + w) * C + c : x_any;
-      ptx::cp_async_16(xs + pos * KC + 8 * v, src, ok);
+      ptx::cp_async_16(xs + pos * KC + V * v, src, ok);
     }
     return;
   }
@@ -219,6 +224,72 @@ __device__ __forceinline__ float bias_of(const BlockDesc& d, const BlockTensors<
   if (b && t.qb != nullptr) v += to_acc(ldg(t.qb + co));
   if (d.projection && t.bs != nullptr) v += to_acc(ldg(t.bs + g.ch_off + co));
   return v;
+}
+
+// One weight slice of the GEMM, 16-bit: for each 16-deep k step, the B fragments of this
+// warp's 32 channels (four n8 tiles; ldmatrix on [co][k] rows, lanes 8j .. 8j+7 addressing
+// channels 8 (j / 2) .. +7 at k offset 8 (j % 2)) and, per 16-pixel row of the warp, the A
+// fragment (ldmatrix, lane l at row l % 16, k offset 8 (l / 16)) and four mma.m16n8k16.
+// a points at A's column of the slice's first k.
+template <typename T>
+__device__ __forceinline__ void gemm_slice_16bit(float (&acc)[4][4][4], const T* a, int LDA,
+                                                 const T* w, int kend, int nhalf, int mrow,
+                                                 int mtiles, int lane) {
+  constexpr int L = LDW<T>;
+  for (int kk = 0; kk < kend; kk += 16) {
+    uint32_t bf[4][2];
+    {
+      const int j = lane / 8, i = lane % 8;
+      const T* row = w + (nhalf * 32 + (j / 2) * 8 + i) * L + kk + (j % 2) * 8;
+      uint32_t r[4];
+      ptx::ldmatrix_x4(r, row);
+      bf[0][0] = r[0]; bf[0][1] = r[1]; bf[1][0] = r[2]; bf[1][1] = r[3];
+      ptx::ldmatrix_x4(r, row + 16 * L);
+      bf[2][0] = r[0]; bf[2][1] = r[1]; bf[3][0] = r[2]; bf[3][1] = r[3];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int mt = mrow + 4 * j;
+      if (mt < mtiles) {  // warp-uniform
+        uint32_t af[4];
+        ptx::ldmatrix_x4(af, a + (mt * 16 + lane % 16) * LDA + kk + 8 * (lane / 16));
+#pragma unroll
+        for (int n = 0; n < 4; ++n) ptx::mma_m16n8k16<T>(acc[j][n], af, bf[n]);
+      }
+    }
+  }
+}
+
+// The same on TF32 tensor cores (float32 where torch.backends.cudnn.allow_tf32 allows it),
+// 8-deep k steps: fragments by 32-bit shared loads (g = lane / 4, t = lane % 4; A rows g and
+// g + 8 at columns t and t + 4, B channel g at k t and t + 4); the 16-byte row padding keeps
+// the 32 lanes in distinct banks. The mma reads the float bits as tf32 (their top 19 bits).
+__device__ __forceinline__ void gemm_slice_tf32(float (&acc)[4][4][4], const float* a, int LDA,
+                                                const float* w, int kend, int nhalf, int mrow,
+                                                int mtiles, int lane) {
+  constexpr int L = LDW<float>;
+  const int g = lane / 4, t = lane % 4;
+  for (int kk = 0; kk < kend; kk += 8) {
+    uint32_t bf[4][2];
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      const float* row = w + (nhalf * 32 + n * 8 + g) * L + kk + t;
+      bf[n][0] = __float_as_uint(row[0]);
+      bf[n][1] = __float_as_uint(row[4]);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int mt = mrow + 4 * j;
+      if (mt < mtiles) {  // warp-uniform
+        const float* r0 = a + (mt * 16 + g) * LDA + kk + t;
+        const float* r8 = r0 + 8 * LDA;
+        const uint32_t af[4] = {__float_as_uint(r0[0]), __float_as_uint(r8[0]),
+                                __float_as_uint(r0[4]), __float_as_uint(r8[4])};
+#pragma unroll
+        for (int n = 0; n < 4; ++n) ptx::mma_m16n8k8_tf32(acc[j][n], af, bf[n]);
+      }
+    }
+  }
 }
 
 template <typename T, int S, int TW>
@@ -347,30 +418,10 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
       ptx::cp_async_wait<1>();
       __syncthreads();
       const int kend = min_i(KB, g.k_hi - kb);
-      for (int kk = 0; kk < kend; kk += 16) {
-        // B fragments of this warp's 32 channels (four n8 tiles): ldmatrix on [co][k] rows;
-        // lanes 8j .. 8j+7 address channels 8 (j / 2) .. +7 at k offset 8 (j % 2).
-        uint32_t bf[4][2];
-        {
-          const int j = lane / 8, i = lane % 8;
-          const T* row = w + (nhalf * 32 + (j / 2) * 8 + i) * LDW + kk + (j % 2) * 8;
-          uint32_t r[4];
-          ptx::ldmatrix_x4(r, row);
-          bf[0][0] = r[0]; bf[0][1] = r[1]; bf[1][0] = r[2]; bf[1][1] = r[3];
-          ptx::ldmatrix_x4(r, row + 16 * LDW);
-          bf[2][0] = r[0]; bf[2][1] = r[1]; bf[3][0] = r[2]; bf[3][1] = r[3];
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int mt = mrow + 4 * j;
-          if (mt < mtiles) {  // warp-uniform
-            uint32_t a[4];
-            ptx::ldmatrix_x4(a, sA + (mt * 16 + lane % 16) * LDA + kb + kk + 8 * (lane / 16));
-#pragma unroll
-            for (int n = 0; n < 4; ++n) ptx::mma_m16n8k16<T>(acc[j][n], a, bf[n]);
-          }
-        }
-      }
+      if constexpr (sizeof(T) == 2)
+        gemm_slice_16bit<T>(acc, sA + kb, LDA, w, kend, nhalf, mrow, mtiles, lane);
+      else
+        gemm_slice_tf32(acc, sA + kb, LDA, w, kend, nhalf, mrow, mtiles, lane);
       __syncthreads();  // this slice is free for the copy after the next
     }
 
@@ -406,17 +457,21 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
           v[e] = sO[p * LDO + 8 * g8 + e] + dw[8 * g8 + e];
           if (identity && co + e < g.nb) v[e] += to_acc(sA[p * LDA + pl.seg_x + ch + e]);
         }
-        if (pl.vec_y && co + 8 <= g.nb) {
-          Vec16 vp, vy;
-          T* hp = reinterpret_cast<T*>(&vp);
-          T* hy = reinterpret_cast<T*>(&vy);
+        if (pl.vec_y && co + 8 <= g.nb) {  // 8 channels: one (16-bit) or two (float) stores
+          constexpr int V = VE<T>;
 #pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            hp[e] = from_acc<T>(v[e]);
-            hy[e] = from_acc<T>(act_apply(act, v[e]));
+          for (int h = 0; h < 8 / V; ++h) {
+            Vec16 vp, vy;
+            T* hp = reinterpret_cast<T*>(&vp);
+            T* hy = reinterpret_cast<T*>(&vy);
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+              hp[e] = from_acc<T>(v[h * V + e]);
+              hy[e] = from_acc<T>(act_apply(act, v[h * V + e]));
+            }
+            if (pre != nullptr) stg16(pre + o + h * V, vp);
+            stg16(y + o + h * V, vy);
           }
-          if (pre != nullptr) stg16(pre + o, vp);
-          stg16(y + o, vy);
         } else {
           for (int e = 0; e < 8 && co + e < g.nb; ++e) {
             if (pre != nullptr) stg(pre + o + e, from_acc<T>(v[e]));
@@ -526,11 +581,11 @@ MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* 
   PlanKey key{{d.B, d.C, d.H, d.W, d.N, d.stride,
                d.merge | (d.residual << 2) | (d.projection << 3) | (d.channels_last << 4) |
                    (x16 << 5) | (w16 << 6) | (y16 << 7),
-               int64_t(dev.smem_block), int64_t(dev.smem_sm), dev.sms, dev.force_th,
-               dev.force_tw}};
+               int64_t(dev.smem_block), int64_t(dev.smem_sm), dev.sms,
+               dev.force_th | (dev.force_tw << 8), int64_t(sizeof(T))}};
   for (int i = 0; i < plan_cache_n; ++i)
     if (plan_cache[i].key == key) return plan_cache[i].plan;
-  const MmaPlan plan = plan_mma_forward(d, dev, x16, w16, y16);
+  const MmaPlan plan = plan_mma_forward(d, dev, int(sizeof(T)), x16, w16, y16);
   plan_cache[plan_cache_next] = PlanEntry{key, plan};
   plan_cache_next = (plan_cache_next + 1) % kPlanCache;
   if (plan_cache_n < kPlanCache) ++plan_cache_n;
@@ -555,6 +610,13 @@ const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& 
                     : launch_typed<T, 2, 16>(d, t, y, pre, pl, stream);
 }
 
+template bool forward_mma_fits<float>(const BlockDesc&, const BlockTensors<float>&,
+                                      const float*);
+template MmaPlan plan_forward_mma<float>(const BlockDesc&, const BlockTensors<float>&,
+                                         const float*, const MmaDevice&);
+template const char* launch_block_forward_mma<float>(const BlockDesc&,
+                                                     const BlockTensors<float>&, float*, float*,
+                                                     cudaStream_t);
 template bool forward_mma_fits<__half>(const BlockDesc&, const BlockTensors<__half>&,
                                        const __half*);
 template bool forward_mma_fits<__nv_bfloat16>(const BlockDesc&,

@@ -22,18 +22,21 @@ constexpr int MMA_NT = 256;  // threads per CTA (8 warps)
 constexpr int MMA_KC = 32;   // input channels per staged chunk
 constexpr int MMA_NB = 64;   // output channels per GEMM block
 constexpr int MMA_KB = 64;   // K per staged weight slice
-constexpr int MMA_PAD = 8;   // 16 bytes of row padding: ldmatrix's 8 rows land in 8 bank groups
-constexpr int MMA_LDW = MMA_KB + MMA_PAD;  // row of a staged weight slice (elements)
+// 16 bytes of row padding (8 16-bit or 4 float elements): the 8 rows an ldmatrix reads, and
+// the 8 rows x 4 columns of a tf32 fragment's shared loads, land in distinct banks.
+MSF_HD constexpr int mma_pad(int esz) { return 16 / esz; }
+MSF_HD constexpr int mma_ldw(int esz) { return MMA_KB + mma_pad(esz); }  // weight slice row
 constexpr int MMA_LDO = MMA_NB + 4;        // row of the float output tile
 constexpr int MMA_MAX_P = 256;             // pixels per tile: 8 warps x 2 x 16 rows
 
 struct MmaPlan {
+  int esz;                    // element size: 2 (float16/bfloat16), 4 (float32 on TF32)
   int TH, TW, P;              // output tile: TH x TW pixels, P = TH * TW, a multiple of 16
   int tiles_w, tiles_hw;      // tiles per image row / per image
   int XR, XC;                 // staged x tile (tile plus the halo of both convs)
   int C16;                    // C rounded up to 16: each operand segment's width
   int seg_a, seg_b, seg_x;    // K offset of a, b and the strided x in A (-1: absent)
-  int LDA;                    // row of A (elements): the segments plus MMA_PAD
+  int LDA;                    // row of A (elements): the segments plus mma_pad
   int nblk_a, nblk;           // GEMM blocks of branch A (concat) and in all
   bool vec_x, vec_w, vec_y;   // 16-byte paths: x (cp.async), weights (cp.async), y (stores)
   uint32_t off_a, off_x0, off_x1, off_b1, off_dw, off_w0, off_w1, off_o, smem;  // bytes
@@ -65,7 +68,7 @@ inline void mma_plan_segments(const BlockDesc& d, MmaPlan& p) {
     p.seg_b = k; k += p.C16;
     p.seg_x = xs ? k : -1; k += xs ? p.C16 : 0;
   }
-  p.LDA = k + MMA_PAD;
+  p.LDA = k + mma_pad(p.esz);
 }
 
 // K range [lo, hi) of GEMM block blk.
@@ -84,7 +87,7 @@ MSF_HD void mma_block_k_range(const BlockDesc& d, const MmaPlan& p, int blk, int
 }
 
 inline void mma_plan_smem(MmaPlan& p) {
-  const size_t H = 2, F = 4;
+  const size_t H = size_t(p.esz), F = 4;
   size_t o = 0;
   p.off_a = 0; o = mma_align128(o + H * size_t(p.P) * p.LDA);
   // phase 1 (x stages, b1) and phase 2 (the float output tile) share one region
@@ -97,8 +100,8 @@ inline void mma_plan_smem(MmaPlan& p) {
   const size_t out_end = mma_align128(region + F * size_t(p.P) * MMA_LDO);
   if (out_end > o) o = out_end;
   p.off_dw = uint32_t(o); o = mma_align128(o + F * 30 * MMA_KC);  // phase 2: the block's biases
-  p.off_w0 = uint32_t(o); o = mma_align128(o + H * size_t(MMA_NB) * MMA_LDW);
-  p.off_w1 = uint32_t(o); o = mma_align128(o + H * size_t(MMA_NB) * MMA_LDW);
+  p.off_w0 = uint32_t(o); o = mma_align128(o + H * size_t(MMA_NB) * mma_ldw(p.esz));
+  p.off_w1 = uint32_t(o); o = mma_align128(o + H * size_t(MMA_NB) * mma_ldw(p.esz));
   p.smem = uint32_t(o);
 }
 
@@ -137,17 +140,18 @@ inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p, const MmaDevic
   return (x + y + tiles * w) / tiles * waves;
 }
 
-// The plan with the cheapest tile that fits the device; P == 0 if none fits.
-inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, bool x_aligned16,
-                                bool w_aligned16, bool y_aligned16, int only_th = 0,
-                                int only_tw = 0) {
+// The plan with the cheapest tile that fits the device, for elements of esz bytes; P == 0 if
+// none fits.
+inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, int esz,
+                                bool x_aligned16, bool w_aligned16, bool y_aligned16,
+                                int only_th = 0, int only_tw = 0) {
   MmaPlan best{};
   double best_cost = 0;
   if (dev.force_th > 0 && dev.force_tw > 0) {
     MmaDevice free_dev = dev;
     free_dev.force_th = free_dev.force_tw = 0;
-    const MmaPlan p = plan_mma_forward(d, free_dev, x_aligned16, w_aligned16, y_aligned16,
-                                       dev.force_th, dev.force_tw);
+    const MmaPlan p = plan_mma_forward(d, free_dev, esz, x_aligned16, w_aligned16,
+                                       y_aligned16, dev.force_th, dev.force_tw);
     if (p.P != 0) return p;
   }
   const int64_t nb_branch = (d.N + MMA_NB - 1) / MMA_NB;
@@ -156,6 +160,7 @@ inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, bool x
     for (int th = 1; th <= 32; ++th) {
       if (only_th != 0 && th != only_th) continue;
       MmaPlan p{};
+      p.esz = esz;
       p.TH = th; p.TW = tw; p.P = th * tw;
       if (p.P % 16 != 0 || p.P > MMA_MAX_P) continue;
       if (only_th == 0 && th >= d.Ho + 2) continue;  // two or more rows past the image
@@ -177,9 +182,10 @@ inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, bool x
       }
     }
   }
-  best.vec_x = d.channels_last && d.C % 8 == 0 && x_aligned16;
-  best.vec_w = d.C % 8 == 0 && w_aligned16;
-  best.vec_y = d.channels_last && d.Cout % 8 == 0 && d.N % 8 == 0 && y_aligned16;
+  const int v = 16 / esz;  // elements per 16 bytes
+  best.vec_x = d.channels_last && d.C % v == 0 && x_aligned16;
+  best.vec_w = d.C % v == 0 && w_aligned16;
+  best.vec_y = d.channels_last && d.Cout % v == 0 && d.N % v == 0 && y_aligned16;
   return best;
 }
 

@@ -47,6 +47,19 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
   }
 }
 
+// d += A (16x8) * B (8x8) on TF32 tensor cores, float accumulators. Operands are float bits;
+// the tensor cores read their tf32 part (sign, exponent, the top 10 mantissa bits). Layouts
+// (g = lane / 4, t = lane % 4): a[0] = (g, t), a[1] = (g+8, t), a[2] = (g, t+4),
+// a[3] = (g+8, t+4); b[0] = (k t, n g), b[1] = (k t+4, n g); d as for m16n8k16.
+__device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4],
+                                                 const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }

@@ -25,11 +25,15 @@ static BlockGrads<T> grads(void** p) {
   return BlockGrads<T>{c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8), c(9), c(10), c(11), c(12)};
 }
 
+// float32's forward on TF32 tensor cores (emu_set_tf32(1)) or FMAs (0, the default).
+static bool emu_tf32 = false;
+extern "C" void emu_set_tf32(int on) { emu_tf32 = on != 0; }
+
 // dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16.
 template <typename T>
 static const char* fwd(const BlockDesc& d, void** p, void* y, void* pre) {
   return cuda::launch_block_forward<T>(d, tens<T>(p), static_cast<T*>(y), static_cast<T*>(pre),
-                                       nullptr);
+                                       emu_tf32, nullptr);
 }
 
 template <typename T>

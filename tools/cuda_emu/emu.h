@@ -28,6 +28,7 @@ static_assert(sizeof(__half) == 2 && sizeof(__nv_bfloat16) == 2, "2-byte stand-i
 
 inline float emu_bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t emu_float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline uint32_t __float_as_uint(float f) { return emu_float_to_bits(f); }
 
 inline float __bfloat162float(__nv_bfloat16 v) { return emu_bits_to_float(uint32_t(v.x) << 16); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {

@@ -1,4 +1,5 @@
-// CPU stand-ins for csrc/cuda/ptx_wrappers.cuh (mma.sync m16n8k16, ldmatrix, cp.async), with
+// CPU stand-ins for csrc/cuda/ptx_wrappers.cuh (mma.sync m16n8k16 and m16n8k8 tf32, ldmatrix,
+// cp.async), with
 // the same names and PTX's per-lane fragment layouts, so a kernel's fragment bookkeeping is
 // checked without a GPU: a lane that holds the wrong element gives a wrong result. What PTX
 // requires is asserted (emu_fail aborts with the rule broken):
@@ -64,6 +65,37 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
     d[i] = s;
   }
   emu_warp_collective(22, nullptr, 0, 0);  // every lane has read before any lane goes on
+}
+
+// TF32: the tensor cores read sign, exponent and the top 10 mantissa bits of each float
+// operand (the low 13 bits are not used); products of such values are exact in float.
+inline float emu_tf32(uint32_t bits) { return emu_bits_to_float(bits & 0xffffe000u); }
+
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  EmuPtxLane& me = emu_ptx_lanes[w][lane];
+  std::memcpy(me.a, a, sizeof(me.a));
+  std::memcpy(me.b, b, sizeof(me.b));
+  emu_warp_collective(24, nullptr, 0, 0);
+  float A[16][8], B[8][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    const EmuPtxLane& o = emu_ptx_lanes[w][l];
+    A[g][t] = emu_tf32(o.a[0]);
+    A[g + 8][t] = emu_tf32(o.a[1]);
+    A[g][t + 4] = emu_tf32(o.a[2]);
+    A[g + 8][t + 4] = emu_tf32(o.a[3]);
+    B[t][g] = emu_tf32(o.b[0]);
+    B[t + 4][g] = emu_tf32(o.b[1]);
+  }
+  const int g = lane / 4, t = lane % 4;
+  const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+  for (int i = 0; i < 4; ++i) {
+    float s = d[i];
+    for (int k = 0; k < 8; ++k) s += A[rows[i]][k] * B[k][cols[i]];
+    d[i] = s;
+  }
+  emu_warp_collective(25, nullptr, 0, 0);
 }
 
 // ---- cp.async bookkeeping (one block at a time: emu_launch runs blocks one by one) -------

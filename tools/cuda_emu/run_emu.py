@@ -14,7 +14,7 @@ The plain float64 error is printed too; with relu6 it can be several 1e-2 where 
 pre-activation lies within half an ulp below 6 (the stored y rounds to 6.0 and act' = 0).
 
     python tools/cuda_emu/run_emu.py [--quick]
-    python tools/cuda_emu/run_emu.py --forward-low   # float16/bfloat16 forward, every config
+    python tools/cuda_emu/run_emu.py --forward-low   # tensor-core forward (fp16, bf16, tf32), every config
     python tools/cuda_emu/run_emu.py --bytes         # forward's global bytes, benchmark shapes
 """
 import ctypes
@@ -259,11 +259,38 @@ def run_forward_low(lib, case, dtype):
                 f"bias={bias}: {text}")
 
 
+# float32 on TF32 tensor cores: the GEMM's operands keep 10 mantissa bits (truncated), so y is
+# within a few TF32 units of float64; an indexing bug is off by O(1).
+TF32_TOL = 3e-3
+
+
+def run_forward_tf32(lib, case):
+    """(ok, line) for one float32 forward of forward_low_cases() on the emulated TF32 kernel,
+    against float64, and checked to differ from the FMA kernel's (so the TF32 path ran)."""
+    (c, n, h, w, batch), merge, stride, residual, cl, act = case
+    bias = (c + h) % 2 == 0 or merge == "add"
+    lib.emu_set_tf32(1)
+    try:
+        errs, _, _ = run(lib, c, n, h, w, merge, stride, act, residual, bias, torch.float32, cl,
+                         batch, backward=False)
+    finally:
+        lib.emu_set_tf32(0)
+    fma, _, _ = run(lib, c, n, h, w, merge, stride, act, residual, bias, torch.float32, cl,
+                    batch, backward=False)
+    ok = errs["y"] < TF32_TOL and errs["y"] != fma["y"]
+    identity = residual and c == out_channels(n, merge_code(merge)) and stride == 1
+    res = ("res-id" if identity else "res-proj") if residual else "nores"
+    return ok, (f"{'ok  ' if ok else 'FAIL'} fwd tf32 C{c} N{n} {h}x{w} B{batch} {merge} "
+                f"s{stride} {act} {res} {'nhwc' if cl else 'nchw'} bias={bias}: y vs float64 "
+                f"{errs['y']:.2e} (FMA kernel {fma['y']:.2e}, tolerance {TF32_TOL:.0e})")
+
+
 def main_forward_low(lib):
     fails = total = 0
     for case in forward_low_cases():
-        for dtype in (torch.bfloat16, torch.float16):
-            ok, line = run_forward_low(lib, case, dtype)
+        for dtype in (torch.bfloat16, torch.float16, "tf32"):
+            ok, line = (run_forward_tf32(lib, case) if dtype == "tf32"
+                        else run_forward_low(lib, case, dtype))
             fails += not ok
             total += 1
             print(line, flush=True)
