@@ -12,6 +12,8 @@ import torch
 import msfused
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import cuda_sass  # noqa: E402  (tools/cuda_sass.py: cuobjdump and the SASS counts)
 from msfused.ops import extension as fused_ops
 
 OPS = ("block_forward", "block_backward")
@@ -25,21 +27,7 @@ def _built_with_cuda():
 
 
 def _cuobjdump():
-    cands = [shutil.which("cuobjdump")]
-    for env in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(env):
-            cands.append(os.path.join(os.environ[env], "bin", "cuobjdump"))
-    cands.append("/usr/local/cuda/bin/cuobjdump")
-    try:  # Triton's wheel bundles one
-        import triton
-        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                                  "cuobjdump"))
-    except ImportError:
-        pass
-    for c in cands:
-        if c and os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    return None
+    return cuda_sass.cuobjdump()
 
 
 def test_cuda_kernels_registered():
@@ -128,8 +116,6 @@ def test_tensor_core_forward_sass():
     (no local memory) within 128 per thread, the two CTAs per SM that the tile plan assumes
     (csrc/cuda/forward_mma_plan.h). The table: python tools/cuda_sass.py forward_mma."""
     _built_with_cuda()
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import cuda_sass
     tool, so = cuda_sass.cuobjdump(), cuda_sass.shared_object()
     if tool is None or so is None:
         pytest.skip("cuobjdump or the shared object not found")
