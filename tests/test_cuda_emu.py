@@ -72,6 +72,20 @@ def test_forward_falls_back_when_no_tile_fits(emu_lib, dtype, monkeypatch):
     assert ok, line
 
 
+@pytest.mark.parametrize("tile", ["16x16", "8x8", "4x8", "2x8", "1x16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "tf32"], ids=str)
+def test_forward_every_warp_split(emu_lib, tile, dtype, monkeypatch):
+    """Forced tiles (MSFUSED_CUDA_FWD_TILE) cover each way the warps split a GEMM block:
+    P = 256 (four 16-pixel rows per warp), 64 (32 channels per warp), 32 (16 channels) and
+    16 (8 channels, x2 ldmatrix), on a 17 x 18 image: partial tiles in both directions."""
+    run_emu, lib = emu_lib
+    monkeypatch.setenv("MSFUSED_CUDA_FWD_TILE", tile)
+    case = ((24, 70, 17, 18, 1), "concat", 1, True, True, "relu")
+    ok, line = (run_emu.run_forward_tf32(lib, case) if dtype == "tf32"
+                else run_emu.run_forward_low(lib, case, dtype))
+    assert ok, line
+
+
 @pytest.mark.parametrize("case", MMA_CASES[:6], ids=lambda c: "-".join(map(str, c[0] + c[1:])))
 def test_tf32_forward(emu_lib, case):
     """float32 with TF32 allowed runs the same kernel on TF32 tensor cores (m16n8k8): within a

@@ -226,35 +226,62 @@ __device__ __forceinline__ float bias_of(const BlockDesc& d, const BlockTensors<
   return v;
 }
 
-// One weight slice of the GEMM, 16-bit: for each 16-deep k step, the B fragments of this
-// warp's 32 channels (four n8 tiles; ldmatrix on [co][k] rows, lanes 8j .. 8j+7 addressing
-// channels 8 (j / 2) .. +7 at k offset 8 (j % 2)) and, per 16-pixel row of the warp, the A
-// fragment (ldmatrix, lane l at row l % 16, k offset 8 (l / 16)) and four mma.m16n8k16.
-// a points at A's column of the slice's first k.
+// How the 8 warps split a GEMM block (P pixels x 64 channels): ng channel groups of 64 / ng
+// (nt8 = 8 / ng n8 tiles) times 8 / ng rows of 16 pixels at a time. Tiles of at least 64
+// pixels take ng = 2 (32 channels, four 16-pixel rows per warp at most); smaller ones split
+// the channels finer so that every warp has work (P = 32: ng = 4; P = 16: ng = 8).
+struct WarpSplit {
+  int nbase, nt8, mrow, mstep, mtiles;
+};
+
+__device__ __forceinline__ WarpSplit warp_split(int P, int warp) {
+  WarpSplit s;
+  s.mtiles = P / 16;
+  const int ng = s.mtiles >= 4 ? 2 : (s.mtiles >= 2 ? 4 : 8);
+  s.nt8 = 8 / ng;
+  s.nbase = (warp % ng) * (64 / ng);
+  s.mrow = warp / ng;
+  s.mstep = 8 / ng;
+  return s;
+}
+
+// One weight slice of the GEMM, 16-bit: for each 16-deep k step, the B fragments of the
+// warp's channels (ldmatrix on [co][k] rows: lanes 8j .. 8j+7 address channels 8 (j / 2) ..
+// +7 at k offset 8 (j % 2); with one n8 tile an x2 load, lanes 16-31 repeating 0-15) and,
+// per 16-pixel row of the warp, the A fragment (ldmatrix, lane l at row l % 16, k offset
+// 8 (l / 16)) and one mma.m16n8k16 per n8 tile. a points at A's column of the slice's
+// first k. The nt8 branches are warp-uniform; acc's indices stay compile-time.
 template <typename T>
 __device__ __forceinline__ void gemm_slice_16bit(float (&acc)[4][4][4], const T* a, int LDA,
-                                                 const T* w, int kend, int nhalf, int mrow,
-                                                 int mtiles, int lane) {
+                                                 const T* w, int kend, const WarpSplit& ws,
+                                                 int lane) {
   constexpr int L = LDW<T>;
+  const int j8 = lane / 8, i8 = lane % 8;
   for (int kk = 0; kk < kend; kk += 16) {
-    uint32_t bf[4][2];
-    {
-      const int j = lane / 8, i = lane % 8;
-      const T* row = w + (nhalf * 32 + (j / 2) * 8 + i) * L + kk + (j % 2) * 8;
+    uint32_t bf[4][2] = {};
+    if (ws.nt8 >= 2) {
+      const T* row = w + (ws.nbase + (j8 / 2) * 8 + i8) * L + kk + (j8 % 2) * 8;
       uint32_t r[4];
       ptx::ldmatrix_x4(r, row);
       bf[0][0] = r[0]; bf[0][1] = r[1]; bf[1][0] = r[2]; bf[1][1] = r[3];
-      ptx::ldmatrix_x4(r, row + 16 * L);
-      bf[2][0] = r[0]; bf[2][1] = r[1]; bf[3][0] = r[2]; bf[3][1] = r[3];
+      if (ws.nt8 == 4) {
+        ptx::ldmatrix_x4(r, row + 16 * L);
+        bf[2][0] = r[0]; bf[2][1] = r[1]; bf[3][0] = r[2]; bf[3][1] = r[3];
+      }
+    } else {
+      uint32_t r[2];
+      ptx::ldmatrix_x2(r, w + (ws.nbase + i8) * L + kk + (j8 % 2) * 8);
+      bf[0][0] = r[0]; bf[0][1] = r[1];
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int mt = mrow + 4 * j;
-      if (mt < mtiles) {  // warp-uniform
+      const int mt = ws.mrow + ws.mstep * j;
+      if (mt < ws.mtiles) {  // warp-uniform
         uint32_t af[4];
         ptx::ldmatrix_x4(af, a + (mt * 16 + lane % 16) * LDA + kk + 8 * (lane / 16));
 #pragma unroll
-        for (int n = 0; n < 4; ++n) ptx::mma_m16n8k16<T>(acc[j][n], af, bf[n]);
+        for (int n = 0; n < 4; ++n)
+          if (n < ws.nt8) ptx::mma_m16n8k16<T>(acc[j][n], af, bf[n]);
       }
     }
   }
@@ -265,28 +292,31 @@ __device__ __forceinline__ void gemm_slice_16bit(float (&acc)[4][4][4], const T*
 // g + 8 at columns t and t + 4, B channel g at k t and t + 4); the 16-byte row padding keeps
 // the 32 lanes in distinct banks. The mma reads the float bits as tf32 (their top 19 bits).
 __device__ __forceinline__ void gemm_slice_tf32(float (&acc)[4][4][4], const float* a, int LDA,
-                                                const float* w, int kend, int nhalf, int mrow,
-                                                int mtiles, int lane) {
+                                                const float* w, int kend, const WarpSplit& ws,
+                                                int lane) {
   constexpr int L = LDW<float>;
   const int g = lane / 4, t = lane % 4;
   for (int kk = 0; kk < kend; kk += 8) {
-    uint32_t bf[4][2];
+    uint32_t bf[4][2] = {};
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
-      const float* row = w + (nhalf * 32 + n * 8 + g) * L + kk + t;
-      bf[n][0] = __float_as_uint(row[0]);
-      bf[n][1] = __float_as_uint(row[4]);
+      if (n < ws.nt8) {
+        const float* row = w + (ws.nbase + n * 8 + g) * L + kk + t;
+        bf[n][0] = __float_as_uint(row[0]);
+        bf[n][1] = __float_as_uint(row[4]);
+      }
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int mt = mrow + 4 * j;
-      if (mt < mtiles) {  // warp-uniform
+      const int mt = ws.mrow + ws.mstep * j;
+      if (mt < ws.mtiles) {  // warp-uniform
         const float* r0 = a + (mt * 16 + g) * LDA + kk + t;
         const float* r8 = r0 + 8 * LDA;
         const uint32_t af[4] = {__float_as_uint(r0[0]), __float_as_uint(r8[0]),
                                 __float_as_uint(r0[4]), __float_as_uint(r8[4])};
 #pragma unroll
-        for (int n = 0; n < 4; ++n) ptx::mma_m16n8k8_tf32(acc[j][n], af, bf[n]);
+        for (int n = 0; n < 4; ++n)
+          if (n < ws.nt8) ptx::mma_m16n8k8_tf32(acc[j][n], af, bf[n]);
       }
     }
   }
@@ -391,9 +421,7 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
   ptx::cp_async_wait<0>();  // (the last group is empty)
 
   // ---- phase 2: the GEMM per block of NB output channels ---------------------------------
-  const int nhalf = warp & 1;   // which 32 of the block's 64 channels
-  const int mrow = warp >> 1;   // 16-pixel rows mrow, mrow + 4, mrow + 8, mrow + 12
-  const int mtiles = P / 16;
+  const WarpSplit ws = warp_split(P, warp);
   const bool cl = d.channels_last, identity = d.residual && !d.projection;
   const int64_t Cout = d.Cout;
   for (int blk = 0; blk < pl.nblk; ++blk) {
@@ -419,21 +447,22 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
       __syncthreads();
       const int kend = min_i(KB, g.k_hi - kb);
       if constexpr (sizeof(T) == 2)
-        gemm_slice_16bit<T>(acc, sA + kb, LDA, w, kend, nhalf, mrow, mtiles, lane);
+        gemm_slice_16bit<T>(acc, sA + kb, LDA, w, kend, ws, lane);
       else
-        gemm_slice_tf32(acc, sA + kb, LDA, w, kend, nhalf, mrow, mtiles, lane);
+        gemm_slice_tf32(acc, sA + kb, LDA, w, kend, ws, lane);
       __syncthreads();  // this slice is free for the copy after the next
     }
 
     // accumulators -> the float output tile: d[0..1] at (row g, cols 2t, 2t+1), d[2..3] at g+8
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int mt = mrow + 4 * j;
-      if (mt < mtiles) {
+      const int mt = ws.mrow + ws.mstep * j;
+      if (mt < ws.mtiles) {
         const int row = mt * 16 + lane / 4;
 #pragma unroll
         for (int n = 0; n < 4; ++n) {
-          const int col = nhalf * 32 + n * 8 + 2 * (lane % 4);
+          if (n >= ws.nt8) continue;
+          const int col = ws.nbase + n * 8 + 2 * (lane % 4);
           sO[row * LDO + col] = acc[j][n][0];
           sO[row * LDO + col + 1] = acc[j][n][1];
           sO[(row + 8) * LDO + col] = acc[j][n][2];
