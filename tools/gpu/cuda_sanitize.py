@@ -98,8 +98,30 @@ def one(c, n, h, w, merge, stride, act, residual, dtype, channels_last, batch=2)
     return ok, max(errs), f"(eager bf16 {max(eager):.2e}; exact-mask {max(exact):.2e})"
 
 
+TF32_TOL = 3e-3
+
+
+def one_tf32(c, n, h, w, merge, channels_last, batch=2):
+    """(ok, error of y against float64) of one float32 forward with TF32 allowed."""
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = msfused.MultiScaleSeparableBlock(c, n, merge=merge, backend=BACKEND, device=dev)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, c, h, w, device=dev).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        y = m(x)
+        p64 = [t.double() if t is not None else None for t in m.params()]
+        y64 = msfused.block_reference(x.double(), msfused.BlockParams(*p64), m.config)
+    err = rel(y, y64)
+    return err < TF32_TOL, err
+
+
 def main():
     global BACKEND
+    # float32 means float32 for the comparisons (cuDNN's convolutions in the reference, and
+    # the kernels' forward, would otherwise use TF32); the TF32 path is checked on its own
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     if "--backend" in sys.argv:
         BACKEND = sys.argv[sys.argv.index("--backend") + 1]
     st = msfused.available_backends()[BACKEND]
@@ -124,6 +146,17 @@ def main():
         print(f"{'ok  ' if ok else 'FAIL'} {str(dtype):15} {'nhwc' if cl else 'nchw'} {merge:6} "
               f"s{stride} C{c} N{n} {h}x{w} {act:5} {'res' if residual else 'nores'}  "
               f"max rel err {err:.2e} {more}", flush=True)
+    # float32 forward on TF32 tensor cores (the kernels' path where cudnn.allow_tf32 is on,
+    # PyTorch's default; everything above runs with it off): y against float64 within a few
+    # TF32 units
+    torch.backends.cudnn.allow_tf32 = True
+    for cl, (c, n, h, w), merge in [(True, (20, 70, 11, 10), "concat"), (False, (5, 3, 7, 9), "add"),
+                                    (True, (8, 8, 9, 6), "add")]:
+        ok, err = one_tf32(c, n, h, w, merge, cl)
+        fails += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} tf32 forward {'nhwc' if cl else 'nchw'} {merge} C{c} "
+              f"N{n} {h}x{w} rel err {err:.2e} (tolerance {TF32_TOL:.0e})", flush=True)
+    torch.backends.cudnn.allow_tf32 = False
     # identity shortcut explicitly (add, N == C, stride 1)
     for dtype, cl in itertools.product((torch.float32, torch.bfloat16), (False, True)):
         ok, err, more = one(8, 8, 9, 6, "add", 1, "relu", True, dtype, cl)
