@@ -15,7 +15,8 @@ import torch
 
 import msfused
 from blockutil import make_block, naive_block, rel_err, run_fwd_bwd
-from conftest import ALL_BACKENDS, FUSED_BACKENDS, backend_device, backend_params, interpreter_subset
+from conftest import (ALL_BACKENDS, FUSED_BACKENDS, backend_device, backend_params,
+                      interpreter_subset)
 
 MERGES = ("concat", "add")
 ACTS = ("none", "relu", "relu6", "silu")
@@ -124,7 +125,8 @@ SHAPE_IDS = [f"C{c}N{n}_{h}x{w}_{m}_s{s}" for c, n, h, w, m, s in SHAPES]
 SHAPE_CASES = [(cl, *shape) for cl in (False, True) for shape in SHAPES]
 SHAPE_CASE_IDS = [f"{'nhwc' if cl else 'nchw'}-{i}" for cl in (False, True) for i in SHAPE_IDS]
 # Triton in the interpreter: every shape once, in one layout; each layout gets a 1x1 image,
-# stride 2 on odd sizes, C = 1, an identity shortcut and both merges (11 of the 22 cases).
+# stride 2 on odd sizes, C = 1, an identity shortcut and both merges (11 of the 22 cases);
+# the wide row runs channels_last, the tall column NCHW.
 SHAPES_INTERPRETER = {
     "nchw-C1N1_1x1_concat_s1", "nhwc-C3N2_1x1_add_s2", "nchw-C2N3_7x5_concat_s2",
     "nhwc-C1N1_7x5_add_s1", "nchw-C1N4_5x3_concat_s2", "nhwc-C5N1_9x7_add_s2",
