@@ -2,6 +2,13 @@
 
 Every test that takes `backend` runs once per registered backend; a backend that cannot
 run here is skipped with the reason available_backends() gives (e.g. "no GPU").
+
+The triton backend under TRITON_INTERPRET=1 without a GPU runs its kernels in numpy, one
+program after another (a 4 x 8 x 260 x 5 forward+backward takes minutes on 2 cores). There
+the parametrised tests generate a documented subset of their cases for triton (see
+`interpreter_subset` and each test's comment) that still covers every value of every
+configuration dimension; MSFUSED_FULL_INTERPRETER=1 generates the full set there too. The
+reference and cpp backends, and triton/cuda wherever a GPU runs them, always get every case.
 """
 import os
 
@@ -34,6 +41,43 @@ def backend_device(name: str) -> str:
     return types[0]
 
 
+# MSFUSED_FULL_INTERPRETER=1: the triton backend gets every case under the interpreter too.
+FULL_INTERPRETER = os.environ.get("MSFUSED_FULL_INTERPRETER") == "1"
+
+
+def interpreted(name: str) -> bool:
+    """True when backend `name` runs its kernels in the Triton interpreter here (triton
+    available, no GPU visible: TRITON_INTERPRET=1 on CPU tensors)."""
+    return (name == "triton" and msfused.available_backends()[name].available
+            and backend_device(name) == "cpu")
+
+
+def interpreter_subset(name: str) -> bool:
+    """True when the tests of backend `name` generate only their interpreter subset:
+    triton in the interpreter, unless MSFUSED_FULL_INTERPRETER=1."""
+    return interpreted(name) and not FULL_INTERPRETER
+
+
+def backend_params(cases, ids, interpreter_ids=None, backends=ALL_BACKENDS):
+    """pytest.param(backend, *case, id=f"{backend}-{case id}") for every backend and case,
+    for parametrize("backend,...", ..., indirect=["backend"]) (the fixture still skips an
+    unavailable backend with its reason). Where `interpreter_subset(backend)` holds and
+    `interpreter_ids` is given, only the cases whose id is in it are generated: the others
+    are not collected at all (neither run nor reported as skipped) for that backend."""
+    ids = list(ids)
+    assert len(ids) == len(cases) and len(set(ids)) == len(ids)
+    if interpreter_ids is not None:
+        unknown = set(interpreter_ids) - set(ids)
+        assert not unknown, f"interpreter subset names unknown cases: {sorted(unknown)}"
+    out = []
+    for b in backends:
+        subset = interpreter_ids is not None and interpreter_subset(b)
+        for case, i in zip(cases, ids):
+            if not subset or i in interpreter_ids:
+                out.append(pytest.param(b, *case, id=f"{b}-{i}"))
+    return out
+
+
 def require(name: str) -> str:
     status = msfused.available_backends()[name]
     if not status.available:
@@ -59,4 +103,9 @@ def pytest_report_header(config):
         lines.append(f"msfused backend {name}: {st!r}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         lines.append("TRITON_INTERPRET=1: triton kernels run on CPU tensors")
+    if interpreted("triton"):
+        lines.append("triton in the interpreter: " + (
+            "every case (MSFUSED_FULL_INTERPRETER=1)" if FULL_INTERPRETER else
+            "the documented interpreter subset of each parametrised test "
+            "(MSFUSED_FULL_INTERPRETER=1 runs every case)"))
     return lines

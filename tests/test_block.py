@@ -1,5 +1,13 @@
 """Every available backend against the reference (and the reference against an independent
-float64 implementation): outputs, every gradient, layouts, odd shapes, every config."""
+float64 implementation): outputs, every gradient, layouts, odd shapes, every config.
+
+Triton in the interpreter (TRITON_INTERPRET=1, no GPU) runs its kernels in numpy, one program
+after another; there the parametrised tests below generate an explicit subset of their cases
+for the triton backend (the *_INTERPRETER lists; conftest.interpreter_subset) that still
+covers every merge, activation, residual, stride, layout, dtype and odd shape, and
+test_interpreter_subsets_cover_every_pair checks the config subsets are pairwise complete.
+MSFUSED_FULL_INTERPRETER=1 generates every case there too. reference and cpp, and triton or
+cuda on a GPU, always run every case."""
 import itertools
 
 import pytest
@@ -7,12 +15,24 @@ import torch
 
 import msfused
 from blockutil import make_block, naive_block, rel_err, run_fwd_bwd
-from conftest import backend_device
+from conftest import (ALL_BACKENDS, FUSED_BACKENDS, backend_device, backend_params,
+                      interpreter_subset)
 
 MERGES = ("concat", "add")
 ACTS = ("none", "relu", "relu6", "silu")
 CONFIGS = list(itertools.product(MERGES, ACTS, (True, False), (1, 2)))
 CONFIG_IDS = [f"{m}-{a}-{'res' if r else 'nores'}-s{s}" for m, a, r, s in CONFIGS]
+
+# Triton in the interpreter: 8 of the 32 configs per test. Each is the full merge x residual x
+# stride product (8 combinations), each activation on two of them that differ in all three,
+# so every pair of values of any two of the four dimensions occurs. The two tests give the
+# activations different combinations (16 distinct configs between them).
+CONFIGS_INTERPRETER = {
+    "concat-none-res-s1", "add-none-nores-s2", "concat-relu-nores-s2", "add-relu-res-s1",
+    "add-relu6-res-s2", "concat-relu6-nores-s1", "add-silu-nores-s1", "concat-silu-res-s2"}
+CHANNELS_LAST_INTERPRETER = {
+    "concat-none-res-s2", "add-none-nores-s1", "concat-relu-nores-s1", "add-relu-res-s2",
+    "add-relu6-res-s1", "concat-relu6-nores-s2", "add-silu-nores-s2", "concat-silu-res-s1"}
 
 # float64 / float32 tolerances on relative (norm-wise) error; see README "Tolerances".
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -66,12 +86,28 @@ def test_reference_matches_independent_implementation(merge, act, residual, stri
     assert rel_err(y, y2) < 1e-12
 
 
-@pytest.mark.parametrize("merge,act,residual,stride", CONFIGS, ids=CONFIG_IDS)
+def test_interpreter_subsets_cover_every_pair():
+    """The interpreter subsets above: every pair of values of (merge, activation, residual,
+    stride) occurs in each; no config is in both."""
+    by_id = dict(zip(CONFIG_IDS, CONFIGS))
+    for subset in (CONFIGS_INTERPRETER, CHANNELS_LAST_INTERPRETER):
+        rows = [by_id[i] for i in subset]
+        for i, j in itertools.combinations(range(4), 2):
+            want = {(c[i], c[j]) for c in CONFIGS}
+            assert {(r[i], r[j]) for r in rows} == want, (subset, i, j)
+    assert not CONFIGS_INTERPRETER & CHANNELS_LAST_INTERPRETER
+
+
+@pytest.mark.parametrize("backend,merge,act,residual,stride",
+                         backend_params(CONFIGS, CONFIG_IDS, CONFIGS_INTERPRETER),
+                         indirect=["backend"])
 def test_matches_reference_every_config(backend, merge, act, residual, stride):
     _compare_all(backend, 4, 3, 7, 5, merge=merge, act=act, residual=residual, stride=stride)
 
 
-@pytest.mark.parametrize("merge,act,residual,stride", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("backend,merge,act,residual,stride",
+                         backend_params(CONFIGS, CONFIG_IDS, CHANNELS_LAST_INTERPRETER),
+                         indirect=["backend"])
 def test_channels_last_float32(backend, merge, act, residual, stride):
     _compare_all(backend, 6, 4, 6, 7, merge=merge, act=act, residual=residual, stride=stride,
                  dtype=torch.float32, channels_last=True)
@@ -85,9 +121,22 @@ SHAPES = [(1, 1, 1, 1, "concat", 1), (3, 2, 1, 1, "add", 2), (2, 3, 7, 5, "conca
           (2, 2, 31, 2, "concat", 1), (8, 8, 11, 13, "concat", 2)]
 
 
-@pytest.mark.parametrize("c,n,h,w,merge,stride", SHAPES,
-                         ids=[f"C{c}N{n}_{h}x{w}_{m}_s{s}" for c, n, h, w, m, s in SHAPES])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+SHAPE_IDS = [f"C{c}N{n}_{h}x{w}_{m}_s{s}" for c, n, h, w, m, s in SHAPES]
+SHAPE_CASES = [(cl, *shape) for cl in (False, True) for shape in SHAPES]
+SHAPE_CASE_IDS = [f"{'nhwc' if cl else 'nchw'}-{i}" for cl in (False, True) for i in SHAPE_IDS]
+# Triton in the interpreter: every shape once, in one layout; each layout gets a 1x1 image,
+# stride 2 on odd sizes, C = 1, an identity shortcut and both merges (11 of the 22 cases);
+# the wide row runs channels_last, the tall column NCHW.
+SHAPES_INTERPRETER = {
+    "nchw-C1N1_1x1_concat_s1", "nhwc-C3N2_1x1_add_s2", "nchw-C2N3_7x5_concat_s2",
+    "nhwc-C1N1_7x5_add_s1", "nchw-C1N4_5x3_concat_s2", "nhwc-C5N1_9x7_add_s2",
+    "nchw-C4N4_5x5_add_s1", "nhwc-C4N2_4x4_concat_s1", "nhwc-C3N5_2x33_add_s2",
+    "nchw-C2N2_31x2_concat_s1", "nhwc-C8N8_11x13_concat_s2"}
+
+
+@pytest.mark.parametrize("backend,channels_last,c,n,h,w,merge,stride",
+                         backend_params(SHAPE_CASES, SHAPE_CASE_IDS, SHAPES_INTERPRETER),
+                         indirect=["backend"])
 def test_odd_shapes(backend, c, n, h, w, merge, stride, channels_last):
     _compare_all(backend, c, n, h, w, merge=merge, act="relu", residual=True, stride=stride,
                  channels_last=channels_last, batch=1 if h * w > 40 else 3)
@@ -106,22 +155,39 @@ def test_batch_larger_than_one_tile(backend):
                  batch=3)
 
 
-def test_image_by_image_batches(backend):
+# (C, N, H, W, merge, act, residual, stride, batch, channels_last)
+IMAGE_CASES = [(13, 5, 9, 7, "concat", "relu", True, 1, 5, True),
+               (10, 6, 9, 7, "add", "silu", True, 2, 4, False),
+               (10, 10, 6, 11, "add", "relu6", True, 1, 4, False),
+               (9, 4, 5, 5, "concat", "none", False, 2, 4, True),
+               # images tall enough to be cut into two bands each (the CPU plan)
+               (8, 4, 260, 5, "add", "relu", True, 1, 4, True),
+               (9, 3, 520, 5, "concat", "relu6", False, 2, 4, False)]
+# Triton in the interpreter: the two tall images with 13 and 26 rows instead of 260 and 520
+# (each 4 strips of the strip kernels, the last one row; 260 rows took 2 minutes there).
+# The bands they are tall for are the cpp backend's.
+IMAGE_HEIGHT_INTERPRETER = {260: 13, 520: 26}
+
+
+def _image_params():
+    out = []
+    for b in ALL_BACKENDS:
+        for c, n, h, w, merge, act, res, s, batch, cl in IMAGE_CASES:
+            if interpreter_subset(b):
+                h = IMAGE_HEIGHT_INTERPRETER.get(h, h)
+            out.append(pytest.param(b, c, n, h, w, merge, act, res, s, batch, cl,
+                                    id=f"{b}-C{c}N{n}_{h}x{w}_{merge}_s{s}_b{batch}"))
+    return out
+
+
+@pytest.mark.parametrize("backend,c,n,h,w,merge,act,residual,stride,batch,channels_last",
+                         _image_params(), indirect=["backend"])
+def test_image_by_image_batches(backend, c, n, h, w, merge, act, residual, stride, batch,
+                                channels_last):
     """Four or more images with eight or more channels: the CPU backward's per-image plan
     (several bands per image), both strides, channel counts that leave a vector remainder."""
-    _compare_all(backend, 13, 5, 9, 7, merge="concat", act="relu", residual=True, stride=1,
-                 batch=5, channels_last=True)
-    _compare_all(backend, 10, 6, 9, 7, merge="add", act="silu", residual=True, stride=2,
-                 batch=4)
-    _compare_all(backend, 10, 10, 6, 11, merge="add", act="relu6", residual=True, stride=1,
-                 batch=4)
-    _compare_all(backend, 9, 4, 5, 5, merge="concat", act="none", residual=False, stride=2,
-                 batch=4, channels_last=True)
-    # images tall enough to be cut into two bands each
-    _compare_all(backend, 8, 4, 260, 5, merge="add", act="relu", residual=True, stride=1,
-                 batch=4, channels_last=True)
-    _compare_all(backend, 9, 3, 520, 5, merge="concat", act="relu6", residual=False, stride=2,
-                 batch=4)
+    _compare_all(backend, c, n, h, w, merge=merge, act=act, residual=residual, stride=stride,
+                 batch=batch, channels_last=channels_last)
 
 
 def test_output_keeps_memory_format(backend):
@@ -166,12 +232,19 @@ def test_backward_is_deterministic(fused_backend):
 
 
 LOWP_CASES = [("concat", "silu", True, 1), ("add", "relu6", True, 2)]
+LOWP_PARAMS = [(cl, *case, dtype) for cl in (False, True) for case in LOWP_CASES
+               for dtype in (torch.float16, torch.bfloat16)]
+LOWP_IDS = [f"{'nhwc' if cl else 'nchw'}-{m}-{a}-s{s}-{'fp16' if d == torch.float16 else 'bf16'}"
+            for cl, m, a, r, s, d in LOWP_PARAMS]
+# Triton in the interpreter: 4 of the 8, every pair of (layout, case, dtype) values once.
+LOWP_INTERPRETER = {"nchw-concat-silu-s1-fp16", "nhwc-add-relu6-s2-fp16",
+                    "nhwc-concat-silu-s1-bf16", "nchw-add-relu6-s2-bf16"}
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("merge,act,residual,stride", LOWP_CASES,
-                         ids=[f"{m}-{a}-s{s}" for m, a, r, s in LOWP_CASES])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("fused_backend,channels_last,merge,act,residual,stride,dtype",
+                         backend_params(LOWP_PARAMS, LOWP_IDS, LOWP_INTERPRETER,
+                                        backends=FUSED_BACKENDS),
+                         indirect=["fused_backend"])
 def test_low_precision_policy(fused_backend, dtype, merge, act, residual, stride,
                               channels_last):
     """float16/bfloat16 judged like flash-attention: the error against a float64 reference

@@ -1,5 +1,8 @@
 """The custom operators themselves: float64 gradcheck through every fused backend, and
-torch.library.opcheck (schema, fake kernel, autograd registration) on every op."""
+torch.library.opcheck (schema, fake kernel, autograd registration) on every op.
+
+Triton in the interpreter (TRITON_INTERPRET=1, no GPU) gets opcheck on INTERPRETER_OPCHECK
+only (the other cases are not generated for it there); MSFUSED_FULL_INTERPRETER=1 runs all."""
 import itertools
 
 import pytest
@@ -7,7 +10,7 @@ import torch
 
 import msfused
 from blockutil import make_block
-from conftest import backend_device
+from conftest import FUSED_BACKENDS, backend_device, backend_params
 from msfused.backends import get_backend
 from msfused.config import make_config
 
@@ -38,22 +41,22 @@ def test_gradcheck_float64(fused_backend, merge, act, residual, stride):
 
 OPCHECK_CASES = list(itertools.product(("concat", "add"), ("relu", "silu", "none"), (1, 2),
                                        (False, True)))
+OPCHECK_IDS = [f"{m}-{a}-{s}-{cl}" for m, a, s, cl in OPCHECK_CASES]
 
 
-# Under TRITON_INTERPRET=1 one opcheck of the triton ops takes ~30 s on 2 cores; these
-# cases (both merges, strides, layouts, a saved-output and a saved-pre-activation
-# activation) run there, the full list runs wherever the kernels are compiled (GPU).
-INTERPRETER_OPCHECK = {("concat", "relu", 2, True), ("add", "silu", 1, False),
-                       ("add", "none", 2, False)}
+# Under TRITON_INTERPRET=1 one opcheck of the triton ops takes ~30 s on 2 cores; there only
+# these cases are generated for triton (both merges, strides, layouts, a saved-output, a
+# saved-pre-activation and an identity activation; conftest.interpreter_subset), the full
+# list wherever the kernels are compiled (GPU) and under MSFUSED_FULL_INTERPRETER=1.
+INTERPRETER_OPCHECK = {"concat-relu-2-True", "add-silu-1-False", "add-none-2-False"}
 
 
-@pytest.mark.parametrize("merge,act,stride,channels_last", OPCHECK_CASES)
+@pytest.mark.parametrize("fused_backend,merge,act,stride,channels_last",
+                         backend_params(OPCHECK_CASES, OPCHECK_IDS, INTERPRETER_OPCHECK,
+                                        backends=FUSED_BACKENDS),
+                         indirect=["fused_backend"])
 def test_opcheck(fused_backend, merge, act, stride, channels_last):
     b = get_backend(fused_backend)
-    if (backend_device(fused_backend) == "cpu" and fused_backend == "triton"
-            and (merge, act, stride, channels_last) not in INTERPRETER_OPCHECK):
-        pytest.skip("triton under the interpreter: opcheck on 3 representative cases only "
-                    "(~30 s each); all cases run on a GPU")
     if b.ops is None:
         pytest.fail(f"backend {fused_backend} registers no operators")
     dev = backend_device(fused_backend)
