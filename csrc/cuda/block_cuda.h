@@ -23,17 +23,15 @@ const char* launch_block_forward(const BlockDesc& d, const BlockTensors<T>& t, T
 
 // The tensor-core forward (block_forward_mma.cu) that launch_block_forward calls for
 // float16/bfloat16, and for float32 with allow_tf32; its plan for a call (the emulator's
-// tables).
+// tables). *launched is false (and nothing runs) when no tile fits the device's shared memory (very
+// large C): the caller runs the FMA kernel then.
 template <typename T>
 const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
-                                     cudaStream_t stream);
+                                     cudaStream_t stream, bool* launched);
 template <typename T>
 MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* y,
                          const MmaDevice& dev);
 MmaDevice mma_device();  // the current device's shared memory and SM count
-// Whether some tile of that kernel fits the device (else the FMA kernel runs: very large C).
-template <typename T>
-bool forward_mma_fits(const BlockDesc& d, const BlockTensors<T>& t, const T* y);
 
 // Scratch the backward needs, in bytes, for element size elem_bytes (2, 4 or 8).
 size_t block_backward_workspace_bytes(const BlockDesc& d, int elem_bytes);

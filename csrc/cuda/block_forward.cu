@@ -209,8 +209,11 @@ const char* launch_block_forward(const BlockDesc& d, const BlockTensors<T>& t, T
   // (block_forward_mma.cu) unless C is too large for its operand tile in shared memory;
   // float64, float32 without TF32 (and that case): FMAs.
   if constexpr (sizeof(T) == 2 || std::is_same_v<T, float>) {
-    if ((sizeof(T) == 2 || allow_tf32) && forward_mma_fits<T>(d, t, y))
-      return launch_block_forward_mma<T>(d, t, y, pre, stream);
+    if (sizeof(T) == 2 || allow_tf32) {
+      bool launched = false;
+      const char* err = launch_block_forward_mma<T>(d, t, y, pre, stream, &launched);
+      if (launched || err != nullptr) return err;
+    }
   }
   {
     using A = typename AccT<T>::type;

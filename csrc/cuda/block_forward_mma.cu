@@ -622,16 +622,12 @@ MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* 
 }
 
 template <typename T>
-bool forward_mma_fits(const BlockDesc& d, const BlockTensors<T>& t, const T* y) {
-  return plan_forward_mma(d, t, y, mma_device()).P != 0;
-}
-
-template <typename T>
 const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
-                                     cudaStream_t stream) {
+                                     cudaStream_t stream, bool* launched) {
   MmaPlan pl = plan_forward_mma(d, t, static_cast<const T*>(y), mma_device());
   if (pre != nullptr && !aligned16(pre)) pl.vec_y = false;
-  if (pl.P == 0) return "block_forward: no tile of the float16/bfloat16 kernel fits this GPU's shared memory";
+  *launched = pl.P != 0;
+  if (pl.P == 0) return nullptr;  // no tile fits this GPU's shared memory: the caller's FMA kernel
   if (d.stride == 1)
     return pl.TW == 8 ? launch_typed<T, 1, 8>(d, t, y, pre, pl, stream)
                       : launch_typed<T, 1, 16>(d, t, y, pre, pl, stream);
@@ -639,18 +635,11 @@ const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& 
                     : launch_typed<T, 2, 16>(d, t, y, pre, pl, stream);
 }
 
-template bool forward_mma_fits<float>(const BlockDesc&, const BlockTensors<float>&,
-                                      const float*);
 template MmaPlan plan_forward_mma<float>(const BlockDesc&, const BlockTensors<float>&,
                                          const float*, const MmaDevice&);
 template const char* launch_block_forward_mma<float>(const BlockDesc&,
                                                      const BlockTensors<float>&, float*, float*,
-                                                     cudaStream_t);
-template bool forward_mma_fits<__half>(const BlockDesc&, const BlockTensors<__half>&,
-                                       const __half*);
-template bool forward_mma_fits<__nv_bfloat16>(const BlockDesc&,
-                                              const BlockTensors<__nv_bfloat16>&,
-                                              const __nv_bfloat16*);
+                                                     cudaStream_t, bool*);
 template MmaPlan plan_forward_mma<__half>(const BlockDesc&, const BlockTensors<__half>&,
                                           const __half*, const MmaDevice&);
 template MmaPlan plan_forward_mma<__nv_bfloat16>(const BlockDesc&,
@@ -658,10 +647,10 @@ template MmaPlan plan_forward_mma<__nv_bfloat16>(const BlockDesc&,
                                                  const __nv_bfloat16*, const MmaDevice&);
 template const char* launch_block_forward_mma<__half>(const BlockDesc&,
                                                       const BlockTensors<__half>&, __half*,
-                                                      __half*, cudaStream_t);
+                                                      __half*, cudaStream_t, bool*);
 template const char* launch_block_forward_mma<__nv_bfloat16>(
     const BlockDesc&, const BlockTensors<__nv_bfloat16>&, __nv_bfloat16*, __nv_bfloat16*,
-    cudaStream_t);
+    cudaStream_t, bool*);
 
 }  // namespace cuda
 }  // namespace msfused
