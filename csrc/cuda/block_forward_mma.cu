@@ -29,6 +29,7 @@
 #include "forward_mma_plan.h"
 #include "global_io.cuh"
 #include "ptx_wrappers.cuh"
+#include "depthwise_tile.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "msfused: the float16/bfloat16 forward needs bfloat16 tensor cores (sm_80 or newer); set TORCH_CUDA_ARCH_LIST to 8.0 or above"
@@ -39,62 +40,10 @@ namespace cuda {
 namespace {
 
 constexpr int NT = MMA_NT, KC = MMA_KC, NB = MMA_NB, KB = MMA_KB, LDO = MMA_LDO;
+static_assert(NT == DWT_NT && KC == DWT_KC, "depthwise_tile.cuh's chunk is the plan's");
 
-// Elements per 16 bytes (one cp.async / vector store) and the weight slice's row.
-template <typename T> constexpr int VE = 16 / int(sizeof(T));
+// The weight slice's row.
 template <typename T> constexpr int LDW = mma_ldw(int(sizeof(T)));
-
-constexpr int SEG = 4;  // rows per depthwise work item: 3 (SEG + 2) / SEG loads per output
-
-__device__ __forceinline__ int min_i(int a, int b) { return a < b ? a : b; }
-
-__device__ __forceinline__ void load_taps(float (&w)[9], const float* __restrict__ src) {
-#pragma unroll
-  for (int j = 0; j < 9; ++j) w[j] = src[j];
-}
-
-// One channel's 3x3 depthwise conv down a column of a channel-interleaved shared tile:
-// for r in [r_begin, r_end), v = sum_ij w[3i+j] src[(S r + i) ld + j KC] and emit(r, v, the
-// window's centre). The 3x3 window slides in registers: S new input rows (3 S loads) per
-// output instead of 9.
-template <int S, typename Src, typename Emit>
-__device__ __forceinline__ void dw_column(const Src* __restrict__ src, int ld,
-                                          const float (&w)[9], int r_begin, int r_end,
-                                          Emit emit) {
-  float win[3][3];
-  auto load_row = [&](float (&row)[3], int ir) {
-#pragma unroll
-    for (int j = 0; j < 3; ++j) row[j] = to_acc(src[ir * ld + j * KC]);
-  };
-  load_row(win[0], S * r_begin);
-  load_row(win[1], S * r_begin + 1);
-  load_row(win[2], S * r_begin + 2);
-  for (int r = r_begin; r < r_end; ++r) {
-    if (r > r_begin) {
-#pragma unroll
-      for (int j = 0; j < 3; ++j) {
-        if (S == 1) {
-          win[0][j] = win[1][j];
-          win[1][j] = win[2][j];
-        } else {
-          win[0][j] = win[2][j];
-        }
-      }
-      if (S == 1) {
-        load_row(win[2], r + 2);
-      } else {
-        load_row(win[1], S * r + 1);
-        load_row(win[2], S * r + 2);
-      }
-    }
-    float v = 0.f;
-#pragma unroll
-    for (int i = 0; i < 3; ++i)
-#pragma unroll
-      for (int j = 0; j < 3; ++j) v += w[i * 3 + j] * win[i][j];
-    emit(r, v, win[1][1]);
-  }
-}
 
 // What one GEMM block computes: output channels co0 .. co0 + NB of a branch of nb channels,
 // written at ch_off + co, from A's K range [k_lo, k_hi).
@@ -154,63 +103,6 @@ __device__ __forceinline__ void stage_weights(const BlockDesc& d, const MmaPlan&
       const T* src = (k < g.k_hi && co < g.nb) ? weight_at(d, pl, t, g, k, co) : nullptr;
       w[n * L + kk] = src != nullptr ? ldg(src) : zero;
     }
-  }
-}
-
-// x[b, c0 .. c0+KC, ih0 .. ih0+XR, iw0 .. iw0+XC] into xs[(rr * XC + cc) * KC + k], zero
-// outside the image and for c >= C.
-template <typename T, int XC>
-__device__ __forceinline__ void stage_x(const BlockDesc& d, const MmaPlan& pl, const T* x_img,
-                                        const T* x_any, int c0, int ih0, int iw0,
-                                        T* __restrict__ xs) {
-  const int tid = threadIdx.x, XR = pl.XR, C = int(d.C), H = int(d.H), W = int(d.W);
-  constexpr int V = VE<T>;
-  if (pl.vec_x) {
-    for (int i = tid; i < XR * XC * (KC / V); i += NT) {
-      const int v = i % (KC / V), pos = i / (KC / V), rr = pos / XC, cc = pos % XC;
-      const int h = ih0 + rr, w = iw0 + cc, c = c0 + V * v;
-      const bool ok = h >= 0 && h < H && w >= 0 && w < W && c < C;
-      const T* src = ok ? x_img + (int64_t(h) * W + w) * C + c : x_any;
-      ptx::cp_async_16(xs + pos * KC + V * v, src, ok);
-    }
-    return;
-  }
-  const T zero = from_acc<T>(0.f);
-  if (d.channels_last) {  // channels fastest: consecutive threads, consecutive memory
-    for (int i = tid; i < XR * XC * KC; i += NT) {
-      const int k = i % KC, pos = i / KC, rr = pos / XC, cc = pos % XC;
-      const int h = ih0 + rr, w = iw0 + cc, c = c0 + k;
-      const bool ok = h >= 0 && h < H && w >= 0 && w < W && c < C;
-      xs[i] = ok ? ldg(x_img + (int64_t(h) * W + w) * C + c) : zero;
-    }
-  } else {  // NCHW: columns fastest
-    for (int i = tid; i < XR * XC * KC; i += NT) {
-      const int cc = i % XC, r = i / XC, rr = r % XR, k = r / XR;
-      const int h = ih0 + rr, w = iw0 + cc, c = c0 + k;
-      const bool ok = h >= 0 && h < H && w >= 0 && w < W && c < C;
-      xs[(rr * XC + cc) * KC + k] = ok ? ldg(x_img + (int64_t(c) * H + h) * W + w) : zero;
-    }
-  }
-}
-
-// Depthwise weights and biases of channels c0 .. c0+KC: dw[(which * KC + k) * 9 + tap] for
-// which = a, b (first conv of branch B), c (second), then the biases at 27 KC + which * KC + k.
-template <typename T>
-__device__ __forceinline__ void stage_dw(const BlockDesc& d, const BlockTensors<T>& t, int c0,
-                                         float* __restrict__ dw) {
-  const int C = int(d.C);
-  for (int i = threadIdx.x; i < 30 * KC; i += NT) {
-    float v = 0.f;
-    if (i < 27 * KC) {
-      const int which = i / (9 * KC), r = i % (9 * KC), c = c0 + r / 9;
-      const T* w = which == 0 ? t.wa : (which == 1 ? t.wb : t.wc);
-      if (c < C) v = to_acc(ldg(w + c * 9 + r % 9));
-    } else {
-      const int which = (i - 27 * KC) / KC, c = c0 + (i - 27 * KC) % KC;
-      const T* b = which == 0 ? t.ba : (which == 1 ? t.bb : t.bc);
-      if (b != nullptr && c < C) v = to_acc(ldg(b + c));
-    }
-    dw[i] = v;
   }
 }
 
@@ -325,7 +217,7 @@ __device__ __forceinline__ void gemm_slice_tf32(float (&acc)[4][4][4], const flo
 template <typename T, int S, int TW>
 __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 registers
     block_forward_mma_kernel(BlockDesc d, BlockTensors<T> t, T* y, T* pre, MmaPlan pl) {
-  constexpr int XC = S * (TW + 1) + 3, RW = TW + 2;
+  constexpr int XC = S * (TW + 1) + 3;
   MSF_EXTERN_SMEM(sm);
   T* sA = reinterpret_cast<T*>(sm + pl.off_a);
   T* xs0 = reinterpret_cast<T*>(sm + pl.off_x0);
@@ -343,80 +235,24 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
   const int Ho = int(d.Ho), Wo = int(d.Wo), act = d.act;
   const int r0 = (tile / pl.tiles_w) * TH, q0 = (tile % pl.tiles_w) * TW;
   const T* x_img = t.x + bimg * d.C * d.H * d.W;
-  const T zero = from_acc<T>(0.f);
 
   // ---- phase 1: x once per tile; a, b1, b, xs into A ------------------------------------
   const int ih0 = S * (r0 - 1) - 1, iw0 = S * (q0 - 1) - 1;
   const int nchunks = (C16 + KC - 1) / KC;
-  const int seg_ring = (TH + 2 + SEG - 1) / SEG, seg_tile = (TH + SEG - 1) / SEG;
-  stage_x<T, XC>(d, pl, x_img, t.x, 0, ih0, iw0, xs0);
+  stage_x<T, XC>(d, pl.vec_x, pl.XR, x_img, t.x, 0, ih0, iw0, xs0);
   ptx::cp_async_commit();
   for (int ci = 0; ci < nchunks; ++ci) {
     const int c0 = ci * KC;
     const T* xs = (ci & 1) ? xs1 : xs0;
-    if (ci + 1 < nchunks) stage_x<T, XC>(d, pl, x_img, t.x, c0 + KC, ih0, iw0, (ci & 1) ? xs0 : xs1);
+    if (ci + 1 < nchunks)
+      stage_x<T, XC>(d, pl.vec_x, pl.XR, x_img, t.x, c0 + KC, ih0, iw0, (ci & 1) ? xs0 : xs1);
     ptx::cp_async_commit();  // possibly empty: the wait below then always means "chunk ci"
     stage_dw<T>(d, t, c0, dw);
     ptx::cp_async_wait<1>();
     __syncthreads();
-    // b1 on the tile plus its ring, activated, zero outside the output (the second conv's
-    // padding); a and the strided x at the tile's pixels. Each item is one channel and one
-    // column over SEG rows (consecutive threads: consecutive channels, conflict-free).
-    for (int i = tid; i < KC * RW * seg_ring; i += NT) {
-      const int k = i % KC, rest = i / KC, lc = rest % RW, r_begin = (rest / RW) * SEG;
-      const int r_end = min_i(r_begin + SEG, TH + 2), ow = q0 - 1 + lc;
-      float* out = b1 + lc * KC + k;
-      if (c0 + k >= C || ow < 0 || ow >= Wo) {
-        for (int r = r_begin; r < r_end; ++r) out[r * RW * KC] = 0.f;
-        continue;
-      }
-      float w[9];
-      load_taps(w, dw + (KC + k) * 9);
-      const float bias = dw[27 * KC + KC + k];
-      dw_column<S>(xs + S * lc * KC + k, XC * KC, w, r_begin, r_end, [&](int r, float v, float) {
-        const int oh = r0 - 1 + r;
-        out[r * RW * KC] = (oh >= 0 && oh < Ho) ? act_apply(act, v + bias) : 0.f;
-      });
-    }
-    for (int i = tid; i < KC * TW * seg_tile; i += NT) {
-      const int k = i % KC, rest = i / KC, lc = rest % TW, r_begin = (rest / TW) * SEG;
-      const int r_end = min_i(r_begin + SEG, TH), c = c0 + k;
-      if (c >= C16) continue;
-      T* out = sA + lc * LDA + c;  // + p * LDA with p = r * TW + lc
-      if (c >= C) {
-        for (int r = r_begin; r < r_end; ++r) {
-          out[r * TW * LDA + pl.seg_a] = zero;
-          if (pl.seg_x >= 0) out[r * TW * LDA + pl.seg_x] = zero;
-        }
-        continue;
-      }
-      float w[9];
-      load_taps(w, dw + k * 9);
-      const float bias = dw[27 * KC + k];
-      dw_column<S>(xs + (S * XC + S * (lc + 1)) * KC + k, XC * KC, w, r_begin, r_end,
-                   [&](int r, float v, float center) {
-                     out[r * TW * LDA + pl.seg_a] = from_acc<T>(act_apply(act, v + bias));
-                     if (pl.seg_x >= 0) out[r * TW * LDA + pl.seg_x] = from_acc<T>(center);
-                   });
-    }
-    __syncthreads();
-    for (int i = tid; i < KC * TW * seg_tile; i += NT) {
-      const int k = i % KC, rest = i / KC, lc = rest % TW, r_begin = (rest / TW) * SEG;
-      const int r_end = min_i(r_begin + SEG, TH), c = c0 + k;
-      if (c >= C16) continue;
-      T* out = sA + lc * LDA + pl.seg_b + c;
-      if (c >= C) {
-        for (int r = r_begin; r < r_end; ++r) out[r * TW * LDA] = zero;
-        continue;
-      }
-      float w[9];
-      load_taps(w, dw + (2 * KC + k) * 9);
-      const float bias = dw[27 * KC + 2 * KC + k];
-      dw_column<1>(b1 + lc * KC + k, RW * KC, w, r_begin, r_end, [&](int r, float v, float) {
-        out[r * TW * LDA] = from_acc<T>(act_apply(act, v + bias));
-      });
-    }
-    __syncthreads();  // x stage, b1 and dw are free for the next chunk
+    const ChunkOut<T> o{sA + pl.seg_a + c0, sA + pl.seg_b + c0,
+                        pl.seg_x >= 0 ? sA + pl.seg_x + c0 : nullptr, LDA, nullptr, 0};
+    chunk_operands<T, S, TW>(d, TH, r0, q0, c0, C16, xs, b1, dw, o);  // ends with a barrier
   }
   ptx::cp_async_wait<0>();  // (the last group is empty)
 
