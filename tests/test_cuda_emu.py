@@ -161,3 +161,96 @@ def test_ptx_standins(ptx_probe, mode, message):
         assert r.returncode != 0 and "bad=0" not in r.stdout, r.stdout + r.stderr
     else:
         assert r.returncode != 0 and message in r.stderr, r.stdout + r.stderr
+
+
+# ---- launch 2 of the float16/bfloat16 backward (block_backward_dw.cu): depthwise gradients,
+# dx and the per-tile partials from given da_pre / db_pre / dxs, against float64 autograd from
+# the same rounded inputs; the partials must be the same bits on a second run, and dx and the
+# partials written exactly once. Every stride, layout, shortcut, activation and dtype; C not a
+# multiple of 16 (partial channel blocks), C = 1 (NCHW), partial 16x16 tiles both ways.
+# (The 240-case sweep: tools/cuda_emu/run_emu.run_backward_dw over the same axes.)
+DW_CASES = [((3, 4, 11, 10, 2), "concat", 1, "relu", True, True, torch.float64, False),
+            ((20, 20, 17, 19, 1), "add", 1, "silu", True, False, torch.bfloat16, True),
+            ((20, 22, 17, 19, 1), "concat", 2, "relu6", True, True, torch.float16, False),
+            ((37, 38, 33, 7, 1), "add", 2, "none", False, True, torch.float64, True),
+            ((1, 3, 9, 8, 2), "concat", 2, "relu", True, False, torch.bfloat16, True),
+            ((16, 16, 16, 16, 1), "add", 1, "relu6", True, True, torch.float16, False),
+            ((8, 9, 5, 33, 1), "add", 1, "silu", False, False, torch.float32, True),
+            ((37, 37, 33, 7, 1), "add", 1, "relu", True, True, torch.bfloat16, True),
+            ((8, 10, 5, 33, 2), "concat", 2, "silu", True, True, torch.float16, True)]
+
+
+@pytest.mark.parametrize("case", DW_CASES,
+                         ids=lambda c: "-".join(map(str, c[0] + c[1:6] + (str(c[6])[6:], c[7]))))
+def test_backward_dw(emu_lib, case):
+    run_emu, lib = emu_lib
+    (c, n, h, w, batch), merge, stride, act, residual, bias, dtype, cl = case
+    errs, identical, bytes_ok = run_emu.run_backward_dw(lib, c, n, h, w, merge, stride, act,
+                                                        residual, bias, dtype, cl, batch)
+    assert run_emu.dw_ok(dtype, errs), errs
+    assert identical, "the partials or dx differ between two runs"
+    assert bytes_ok, "dx / the partials not written exactly once, or x read more than once"
+
+
+# ---- the float16/bfloat16 backward on tensor cores, all three launches (block_backward_mma.cu
+# and block_backward_dw.cu), every gradient under the tolerance policy -----------------------
+# A sample of run_emu.forward_low_cases() run forward and backward (all 128 x 2 dtypes:
+# run_emu.py --backward-low) plus C = 256 with N = 140 (27 weight-gradient row tiles: four per
+# warp), C = 37 (a partial second channel block), C = 3, both strides and layouts, every
+# shortcut (identity: gz itself as dxs), partial tiles.
+BWD_CASES = [((20, 70, 11, 10, 2), "add", 2, True, True, "relu6"),
+             ((20, 70, 11, 10, 2), "concat", 1, False, False, "silu"),
+             ((8, 8, 9, 6, 2), "add", 1, True, True, "none"),
+             ((37, 16, 9, 9, 2), "concat", 1, True, False, "relu"),
+             ((64, 64, 17, 18, 1), "add", 1, True, True, "silu"),
+             ((3, 32, 9, 18, 1), "concat", 2, True, True, "relu"),
+             ((256, 140, 7, 5, 1), "add", 1, True, True, "relu6")]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "-".join(map(str, c[0] + c[1:])))
+def test_tensor_core_backward(emu_lib, case, dtype):
+    run_emu, lib = emu_lib
+    assert run_emu.backward_plan(lib, case)["P"] > 0  # the tensor-core backward, not the FMA one
+    ok, line = run_emu.run_forward_low(lib, case, dtype, backward=True)
+    assert ok, line
+
+
+def test_backward_falls_back_when_rows_exceed_the_plan(emu_lib):
+    """[dpa | dpb | dws] above 512 rows (here concat, N = 140: 144 + 144 + 288) has no tensor-
+    core plan; the FMA backward runs, with correct gradients."""
+    run_emu, lib = emu_lib
+    case = ((64, 140, 7, 5, 1), "concat", 2, True, True, "relu6")
+    assert run_emu.backward_plan(lib, case)["P"] == 0
+    ok, line = run_emu.run_forward_low(lib, case, torch.bfloat16, backward=True)
+    assert ok, line
+
+
+@pytest.mark.parametrize("case", [((24, 16, 20, 20, 3), "add", 1, True, True, "relu"),
+                                  ((40, 24, 17, 13, 2), "concat", 2, True, False, "silu")],
+                         ids=["add-nhwc", "concat-nchw"])
+def test_backward_weight_grads_do_not_depend_on_the_split(emu_lib, case, monkeypatch):
+    """Every gradient bitwise identical whether one CTA per channel block walks all pixel
+    groups or each group has its own CTA (MSFUSED_CUDA_BWD_SPLIT), and run to run."""
+    run_emu, lib = emu_lib
+    assert run_emu.backward_plan(lib, case)["groups"] > 3
+    results = []
+    for split in ("0", "1", "3", "0"):
+        monkeypatch.setenv("MSFUSED_CUDA_BWD_SPLIT", split)
+        results.append(run_emu.backward_grads(lib, case, torch.bfloat16))
+    for other in results[1:]:
+        for name, a, b in zip(run_emu.NAMES, results[0], other):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert torch.equal(a.view(torch.int16), b.view(torch.int16)), name
+
+
+def test_backward_global_bytes(emu_lib):
+    """The backward's global traffic at a benchmark shape (all launches, scratch and partials
+    included, as counted by the emulator) stays within its current bound of the floor (x, dy,
+    y read; dx written; weights and gradients once): see benchmarks/NOTES.md for the table."""
+    from msfused.benchmark import SHAPES
+    run_emu, lib = emu_lib
+    r = run_emu.backward_bytes(lib, SHAPES["mobilenet"][0], batch=1)
+    assert r["read_x"] <= 3.6 * r["x"], r
+    assert r["total"] <= 5.5 * r["floor"], r

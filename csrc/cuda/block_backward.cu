@@ -1,4 +1,6 @@
-// Fused backward of the block: six launches, a, b1, b recomputed from x, every weight
+// Fused backward of the block for float32 and float64 (and float16/bfloat16 shapes that the
+// tensor-core backward, block_backward_mma.cu, cannot plan): six launches, a, b1, b
+// recomputed from x, every weight
 // gradient reduced deterministically (per-CTA partials, then a fixed-order sum; no atomics).
 //
 //   1. gz_kernel        gz = grad_y * act'(saved)                     -> G     (B, Cout, P)
@@ -13,6 +15,7 @@
 //                       partials of the depthwise weight/bias grads
 //   6. reduce_kernel    fixed-order sums of all partials into the weight/bias gradients
 // Scratch (planar (B, C, Ho*Wo), accumulation type) is one workspace from the binding.
+#include "backward_mma.h"
 #include "block_cuda.h"
 #include "tile.cuh"
 
@@ -479,6 +482,10 @@ inline unsigned grid_for(int64_t n, int64_t cap) {
 }  // namespace
 
 size_t block_backward_workspace_bytes(const BlockDesc& d, int elem_bytes) {
+  if (elem_bytes == 2) {  // the tensor-core backward's, where its plan fits
+    const BwdMmaPlan pl = backward_mma_plan(d, 2);
+    if (pl.P != 0) return pl.ws_total;
+  }
   return bwd_layout(d, elem_bytes == 8 ? 8 : 4).total;
 }
 
@@ -487,6 +494,12 @@ const char* launch_block_backward(const BlockDesc& d, const BlockTensors<T>& t, 
                                   const T* saved, const BlockGrads<T>& g, void* workspace,
                                   cudaStream_t stream) {
   using A = typename AccT<T>::type;
+  if constexpr (sizeof(T) == 2) {  // float16 / bfloat16: tensor cores (block_backward_mma.cu)
+    bool launched = false;
+    const char* err =
+        launch_block_backward_mma<T>(d, t, grad_y, saved, g, workspace, stream, &launched);
+    if (err != nullptr || launched) return err;
+  }
   constexpr int KC = BwdKC<T>::value;
   const BwdLayout L = bwd_layout(d, sizeof(A));
   char* ws = static_cast<char*>(workspace);

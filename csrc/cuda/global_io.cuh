@@ -24,6 +24,10 @@ __device__ __forceinline__ void stg(T* p, T v) {
 __device__ __forceinline__ void stg16(void* p, const Vec16& v) {
   *reinterpret_cast<uint4*>(p) = make_uint4(v.w[0], v.w[1], v.w[2], v.w[3]);
 }
+__device__ __forceinline__ Vec16 ldg16(const void* p) {
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  return Vec16{{u.x, u.y, u.z, u.w}};
+}
 #else   // tools/cuda_emu/emu.h: emu_count_read / emu_count_written
 template <typename T>
 inline T ldg(const T* p) {
@@ -39,6 +43,11 @@ inline void stg16(void* p, const Vec16& v) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail("stg16: address not 16-byte aligned");
   emu_count_written(16);
   *static_cast<Vec16*>(p) = v;
+}
+inline Vec16 ldg16(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail("ldg16: address not 16-byte aligned");
+  emu_count_read(p, 16);
+  return *static_cast<const Vec16*>(p);
 }
 #endif
 

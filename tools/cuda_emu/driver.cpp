@@ -1,6 +1,7 @@
 // C entry points of the emulated kernels for run_emu.py (ctypes).
 #include <cstdio>
 
+#include "backward_mma.h"
 #include "block_cuda.h"
 
 using namespace msfused;
@@ -88,4 +89,35 @@ extern "C" void emu_mma_plan(const int64_t* dv, void** p, void* y, int64_t* out)
       d, tens<__nv_bfloat16>(p), static_cast<const __nv_bfloat16*>(y), cuda::mma_device());
   out[0] = pl.TH; out[1] = pl.TW; out[2] = pl.tiles_hw; out[3] = pl.smem;
   out[4] = pl.vec_x; out[5] = pl.vec_w; out[6] = pl.vec_y;
+}
+
+// Launch 2 of the float16/bfloat16 backward (block_backward_dw.cu): da, db, dxs pixel-major
+// (B, Ho, Wo, C); dx in the io layout; part: emu_dw_parts(dv) * C * 30 floats.
+template <typename T>
+static const char* bwd_dw(const BlockDesc& d, void** p, const void* da, const void* db,
+                          const void* dxs, void* dx, float* part) {
+  return cuda::launch_backward_dw<T>(d, tens<T>(p), static_cast<const T*>(da),
+                                     static_cast<const T*>(db), static_cast<const T*>(dxs),
+                                     static_cast<T*>(dx), part, nullptr);
+}
+
+extern "C" int emu_backward_dw(int dtype, const int64_t* dv, void** p, const void* da,
+                               const void* db, const void* dxs, void* dx, float* part) {
+  const BlockDesc d = desc_of(dv);
+  const char* e = dtype == 1 ? bwd_dw<double>(d, p, da, db, dxs, dx, part)
+                : dtype == 2 ? bwd_dw<__half>(d, p, da, db, dxs, dx, part)
+                : dtype == 3 ? bwd_dw<__nv_bfloat16>(d, p, da, db, dxs, dx, part)
+                             : bwd_dw<float>(d, p, da, db, dxs, dx, part);
+  if (e) std::fprintf(stderr, "%s\n", e);
+  return e ? 1 : 0;
+}
+
+extern "C" int64_t emu_dw_parts(const int64_t* dv) { return cuda::backward_dw_parts(desc_of(dv)); }
+
+// The float16/bfloat16 backward's plan for a shape (launch 1): P (0: the FMA backward runs),
+// TH, tiles per group, groups, split, channel blocks, shared memory bytes, workspace bytes.
+extern "C" void emu_bwd_plan(const int64_t* dv, int64_t* out) {
+  const cuda::BwdMmaPlan pl = cuda::backward_mma_plan(desc_of(dv), 2);
+  out[0] = pl.P; out[1] = pl.TH; out[2] = pl.GT; out[3] = pl.groups; out[4] = pl.split;
+  out[5] = pl.cblocks; out[6] = pl.smem; out[7] = int64_t(pl.ws_total);
 }

@@ -15,7 +15,9 @@ pre-activation lies within half an ulp below 6 (the stored y rounds to 6.0 and a
 
     python tools/cuda_emu/run_emu.py [--quick]
     python tools/cuda_emu/run_emu.py --forward-low   # tensor-core forward (fp16, bf16, tf32), every config
+    python tools/cuda_emu/run_emu.py --backward-low  # tensor-core backward (fp16, bf16), every config
     python tools/cuda_emu/run_emu.py --bytes         # forward's global bytes, benchmark shapes
+    python tools/cuda_emu/run_emu.py --backward-bytes  # the same for the backward
 """
 import ctypes
 import itertools
@@ -45,7 +47,9 @@ LIB = os.path.join(os.environ.get("TMPDIR", "/tmp"), "libmsfused_cuda_emu.so")
 def build():
     src = [os.path.join(ROOT, "csrc/cuda/block_forward.cu"),
            os.path.join(ROOT, "csrc/cuda/block_forward_mma.cu"),
-           os.path.join(ROOT, "csrc/cuda/block_backward.cu"), os.path.join(HERE, "driver.cpp")]
+           os.path.join(ROOT, "csrc/cuda/block_backward.cu"),
+           os.path.join(ROOT, "csrc/cuda/block_backward_dw.cu"),
+           os.path.join(ROOT, "csrc/cuda/block_backward_mma.cu"), os.path.join(HERE, "driver.cpp")]
     cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-DMSFUSED_CUDA_EMU",
            "-Wno-unknown-pragmas", "-include", os.path.join(HERE, "emu.h"),
            "-I" + os.path.join(ROOT, "csrc"), "-I" + os.path.join(ROOT, "csrc/cuda"),
@@ -227,6 +231,122 @@ def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
+# ---- launch 2 of the float16/bfloat16 backward (block_backward_dw.cu) ------------------------
+DW_NAMES = ["dwa", "dba", "dwb", "dbb", "dwc", "dbc"]
+
+
+def run_backward_dw(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch):
+    """The depthwise part of the backward alone, from given dL/da_pre, dL/db_pre and the
+    shortcut's gradient dxs: those come from float64 autograd on the block, rounded to dtype
+    (what launch 1 would hand over, pixel-major), and the oracle is float64 autograd through
+    the three depthwise convs from the SAME rounded tensors, so the only differences are the
+    kernel's own rounding (float64: ~1e-13; the partials are float32, ~1e-7 on dw*).
+    Returns (errs {dx, dwa, ..., dbc: relative error}, identical: whether a second run gave
+    the same bits in dx and the partials, bytes_ok: the emulator's counters say dx and the
+    partials were written exactly once and x read once per tile over its window)."""
+    import torch.nn.functional as F
+    torch.manual_seed(c * 1000 + n * 10 + h + w + 7)
+    m = msfused.MultiScaleSeparableBlock(c, n, merge=merge, stride=stride, activation=act,
+                                         residual=residual, bias=bias, backend="reference",
+                                         dtype=torch.float64)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.4)
+    m = m.to(dtype)
+    params = [t.detach().contiguous() if t is not None else None for t in m.params()]
+    cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
+    chl = cl and c > 1
+    x = torch.randn(batch, c, h, w, dtype=dtype).contiguous(
+        memory_format=torch.channels_last if chl else torch.contiguous_format)
+    s = stride
+    cout = out_channels(n, cfg.merge)
+    ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
+    proj = residual and needs_projection(c, cout, s)
+    # float64 block, decomposed: da_pre, db_pre and the shortcut input's gradient
+    p64 = [t.double() if t is not None else None for t in params]
+    wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs = p64
+    x64 = x.double()
+    a_pre = F.conv2d(x64, wa, ba, stride=s, padding=1, groups=c).requires_grad_(True)
+    b1 = activations.apply_act(F.conv2d(x64, wb, bb, stride=s, padding=1, groups=c), cfg.act)
+    b_pre = F.conv2d(b1, wc, bc, padding=1, groups=c).requires_grad_(True)
+    ya = F.conv2d(activations.apply_act(a_pre, cfg.act), pa, qa)
+    yb = F.conv2d(activations.apply_act(b_pre, cfg.act), pb, qb)
+    z = torch.cat([ya, yb], dim=1) if cfg.merge == merge_code("concat") else ya + yb
+    xs = x64[:, :, ::s, ::s].detach().requires_grad_(True)
+    if residual:
+        z = z + (F.conv2d(xs, ws, bs) if proj else xs)
+    y = activations.apply_act(z, cfg.act)
+    y.backward(torch.randn_like(y))
+    da, db = a_pre.grad.to(dtype), b_pre.grad.to(dtype)
+    dxs = xs.grad.to(dtype) if residual else None
+    # the oracle from the rounded gradients
+    xo = x.double().requires_grad_(True)
+    leaf = [t.double().requires_grad_(True) for t in params[:6:2]]
+    bl = [(params[i].double() if params[i] is not None else torch.zeros(c, dtype=torch.float64))
+          .requires_grad_(True) for i in (1, 3, 5)]
+    ao = F.conv2d(xo, leaf[0], bl[0], stride=s, padding=1, groups=c)
+    b1o = activations.apply_act(F.conv2d(xo, leaf[1], bl[1], stride=s, padding=1, groups=c),
+                                cfg.act)
+    bo = F.conv2d(b1o, leaf[2], bl[2], padding=1, groups=c)
+    torch.autograd.backward([ao, bo], [da.double(), db.double()])
+    dx_ref = xo.grad.clone()
+    if residual:
+        dx_ref[:, :, ::s, ::s] += dxs.double()
+    ref = {"dx": dx_ref}
+    for k, (wl, bl_) in enumerate(zip(leaf, bl)):
+        ref[DW_NAMES[2 * k]] = wl.grad.reshape(c, 9)
+        ref[DW_NAMES[2 * k + 1]] = bl_.grad
+    # the kernel
+    pm = lambda t: None if t is None else t.permute(0, 2, 3, 1).contiguous()
+    desc = (ctypes.c_int64 * 14)(batch, c, h, w, n, cout, ho, wo, s, cfg.merge, cfg.act,
+                                 int(residual), int(proj), int(chl))
+    ptrs = (ctypes.c_void_p * 13)(ptr(x), *[ptr(t) for t in params])
+    lib.emu_dw_parts.restype = ctypes.c_int64
+    parts = lib.emu_dw_parts(desc)
+    da_k, db_k, dxs_k = pm(da), pm(db), pm(dxs)
+    outs, counts = [], [ctypes.c_uint64() for _ in range(3)]
+    xb = x.numel() * x.element_size()
+    for _ in range(2):
+        dx = torch.full_like(x, float("nan"))
+        part = torch.full((parts * c * 30,), float("nan"), dtype=torch.float32)
+        lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(k) for k in counts])  # reset
+        assert lib.emu_backward_dw(DTYPE_CODE[dtype], desc, ptrs, ptr(da_k), ptr(db_k),
+                                   ptr(dxs_k), ptr(dx), ptr(part)) == 0
+        lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(k) for k in counts])
+        outs.append((dx, part))
+    (dx, part), (dx2, part2) = outs
+    identical = torch.equal(part, part2) and torch.equal(dx, dx2)
+    # every dx element and partial written once; x read once per tile over its window
+    # (input rows R0-s-1 .. R0+17 inside the image)
+    def window(n_in):
+        return sum(min(t0 + 18, n_in) - max(t0 - s - 1, 0) for t0 in range(0, n_in, 16))
+    bytes_ok = (counts[2].value == xb + part.numel() * 4 and
+                counts[0].value == batch * c * window(h) * window(w) * x.element_size())
+    pv = part.double().view(parts, c, 30)
+    tot, mag = pv.sum(0), pv.abs().sum(0)
+    cols = {"dwa": slice(0, 9), "dba": 9, "dwb": slice(10, 19), "dbb": 19,
+            "dwc": slice(20, 29), "dbc": 29}
+    errs = {"dx": rel(dx, ref["dx"])}
+    for k, col in cols.items():
+        # relative to the partials' magnitudes too: float32 partials that cancel (a bias sum
+        # over few pixels) leave float32's rounding of the parts, not of the total
+        scale = max(ref[k].norm().item(), mag[:, col].norm().item(), 1e-30)
+        errs[k] = (tot[:, col] - ref[k]).norm().item() / scale
+        if torch.isnan(tot[:, col]).any():
+            errs[k] = float("inf")
+    return errs, identical, bytes_ok
+
+
+# float64 runs with float32 partials: dw* are good to float32's rounding only.
+DW_TOL = {**EXACT_TOL, torch.float64: 1e-6}
+
+
+def dw_ok(dtype, errs):
+    """Whether run_backward_dw's errors are within the exact-check tolerances (dx of float64
+    at float64's own)."""
+    return all(v < (EXACT_TOL[dtype] if k == "dx" else DW_TOL[dtype]) for k, v in errs.items())
+
+
 # The float16/bfloat16 forward (tensor cores: mma.sync, ldmatrix, cp.async; emu_ptx.h emulates
 # them and asserts their rules) over every config: merge, stride, residual (identity where C == Cout at
 # stride 1, else projection), layout, each activation; C and N not multiples of 16 / 64
@@ -245,16 +365,18 @@ def forward_low_cases():
                 ("concat", "add"), (1, 2), (True, False), (False, True))]
 
 
-def run_forward_low(lib, case, dtype):
-    """(ok, line) for one forward-only float16/bfloat16 case of forward_low_cases()."""
+def run_forward_low(lib, case, dtype, backward=False):
+    """(ok, line) for one float16/bfloat16 case of forward_low_cases(): the forward only, or
+    forward and backward (every gradient judged)."""
     (c, n, h, w, batch), merge, stride, residual, cl, act = case
     bias = (c + h) % 2 == 0 or merge == "add"
     errs, exact, eager = run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl,
-                             batch, backward=False)
+                             batch, backward=backward)
     ok, text = judge(dtype, errs, exact, eager)
     identity = residual and c == out_channels(n, merge_code(merge)) and stride == 1
     res = ("res-id" if identity else "res-proj") if residual else "nores"
-    return ok, (f"{'ok  ' if ok else 'FAIL'} fwd {dtype_name(dtype):8} C{c} N{n} {h}x{w} "
+    return ok, (f"{'ok  ' if ok else 'FAIL'} {'bwd' if backward else 'fwd'} "
+                f"{dtype_name(dtype):8} C{c} N{n} {h}x{w} "
                 f"B{batch} {merge} s{stride} {act} {res} {'nhwc' if cl else 'nchw'} "
                 f"bias={bias}: {text}")
 
@@ -302,6 +424,55 @@ def main_forward_low(lib):
         for dtype in (torch.bfloat16, torch.float16, "tf32"):
             ok, line = (run_forward_tf32(lib, case) if dtype == "tf32"
                         else run_forward_low(lib, case, dtype))
+            fails += not ok
+            total += 1
+            print(line, flush=True)
+    print(f"{fails} failure(s) of {total}")
+    return 1 if fails else 0
+
+
+def backward_plan(lib, case):
+    """The float16/bfloat16 backward's plan (emu_bwd_plan) for a forward_low_cases() case:
+    P == 0 means the FMA backward runs."""
+    (c, n, h, w, batch), merge, stride, residual, cl, act = case
+    cout = out_channels(n, merge_code(merge))
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    proj = residual and needs_projection(c, cout, stride)
+    desc = (ctypes.c_int64 * 14)(batch, c, h, w, n, cout, ho, wo, stride, merge_code(merge),
+                                 act_code(act), int(residual), int(proj), int(cl and c > 1))
+    out = (ctypes.c_int64 * 8)()
+    lib.emu_bwd_plan(desc, out)
+    return dict(zip(("P", "TH", "GT", "groups", "split", "cblocks", "smem", "workspace"), out))
+
+
+def backward_grads(lib, case, dtype):
+    """The 13 gradients of the emulated kernels for a forward_low_cases() case, from fixed
+    inputs (seeded by the case): for comparing runs bit by bit."""
+    (c, n, h, w, batch), merge, stride, residual, cl, act = case
+    torch.manual_seed(c * 1000 + n * 10 + h + w)
+    m = msfused.MultiScaleSeparableBlock(c, n, merge=merge, stride=stride, activation=act,
+                                         residual=residual, backend="reference",
+                                         dtype=torch.float64)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.4)
+    m = m.to(dtype)
+    params = [t.detach().contiguous() if t is not None else None for t in m.params()]
+    fmt = torch.channels_last if cl and c > 1 else torch.contiguous_format
+    x = torch.randn(batch, c, h, w, dtype=dtype).contiguous(memory_format=fmt)
+    cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
+    cout = out_channels(n, cfg.merge)
+    gy = torch.randn(batch, cout, (h - 1) // stride + 1, (w - 1) // stride + 1, dtype=dtype)
+    return emulate(lib, x, params, cfg, gy)[2]
+
+
+def main_backward_low(lib):
+    """Forward and backward in bfloat16 and float16 for every case of forward_low_cases(): the
+    tensor-core backward (block_backward_mma.cu, block_backward_dw.cu) wherever it plans."""
+    fails = total = 0
+    for case in forward_low_cases():
+        for dtype in (torch.bfloat16, torch.float16):
+            ok, line = run_forward_low(lib, case, dtype, backward=True)
             fails += not ok
             total += 1
             print(line, flush=True)
@@ -386,11 +557,94 @@ def main_bytes(lib, batch):
     return 0
 
 
+def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16):
+    """Global bytes of one emulated channels_last backward (all launches, scratch and
+    partials included) at a benchmark shape and the module's default config, with the pixel
+    groups the plan picks at the benchmark's batch, against the backward floor: x, dy and
+    the saved tensor read, dx written, the weights read and their gradients written once."""
+    torch.manual_seed(0)
+    m = msfused.MultiScaleSeparableBlock(shape.c, shape.n, merge=shape.merge,
+                                         stride=shape.stride, backend="reference", dtype=dtype)
+    cfg = m.config
+    params = [t.detach().contiguous() if t is not None else None for t in m.params()]
+    n, stride = shape.n, shape.stride
+    cout = out_channels(n, cfg.merge)
+    ho, wo = (shape.h - 1) // stride + 1, (shape.w - 1) // stride + 1
+    proj = cfg.residual and needs_projection(shape.c, cout, stride)
+
+    def desc_for(b):
+        return (ctypes.c_int64 * 14)(b, shape.c, shape.h, shape.w, n, cout, ho, wo, stride,
+                                     cfg.merge, cfg.act, int(cfg.residual), int(proj), 1)
+
+    plan_full, plan = (ctypes.c_int64 * 8)(), (ctypes.c_int64 * 8)()
+    lib.emu_bwd_plan(desc_for(shape.batch), plan_full)
+    old = os.environ.get("MSFUSED_CUDA_BWD_GROUP")
+    os.environ["MSFUSED_CUDA_BWD_GROUP"] = str(plan_full[2])
+    try:
+        lib.emu_bwd_plan(desc_for(batch), plan)
+        x = torch.randn(batch, shape.c, shape.h, shape.w, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        gy = torch.randn(batch, cout, ho, wo, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        y, saved, _ = emulate(lib, x, params, cfg, gy, backward=False)
+        desc = desc_for(batch)
+        ptrs = (ctypes.c_void_p * 13)(ptr(x), *[ptr(t) for t in params])
+        lib.emu_ws.restype = ctypes.c_size_t
+        ws = torch.empty((lib.emu_ws(desc, x.element_size()) // 4 + 1,), dtype=torch.float32)
+        gr = [torch.empty_like(x)] + [torch.empty(t.shape, dtype=dtype) if t is not None else
+                                      None for t in params]
+        for i, t in enumerate(params):
+            if t is None and (i < 10 or (i == 11 and proj)):
+                gr[i + 1] = torch.empty((shape.c if i < 6 else (n if i < 10 else cout),),
+                                        dtype=dtype)
+        gptrs = (ctypes.c_void_p * 13)(*[ptr(t) for t in gr])
+        counts = [ctypes.c_uint64() for _ in range(3)]
+        xb = x.numel() * x.element_size()
+        lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(c) for c in counts])  # reset
+        assert lib.emu_backward(DTYPE_CODE[dtype], desc, ptrs, ptr(gy), ptr(saved), gptrs,
+                                ptr(ws)) == 0
+        lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(c) for c in counts])
+    finally:
+        if old is None:
+            del os.environ["MSFUSED_CUDA_BWD_GROUP"]
+        else:
+            os.environ["MSFUSED_CUDA_BWD_GROUP"] = old
+    read_x, read_other, written = (c.value for c in counts)
+    esz = x.element_size()
+    wbytes = sum(t.numel() * t.element_size() for t in params if t is not None)
+    gbytes = sum(t.numel() * t.element_size() for t in gr[1:] if t is not None)
+    sv = saved.numel() * esz if saved is not None else 0
+    floor = xb + gy.numel() * esz + sv + xb + wbytes + gbytes
+    return dict(name=shape.name, tp=plan[0], gt=plan_full[2], groups_full=plan_full[3],
+                groups=plan[3], smem=plan[6], x=xb, read_x=read_x, read=read_x + read_other,
+                written=written, floor=floor, total=read_x + read_other + written)
+
+
+def main_backward_bytes(lib, batch):
+    from msfused.benchmark import SHAPES
+    print(f"emulated bfloat16 channels_last backward, batch {batch}, pixel groups as planned "
+          "for the benchmark's batch: global bytes of all launches against the backward floor")
+    print(f"{'shape':9} {'P':>3} {'tiles/grp':>9} {'smem KB':>7} {'x read/x':>9} "
+          f"{'read/floor':>10} {'written/floor':>13} {'total/floor':>11}")
+    for group in SHAPES.values():
+        for shape in group:
+            r = backward_bytes(lib, shape, batch)
+            print(f"{r['name']:9} {r['tp']:3d} {r['gt']:9d} {r['smem'] / 1024:7.1f} "
+                  f"{r['read_x'] / r['x']:9.3f} {r['read'] / r['floor']:10.3f} "
+                  f"{r['written'] / r['floor']:13.3f} {r['total'] / r['floor']:11.3f}",
+                  flush=True)
+    return 0
+
+
 def main():
     quick = "--quick" in sys.argv
     lib = build()
     if "--forward-low" in sys.argv:
         return main_forward_low(lib)
+    if "--backward-low" in sys.argv:
+        return main_backward_low(lib)
+    if "--backward-bytes" in sys.argv:
+        return main_backward_bytes(lib, int(os.environ.get("EMU_BATCH", "1")))
     if "--bytes" in sys.argv:
         return main_bytes(lib, int(os.environ.get("EMU_BATCH", "1")))
     shapes = [(5, 3, 7, 9, 2), (1, 1, 1, 1, 3), (20, 70, 11, 10, 1), (3, 2, 17, 18, 1),

@@ -1,0 +1,182 @@
+// The float16/bfloat16 backward in three launches plus nothing else:
+//   1. block_backward_mma.cu  per (channel block of 32, pixel split): gz = grad_y * act'(saved)
+//      on the fly, a, b, xs recomputed from x (the forward's phase 1), the data gradients of
+//      the pointwise convs and the projection on tensor cores (written as the pixel-major
+//      scratch below) and their weight gradients on tensor cores, one partial per fixed
+//      pixel group;
+//   2. block_backward_dw.cu   per (input tile, channel block): the depthwise gradients from the
+//      scratch, dx, and one partial of the depthwise weight/bias gradients per tile;
+//   3. block_backward_mma.cu  the fixed-order reduction of both kinds of partials.
+// No float atomics anywhere: the same bits run to run and whatever the split count.
+// Plain C++ (no CUDA headers), shared by the launchers and the emulator's driver.
+#pragma once
+#ifndef MSFUSED_CUDA_EMU
+#include <cuda_runtime.h>
+#endif
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "block_desc.h"
+
+namespace msfused {
+namespace cuda {
+
+// Depthwise partials per channel, in this order: dwa[9] dba dwb[9] dbb dwc[9] dbc.
+constexpr int BWD_NDW = 30;
+
+// The scratch between launches 1 and 2, each pixel-major (B, Ho, Wo, C) in the dtype T:
+//   da:  dL/da_pre  (the gradient of branch A's depthwise output before its activation)
+//   db:  dL/db_pre  (the same for the second depthwise conv of branch B)
+//   dxs: the gradient reaching x[b, c, s*oh, s*ow] through the shortcut (projection:
+//        ws^T gz; identity: gz); null without a residual.
+
+// Launch 2's partials: dw_part[(part * C + c) * BWD_NDW + v], one part per input tile; every
+// element for c < C is written (zero where the tile owns no output pixel).
+int64_t backward_dw_parts(const BlockDesc& d);
+
+template <typename T>
+const char* launch_backward_dw(const BlockDesc& d, const BlockTensors<T>& t, const T* da,
+                               const T* db, const T* dxs, T* dx, float* dw_part,
+                               cudaStream_t stream);
+
+// ---- launch 1's plan -------------------------------------------------------------------
+// A CTA owns a block of BWD_KC input channels and a split of the pixel groups; a group is
+// GT consecutive TH x 8 output tiles (in image-major order), and its weight-gradient partial
+// is written once: wpart[(group * rows + row) * C + c], rows = [dpa (N) | dpb (N) | dws
+// (Cout, projection only)], bpart[group * rows + row] the bias sums. The groups depend on
+// the shape only, so the split count (the grid) changes which CTA sums a group, never the
+// bits of the result.
+constexpr int BWD_KC = 32;    // input channels per CTA: one chunk of depthwise_tile.cuh
+constexpr int BWD_TW = 8;     // tile width
+constexpr int BWD_WMT = 4;    // weight-gradient m16 tiles per warp: rows <= 8 x 4 x 16
+constexpr int BWD_PAD = 8;    // 16 bytes of row padding (16-bit elements): ldmatrix banks
+
+struct BwdMmaPlan {
+  int TH, P;                   // tile TH x 8, P = 8 TH pixels (16, 32 or 64)
+  int tiles_w, tiles_hw;       // tiles per image row / per image
+  int64_t tiles;               // B * tiles_hw
+  int GT;                      // tiles per group
+  int64_t groups;              // ceil(tiles / GT)
+  int split;                   // CTAs per channel block (grid y)
+  int cblocks;                 // ceil(C / BWD_KC)
+  int XR, XC, C16;             // staged x tile; C rounded up to 16
+  int N16, gzb, GW, LDG;       // branch width rounded to 16; gz columns: branch B's first
+                               // (concat N16, add 0), the width (concat 2 N16, add N16),
+                               // the row (GW + pad)
+  int mt_a, mt_x, MT;          // weight-gradient m16 tiles: dpa, dpb [mt_a each], dws [mt_x]
+  int rows;                    // partial rows: 2 N + (projection ? Cout : 0)
+  int LDA, LDD, LDWT;          // rows of A = [a | b | xs], of act' (float), of a weight slice
+  uint32_t off_x0, off_x1, off_b1, off_dw, off_a, off_d, off_g, off_wa, off_wb, off_ws, smem;
+  // workspace (bytes, 256-aligned): scratch da, db, dxs; partials wpart, bpart, dwpart
+  size_t ws_da, ws_db, ws_dxs, ws_wpart, ws_bpart, ws_dwpart, ws_total;
+};
+
+inline size_t bwd_align(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+// The plan for elements of esz bytes and a block's shared memory of smem_block bytes; P == 0
+// when the shape does not fit (the caller runs the FMA backward then). force_split > 0 sets
+// the split count (for testing that it does not change the result); force_gt > 0 the tiles
+// per group (for measuring a large batch's traffic on a few images).
+inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_block,
+                                    int force_split, int force_gt = 0) {
+  BwdMmaPlan p{};
+  const int64_t N16 = (d.N + 15) / 16 * 16;
+  const int64_t GW = d.merge == kConcat ? 2 * N16 : N16;
+  const int64_t rows16 = 2 * N16 + (d.projection ? GW : 0);
+  if (rows16 > int64_t(8) * BWD_WMT * 16 || d.C > (int64_t(1) << 20)) return p;
+  p.N16 = int(N16);
+  p.gzb = d.merge == kConcat ? int(N16) : 0;
+  p.GW = int(GW);
+  p.LDG = p.GW + BWD_PAD;
+  p.mt_a = int(N16 / 16);
+  p.mt_x = d.projection ? int(GW / 16) : 0;
+  p.MT = 2 * p.mt_a + p.mt_x;
+  p.rows = int(2 * d.N + (d.projection ? d.Cout : 0));
+  p.C16 = int((d.C + 15) / 16 * 16);
+  p.cblocks = int((d.C + BWD_KC - 1) / BWD_KC);
+  p.LDA = 3 * BWD_KC + BWD_PAD;
+  p.LDD = 2 * BWD_KC + 4;
+  p.LDWT = BWD_KC + BWD_PAD;
+  const size_t H = size_t(esz), F = 4;
+  // 8 rows unless the image is shorter; fewer where shared memory is short
+  for (int th = d.Ho <= 2 ? 2 : (d.Ho <= 4 ? 4 : 8); th >= 2; th /= 2) {
+    p.TH = th;
+    p.P = th * BWD_TW;
+    p.XR = d.stride * (th + 1) + 3;
+    p.XC = d.stride * (BWD_TW + 1) + 3;
+    size_t o = 0;
+    auto take = [&](size_t bytes) {
+      const uint32_t at = uint32_t(o);
+      o = bwd_align(o + bytes, 128);
+      return at;
+    };
+    const size_t xst = H * size_t(p.XR) * p.XC * BWD_KC;
+    p.off_x0 = take(xst);
+    p.off_x1 = take(xst);
+    p.off_b1 = take(F * size_t(th + 2) * (BWD_TW + 2) * BWD_KC);
+    p.off_dw = take(F * 30 * BWD_KC);
+    p.off_a = take(H * size_t(p.P) * p.LDA);
+    p.off_d = take(F * size_t(p.P) * p.LDD);
+    p.off_g = take(H * size_t(p.P) * p.LDG);
+    p.off_wa = take(H * size_t(N16) * p.LDWT);
+    p.off_wb = take(H * size_t(N16) * p.LDWT);
+    p.off_ws = take(d.projection ? H * size_t(GW) * p.LDWT : 0);
+    p.smem = uint32_t(o);
+    if (p.smem <= smem_block) break;
+    p.P = 0;
+  }
+  if (p.P == 0) return p;
+  p.tiles_w = int((d.Wo + BWD_TW - 1) / BWD_TW);
+  p.tiles_hw = int(((d.Ho + p.TH - 1) / p.TH) * p.tiles_w);
+  p.tiles = d.B * p.tiles_hw;
+  // Group size from the shape alone: a partial (rows x C floats) per group costs at most
+  // about half the group's own traffic (x, dy, saved in, da, db, dxs out), but the groups
+  // times the channel blocks fill at least one wave of a 132-SM GPU where the shape allows.
+  const double part = double(p.rows) * d.C * 4;
+  const double per_tile = double(p.P) * (3.0 * d.C + 2.0 * d.Cout) * esz;
+  int64_t gt = int64_t(std::ceil(part / (0.5 * per_tile)));
+  const int64_t wave = (p.tiles * p.cblocks + 131) / 132;
+  if (gt > wave) gt = wave;
+  if (gt < 1) gt = 1;
+  if (force_gt > 0) gt = force_gt;
+  if (gt > p.tiles) gt = p.tiles;
+  p.GT = int(gt);
+  p.groups = (p.tiles + gt - 1) / gt;
+  int64_t split = force_split > 0 ? force_split : p.groups;
+  if (split > p.groups) split = p.groups;
+  if (split > 65535) split = 65535;
+  p.split = int(split);
+  if (p.cblocks > 0x7fffffff || p.tiles > 0x7fffffff) { p.P = 0; return p; }
+  // workspace
+  const int64_t pix = d.B * d.Ho * d.Wo;
+  size_t w = 0;
+  auto wtake = [&](size_t bytes) {
+    const size_t at = w;
+    w = bwd_align(w + bytes, 256);
+    return at;
+  };
+  p.ws_da = wtake(H * size_t(pix) * d.C);
+  p.ws_db = wtake(H * size_t(pix) * d.C);
+  p.ws_dxs = wtake(d.residual ? H * size_t(pix) * d.C : 0);
+  p.ws_wpart = wtake(F * size_t(p.groups) * p.rows * d.C);
+  p.ws_bpart = wtake(F * size_t(p.groups) * p.rows);
+  p.ws_dwpart = wtake(F * size_t(backward_dw_parts(d)) * d.C * BWD_NDW);
+  p.ws_total = w;
+  return p;
+}
+
+// Launch 1 (and, chained, 2 and 3) for float16/bfloat16: the backward of the block on tensor
+// cores, with the workspace of plan_backward_mma; *launched false (nothing run) when the
+// shape does not fit the plan.
+template <typename T>
+const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>& t,
+                                      const T* grad_y, const T* saved, const BlockGrads<T>& g,
+                                      void* workspace, cudaStream_t stream, bool* launched);
+
+// The plan for the current device (and MSFUSED_CUDA_BWD_SPLIT, a forced split count).
+BwdMmaPlan backward_mma_plan(const BlockDesc& d, int esz);
+
+}  // namespace cuda
+}  // namespace msfused

@@ -1,0 +1,462 @@
+// The float16/bfloat16 backward on tensor cores: launch 1 (the pointwise convs' and the
+// projection's data and weight gradients) and launch 3 (the fixed-order reduction); launch 2
+// (depthwise) is block_backward_dw.cu. The plan and the scratch are csrc/cuda/backward_mma.h.
+//
+// Launch 1: a CTA owns BWD_KC input channels [c0, c0 + 32) and walks its pixel groups tile by
+// tile (TH x 8 output pixels). Per tile:
+//   - a, b, the strided x (activated, rounded to the dtype) and act'(a_pre), act'(b_pre)
+//     (float) for its channels, from x staged with the forward's code (depthwise_tile.cuh);
+//     the next tile's x is in flight (cp.async) meanwhile;
+//   - gz = grad_y * act'(saved) for every output channel of the tile (rounded to the dtype:
+//     the GEMMs' operand; never written to global memory), branch B's columns from a 16-
+//     aligned offset so every fragment row is 16-byte aligned;
+//   - data gradients, mma.m16n8k16 with the CTA's slices of pa, pb, ws resident in shared
+//     memory: da_pre = (gza pa) * act'(a_pre), db_pre = (gzb pb) * act'(b_pre), dxs = gz ws
+//     (identity: gz), stored to the pixel-major scratch;
+//   - weight gradients, mma.m16n8k16 with K = the tile's pixels: dpa += gza^T a,
+//     dpb += gzb^T b, dws += gz^T xs, in registers (each warp owns up to four m16 row tiles
+//     of [dpa | dpb | dws] times the 32 channels), plus the bias sums (channel block 0).
+// After a group's last tile the accumulators go out as that group's partial. Groups are
+// fixed by the shape, the order of the sums inside a group by the tile order, and launch 3
+// adds the groups in index order: the result does not depend on the split (the grid).
+#include <cstdlib>
+
+#include "backward_mma.h"
+#include "block_cuda.h"
+#include "common.cuh"
+#include "depthwise_tile.cuh"
+#include "global_io.cuh"
+#include "ptx_wrappers.cuh"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "msfused: the float16/bfloat16 backward needs bfloat16 tensor cores (sm_80 or newer); set TORCH_CUDA_ARCH_LIST to 8.0 or above"
+#endif
+
+namespace msfused {
+namespace cuda {
+namespace {
+
+constexpr int NT = DWT_NT, KC = BWD_KC, TW = BWD_TW;
+static_assert(KC == DWT_KC, "one depthwise_tile.cuh chunk per CTA");
+
+// gz's shared-memory column of output channel co: branch A (and add) at co, concat's branch B
+// at gzb + co - N.
+__device__ __forceinline__ int gz_col(int N, int gzb, int co) { return co < N ? co : gzb + co - N; }
+
+// The partial's row of weight-gradient row m ([dpa | dpb | dws] padded to 16 each: m16 tile
+// mt covers rows 16 mt ..), or -1 for padding.
+__device__ __forceinline__ int partial_row(const BlockDesc& d, const BwdMmaPlan& pl, int m) {
+  const int N = int(d.N), N16 = pl.N16;
+  if (m < N16) return m < N ? m : -1;
+  if (m < 2 * N16) return m - N16 < N ? N + m - N16 : -1;
+  const int j = m - 2 * N16;  // gz column
+  int co;
+  if (j < N16) co = j < N ? j : -1;
+  else co = j - N16 < N ? N + j - N16 : -1;
+  return co >= 0 ? 2 * N + co : -1;
+}
+
+// gz column of bias-sum row r (dqa: n, dqb: n of branch B, dbs: co).
+__device__ __forceinline__ int bias_col(const BlockDesc& d, const BwdMmaPlan& pl, int r) {
+  const int N = int(d.N);
+  if (r < N) return r;
+  if (r < 2 * N) return pl.gzb + r - N;
+  return gz_col(N, pl.gzb, r - 2 * N);
+}
+
+// The CTA's slices of pa, pb (rows n, columns c0 .. c0 + 32) and ws (rows in gz-column order)
+// into shared memory, zero where there is no weight.
+template <typename T>
+__device__ __forceinline__ void stage_weight_slices(const BlockDesc& d, const BwdMmaPlan& pl,
+                                                    const BlockTensors<T>& t, int c0, T* sWa,
+                                                    T* sWb, T* sWs) {
+  const int C = int(d.C), N = int(d.N), L = pl.LDWT;
+  const T zero = from_acc<T>(0.f);
+  for (int i = threadIdx.x; i < pl.N16 * KC; i += NT) {
+    const int n = i / KC, k = i % KC, c = c0 + k;
+    const bool ok = n < N && c < C;
+    sWa[n * L + k] = ok ? ldg(t.pa + int64_t(n) * C + c) : zero;
+    sWb[n * L + k] = ok ? ldg(t.pb + int64_t(n) * C + c) : zero;
+  }
+  if (!d.projection) return;
+  for (int i = threadIdx.x; i < pl.GW * KC; i += NT) {
+    const int j = i / KC, k = i % KC, c = c0 + k;
+    int co;
+    if (j < pl.N16) co = j < N ? j : -1;
+    else co = j - pl.N16 < N ? N + j - pl.N16 : -1;  // concat only (add: GW = N16)
+    const bool ok = co >= 0 && c < C;
+    sWs[j * L + k] = ok ? ldg(t.ws + int64_t(co) * C + c) : zero;
+  }
+}
+
+// gz = grad_y * act'(saved) over the tile, every output channel, into sG (zero for pixels
+// outside the image). vec: channels_last, Cout and N multiples of 8, 16-byte aligned tensors.
+template <typename T>
+__device__ __forceinline__ void stage_gz(const BlockDesc& d, const BwdMmaPlan& pl, bool vec,
+                                         const T* gy, const T* saved, int64_t bimg, int r0,
+                                         int q0, T* sG) {
+  const int P = pl.P, Cout = int(d.Cout), N = int(d.N), Ho = int(d.Ho), Wo = int(d.Wo);
+  const int act = d.act, LDG = pl.LDG;
+  const T zero = from_acc<T>(0.f);
+  if (vec) {
+    constexpr int V = VE<T>;
+    const int nv = Cout / V;
+    for (int i = threadIdx.x; i < P * nv; i += NT) {
+      const int v = i % nv, p = i / nv, oh = r0 + p / TW, ow = q0 + p % TW, co = V * v;
+      Vec16 out{};
+      if (oh < Ho && ow < Wo) {
+        const int64_t o = ((bimg * Ho + oh) * Wo + ow) * Cout + co;
+        Vec16 g = ldg16(gy + o);
+        if (saved != nullptr) {
+          const Vec16 s = ldg16(saved + o);
+          T* gp = reinterpret_cast<T*>(&g);
+          const T* sp = reinterpret_cast<const T*>(&s);
+#pragma unroll
+          for (int e = 0; e < V; ++e) gp[e] = from_acc<T>(act_grad(act, to_acc(gp[e]), to_acc(sp[e])));
+        }
+        out = g;
+      }
+      *reinterpret_cast<Vec16*>(sG + p * LDG + gz_col(N, pl.gzb, co)) = out;
+    }
+    return;
+  }
+  const bool cl = d.channels_last;
+  for (int i = threadIdx.x; i < P * Cout; i += NT) {
+    int p, co;
+    if (cl) { co = i % Cout; p = i / Cout; }  // channels fastest: coalesced
+    else { p = i % P; co = i / P; }           // pixels fastest
+    const int oh = r0 + p / TW, ow = q0 + p % TW;
+    T v = zero;
+    if (oh < Ho && ow < Wo) {
+      const int64_t o = cl ? ((bimg * Ho + oh) * Wo + ow) * Cout + co
+                           : ((bimg * Cout + co) * Ho + oh) * Wo + ow;
+      float g = to_acc(ldg(gy + o));
+      if (saved != nullptr) g = act_grad(act, g, to_acc(ldg(saved + o)));
+      v = from_acc<T>(g);
+    }
+    sG[p * LDG + gz_col(N, pl.gzb, co)] = v;
+  }
+}
+
+template <typename T, int S>
+__global__ void __launch_bounds__(NT, 1)
+    block_backward_mma_kernel(BlockDesc d, BlockTensors<T> t, const T* __restrict__ gy,
+                              const T* __restrict__ saved, T* __restrict__ sc_da,
+                              T* __restrict__ sc_db, T* __restrict__ sc_dxs,
+                              float* __restrict__ wpart, float* __restrict__ bpart,
+                              BwdMmaPlan pl, bool vec_x, bool vec_g) {
+  constexpr int XC = S * (TW + 1) + 3;
+  MSF_EXTERN_SMEM(sm);
+  T* xs0 = reinterpret_cast<T*>(sm + pl.off_x0);
+  T* xs1 = reinterpret_cast<T*>(sm + pl.off_x1);
+  float* b1 = reinterpret_cast<float*>(sm + pl.off_b1);
+  float* dw = reinterpret_cast<float*>(sm + pl.off_dw);
+  T* sA = reinterpret_cast<T*>(sm + pl.off_a);
+  float* sD = reinterpret_cast<float*>(sm + pl.off_d);
+  T* sG = reinterpret_cast<T*>(sm + pl.off_g);
+  T* sWa = reinterpret_cast<T*>(sm + pl.off_wa);
+  T* sWb = reinterpret_cast<T*>(sm + pl.off_wb);
+  T* sWs = reinterpret_cast<T*>(sm + pl.off_ws);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int c0 = int(blockIdx.x) * KC, C = int(d.C), Ho = int(d.Ho), Wo = int(d.Wo);
+  const int P = pl.P, TH = pl.TH, LDA = pl.LDA, LDG = pl.LDG, LDD = pl.LDD, L = pl.LDWT;
+  const int mtiles = P / 16, nh = pl.C16 - c0 >= 32 ? 2 : 1;  // 16-channel halves in use
+  const bool first_cb = blockIdx.x == 0, identity = d.residual && !d.projection;
+  const int64_t HWin = d.H * d.W;
+
+  // once per CTA: depthwise weights, the pointwise slices, sG's padding columns zeroed
+  stage_dw<T>(d, t, c0, dw);
+  stage_weight_slices<T>(d, pl, t, c0, sWa, sWb, sWs);
+  const T zero = from_acc<T>(0.f);
+  for (int i = tid; i < P * LDG; i += NT) sG[i] = zero;
+
+  auto tile_origin = [&](int64_t tile, int64_t& bimg, int& r0, int& q0) {
+    bimg = tile / pl.tiles_hw;
+    const int tr = int(tile % pl.tiles_hw);
+    r0 = (tr / pl.tiles_w) * TH;
+    q0 = (tr % pl.tiles_w) * TW;
+  };
+  auto prefetch = [&](int64_t tile, T* dst) {
+    int64_t bimg;
+    int r0, q0;
+    tile_origin(tile, bimg, r0, q0);
+    stage_x<T, XC>(d, vec_x, pl.XR, t.x + bimg * d.C * HWin, t.x, c0, S * (r0 - 1) - 1,
+                   S * (q0 - 1) - 1, dst);
+    ptx::cp_async_commit();
+  };
+
+  float accW[BWD_WMT][4][4];
+#pragma unroll
+  for (int j = 0; j < BWD_WMT; ++j)
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) accW[j][n][e] = 0.f;
+  float bsum[2] = {0.f, 0.f};
+
+  int64_t group = blockIdx.y;
+  if (group >= pl.groups) return;
+  int buf = 0;
+  prefetch(group * pl.GT, xs0);
+  for (; group < pl.groups; group += pl.split) {
+    const int64_t t_end = (group + 1) * pl.GT < pl.tiles ? (group + 1) * pl.GT : pl.tiles;
+    for (int64_t tile = group * pl.GT; tile < t_end; ++tile) {
+      int64_t bimg;
+      int r0, q0;
+      tile_origin(tile, bimg, r0, q0);
+      const int64_t next = tile + 1 < t_end ? tile + 1
+                           : (group + pl.split < pl.groups ? (group + pl.split) * pl.GT : -1);
+      ptx::cp_async_wait<0>();
+      __syncthreads();  // x of this tile published; the previous tile's operands are free
+      const ChunkOut<T> o{sA, sA + KC, sA + 2 * KC, LDA, sD, LDD};
+      chunk_operands<T, S, TW>(d, TH, r0, q0, c0, pl.C16, buf ? xs1 : xs0, b1, dw, o);
+      if (next >= 0) prefetch(next, buf ? xs0 : xs1);  // lands while the GEMMs run
+      stage_gz<T>(d, pl, vec_g, gy, saved, bimg, r0, q0, sG);
+      __syncthreads();
+
+      // ---- data gradients: units of (which, m16 row tile, 16 channels) ----------------
+      const int nwhich = d.projection ? 3 : 2;
+      const int units = nwhich * mtiles * nh;
+      for (int u = warp; u < units; u += NT / 32) {
+        const int which = u / (mtiles * nh), rem = u % (mtiles * nh), mt = rem / nh, h = rem % nh;
+        const T* Ab = sG + (which == 1 ? pl.gzb : 0);
+        const T* Bw = which == 0 ? sWa : (which == 1 ? sWb : sWs);
+        const int K = which == 2 ? pl.GW : pl.N16;
+        float acc[2][4] = {};
+        for (int kk = 0; kk < K; kk += 16) {
+          uint32_t af[4], r[4];
+          ptx::ldmatrix_x4(af, Ab + (mt * 16 + lane % 16) * LDG + kk + 8 * (lane / 16));
+          ptx::ldmatrix_x4_trans(r, Bw + (kk + lane % 8 + 8 * ((lane / 8) % 2)) * L + h * 16 +
+                                        8 * (lane / 16));
+          const uint32_t b0[2] = {r[0], r[1]}, b1f[2] = {r[2], r[3]};
+          ptx::mma_m16n8k16<T>(acc[0], af, b0);
+          ptx::mma_m16n8k16<T>(acc[1], af, b1f);
+        }
+        T* dst = which == 0 ? sc_da : (which == 1 ? sc_db : sc_dxs);
+#pragma unroll
+        for (int n8 = 0; n8 < 2; ++n8)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int p = mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+            const int col = h * 16 + n8 * 8 + 2 * (lane % 4) + (e & 1), c = c0 + col;
+            const int oh = r0 + p / TW, ow = q0 + p % TW;
+            if (c >= C || oh >= Ho || ow >= Wo) continue;
+            float v = acc[n8][e];
+            if (which < 2) v *= sD[p * LDD + which * KC + col];
+            stg(dst + ((bimg * Ho + oh) * Wo + ow) * C + c, from_acc<T>(v));
+          }
+      }
+      if (identity) {  // the shortcut's gradient is gz itself (Cout == C)
+        for (int i = tid; i < P * KC; i += NT) {
+          const int k = i % KC, p = i / KC, c = c0 + k;
+          const int oh = r0 + p / TW, ow = q0 + p % TW;
+          if (c >= C || oh >= Ho || ow >= Wo) continue;
+          stg(sc_dxs + ((bimg * Ho + oh) * Wo + ow) * C + c,
+              sG[p * LDG + gz_col(int(d.N), pl.gzb, c)]);
+        }
+      }
+
+      // ---- weight gradients: K = the tile's pixels ----------------------------------------
+#pragma unroll
+      for (int j = 0; j < BWD_WMT; ++j) {
+        const int mt = warp + 8 * j;
+        if (mt >= pl.MT) continue;  // warp-uniform
+        const int seg = mt < pl.mt_a ? 0 : (mt < 2 * pl.mt_a ? 1 : 2);
+        const int gcol = seg == 0 ? mt * 16 : (seg == 1 ? pl.gzb + (mt - pl.mt_a) * 16
+                                                        : (mt - 2 * pl.mt_a) * 16);
+        const T* bsrc = sA + seg * KC;
+        for (int kk = 0; kk < P; kk += 16) {
+          uint32_t af[4];
+          ptx::ldmatrix_x4_trans(af, sG + (kk + lane % 8 + 8 * (lane / 16)) * LDG + gcol +
+                                         8 * ((lane / 8) % 2));
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            if (hh >= nh) continue;
+            uint32_t r[4];
+            ptx::ldmatrix_x4_trans(r, bsrc + (kk + lane % 8 + 8 * ((lane / 8) % 2)) * LDA +
+                                          hh * 16 + 8 * (lane / 16));
+            const uint32_t b0[2] = {r[0], r[1]}, b1f[2] = {r[2], r[3]};
+            ptx::mma_m16n8k16<T>(accW[j][2 * hh], af, b0);
+            ptx::mma_m16n8k16<T>(accW[j][2 * hh + 1], af, b1f);
+          }
+        }
+      }
+      if (first_cb) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int r = tid + q * NT;
+          if (r >= pl.rows) continue;
+          const int col = bias_col(d, pl, r);
+          float s = 0.f;
+          for (int p = 0; p < P; ++p) s += to_acc(sG[p * LDG + col]);
+          bsum[q] += s;
+        }
+      }
+      buf ^= 1;
+    }
+
+    // ---- the group's partial -------------------------------------------------------------
+#pragma unroll
+    for (int j = 0; j < BWD_WMT; ++j) {
+      const int mt = warp + 8 * j;
+      if (mt >= pl.MT) continue;
+#pragma unroll
+      for (int n8 = 0; n8 < 4; ++n8)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int m = mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+          const int c = c0 + n8 * 8 + 2 * (lane % 4) + (e & 1);
+          const int row = partial_row(d, pl, m);
+          if (row >= 0 && c < C) stg(wpart + (group * pl.rows + row) * C + c, accW[j][n8][e]);
+          accW[j][n8][e] = 0.f;
+        }
+    }
+    if (first_cb) {
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int r = tid + q * NT;
+        if (r < pl.rows) stg(bpart + group * pl.rows + r, bsum[q]);
+        bsum[q] = 0.f;
+      }
+    }
+  }
+  ptx::cp_async_wait<0>();
+}
+
+// ---- launch 3: the fixed-order sums of the partials --------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(NT)
+    backward_reduce_kernel(BlockDesc d, const float* __restrict__ wpart,
+                           const float* __restrict__ bpart, const float* __restrict__ dwpart,
+                           int64_t groups, int64_t parts, int rows, BlockGrads<T> g) {
+  const int64_t C = d.C, N = d.N;
+  const int64_t n_w = int64_t(rows) * C, n_dw = C * BWD_NDW;
+  const int64_t total = n_w + rows + n_dw;
+  for (int64_t idx = blockIdx.x * int64_t(NT) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * NT) {
+    float sum = 0.f;
+    if (idx < n_w) {
+      for (int64_t q = 0; q < groups; ++q) sum += ldg(wpart + q * n_w + idx);
+      const int64_t row = idx / C, c = idx % C;
+      const T v = from_acc<T>(sum);
+      if (row < N) stg(g.dpa + row * C + c, v);
+      else if (row < 2 * N) stg(g.dpb + (row - N) * C + c, v);
+      else stg(g.dws + (row - 2 * N) * C + c, v);
+    } else if (idx < n_w + rows) {
+      const int64_t r = idx - n_w;
+      for (int64_t q = 0; q < groups; ++q) sum += ldg(bpart + q * rows + r);
+      const T v = from_acc<T>(sum);
+      if (r < N) stg(g.dqa + r, v);
+      else if (r < 2 * N) stg(g.dqb + r - N, v);
+      else stg(g.dbs + r - 2 * N, v);
+    } else {
+      const int64_t i = idx - n_w - rows, c = i / BWD_NDW;
+      const int v = int(i % BWD_NDW);
+      for (int64_t q = 0; q < parts; ++q) sum += ldg(dwpart + q * n_dw + i);
+      const T o = from_acc<T>(sum);
+      if (v < 9) stg(g.dwa + c * 9 + v, o);
+      else if (v == 9) stg(g.dba + c, o);
+      else if (v < 19) stg(g.dwb + c * 9 + v - 10, o);
+      else if (v == 19) stg(g.dbb + c, o);
+      else if (v < 29) stg(g.dwc + c * 9 + v - 20, o);
+      else stg(g.dbc + c, o);
+    }
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+int env_int(const char* name) {
+  const char* e = std::getenv(name);
+  return e != nullptr ? std::atoi(e) : 0;
+}
+
+template <typename T, int S>
+const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* gy,
+                         const T* saved, const BwdMmaPlan& pl, char* ws, cudaStream_t stream) {
+  auto kernel = block_backward_mma_kernel<T, S>;
+  static int raised[64] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) return "block_backward: CUDA device index out of range";
+  if (int(pl.smem) > raised[dev]) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pl.smem));
+    if (e != cudaSuccess) return cudaGetErrorString(e);
+    raised[dev] = int(pl.smem);
+  }
+  const int v = VE<T>;
+  const bool vec_x = d.channels_last && d.C % v == 0 && aligned16(t.x);
+  const bool vec_g = d.channels_last && d.Cout % v == 0 && d.N % v == 0 && aligned16(gy) &&
+                     (saved == nullptr || aligned16(saved));
+  T* da = reinterpret_cast<T*>(ws + pl.ws_da);
+  T* db = reinterpret_cast<T*>(ws + pl.ws_db);
+  T* dxs = d.residual ? reinterpret_cast<T*>(ws + pl.ws_dxs) : nullptr;
+  float* wpart = reinterpret_cast<float*>(ws + pl.ws_wpart);
+  float* bpart = reinterpret_cast<float*>(ws + pl.ws_bpart);
+  const dim3 grid(unsigned(pl.cblocks), unsigned(pl.split));
+  MSF_LAUNCH(kernel, grid, NT, pl.smem, stream, d, t, gy, saved, da, db, dxs, wpart, bpart, pl,
+             vec_x, vec_g);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+}  // namespace
+
+BwdMmaPlan backward_mma_plan(const BlockDesc& d, int esz) {
+  int dev = 0, block = 0;
+  cudaGetDevice(&dev);
+  if (cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    block = 48 * 1024;
+  // MSFUSED_CUDA_BWD_SPLIT forces the split count (tests: the result must not change),
+  // MSFUSED_CUDA_BWD_GROUP the tiles per group (measuring). Read once per process (by the
+  // emulator, whose tests change them, at every call).
+#ifdef MSFUSED_CUDA_EMU
+  const int split = env_int("MSFUSED_CUDA_BWD_SPLIT"), gt = env_int("MSFUSED_CUDA_BWD_GROUP");
+#else
+  static const int split = env_int("MSFUSED_CUDA_BWD_SPLIT");
+  static const int gt = env_int("MSFUSED_CUDA_BWD_GROUP");
+#endif
+  return plan_backward_mma(d, esz, size_t(block), split, gt);
+}
+
+template <typename T>
+const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>& t,
+                                      const T* grad_y, const T* saved, const BlockGrads<T>& g,
+                                      void* workspace, cudaStream_t stream, bool* launched) {
+  const BwdMmaPlan pl = backward_mma_plan(d, int(sizeof(T)));
+  *launched = pl.P != 0;
+  if (pl.P == 0) return nullptr;
+  char* ws = static_cast<char*>(workspace);
+  const char* err = d.stride == 1 ? launch_typed<T, 1>(d, t, grad_y, saved, pl, ws, stream)
+                                  : launch_typed<T, 2>(d, t, grad_y, saved, pl, ws, stream);
+  if (err != nullptr) return err;
+  float* dwpart = reinterpret_cast<float*>(ws + pl.ws_dwpart);
+  err = launch_backward_dw<T>(d, t, reinterpret_cast<const T*>(ws + pl.ws_da),
+                              reinterpret_cast<const T*>(ws + pl.ws_db),
+                              d.residual ? reinterpret_cast<const T*>(ws + pl.ws_dxs) : nullptr,
+                              g.dx, dwpart, stream);
+  if (err != nullptr) return err;
+  const int64_t total = int64_t(pl.rows) * d.C + pl.rows + d.C * BWD_NDW;
+  int64_t blocks = (total + NT - 1) / NT;
+  if (blocks > 4096) blocks = 4096;
+  auto rk = backward_reduce_kernel<T>;
+  MSF_LAUNCH(rk, unsigned(blocks), NT, 0, stream, d, reinterpret_cast<const float*>(ws + pl.ws_wpart),
+             reinterpret_cast<const float*>(ws + pl.ws_bpart), dwpart, pl.groups,
+             backward_dw_parts(d), pl.rows, g);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+template const char* launch_block_backward_mma<__half>(const BlockDesc&,
+                                                       const BlockTensors<__half>&,
+                                                       const __half*, const __half*,
+                                                       const BlockGrads<__half>&, void*,
+                                                       cudaStream_t, bool*);
+template const char* launch_block_backward_mma<__nv_bfloat16>(
+    const BlockDesc&, const BlockTensors<__nv_bfloat16>&, const __nv_bfloat16*,
+    const __nv_bfloat16*, const BlockGrads<__nv_bfloat16>&, void*, cudaStream_t, bool*);
+
+}  // namespace cuda
+}  // namespace msfused
