@@ -42,15 +42,15 @@ const char* launch_backward_dw(const BlockDesc& d, const BlockTensors<T>& t, con
                                cudaStream_t stream);
 
 // ---- launch 1's plan -------------------------------------------------------------------
-// A CTA owns a block of BWD_KC input channels and a split of the pixel groups; a group is
-// GT consecutive TH x 8 output tiles (in image-major order), and its weight-gradient partial
-// is written once: wpart[(group * rows + row) * C + c], rows = [dpa (N) | dpb (N) | dws
-// (Cout, projection only)], bpart[group * rows + row] the bias sums. The groups depend on
-// the shape only, so the split count (the grid) changes which CTA sums a group, never the
-// bits of the result.
-constexpr int BWD_KC = 32;    // input channels per CTA: one chunk of depthwise_tile.cuh
+// A CTA owns a block of CB = nchunk x 32 input channels (chunks of depthwise_tile.cuh) and a
+// split of the pixel groups; a group is GT consecutive TH x 8 output tiles (in image-major
+// order), and its weight-gradient partial is written once: wpart[(group * rows + row) * C +
+// c], rows = [dpa (N) | dpb (N) | dws (Cout, projection only)], bpart[group * rows + row] the
+// bias sums. The groups depend on the shape only, so the split count (the grid) changes which
+// CTA sums a group, never the bits of the result.
+constexpr int BWD_KC = 32;    // channels per chunk: one chunk of depthwise_tile.cuh
 constexpr int BWD_TW = 8;     // tile width
-constexpr int BWD_WMT = 4;    // weight-gradient m16 tiles per warp: rows <= 8 x 4 x 16
+constexpr int BWD_WMT = 4;    // weight-gradient accumulator slots (m16 tile x chunk) per warp
 constexpr int BWD_PAD = 8;    // 16 bytes of row padding (16-bit elements): ldmatrix banks
 
 struct BwdMmaPlan {
@@ -60,7 +60,7 @@ struct BwdMmaPlan {
   int GT;                      // tiles per group
   int64_t groups;              // ceil(tiles / GT)
   int split;                   // CTAs per channel block (grid y)
-  int cblocks;                 // ceil(C / BWD_KC)
+  int nchunk, CB, cblocks;     // chunks per CTA, CB = 32 nchunk channels, ceil(C / CB) blocks
   int XR, XC, C16;             // staged x tile; C rounded up to 16
   int N16, gzb, GW, LDG;       // branch width rounded to 16; gz columns: branch B's first
                                // (concat N16, add 0), the width (concat 2 N16, add N16),
@@ -95,60 +95,72 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   p.MT = 2 * p.mt_a + p.mt_x;
   p.rows = int(2 * d.N + (d.projection ? d.Cout : 0));
   p.C16 = int((d.C + 15) / 16 * 16);
-  p.cblocks = int((d.C + BWD_KC - 1) / BWD_KC);
   p.LDA = 3 * BWD_KC + BWD_PAD;
   p.LDD = 2 * BWD_KC + 4;
-  p.LDWT = BWD_KC + BWD_PAD;
+  // As many chunks per CTA as the 8 x BWD_WMT accumulator slots hold (each chunk needs MT):
+  // gz, staged once per tile, then serves them all, and fewer channel blocks re-read dy.
+  int nc0 = (8 * BWD_WMT) / p.MT;
+  const int chunks_c = int((d.C + BWD_KC - 1) / BWD_KC);
+  if (nc0 > chunks_c) nc0 = chunks_c;
+  if (nc0 < 1) nc0 = 1;
   const size_t H = size_t(esz), F = 4;
-  // 8 rows unless the image is shorter; fewer where shared memory is short
-  for (int th = d.Ho <= 2 ? 2 : (d.Ho <= 4 ? 4 : 8); th >= 2; th /= 2) {
-    p.TH = th;
-    p.P = th * BWD_TW;
-    p.XR = d.stride * (th + 1) + 3;
-    p.XC = d.stride * (BWD_TW + 1) + 3;
-    size_t o = 0;
-    auto take = [&](size_t bytes) {
-      const uint32_t at = uint32_t(o);
-      o = bwd_align(o + bytes, 128);
-      return at;
-    };
-    const size_t xst = H * size_t(p.XR) * p.XC * BWD_KC;
-    p.off_x0 = take(xst);
-    p.off_x1 = take(xst);
-    p.off_b1 = take(F * size_t(th + 2) * (BWD_TW + 2) * BWD_KC);
-    p.off_dw = take(F * 30 * BWD_KC);
-    p.off_a = take(H * size_t(p.P) * p.LDA);
-    p.off_d = take(F * size_t(p.P) * p.LDD);
-    p.off_g = take(H * size_t(p.P) * p.LDG);
-    p.off_wa = take(H * size_t(N16) * p.LDWT);
-    p.off_wb = take(H * size_t(N16) * p.LDWT);
-    p.off_ws = take(d.projection ? H * size_t(GW) * p.LDWT : 0);
-    p.smem = uint32_t(o);
-    if (p.smem <= smem_block) break;
-    p.P = 0;
+  // 8 rows unless the image is shorter; fewer chunks, then fewer rows, where shared memory
+  // is short
+  for (int th = d.Ho <= 2 ? 2 : (d.Ho <= 4 ? 4 : 8); th >= 2 && p.P == 0; th /= 2) {
+    for (int nc = nc0; nc >= 1; --nc) {
+      p.nchunk = nc;
+      p.CB = nc * BWD_KC;
+      p.LDWT = p.CB + BWD_PAD;
+      p.TH = th;
+      p.P = th * BWD_TW;
+      p.XR = d.stride * (th + 1) + 3;
+      p.XC = d.stride * (BWD_TW + 1) + 3;
+      size_t o = 0;
+      auto take = [&](size_t bytes) {
+        const uint32_t at = uint32_t(o);
+        o = bwd_align(o + bytes, 128);
+        return at;
+      };
+      const size_t xst = H * size_t(p.XR) * p.XC * BWD_KC;
+      p.off_x0 = take(xst);
+      p.off_x1 = take(xst);
+      p.off_b1 = take(F * size_t(th + 2) * (BWD_TW + 2) * BWD_KC);
+      p.off_dw = take(F * 30 * size_t(p.CB));
+      p.off_a = take(H * size_t(p.P) * p.LDA);
+      p.off_d = take(F * size_t(p.P) * p.LDD);
+      p.off_g = take(H * size_t(p.P) * p.LDG);
+      p.off_wa = take(H * size_t(N16) * p.LDWT);
+      p.off_wb = take(H * size_t(N16) * p.LDWT);
+      p.off_ws = take(d.projection ? H * size_t(GW) * p.LDWT : 0);
+      p.smem = uint32_t(o);
+      if (p.smem <= smem_block) break;
+      p.P = 0;
+    }
   }
   if (p.P == 0) return p;
+  p.cblocks = int((d.C + p.CB - 1) / p.CB);
   p.tiles_w = int((d.Wo + BWD_TW - 1) / BWD_TW);
   p.tiles_hw = int(((d.Ho + p.TH - 1) / p.TH) * p.tiles_w);
   p.tiles = d.B * p.tiles_hw;
-  // Group size from the shape alone: a partial (rows x C floats) per group costs at most
-  // about half the group's own traffic (x, dy, saved in, da, db, dxs out), but the groups
-  // times the channel blocks fill at least one wave of a 132-SM GPU where the shape allows.
-  const double part = double(p.rows) * d.C * 4;
-  const double per_tile = double(p.P) * (3.0 * d.C + 2.0 * d.Cout) * esz;
-  int64_t gt = int64_t(std::ceil(part / (0.5 * per_tile)));
+  // Group size from the shape alone: a partial (rows x C floats, written and read back)
+  // costs at most about 1/8 of the group's own traffic (x, dy, y in; da, db, dxs out), but
+  // the groups times the channel blocks fill at least one wave of a 132-SM GPU where the
+  // shape allows.
+  const double part = 2.0 * p.rows * d.C * 4;
+  const double per_tile = double(p.P) * (4.0 * d.C + 2.0 * d.Cout) * esz;
+  int64_t gt = int64_t(std::ceil(part / (per_tile / 8)));
   const int64_t wave = (p.tiles * p.cblocks + 131) / 132;
   if (gt > wave) gt = wave;
-  if (gt < 1) gt = 1;
   if (force_gt > 0) gt = force_gt;
   if (gt > p.tiles) gt = p.tiles;
+  if (gt < 1) gt = 1;
   p.GT = int(gt);
   p.groups = (p.tiles + gt - 1) / gt;
   int64_t split = force_split > 0 ? force_split : p.groups;
   if (split > p.groups) split = p.groups;
   if (split > 65535) split = 65535;
   p.split = int(split);
-  if (p.cblocks > 0x7fffffff || p.tiles > 0x7fffffff) { p.P = 0; return p; }
+  if (p.tiles > 0x7fffffff) { p.P = 0; return p; }
   // workspace
   const int64_t pix = d.B * d.Ho * d.Wo;
   size_t w = 0;

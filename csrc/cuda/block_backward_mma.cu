@@ -2,20 +2,20 @@
 // projection's data and weight gradients) and launch 3 (the fixed-order reduction); launch 2
 // (depthwise) is block_backward_dw.cu. The plan and the scratch are csrc/cuda/backward_mma.h.
 //
-// Launch 1: a CTA owns BWD_KC input channels [c0, c0 + 32) and walks its pixel groups tile by
-// tile (TH x 8 output pixels). Per tile:
+// Launch 1: a CTA owns CB = nchunk x 32 input channels and walks its pixel groups tile by tile
+// (TH x 8 output pixels), each tile chunk by chunk of 32 channels. Per tile and chunk:
 //   - a, b, the strided x (activated, rounded to the dtype) and act'(a_pre), act'(b_pre)
 //     (float) for its channels, from x staged with the forward's code (depthwise_tile.cuh);
 //     the next tile's x is in flight (cp.async) meanwhile;
-//   - gz = grad_y * act'(saved) for every output channel of the tile (rounded to the dtype:
+//   - (first chunk) gz = grad_y * act'(saved) for every output channel (rounded to the dtype:
 //     the GEMMs' operand; never written to global memory), branch B's columns from a 16-
 //     aligned offset so every fragment row is 16-byte aligned;
 //   - data gradients, mma.m16n8k16 with the CTA's slices of pa, pb, ws resident in shared
 //     memory: da_pre = (gza pa) * act'(a_pre), db_pre = (gzb pb) * act'(b_pre), dxs = gz ws
 //     (identity: gz), stored to the pixel-major scratch;
 //   - weight gradients, mma.m16n8k16 with K = the tile's pixels: dpa += gza^T a,
-//     dpb += gzb^T b, dws += gz^T xs, in registers (each warp owns up to four m16 row tiles
-//     of [dpa | dpb | dws] times the 32 channels), plus the bias sums (channel block 0).
+//     dpb += gzb^T b, dws += gz^T xs, in registers (each warp owns up to four (m16 row tile
+//     of [dpa | dpb | dws], chunk) slots of 16 x 32), plus the bias sums (channel block 0).
 // After a group's last tile the accumulators go out as that group's partial. Groups are
 // fixed by the shape, the order of the sums inside a group by the tile order, and launch 3
 // adds the groups in index order: the result does not depend on the split (the grid).
@@ -64,7 +64,7 @@ __device__ __forceinline__ int bias_col(const BlockDesc& d, const BwdMmaPlan& pl
   return gz_col(N, pl.gzb, r - 2 * N);
 }
 
-// The CTA's slices of pa, pb (rows n, columns c0 .. c0 + 32) and ws (rows in gz-column order)
+// The CTA's slices of pa, pb (rows n, columns c0 .. c0 + CB) and ws (rows in gz-column order)
 // into shared memory, zero where there is no weight.
 template <typename T>
 __device__ __forceinline__ void stage_weight_slices(const BlockDesc& d, const BwdMmaPlan& pl,
@@ -72,15 +72,16 @@ __device__ __forceinline__ void stage_weight_slices(const BlockDesc& d, const Bw
                                                     T* sWb, T* sWs) {
   const int C = int(d.C), N = int(d.N), L = pl.LDWT;
   const T zero = from_acc<T>(0.f);
-  for (int i = threadIdx.x; i < pl.N16 * KC; i += NT) {
-    const int n = i / KC, k = i % KC, c = c0 + k;
+  const int CB = pl.CB;
+  for (int i = threadIdx.x; i < pl.N16 * CB; i += NT) {
+    const int n = i / CB, k = i % CB, c = c0 + k;
     const bool ok = n < N && c < C;
     sWa[n * L + k] = ok ? ldg(t.pa + int64_t(n) * C + c) : zero;
     sWb[n * L + k] = ok ? ldg(t.pb + int64_t(n) * C + c) : zero;
   }
   if (!d.projection) return;
-  for (int i = threadIdx.x; i < pl.GW * KC; i += NT) {
-    const int j = i / KC, k = i % KC, c = c0 + k;
+  for (int i = threadIdx.x; i < pl.GW * CB; i += NT) {
+    const int j = i / CB, k = i % CB, c = c0 + k;
     int co;
     if (j < pl.N16) co = j < N ? j : -1;
     else co = j - pl.N16 < N ? N + j - pl.N16 : -1;  // concat only (add: GW = N16)
@@ -159,14 +160,15 @@ __global__ void __launch_bounds__(NT, 1)
   T* sWs = reinterpret_cast<T*>(sm + pl.off_ws);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int c0 = int(blockIdx.x) * KC, C = int(d.C), Ho = int(d.Ho), Wo = int(d.Wo);
+  const int c0 = int(blockIdx.x) * pl.CB, C = int(d.C), Ho = int(d.Ho), Wo = int(d.Wo);
   const int P = pl.P, TH = pl.TH, LDA = pl.LDA, LDG = pl.LDG, LDD = pl.LDD, L = pl.LDWT;
-  const int mtiles = P / 16, nh = pl.C16 - c0 >= 32 ? 2 : 1;  // 16-channel halves in use
+  const int mtiles = P / 16, MT = pl.MT;
+  const int nck = min_i(pl.nchunk, (pl.C16 - c0 + KC - 1) / KC);  // this CTA's chunks
   const bool first_cb = blockIdx.x == 0, identity = d.residual && !d.projection;
   const int64_t HWin = d.H * d.W;
 
   // once per CTA: depthwise weights, the pointwise slices, sG's padding columns zeroed
-  stage_dw<T>(d, t, c0, dw);
+  for (int k = 0; k < nck; ++k) stage_dw<T>(d, t, c0 + k * KC, dw + k * 30 * KC);
   stage_weight_slices<T>(d, pl, t, c0, sWa, sWb, sWs);
   const T zero = from_acc<T>(0.f);
   for (int i = tid; i < P * LDG; i += NT) sG[i] = zero;
@@ -177,15 +179,17 @@ __global__ void __launch_bounds__(NT, 1)
     r0 = (tr / pl.tiles_w) * TH;
     q0 = (tr % pl.tiles_w) * TW;
   };
-  auto prefetch = [&](int64_t tile, T* dst) {
+  auto prefetch = [&](int64_t tile, int chunk, T* dst) {
     int64_t bimg;
     int r0, q0;
     tile_origin(tile, bimg, r0, q0);
-    stage_x<T, XC>(d, vec_x, pl.XR, t.x + bimg * d.C * HWin, t.x, c0, S * (r0 - 1) - 1,
-                   S * (q0 - 1) - 1, dst);
+    stage_x<T, XC>(d, vec_x, pl.XR, t.x + bimg * d.C * HWin, t.x, c0 + chunk * KC,
+                   S * (r0 - 1) - 1, S * (q0 - 1) - 1, dst);
     ptx::cp_async_commit();
   };
 
+  // accumulator slot j of this warp: unit u = warp + 8 j of MT x nck (m16 tile u % MT of
+  // chunk u / MT); warp-uniform, indices compile-time
   float accW[BWD_WMT][4][4];
 #pragma unroll
   for (int j = 0; j < BWD_WMT; ++j)
@@ -198,115 +202,127 @@ __global__ void __launch_bounds__(NT, 1)
   int64_t group = blockIdx.y;
   if (group >= pl.groups) return;
   int buf = 0;
-  prefetch(group * pl.GT, xs0);
+  prefetch(group * pl.GT, 0, xs0);
   for (; group < pl.groups; group += pl.split) {
     const int64_t t_end = (group + 1) * pl.GT < pl.tiles ? (group + 1) * pl.GT : pl.tiles;
     for (int64_t tile = group * pl.GT; tile < t_end; ++tile) {
       int64_t bimg;
       int r0, q0;
       tile_origin(tile, bimg, r0, q0);
-      const int64_t next = tile + 1 < t_end ? tile + 1
-                           : (group + pl.split < pl.groups ? (group + pl.split) * pl.GT : -1);
-      ptx::cp_async_wait<0>();
-      __syncthreads();  // x of this tile published; the previous tile's operands are free
-      const ChunkOut<T> o{sA, sA + KC, sA + 2 * KC, LDA, sD, LDD};
-      chunk_operands<T, S, TW>(d, TH, r0, q0, c0, pl.C16, buf ? xs1 : xs0, b1, dw, o);
-      if (next >= 0) prefetch(next, buf ? xs0 : xs1);  // lands while the GEMMs run
-      stage_gz<T>(d, pl, vec_g, gy, saved, bimg, r0, q0, sG);
-      __syncthreads();
-
-      // ---- data gradients: units of (which, m16 row tile, 16 channels) ----------------
-      const int nwhich = d.projection ? 3 : 2;
-      const int units = nwhich * mtiles * nh;
-      for (int u = warp; u < units; u += NT / 32) {
-        const int which = u / (mtiles * nh), rem = u % (mtiles * nh), mt = rem / nh, h = rem % nh;
-        const T* Ab = sG + (which == 1 ? pl.gzb : 0);
-        const T* Bw = which == 0 ? sWa : (which == 1 ? sWb : sWs);
-        const int K = which == 2 ? pl.GW : pl.N16;
-        float acc[2][4] = {};
-        for (int kk = 0; kk < K; kk += 16) {
-          uint32_t af[4], r[4];
-          ptx::ldmatrix_x4(af, Ab + (mt * 16 + lane % 16) * LDG + kk + 8 * (lane / 16));
-          ptx::ldmatrix_x4_trans(r, Bw + (kk + lane % 8 + 8 * ((lane / 8) % 2)) * L + h * 16 +
-                                        8 * (lane / 16));
-          const uint32_t b0[2] = {r[0], r[1]}, b1f[2] = {r[2], r[3]};
-          ptx::mma_m16n8k16<T>(acc[0], af, b0);
-          ptx::mma_m16n8k16<T>(acc[1], af, b1f);
+      for (int ck = 0; ck < nck; ++ck) {
+        const int cc0 = c0 + ck * KC;  // the chunk's first channel
+        // the next (tile, chunk) in this CTA's walk, whose x is fetched during this one
+        int64_t next_tile = tile;
+        int next_ck = ck + 1;
+        if (next_ck == nck) {
+          next_ck = 0;
+          next_tile = tile + 1 < t_end ? tile + 1
+                      : (group + pl.split < pl.groups ? (group + pl.split) * pl.GT : -1);
         }
-        T* dst = which == 0 ? sc_da : (which == 1 ? sc_db : sc_dxs);
+        ptx::cp_async_wait<0>();
+        __syncthreads();  // this chunk's x published; the previous chunk's operands are free
+        const ChunkOut<T> o{sA, sA + KC, sA + 2 * KC, LDA, sD, LDD};
+        chunk_operands<T, S, TW>(d, TH, r0, q0, cc0, pl.C16, buf ? xs1 : xs0, b1,
+                                 dw + ck * 30 * KC, o);
+        if (next_tile >= 0) prefetch(next_tile, next_ck, buf ? xs0 : xs1);  // lands meanwhile
+        buf ^= 1;
+        if (ck == 0) stage_gz<T>(d, pl, vec_g, gy, saved, bimg, r0, q0, sG);
+        __syncthreads();
+
+        // ---- data gradients: units of (which, m16 row tile, 16 channels) --------------
+        const int nh = pl.C16 - cc0 >= 32 ? 2 : 1;  // 16-channel halves in use
+        const int nwhich = d.projection ? 3 : 2;
+        const int units = nwhich * mtiles * nh;
+        for (int u = warp; u < units; u += NT / 32) {
+          const int which = u / (mtiles * nh), rem = u % (mtiles * nh);
+          const int mt = rem / nh, h = rem % nh;
+          const T* Ab = sG + (which == 1 ? pl.gzb : 0);
+          const T* Bw = (which == 0 ? sWa : (which == 1 ? sWb : sWs)) + ck * KC + h * 16;
+          const int K = which == 2 ? pl.GW : pl.N16;
+          float acc[2][4] = {};
+          for (int kk = 0; kk < K; kk += 16) {
+            uint32_t af[4], r[4];
+            ptx::ldmatrix_x4(af, Ab + (mt * 16 + lane % 16) * LDG + kk + 8 * (lane / 16));
+            ptx::ldmatrix_x4_trans(r, Bw + (kk + lane % 8 + 8 * ((lane / 8) % 2)) * L +
+                                          8 * (lane / 16));
+            const uint32_t b0[2] = {r[0], r[1]}, b1f[2] = {r[2], r[3]};
+            ptx::mma_m16n8k16<T>(acc[0], af, b0);
+            ptx::mma_m16n8k16<T>(acc[1], af, b1f);
+          }
+          T* dst = which == 0 ? sc_da : (which == 1 ? sc_db : sc_dxs);
 #pragma unroll
-        for (int n8 = 0; n8 < 2; ++n8)
+          for (int n8 = 0; n8 < 2; ++n8)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int p = mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
-            const int col = h * 16 + n8 * 8 + 2 * (lane % 4) + (e & 1), c = c0 + col;
+            for (int e = 0; e < 4; ++e) {
+              const int p = mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+              const int col = h * 16 + n8 * 8 + 2 * (lane % 4) + (e & 1), c = cc0 + col;
+              const int oh = r0 + p / TW, ow = q0 + p % TW;
+              if (c >= C || oh >= Ho || ow >= Wo) continue;
+              float v = acc[n8][e];
+              if (which < 2) v *= sD[p * LDD + which * KC + col];
+              stg(dst + ((bimg * Ho + oh) * Wo + ow) * C + c, from_acc<T>(v));
+            }
+        }
+        if (identity) {  // the shortcut's gradient is gz itself (Cout == C)
+          for (int i = tid; i < P * KC; i += NT) {
+            const int k = i % KC, p = i / KC, c = cc0 + k;
             const int oh = r0 + p / TW, ow = q0 + p % TW;
             if (c >= C || oh >= Ho || ow >= Wo) continue;
-            float v = acc[n8][e];
-            if (which < 2) v *= sD[p * LDD + which * KC + col];
-            stg(dst + ((bimg * Ho + oh) * Wo + ow) * C + c, from_acc<T>(v));
+            stg(sc_dxs + ((bimg * Ho + oh) * Wo + ow) * C + c,
+                sG[p * LDG + gz_col(int(d.N), pl.gzb, c)]);
           }
-      }
-      if (identity) {  // the shortcut's gradient is gz itself (Cout == C)
-        for (int i = tid; i < P * KC; i += NT) {
-          const int k = i % KC, p = i / KC, c = c0 + k;
-          const int oh = r0 + p / TW, ow = q0 + p % TW;
-          if (c >= C || oh >= Ho || ow >= Wo) continue;
-          stg(sc_dxs + ((bimg * Ho + oh) * Wo + ow) * C + c,
-              sG[p * LDG + gz_col(int(d.N), pl.gzb, c)]);
         }
-      }
 
-      // ---- weight gradients: K = the tile's pixels ----------------------------------------
+        // ---- weight gradients of this chunk: K = the tile's pixels ----------------------
 #pragma unroll
-      for (int j = 0; j < BWD_WMT; ++j) {
-        const int mt = warp + 8 * j;
-        if (mt >= pl.MT) continue;  // warp-uniform
-        const int seg = mt < pl.mt_a ? 0 : (mt < 2 * pl.mt_a ? 1 : 2);
-        const int gcol = seg == 0 ? mt * 16 : (seg == 1 ? pl.gzb + (mt - pl.mt_a) * 16
-                                                        : (mt - 2 * pl.mt_a) * 16);
-        const T* bsrc = sA + seg * KC;
-        for (int kk = 0; kk < P; kk += 16) {
-          uint32_t af[4];
-          ptx::ldmatrix_x4_trans(af, sG + (kk + lane % 8 + 8 * (lane / 16)) * LDG + gcol +
-                                         8 * ((lane / 8) % 2));
+        for (int j = 0; j < BWD_WMT; ++j) {
+          const int u = warp + 8 * j, mt = u % MT;
+          if (u >= MT * nck || u / MT != ck) continue;  // warp-uniform
+          const int seg = mt < pl.mt_a ? 0 : (mt < 2 * pl.mt_a ? 1 : 2);
+          const int gcol = seg == 0 ? mt * 16 : (seg == 1 ? pl.gzb + (mt - pl.mt_a) * 16
+                                                          : (mt - 2 * pl.mt_a) * 16);
+          const T* bsrc = sA + seg * KC;
+          for (int kk = 0; kk < P; kk += 16) {
+            uint32_t af[4];
+            ptx::ldmatrix_x4_trans(af, sG + (kk + lane % 8 + 8 * (lane / 16)) * LDG + gcol +
+                                           8 * ((lane / 8) % 2));
 #pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            if (hh >= nh) continue;
-            uint32_t r[4];
-            ptx::ldmatrix_x4_trans(r, bsrc + (kk + lane % 8 + 8 * ((lane / 8) % 2)) * LDA +
-                                          hh * 16 + 8 * (lane / 16));
-            const uint32_t b0[2] = {r[0], r[1]}, b1f[2] = {r[2], r[3]};
-            ptx::mma_m16n8k16<T>(accW[j][2 * hh], af, b0);
-            ptx::mma_m16n8k16<T>(accW[j][2 * hh + 1], af, b1f);
+            for (int hh = 0; hh < 2; ++hh) {
+              if (hh >= nh) continue;
+              uint32_t r[4];
+              ptx::ldmatrix_x4_trans(r, bsrc + (kk + lane % 8 + 8 * ((lane / 8) % 2)) * LDA +
+                                            hh * 16 + 8 * (lane / 16));
+              const uint32_t b0[2] = {r[0], r[1]}, b1f[2] = {r[2], r[3]};
+              ptx::mma_m16n8k16<T>(accW[j][2 * hh], af, b0);
+              ptx::mma_m16n8k16<T>(accW[j][2 * hh + 1], af, b1f);
+            }
+          }
+        }
+        if (first_cb && ck == 0) {
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const int r = tid + q * NT;
+            if (r >= pl.rows) continue;
+            const int col = bias_col(d, pl, r);
+            float sum = 0.f;
+            for (int p = 0; p < P; ++p) sum += to_acc(sG[p * LDG + col]);
+            bsum[q] += sum;
           }
         }
       }
-      if (first_cb) {
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const int r = tid + q * NT;
-          if (r >= pl.rows) continue;
-          const int col = bias_col(d, pl, r);
-          float s = 0.f;
-          for (int p = 0; p < P; ++p) s += to_acc(sG[p * LDG + col]);
-          bsum[q] += s;
-        }
-      }
-      buf ^= 1;
     }
 
     // ---- the group's partial -------------------------------------------------------------
 #pragma unroll
     for (int j = 0; j < BWD_WMT; ++j) {
-      const int mt = warp + 8 * j;
-      if (mt >= pl.MT) continue;
+      const int u = warp + 8 * j, mt = u % MT, ck = u / MT;
+      if (u >= MT * nck) continue;
 #pragma unroll
       for (int n8 = 0; n8 < 4; ++n8)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int m = mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
-          const int c = c0 + n8 * 8 + 2 * (lane % 4) + (e & 1);
+          const int c = c0 + ck * KC + n8 * 8 + 2 * (lane % 4) + (e & 1);
           const int row = partial_row(d, pl, m);
           if (row >= 0 && c < C) stg(wpart + (group * pl.rows + row) * C + c, accW[j][n8][e]);
           accW[j][n8][e] = 0.f;
