@@ -226,16 +226,16 @@ def test_backward_falls_back_when_rows_exceed_the_plan(emu_lib):
     assert ok, line
 
 
-@pytest.mark.parametrize("case", [((24, 16, 20, 20, 3), "add", 1, True, True, "relu"),
+@pytest.mark.parametrize("case", [((24, 16, 16, 16, 2), "add", 1, True, True, "relu"),
                                   ((40, 24, 17, 13, 2), "concat", 2, True, False, "silu")],
                          ids=["add-nhwc", "concat-nchw"])
 def test_backward_weight_grads_do_not_depend_on_the_split(emu_lib, case, monkeypatch):
     """Every gradient bitwise identical whether one CTA per channel block walks all pixel
-    groups or each group has its own CTA (MSFUSED_CUDA_BWD_SPLIT), and run to run."""
+    groups, three CTAs share them, or each group has its own CTA (MSFUSED_CUDA_BWD_SPLIT)."""
     run_emu, lib = emu_lib
     assert run_emu.backward_plan(lib, case)["groups"] > 3
     results = []
-    for split in ("0", "1", "3", "0"):
+    for split in ("0", "1", "3"):
         monkeypatch.setenv("MSFUSED_CUDA_BWD_SPLIT", split)
         results.append(run_emu.backward_grads(lib, case, torch.bfloat16))
     for other in results[1:]:
