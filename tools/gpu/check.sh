@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check, end to end, on a machine with PyTorch preinstalled and no network:
 # install, the whole test suite on CUDA, compute-sanitizer memcheck, racecheck and synccheck
-# over a small forward+backward, a sweep of the tensor-core forward's tile size, and the
+# over a small forward+backward, a sweep of the tensor-core forward's tile size, ncu's DRAM
+# bytes of the 16-bit backward, and the
 # benchmark harness (bfloat16 and float32, NCHW and channels_last).
 #
 #   bash tools/gpu/check.sh OUTDIR [--fast]
@@ -20,7 +21,7 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} MSFUSED_NVCC_THREADS=${MSFUSED_NVCC_THREADS:-4}
 declare -A STATUS TIMES
 
-ALL_STAGES="install backends tests memcheck racecheck synccheck fwd-sweep bench-bf16 bench-fp32"
+ALL_STAGES="install backends tests memcheck racecheck synccheck fwd-sweep bwd-dram bench-bf16 bench-fp32"
 STAGES=${STAGES:-$ALL_STAGES}
 
 stage() {  # stage NAME LIMIT_S CMD...: runs CMD with a time limit, logs to OUT/NAME.log
@@ -57,6 +58,9 @@ stage synccheck 150 compute-sanitizer --tool synccheck --error-exitcode 3 \
   python3 tools/gpu/cuda_sanitize.py --small
 # the tensor-core forward's tile against two / three CTAs per SM (MSFUSED_CUDA_FWD_SMEM)
 stage fwd-sweep 150 python3 tools/gpu/forward_sweep.py
+# the 16-bit backward's DRAM bytes per launch (ncu) against the emulator's global bytes
+stage bwd-dram 150 ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
+  --kernel-name regex:"backward" --csv python3 tools/gpu/backward_dram.py
 BENCH_OPTS=(--device cuda --shapes paper,mobilenet)
 [ "$FAST" = --fast ] && BENCH_OPTS+=(--no-compile --min-time 0.1)
 stage bench-bf16 300 python3 -m msfused.cli bench "${BENCH_OPTS[@]}" --dtype bfloat16 \
