@@ -67,7 +67,8 @@ struct BwdMmaPlan {
                                // the row (GW + pad)
   int mt_a, mt_x, MT;          // weight-gradient m16 tiles: dpa, dpb [mt_a each], dws [mt_x]
   int rows;                    // partial rows: 2 N + (projection ? Cout : 0)
-  int LDA, LDD, LDWT;          // rows of A = [a | b | xs], of act' (float), of a weight slice
+  int LDA, LDD, LDWT;          // rows of A = [a | b | xs | a_lo | b_lo] (the lo: a - (T)a),
+                               // of act' (float), of a weight slice
   uint32_t off_x0, off_x1, off_b1, off_dw, off_a, off_d, off_g, off_wa, off_wb, off_ws, smem;
   // workspace (bytes, 256-aligned): scratch da, db, dxs; partials wpart, bpart, dwpart
   size_t ws_da, ws_db, ws_dxs, ws_wpart, ws_bpart, ws_dwpart, ws_total;
@@ -95,7 +96,7 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   p.MT = 2 * p.mt_a + p.mt_x;
   p.rows = int(2 * d.N + (d.projection ? d.Cout : 0));
   p.C16 = int((d.C + 15) / 16 * 16);
-  p.LDA = 3 * BWD_KC + BWD_PAD;
+  p.LDA = 5 * BWD_KC + BWD_PAD;  // [a | b | xs | a_lo | b_lo]
   p.LDD = 2 * BWD_KC + 4;
   // As many chunks per CTA as the 8 x BWD_WMT accumulator slots hold (each chunk needs MT):
   // gz, staged once per tile, then serves them all, and fewer channel blocks re-read dy.

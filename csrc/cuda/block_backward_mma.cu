@@ -13,7 +13,8 @@
 //   - data gradients, mma.m16n8k16 with the CTA's slices of pa, pb, ws resident in shared
 //     memory: da_pre = (gza pa) * act'(a_pre), db_pre = (gzb pb) * act'(b_pre), dxs = gz ws
 //     (identity: gz), stored to the pixel-major scratch;
-//   - weight gradients, mma.m16n8k16 with K = the tile's pixels: dpa += gza^T a,
+//   - weight gradients, mma.m16n8k16 with K = the tile's pixels: dpa += gza^T a (a as its
+//     16-bit value plus its 16-bit rounding residual, b alike),
 //     dpb += gzb^T b, dws += gz^T xs, in registers (each warp owns up to four (m16 row tile
 //     of [dpa | dpb | dws], chunk) slots of 16 x 32), plus the bias sums (channel block 0).
 // After a group's last tile the accumulators go out as that group's partial. Groups are
@@ -221,7 +222,7 @@ __global__ void __launch_bounds__(NT, 1)
         }
         ptx::cp_async_wait<0>();
         __syncthreads();  // this chunk's x published; the previous chunk's operands are free
-        const ChunkOut<T> o{sA, sA + KC, sA + 2 * KC, LDA, sD, LDD};
+        const ChunkOut<T> o{sA, sA + KC, sA + 2 * KC, LDA, sD, LDD, sA + 3 * KC, sA + 4 * KC};
         chunk_operands<T, S, TW>(d, TH, r0, q0, cc0, pl.C16, buf ? xs1 : xs0, b1,
                                  dw + ck * 30 * KC, o);
         if (next_tile >= 0) prefetch(next_tile, next_ck, buf ? xs0 : xs1);  // lands meanwhile
@@ -281,20 +282,25 @@ __global__ void __launch_bounds__(NT, 1)
           const int seg = mt < pl.mt_a ? 0 : (mt < 2 * pl.mt_a ? 1 : 2);
           const int gcol = seg == 0 ? mt * 16 : (seg == 1 ? pl.gzb + (mt - pl.mt_a) * 16
                                                           : (mt - 2 * pl.mt_a) * 16);
-          const T* bsrc = sA + seg * KC;
+          // a and b as hi + lo (their rounding residual): float-accurate operands, so dpa and
+          // dpb carry only gz's rounding; xs is exact in T
+          const int nparts = seg < 2 ? 2 : 1;
           for (int kk = 0; kk < P; kk += 16) {
             uint32_t af[4];
             ptx::ldmatrix_x4_trans(af, sG + (kk + lane % 8 + 8 * (lane / 16)) * LDG + gcol +
                                            8 * ((lane / 8) % 2));
+            for (int part = 0; part < nparts; ++part) {
+              const T* bsrc = sA + (part == 0 ? seg : 3 + seg) * KC;
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-              if (hh >= nh) continue;
-              uint32_t r[4];
-              ptx::ldmatrix_x4_trans(r, bsrc + (kk + lane % 8 + 8 * ((lane / 8) % 2)) * LDA +
-                                            hh * 16 + 8 * (lane / 16));
-              const uint32_t b0[2] = {r[0], r[1]}, b1f[2] = {r[2], r[3]};
-              ptx::mma_m16n8k16<T>(accW[j][2 * hh], af, b0);
-              ptx::mma_m16n8k16<T>(accW[j][2 * hh + 1], af, b1f);
+              for (int hh = 0; hh < 2; ++hh) {
+                if (hh >= nh) continue;
+                uint32_t r[4];
+                ptx::ldmatrix_x4_trans(r, bsrc + (kk + lane % 8 + 8 * ((lane / 8) % 2)) * LDA +
+                                              hh * 16 + 8 * (lane / 16));
+                const uint32_t b0[2] = {r[0], r[1]}, b1f[2] = {r[2], r[3]};
+                ptx::mma_m16n8k16<T>(accW[j][2 * hh], af, b0);
+                ptx::mma_m16n8k16<T>(accW[j][2 * hh + 1], af, b1f);
+              }
             }
           }
         }

@@ -137,8 +137,10 @@ __device__ __forceinline__ void stage_dw(const BlockDesc& d, const BlockTensors<
 // Where one chunk's operands go: out_a[p * lda + k] = a at tile pixel p = r * TW + col for
 // chunk channel k (likewise out_b = b, out_x = the strided x, null when not needed), and,
 // when dact is not null, dact[p * ldd + k] = act'(a_pre), dact[p * ldd + KC + k] = act'(b_pre)
-// (the backward's activation derivatives, float). Channels c0 + k in [C, c16) get zeros;
-// nothing is written at or past c16.
+// (the backward's activation derivatives, float), and when out_a_lo / out_b_lo are not null,
+// the rounding residuals a - (T)a, b - (T)b (the backward's weight-gradient GEMM adds them
+// for float-accurate operands). Channels c0 + k in [C, c16) get zeros; nothing is written at
+// or past c16.
 template <typename T>
 struct ChunkOut {
   T* out_a;
@@ -147,6 +149,8 @@ struct ChunkOut {
   int lda;
   float* dact;
   int ldd;
+  T* out_a_lo = nullptr;
+  T* out_b_lo = nullptr;
 };
 
 // The chunk of channels c0 .. c0+KC staged in xs (stage_x, published by a __syncthreads())
@@ -189,11 +193,13 @@ __device__ __forceinline__ void chunk_operands(const BlockDesc& d, int TH, int r
     if (c >= c16) continue;
     T* oa = o.out_a + lc * o.lda + k;  // + p * lda with p = r * TW + lc
     T* ox = o.out_x != nullptr ? o.out_x + lc * o.lda + k : nullptr;
+    T* ol = o.out_a_lo != nullptr ? o.out_a_lo + lc * o.lda + k : nullptr;
     float* od = o.dact != nullptr ? o.dact + lc * o.ldd + k : nullptr;
     if (c >= C) {
       for (int r = r_begin; r < r_end; ++r) {
         oa[r * TW * o.lda] = zero;
         if (ox != nullptr) ox[r * TW * o.lda] = zero;
+        if (ol != nullptr) ol[r * TW * o.lda] = zero;
         if (od != nullptr) od[r * TW * o.ldd] = 0.f;
       }
       continue;
@@ -203,7 +209,10 @@ __device__ __forceinline__ void chunk_operands(const BlockDesc& d, int TH, int r
     const float bias = dw[27 * KC + k];
     dw_column<S>(xs + (S * XC + S * (lc + 1)) * KC + k, XC * KC, w, r_begin, r_end,
                  [&](int r, float v, float center) {
-                   oa[r * TW * o.lda] = from_acc<T>(act_apply(act, v + bias));
+                   const float av = act_apply(act, v + bias);
+                   const T ah = from_acc<T>(av);
+                   oa[r * TW * o.lda] = ah;
+                   if (ol != nullptr) ol[r * TW * o.lda] = from_acc<T>(av - to_acc(ah));
                    if (ox != nullptr) ox[r * TW * o.lda] = from_acc<T>(center);
                    if (od != nullptr) od[r * TW * o.ldd] = act_grad(act, 1.f, v + bias);
                  });
@@ -215,10 +224,12 @@ __device__ __forceinline__ void chunk_operands(const BlockDesc& d, int TH, int r
     const int r_end = min_i(r_begin + SEG, TH), c = c0 + k;
     if (c >= c16) continue;
     T* ob = o.out_b + lc * o.lda + k;
+    T* ol = o.out_b_lo != nullptr ? o.out_b_lo + lc * o.lda + k : nullptr;
     float* od = o.dact != nullptr ? o.dact + lc * o.ldd + KC + k : nullptr;
     if (c >= C) {
       for (int r = r_begin; r < r_end; ++r) {
         ob[r * TW * o.lda] = zero;
+        if (ol != nullptr) ol[r * TW * o.lda] = zero;
         if (od != nullptr) od[r * TW * o.ldd] = 0.f;
       }
       continue;
@@ -227,7 +238,10 @@ __device__ __forceinline__ void chunk_operands(const BlockDesc& d, int TH, int r
     load_taps(w, dw + (2 * KC + k) * 9);
     const float bias = dw[27 * KC + 2 * KC + k];
     dw_column<1>(b1 + lc * KC + k, RW * KC, w, r_begin, r_end, [&](int r, float v, float) {
-      ob[r * TW * o.lda] = from_acc<T>(act_apply(act, v + bias));
+      const float bv = act_apply(act, v + bias);
+      const T bh = from_acc<T>(bv);
+      ob[r * TW * o.lda] = bh;
+      if (ol != nullptr) ol[r * TW * o.lda] = from_acc<T>(bv - to_acc(bh));
       if (od != nullptr) od[r * TW * o.ldd] = act_grad(act, 1.f, v + bias);
     });
   }
