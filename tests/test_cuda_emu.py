@@ -204,11 +204,17 @@ BWD_CASES = [((20, 70, 11, 10, 2), "add", 2, True, True, "relu6"),
              ((37, 16, 9, 9, 2), "concat", 1, True, False, "relu"),
              ((64, 64, 17, 18, 1), "add", 1, True, True, "silu"),
              ((3, 32, 9, 18, 1), "concat", 2, True, True, "relu"),
-             ((256, 140, 7, 5, 1), "add", 1, True, True, "relu6")]
+             ((256, 140, 4, 3, 1), "add", 1, True, True, "relu6")]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "-".join(map(str, c[0] + c[1:])))
+# (the C = 256 case in bfloat16 only, for CI time: --backward-low runs float16 at C = 256)
+BWD_PARAMS = [(case, dtype) for case in BWD_CASES for dtype in (torch.bfloat16, torch.float16)
+              if case[0][0] != 256 or dtype == torch.bfloat16]
+
+
+@pytest.mark.parametrize("case,dtype", BWD_PARAMS,
+                         ids=lambda v: str(v) if isinstance(v, torch.dtype)
+                         else "-".join(map(str, v[0] + v[1:])))
 def test_tensor_core_backward(emu_lib, case, dtype):
     run_emu, lib = emu_lib
     assert run_emu.backward_plan(lib, case)["P"] > 0  # the tensor-core backward, not the FMA one
@@ -220,13 +226,13 @@ def test_backward_falls_back_when_rows_exceed_the_plan(emu_lib):
     """[dpa | dpb | dws] above 512 rows (here concat, N = 140: 144 + 144 + 288) has no tensor-
     core plan; the FMA backward runs, with correct gradients."""
     run_emu, lib = emu_lib
-    case = ((64, 140, 7, 5, 1), "concat", 2, True, True, "relu6")
+    case = ((16, 140, 5, 3, 1), "concat", 2, True, True, "relu6")
     assert run_emu.backward_plan(lib, case)["P"] == 0
     ok, line = run_emu.run_forward_low(lib, case, torch.bfloat16, backward=True)
     assert ok, line
 
 
-@pytest.mark.parametrize("case", [((24, 16, 16, 16, 2), "add", 1, True, True, "relu"),
+@pytest.mark.parametrize("case", [((24, 16, 16, 9, 2), "add", 1, True, True, "relu"),
                                   ((40, 24, 17, 13, 2), "concat", 2, True, False, "silu")],
                          ids=["add-nhwc", "concat-nchw"])
 def test_backward_weight_grads_do_not_depend_on_the_split(emu_lib, case, monkeypatch):
@@ -251,6 +257,6 @@ def test_backward_global_bytes(emu_lib):
     y read; dx written; weights and gradients once): see benchmarks/NOTES.md for the table."""
     from msfused.benchmark import SHAPES
     run_emu, lib = emu_lib
-    r = run_emu.backward_bytes(lib, SHAPES["mobilenet"][0], batch=1)
-    assert r["read_x"] <= 3.6 * r["x"], r
-    assert r["total"] <= 3.8 * r["floor"], r
+    r = run_emu.backward_bytes(lib, SHAPES["paper"][1], batch=1)  # paper-u2 (mnet-56: 36 s)
+    assert r["read_x"] <= 2.7 * r["x"], r
+    assert r["total"] <= 2.7 * r["floor"], r

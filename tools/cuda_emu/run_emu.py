@@ -149,12 +149,16 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, b
             errs[name] = rel(g, r)
     if dtype in (torch.float64, torch.float32):
         return errs, None, None
-    # exact-mask reference: float64, act' read off the kernel's saved tensor
+    # exact-mask reference: float64, act' read off the kernel's saved tensor; for the
+    # tensor-core backward also rounded where that backward rounds (modeled_preactivation)
     xm = x.double().requires_grad_(True)
     pm = [t.double().requires_grad_(True) if t is not None else None for t in params]
-    z = block_preactivation(xm, msfused.BlockParams(*pm), cfg)
+    modeled = backward and tensor_core_backward_ran(lib, x, params, cfg)
+    z = (modeled_preactivation(xm, msfused.BlockParams(*pm), cfg, dtype) if modeled
+         else block_preactivation(xm, msfused.BlockParams(*pm), cfg))
     sv = torch.ones_like(z) if saved is None else saved.double()
-    z.backward(gy.double() * dact_from_saved(cfg.act, sv))
+    gz = gy.double() * dact_from_saved(cfg.act, sv)
+    z.backward(gz.to(dtype).double() if modeled else gz)
     exact = {"y": errs["y"]}
     for name, g, r in zip(NAMES, gr, grads_of(xm, pm)):
         if g is not None and r is not None:
@@ -171,6 +175,61 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, b
         if r is not None:
             eager[name] = rel(g, r)
     return errs, exact, eager
+
+
+class _RoundGrad(torch.autograd.Function):
+    """Identity forward; the gradient rounded to `dtype` on its way back."""
+
+    @staticmethod
+    def forward(ctx, t, dtype):
+        ctx.dtype = dtype
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype).double(), None
+
+
+def modeled_preactivation(x, p, cfg, dtype):
+    """block_preactivation in float64 whose gradients are rounded to `dtype` exactly where
+    the tensor-core backward (block_backward_mma.cu, block_backward_dw.cu) rounds them: the
+    scratch da_pre, db_pre and the projection's dx part; gz is rounded by the caller. a and b
+    enter the weight-gradient GEMM as value plus rounding residual (float-accurate), b1 and
+    db1 stay float in the kernel, and so here. What is left between the kernel and this is
+    float32 accumulation order and the rounding of its outputs, so an indexing or masking
+    bug stands far above EXACT_TOL."""
+    import torch.nn.functional as F
+    from msfused.config import MERGE_CONCAT, apply_act
+
+    def rg(t):
+        return _RoundGrad.apply(t, dtype)
+
+    c, s, act = x.shape[1], cfg.stride, cfg.act
+    a = apply_act(rg(F.conv2d(x, p.wa, p.ba, stride=s, padding=1, groups=c)), act)
+    b1 = apply_act(F.conv2d(x, p.wb, p.bb, stride=s, padding=1, groups=c), act)
+    b = apply_act(rg(F.conv2d(b1, p.wc, p.bc, stride=1, padding=1, groups=c)), act)
+    za, zb = F.conv2d(a, p.pa, p.qa), F.conv2d(b, p.pb, p.qb)
+    m = torch.cat([za, zb], dim=1) if cfg.merge == MERGE_CONCAT else za + zb
+    if cfg.residual:
+        m = m + (x if p.ws is None else F.conv2d(rg(x), p.ws, p.bs, stride=s))
+    return m
+
+
+def tensor_core_backward_ran(lib, x, params, cfg):
+    """Whether the emulated backward of this call is the tensor-core one (a 16-bit dtype and
+    a plan that fits)."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    batch, c, h, w = x.shape
+    n = params[6].shape[0]
+    cout = out_channels(n, cfg.merge)
+    ho, wo = (h - 1) // cfg.stride + 1, (w - 1) // cfg.stride + 1
+    proj = cfg.residual and needs_projection(c, cout, cfg.stride)
+    desc = (ctypes.c_int64 * 14)(batch, c, h, w, n, cout, ho, wo, cfg.stride, cfg.merge,
+                                 cfg.act, int(cfg.residual), int(proj), int(x.stride(1) == 1))
+    out = (ctypes.c_int64 * 8)()
+    lib.emu_bwd_plan(desc, out)
+    return out[0] > 0
 
 
 def act_flips(act, z, saved, dtype):
