@@ -61,11 +61,12 @@ struct BwdMmaPlan {
   int64_t groups;              // ceil(tiles / GT)
   int split;                   // CTAs per channel block (grid y)
   int nchunk, CB, cblocks;     // chunks per CTA, CB = 32 nchunk channels, ceil(C / CB) blocks
-  int XR, XC, C16;             // staged x tile; C rounded up to 16
+  int XR, C16;                 // staged x rows (the columns: the kernel's S (8 + 1) + 3);
+                               // C rounded up to 16
   int N16, gzb, GW, LDG;       // branch width rounded to 16; gz columns: branch B's first
                                // (concat N16, add 0), the width (concat 2 N16, add N16),
                                // the row (GW + pad)
-  int mt_a, mt_x, MT;          // weight-gradient m16 tiles: dpa, dpb [mt_a each], dws [mt_x]
+  int mt_a, MT;                // weight-gradient m16 tiles: dpa, dpb (mt_a each), dws (the rest)
   int rows;                    // partial rows: 2 N + (projection ? Cout : 0)
   int LDA, LDD, LDWT;          // rows of A = [a | b | xs | a_lo | b_lo] (the lo: a - (T)a),
                                // of act' (float), of a weight slice
@@ -92,8 +93,7 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   p.GW = int(GW);
   p.LDG = p.GW + BWD_PAD;
   p.mt_a = int(N16 / 16);
-  p.mt_x = d.projection ? int(GW / 16) : 0;
-  p.MT = 2 * p.mt_a + p.mt_x;
+  p.MT = int(rows16 / 16);
   p.rows = int(2 * d.N + (d.projection ? d.Cout : 0));
   p.C16 = int((d.C + 15) / 16 * 16);
   p.LDA = 5 * BWD_KC + BWD_PAD;  // [a | b | xs | a_lo | b_lo]
@@ -115,14 +115,14 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
       p.TH = th;
       p.P = th * BWD_TW;
       p.XR = d.stride * (th + 1) + 3;
-      p.XC = d.stride * (BWD_TW + 1) + 3;
+      const int XC = d.stride * (BWD_TW + 1) + 3;
       size_t o = 0;
       auto take = [&](size_t bytes) {
         const uint32_t at = uint32_t(o);
         o = bwd_align(o + bytes, 128);
         return at;
       };
-      const size_t xst = H * size_t(p.XR) * p.XC * BWD_KC;
+      const size_t xst = H * size_t(p.XR) * XC * BWD_KC;
       p.off_x0 = take(xst);
       p.off_x1 = take(xst);
       p.off_b1 = take(F * size_t(th + 2) * (BWD_TW + 2) * BWD_KC);

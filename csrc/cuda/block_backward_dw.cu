@@ -306,15 +306,11 @@ const char* launch_dw_stride(const BlockDesc& d, const BlockTensors<T>& t, const
                              int64_t tiles_hw, unsigned gx, unsigned gy, cudaStream_t stream) {
   const DwMap m = dw_map<T, S>(d.residual, !d.channels_last);
   auto kernel = dw_backward_kernel<T, S>;
-  cudaError_t e;
-  if (m.total > 48 * 1024) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(m.total));
-    if (e != cudaSuccess) return cudaGetErrorString(e);
-  }
+  static int raised[64] = {};
+  if (const char* err = allow_dynamic_smem(kernel, m.total, raised)) return err;
   MSF_LAUNCH(kernel, dim3(gx, gy), DW_NT, m.total, stream, d, t, da, db, dxs, dx, dw_part, m,
              static_cast<int>(tiles_w), static_cast<int>(tiles_hw));
-  e = cudaGetLastError();
+  const cudaError_t e = cudaGetLastError();
   return e != cudaSuccess ? cudaGetErrorString(e) : nullptr;
 }
 

@@ -387,8 +387,6 @@ __global__ void __launch_bounds__(NT)
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 int env_int(const char* name) {
   const char* e = std::getenv(name);
   return e != nullptr ? std::atoi(e) : 0;
@@ -399,15 +397,7 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* 
                          const T* saved, const BwdMmaPlan& pl, char* ws, cudaStream_t stream) {
   auto kernel = block_backward_mma_kernel<T, S>;
   static int raised[64] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64) return "block_backward: CUDA device index out of range";
-  if (int(pl.smem) > raised[dev]) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pl.smem));
-    if (e != cudaSuccess) return cudaGetErrorString(e);
-    raised[dev] = int(pl.smem);
-  }
+  if (const char* err = allow_dynamic_smem(kernel, pl.smem, raised)) return err;
   const int v = VE<T>;
   const bool vec_x = d.channels_last && d.C % v == 0 && aligned16(t.x);
   const bool vec_g = d.channels_last && d.Cout % v == 0 && d.N % v == 0 && aligned16(gy) &&

@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int tile = int(blockIdx.x % unsigned(pl.tiles_hw));
   const int64_t bimg = blockIdx.x / unsigned(pl.tiles_hw);
-  const int TH = pl.TH, P = pl.P, LDA = pl.LDA, C = int(d.C), C16 = pl.C16;
+  const int TH = pl.TH, P = pl.P, LDA = pl.LDA, C16 = pl.C16;
   const int Ho = int(d.Ho), Wo = int(d.Wo), act = d.act;
   const int r0 = (tile / pl.tiles_w) * TH, q0 = (tile % pl.tiles_w) * TW;
   const T* x_img = t.x + bimg * d.C * d.H * d.W;
@@ -365,24 +365,13 @@ template <typename T, int S, int TW>
 const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
                          const MmaPlan& pl, cudaStream_t stream) {
   auto kernel = block_forward_mma_kernel<T, S, TW>;
-  // The opt-in above 48 KB, raised once per kernel and device to the largest plan seen.
   static int raised[64] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64) return "block_forward: CUDA device index out of range";
-  if (int(pl.smem) > raised[dev]) {
-    const cudaError_t e = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pl.smem));
-    if (e != cudaSuccess) return cudaGetErrorString(e);
-    raised[dev] = int(pl.smem);
-  }
+  if (const char* err = allow_dynamic_smem(kernel, pl.smem, raised)) return err;
   const unsigned grid = unsigned(d.B * pl.tiles_hw);
   MSF_LAUNCH(kernel, grid, NT, pl.smem, stream, d, t, y, pre, pl);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
 

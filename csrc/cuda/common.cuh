@@ -45,6 +45,24 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 
 // The block's activation: act_apply(act, z) and act_grad(act, g, v) of csrc/activations.h.
 
+// Raises a kernel's dynamic shared-memory limit (the opt-in above 48 KB) to `bytes` where it
+// is not that high yet on the current device; `raised` is the kernel's own per-device record
+// (a function-local static of its launcher), so the attribute is set once per kernel, device
+// and new maximum rather than on every launch. nullptr or the error's message.
+template <typename Kernel>
+inline const char* allow_dynamic_smem(Kernel kernel, size_t bytes, int (&raised)[64]) {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) return "CUDA device index out of range";
+  if (int(bytes) > raised[dev]) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+    if (e != cudaSuccess) return cudaGetErrorString(e);
+    raised[dev] = int(bytes);
+  }
+  return nullptr;
+}
+
 // Offset of element (b, c, h, w) of a (B, C, H, W) tensor in NCHW or NHWC memory.
 __device__ __forceinline__ int64_t io_index(bool channels_last, int64_t b, int64_t c, int64_t h,
                                             int64_t w, int64_t C, int64_t H, int64_t W) {

@@ -7,6 +7,9 @@
 namespace msfused {
 namespace cuda {
 
+// Whether a pointer allows the 16-byte paths (host side: the launchers' plans).
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 // 16 bytes, 16-byte aligned: the unit of the vector paths.
 struct alignas(16) Vec16 {
   uint32_t w[4];

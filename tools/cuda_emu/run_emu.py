@@ -120,19 +120,39 @@ def emulate(lib, x, params, cfg, gy, backward=True):
     return y, saved, gr
 
 
-def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, backward=True):
-    torch.manual_seed(c * 1000 + n * 10 + h + w)
+def block_desc(batch, c, h, w, n, cfg, channels_last):
+    """The 14 integers of csrc/cuda/block_desc.h's BlockDesc for emu_* calls (the driver's
+    desc_of), C_out, the output size and the projection derived as the binding does."""
+    cout = out_channels(n, cfg.merge)
+    ho, wo = (h - 1) // cfg.stride + 1, (w - 1) // cfg.stride + 1
+    proj = cfg.residual and needs_projection(c, cout, cfg.stride)
+    return (ctypes.c_int64 * 14)(batch, c, h, w, n, cout, ho, wo, cfg.stride, cfg.merge,
+                                 cfg.act, int(cfg.residual), int(proj), int(channels_last))
+
+
+def case_params(c, n, merge, stride, act, residual, dtype, seed, bias=None):
+    """The 12 BlockParams tensors (None where absent) of a test block in `dtype`, drawn in
+    float64 from `seed` (N(0, 0.4^2), so every term matters), and its BlockConfig; bias None:
+    the module's default."""
+    torch.manual_seed(seed)
+    kw = {} if bias is None else {"bias": bias}
     m = msfused.MultiScaleSeparableBlock(c, n, merge=merge, stride=stride, activation=act,
-                                         residual=residual, bias=bias, backend="reference",
-                                         dtype=torch.float64)
+                                         residual=residual, backend="reference",
+                                         dtype=torch.float64, **kw)
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn_like(p) * 0.4)
     m = m.to(dtype)
     params = [t.detach().contiguous() if t is not None else None for t in m.params()]
+    cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
+    return params, cfg
+
+
+def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, backward=True):
+    params, cfg = case_params(c, n, merge, stride, act, residual, dtype,
+                              c * 1000 + n * 10 + h + w, bias)
     fmt = torch.channels_last if cl else torch.contiguous_format
     x = torch.randn(batch, c, h, w, dtype=dtype).contiguous(memory_format=fmt)
-    cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
     chl = cl and c > 1
     x = x.contiguous(memory_format=torch.channels_last if chl else torch.contiguous_format)
     # reference
@@ -220,15 +240,8 @@ def tensor_core_backward_ran(lib, x, params, cfg):
     a plan that fits)."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         return False
-    batch, c, h, w = x.shape
-    n = params[6].shape[0]
-    cout = out_channels(n, cfg.merge)
-    ho, wo = (h - 1) // cfg.stride + 1, (w - 1) // cfg.stride + 1
-    proj = cfg.residual and needs_projection(c, cout, cfg.stride)
-    desc = (ctypes.c_int64 * 14)(batch, c, h, w, n, cout, ho, wo, cfg.stride, cfg.merge,
-                                 cfg.act, int(cfg.residual), int(proj), int(x.stride(1) == 1))
     out = (ctypes.c_int64 * 8)()
-    lib.emu_bwd_plan(desc, out)
+    lib.emu_bwd_plan(block_desc(*x.shape, params[6].shape[0], cfg, x.stride(1) == 1), out)
     return out[0] > 0
 
 
@@ -304,23 +317,13 @@ def run_backward_dw(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, 
     the same bits in dx and the partials, bytes_ok: the emulator's counters say dx and the
     partials were written exactly once and x read once per tile over its window)."""
     import torch.nn.functional as F
-    torch.manual_seed(c * 1000 + n * 10 + h + w + 7)
-    m = msfused.MultiScaleSeparableBlock(c, n, merge=merge, stride=stride, activation=act,
-                                         residual=residual, bias=bias, backend="reference",
-                                         dtype=torch.float64)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p) * 0.4)
-    m = m.to(dtype)
-    params = [t.detach().contiguous() if t is not None else None for t in m.params()]
-    cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
+    params, cfg = case_params(c, n, merge, stride, act, residual, dtype,
+                              c * 1000 + n * 10 + h + w + 7, bias)
     chl = cl and c > 1
     x = torch.randn(batch, c, h, w, dtype=dtype).contiguous(
         memory_format=torch.channels_last if chl else torch.contiguous_format)
     s = stride
-    cout = out_channels(n, cfg.merge)
-    ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
-    proj = residual and needs_projection(c, cout, s)
+    proj = residual and needs_projection(c, out_channels(n, cfg.merge), s)
     # float64 block, decomposed: da_pre, db_pre and the shortcut input's gradient
     p64 = [t.double() if t is not None else None for t in params]
     wa, ba, wb, bb, wc, bc, pa, qa, pb, qb, ws, bs = p64
@@ -357,8 +360,7 @@ def run_backward_dw(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, 
         ref[DW_NAMES[2 * k + 1]] = bl_.grad
     # the kernel
     pm = lambda t: None if t is None else t.permute(0, 2, 3, 1).contiguous()
-    desc = (ctypes.c_int64 * 14)(batch, c, h, w, n, cout, ho, wo, s, cfg.merge, cfg.act,
-                                 int(residual), int(proj), int(chl))
+    desc = block_desc(batch, c, h, w, n, cfg, chl)
     ptrs = (ctypes.c_void_p * 13)(ptr(x), *[ptr(t) for t in params])
     lib.emu_dw_parts.restype = ctypes.c_int64
     parts = lib.emu_dw_parts(desc)
@@ -494,13 +496,9 @@ def backward_plan(lib, case):
     """The float16/bfloat16 backward's plan (emu_bwd_plan) for a forward_low_cases() case:
     P == 0 means the FMA backward runs."""
     (c, n, h, w, batch), merge, stride, residual, cl, act = case
-    cout = out_channels(n, merge_code(merge))
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    proj = residual and needs_projection(c, cout, stride)
-    desc = (ctypes.c_int64 * 14)(batch, c, h, w, n, cout, ho, wo, stride, merge_code(merge),
-                                 act_code(act), int(residual), int(proj), int(cl and c > 1))
+    cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
     out = (ctypes.c_int64 * 8)()
-    lib.emu_bwd_plan(desc, out)
+    lib.emu_bwd_plan(block_desc(batch, c, h, w, n, cfg, cl and c > 1), out)
     return dict(zip(("P", "TH", "GT", "groups", "split", "cblocks", "smem", "workspace"), out))
 
 
@@ -508,18 +506,10 @@ def backward_grads(lib, case, dtype):
     """The 13 gradients of the emulated kernels for a forward_low_cases() case, from fixed
     inputs (seeded by the case): for comparing runs bit by bit."""
     (c, n, h, w, batch), merge, stride, residual, cl, act = case
-    torch.manual_seed(c * 1000 + n * 10 + h + w)
-    m = msfused.MultiScaleSeparableBlock(c, n, merge=merge, stride=stride, activation=act,
-                                         residual=residual, backend="reference",
-                                         dtype=torch.float64)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p) * 0.4)
-    m = m.to(dtype)
-    params = [t.detach().contiguous() if t is not None else None for t in m.params()]
+    params, cfg = case_params(c, n, merge, stride, act, residual, dtype,
+                              c * 1000 + n * 10 + h + w)
     fmt = torch.channels_last if cl and c > 1 else torch.contiguous_format
     x = torch.randn(batch, c, h, w, dtype=dtype).contiguous(memory_format=fmt)
-    cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
     cout = out_channels(n, cfg.merge)
     gy = torch.randn(batch, cout, (h - 1) // stride + 1, (w - 1) // stride + 1, dtype=dtype)
     return emulate(lib, x, params, cfg, gy)[2]
@@ -632,8 +622,7 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16):
     proj = cfg.residual and needs_projection(shape.c, cout, stride)
 
     def desc_for(b):
-        return (ctypes.c_int64 * 14)(b, shape.c, shape.h, shape.w, n, cout, ho, wo, stride,
-                                     cfg.merge, cfg.act, int(cfg.residual), int(proj), 1)
+        return block_desc(b, shape.c, shape.h, shape.w, n, cfg, True)
 
     plan_full, plan = (ctypes.c_int64 * 8)(), (ctypes.c_int64 * 8)()
     lib.emu_bwd_plan(desc_for(shape.batch), plan_full)
