@@ -23,16 +23,21 @@ IDS = [f"c{c}-n{n}-{h}x{w}-{m}-s{s}-{a}" for c, n, h, w, m, s, a, r in CASES]
 
 @pytest.mark.parametrize("c,n,h,w,merge,stride,act,residual", CASES, ids=IDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_bf16_policy_native_sizes(c, n, h, w, merge, stride, act, residual, channels_last):
+@pytest.mark.parametrize("batch", [3, 5], ids=["tile-plan", "per-image-plan"])
+def test_bf16_policy_native_sizes(c, n, h, w, merge, stride, act, residual, channels_last,
+                                  batch):
     """The tolerance policy of test_low_precision_policy (at most 2x eager bfloat16's error
-    against float64, plus eps/10) for the output and every gradient."""
+    against float64, plus eps/10) for the output and every gradient. Batch 3 takes the
+    backward's tile plan (activations widened to float32 at the op boundary), batch 5 its
+    per-image plan (csrc/cpu/tiling.h), where the native backward reads and writes the
+    bfloat16 tensors themselves."""
     require("cpp")
     kw = dict(merge=merge, stride=stride, activation=act, residual=residual)
     ref64 = make_block(c, n, backend="reference", dtype=torch.float64, **kw)
     eager = make_block(c, n, backend="reference", dtype=torch.bfloat16, **kw)
     fused = make_block(c, n, backend="cpp", dtype=torch.bfloat16, **kw)
     g = torch.Generator().manual_seed(5)
-    x64 = torch.randn(3, c, h, w, generator=g, dtype=torch.float64)
+    x64 = torch.randn(batch, c, h, w, generator=g, dtype=torch.float64)
     gy64 = torch.randn(ref64(x64).shape, generator=g, dtype=torch.float64)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = x64.bfloat16().contiguous(memory_format=fmt)

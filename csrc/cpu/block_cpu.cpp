@@ -209,9 +209,9 @@ bool native_bf16(const BlockDesc& d, at::ScalarType t) {
          native_bf16_available();
 }
 
-// The bfloat16 backward runs the float32 kernels on widened tensors, with the tile GEMMs
-// on bfloat16 operands (kernel_grad_gemms.h) under the forward's conditions plus N even
-// (the dA GEMM reduces over N, and the bfloat16 brgemm needs an even reduction).
+// The bfloat16 backward's tile GEMMs take bfloat16 operands (kernel_grad_gemms.h) under the
+// forward's conditions plus N even (the dA GEMM reduces over N, and the bfloat16 brgemm
+// needs an even reduction).
 bool native_bf16_grad_gemms(const BlockDesc& d, const at::Tensor& x) {
   return native_bf16(d, x.scalar_type()) && d.N % 2 == 0;
 }
@@ -294,6 +294,42 @@ std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
   return grads;
 }
 
+// The native bfloat16 backward (native_bf16_grad_gemms plus a per-image plan, which every
+// batch of kPerImageMinB or more images has): x, grad_y, saved and dx stay bfloat16 (no
+// widened copies of the activations: at mnet-28 those were four float32 tensors of 12.8 MB
+// per call, each page-faulted in fresh), only the weights are widened; the weight
+// gradients come out in float32 and are rounded once.
+bool native_bf16_backward(const BlockDesc& d, const at::Tensor& x) {
+  return native_bf16_grad_gemms(d, x) && make_plan(d, true).per_image;
+}
+
+std::vector<at::Tensor> backward_bf16(const BlockDesc& d, const BlockArgs& a,
+                                      const at::Tensor& gy, const at::Tensor& sv) {
+  std::vector<at::Tensor> grads = alloc_grads(a, d);  // bfloat16: dx is written in place
+  BlockArgs w = a;
+  w.x = TensorRef::owned(at::empty({0}, a.x->options().dtype(at::kFloat)));
+  w = cast_block_args(w, at::kFloat);  // the weights (x is read as bfloat16 bits)
+  std::vector<at::Tensor> g32(grads.size());
+  g32[0] = at::empty({0}, w.x->options());
+  for (size_t i = 1; i < grads.size(); ++i)
+    g32[i] = at::empty(grads[i].sizes(), grads[i].options().dtype(at::kFloat));
+  const BackwardScratch sl = backward_scratch(d, make_plan(d, true));
+  at::Tensor scratch = at::empty({sl.total}, w.x->options());
+  auto bits = [](const at::Tensor& t) {
+    return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+  };
+  Runtime rt = runtime();
+  rt.bf16_products = true;
+  avx512::block_backward_bf16(
+      rt, d, tensors_of<float>(w), bits(*a.x), bits(gy),
+      act_saves(d.act) == kSavesNothing ? nullptr : bits(sv), grads_of<float>(g32, d),
+      reinterpret_cast<uint16_t*>(grads[0].data_ptr<at::BFloat16>()),
+      scratch.data_ptr<float>());
+  for (size_t i = 1; i < grads.size(); ++i)
+    if (g32[i].numel()) grads[i] = g32[i].to(at::kBFloat16);
+  return grads;
+}
+
 std::tuple<at::Tensor, at::Tensor> block_forward_cpu(MSF_FORWARD_PARAMS) {
   BlockArgs a = make_block_args(x, MSF_WEIGHT_ARGS);
   check_cpu(x);
@@ -311,6 +347,7 @@ std::vector<at::Tensor> block_backward_cpu(MSF_BACKWARD_PARAMS) {
   TensorRef gy = TensorRef::borrowed(grad_y), sv = TensorRef::borrowed(saved);
   check_backward_extras(d, *a.x, gy, sv);
   if (!is_reduced(x.scalar_type())) return backward_kernel(d, a, *gy, *sv);
+  if (native_bf16_backward(d, x)) return backward_bf16(d, a, *gy, *sv);
   std::vector<at::Tensor> grads =
       backward_kernel(d, cast_block_args(a, at::kFloat), gy->to(at::kFloat),
                       sv->numel() ? sv->to(at::kFloat) : *sv, native_bf16_grad_gemms(d, x));

@@ -57,6 +57,12 @@ MSFUSED_DECLARE_ISA(avx512)  // used for the bfloat16 backward only (block_kerne
 namespace avx512 {
 void block_forward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTensors<uint16_t>& t,
                         uint16_t* y, uint16_t* pre);
+// The bfloat16 backward: x, grad_y, saved and dx bfloat16 bits, the weights (t, t.x unused)
+// and their gradients (g, g.dx unused) float32; needs Runtime::bbrgemm with bf16_products
+// set and a pixel-major per-image plan (make_plan(d, true).per_image).
+void block_backward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTensors<float>& t,
+                         const uint16_t* x, const uint16_t* grad_y, const uint16_t* saved,
+                         const BlockGrads<float>& g, uint16_t* dx, float* scratch);
 }
 
 }  // namespace cpu

@@ -1,7 +1,7 @@
 // The CPU kernels compiled for AVX-512 (64-byte vectors: 16-channel blocks in the depthwise
-// rows): the native bfloat16 forward and the float32 kernels that the bfloat16 backward
-// runs (with bfloat16 GEMMs), which the binding calls only on CPUs with AVX512-BF16 (off
-// x86-64 this is a baseline build that nothing calls).
+// rows): the native bfloat16 forward and backward (bfloat16 tensors in and out, float32
+// math, bfloat16 GEMMs), which the binding calls only on CPUs with AVX512-BF16 (off x86-64
+// this is a baseline build that nothing calls).
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 #define MSFUSED_VEC_BYTES 64
@@ -25,6 +25,15 @@ void block_forward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTensor
       forward_pm_bf16<1, ACT>(rt, d, t, y, pre);
     else
       forward_pm_bf16<2, ACT>(rt, d, t, y, pre);
+  });
+}
+
+void block_backward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTensors<float>& t,
+                         const uint16_t* x, const uint16_t* grad_y, const uint16_t* saved,
+                         const BlockGrads<float>& g, uint16_t* dx, float* scratch) {
+  dispatch(d, [&](auto s, auto act) {
+    backward_impl<float, decltype(s)::value, decltype(act)::value>(rt, d, t, x, grad_y, saved,
+                                                                   dx, g, scratch);
   });
 }
 

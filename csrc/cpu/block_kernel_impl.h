@@ -20,6 +20,7 @@
 //           recomputed), dwb partial sums, and dx += dwconv^T(da, wa) + dwconv^T(db1, wb)
 //           for the input rows the band owns.
 //   then: partial weight gradients summed over chunks in chunk order (deterministic).
+#include <stdexcept>
 #include <type_traits>
 
 #include "cpu/block_kernel.h"
@@ -43,9 +44,14 @@ void forward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& 
     forward_planar<T, S, ACT>(rt, d, pl, t, wp.p, bias.p, y, pre_out);
 }
 
-template <typename T, int S, int ACT>
+// x, dy, saved and dx are I: T, or bfloat16 storage (bf16_t: the native bfloat16 backward,
+// pixel-major per-image plans only; t.x and g.dx are then unused), the weights and their
+// gradients always T.
+template <typename T, int S, int ACT, typename I>
 void backward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t,
-                   const T* gy, const T* saved, const BlockGrads<T>& g, T* scratch) {
+                   const I* x, const I* gy, const I* saved, I* dx, const BlockGrads<T>& g,
+                   T* scratch) {
+  constexpr bool same = std::is_same_v<T, I>;
   const Plan pl = make_plan(d, true);
   const BackwardScratch sl = backward_scratch(d, pl);
   const int64_t C = d.C, N = d.N, Cs = pl.Cs, Cout = d.Cout;
@@ -55,9 +61,11 @@ void backward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>&
   T* parts = scratch + sl.parts;
   Buf<T> wp(packed_weight_elems(d, pl)), bias(Cout);
   pack_weights(d, pl, t, wp.p, bias.p);
+  if (!same && !(pl.pixel_major && pl.per_image))
+    throw std::logic_error("msfused: 16-bit storage in the CPU backward needs a per-image plan");
   // With a residual at stride 1, pass 1 writes every element of dx (the identity or
   // projection part) before pass 2 adds to it; otherwise start from zero.
-  if (!(d.residual && d.stride == 1)) memset(g.dx, 0, sizeof(T) * xsz);
+  if (same && !(d.residual && d.stride == 1)) memset(dx, 0, sizeof(T) * xsz);
   if (pl.pixel_major) {
     Buf<T> wt(27 * C), wtr(27 * C);
     pack_dw_tapmajor(d, t, wt.p);
@@ -70,11 +78,11 @@ void backward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>&
     Buf<bf16_t> wpv(bf16 ? packed_weight_elems(d, pl) : 0);
     if constexpr (std::is_same_v<T, float>)
       if (bf16) pack_grad_weights_vnni(d, pl, wp.p, wpv.p);
-    backward_pm<T, S, ACT>(rt, d, pl, t, wt.p, wtr.p, gy, saved, wp.p, bf16 ? wpv.p : nullptr,
-                           g.dx, SA, SB, parts);
-  } else {
-    backward_pass1<T, S, ACT>(rt, d, pl, t, gy, saved, wp.p, g.dx, SA, SB, parts);
-    backward_pass2<T, S, ACT>(rt, d, pl, t, g.dx, SA, SB, parts);
+    backward_pm<T, S, ACT>(rt, d, pl, t, x, wt.p, wtr.p, gy, saved, wp.p,
+                           bf16 ? wpv.p : nullptr, dx, SA, SB, parts);
+  } else if constexpr (same) {
+    backward_pass1<T, S, ACT>(rt, d, pl, t, gy, saved, wp.p, dx, SA, SB, parts);
+    backward_pass2<T, S, ACT>(rt, d, pl, t, dx, SA, SB, parts);
   }
   // Fixed-order reduction of the chunks' partials into parts[0 .. part).
   auto red = [&](int64_t blk) {
@@ -149,7 +157,8 @@ template <typename T>
 void block_backward(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t,
                     const T* grad_y, const T* saved, const BlockGrads<T>& g, T* scratch) {
   dispatch(d, [&](auto s, auto act) {
-    backward_impl<T, decltype(s)::value, decltype(act)::value>(rt, d, t, grad_y, saved, g, scratch);
+    backward_impl<T, decltype(s)::value, decltype(act)::value>(rt, d, t, t.x, grad_y, saved,
+                                                               g.dx, g, scratch);
   });
 }
 

@@ -330,12 +330,13 @@ inline void tap_sum(int n, const T* const* w, const T* const* s, int64_t C, T* o
 // (dw_row_pm) with no border cases. Each tile writes its own rows' border columns, the top
 // and bottom tiles the border rows. dw partials tap-major.
 // Tiles [t0, t1) into the partial gradients `part`; image bi's padded scratch starts at
-// SA + bi * istride (istride 0: one image's scratch, reused).
-template <typename T, int S, int ACT>
+// SA + bi * istride (istride 0: one image's scratch, reused). x, dy and saved may be 16-bit
+// storage (I = bf16_t, widened on load); dx is T (t.x is not read: x is passed apart).
+template <typename T, int S, int ACT, typename I>
 void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
-                    const BlockTensors<T>& t, const T* wt, const T* gy, const T* saved,
-                    const T* wp, const bf16_t* wpv, T* dx, T* SA, T* SB, int64_t istride,
-                    T* part, int64_t t0, int64_t t1, T* b1img) {
+                    const BlockTensors<T>& t, const I* x, const T* wt, const I* gy,
+                    const I* saved, const T* wp, const bf16_t* wpv, T* dx, T* SA, T* SB,
+                    int64_t istride, T* part, int64_t t0, int64_t t1, T* b1img) {
   const int64_t HoWo = d.Ho * d.Wo, C = d.C, N = d.N, Wo = d.Wo, Cout = d.Cout, K = pl.Ktot;
   const int64_t XR = (d.W + 2) * C, BR = (Wo + 2) * C;
   const PartLayout L(d, pl);
@@ -365,7 +366,7 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
         tile_gz<T, ACT>(d, gy, saved, off, P, G, part + L.bo, dx, identity);
         transpose(G, Cout, P, Gpm);
       }
-      load_x_band_pm(d, t.x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
+      load_x_band_pm(d, x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
       tile_dw_pm<T, S, ACT>(d, pl, t, wt, g, xb, b1b, A, preAB);
       if (b1img)  // keep the tile's own b1 rows for pass 2 (act'(b1) without recomputing)
         for (int64_t k = 1; k <= g.R; ++k)
@@ -480,11 +481,12 @@ void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, co
 }
 
 // Tiles [t0, t1), after pass 1 has run on them and on the tiles beside them (same scratch
-// addressing as pass1_tiles_pm).
-template <typename T, int S, int ACT>
-void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, const T* wt,
-                    const T* wtr, T* dx, const T* SA, const T* SB, int64_t istride, T* part,
-                    int64_t t0, int64_t t1, const T* b1img, int64_t b1rs, const T* xband) {
+// addressing and storage types as pass1_tiles_pm).
+template <typename T, int S, int ACT, typename I>
+void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, const I* x,
+                    const T* wt, const T* wtr, T* dx, const T* SA, const T* SB, int64_t istride,
+                    T* part, int64_t t0, int64_t t1, const T* b1img, int64_t b1rs,
+                    const T* xband) {
   const int64_t C = d.C, Wo = d.Wo, Ho = d.Ho, W = d.W, XR = (W + 2) * C;
   const PartLayout L(d, pl);
   const T* wat = wt;
@@ -502,7 +504,7 @@ void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t
       if (xband)  // pass 1's band of this tile, still in its buffer (one band per image)
         xb = const_cast<T*>(xband);
       else
-        load_x_band_pm(d, t.x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
+        load_x_band_pm(d, x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
       // padded scratch of image bi, pointing at pixel (0, 0)
       const T* sbi = SB + g.bi * istride + (Wo + 2) * C + C;
       const T* sai = SA + g.bi * istride + (Wo + 2) * C + C;
@@ -582,18 +584,26 @@ void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t
 // for each image, pass 1 over its bands then pass 2, with the branch-gradient scratch one
 // image large, thread-local and reused (cache-resident, never page-faulted). Otherwise two
 // parallel passes over all tiles with the scratch for the whole batch (SA, SB).
-template <typename T, int S, int ACT>
+// x, dy, saved and dx are I: T, or 16-bit storage (bf16_t, per-image plan only), where each
+// image's dx sums in a thread-local T buffer and is rounded once into dx. With T storage dx
+// must be zeroed beforehand unless pass 1 writes all of it (residual at stride 1).
+template <typename T, int S, int ACT, typename I>
 void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
-                 const T* wt, const T* wtr, const T* gy, const T* saved, const T* wp,
-                 const bf16_t* wpv, T* dx, T* SA, T* SB, T* parts) {
+                 const I* x, const T* wt, const T* wtr, const I* gy, const I* saved,
+                 const T* wp, const bf16_t* wpv, I* dx, T* SA, T* SB, T* parts) {
+  constexpr bool same = std::is_same_v<T, I>;
   const int64_t istride = d.C * (d.Ho + 2) * (d.Wo + 2);
   if (pl.per_image) {
+    const int64_t ximg = d.C * d.H * d.W, yimg = d.Cout * d.Ho * d.Wo;
+    // pass 1 writes all of dx only with a residual at stride 1
+    const bool dx_zero = !(d.residual && d.stride == 1);
     auto task = [&](int64_t chunk) {
       const int64_t i0 = chunk * d.B / pl.nchunks, i1 = (chunk + 1) * d.B / pl.nchunks;
       T* part = parts + chunk * pl.part;
       memset(part, 0, sizeof(T) * pl.part);
       T* sa = tls_buf<T>(14, istride);
       T* sb = tls_buf<T>(15, istride);
+      T* dxbuf = same ? nullptr : tls_buf<T>(16, ximg);
       // b1 of the image kept from pass 1 (stride 1, an activation whose act' reads the output).
       // With one band per image, pass 1's own b1 band and x band buffers (tls slots 2 and 1)
       // still hold the image when pass 2 runs: read them in place, no copy, no reload.
@@ -606,12 +616,23 @@ void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Bl
       const int64_t b1rs = one_band ? BR : d.Wo * d.C;
       const T* xband =
           one_band ? tls_buf<T>(1, (S * (pl.R + 1) + 3) * (d.W + 2) * d.C) : nullptr;
+      // Each image as a batch of one (both layouts keep an image contiguous): tiles
+      // [0, nbands) of image 0 at the image's offset.
       for (int64_t img = i0; img < i1; ++img) {
-        const int64_t t0 = img * pl.nbands, t1 = t0 + pl.nbands;
-        pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, wpv, dx, sa, sb, 0, part, t0,
-                                  t1, b1copy);
-        pass2_tiles_pm<T, S, ACT>(d, pl, t, wt, wtr, dx, sa, sb, 0, part, t0, t1, b1i, b1rs,
-                                  xband);
+        const I* xi = x + img * ximg;
+        const I* gyi = gy + img * yimg;
+        const I* svi = saved ? saved + img * yimg : nullptr;
+        T* dxi;
+        if constexpr (same)
+          dxi = dx + img * ximg;
+        else
+          dxi = dxbuf;
+        if (!same && dx_zero) memset(dxi, 0, sizeof(T) * ximg);
+        pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, xi, wt, gyi, svi, wp, wpv, dxi, sa, sb, 0, part,
+                                  0, pl.nbands, b1copy);
+        pass2_tiles_pm<T, S, ACT>(d, pl, t, xi, wt, wtr, dxi, sa, sb, 0, part, 0, pl.nbands, b1i,
+                                  b1rs, xband);
+        if constexpr (!same) round_to_bf16(dxi, ximg, dx + img * ximg);
       }
       if (wpv) rt.brgemm_release();  // AMX tiles: see forward_pm_bf16
     };
@@ -619,22 +640,27 @@ void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Bl
     rt.brgemm_release();
     return;
   }
-  auto task1 = [&](int64_t chunk) {
-    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
-    T* part = parts + chunk * pl.part;
-    memset(part, 0, sizeof(T) * pl.part);
-    pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, wt, gy, saved, wp, wpv, dx, SA, SB, istride, part, t0,
-                              t1, (T*)nullptr);
-    if (wpv) rt.brgemm_release();  // AMX tiles: see forward_pm_bf16
-  };
-  par_for(rt, pl.nchunks, task1);
-  rt.brgemm_release();
-  auto task2 = [&](int64_t chunk) {
-    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
-    pass2_tiles_pm<T, S, ACT>(d, pl, t, wt, wtr, dx, SA, SB, istride, parts + chunk * pl.part,
-                              t0, t1, (const T*)nullptr, 0, (const T*)nullptr);
-  };
-  par_for(rt, pl.nchunks, task2);
+  if constexpr (same) {
+    auto task1 = [&](int64_t chunk) {
+      const int64_t t0 = chunk * pl.ntiles / pl.nchunks,
+                    t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+      T* part = parts + chunk * pl.part;
+      memset(part, 0, sizeof(T) * pl.part);
+      pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, x, wt, gy, saved, wp, wpv, dx, SA, SB, istride,
+                                part, t0, t1, (T*)nullptr);
+      if (wpv) rt.brgemm_release();  // AMX tiles: see forward_pm_bf16
+    };
+    par_for(rt, pl.nchunks, task1);
+    rt.brgemm_release();
+    auto task2 = [&](int64_t chunk) {
+      const int64_t t0 = chunk * pl.ntiles / pl.nchunks,
+                    t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+      pass2_tiles_pm<T, S, ACT>(d, pl, t, x, wt, wtr, dx, SA, SB, istride,
+                                parts + chunk * pl.part, t0, t1, (const T*)nullptr, 0,
+                                (const T*)nullptr);
+    };
+    par_for(rt, pl.nchunks, task2);
+  }
 }
 
 

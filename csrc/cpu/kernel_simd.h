@@ -188,6 +188,28 @@ inline void act_grad(const T* g, const T* post, const T* pre, T* out, int64_t n)
   for (; i < n; ++i) out[i] = ActOp<ACT>::grad(g[i], v[i]);
 }
 
+// act_grad with g and its source (post or pre, as grad_source picks) read from storage of
+// type I (16-bit storage widened on load, exact), the result in the compute type T.
+template <int ACT, typename T, typename I>
+inline void act_grad_in(const I* g, const I* post, const I* pre, T* out, int64_t n) {
+  if constexpr (std::is_same_v<T, I>) {
+    act_grad<ACT>(g, post, pre, out, n);
+  } else {
+    constexpr int VN = Vec<T>::n;
+    int64_t i = 0;
+    if (ACT == kActNone) {
+      for (; i + VN <= n; i += VN) vstore(out + i, vload_as<T>(g + i));
+      for (; i < n; ++i) out[i] = load_as<T>(g + i);
+      return;
+    }
+    const I* v = grad_source<ACT>(post, pre);
+    if constexpr (ActOp<ACT>::kVector)
+      for (; i + VN <= n; i += VN)
+        vstore(out + i, ActOp<ACT>::grad(vload_as<T>(g + i), vload_as<T>(v + i)));
+    for (; i < n; ++i) out[i] = ActOp<ACT>::grad(load_as<T>(g + i), load_as<T>(v + i));
+  }
+}
+
 template <int ACT, typename T>
 inline void act_row(const T* pre, T* post, int64_t n) {
   for (int64_t w = 0; w < n; ++w) post[w] = act_f<ACT>(pre[w]);
@@ -254,8 +276,10 @@ template <typename T>
 T* tls_buf(int slot, int64_t n) {
   // Per-thread scratch, grown on demand and kept for the thread's lifetime (bounded by the
   // largest tile seen), so the hot path never allocates.
-  static thread_local void* ptr[16] = {nullptr};
-  static thread_local int64_t cap[16] = {0};
+  constexpr int kSlots = 24;
+  static thread_local void* ptr[kSlots] = {nullptr};
+  static thread_local int64_t cap[kSlots] = {0};
+  if (slot < 0 || slot >= kSlots) abort();  // a slot number out of range: a kernel bug
   const int64_t bytes = sizeof(T) * (n > 0 ? n : 1);
   if (cap[slot] < bytes) {
     free(ptr[slot]);

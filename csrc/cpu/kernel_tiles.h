@@ -98,25 +98,26 @@ void epilogue(const BlockDesc& d, const T* src, int64_t sp, int64_t sc, O* ytile
 // Output-side start of the backward for one tile: G = dy * act'(z) in dy's layout (Cout x P
 // for NCHW, P x Cout for NHWC), the output-bias partial, and the identity-residual part of
 // dx (dx has y's shape then; each tile owns its positions).
-template <typename T, int ACT>
-void tile_gz(const BlockDesc& d, const T* gy, const T* saved, int64_t off, int64_t P, T* G,
+// dy and saved may be 16-bit storage (I = bf16_t: widened here); G and dx are T.
+template <typename T, int ACT, typename I>
+void tile_gz(const BlockDesc& d, const I* gy, const I* saved, int64_t off, int64_t P, T* G,
              T* dbias, T* dx, bool identity) {
   const int64_t HoWo = d.Ho * d.Wo, Cout = d.Cout;
   if (d.channels_last) {
     for (int64_t p = 0; p < P; ++p) {
-      const T* gr = gy + off + p * Cout;
-      const T* sr = ACT == kActNone ? nullptr : saved + off + p * Cout;
+      const I* gr = gy + off + p * Cout;
+      const I* sr = ACT == kActNone ? nullptr : saved + off + p * Cout;
       T* o = G + p * Cout;
-      act_grad<ACT>(gr, sr, sr, o, Cout);
+      act_grad_in<ACT>(gr, sr, sr, o, Cout);
       for (int64_t co = 0; co < Cout; ++co) dbias[co] += o[co];
       if (identity) memcpy(dx + off + p * Cout, o, sizeof(T) * Cout);
     }
   } else {
     for (int64_t co = 0; co < Cout; ++co) {
-      const T* gr = gy + off + co * HoWo;
-      const T* sr = ACT == kActNone ? nullptr : saved + off + co * HoWo;
+      const I* gr = gy + off + co * HoWo;
+      const I* sr = ACT == kActNone ? nullptr : saved + off + co * HoWo;
       T* o = G + co * P;
-      act_grad<ACT>(gr, sr, sr, o, P);
+      act_grad_in<ACT>(gr, sr, sr, o, P);
       T s = T(0);
       for (int64_t p = 0; p < P; ++p) s += o[p];
       dbias[co] += s;
