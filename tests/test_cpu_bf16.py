@@ -3,6 +3,10 @@ with AVX512-BF16; elsewhere the same tests cover the widening path): channel cou
 vector remainder, widths that are not multiples of the 4-pixel blocks, branch widths that
 are not multiples of the GEMM's 16 columns, odd C (which stays on the widening path), both
 layouts, and the thread interplay with eager PyTorch's own AMX kernels."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -28,9 +32,8 @@ def test_bf16_policy_native_sizes(c, n, h, w, merge, stride, act, residual, chan
                                   batch):
     """The tolerance policy of test_low_precision_policy (at most 2x eager bfloat16's error
     against float64, plus eps/10) for the output and every gradient. Batch 3 takes the
-    backward's tile plan (activations widened to float32 at the op boundary), batch 5 its
-    per-image plan (csrc/cpu/tiling.h), where the native backward reads and writes the
-    bfloat16 tensors themselves."""
+    backward's tile plan (dx summed in one float32 buffer), batch 5 its per-image plan
+    (csrc/cpu/tiling.h; dx summed per image in a thread-local buffer)."""
     require("cpp")
     kw = dict(merge=merge, stride=stride, activation=act, residual=residual)
     ref64 = make_block(c, n, backend="reference", dtype=torch.float64, **kw)
@@ -113,3 +116,40 @@ def test_bf16_weight_gradients_are_deterministic():
         assert torch.equal(dx, runs[0][1])
         for k in grads:
             assert torch.equal(grads[k], runs[0][2][k]), f"{k} differs between runs"
+
+
+@pytest.mark.parametrize("env", [{"MSFUSED_CPU_BF16": "widen"},
+                                 {"MSFUSED_CPU_BF16": "widen", "MSFUSED_CPU_ISA": "base"}],
+                         ids=["avx2-build", "baseline-build"])
+def test_bf16_backward_without_native_bf16(env):
+    """The bfloat16 backward as a CPU without AVX512-BF16 runs it (bfloat16 tensors read and
+    written by the AVX2 or baseline build, float32 GEMMs), in a subprocess because the
+    choice is made once per process: the tolerance policy on a planar, a tile-plan and a
+    per-image-plan case, both layouts."""
+    require("cpp")
+    code = """
+import sys, torch
+sys.path.insert(0, %r)
+from blockutil import make_block, rel_err, run_fwd_bwd
+for c, n, b, merge, stride, act in ((5, 4, 3, "concat", 2, "silu"), (24, 12, 3, "add", 1, "relu"),
+                                    (24, 40, 5, "concat", 1, "relu6")):
+    kw = dict(merge=merge, stride=stride, activation=act)
+    ref = make_block(c, n, backend="reference", dtype=torch.float64, **kw)
+    eager = make_block(c, n, backend="reference", dtype=torch.bfloat16, **kw)
+    fused = make_block(c, n, backend="cpp", dtype=torch.bfloat16, **kw)
+    x = torch.randn(b, c, 9, 10, dtype=torch.float64).bfloat16()
+    gy = torch.randn(ref(x.double()).shape, dtype=torch.float64).bfloat16()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xx, gg = x.contiguous(memory_format=fmt), gy.contiguous(memory_format=fmt)
+        runs = [run_fwd_bwd(m, xx.to(dt), gg.to(dt)) for m, dt in
+                ((ref, torch.float64), (eager, torch.bfloat16), (fused, torch.bfloat16))]
+        flat = [{"y": y, "dx": dx, **g} for y, dx, g in runs]
+        for k in flat[0]:
+            e, f = rel_err(flat[1][k], flat[0][k]), rel_err(flat[2][k], flat[0][k])
+            assert flat[2][k].dtype == torch.bfloat16, k
+            assert f <= 2 * e + torch.finfo(torch.bfloat16).eps / 10, (c, k, f, e)
+print("ok")
+""" % os.path.dirname(__file__)
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -160,8 +160,9 @@ bool use_avx2() {
 // Native bfloat16 (kernel_bf16_forward.h) where the CPU has AVX512-BF16 (AMX-BF16 CPUs all
 // do) and oneDNN's bfloat16 brgemm answers a probe correctly: oneDNN then picks AMX tiles
 // or AVX512-BF16 dot products itself. Elsewhere (no bf16 instructions: oneDNN would
-// emulate them, slower than the float32 kernels) bfloat16 takes the widening path below.
-// MSFUSED_CPU_BF16=widen forces the widening path (A/B runs, tests of the fallback).
+// emulate them, slower than the float32 kernels) the bfloat16 forward takes the widening
+// path below and the backward float32 GEMMs in the AVX2 (or baseline) build.
+// MSFUSED_CPU_BF16=widen forces that (A/B runs, tests of the fallback).
 bool probe_bf16_brgemm() {
   try {
     // C (1 x 16) = A (1 x 4) B with A = [1 2 3 4], B[k][n] = (k + 1) (1 + n % 2), B packed
@@ -243,8 +244,8 @@ void check_cpu(const at::Tensor& x) {
                    t);
 }
 
-// bfloat16/float16 without a native path (float16 always; bfloat16 in the backward, on CPUs
-// without AVX512-BF16, and on the planar path, C < kPixelMajorMinC): the kernels compute in
+// bfloat16/float16 without a native path (float16 always; the bfloat16 forward on CPUs
+// without AVX512-BF16 and on the planar path, C < kPixelMajorMinC): the kernels compute in
 // float32. Inputs are widened once at the op boundary and the results rounded once at the
 // end, so every intermediate (a, b1, b, the GEMM sums) keeps float32 precision; the price is
 // one float32 copy of x, y and the weights, which a CPU without native bf16 FMA pays anyway.
@@ -270,8 +271,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const BlockDesc& d, const Bloc
 }
 
 std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
-                                        const at::Tensor& gy, const at::Tensor& sv,
-                                        bool bf16_products = false) {
+                                        const at::Tensor& gy, const at::Tensor& sv) {
   std::vector<at::Tensor> grads = alloc_grads(a, d);
   const BackwardScratch sl = backward_scratch(d, make_plan(d, true));
   at::Tensor scratch = at::empty({sl.total}, a.x->options());
@@ -280,11 +280,7 @@ std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
     auto g = grads_of<scalar_t>(grads, d);
     const scalar_t* s = act_saves(d.act) == kSavesNothing ? nullptr : sv.data_ptr<scalar_t>();
     Runtime rt = runtime();
-    rt.bf16_products = bf16_products;
-    if (bf16_products)  // (float32 only) an AVX512-BF16 CPU: the kernels' AVX-512 build
-      avx512::block_backward<scalar_t>(rt, d, t, gy.data_ptr<scalar_t>(), s, g,
-                                       scratch.data_ptr<scalar_t>());
-    else if (use_avx2())
+    if (use_avx2())
       avx2::block_backward<scalar_t>(rt, d, t, gy.data_ptr<scalar_t>(), s, g,
                                      scratch.data_ptr<scalar_t>());
     else
@@ -294,15 +290,11 @@ std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
   return grads;
 }
 
-// The native bfloat16 backward (native_bf16_grad_gemms plus a per-image plan, which every
-// batch of kPerImageMinB or more images has): x, grad_y, saved and dx stay bfloat16 (no
-// widened copies of the activations: at mnet-28 those were four float32 tensors of 12.8 MB
-// per call, each page-faulted in fresh), only the weights are widened; the weight
-// gradients come out in float32 and are rounded once.
-bool native_bf16_backward(const BlockDesc& d, const at::Tensor& x) {
-  return native_bf16_grad_gemms(d, x) && make_plan(d, true).per_image;
-}
-
+// The bfloat16 backward, on every CPU: x, grad_y, saved and dx stay bfloat16, read and
+// written by the kernels (widened copies of them cost more than the float32 kernels' own
+// time at some shapes: at paper-u1 grad_y and saved are 8.4M elements each), only the
+// weights are widened; dx and the weight gradients sum in float32 and are rounded once.
+// The tile GEMMs take bfloat16 operands where native_bf16_grad_gemms allows.
 std::vector<at::Tensor> backward_bf16(const BlockDesc& d, const BlockArgs& a,
                                       const at::Tensor& gy, const at::Tensor& sv) {
   std::vector<at::Tensor> grads = alloc_grads(a, d);  // bfloat16: dx is written in place
@@ -319,12 +311,14 @@ std::vector<at::Tensor> backward_bf16(const BlockDesc& d, const BlockArgs& a,
     return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
   };
   Runtime rt = runtime();
-  rt.bf16_products = true;
-  avx512::block_backward_bf16(
-      rt, d, tensors_of<float>(w), bits(*a.x), bits(gy),
-      act_saves(d.act) == kSavesNothing ? nullptr : bits(sv), grads_of<float>(g32, d),
-      reinterpret_cast<uint16_t*>(grads[0].data_ptr<at::BFloat16>()),
-      scratch.data_ptr<float>());
+  rt.bf16_products = native_bf16_grad_gemms(d, *a.x);
+  auto* kernel = native_bf16_available() ? &avx512::block_backward_bf16
+                 : use_avx2()            ? &avx2::block_backward_bf16
+                                         : &base::block_backward_bf16;
+  kernel(rt, d, tensors_of<float>(w), bits(*a.x), bits(gy),
+         act_saves(d.act) == kSavesNothing ? nullptr : bits(sv), grads_of<float>(g32, d),
+         reinterpret_cast<uint16_t*>(grads[0].data_ptr<at::BFloat16>()),
+         scratch.data_ptr<float>());
   for (size_t i = 1; i < grads.size(); ++i)
     if (g32[i].numel()) grads[i] = g32[i].to(at::kBFloat16);
   return grads;
@@ -347,10 +341,10 @@ std::vector<at::Tensor> block_backward_cpu(MSF_BACKWARD_PARAMS) {
   TensorRef gy = TensorRef::borrowed(grad_y), sv = TensorRef::borrowed(saved);
   check_backward_extras(d, *a.x, gy, sv);
   if (!is_reduced(x.scalar_type())) return backward_kernel(d, a, *gy, *sv);
-  if (native_bf16_backward(d, x)) return backward_bf16(d, a, *gy, *sv);
+  if (x.scalar_type() == at::kBFloat16) return backward_bf16(d, a, *gy, *sv);
   std::vector<at::Tensor> grads =
       backward_kernel(d, cast_block_args(a, at::kFloat), gy->to(at::kFloat),
-                      sv->numel() ? sv->to(at::kFloat) : *sv, native_bf16_grad_gemms(d, x));
+                      sv->numel() ? sv->to(at::kFloat) : *sv);
   for (auto& g : grads) g = g.to(x.scalar_type());
   return grads;
 }

@@ -44,11 +44,19 @@ struct Runtime {
   template <typename T>                                                                   \
   void block_backward(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t,    \
                       const T* grad_y, const T* saved, const BlockGrads<T>& g, T* scratch); \
+  void block_backward_bf16(const Runtime& rt, const BlockDesc& d,                         \
+                           const BlockTensors<float>& t, const uint16_t* x,               \
+                           const uint16_t* grad_y, const uint16_t* saved,                 \
+                           const BlockGrads<float>& g, uint16_t* dx, float* scratch);     \
   }
 
+// block_backward_bf16: the backward of a bfloat16 call computed in float32 with the tensors
+// that scale with the batch read and written as bfloat16 bits (x, grad_y, saved, dx), the
+// weights (t, t.x unused) and their gradients (g, g.dx unused) float32. Runtime::
+// bf16_products selects bfloat16 tile GEMMs (kernel_grad_gemms.h) where the binding allows.
 MSFUSED_DECLARE_ISA(base)
 MSFUSED_DECLARE_ISA(avx2)
-MSFUSED_DECLARE_ISA(avx512)  // used for the bfloat16 backward only (block_kernel_avx512.cpp)
+MSFUSED_DECLARE_ISA(avx512)  // for bfloat16 calls on AVX512-BF16 CPUs (block_kernel_avx512.cpp)
 #undef MSFUSED_DECLARE_ISA
 
 // The bfloat16 forward computed natively (kernel_bf16_forward.h; t, y and pre are bfloat16
@@ -57,12 +65,6 @@ MSFUSED_DECLARE_ISA(avx512)  // used for the bfloat16 backward only (block_kerne
 namespace avx512 {
 void block_forward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTensors<uint16_t>& t,
                         uint16_t* y, uint16_t* pre);
-// The bfloat16 backward: x, grad_y, saved and dx bfloat16 bits, the weights (t, t.x unused)
-// and their gradients (g, g.dx unused) float32; needs Runtime::bbrgemm with bf16_products
-// set and a pixel-major per-image plan (make_plan(d, true).per_image).
-void block_backward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTensors<float>& t,
-                         const uint16_t* x, const uint16_t* grad_y, const uint16_t* saved,
-                         const BlockGrads<float>& g, uint16_t* dx, float* scratch);
 }
 
 }  // namespace cpu

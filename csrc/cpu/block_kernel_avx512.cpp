@@ -28,15 +28,6 @@ void block_forward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTensor
   });
 }
 
-void block_backward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTensors<float>& t,
-                         const uint16_t* x, const uint16_t* grad_y, const uint16_t* saved,
-                         const BlockGrads<float>& g, uint16_t* dx, float* scratch) {
-  dispatch(d, [&](auto s, auto act) {
-    backward_impl<float, decltype(s)::value, decltype(act)::value>(rt, d, t, x, grad_y, saved,
-                                                                   dx, g, scratch);
-  });
-}
-
 }  // namespace avx512
 }  // namespace cpu
 }  // namespace msfused

@@ -20,7 +20,6 @@
 //           recomputed), dwb partial sums, and dx += dwconv^T(da, wa) + dwconv^T(db1, wb)
 //           for the input rows the band owns.
 //   then: partial weight gradients summed over chunks in chunk order (deterministic).
-#include <stdexcept>
 #include <type_traits>
 
 #include "cpu/block_kernel.h"
@@ -44,9 +43,8 @@ void forward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& 
     forward_planar<T, S, ACT>(rt, d, pl, t, wp.p, bias.p, y, pre_out);
 }
 
-// x, dy, saved and dx are I: T, or bfloat16 storage (bf16_t: the native bfloat16 backward,
-// pixel-major per-image plans only; t.x and g.dx are then unused), the weights and their
-// gradients always T.
+// x, dy, saved and dx are I: T, or bfloat16 storage (bf16_t: the bfloat16 backward; t.x and
+// g.dx are then unused), the weights and their gradients always T.
 template <typename T, int S, int ACT, typename I>
 void backward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t,
                    const I* x, const I* gy, const I* saved, I* dx, const BlockGrads<T>& g,
@@ -61,11 +59,19 @@ void backward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>&
   T* parts = scratch + sl.parts;
   Buf<T> wp(packed_weight_elems(d, pl)), bias(Cout);
   pack_weights(d, pl, t, wp.p, bias.p);
-  if (!same && !(pl.pixel_major && pl.per_image))
-    throw std::logic_error("msfused: 16-bit storage in the CPU backward needs a per-image plan");
+  // dx sums in T: in dx itself for T storage; for 16-bit storage in thread-local image
+  // buffers (per-image plan, backward_pm) or else in dxf, rounded once at the end.
+  const bool per_image_pm = pl.pixel_major && pl.per_image;
+  Buf<T> dxf(!same && !per_image_pm ? xsz : 0);
+  T* dxacc;
+  if constexpr (same)
+    dxacc = dx;
+  else
+    dxacc = dxf.p;
   // With a residual at stride 1, pass 1 writes every element of dx (the identity or
   // projection part) before pass 2 adds to it; otherwise start from zero.
-  if (same && !(d.residual && d.stride == 1)) memset(dx, 0, sizeof(T) * xsz);
+  if ((same || !per_image_pm) && !(d.residual && d.stride == 1))
+    memset(dxacc, 0, sizeof(T) * xsz);
   if (pl.pixel_major) {
     Buf<T> wt(27 * C), wtr(27 * C);
     pack_dw_tapmajor(d, t, wt.p);
@@ -79,11 +85,19 @@ void backward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>&
     if constexpr (std::is_same_v<T, float>)
       if (bf16) pack_grad_weights_vnni(d, pl, wp.p, wpv.p);
     backward_pm<T, S, ACT>(rt, d, pl, t, x, wt.p, wtr.p, gy, saved, wp.p,
-                           bf16 ? wpv.p : nullptr, dx, SA, SB, parts);
-  } else if constexpr (same) {
-    backward_pass1<T, S, ACT>(rt, d, pl, t, gy, saved, wp.p, dx, SA, SB, parts);
-    backward_pass2<T, S, ACT>(rt, d, pl, t, dx, SA, SB, parts);
+                           bf16 ? wpv.p : nullptr, dx, dxacc, SA, SB, parts);
+  } else {
+    backward_pass1<T, S, ACT>(rt, d, pl, t, x, gy, saved, wp.p, dxacc, SA, SB, parts);
+    backward_pass2<T, S, ACT>(rt, d, pl, t, x, dxacc, SA, SB, parts);
   }
+  if constexpr (!same)
+    if (!per_image_pm) {
+      auto round_dx = [&](int64_t blk) {
+        const int64_t e0 = blk * 65536, n = xsz - e0 < 65536 ? xsz - e0 : 65536;
+        round_to_bf16(dxacc + e0, n, dx + e0);
+      };
+      par_for(rt, ceil_div(xsz, 65536), round_dx);
+    }
   // Fixed-order reduction of the chunks' partials into parts[0 .. part).
   auto red = [&](int64_t blk) {
     const int64_t e0 = blk * 256, e1 = e0 + 256 < pl.part ? e0 + 256 : pl.part;
@@ -159,6 +173,15 @@ void block_backward(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>
   dispatch(d, [&](auto s, auto act) {
     backward_impl<T, decltype(s)::value, decltype(act)::value>(rt, d, t, t.x, grad_y, saved,
                                                                g.dx, g, scratch);
+  });
+}
+
+void block_backward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTensors<float>& t,
+                         const uint16_t* x, const uint16_t* grad_y, const uint16_t* saved,
+                         const BlockGrads<float>& g, uint16_t* dx, float* scratch) {
+  dispatch(d, [&](auto s, auto act) {
+    backward_impl<float, decltype(s)::value, decltype(act)::value>(rt, d, t, x, grad_y, saved,
+                                                                   dx, g, scratch);
   });
 }
 

@@ -584,13 +584,15 @@ void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t
 // for each image, pass 1 over its bands then pass 2, with the branch-gradient scratch one
 // image large, thread-local and reused (cache-resident, never page-faulted). Otherwise two
 // parallel passes over all tiles with the scratch for the whole batch (SA, SB).
-// x, dy, saved and dx are I: T, or 16-bit storage (bf16_t, per-image plan only), where each
-// image's dx sums in a thread-local T buffer and is rounded once into dx. With T storage dx
-// must be zeroed beforehand unless pass 1 writes all of it (residual at stride 1).
+// x, dy, saved and dx are I: T, or 16-bit storage (bf16_t). The per-image plan sums each
+// image's dx in a thread-local T buffer (dx itself for T storage) and rounds it once into
+// dx; the two-pass plan sums into dxacc (x's size, T; dx itself for T storage), which the
+// caller rounds. The caller zeroes dx (T storage) or dxacc beforehand unless pass 1 writes
+// all of it (residual at stride 1).
 template <typename T, int S, int ACT, typename I>
 void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
                  const I* x, const T* wt, const T* wtr, const I* gy, const I* saved,
-                 const T* wp, const bf16_t* wpv, I* dx, T* SA, T* SB, T* parts) {
+                 const T* wp, const bf16_t* wpv, I* dx, T* dxacc, T* SA, T* SB, T* parts) {
   constexpr bool same = std::is_same_v<T, I>;
   const int64_t istride = d.C * (d.Ho + 2) * (d.Wo + 2);
   if (pl.per_image) {
@@ -640,27 +642,23 @@ void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Bl
     rt.brgemm_release();
     return;
   }
-  if constexpr (same) {
-    auto task1 = [&](int64_t chunk) {
-      const int64_t t0 = chunk * pl.ntiles / pl.nchunks,
-                    t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
-      T* part = parts + chunk * pl.part;
-      memset(part, 0, sizeof(T) * pl.part);
-      pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, x, wt, gy, saved, wp, wpv, dx, SA, SB, istride,
-                                part, t0, t1, (T*)nullptr);
-      if (wpv) rt.brgemm_release();  // AMX tiles: see forward_pm_bf16
-    };
-    par_for(rt, pl.nchunks, task1);
-    rt.brgemm_release();
-    auto task2 = [&](int64_t chunk) {
-      const int64_t t0 = chunk * pl.ntiles / pl.nchunks,
-                    t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
-      pass2_tiles_pm<T, S, ACT>(d, pl, t, x, wt, wtr, dx, SA, SB, istride,
-                                parts + chunk * pl.part, t0, t1, (const T*)nullptr, 0,
-                                (const T*)nullptr);
-    };
-    par_for(rt, pl.nchunks, task2);
-  }
+  auto task1 = [&](int64_t chunk) {
+    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+    T* part = parts + chunk * pl.part;
+    memset(part, 0, sizeof(T) * pl.part);
+    pass1_tiles_pm<T, S, ACT>(rt, d, pl, t, x, wt, gy, saved, wp, wpv, dxacc, SA, SB, istride,
+                              part, t0, t1, (T*)nullptr);
+    if (wpv) rt.brgemm_release();  // AMX tiles: see forward_pm_bf16
+  };
+  par_for(rt, pl.nchunks, task1);
+  rt.brgemm_release();
+  auto task2 = [&](int64_t chunk) {
+    const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
+    pass2_tiles_pm<T, S, ACT>(d, pl, t, x, wt, wtr, dxacc, SA, SB, istride,
+                              parts + chunk * pl.part, t0, t1, (const T*)nullptr, 0,
+                              (const T*)nullptr);
+  };
+  par_for(rt, pl.nchunks, task2);
 }
 
 

@@ -21,9 +21,10 @@ inline const T* tap(const T* row, int tj, int64_t Wo) {
   return tj == 0 ? row : (tj == 1 ? row + (Wo + 1) : row + 1);
 }
 
-// Copies input rows [hb, hb + nrows) of channel c of image bi into buf (zeros outside).
-template <int S, typename T>
-void load_x_rows(const BlockDesc& d, const T* x, int64_t bi, int64_t c, int64_t hb,
+// Copies input rows [hb, hb + nrows) of channel c of image bi into buf (zeros outside),
+// widened to T when x is 16-bit storage (I = bf16_t).
+template <int S, typename T, typename I>
+void load_x_rows(const BlockDesc& d, const I* x, int64_t bi, int64_t c, int64_t hb,
                  int64_t nrows, T* buf) {
   const int64_t XW = xrow_width<S>(d), W = d.W, Wo = d.Wo;
   const int64_t cstride = d.channels_last ? d.C : 1;
@@ -34,15 +35,15 @@ void load_x_rows(const BlockDesc& d, const T* x, int64_t bi, int64_t c, int64_t 
       memset(row, 0, sizeof(T) * XW);
       continue;
     }
-    const T* src = d.channels_last ? x + ((bi * d.H + h) * W) * d.C + c
+    const I* src = d.channels_last ? x + ((bi * d.H + h) * W) * d.C + c
                                    : x + ((bi * d.C + c) * d.H + h) * W;
     if (S == 1) {
       row[0] = T(0);
       row[W + 1] = T(0);
-      if (cstride == 1) {
+      if (cstride == 1 && std::is_same_v<T, I>) {
         memcpy(row + 1, src, sizeof(T) * W);
       } else {
-        for (int64_t w = 0; w < W; ++w) row[1 + w] = src[w * cstride];
+        for (int64_t w = 0; w < W; ++w) row[1 + w] = load_as<T>(src + w * cstride);
       }
     } else {
       T* E = row;
@@ -50,9 +51,9 @@ void load_x_rows(const BlockDesc& d, const T* x, int64_t bi, int64_t c, int64_t 
       E[0] = T(0);  // input column -1
       for (int64_t k2 = 1; k2 <= Wo; ++k2) {
         const int64_t wi = 2 * k2 - 1;
-        E[k2] = wi < W ? src[wi * cstride] : T(0);
+        E[k2] = wi < W ? load_as<T>(src + wi * cstride) : T(0);
       }
-      for (int64_t k2 = 0; k2 < Wo; ++k2) O[k2] = src[2 * k2 * cstride];
+      for (int64_t k2 = 0; k2 < Wo; ++k2) O[k2] = load_as<T>(src + 2 * k2 * cstride);
     }
   }
 }
@@ -91,14 +92,15 @@ inline void dw_row(const T* row0, int64_t XW, const T* w9, T bias, int64_t Wo, T
 }
 
 // The depthwise part of one channel of one tile: rows of A (a, xs, b) and, for the
-// backward, the padded b1 band. pre_* (when act' reads the pre-activation; may be null) get pre-activations.
-template <typename T, int S, int ACT>
-void tile_channel(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
+// backward, the padded b1 band. pre_* (when act' reads the pre-activation; may be null) get
+// pre-activations. x is passed apart from t (16-bit storage in the bfloat16 backward).
+template <typename T, int S, int ACT, typename I>
+void tile_channel(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, const I* x,
                   const TileGeom& g, int64_t c, T* xbuf, T* A, T* b1p, T* pre_a, T* pre_b,
                   T* pre_b1) {
   const int64_t Wo = d.Wo, XW = xrow_width<S>(d), P = g.P, R = g.R, BW = Wo + 2;
   const int64_t hb = S * (g.r0 - 1) - 1;
-  load_x_rows<S>(d, t.x, g.bi, c, hb, S * (R + 1) + 3, xbuf);
+  load_x_rows<S>(d, x, g.bi, c, hb, S * (R + 1) + 3, xbuf);
   const T ba = t.ba ? t.ba[c] : T(0), bb = t.bb ? t.bb[c] : T(0), bc = t.bc ? t.bc[c] : T(0);
   T* arow = A + c * P;
   T* brow = A + (pl.Ktot - d.C + c) * P;
@@ -167,7 +169,8 @@ void forward_planar(const Runtime& rt, const BlockDesc& d, const Plan& pl,
     for (int64_t tile = t0; tile < t1; ++tile) {
       const TileGeom g = tile_geom(d, pl, tile);
       for (int64_t c = 0; c < d.C; ++c)
-        tile_channel<T, S, ACT>(d, pl, t, g, c, xbuf.p, A.p, b1p.p, nullptr, nullptr, nullptr);
+        tile_channel<T, S, ACT>(d, pl, t, t.x, g, c, xbuf.p, A.p, b1p.p, nullptr, nullptr,
+                                nullptr);
       const int64_t off = d.channels_last ? (g.bi * HoWo + g.r0 * d.Wo) * d.Cout
                                           : g.bi * d.Cout * HoWo + g.r0 * d.Wo;
       const int64_t ldy = d.channels_last ? d.Cout : HoWo;
@@ -196,10 +199,11 @@ inline T sum_row(const T* g, int64_t n) {
   return s;
 }
 
-template <typename T, int S, int ACT>
+// x, dy and saved may be 16-bit storage (I = bf16_t, widened on load); dx is T.
+template <typename T, int S, int ACT, typename I>
 void backward_pass1(const Runtime& rt, const BlockDesc& d, const Plan& pl,
-                    const BlockTensors<T>& t, const T* gy, const T* saved, const T* wp,
-                    T* dx, T* SA, T* SB, T* parts) {
+                    const BlockTensors<T>& t, const I* x, const I* gy, const I* saved,
+                    const T* wp, T* dx, T* SA, T* SB, T* parts) {
   const int64_t HoWo = d.Ho * d.Wo, C = d.C, N = d.N, Wo = d.Wo, Cout = d.Cout;
   const int64_t XW = xrow_width<S>(d), BW = Wo + 2;
   const PartLayout L(d, pl);
@@ -223,7 +227,7 @@ void backward_pass1(const Runtime& rt, const BlockDesc& d, const Plan& pl,
       tile_gz<T, ACT>(d, gy, saved, off, P, G.p, part + L.bo, dx, identity);
       // recompute the branches
       for (int64_t c = 0; c < C; ++c)
-        tile_channel<T, S, ACT>(d, pl, t, g, c, xbuf.p, A.p, b1p.p + c * (g.R + 2) * BW,
+        tile_channel<T, S, ACT>(d, pl, t, x, g, c, xbuf.p, A.p, b1p.p + c * (g.R + 2) * BW,
                                 need_pre ? preA.p : nullptr,
                                 need_pre ? preA.p + (pl.Ktot - C) * P : nullptr, nullptr);
       // pointwise weight gradients and dA = W^T gz
@@ -258,7 +262,7 @@ void backward_pass1(const Runtime& rt, const BlockDesc& d, const Plan& pl,
         memcpy(sa, da, sizeof(T) * P);
         memcpy(sb, db, sizeof(T) * P);
         // dwa, dba: x rows again (cheap), dwc, dbc: from the b1 band
-        load_x_rows<S>(d, t.x, g.bi, c, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xbuf.p);
+        load_x_rows<S>(d, x, g.bi, c, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xbuf.p);
         const T* b1 = b1p.p + c * (g.R + 2) * BW;
         for (int ti = 0; ti < 3; ++ti)
           for (int tj = 0; tj < 3; ++tj) {
@@ -289,9 +293,10 @@ void backward_pass1(const Runtime& rt, const BlockDesc& d, const Plan& pl,
   par_for(rt, pl.nchunks, task);
 }
 
-template <typename T, int S, int ACT>
+template <typename T, int S, int ACT, typename I>
 void backward_pass2(const Runtime& rt, const BlockDesc& d, const Plan& pl,
-                    const BlockTensors<T>& t, T* dx, const T* SA, const T* SB, T* parts) {
+                    const BlockTensors<T>& t, const I* x, T* dx, const T* SA, const T* SB,
+                    T* parts) {
   const int64_t HoWo = d.Ho * d.Wo, C = d.C, Wo = d.Wo, Ho = d.Ho, W = d.W;
   const int64_t XW = xrow_width<S>(d);
   const PartLayout L(d, pl);
@@ -316,7 +321,7 @@ void backward_pass2(const Runtime& rt, const BlockDesc& d, const Plan& pl,
         const T* wc = t.wc + 9 * c;
         const T bb = t.bb ? t.bb[c] : T(0);
         const int64_t hb = S * (g.r0 - 1) - 1;
-        load_x_rows<S>(d, t.x, g.bi, c, hb, S * (g.R + 1) + 3, xbuf.p);
+        load_x_rows<S>(d, x, g.bi, c, hb, S * (g.R + 1) + 3, xbuf.p);
         // db1_pre for b1 rows q in [r0 - 1, r0 + R]: transposed depthwise of db with wc,
         // times act'(b1) recomputed from x. Rows outside the image are zero.
         for (int64_t k = 0; k < g.R + 2; ++k) {
