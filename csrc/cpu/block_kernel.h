@@ -56,7 +56,9 @@ struct Runtime {
 // bf16_products selects bfloat16 tile GEMMs (kernel_grad_gemms.h) where the binding allows.
 MSFUSED_DECLARE_ISA(base)
 MSFUSED_DECLARE_ISA(avx2)
-MSFUSED_DECLARE_ISA(avx512)  // for bfloat16 calls on AVX512-BF16 CPUs (block_kernel_avx512.cpp)
+// avx512: bfloat16 calls on AVX512-BF16 CPUs only; its block_forward / block_backward are
+// declared but not built (block_kernel_avx512.cpp).
+MSFUSED_DECLARE_ISA(avx512)
 #undef MSFUSED_DECLARE_ISA
 
 // The bfloat16 forward computed natively (kernel_bf16_forward.h; t, y and pre are bfloat16

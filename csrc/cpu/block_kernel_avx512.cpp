@@ -7,6 +7,7 @@
 #define MSFUSED_VEC_BYTES 64
 #endif
 #define MSFUSED_ISA avx512
+#define MSFUSED_BF16_ONLY  // no float32/float64 entry points here (block_kernel_impl.h)
 #include <type_traits>
 
 #include "cpu/block_kernel.h"

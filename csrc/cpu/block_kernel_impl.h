@@ -185,6 +185,9 @@ void block_backward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTenso
   });
 }
 
+// The float32/float64 entry points, except in the AVX-512 build, whose only callers are
+// bfloat16 calls (MSFUSED_BF16_ONLY: a full copy of the float kernels less to compile).
+#ifndef MSFUSED_BF16_ONLY
 template void block_forward<float>(const Runtime&, const BlockDesc&, const BlockTensors<float>&,
                                    float*, float*);
 template void block_forward<double>(const Runtime&, const BlockDesc&,
@@ -195,6 +198,7 @@ template void block_backward<float>(const Runtime&, const BlockDesc&,
 template void block_backward<double>(const Runtime&, const BlockDesc&,
                                      const BlockTensors<double>&, const double*, const double*,
                                      const BlockGrads<double>&, double*);
+#endif
 
 }  // namespace MSFUSED_ISA
 }  // namespace cpu
