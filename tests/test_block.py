@@ -114,11 +114,12 @@ def test_channels_last_float32(backend, merge, act, residual, stride):
 
 
 # (C, N, H, W, merge, stride): 1x1, 7x5, C=1, N=1, stride 2 on odd sizes, identity
-# shortcut (add with N == C), a wide row, a tall column.
+# shortcut (add with N == C), a wide row, a tall column, few channels in and many out (the
+# CPU planar path's register blocks of output channels and their remainders).
 SHAPES = [(1, 1, 1, 1, "concat", 1), (3, 2, 1, 1, "add", 2), (2, 3, 7, 5, "concat", 2),
           (1, 1, 7, 5, "add", 1), (1, 4, 5, 3, "concat", 2), (5, 1, 9, 7, "add", 2),
           (4, 4, 5, 5, "add", 1), (4, 2, 4, 4, "concat", 1), (3, 5, 2, 33, "add", 2),
-          (2, 2, 31, 2, "concat", 1), (8, 8, 11, 13, "concat", 2)]
+          (2, 2, 31, 2, "concat", 1), (8, 8, 11, 13, "concat", 2), (3, 37, 5, 7, "concat", 1)]
 
 
 SHAPE_IDS = [f"C{c}N{n}_{h}x{w}_{m}_s{s}" for c, n, h, w, m, s in SHAPES]

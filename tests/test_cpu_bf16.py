@@ -1,8 +1,9 @@
 """bfloat16 on the cpp backend at sizes that reach every part of the native kernels (on CPUs
 with AVX512-BF16; elsewhere the same tests cover the widening path): channel counts with a
 vector remainder, widths that are not multiples of the 4-pixel blocks, branch widths that
-are not multiples of the GEMM's 16 columns, odd C (which stays on the widening path), both
-layouts, and the thread interplay with eager PyTorch's own AMX kernels."""
+are not multiples of the GEMM's 16 columns, odd C and the planar path (C < 8: float32
+kernels reading and writing bfloat16), both layouts, and the thread interplay with eager
+PyTorch's own AMX kernels."""
 import os
 import subprocess
 import sys
@@ -20,7 +21,11 @@ CASES = [
     (10, 10, 5, 17, "add", 1, "relu6", True),     # identity residual, C below one vector
     (32, 16, 16, 16, "concat", 1, "none", False),
     (64, 32, 14, 14, "add", 2, "relu", True),
-    (9, 5, 6, 7, "add", 1, "relu", True),         # odd C: the widening path
+    (9, 5, 6, 7, "add", 1, "relu", True),         # odd C: float32 kernels, bfloat16 storage
+    # the planar path (C < 8): float32 kernels on bfloat16 storage, the fused pointwise
+    (3, 40, 9, 11, "concat", 1, "silu", True),    # projection, 2 x 40 outputs: vector tails
+    (4, 4, 7, 9, "add", 1, "relu", True),         # identity residual
+    (5, 70, 8, 7, "add", 2, "none", True),        # stride-2 projection, 70 outputs
 ]
 IDS = [f"c{c}-n{n}-{h}x{w}-{m}-s{s}-{a}" for c, n, h, w, m, s, a, r in CASES]
 

@@ -160,8 +160,8 @@ bool use_avx2() {
 // Native bfloat16 (kernel_bf16_forward.h) where the CPU has AVX512-BF16 (AMX-BF16 CPUs all
 // do) and oneDNN's bfloat16 brgemm answers a probe correctly: oneDNN then picks AMX tiles
 // or AVX512-BF16 dot products itself. Elsewhere (no bf16 instructions: oneDNN would
-// emulate them, slower than the float32 kernels) the bfloat16 forward takes the widening
-// path below and the backward float32 GEMMs in the AVX2 (or baseline) build.
+// emulate them, slower than the float32 kernels) the bfloat16 forward takes float32 kernels
+// on bfloat16 storage (forward_bf16_f32) and the backward float32 GEMMs in the AVX2 (or baseline) build.
 // MSFUSED_CPU_BF16=widen forces that (A/B runs, tests of the fallback).
 bool probe_bf16_brgemm() {
   try {
@@ -204,7 +204,7 @@ bool native_bf16_available() {
 
 // Even C only: every GEMM's K (2C + Cs, C + Cs, C) is then even, as oneDNN's bfloat16 AMX
 // kernels need (an odd K stopped the process with SIGILL on the AMX build machine,
-// benchmarks/NOTES.md entry 10). Odd C takes the widening path.
+// benchmarks/NOTES.md entry 10). Odd C takes forward_bf16_f32.
 bool native_bf16(const BlockDesc& d, at::ScalarType t) {
   return t == at::kBFloat16 && d.C % 2 == 0 && make_plan(d).pixel_major &&
          native_bf16_available();
@@ -235,6 +235,31 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const BlockDesc& d, const BlockA
   return {y, pre};
 }
 
+// The bfloat16 forward where the native one does not apply (odd C, the planar path C <
+// kPixelMajorMinC, CPUs without AVX512-BF16): float32 kernels and GEMMs, with x, y and
+// the pre-activation read and written as bfloat16 by the kernels, only the weights widened
+// (copies of x and y cost more than the planar kernels' own time at some shapes: paper-u1's
+// y is 8.4M elements).
+std::tuple<at::Tensor, at::Tensor> forward_bf16_f32(const BlockDesc& d, const BlockArgs& a,
+                                                    bool save_preact) {
+  BlockArgs w = a;
+  w.x = TensorRef::owned(at::empty({0}, a.x->options().dtype(at::kFloat)));
+  w = cast_block_args(w, at::kFloat);  // the weights (x is read as bfloat16 bits)
+  auto opts = a.x->options().memory_format(io_format(d));
+  at::Tensor y = at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts);
+  at::Tensor pre = save_preact ? at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts)
+                               : at::empty({0}, a.x->options());
+  auto bits = [](const at::Tensor& t) {
+    return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+  };
+  auto* kernel = native_bf16_available() ? &avx512::block_forward_bf16_f32
+                 : use_avx2()            ? &avx2::block_forward_bf16_f32
+                                         : &base::block_forward_bf16_f32;
+  kernel(runtime(), d, tensors_of<float>(w), bits(*a.x), bits(y),
+         save_preact ? bits(pre) : nullptr);
+  return {y, pre};
+}
+
 void check_cpu(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "x: the CPU kernels need a CPU tensor, got one on ",
                     x.device());
@@ -244,11 +269,9 @@ void check_cpu(const at::Tensor& x) {
                    t);
 }
 
-// bfloat16/float16 without a native path (float16 always; the bfloat16 forward on CPUs
-// without AVX512-BF16 and on the planar path, C < kPixelMajorMinC): the kernels compute in
-// float32. Inputs are widened once at the op boundary and the results rounded once at the
-// end, so every intermediate (a, b1, b, the GEMM sums) keeps float32 precision; the price is
-// one float32 copy of x, y and the weights, which a CPU without native bf16 FMA pays anyway.
+// float16 (no native path): the kernels compute in float32. Inputs are widened once at the
+// op boundary and the results rounded once at the end, so every intermediate (a, b1, b, the
+// GEMM sums) keeps float32 precision; the price is one float32 copy of x, y and the weights.
 bool is_reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
 // y (and the pre-activation when save_preact) for validated, contiguous arguments of a
@@ -330,6 +353,7 @@ std::tuple<at::Tensor, at::Tensor> block_forward_cpu(MSF_FORWARD_PARAMS) {
   const BlockDesc d = check_and_describe(a, MSF_CONFIG_ARGS);
   if (native_bf16(d, x.scalar_type())) return forward_bf16(d, a, save_preact);
   if (!is_reduced(x.scalar_type())) return forward_kernel(d, a, save_preact);
+  if (x.scalar_type() == at::kBFloat16) return forward_bf16_f32(d, a, save_preact);
   auto [y, pre] = forward_kernel(d, cast_block_args(a, at::kFloat), save_preact);
   return {y.to(x.scalar_type()), pre.to(x.scalar_type())};
 }

@@ -44,12 +44,19 @@ struct Runtime {
   template <typename T>                                                                   \
   void block_backward(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t,    \
                       const T* grad_y, const T* saved, const BlockGrads<T>& g, T* scratch); \
+  void block_forward_bf16_f32(const Runtime& rt, const BlockDesc& d,                     \
+                              const BlockTensors<float>& t, const uint16_t* x,            \
+                              uint16_t* y, uint16_t* pre);                                \
   void block_backward_bf16(const Runtime& rt, const BlockDesc& d,                         \
                            const BlockTensors<float>& t, const uint16_t* x,               \
                            const uint16_t* grad_y, const uint16_t* saved,                 \
                            const BlockGrads<float>& g, uint16_t* dx, float* scratch);     \
   }
 
+// block_forward_bf16_f32: the forward of a bfloat16 call computed in float32 (float32
+// GEMMs) with x, y and pre read and written as bfloat16 bits, the weights (t, t.x unused)
+// float32: the bfloat16 forward wherever the native one (avx512::block_forward_bf16) does
+// not apply.
 // block_backward_bf16: the backward of a bfloat16 call computed in float32 with the tensors
 // that scale with the batch read and written as bfloat16 bits (x, grad_y, saved, dx), the
 // weights (t, t.x unused) and their gradients (g, g.dx unused) float32. Runtime::

@@ -31,16 +31,18 @@ namespace cpu {
 namespace MSFUSED_ISA {
 namespace {
 
-template <typename T, int S, int ACT>
-void forward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t, T* y,
-                  T* pre_out) {
+// x, y and pre are I: T, or bfloat16 storage (bf16_t: the bfloat16 forward without native
+// bfloat16 GEMMs; t.x is then unused), the weights always T.
+template <typename T, int S, int ACT, typename I>
+void forward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t, const I* x,
+                  I* y, I* pre_out) {
   const Plan pl = make_plan(d);
   Buf<T> wp(packed_weight_elems(d, pl)), bias(d.Cout);
   pack_weights(d, pl, t, wp.p, bias.p);
   if (pl.pixel_major)
-    forward_pm<T, S, ACT>(rt, d, pl, t, wp.p, bias.p, y, pre_out);
+    forward_pm<T, S, ACT>(rt, d, pl, t, x, wp.p, bias.p, y, pre_out);
   else
-    forward_planar<T, S, ACT>(rt, d, pl, t, wp.p, bias.p, y, pre_out);
+    forward_planar<T, S, ACT>(rt, d, pl, t, x, wp.p, bias.p, y, pre_out);
 }
 
 // x, dy, saved and dx are I: T, or bfloat16 storage (bf16_t: the bfloat16 backward; t.x and
@@ -164,7 +166,16 @@ void dispatch(const BlockDesc& d, F&& f) {
 template <typename T>
 void block_forward(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t, T* y,
                    T* pre) {
-  dispatch(d, [&](auto s, auto act) { forward_impl<T, decltype(s)::value, decltype(act)::value>(rt, d, t, y, pre); });
+  dispatch(d, [&](auto s, auto act) {
+    forward_impl<T, decltype(s)::value, decltype(act)::value>(rt, d, t, t.x, y, pre);
+  });
+}
+
+void block_forward_bf16_f32(const Runtime& rt, const BlockDesc& d, const BlockTensors<float>& t,
+                            const uint16_t* x, uint16_t* y, uint16_t* pre) {
+  dispatch(d, [&](auto s, auto act) {
+    forward_impl<float, decltype(s)::value, decltype(act)::value>(rt, d, t, x, y, pre);
+  });
 }
 
 template <typename T>

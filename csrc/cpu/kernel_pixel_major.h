@@ -226,9 +226,11 @@ void pack_weights_T(const BlockDesc& d, const Plan& pl, const T* wp, T* wT) {
   }
 }
 
-template <typename T, int S, int ACT>
+// x, y and pre are I: T, or bfloat16 storage (bf16_t; t.x is then unused), widened on
+// load and rounded once in the epilogue.
+template <typename T, int S, int ACT, typename I>
 void forward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t,
-                const T* wp, const T* bias, T* y, T* pre_out) {
+                const I* x, const T* wp, const T* bias, I* y, I* pre_out) {
   const int64_t HoWo = d.Ho * d.Wo, C = d.C;
   Buf<T> wt(27 * C), wT(packed_weight_elems(d, pl));
   pack_dw_tapmajor(d, t, wt.p);
@@ -241,12 +243,12 @@ void forward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Blo
     T* b1b = tls_buf<T>(2, (pl.R + 2) * (d.Wo + 2) * C);
     T* ybuf = tls_buf<T>(3, Pmax * d.Cout);
     const TileGeom g = tile_geom(d, pl, tile);
-    load_x_band_pm(d, t.x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
+    load_x_band_pm(d, x, g.bi, S * (g.r0 - 1) - 1, S * (g.R + 1) + 3, xb);
     tile_dw_pm<T, S, ACT>(d, pl, t, wt.p, g, xb, b1b, A, nullptr);
     tile_pointwise_pm(rt, d, pl, wT.p, A, g.P, ybuf);
     const int64_t off = d.channels_last ? (g.bi * HoWo + g.r0 * d.Wo) * d.Cout
                                         : g.bi * d.Cout * HoWo + g.r0 * d.Wo;
-    epilogue<T, ACT>(d, ybuf, d.Cout, 1, y + off, identity ? t.x + off : nullptr,
+    epilogue<T, ACT>(d, ybuf, d.Cout, 1, y + off, identity ? x + off : nullptr,
                         pre_out ? pre_out + off : nullptr, bias, g.P);
   };
   par_for(rt, pl.ntiles, task);
