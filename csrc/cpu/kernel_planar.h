@@ -1,6 +1,7 @@
 // The planar CPU path (few channels, C < kPixelMajorMinC): per-channel rows, depthwise
 // loops vectorised along image rows; the packed tile matrix A is Ktot x P (channel rows).
 #pragma once
+#include "cpu/kernel_planar_pointwise.h"
 #include "cpu/kernel_tiles.h"
 
 MSFUSED_KERNEL_BEGIN
@@ -131,190 +132,6 @@ void tile_channel(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, 
   }
 }
 
-// ---- the pointwise convs and the epilogue, fused --------------------------------------
-// The planar path's GEMMs are tiny in K (2C + Cs <= 21 rows of A, C < kPixelMajorMinC)
-// and wide in the output (Cout channels per pixel): a BLAS call there first scales (zeroes)
-// its output, writes it, and the epilogue reads it back, three passes over the largest
-// tensor of the call, while its arithmetic is a few multiply-adds per output element.
-// Here each output element is summed in registers from K broadcasts of A, the epilogue
-// (bias, identity residual, activation) applied in the same registers and y written once,
-// in its own storage type.
-
-// One weight segment per GEMM: output channels [co0, co0 + n) take rows [k0, k0 + K) of A;
-// w is K x n row-major (k-major: a row of A meets a contiguous vector of output channels).
-// add: one segment over all of A; concat: [a; xs] -> the first N channels, [xs; b] -> the
-// last N.
-template <typename T>
-struct PointwiseSegs {
-  int nseg;
-  int64_t co0[2], k0[2], K[2], n;
-  const T* w[2];
-};
-
-// wk (Ktot x N per segment, packed_weight_elems(d, pl) elements) from pack_weights' wp.
-template <typename T>
-PointwiseSegs<T> pack_pointwise_segs(const BlockDesc& d, const Plan& pl, const T* wp, T* wk) {
-  PointwiseSegs<T> sg;
-  sg.n = d.N;
-  sg.nseg = d.merge == kAdd ? 1 : 2;
-  const int64_t K = d.merge == kAdd ? pl.Ktot : d.C + pl.Cs;
-  for (int s = 0; s < sg.nseg; ++s) {
-    sg.co0[s] = s * d.N;
-    sg.k0[s] = s * d.C;
-    sg.K[s] = K;
-    T* w = wk + s * K * d.N;
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t n = 0; n < d.N; ++n) w[k * d.N + n] = wp[(s * d.N + n) * K + k];
-    sg.w[s] = w;
-  }
-  return sg;
-}
-
-// z (bias and the tile GEMM already summed) + residual, pre-activation, activation, store.
-template <int ACT, typename V, typename O>
-inline void pointwise_out(V z, const O* xres, O* pre, O* y) {
-  typedef std::remove_cv_t<std::remove_reference_t<decltype(z[0])>> T;
-  if (xres) z += vload_as<T>(xres);
-  dw_store<ACT>(z, y, pre);
-}
-template <int ACT, typename T, typename O>
-inline void pointwise_out1(T z, const O* xres, O* pre, O* y) {
-  if (xres) z += load_as<T>(xres);
-  if (pre) store_as(pre, z);
-  store_as(y, act_f<ACT>(z));
-}
-
-// y tile = act(W A + bias [+ x]) for one tile of P pixels. A: Ktot x P (channel rows).
-// ytile, xres (identity residual or null), ptile (pre-activation or null) point at the
-// tile's first element of y's layout: channels_last P x Cout, NCHW Cout rows of stride HoWo.
-template <typename T, int ACT, typename O>
-void tile_pointwise_fused(const BlockDesc& d, const PointwiseSegs<T>& sg, const T* bias,
-                          const T* A, int64_t P, O* ytile, const O* xres, O* ptile) {
-  typedef typename Vec<T>::type V;
-  constexpr int VN = Vec<T>::n;
-  const int64_t n = sg.n, Cout = d.Cout, HoWo = d.Ho * d.Wo;
-  for (int s = 0; s < sg.nseg; ++s) {
-    const T* w = sg.w[s];
-    const T* As = A + sg.k0[s] * P;
-    const int64_t K = sg.K[s], co0 = sg.co0[s];
-    if (d.channels_last) {
-      // pixels in pairs x 4 vectors of output channels: per row of A two broadcasts and
-      // four weight loads feed eight multiply-adds
-      auto pix = [&](int64_t p) { return p * Cout + co0; };
-      auto out = [&](int64_t o, V z) {
-        pointwise_out<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr, ytile + o);
-      };
-      int64_t c = 0;
-      for (; c + 4 * VN <= n; c += 4 * VN) {
-        const V b0 = vload(bias + co0 + c), b1 = vload(bias + co0 + c + VN),
-                b2 = vload(bias + co0 + c + 2 * VN), b3 = vload(bias + co0 + c + 3 * VN);
-        int64_t p = 0;
-        for (; p + 2 <= P; p += 2) {
-          V a0 = b0, a1 = b1, a2 = b2, a3 = b3, e0 = b0, e1 = b1, e2 = b2, e3 = b3;
-          for (int64_t k = 0; k < K; ++k) {
-            const T* wr = w + k * n + c;
-            const V w0 = vload(wr), w1 = vload(wr + VN), w2 = vload(wr + 2 * VN),
-                    w3 = vload(wr + 3 * VN);
-            const T u = As[k * P + p], v = As[k * P + p + 1];
-            a0 += u * w0; a1 += u * w1; a2 += u * w2; a3 += u * w3;
-            e0 += v * w0; e1 += v * w1; e2 += v * w2; e3 += v * w3;
-          }
-          const int64_t o = pix(p) + c, q = pix(p + 1) + c;
-          out(o, a0); out(o + VN, a1); out(o + 2 * VN, a2); out(o + 3 * VN, a3);
-          out(q, e0); out(q + VN, e1); out(q + 2 * VN, e2); out(q + 3 * VN, e3);
-        }
-        for (; p < P; ++p) {
-          V a0 = b0, a1 = b1, a2 = b2, a3 = b3;
-          for (int64_t k = 0; k < K; ++k) {
-            const T* wr = w + k * n + c;
-            const T u = As[k * P + p];
-            a0 += u * vload(wr); a1 += u * vload(wr + VN);
-            a2 += u * vload(wr + 2 * VN); a3 += u * vload(wr + 3 * VN);
-          }
-          const int64_t o = pix(p) + c;
-          out(o, a0); out(o + VN, a1); out(o + 2 * VN, a2); out(o + 3 * VN, a3);
-        }
-      }
-      for (; c + VN <= n; c += VN) {
-        const V b0 = vload(bias + co0 + c);
-        for (int64_t p = 0; p < P; ++p) {
-          V a0 = b0;
-          for (int64_t k = 0; k < K; ++k) a0 += As[k * P + p] * vload(w + k * n + c);
-          out(pix(p) + c, a0);
-        }
-      }
-      for (; c < n; ++c)
-        for (int64_t p = 0; p < P; ++p) {
-          T z = bias[co0 + c];
-          for (int64_t k = 0; k < K; ++k) z += As[k * P + p] * w[k * n + c];
-          const int64_t o = pix(p) + c;
-          pointwise_out1<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr,
-                              ytile + o);
-        }
-    } else {
-      // output channels in pairs x 4 vectors of pixels: per row of A two weight broadcasts
-      // and four loads of A feed eight multiply-adds
-      auto out = [&](int64_t o, V z) {
-        pointwise_out<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr, ytile + o);
-      };
-      int64_t c = 0;
-      for (; c + 2 <= n; c += 2) {
-        const int64_t r0 = (co0 + c) * HoWo, r1 = r0 + HoWo;
-        const T bz0 = bias[co0 + c], bz1 = bias[co0 + c + 1];
-        int64_t p = 0;
-        for (; p + 4 * VN <= P; p += 4 * VN) {
-          V a0 = V{} + bz0, a1 = a0, a2 = a0, a3 = a0;
-          V e0 = V{} + bz1, e1 = e0, e2 = e0, e3 = e0;
-          for (int64_t k = 0; k < K; ++k) {
-            const T* ar = As + k * P + p;
-            const V x0 = vload(ar), x1 = vload(ar + VN), x2 = vload(ar + 2 * VN),
-                    x3 = vload(ar + 3 * VN);
-            const T u = w[k * n + c], v = w[k * n + c + 1];
-            a0 += u * x0; a1 += u * x1; a2 += u * x2; a3 += u * x3;
-            e0 += v * x0; e1 += v * x1; e2 += v * x2; e3 += v * x3;
-          }
-          out(r0 + p, a0); out(r0 + p + VN, a1); out(r0 + p + 2 * VN, a2); out(r0 + p + 3 * VN, a3);
-          out(r1 + p, e0); out(r1 + p + VN, e1); out(r1 + p + 2 * VN, e2); out(r1 + p + 3 * VN, e3);
-        }
-        for (; p + VN <= P; p += VN) {
-          V a0 = V{} + bz0, e0 = V{} + bz1;
-          for (int64_t k = 0; k < K; ++k) {
-            const V x0 = vload(As + k * P + p);
-            a0 += w[k * n + c] * x0;
-            e0 += w[k * n + c + 1] * x0;
-          }
-          out(r0 + p, a0);
-          out(r1 + p, e0);
-        }
-        for (; p < P; ++p)
-          for (int j = 0; j < 2; ++j) {
-            T z = bias[co0 + c + j];
-            for (int64_t k = 0; k < K; ++k) z += As[k * P + p] * w[k * n + c + j];
-            const int64_t o = (co0 + c + j) * HoWo + p;
-            pointwise_out1<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr,
-                                ytile + o);
-          }
-      }
-      for (; c < n; ++c) {
-        const int64_t r0 = (co0 + c) * HoWo;
-        int64_t p = 0;
-        for (; p + VN <= P; p += VN) {
-          V a0 = V{} + bias[co0 + c];
-          for (int64_t k = 0; k < K; ++k) a0 += w[k * n + c] * vload(As + k * P + p);
-          out(r0 + p, a0);
-        }
-        for (; p < P; ++p) {
-          T z = bias[co0 + c];
-          for (int64_t k = 0; k < K; ++k) z += As[k * P + p] * w[k * n + c];
-          const int64_t o = r0 + p;
-          pointwise_out1<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr,
-                              ytile + o);
-        }
-      }
-    }
-  }
-}
-
 // The planar forward: per tile, the depthwise rows of every channel into A, then the fused
 // pointwise convs and epilogue (wp, bias: pack_weights). x, y and pre are I: T, or bfloat16
 // storage (bf16_t; t.x is then unused), widened on load and rounded once on store.
@@ -371,6 +188,9 @@ void backward_pass1(const Runtime& rt, const BlockDesc& d, const Plan& pl,
   const PartLayout L(d, pl);
   const bool identity = d.residual && !d.projection;
   const bool need_pre = kNeedsPreact<ACT>;  // the activation's gradient reads pre
+  Buf<T> wk(packed_weight_elems(d, pl)), wo(Cout * pointwise_wo_stride<T>(pl));
+  const PointwiseSegs<T> sg = pack_pointwise_segs(d, pl, wp, wk.p);
+  pack_pointwise_wo(d, pl, sg, wo.p);
   auto task = [&](int64_t chunk) {
     const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
     const int64_t Pmax = pl.R * Wo;
@@ -385,30 +205,14 @@ void backward_pass1(const Runtime& rt, const BlockDesc& d, const Plan& pl,
       const int64_t off = d.channels_last ? (g.bi * HoWo + g.r0 * Wo) * Cout
                                           : g.bi * Cout * HoWo + g.r0 * Wo;
       // gz = gy * act'(z), in G: Cout x P (NCHW) or P x Cout (NHWC); bias and identity grads
-      const int64_t ldg = d.channels_last ? Cout : P;
       tile_gz<T, ACT>(d, gy, saved, off, P, G.p, part + L.bo, dx, identity);
       // recompute the branches
       for (int64_t c = 0; c < C; ++c)
         tile_channel<T, S, ACT>(d, pl, t, x, g, c, xbuf.p, A.p, b1p.p + c * (g.R + 2) * BW,
                                 need_pre ? preA.p : nullptr,
                                 need_pre ? preA.p + (pl.Ktot - C) * P : nullptr, nullptr);
-      // pointwise weight gradients and dA = W^T gz
-      const char tg = d.channels_last ? 'T' : 'N';  // op(G) = gz rows (N x P)
-      auto grows = [&](int64_t n0) { return d.channels_last ? G.p + n0 : G.p + n0 * P; };
-      if (d.merge == kAdd) {
-        gemm_rm<T>(rt, tg, 'T', N, pl.Ktot, P, T(1), grows(0), ldg, A.p, P, T(1),
-                   part + L.pw, pl.Ktot);
-        gemm_rm<T>(rt, 'T', tg, pl.Ktot, P, N, T(1), wp, pl.Ktot, grows(0), ldg, T(0), dA.p, P);
-      } else {
-        const int64_t K = C + pl.Cs;
-        gemm_rm<T>(rt, tg, 'T', N, K, P, T(1), grows(0), ldg, A.p, P, T(1), part + L.pw, K);
-        gemm_rm<T>(rt, tg, 'T', N, K, P, T(1), grows(N), ldg, A.p + C * P, P, T(1),
-                   part + L.pw + N * K, K);
-        gemm_rm<T>(rt, 'T', tg, K, P, N, T(1), wp, K, grows(0), ldg, T(0), dA.p, P);
-        if (pl.Cs) memset(dA.p + K * P, 0, sizeof(T) * C * P);
-        gemm_rm<T>(rt, 'T', tg, K, P, N, T(1), wp + N * K, K, grows(N), ldg,
-                   pl.Cs ? T(1) : T(0), dA.p + C * P, P);
-      }
+      // pointwise weight gradients and dA = W^T gz, in registers
+      tile_pointwise_grads(d, pl, sg, wo.p, G.p, A.p, P, part + L.pw, dA.p);
       // per channel: through the branch activations, depthwise weight grads, scratch
       for (int64_t c = 0; c < C; ++c) {
         T* da = dA.p + c * P;

@@ -1,0 +1,415 @@
+// The planar path's pointwise convs (and projection) in registers: the forward with its
+// epilogue, and the backward's data and weight gradients. Their GEMMs are tiny in K
+// (2C + Cs <= 21 rows of A, C < kPixelMajorMinC) and wide in the output (Cout channels per
+// pixel): a BLAS call there costs more in its own passes over the operands (scaling the
+// output, packing, small-matrix paths) than the few multiply-adds per element it computes
+// (MKL's small-GEMM path took a third of paper-u1's backward; the forward's BLAS call and
+// epilogue made three passes over y).
+#pragma once
+#include "cpu/kernel_tiles.h"
+
+MSFUSED_KERNEL_BEGIN
+
+
+// One weight segment per GEMM: output channels [co0, co0 + n) take rows [k0, k0 + K) of A;
+// w is K x n row-major (k-major: a row of A meets a contiguous vector of output channels).
+// add: one segment over all of A; concat: [a; xs] -> the first N channels, [xs; b] -> the
+// last N.
+template <typename T>
+struct PointwiseSegs {
+  int nseg;
+  int64_t co0[2], k0[2], K[2], n;
+  const T* w[2];
+};
+
+// wk (Ktot x N per segment, packed_weight_elems(d, pl) elements) from pack_weights' wp.
+template <typename T>
+PointwiseSegs<T> pack_pointwise_segs(const BlockDesc& d, const Plan& pl, const T* wp, T* wk) {
+  PointwiseSegs<T> sg;
+  sg.n = d.N;
+  sg.nseg = d.merge == kAdd ? 1 : 2;
+  const int64_t K = d.merge == kAdd ? pl.Ktot : d.C + pl.Cs;
+  for (int s = 0; s < sg.nseg; ++s) {
+    sg.co0[s] = s * d.N;
+    sg.k0[s] = s * d.C;
+    sg.K[s] = K;
+    T* w = wk + s * K * d.N;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < d.N; ++n) w[k * d.N + n] = wp[(s * d.N + n) * K + k];
+    sg.w[s] = w;
+  }
+  return sg;
+}
+
+// z (bias and the tile GEMM already summed) + residual, pre-activation, activation, store.
+template <int ACT, typename V, typename O>
+inline void pointwise_out(V z, const O* xres, O* pre, O* y) {
+  typedef std::remove_cv_t<std::remove_reference_t<decltype(z[0])>> T;
+  if (xres) z += vload_as<T>(xres);
+  dw_store<ACT>(z, y, pre);
+}
+template <int ACT, typename T, typename O>
+inline void pointwise_out1(T z, const O* xres, O* pre, O* y) {
+  if (xres) z += load_as<T>(xres);
+  if (pre) store_as(pre, z);
+  store_as(y, act_f<ACT>(z));
+}
+
+// ---- forward ----------------------------------------------------------------------------
+
+// y tile = act(W A + bias [+ x]) for one tile of P pixels, summed in registers from K
+// broadcasts of A, the epilogue applied in the same registers and y written once in its
+// own storage type. A: Ktot x P (channel rows).
+// ytile, xres (identity residual or null), ptile (pre-activation or null) point at the
+// tile's first element of y's layout: channels_last P x Cout, NCHW Cout rows of stride HoWo.
+template <typename T, int ACT, typename O>
+void tile_pointwise_fused(const BlockDesc& d, const PointwiseSegs<T>& sg, const T* bias,
+                          const T* A, int64_t P, O* ytile, const O* xres, O* ptile) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  const int64_t n = sg.n, Cout = d.Cout, HoWo = d.Ho * d.Wo;
+  for (int s = 0; s < sg.nseg; ++s) {
+    const T* w = sg.w[s];
+    const T* As = A + sg.k0[s] * P;
+    const int64_t K = sg.K[s], co0 = sg.co0[s];
+    if (d.channels_last) {
+      // pixels in pairs x 4 vectors of output channels: per row of A two broadcasts and
+      // four weight loads feed eight multiply-adds
+      auto pix = [&](int64_t p) { return p * Cout + co0; };
+      auto out = [&](int64_t o, V z) {
+        pointwise_out<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr, ytile + o);
+      };
+      int64_t c = 0;
+      for (; c + 4 * VN <= n; c += 4 * VN) {
+        const V b0 = vload(bias + co0 + c), b1 = vload(bias + co0 + c + VN),
+                b2 = vload(bias + co0 + c + 2 * VN), b3 = vload(bias + co0 + c + 3 * VN);
+        int64_t p = 0;
+        for (; p + 2 <= P; p += 2) {
+          V a0 = b0, a1 = b1, a2 = b2, a3 = b3, e0 = b0, e1 = b1, e2 = b2, e3 = b3;
+          for (int64_t k = 0; k < K; ++k) {
+            const T* wr = w + k * n + c;
+            const V w0 = vload(wr), w1 = vload(wr + VN), w2 = vload(wr + 2 * VN),
+                    w3 = vload(wr + 3 * VN);
+            const T u = As[k * P + p], v = As[k * P + p + 1];
+            a0 += u * w0; a1 += u * w1; a2 += u * w2; a3 += u * w3;
+            e0 += v * w0; e1 += v * w1; e2 += v * w2; e3 += v * w3;
+          }
+          const int64_t o = pix(p) + c, q = pix(p + 1) + c;
+          out(o, a0); out(o + VN, a1); out(o + 2 * VN, a2); out(o + 3 * VN, a3);
+          out(q, e0); out(q + VN, e1); out(q + 2 * VN, e2); out(q + 3 * VN, e3);
+        }
+        for (; p < P; ++p) {
+          V a0 = b0, a1 = b1, a2 = b2, a3 = b3;
+          for (int64_t k = 0; k < K; ++k) {
+            const T* wr = w + k * n + c;
+            const T u = As[k * P + p];
+            a0 += u * vload(wr); a1 += u * vload(wr + VN);
+            a2 += u * vload(wr + 2 * VN); a3 += u * vload(wr + 3 * VN);
+          }
+          const int64_t o = pix(p) + c;
+          out(o, a0); out(o + VN, a1); out(o + 2 * VN, a2); out(o + 3 * VN, a3);
+        }
+      }
+      for (; c + VN <= n; c += VN) {
+        const V b0 = vload(bias + co0 + c);
+        for (int64_t p = 0; p < P; ++p) {
+          V a0 = b0;
+          for (int64_t k = 0; k < K; ++k) a0 += As[k * P + p] * vload(w + k * n + c);
+          out(pix(p) + c, a0);
+        }
+      }
+      for (; c < n; ++c)
+        for (int64_t p = 0; p < P; ++p) {
+          T z = bias[co0 + c];
+          for (int64_t k = 0; k < K; ++k) z += As[k * P + p] * w[k * n + c];
+          const int64_t o = pix(p) + c;
+          pointwise_out1<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr,
+                              ytile + o);
+        }
+    } else {
+      // output channels in pairs x 4 vectors of pixels: per row of A two weight broadcasts
+      // and four loads of A feed eight multiply-adds
+      auto out = [&](int64_t o, V z) {
+        pointwise_out<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr, ytile + o);
+      };
+      int64_t c = 0;
+      for (; c + 2 <= n; c += 2) {
+        const int64_t r0 = (co0 + c) * HoWo, r1 = r0 + HoWo;
+        const T bz0 = bias[co0 + c], bz1 = bias[co0 + c + 1];
+        int64_t p = 0;
+        for (; p + 4 * VN <= P; p += 4 * VN) {
+          V a0 = V{} + bz0, a1 = a0, a2 = a0, a3 = a0;
+          V e0 = V{} + bz1, e1 = e0, e2 = e0, e3 = e0;
+          for (int64_t k = 0; k < K; ++k) {
+            const T* ar = As + k * P + p;
+            const V x0 = vload(ar), x1 = vload(ar + VN), x2 = vload(ar + 2 * VN),
+                    x3 = vload(ar + 3 * VN);
+            const T u = w[k * n + c], v = w[k * n + c + 1];
+            a0 += u * x0; a1 += u * x1; a2 += u * x2; a3 += u * x3;
+            e0 += v * x0; e1 += v * x1; e2 += v * x2; e3 += v * x3;
+          }
+          out(r0 + p, a0); out(r0 + p + VN, a1); out(r0 + p + 2 * VN, a2); out(r0 + p + 3 * VN, a3);
+          out(r1 + p, e0); out(r1 + p + VN, e1); out(r1 + p + 2 * VN, e2); out(r1 + p + 3 * VN, e3);
+        }
+        for (; p + VN <= P; p += VN) {
+          V a0 = V{} + bz0, e0 = V{} + bz1;
+          for (int64_t k = 0; k < K; ++k) {
+            const V x0 = vload(As + k * P + p);
+            a0 += w[k * n + c] * x0;
+            e0 += w[k * n + c + 1] * x0;
+          }
+          out(r0 + p, a0);
+          out(r1 + p, e0);
+        }
+        for (; p < P; ++p)
+          for (int j = 0; j < 2; ++j) {
+            T z = bias[co0 + c + j];
+            for (int64_t k = 0; k < K; ++k) z += As[k * P + p] * w[k * n + c + j];
+            const int64_t o = (co0 + c + j) * HoWo + p;
+            pointwise_out1<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr,
+                                ytile + o);
+          }
+      }
+      for (; c < n; ++c) {
+        const int64_t r0 = (co0 + c) * HoWo;
+        int64_t p = 0;
+        for (; p + VN <= P; p += VN) {
+          V a0 = V{} + bias[co0 + c];
+          for (int64_t k = 0; k < K; ++k) a0 += w[k * n + c] * vload(As + k * P + p);
+          out(r0 + p, a0);
+        }
+        for (; p < P; ++p) {
+          T z = bias[co0 + c];
+          for (int64_t k = 0; k < K; ++k) z += As[k * P + p] * w[k * n + c];
+          const int64_t o = r0 + p;
+          pointwise_out1<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr,
+                              ytile + o);
+        }
+      }
+    }
+  }
+}
+
+// ---- backward ---------------------------------------------------------------------------
+// With G = dy * act'(z) for a tile (P x Cout channels_last, Cout x P NCHW): the weight
+// gradients dW_s += G_s A_s^T per segment and the data gradient dA = W^T G (Ktot x P).
+
+// Row stride of pack_pointwise_wo's matrix: Ktot rounded up to whole vectors.
+template <typename T>
+inline int64_t pointwise_wo_stride(const Plan& pl) {
+  return ceil_div(pl.Ktot, Vec<T>::n) * Vec<T>::n;
+}
+
+// The weights output-channel-major for dA: wo[co * kp + k] = the weight of A row k in output
+// channel co, zero where co's segment does not read row k (Cout x kp elements).
+template <typename T>
+void pack_pointwise_wo(const BlockDesc& d, const Plan& pl, const PointwiseSegs<T>& sg, T* wo) {
+  const int64_t kp = pointwise_wo_stride<T>(pl);
+  memset(wo, 0, sizeof(T) * d.Cout * kp);
+  for (int s = 0; s < sg.nseg; ++s)
+    for (int64_t k = 0; k < sg.K[s]; ++k)
+      for (int64_t n = 0; n < sg.n; ++n)
+        wo[(sg.co0[s] + n) * kp + sg.k0[s] + k] = sg.w[s][k * sg.n + n];
+}
+
+template <typename V>
+inline auto hsum(V v) {
+  auto s = v[0];
+  for (int j = 1; j < int(sizeof(V) / sizeof(s)); ++j) s += v[j];
+  return s;
+}
+
+// channels_last dA for Ktot rows of A (at most NV vectors; wo and dA start at the first):
+// per pixel pair, a vector over the rows summed from one broadcast of G per output
+// channel; the lanes then go to dA's rows.
+template <typename T, int NV>
+void tile_dA_cl(const T* G, int64_t Cout, const T* wo, int64_t kp, int64_t Ktot, int64_t P,
+                T* dA) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  for (int64_t p = 0; p < P; p += 2) {
+    const bool two = p + 1 < P;
+    const T* g0 = G + p * Cout;
+    const T* g1 = two ? g0 + Cout : g0;
+    V a0{}, a1{}, a2{}, e0{}, e1{}, e2{};
+    for (int64_t co = 0; co < Cout; ++co) {
+      const T* wr = wo + co * kp;
+      const T u = g0[co], v = g1[co];
+      const V w0 = vload(wr);
+      a0 += u * w0; e0 += v * w0;
+      if constexpr (NV > 1) {
+        const V w1 = vload(wr + VN);
+        a1 += u * w1; e1 += v * w1;
+      }
+      if constexpr (NV > 2) {
+        const V w2 = vload(wr + 2 * VN);
+        a2 += u * w2; e2 += v * w2;
+      }
+    }
+    T ta[3 * VN], te[3 * VN];
+    vstore(ta, a0); vstore(ta + VN, a1); vstore(ta + 2 * VN, a2);
+    vstore(te, e0); vstore(te + VN, e1); vstore(te + 2 * VN, e2);
+    for (int64_t k = 0; k < Ktot; ++k) dA[k * P + p] = ta[k];
+    if (two)
+      for (int64_t k = 0; k < Ktot; ++k) dA[k * P + p + 1] = te[k];
+  }
+}
+
+// NCHW dA: rows of A in pairs x two vectors of pixels, one weight broadcast per output
+// channel and row.
+template <typename T>
+void tile_dA_nchw(const T* G, int64_t Cout, const T* wo, int64_t kp, int64_t Ktot, int64_t P,
+                  T* dA) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  for (int64_t k = 0; k < Ktot; k += 2) {
+    const bool two = k + 1 < Ktot;
+    T* r0 = dA + k * P;
+    T* r1 = two ? r0 + P : nullptr;
+    int64_t p = 0;
+    for (; p + 2 * VN <= P; p += 2 * VN) {
+      V a0{}, a1{}, e0{}, e1{};
+      for (int64_t co = 0; co < Cout; ++co) {
+        const T* g = G + co * P + p;
+        const V g0 = vload(g), g1 = vload(g + VN);
+        const T u = wo[co * kp + k], v = two ? wo[co * kp + k + 1] : T(0);
+        a0 += u * g0; a1 += u * g1; e0 += v * g0; e1 += v * g1;
+      }
+      vstore(r0 + p, a0); vstore(r0 + p + VN, a1);
+      if (two) { vstore(r1 + p, e0); vstore(r1 + p + VN, e1); }
+    }
+    for (; p < P; ++p) {
+      T a = T(0), e = T(0);
+      for (int64_t co = 0; co < Cout; ++co) {
+        const T g = G[co * P + p];
+        a += wo[co * kp + k] * g;
+        if (two) e += wo[co * kp + k + 1] * g;
+      }
+      r0[p] = a;
+      if (two) r1[p] = e;
+    }
+  }
+}
+
+// channels_last dW: blocks of 2 vectors of output channels x KB rows of A, summed over the
+// tile's pixels in registers (one load of G per pixel feeds 2 KB multiply-adds).
+template <typename T>
+void tile_dW_cl(const PointwiseSegs<T>& sg, const T* G, int64_t Cout, const T* A, int64_t P,
+                T* pw) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  const int64_t n = sg.n;
+  for (int s = 0; s < sg.nseg; ++s) {
+    const int64_t K = sg.K[s], co0 = sg.co0[s];
+    const T* As = A + sg.k0[s] * P;
+    T* out = pw + s * n * K;
+    auto flush = [&](const V& v, int64_t c, int64_t k) {
+      T t[VN];
+      vstore(t, v);
+      for (int j = 0; j < VN; ++j) out[(c + j) * K + k] += t[j];
+    };
+    int64_t c = 0;
+    for (; c + 2 * VN <= n; c += 2 * VN) {
+      int64_t k = 0;
+      for (; k + 4 <= K; k += 4) {
+        V a0{}, a1{}, b0{}, b1{}, c0{}, c1{}, d0{}, d1{};
+        const T* r = As + k * P;
+        for (int64_t p = 0; p < P; ++p) {
+          const T* g = G + p * Cout + co0 + c;
+          const V g0 = vload(g), g1 = vload(g + VN);
+          const T x0 = r[p], x1 = r[P + p], x2 = r[2 * P + p], x3 = r[3 * P + p];
+          a0 += x0 * g0; a1 += x0 * g1; b0 += x1 * g0; b1 += x1 * g1;
+          c0 += x2 * g0; c1 += x2 * g1; d0 += x3 * g0; d1 += x3 * g1;
+        }
+        flush(a0, c, k); flush(a1, c + VN, k); flush(b0, c, k + 1); flush(b1, c + VN, k + 1);
+        flush(c0, c, k + 2); flush(c1, c + VN, k + 2); flush(d0, c, k + 3);
+        flush(d1, c + VN, k + 3);
+      }
+      for (; k < K; ++k) {
+        V a0{}, a1{};
+        const T* r = As + k * P;
+        for (int64_t p = 0; p < P; ++p) {
+          const T* g = G + p * Cout + co0 + c;
+          a0 += r[p] * vload(g);
+          a1 += r[p] * vload(g + VN);
+        }
+        flush(a0, c, k); flush(a1, c + VN, k);
+      }
+    }
+    for (; c < n; ++c)
+      for (int64_t k = 0; k < K; ++k) {
+        const T* r = As + k * P;
+        T acc = T(0);
+        for (int64_t p = 0; p < P; ++p) acc += r[p] * G[p * Cout + co0 + c];
+        out[c * K + k] += acc;
+      }
+  }
+}
+
+// NCHW dW: per output channel, 4 rows of A at a time, dot products along the pixels.
+template <typename T>
+void tile_dW_nchw(const PointwiseSegs<T>& sg, const T* G, const T* A, int64_t P, T* pw) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  const int64_t n = sg.n;
+  for (int s = 0; s < sg.nseg; ++s) {
+    const int64_t K = sg.K[s];
+    const T* As = A + sg.k0[s] * P;
+    T* out = pw + s * n * K;
+    for (int64_t c = 0; c < n; ++c) {
+      const T* g = G + (sg.co0[s] + c) * P;
+      int64_t k = 0;
+      for (; k + 4 <= K; k += 4) {
+        const T* r = As + k * P;
+        V a0{}, a1{}, a2{}, a3{};
+        int64_t p = 0;
+        for (; p + VN <= P; p += VN) {
+          const V gv = vload(g + p);
+          a0 += gv * vload(r + p); a1 += gv * vload(r + P + p);
+          a2 += gv * vload(r + 2 * P + p); a3 += gv * vload(r + 3 * P + p);
+        }
+        T s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+        for (; p < P; ++p) {
+          s0 += g[p] * r[p]; s1 += g[p] * r[P + p];
+          s2 += g[p] * r[2 * P + p]; s3 += g[p] * r[3 * P + p];
+        }
+        out[c * K + k] += s0; out[c * K + k + 1] += s1;
+        out[c * K + k + 2] += s2; out[c * K + k + 3] += s3;
+      }
+      for (; k < K; ++k) {
+        const T* r = As + k * P;
+        V a0{};
+        int64_t p = 0;
+        for (; p + VN <= P; p += VN) a0 += vload(g + p) * vload(r + p);
+        T s0 = hsum(a0);
+        for (; p < P; ++p) s0 += g[p] * r[p];
+        out[c * K + k] += s0;
+      }
+    }
+  }
+}
+
+// One tile's pointwise gradients: pw (the chunk's packed pointwise partial, pack_weights'
+// layout) += G A^T per segment, dA = W^T G.
+template <typename T>
+void tile_pointwise_grads(const BlockDesc& d, const Plan& pl, const PointwiseSegs<T>& sg,
+                          const T* wo, const T* G, const T* A, int64_t P, T* pw, T* dA) {
+  constexpr int VN = Vec<T>::n;
+  const int64_t kp = pointwise_wo_stride<T>(pl);
+  if (d.channels_last) {
+    tile_dW_cl(sg, G, d.Cout, A, P, pw);
+    // rows of A in runs of up to 3 vectors (more would not stay in registers)
+    for (int64_t k0 = 0; k0 < kp; k0 += 3 * VN) {
+      const int64_t nv = kp - k0 < 3 * VN ? (kp - k0) / VN : 3;
+      const int64_t nk = pl.Ktot - k0 < nv * VN ? pl.Ktot - k0 : nv * VN;
+      if (nv == 1) tile_dA_cl<T, 1>(G, d.Cout, wo + k0, kp, nk, P, dA + k0 * P);
+      else if (nv == 2) tile_dA_cl<T, 2>(G, d.Cout, wo + k0, kp, nk, P, dA + k0 * P);
+      else tile_dA_cl<T, 3>(G, d.Cout, wo + k0, kp, nk, P, dA + k0 * P);
+    }
+  } else {
+    tile_dW_nchw(sg, G, A, P, pw);
+    tile_dA_nchw(G, d.Cout, wo, kp, pl.Ktot, P, dA);
+  }
+}
+
+MSFUSED_KERNEL_END
