@@ -124,6 +124,43 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_cpu_kernels_float32_per_isa(isa):
+    """float32 in the build a CPU gets: MSFUSED_CPU_ISA=avx2 caps the kernels at AVX2 (what a
+    CPU without AVX-512 runs), the default picks AVX-512 where the CPU has it. Each in a
+    subprocess (the choice is made once per process), against the float64 reference, on a
+    planar, a tile-plan and a per-image-plan case, both layouts."""
+    if not msfused.available_backends()["cpp"].available:
+        pytest.skip("cpp backend not built")
+    code = """
+import torch, sys
+sys.path.insert(0, %r)
+from blockutil import make_block, rel_err, run_fwd_bwd
+for c, n, b, merge, stride, act in ((5, 37, 3, "concat", 1, "silu"), (24, 12, 3, "add", 2, "relu"),
+                                    (40, 24, 5, "concat", 1, "relu6")):
+    kw = dict(merge=merge, stride=stride, activation=act)
+    ref = make_block(c, n, dtype=torch.float64, **kw)
+    fused = make_block(c, n, backend="cpp", dtype=torch.float32, **kw)
+    x = torch.randn(b, c, 9, 10, dtype=torch.float64)
+    gy = torch.randn(ref(x).shape, dtype=torch.float64)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xx, gg = x.contiguous(memory_format=fmt), gy.contiguous(memory_format=fmt)
+        want = run_fwd_bwd(ref, xx, gg)
+        got = run_fwd_bwd(fused, xx.float(), gg.float())
+        assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1]) < 1e-5, (c, fmt)
+        for k in want[2]:
+            assert rel_err(got[2][k], want[2][k]) < 1e-5, (c, k)
+print("ok")
+""" % os.path.dirname(__file__)
+    env = dict(os.environ)
+    env.pop("MSFUSED_CPU_ISA", None)
+    if isa != "default":
+        env["MSFUSED_CPU_ISA"] = isa
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 # ---- SPEC section 4: malformed input raises ValueError/TypeError naming the argument ----
 
 def _ok_args(c=4, n=3, merge="concat", stride=1, dtype=torch.float32, device="cpu"):

@@ -157,6 +157,28 @@ bool use_avx2() {
   return v;
 }
 
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+// AVX-512 kernels (float32; float64 stays on AVX2, gradcheck only) where the CPU has
+// AVX-512: 64-byte vectors in the depthwise and elementwise loops, which CPUs with full-width
+// 512-bit units (Intel Xeon, AMD Zen 5) run at twice the AVX2 rate. MSFUSED_CPU_ISA=avx2 (or
+// base) caps every kernel, the native bfloat16 ones included, at that instruction set.
+bool use_avx512() {
+  static const bool v = [] {
+    const char* env = std::getenv("MSFUSED_CPU_ISA");
+    if (env && (std::strcmp(env, "base") == 0 || std::strcmp(env, "avx2") == 0)) return false;
+    return use_avx2() && cpu_has_avx512();
+  }();
+  return v;
+}
+
 // Native bfloat16 (kernel_bf16_forward.h) where the CPU has AVX512-BF16 (AMX-BF16 CPUs all
 // do) and oneDNN's bfloat16 brgemm answers a probe correctly: oneDNN then picks AMX tiles
 // or AVX512-BF16 dot products itself. Elsewhere (no bf16 instructions: oneDNN would
@@ -187,12 +209,9 @@ bool native_bf16_available() {
   static const bool v = [] {
     const char* env = std::getenv("MSFUSED_CPU_BF16");
     if (env && std::strcmp(env, "widen") == 0) return false;
-    if (no_blas() || !use_avx2()) return false;
+    if (no_blas() || !use_avx512()) return false;
 #if defined(__x86_64__) || defined(__i386__)
-    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
-        !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq") ||
-        !__builtin_cpu_supports("avx512bf16"))
-      return false;
+    if (!__builtin_cpu_supports("avx512bf16")) return false;
     return probe_bf16_brgemm();
 #else
     return false;
@@ -252,9 +271,9 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16_f32(const BlockDesc& d, const Bl
   auto bits = [](const at::Tensor& t) {
     return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
   };
-  auto* kernel = native_bf16_available() ? &avx512::block_forward_bf16_f32
-                 : use_avx2()            ? &avx2::block_forward_bf16_f32
-                                         : &base::block_forward_bf16_f32;
+  auto* kernel = use_avx512() ? &avx512::block_forward_bf16_f32
+                 : use_avx2()   ? &avx2::block_forward_bf16_f32
+                                : &base::block_forward_bf16_f32;
   kernel(runtime(), d, tensors_of<float>(w), bits(*a.x), bits(y),
          save_preact ? bits(pre) : nullptr);
   return {y, pre};
@@ -274,6 +293,30 @@ void check_cpu(const at::Tensor& x) {
 // GEMM sums) keeps float32 precision; the price is one float32 copy of x, y and the weights.
 bool is_reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
+// The AVX-512 build's float32 kernels where use_avx512() allows; false (not run) otherwise
+// and for float64, which that build does not have.
+bool avx512_forward(const Runtime& rt, const BlockDesc& d, const BlockTensors<float>& t,
+                    float* y, float* pre) {
+  if (!use_avx512()) return false;
+  avx512::block_forward<float>(rt, d, t, y, pre);
+  return true;
+}
+bool avx512_forward(const Runtime&, const BlockDesc&, const BlockTensors<double>&, double*,
+                    double*) {
+  return false;
+}
+bool avx512_backward(const Runtime& rt, const BlockDesc& d, const BlockTensors<float>& t,
+                     const float* gy, const float* saved, const BlockGrads<float>& g,
+                     float* scratch) {
+  if (!use_avx512()) return false;
+  avx512::block_backward<float>(rt, d, t, gy, saved, g, scratch);
+  return true;
+}
+bool avx512_backward(const Runtime&, const BlockDesc&, const BlockTensors<double>&,
+                     const double*, const double*, const BlockGrads<double>&, double*) {
+  return false;
+}
+
 // y (and the pre-activation when save_preact) for validated, contiguous arguments of a
 // dtype the kernels compute in (float32, float64).
 std::tuple<at::Tensor, at::Tensor> forward_kernel(const BlockDesc& d, const BlockArgs& a,
@@ -285,6 +328,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const BlockDesc& d, const Bloc
   AT_DISPATCH_FLOATING_TYPES(a.x->scalar_type(), "msfused_block_forward_cpu", [&] {
     auto t = tensors_of<scalar_t>(a);
     scalar_t* p = save_preact ? pre.data_ptr<scalar_t>() : nullptr;
+    if (avx512_forward(runtime(), d, t, y.data_ptr<scalar_t>(), p)) return;
     if (use_avx2())
       avx2::block_forward<scalar_t>(runtime(), d, t, y.data_ptr<scalar_t>(), p);
     else
@@ -303,6 +347,8 @@ std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
     auto g = grads_of<scalar_t>(grads, d);
     const scalar_t* s = act_saves(d.act) == kSavesNothing ? nullptr : sv.data_ptr<scalar_t>();
     Runtime rt = runtime();
+    if (avx512_backward(rt, d, t, gy.data_ptr<scalar_t>(), s, g, scratch.data_ptr<scalar_t>()))
+      return;
     if (use_avx2())
       avx2::block_backward<scalar_t>(rt, d, t, gy.data_ptr<scalar_t>(), s, g,
                                      scratch.data_ptr<scalar_t>());
@@ -335,9 +381,9 @@ std::vector<at::Tensor> backward_bf16(const BlockDesc& d, const BlockArgs& a,
   };
   Runtime rt = runtime();
   rt.bf16_products = native_bf16_grad_gemms(d, *a.x);
-  auto* kernel = native_bf16_available() ? &avx512::block_backward_bf16
-                 : use_avx2()            ? &avx2::block_backward_bf16
-                                         : &base::block_backward_bf16;
+  auto* kernel = use_avx512() ? &avx512::block_backward_bf16
+                 : use_avx2()   ? &avx2::block_backward_bf16
+                                : &base::block_backward_bf16;
   kernel(rt, d, tensors_of<float>(w), bits(*a.x), bits(gy),
          act_saves(d.act) == kSavesNothing ? nullptr : bits(sv), grads_of<float>(g32, d),
          reinterpret_cast<uint16_t*>(grads[0].data_ptr<at::BFloat16>()),

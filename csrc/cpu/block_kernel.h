@@ -63,8 +63,8 @@ struct Runtime {
 // bf16_products selects bfloat16 tile GEMMs (kernel_grad_gemms.h) where the binding allows.
 MSFUSED_DECLARE_ISA(base)
 MSFUSED_DECLARE_ISA(avx2)
-// avx512: bfloat16 calls on AVX512-BF16 CPUs only; its block_forward / block_backward are
-// declared but not built (block_kernel_avx512.cpp).
+// avx512: CPUs with AVX-512 only; its block_forward / block_backward exist for float32 only
+// (block_kernel_avx512.cpp).
 MSFUSED_DECLARE_ISA(avx512)
 #undef MSFUSED_DECLARE_ISA
 

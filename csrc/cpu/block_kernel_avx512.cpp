@@ -1,13 +1,13 @@
 // The CPU kernels compiled for AVX-512 (64-byte vectors: 16-channel blocks in the depthwise
-// rows): the native bfloat16 forward and backward (bfloat16 tensors in and out, float32
-// math, bfloat16 GEMMs), which the binding calls only on CPUs with AVX512-BF16 (off x86-64
-// this is a baseline build that nothing calls).
+// rows): float32, the bfloat16 kernels on bfloat16 storage, and the native bfloat16 forward
+// (bfloat16 GEMMs), which the binding calls only on CPUs with AVX-512 (the native one with
+// AVX512-BF16 too). Off x86-64 this is a baseline build that nothing calls.
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 #define MSFUSED_VEC_BYTES 64
 #endif
 #define MSFUSED_ISA avx512
-#define MSFUSED_BF16_ONLY  // no float32/float64 entry points here (block_kernel_impl.h)
+#define MSFUSED_NO_FLOAT64  // float64 stays on AVX2 (block_kernel_impl.h)
 #include <type_traits>
 
 #include "cpu/block_kernel.h"

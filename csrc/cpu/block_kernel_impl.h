@@ -196,16 +196,17 @@ void block_backward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTenso
   });
 }
 
-// The float32/float64 entry points, except in the AVX-512 build, whose only callers are
-// bfloat16 calls (MSFUSED_BF16_ONLY: a full copy of the float kernels less to compile).
-#ifndef MSFUSED_BF16_ONLY
+// The float32 and float64 entry points; the AVX-512 build has float32 only
+// (MSFUSED_NO_FLOAT64: float64 runs on AVX2, for gradcheck, and a copy of the float64
+// kernels less to compile).
 template void block_forward<float>(const Runtime&, const BlockDesc&, const BlockTensors<float>&,
                                    float*, float*);
-template void block_forward<double>(const Runtime&, const BlockDesc&,
-                                    const BlockTensors<double>&, double*, double*);
 template void block_backward<float>(const Runtime&, const BlockDesc&,
                                     const BlockTensors<float>&, const float*, const float*,
                                     const BlockGrads<float>&, float*);
+#ifndef MSFUSED_NO_FLOAT64
+template void block_forward<double>(const Runtime&, const BlockDesc&,
+                                    const BlockTensors<double>&, double*, double*);
 template void block_backward<double>(const Runtime&, const BlockDesc&,
                                      const BlockTensors<double>&, const double*, const double*,
                                      const BlockGrads<double>&, double*);
