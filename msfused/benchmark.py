@@ -518,6 +518,25 @@ def run(args) -> dict:
                         args.min_time, onnxruntime=args.onnxruntime and not args.quick)
         rows += r
         print(format_table(r).split("\n", 2)[2] if rows != r else format_table(r), flush=True)
+    if device == "cpu" and not args.quick:
+        # The CPU is shared: a ceiling measured once at the start can be caught low, and a
+        # variant then shows above 100% of its floor. Measured again after the run, the
+        # higher of the two counts, and the floor fractions are recomputed with it.
+        again = measure_ceilings(device, dtype)
+        higher = {k: max(v, again[k]) for k, v in ceilings.items()}
+        if higher != ceilings:
+            ceilings = higher
+            elem = torch.finfo(dtype).bits // 8
+            run_shapes = {x.name: x for x in shapes}
+            for r in rows:
+                tt = (r.gpu_ms if r.gpu_ms is not None else r.ms) / 1e3
+                r.floor_frac = floor_seconds(run_shapes[r.shape], elem, ceilings,
+                                             r.mode == "fwd+bwd") / tt
+            print(f"ceilings measured again after the run, the higher of the two: GEMM "
+                  f"{ceilings['gemm_flops'] / 1e9:.1f} GFLOP/s, FP32 "
+                  f"{ceilings['fp32_flops'] / 1e9:.1f} GFLOP/s, copy "
+                  f"{ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s; floor fractions with them:")
+            print(format_table(rows))
     summary = summarize(rows, backends)
     print(summary)
     result = {
