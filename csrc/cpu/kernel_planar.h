@@ -163,18 +163,34 @@ void forward_planar(const Runtime& rt, const BlockDesc& d, const Plan& pl,
   par_for(rt, pl.nchunks, task);
 }
 
-// sum_w g[w] * src[w]
+// sum over R rows of sum_{w < n} g[i * gs + w] * src[i * ss + w]: vector sums across all the
+// rows, reduced once (a scalar reduction is what the compiler makes of a plain loop, since
+// it may not reorder float sums).
 template <typename T>
-inline T dot_row(const T* g, const T* src, int64_t n) {
+inline T dot_rows(const T* g, int64_t gs, const T* src, int64_t ss, int64_t R, int64_t n) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  V a{};
   T s = T(0);
-  for (int64_t w = 0; w < n; ++w) s += g[w] * src[w];
-  return s;
+  for (int64_t i = 0; i < R; ++i) {
+    const T* gi = g + i * gs;
+    const T* si = src + i * ss;
+    int64_t w = 0;
+    for (; w + VN <= n; w += VN) a += vload(gi + w) * vload(si + w);
+    for (; w < n; ++w) s += gi[w] * si[w];
+  }
+  return hsum(a) + s;
 }
 
 template <typename T>
 inline T sum_row(const T* g, int64_t n) {
-  T s = T(0);
-  for (int64_t w = 0; w < n; ++w) s += g[w];
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  V a{};
+  int64_t w = 0;
+  for (; w + VN <= n; w += VN) a += vload(g + w);
+  T s = hsum(a);
+  for (; w < n; ++w) s += g[w];
   return s;
 }
 
@@ -232,13 +248,9 @@ void backward_pass1(const Runtime& rt, const BlockDesc& d, const Plan& pl,
         const T* b1 = b1p.p + c * (g.R + 2) * BW;
         for (int ti = 0; ti < 3; ++ti)
           for (int tj = 0; tj < 3; ++tj) {
-            T sa_ = T(0), sc_ = T(0);
-            for (int64_t i = 0; i < g.R; ++i) {
-              sa_ += dot_row(da + i * Wo, tap<S>(xbuf.p + (S * (i + 1) + ti) * XW, tj, Wo), Wo);
-              sc_ += dot_row(db + i * Wo, b1 + (i + ti) * BW + tj, Wo);
-            }
-            part[L.wa + 9 * c + ti * 3 + tj] += sa_;
-            part[L.wc + 9 * c + ti * 3 + tj] += sc_;
+            part[L.wa + 9 * c + ti * 3 + tj] +=
+                dot_rows(da, Wo, tap<S>(xbuf.p + (S + ti) * XW, tj, Wo), S * XW, g.R, Wo);
+            part[L.wc + 9 * c + ti * 3 + tj] += dot_rows(db, Wo, b1 + ti * BW + tj, BW, g.R, Wo);
           }
         part[L.ba + c] += sum_row(da, P);
         part[L.bc + c] += sum_row(db, P);
@@ -316,17 +328,10 @@ void backward_pass2(const Runtime& rt, const BlockDesc& d, const Plan& pl,
         }
         // dwb, dbb over the rows this tile owns (k = 1 .. R)
         for (int ti = 0; ti < 3; ++ti)
-          for (int tj = 0; tj < 3; ++tj) {
-            T s = T(0);
-            for (int64_t k = 1; k <= g.R; ++k)
-              s += dot_row(d1.p + k * Wo, tap<S>(xbuf.p + (S * k + ti) * XW, tj, Wo), Wo);
-            part[L.wb + 9 * c + ti * 3 + tj] += s;
-          }
-        {
-          T s = T(0);
-          for (int64_t k = 1; k <= g.R; ++k) s += sum_row(d1.p + k * Wo, Wo);
-          part[L.bb + c] += s;
-        }
+          for (int tj = 0; tj < 3; ++tj)
+            part[L.wb + 9 * c + ti * 3 + tj] += dot_rows(
+                d1.p + Wo, Wo, tap<S>(xbuf.p + (S + ti) * XW, tj, Wo), S * XW, g.R, Wo);
+        part[L.bb + c] += sum_row(d1.p + Wo, g.R * Wo);
         // dx rows [hs, he): input row h gets tap row ti from output row q = (h + 1 - ti) / S
         for (int64_t h = hs; h < he; ++h) {
           for (int64_t i = 0; i < DXW; ++i) dxrow.p[i] = T(0);

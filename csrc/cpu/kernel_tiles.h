@@ -109,7 +109,11 @@ void tile_gz(const BlockDesc& d, const I* gy, const I* saved, int64_t off, int64
       const I* sr = ACT == kActNone ? nullptr : saved + off + p * Cout;
       T* o = G + p * Cout;
       act_grad_in<ACT>(gr, sr, sr, o, Cout);
-      for (int64_t co = 0; co < Cout; ++co) dbias[co] += o[co];
+      typedef typename Vec<T>::type V;
+      constexpr int VN = Vec<T>::n;
+      int64_t co = 0;
+      for (; co + VN <= Cout; co += VN) vstore(dbias + co, vload(dbias + co) + vload(o + co));
+      for (; co < Cout; ++co) dbias[co] += o[co];
       if (identity) memcpy(dx + off + p * Cout, o, sizeof(T) * Cout);
     }
   } else {
@@ -118,8 +122,14 @@ void tile_gz(const BlockDesc& d, const I* gy, const I* saved, int64_t off, int64
       const I* sr = ACT == kActNone ? nullptr : saved + off + co * HoWo;
       T* o = G + co * P;
       act_grad_in<ACT>(gr, sr, sr, o, P);
+      typedef typename Vec<T>::type V;
+      constexpr int VN = Vec<T>::n;
+      V a{};
+      int64_t p = 0;
+      for (; p + VN <= P; p += VN) a += vload(o + p);
       T s = T(0);
-      for (int64_t p = 0; p < P; ++p) s += o[p];
+      for (int j = 0; j < VN; ++j) s += a[j];
+      for (; p < P; ++p) s += o[p];
       dbias[co] += s;
       if (identity) memcpy(dx + off + co * HoWo, o, sizeof(T) * P);
     }
