@@ -161,6 +161,39 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+def test_cpu_large_output_huge_page_advice(tmp_path):
+    """Outputs of 32 MiB and more get transparent-huge-page advice before the kernels first
+    write them (csrc/cpu/block_cpu.cpp, advise_huge_pages): the values match the reference
+    and are the same bits as with the advice off (MSFUSED_CPU_HUGEPAGE=0, a subprocess)."""
+    if not msfused.available_backends()["cpp"].available:
+        pytest.skip("cpp backend not built")
+    code = """
+import torch, sys
+sys.path.insert(0, %r)
+from blockutil import make_block
+torch.manual_seed(0)
+m = make_block(3, 32, merge="concat", backend="cpp", dtype=torch.float32)
+x = torch.randn(8, 3, 128, 130)
+with torch.no_grad():
+    y = m(x)
+assert y.numel() * 4 > 32 << 20
+torch.save({"x": x, "y": y, "state": m.state_dict()}, sys.argv[1])
+""" % os.path.dirname(__file__)
+    runs = {}
+    for flag in ("1", "0"):
+        path = str(tmp_path / f"y{flag}.pt")
+        out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                             env=dict(os.environ, MSFUSED_CPU_HUGEPAGE=flag), timeout=300)
+        assert out.returncode == 0, out.stderr
+        runs[flag] = torch.load(path)
+    assert torch.equal(runs["1"]["y"], runs["0"]["y"])
+    ref = make_block(3, 32, merge="concat", dtype=torch.float64)
+    ref.load_state_dict({k: v.double() for k, v in runs["1"]["state"].items()})
+    with torch.no_grad():
+        want = ref(runs["1"]["x"].double())
+    assert rel_err(runs["1"]["y"], want) < 1e-5
+
+
 # ---- SPEC section 4: malformed input raises ValueError/TypeError naming the argument ----
 
 def _ok_args(c=4, n=3, merge="concat", stride=1, dtype=torch.float32, device="cpu"):

@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <dlfcn.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -236,6 +239,43 @@ bool native_bf16_grad_gemms(const BlockDesc& d, const at::Tensor& x) {
   return native_bf16(d, x.scalar_type()) && d.N % 2 == 0;
 }
 
+// Large outputs: glibc serves allocations above its mmap threshold (at most 32 MiB) with
+// fresh mappings, so each call faults its output in 4 KiB page by page (about 8 of the
+// 12.5 ms of paper-u1's float32 forward on the build machine, benchmarks/NOTES.md entry
+// 19). Advising transparent huge pages for the output's 2 MiB-aligned interior before the
+// kernels first touch it makes that one fault per 2 MiB; the allocation and its owner are
+// unchanged (PyTorch's THP_MEM_ALLOC_ENABLE=1 does the same for every allocation). Smaller
+// outputs come from glibc's heap, already mapped. For y, the pre-activation, dx and the
+// backward's scratch; MSFUSED_CPU_HUGEPAGE=0 turns it off.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool on = [] {
+    const char* env = std::getenv("MSFUSED_CPU_HUGEPAGE");
+    return !(env && std::strcmp(env, "0") == 0);
+  }();
+  const uintptr_t huge = uintptr_t(2) << 20;
+  if (!on || t.nbytes() < (size_t(32) << 20)) return;
+  const uintptr_t b = reinterpret_cast<uintptr_t>(t.data_ptr()), e = b + t.nbytes();
+  const uintptr_t lo = (b + huge - 1) & ~(huge - 1), hi = e & ~(huge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only
+#else
+  (void)t;
+#endif
+}
+
+// y and, when save_preact, the pre-activation (else an empty tensor), in x's dtype and
+// the block's I/O layout.
+std::tuple<at::Tensor, at::Tensor> alloc_outputs(const BlockDesc& d, const at::Tensor& x,
+                                                 bool save_preact) {
+  auto opts = x.options().memory_format(io_format(d));
+  at::Tensor y = at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts);
+  at::Tensor pre = save_preact ? at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts)
+                               : at::empty({0}, x.options());
+  advise_huge_pages(y);
+  if (save_preact) advise_huge_pages(pre);
+  return {y, pre};
+}
+
 BlockTensors<uint16_t> bf16_bits(const BlockTensors<at::BFloat16>& t) {
   auto b = [](const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); };
   return BlockTensors<uint16_t>{b(t.x),  b(t.wa), b(t.ba), b(t.wb), b(t.bb), b(t.wc), b(t.bc),
@@ -244,10 +284,8 @@ BlockTensors<uint16_t> bf16_bits(const BlockTensors<at::BFloat16>& t) {
 
 std::tuple<at::Tensor, at::Tensor> forward_bf16(const BlockDesc& d, const BlockArgs& a,
                                                 bool save_preact) {
-  auto opts = a.x->options().memory_format(io_format(d));
-  at::Tensor y = at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts);
-  at::Tensor pre = save_preact ? at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts)
-                               : at::empty({0}, a.x->options());
+  at::Tensor y, pre;
+  std::tie(y, pre) = alloc_outputs(d, *a.x, save_preact);
   uint16_t* p = save_preact ? reinterpret_cast<uint16_t*>(pre.data_ptr<at::BFloat16>()) : nullptr;
   avx512::block_forward_bf16(runtime(), d, bf16_bits(tensors_of<at::BFloat16>(a)),
                              reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), p);
@@ -264,10 +302,8 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16_f32(const BlockDesc& d, const Bl
   BlockArgs w = a;
   w.x = TensorRef::owned(at::empty({0}, a.x->options().dtype(at::kFloat)));
   w = cast_block_args(w, at::kFloat);  // the weights (x is read as bfloat16 bits)
-  auto opts = a.x->options().memory_format(io_format(d));
-  at::Tensor y = at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts);
-  at::Tensor pre = save_preact ? at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts)
-                               : at::empty({0}, a.x->options());
+  at::Tensor y, pre;
+  std::tie(y, pre) = alloc_outputs(d, *a.x, save_preact);
   auto bits = [](const at::Tensor& t) {
     return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
   };
@@ -321,10 +357,8 @@ bool avx512_backward(const Runtime&, const BlockDesc&, const BlockTensors<double
 // dtype the kernels compute in (float32, float64).
 std::tuple<at::Tensor, at::Tensor> forward_kernel(const BlockDesc& d, const BlockArgs& a,
                                                   bool save_preact) {
-  auto opts = a.x->options().memory_format(io_format(d));
-  at::Tensor y = at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts);
-  at::Tensor pre = save_preact ? at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts)
-                               : at::empty({0}, a.x->options());
+  at::Tensor y, pre;
+  std::tie(y, pre) = alloc_outputs(d, *a.x, save_preact);
   AT_DISPATCH_FLOATING_TYPES(a.x->scalar_type(), "msfused_block_forward_cpu", [&] {
     auto t = tensors_of<scalar_t>(a);
     scalar_t* p = save_preact ? pre.data_ptr<scalar_t>() : nullptr;
@@ -342,6 +376,8 @@ std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
   std::vector<at::Tensor> grads = alloc_grads(a, d);
   const BackwardScratch sl = backward_scratch(d, make_plan(d, true));
   at::Tensor scratch = at::empty({sl.total}, a.x->options());
+  advise_huge_pages(grads[0]);
+  advise_huge_pages(scratch);
   AT_DISPATCH_FLOATING_TYPES(a.x->scalar_type(), "msfused_block_backward_cpu", [&] {
     auto t = tensors_of<scalar_t>(a);
     auto g = grads_of<scalar_t>(grads, d);
@@ -376,6 +412,8 @@ std::vector<at::Tensor> backward_bf16(const BlockDesc& d, const BlockArgs& a,
     g32[i] = at::empty(grads[i].sizes(), grads[i].options().dtype(at::kFloat));
   const BackwardScratch sl = backward_scratch(d, make_plan(d, true));
   at::Tensor scratch = at::empty({sl.total}, w.x->options());
+  advise_huge_pages(grads[0]);
+  advise_huge_pages(scratch);
   auto bits = [](const at::Tensor& t) {
     return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
   };
