@@ -265,11 +265,29 @@ inline void gemm_rm(const Runtime& rt, char ta, char tb, int64_t m, int64_t n, i
     }
 }
 
+// f(i) for i in [0, n) in parallel. The threads claim tasks one at a time from a shared
+// counter instead of taking one fixed run each (at::parallel_for's split): on a machine
+// shared with other jobs, or with cores of different speeds, a thread that falls behind no
+// longer holds the rest at the end of the loop. Every task writes only its own outputs
+// (tiles, a chunk's partial gradients), so which thread runs it changes no bits.
 template <typename F>
 inline void par_for(const Runtime& rt, int64_t n, F& f) {
-  rt.parallel_for(n, 1, &f, [](void* ctx, int64_t b, int64_t e) {
-    F& fn = *static_cast<F*>(ctx);
-    for (int64_t i = b; i < e; ++i) fn(i);
+  const int64_t workers = rt.num_threads < n ? rt.num_threads : n;
+  if (workers <= 1) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  struct Ctx {
+    F* f;
+    int64_t n;
+    int64_t next;  // the next unclaimed task (GCC atomic builtins: no std:: templates here)
+  } ctx{&f, n, 0};
+  rt.parallel_for(workers, 1, &ctx, [](void* c, int64_t b, int64_t e) {
+    Ctx& x = *static_cast<Ctx*>(c);
+    for (int64_t w = b; w < e; ++w)
+      for (int64_t i = __atomic_fetch_add(&x.next, 1, __ATOMIC_RELAXED); i < x.n;
+           i = __atomic_fetch_add(&x.next, 1, __ATOMIC_RELAXED))
+        (*x.f)(i);
   });
 }
 template <typename T>
