@@ -185,8 +185,8 @@ bool use_avx512() {
 // Native bfloat16 (kernel_bf16_forward.h) where the CPU has AVX512-BF16 (AMX-BF16 CPUs all
 // do) and oneDNN's bfloat16 brgemm answers a probe correctly: oneDNN then picks AMX tiles
 // or AVX512-BF16 dot products itself. Elsewhere (no bf16 instructions: oneDNN would
-// emulate them, slower than the float32 kernels) the bfloat16 forward takes float32 kernels
-// on bfloat16 storage (forward_bf16_f32) and the backward float32 GEMMs in the AVX2 (or baseline) build.
+// emulate them, slower than the float32 kernels) the bfloat16 forward and backward run the
+// float32 kernels and GEMMs on bfloat16 storage (forward_bf16_f32, backward_bf16).
 // MSFUSED_CPU_BF16=widen forces that (A/B runs, tests of the fallback).
 bool probe_bf16_brgemm() {
   try {

@@ -380,7 +380,7 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
                     const BlockTensors<T>& t, const I* x, const T* wt, const I* gy,
                     const I* saved, const T* wp, const bf16_t* wpv, T* dx, T* SA, T* SB,
                     int64_t istride, T* part, int64_t t0, int64_t t1, T* b1img) {
-  const int64_t HoWo = d.Ho * d.Wo, C = d.C, N = d.N, Wo = d.Wo, Cout = d.Cout, K = pl.Ktot;
+  const int64_t HoWo = d.Ho * d.Wo, C = d.C, Wo = d.Wo, Cout = d.Cout, K = pl.Ktot;
   const int64_t XR = (d.W + 2) * C, BR = (Wo + 2) * C;
   const PartLayout L(d, pl);
   const bool identity = d.residual && !d.projection;

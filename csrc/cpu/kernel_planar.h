@@ -199,7 +199,7 @@ template <typename T, int S, int ACT, typename I>
 void backward_pass1(const Runtime& rt, const BlockDesc& d, const Plan& pl,
                     const BlockTensors<T>& t, const I* x, const I* gy, const I* saved,
                     const T* wp, T* dx, T* SA, T* SB, T* parts) {
-  const int64_t HoWo = d.Ho * d.Wo, C = d.C, N = d.N, Wo = d.Wo, Cout = d.Cout;
+  const int64_t HoWo = d.Ho * d.Wo, C = d.C, Wo = d.Wo, Cout = d.Cout;
   const int64_t XW = xrow_width<S>(d), BW = Wo + 2;
   const PartLayout L(d, pl);
   const bool identity = d.residual && !d.projection;

@@ -126,7 +126,6 @@ inline void vstore_as(O* p, typename Vec<T>::type v) {
     static_assert(std::is_same_v<T, float>, "bfloat16 storage rounds from float");
     constexpr int VN = Vec<float>::n;
     typedef uint16_t H __attribute__((vector_size(2 * VN), aligned(2)));
-    typedef uint32_t U __attribute__((vector_size(4 * VN)));
     *reinterpret_cast<H*>(p) = __builtin_convertvector(bf16_bits(v), H);
   } else {
     vstore(p, v);

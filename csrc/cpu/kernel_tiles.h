@@ -109,7 +109,6 @@ void tile_gz(const BlockDesc& d, const I* gy, const I* saved, int64_t off, int64
       const I* sr = ACT == kActNone ? nullptr : saved + off + p * Cout;
       T* o = G + p * Cout;
       act_grad_in<ACT>(gr, sr, sr, o, Cout);
-      typedef typename Vec<T>::type V;
       constexpr int VN = Vec<T>::n;
       int64_t co = 0;
       for (; co + VN <= Cout; co += VN) vstore(dbias + co, vload(dbias + co) + vload(o + co));
