@@ -292,6 +292,14 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const BlockDesc& d, const BlockA
   return {y, pre};
 }
 
+// A bfloat16 call's weights widened to float32, x replaced by an empty float32 tensor: the
+// kernels on bfloat16 storage read x (and write their outputs) as bfloat16 bits themselves.
+BlockArgs widened_weights(const BlockArgs& a) {
+  BlockArgs w = a;
+  w.x = TensorRef::owned(at::empty({0}, a.x->options().dtype(at::kFloat)));
+  return cast_block_args(w, at::kFloat);
+}
+
 // The bfloat16 forward where the native one does not apply (odd C, the planar path C <
 // kPixelMajorMinC, CPUs without AVX512-BF16): float32 kernels and GEMMs, with x, y and
 // the pre-activation read and written as bfloat16 by the kernels, only the weights widened
@@ -299,9 +307,7 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const BlockDesc& d, const BlockA
 // y is 8.4M elements).
 std::tuple<at::Tensor, at::Tensor> forward_bf16_f32(const BlockDesc& d, const BlockArgs& a,
                                                     bool save_preact) {
-  BlockArgs w = a;
-  w.x = TensorRef::owned(at::empty({0}, a.x->options().dtype(at::kFloat)));
-  w = cast_block_args(w, at::kFloat);  // the weights (x is read as bfloat16 bits)
+  const BlockArgs w = widened_weights(a);
   at::Tensor y, pre;
   std::tie(y, pre) = alloc_outputs(d, *a.x, save_preact);
   auto bits = [](const at::Tensor& t) {
@@ -403,9 +409,7 @@ std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
 std::vector<at::Tensor> backward_bf16(const BlockDesc& d, const BlockArgs& a,
                                       const at::Tensor& gy, const at::Tensor& sv) {
   std::vector<at::Tensor> grads = alloc_grads(a, d);  // bfloat16: dx is written in place
-  BlockArgs w = a;
-  w.x = TensorRef::owned(at::empty({0}, a.x->options().dtype(at::kFloat)));
-  w = cast_block_args(w, at::kFloat);  // the weights (x is read as bfloat16 bits)
+  const BlockArgs w = widened_weights(a);
   std::vector<at::Tensor> g32(grads.size());
   g32[0] = at::empty({0}, w.x->options());
   for (size_t i = 1; i < grads.size(); ++i)

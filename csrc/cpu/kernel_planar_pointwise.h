@@ -72,13 +72,17 @@ void tile_pointwise_fused(const BlockDesc& d, const PointwiseSegs<T>& sg, const 
     const T* w = sg.w[s];
     const T* As = A + sg.k0[s] * P;
     const int64_t K = sg.K[s], co0 = sg.co0[s];
+    // the epilogue of one vector / one element at offset o of the tile
+    auto out = [&](int64_t o, V z) {
+      pointwise_out<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr, ytile + o);
+    };
+    auto out1 = [&](int64_t o, T z) {
+      pointwise_out1<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr, ytile + o);
+    };
     if (d.channels_last) {
       // pixels in pairs x 4 vectors of output channels: per row of A two broadcasts and
       // four weight loads feed eight multiply-adds
       auto pix = [&](int64_t p) { return p * Cout + co0; };
-      auto out = [&](int64_t o, V z) {
-        pointwise_out<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr, ytile + o);
-      };
       int64_t c = 0;
       for (; c + 4 * VN <= n; c += 4 * VN) {
         const V b0 = vload(bias + co0 + c), b1 = vload(bias + co0 + c + VN),
@@ -122,16 +126,11 @@ void tile_pointwise_fused(const BlockDesc& d, const PointwiseSegs<T>& sg, const 
         for (int64_t p = 0; p < P; ++p) {
           T z = bias[co0 + c];
           for (int64_t k = 0; k < K; ++k) z += As[k * P + p] * w[k * n + c];
-          const int64_t o = pix(p) + c;
-          pointwise_out1<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr,
-                              ytile + o);
+          out1(pix(p) + c, z);
         }
     } else {
       // output channels in pairs x 4 vectors of pixels: per row of A two weight broadcasts
       // and four loads of A feed eight multiply-adds
-      auto out = [&](int64_t o, V z) {
-        pointwise_out<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr, ytile + o);
-      };
       int64_t c = 0;
       for (; c + 2 <= n; c += 2) {
         const int64_t r0 = (co0 + c) * HoWo, r1 = r0 + HoWo;
@@ -165,9 +164,7 @@ void tile_pointwise_fused(const BlockDesc& d, const PointwiseSegs<T>& sg, const 
           for (int j = 0; j < 2; ++j) {
             T z = bias[co0 + c + j];
             for (int64_t k = 0; k < K; ++k) z += As[k * P + p] * w[k * n + c + j];
-            const int64_t o = (co0 + c + j) * HoWo + p;
-            pointwise_out1<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr,
-                                ytile + o);
+            out1((co0 + c + j) * HoWo + p, z);
           }
       }
       for (; c < n; ++c) {
@@ -181,9 +178,7 @@ void tile_pointwise_fused(const BlockDesc& d, const PointwiseSegs<T>& sg, const 
         for (; p < P; ++p) {
           T z = bias[co0 + c];
           for (int64_t k = 0; k < K; ++k) z += As[k * P + p] * w[k * n + c];
-          const int64_t o = r0 + p;
-          pointwise_out1<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr,
-                              ytile + o);
+          out1(r0 + p, z);
         }
       }
     }
@@ -210,13 +205,6 @@ void pack_pointwise_wo(const BlockDesc& d, const Plan& pl, const PointwiseSegs<T
     for (int64_t k = 0; k < sg.K[s]; ++k)
       for (int64_t n = 0; n < sg.n; ++n)
         wo[(sg.co0[s] + n) * kp + sg.k0[s] + k] = sg.w[s][k * sg.n + n];
-}
-
-template <typename V>
-inline auto hsum(V v) {
-  auto s = v[0];
-  for (int j = 1; j < int(sizeof(V) / sizeof(s)); ++j) s += v[j];
-  return s;
 }
 
 // channels_last dA for Ktot rows of A (at most NV vectors; wo and dA start at the first):

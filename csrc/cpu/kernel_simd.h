@@ -67,6 +67,14 @@ inline void vstore(T* p, typename Vec<T>::type v) {
   *reinterpret_cast<typename Vec<T>::type*>(p) = v;
 }
 
+// The sum of a vector's lanes.
+template <typename V>
+inline auto hsum(V v) {
+  auto s = v[0];
+  for (int j = 1; j < int(sizeof(V) / sizeof(s)); ++j) s += v[j];
+  return s;
+}
+
 // ---- 16-bit storage: bfloat16 as its bits (the upper half of a float32) -------------------
 // Kernels that read or write bfloat16 tensors compute in float: elements are widened on
 // load (exact) and rounded to nearest even on store (NaN stays a quiet NaN), which is what

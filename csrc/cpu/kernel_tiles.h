@@ -126,8 +126,7 @@ void tile_gz(const BlockDesc& d, const I* gy, const I* saved, int64_t off, int64
       V a{};
       int64_t p = 0;
       for (; p + VN <= P; p += VN) a += vload(o + p);
-      T s = T(0);
-      for (int j = 0; j < VN; ++j) s += a[j];
+      T s = hsum(a);
       for (; p < P; ++p) s += o[p];
       dbias[co] += s;
       if (identity) memcpy(dx + off + co * HoWo, o, sizeof(T) * P);
