@@ -76,9 +76,12 @@ inline void dw_taps4(const T* r, int64_t C, V k0, V k1, V k2, V& a0, V& a1, V& a
 // One output row of a 3x3 depthwise conv over all channels, pixel-major: output column w
 // takes tap (ti, tj) from in[ti * rs + (S * w + tj) * C + c]; post[w * ps + c] = act(z) and,
 // when pre is given, pre[w * ps + c] = z, z = bias + the nine taps in row-major tap order.
-// Register blocks of 4 pixels x one vector of channels keep the nine weights and four sums
-// in registers, so an input vector loaded once serves up to three sums (one per pixel in
-// the per-pixel form, with a weight load beside every input load).
+// Register blocks of 4 pixels x one vector of channels keep four sums in registers, so an
+// input vector loaded once serves up to three sums. Pixel blocks are the outer loop and
+// channel vectors the inner one, so every load walks memory forward: with channels
+// outside, a power-of-two C put a row's pixels 4 C bytes apart, all in a few L1 sets (at
+// C = 128 floats 8 of 64), and the inputs came from L2. The nine weight vectors are
+// reloaded per block from the tap-major table, which stays in L1.
 // When init is given, sums start from init[w * ps + c] instead of the bias (init may be post).
 // post may be 16-bit storage (O = bf16_t: act(z) rounded on the store); pre is always T.
 template <int S, int ACT, typename T, typename O>
@@ -86,50 +89,54 @@ void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, cons
                O* post, T* pre, int64_t ps, const T* init = nullptr) {
   typedef typename Vec<T>::type V;
   constexpr int VN = Vec<T>::n;
-  int64_t c0 = 0;
-  for (; c0 + VN <= C; c0 += VN) {
-    const V w0 = vload(wt + c0), w1 = vload(wt + C + c0), w2 = vload(wt + 2 * C + c0);
-    const V w3 = vload(wt + 3 * C + c0), w4 = vload(wt + 4 * C + c0), w5 = vload(wt + 5 * C + c0);
-    const V w6 = vload(wt + 6 * C + c0), w7 = vload(wt + 7 * C + c0), w8 = vload(wt + 8 * C + c0);
-    const V bv = bias ? vload(bias + c0) : V{};
-    const T* ic = in + c0;
-    int64_t w = 0;
-    for (; w + 4 <= Wo; w += 4) {
-      V a0 = bv, a1 = bv, a2 = bv, a3 = bv;
-      if (init) {
-        const T* ip = init + w * ps + c0;
-        a0 = vload(ip);
-        a1 = vload(ip + ps);
-        a2 = vload(ip + 2 * ps);
-        a3 = vload(ip + 3 * ps);
+  const int64_t Cv = C / VN * VN;
+  int64_t w = 0;
+  for (; w + 4 <= Wo; w += 4) {
+    const T* r = in + S * w * C;
+    O* po = post + w * ps;
+    T* pr = pre ? pre + w * ps : nullptr;
+    const T* ip = init ? init + w * ps : nullptr;
+    for (int64_t c0 = 0; c0 < Cv; c0 += VN) {
+      const T* wc = wt + c0;
+      V a0, a1, a2, a3;
+      if (ip) {
+        a0 = vload(ip + c0);
+        a1 = vload(ip + ps + c0);
+        a2 = vload(ip + 2 * ps + c0);
+        a3 = vload(ip + 3 * ps + c0);
+      } else {
+        a0 = a1 = a2 = a3 = bias ? vload(bias + c0) : V{};
       }
-      const T* r = ic + S * w * C;
-      dw_taps4<S>(r, C, w0, w1, w2, a0, a1, a2, a3);
-      dw_taps4<S>(r + rs, C, w3, w4, w5, a0, a1, a2, a3);
-      dw_taps4<S>(r + 2 * rs, C, w6, w7, w8, a0, a1, a2, a3);
-      O* po = post + w * ps + c0;
-      T* pr = pre ? pre + w * ps + c0 : nullptr;
-      dw_store<ACT>(a0, po, pr);
-      dw_store<ACT>(a1, po + ps, pr ? pr + ps : nullptr);
-      dw_store<ACT>(a2, po + 2 * ps, pr ? pr + 2 * ps : nullptr);
-      dw_store<ACT>(a3, po + 3 * ps, pr ? pr + 3 * ps : nullptr);
+      dw_taps4<S>(r + c0, C, vload(wc), vload(wc + C), vload(wc + 2 * C), a0, a1, a2, a3);
+      dw_taps4<S>(r + rs + c0, C, vload(wc + 3 * C), vload(wc + 4 * C), vload(wc + 5 * C),
+                  a0, a1, a2, a3);
+      dw_taps4<S>(r + 2 * rs + c0, C, vload(wc + 6 * C), vload(wc + 7 * C), vload(wc + 8 * C),
+                  a0, a1, a2, a3);
+      dw_store<ACT>(a0, po + c0, pr ? pr + c0 : nullptr);
+      dw_store<ACT>(a1, po + ps + c0, pr ? pr + ps + c0 : nullptr);
+      dw_store<ACT>(a2, po + 2 * ps + c0, pr ? pr + 2 * ps + c0 : nullptr);
+      dw_store<ACT>(a3, po + 3 * ps + c0, pr ? pr + 3 * ps + c0 : nullptr);
     }
-    for (; w < Wo; ++w) {
-      const T* r = ic + S * w * C;
-      V a = init ? vload(init + w * ps + c0) : bv;
-      a += w0 * vload(r);
-      a += w1 * vload(r + C);
-      a += w2 * vload(r + 2 * C);
-      a += w3 * vload(r + rs);
-      a += w4 * vload(r + rs + C);
-      a += w5 * vload(r + rs + 2 * C);
-      a += w6 * vload(r + 2 * rs);
-      a += w7 * vload(r + 2 * rs + C);
-      a += w8 * vload(r + 2 * rs + 2 * C);
+  }
+  for (; w < Wo; ++w) {
+    const T* r = in + S * w * C;
+    for (int64_t c0 = 0; c0 < Cv; c0 += VN) {
+      const T* wc = wt + c0;
+      const T* rc = r + c0;
+      V a = init ? vload(init + w * ps + c0) : (bias ? vload(bias + c0) : V{});
+      a += vload(wc) * vload(rc);
+      a += vload(wc + C) * vload(rc + C);
+      a += vload(wc + 2 * C) * vload(rc + 2 * C);
+      a += vload(wc + 3 * C) * vload(rc + rs);
+      a += vload(wc + 4 * C) * vload(rc + rs + C);
+      a += vload(wc + 5 * C) * vload(rc + rs + 2 * C);
+      a += vload(wc + 6 * C) * vload(rc + 2 * rs);
+      a += vload(wc + 7 * C) * vload(rc + 2 * rs + C);
+      a += vload(wc + 8 * C) * vload(rc + 2 * rs + 2 * C);
       dw_store<ACT>(a, post + w * ps + c0, pre ? pre + w * ps + c0 : nullptr);
     }
   }
-  for (; c0 < C; ++c0)
+  for (int64_t c0 = Cv; c0 < C; ++c0)
     for (int64_t w = 0; w < Wo; ++w) {
       const T* p0 = in + S * w * C + c0;
       T acc = init ? init[w * ps + c0] : (bias ? bias[c0] : T(0));
