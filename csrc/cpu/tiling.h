@@ -46,11 +46,13 @@ static inline Plan make_plan(const BlockDesc& d, bool backward = false) {
   p.Ktot = 2 * d.C + p.Cs;
   p.pixel_major = d.C >= kPixelMajorMinC;
   p.per_image = backward && p.pixel_major && d.B >= kPerImageMinB;
-  // Aim the packed tile matrix (Ktot x P) at ~128 KiB (planar) / ~1 MiB (pixel-major: the
-  // b1 halo rows are recomputed once per tile in the forward and in both backward passes,
-  // and whole 14x14 and 28x28 images measured no slower in the GEMMs than 256 KiB tiles),
-  // with at least 32 pixels so the GEMM is not degenerate.
-  int64_t target_p = (p.pixel_major ? 262144 : 32768) / p.Ktot;
+  // Aim the packed tile matrix (Ktot x P) at 32768 elements (~128 KiB in float32), with at
+  // least 32 pixels so the GEMM is not degenerate; the pixel-major forward at 262144 (~1 MiB:
+  // its b1 halo rows are recomputed once per tile, and whole 14x14 and 28x28 images measured
+  // no slower in the GEMMs than 256 KiB tiles). The backward keeps four tile matrices of
+  // about that size live (A, dA and gz in both layouts): at 128 KiB they stay in a 512 KiB
+  // L2 (whole images measured 13-15% slower at 14x14 to 56x56; benchmarks/NOTES.md 20).
+  int64_t target_p = (p.pixel_major && !backward ? 262144 : 32768) / p.Ktot;
   if (target_p < 32) target_p = 32;
   if (target_p > 1024) target_p = 1024;
   int64_t r = target_p / d.Wo;
