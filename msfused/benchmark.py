@@ -74,13 +74,18 @@ def flops_forward(s: Shape) -> float:
 
 def floor_seconds(s: Shape, elem: int, ceilings: Dict[str, float], train: bool) -> float:
     """The time under which the block cannot run here: max(bytes / copy bandwidth,
-    depthwise FLOPs / FP32 rate, GEMM FLOPs / GEMM rate in the benchmark dtype), with the
-    run's measured ceilings; forward+backward counts 3x the forward's FLOPs."""
+    depthwise FLOPs / FP32 rate, GEMM FLOPs / GEMM rate), with the run's measured ceilings;
+    forward+backward counts 3x the forward's FLOPs. The GEMM rate is the faster of the
+    benchmark dtype's and float32's: a CPU without 16-bit dot products (AMD Zen 3: oneDNN's
+    bfloat16 GEMM at 15 against 110 GFLOP/s) multiplies 16-bit data fastest in float32,
+    which is what the cpp kernels do there, and a floor from the slower rate would put
+    them at several times 100% of it."""
     dw, gemm = flops_split(s)
     k = 3.0 if train else 1.0
     by = bytes_train(s, elem) if train else bytes_forward(s, elem)
     fp32 = ceilings.get("fp32_flops", ceilings["gemm_flops"])
-    return max(by / ceilings["copy_bytes_per_s"], k * dw / fp32, k * gemm / ceilings["gemm_flops"])
+    gemm_rate = max(ceilings["gemm_flops"], fp32)
+    return max(by / ceilings["copy_bytes_per_s"], k * dw / fp32, k * gemm / gemm_rate)
 
 
 def bytes_forward(s: Shape, elem: int) -> float:

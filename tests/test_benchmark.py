@@ -29,11 +29,15 @@ def test_floor_is_the_largest_of_the_three_terms():
     huge = 1e30
     bw_bound = {"gemm_flops": huge, "fp32_flops": huge, "copy_bytes_per_s": 1e9}
     dw_bound = {"gemm_flops": huge, "fp32_flops": 1e6, "copy_bytes_per_s": huge}
-    mm_bound = {"gemm_flops": 1e6, "fp32_flops": huge, "copy_bytes_per_s": huge}
+    mm_bound = {"gemm_flops": 1e6, "fp32_flops": 1e6, "copy_bytes_per_s": huge}
     assert floor_seconds(s, elem, bw_bound, False) == by_f / 1e9
     assert floor_seconds(s, elem, bw_bound, True) == by_t / 1e9
     assert floor_seconds(s, elem, dw_bound, False) == dw / 1e6
     assert floor_seconds(s, elem, mm_bound, True) == 3 * gemm / 1e6
+    # a CPU whose 16-bit GEMM is slower than its float32 one: kernels may multiply 16-bit
+    # data in float32, so the floor takes the faster rate
+    slow16 = {"gemm_flops": 1e5, "fp32_flops": 1e6, "copy_bytes_per_s": huge}
+    assert floor_seconds(s, elem, slow16, True) == 3 * gemm / 1e6
     # a results file from before the FP32 ceiling: the GEMM rate stands in for it
     old = {"gemm_flops": 1e6, "copy_bytes_per_s": huge}
     assert floor_seconds(s, elem, old, False) == max(dw, gemm) / 1e6
