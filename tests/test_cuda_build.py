@@ -132,9 +132,10 @@ def test_tensor_core_forward_sass():
 
 
 def test_tensor_core_backward_sass():
-    """The float16/bfloat16 backward's GEMM launch (block_backward_mma.cu, {half, bfloat16} x
-    stride {1, 2}) runs its data and weight gradients on tensor cores (HMMA) fed by ldmatrix
-    (LDSM), stages x with 16-byte cp.async (LDGSTS .128), and keeps everything in registers
+    """The tensor-core backward's GEMM launch (block_backward_mma.cu, {half, bfloat16, float on
+    TF32} x stride {1, 2}) runs its data and weight gradients on tensor cores (HMMA) fed by
+    ldmatrix (LDSM) in the 16-bit ones, stages x with 16-byte cp.async (LDGSTS .128), and
+    keeps everything in registers
     (no local memory) within the 255 its one CTA per SM allows; its depthwise launch
     (block_backward_dw.cu) spills nothing either. The table: python tools/cuda_sass.py
     backward."""
@@ -143,12 +144,12 @@ def test_tensor_core_backward_sass():
     if tool is None or so is None:
         pytest.skip("cuobjdump or the shared object not found")
     ks = cuda_sass.kernels(so, tool, "block_backward_mma_kernel")
-    assert len(ks) == 4, sorted(ks)
+    assert len(ks) == 6, sorted(ks)
     for name, r in ks.items():
         short = cuda_sass.demangle_short(name)
         assert r["local"] == 0 and r["LDL"] == 0 and r["STL"] == 0, (short, r)
         assert r["regs"] <= 255, (short, r)
-        for op in ("HMMA", "LDSM", "LDGSTS128"):
+        for op in ("HMMA", "LDGSTS128") + (() if "float," in short else ("LDSM",)):
             assert r[op] > 0, (short, op, r)
     dw = cuda_sass.kernels(so, tool, "dw_backward_kernel")
     assert dw, "no depthwise backward kernel in the shared object"

@@ -222,6 +222,31 @@ def test_tensor_core_backward(emu_lib, case, dtype):
     assert ok, line
 
 
+# float32 with TF32 allowed (torch.backends.cudnn.allow_tf32, PyTorch's default) runs the same
+# three launches on TF32 tensor cores; without it, the FMA backward.
+TF32_BWD_CASES = [BWD_CASES[i] for i in (0, 1, 3, 5)]
+
+
+@pytest.mark.parametrize("case", TF32_BWD_CASES, ids=lambda c: "-".join(map(str, c[0] + c[1:])))
+def test_tf32_backward(emu_lib, case):
+    run_emu, lib = emu_lib
+    assert run_emu.backward_plan(lib, case, 4)["P"] > 0
+    ok, line = run_emu.run_backward_tf32(lib, case)
+    assert ok, line
+
+
+def test_float32_backward_without_tf32_is_the_fma_one(emu_lib):
+    """TF32 off (the emulator's default, as torch.backends.cudnn.allow_tf32 = False): float32
+    gradients at float32 accuracy, from kernels that the byte counters do not see."""
+    run_emu, lib = emu_lib
+    (c, n, h, w, batch), merge, stride, residual, cl, act = BWD_CASES[2]
+    run_emu._bytes_moved(lib)
+    errs, _, _ = run_emu.run(lib, c, n, h, w, merge, stride, act, residual, True, torch.float32,
+                             cl, batch)
+    assert run_emu._bytes_moved(lib) == 0
+    assert max(errs.values()) < 1e-5, errs
+
+
 def test_backward_falls_back_when_rows_exceed_the_plan(emu_lib):
     """[dpa | dpb | dws] above 512 rows (here concat, N = 140: 144 + 144 + 288) has no tensor-
     core plan; the FMA backward runs, with correct gradients."""
@@ -232,23 +257,32 @@ def test_backward_falls_back_when_rows_exceed_the_plan(emu_lib):
     assert ok, line
 
 
-@pytest.mark.parametrize("case", [((24, 16, 16, 9, 2), "add", 1, True, True, "relu"),
-                                  ((40, 24, 17, 13, 2), "concat", 2, True, False, "silu")],
-                         ids=["add-nhwc", "concat-nchw"])
-def test_backward_weight_grads_do_not_depend_on_the_split(emu_lib, case, monkeypatch):
+@pytest.mark.parametrize("case,dtype",
+                         [(((24, 16, 16, 9, 2), "add", 1, True, True, "relu"), torch.bfloat16),
+                          (((40, 24, 17, 13, 2), "concat", 2, True, False, "silu"),
+                           torch.bfloat16),
+                          (((24, 16, 16, 9, 2), "add", 1, True, True, "relu"), "tf32")],
+                         ids=["add-nhwc", "concat-nchw", "add-nhwc-tf32"])
+def test_backward_weight_grads_do_not_depend_on_the_split(emu_lib, case, dtype, monkeypatch):
     """Every gradient bitwise identical whether one CTA per channel block walks all pixel
     groups, three CTAs share them, or each group has its own CTA (MSFUSED_CUDA_BWD_SPLIT)."""
     run_emu, lib = emu_lib
-    assert run_emu.backward_plan(lib, case)["groups"] > 3
+    tf32 = dtype == "tf32"
+    assert run_emu.backward_plan(lib, case, 4 if tf32 else 2)["groups"] > 3
     results = []
-    for split in ("0", "1", "3"):
-        monkeypatch.setenv("MSFUSED_CUDA_BWD_SPLIT", split)
-        results.append(run_emu.backward_grads(lib, case, torch.bfloat16))
+    lib.emu_set_tf32(int(tf32))
+    try:
+        for split in ("0", "1", "3"):
+            monkeypatch.setenv("MSFUSED_CUDA_BWD_SPLIT", split)
+            results.append(run_emu.backward_grads(lib, case, torch.float32 if tf32 else dtype))
+    finally:
+        lib.emu_set_tf32(0)
     for other in results[1:]:
         for name, a, b in zip(run_emu.NAMES, results[0], other):
             assert (a is None) == (b is None), name
             if a is not None:
-                assert torch.equal(a.view(torch.int16), b.view(torch.int16)), name
+                bits = [v.contiguous().view(torch.uint8) for v in (a, b)]
+                assert torch.equal(*bits), name
 
 
 def test_backward_global_bytes(emu_lib):

@@ -1,4 +1,5 @@
-// The float16/bfloat16 backward in three launches plus nothing else:
+// The tensor-core backward (float16/bfloat16, and float32 on TF32 where
+// torch.backends.cudnn.allow_tf32 allows it) in three launches plus nothing else:
 //   1. block_backward_mma.cu  per (channel block of 32, pixel split): gz = grad_y * act'(saved)
 //      on the fly, a, b, xs recomputed from x (the forward's phase 1), the data gradients of
 //      the pointwise convs and the projection on tensor cores (written as the pixel-major
@@ -68,8 +69,8 @@ struct BwdMmaPlan {
                                // the row (GW + pad)
   int mt_a, MT;                // weight-gradient m16 tiles: dpa, dpb (mt_a each), dws (the rest)
   int rows;                    // partial rows: 2 N + (projection ? Cout : 0)
-  int LDA, LDD, LDWT;          // rows of A = [a | b | xs | a_lo | b_lo] (the lo: a - (T)a),
-                               // of act' (float), of a weight slice
+  int LDA, LDD, LDWT;          // rows of A = [a | b | xs | a_lo | b_lo] (the lo: a - (T)a;
+                               // none for float), of act' (float), of a weight slice
   uint32_t off_x0, off_x1, off_b1, off_dw, off_a, off_d, off_g, off_wa, off_wb, off_ws, smem;
   // workspace (bytes, 256-aligned): scratch da, db, dxs; partials wpart, bpart, dwpart
   size_t ws_da, ws_db, ws_dxs, ws_wpart, ws_bpart, ws_dwpart, ws_total;
@@ -88,15 +89,22 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   const int64_t GW = d.merge == kConcat ? 2 * N16 : N16;
   const int64_t rows16 = 2 * N16 + (d.projection ? GW : 0);
   if (rows16 > int64_t(8) * BWD_WMT * 16 || d.C > (int64_t(1) << 20)) return p;
+  // float (TF32): 32-bit fragments come through scalar shared loads, not ldmatrix. gz is read
+  // along rows (data gradients: lanes g, t at g LDG + t) and down columns (weight gradients:
+  // t LDG + g), the weights and A down columns only; a row pitch of 4 (mod 32) words keeps
+  // the first in 32 distinct banks (the second 2-way), 8 (mod 32) the others.
+  const bool tf32 = esz == 4;
   p.N16 = int(N16);
   p.gzb = d.merge == kConcat ? int(N16) : 0;
   p.GW = int(GW);
-  p.LDG = p.GW + BWD_PAD;
+  p.LDG = p.GW + (tf32 ? 4 : BWD_PAD);
   p.mt_a = int(N16 / 16);
   p.MT = int(rows16 / 16);
   p.rows = int(2 * d.N + (d.projection ? d.Cout : 0));
   p.C16 = int((d.C + 15) / 16 * 16);
-  p.LDA = 5 * BWD_KC + BWD_PAD;  // [a | b | xs | a_lo | b_lo]
+  // [a | b | xs | a_lo | b_lo]; float has no lo (the tensor cores read a and b as tf32, as
+  // eager's TF32 convolutions do)
+  p.LDA = (tf32 ? 3 : 5) * BWD_KC + BWD_PAD;
   p.LDD = 2 * BWD_KC + 4;
   // As many chunks per CTA as the 8 x BWD_WMT accumulator slots hold (each chunk needs MT):
   // gz, staged once per tile, then serves them all, and fewer channel blocks re-read dy.
@@ -180,9 +188,9 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   return p;
 }
 
-// Launch 1 (and, chained, 2 and 3) for float16/bfloat16: the backward of the block on tensor
-// cores, with the workspace of plan_backward_mma; *launched false (nothing run) when the
-// shape does not fit the plan.
+// Launch 1 (and, chained, 2 and 3) for float16/bfloat16 and for float on TF32: the backward of
+// the block on tensor cores, with the workspace of plan_backward_mma; *launched false (nothing
+// run) when the shape does not fit the plan.
 template <typename T>
 const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>& t,
                                       const T* grad_y, const T* saved, const BlockGrads<T>& g,

@@ -481,9 +481,9 @@ inline unsigned grid_for(int64_t n, int64_t cap) {
 
 }  // namespace
 
-size_t block_backward_workspace_bytes(const BlockDesc& d, int elem_bytes) {
-  if (elem_bytes == 2) {  // the tensor-core backward's, where its plan fits
-    const BwdMmaPlan pl = backward_mma_plan(d, 2);
+size_t block_backward_workspace_bytes(const BlockDesc& d, int elem_bytes, bool allow_tf32) {
+  if (elem_bytes == 2 || (elem_bytes == 4 && allow_tf32)) {  // the tensor-core backward's,
+    const BwdMmaPlan pl = backward_mma_plan(d, elem_bytes);  // where its plan fits
     if (pl.P != 0) return pl.ws_total;
   }
   return bwd_layout(d, elem_bytes == 8 ? 8 : 4).total;
@@ -492,13 +492,16 @@ size_t block_backward_workspace_bytes(const BlockDesc& d, int elem_bytes) {
 template <typename T>
 const char* launch_block_backward(const BlockDesc& d, const BlockTensors<T>& t, const T* grad_y,
                                   const T* saved, const BlockGrads<T>& g, void* workspace,
-                                  cudaStream_t stream) {
+                                  bool allow_tf32, cudaStream_t stream) {
   using A = typename AccT<T>::type;
-  if constexpr (sizeof(T) == 2) {  // float16 / bfloat16: tensor cores (block_backward_mma.cu)
-    bool launched = false;
-    const char* err =
-        launch_block_backward_mma<T>(d, t, grad_y, saved, g, workspace, stream, &launched);
-    if (err != nullptr || launched) return err;
+  // float16 / bfloat16, and float32 where TF32 is allowed: tensor cores (block_backward_mma.cu)
+  if constexpr (sizeof(T) == 2 || std::is_same_v<T, float>) {
+    if (sizeof(T) == 2 || allow_tf32) {
+      bool launched = false;
+      const char* err =
+          launch_block_backward_mma<T>(d, t, grad_y, saved, g, workspace, stream, &launched);
+      if (err != nullptr || launched) return err;
+    }
   }
   constexpr int KC = BwdKC<T>::value;
   const BwdLayout L = bwd_layout(d, sizeof(A));
@@ -565,16 +568,16 @@ const char* launch_block_backward(const BlockDesc& d, const BlockTensors<T>& t, 
 
 template const char* launch_block_backward<float>(const BlockDesc&, const BlockTensors<float>&,
                                                   const float*, const float*,
-                                                  const BlockGrads<float>&, void*, cudaStream_t);
+                                                  const BlockGrads<float>&, void*, bool, cudaStream_t);
 template const char* launch_block_backward<double>(const BlockDesc&, const BlockTensors<double>&,
                                                    const double*, const double*,
-                                                   const BlockGrads<double>&, void*, cudaStream_t);
+                                                   const BlockGrads<double>&, void*, bool, cudaStream_t);
 template const char* launch_block_backward<__half>(const BlockDesc&, const BlockTensors<__half>&,
                                                    const __half*, const __half*,
-                                                   const BlockGrads<__half>&, void*, cudaStream_t);
+                                                   const BlockGrads<__half>&, void*, bool, cudaStream_t);
 template const char* launch_block_backward<__nv_bfloat16>(
     const BlockDesc&, const BlockTensors<__nv_bfloat16>&, const __nv_bfloat16*,
-    const __nv_bfloat16*, const BlockGrads<__nv_bfloat16>&, void*, cudaStream_t);
+    const __nv_bfloat16*, const BlockGrads<__nv_bfloat16>&, void*, bool, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace msfused

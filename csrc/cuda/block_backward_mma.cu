@@ -1,4 +1,5 @@
-// The float16/bfloat16 backward on tensor cores: launch 1 (the pointwise convs' and the
+// The float16/bfloat16 backward on tensor cores (and float32's on TF32 tensor cores, where
+// torch.backends.cudnn.allow_tf32 allows it): launch 1 (the pointwise convs' and the
 // projection's data and weight gradients) and launch 3 (the fixed-order reduction); launch 2
 // (depthwise) is block_backward_dw.cu. The plan and the scratch are csrc/cuda/backward_mma.h.
 //
@@ -20,7 +21,10 @@
 // After a group's last tile the accumulators go out as that group's partial. Groups are
 // fixed by the shape, the order of the sums inside a group by the tile order, and launch 3
 // adds the groups in index order: the result does not depend on the split (the grid).
+// float runs the same steps with m16n8k8 TF32 MMAs on 32-bit fragments loaded one element
+// per register (ldmatrix is 16-bit only) and without the lo residuals.
 #include <cstdlib>
+#include <type_traits>
 
 #include "backward_mma.h"
 #include "block_cuda.h"
@@ -140,6 +144,52 @@ __device__ __forceinline__ void stage_gz(const BlockDesc& d, const BwdMmaPlan& p
   }
 }
 
+// float on TF32: one data-gradient unit, acc[n8] += gz (16 pixels x K: rows of sG from Ab,
+// this m16 tile's first row) times a weight slice (K x 16 channels: rows of Bw), K a multiple
+// of 16, with m16n8k8 on fragments loaded one 32-bit element per register (ldmatrix is
+// 16-bit only); the tensor cores read the float bits as tf32.
+__device__ __forceinline__ void data_grad_tf32(float (&acc)[2][4], const float* Ab, int LDG,
+                                               const float* Bw, int L, int K, int lane) {
+  const int g = lane / 4, t = lane % 4;
+  for (int kk = 0; kk < K; kk += 8) {
+    const float* r0 = Ab + g * LDG + kk + t;
+    const float* r8 = r0 + 8 * LDG;
+    const uint32_t af[4] = {__float_as_uint(r0[0]), __float_as_uint(r8[0]),
+                            __float_as_uint(r0[4]), __float_as_uint(r8[4])};
+#pragma unroll
+    for (int n8 = 0; n8 < 2; ++n8) {
+      const float* b = Bw + (kk + t) * L + n8 * 8 + g;
+      const uint32_t bf[2] = {__float_as_uint(b[0]), __float_as_uint(b[4 * L])};
+      ptx::mma_m16n8k8_tf32(acc[n8], af, bf);
+    }
+  }
+}
+
+// float on TF32: one weight-gradient slot, acc[n8] += gz^T (16 rows of [dpa | dpb | dws]:
+// gz's columns from Gc, K = the tile's P pixels) times the chunk's operand columns (nh halves
+// of 16 channels from B). No lo residuals: a and b enter as tf32, as in eager's TF32 convs.
+__device__ __forceinline__ void weight_grad_tf32(float (&acc)[4][4], const float* Gc, int LDG,
+                                                 const float* B, int LDA, int nh, int P,
+                                                 int lane) {
+  const int g = lane / 4, t = lane % 4;
+  for (int kk = 0; kk < P; kk += 8) {
+    const float* c0 = Gc + (kk + t) * LDG + g;
+    const float* c4 = c0 + 4 * LDG;
+    const uint32_t af[4] = {__float_as_uint(c0[0]), __float_as_uint(c0[8]),
+                            __float_as_uint(c4[0]), __float_as_uint(c4[8])};
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      if (hh >= nh) continue;
+#pragma unroll
+      for (int n8 = 0; n8 < 2; ++n8) {
+        const float* b = B + (kk + t) * LDA + hh * 16 + n8 * 8 + g;
+        const uint32_t bf[2] = {__float_as_uint(b[0]), __float_as_uint(b[4 * LDA])};
+        ptx::mma_m16n8k8_tf32(acc[2 * hh + n8], af, bf);
+      }
+    }
+  }
+}
+
 template <typename T, int S>
 __global__ void __launch_bounds__(NT, 1)
     block_backward_mma_kernel(BlockDesc d, BlockTensors<T> t, const T* __restrict__ gy,
@@ -222,7 +272,9 @@ __global__ void __launch_bounds__(NT, 1)
         }
         ptx::cp_async_wait<0>();
         __syncthreads();  // this chunk's x published; the previous chunk's operands are free
-        const ChunkOut<T> o{sA, sA + KC, sA + 2 * KC, LDA, sD, LDD, sA + 3 * KC, sA + 4 * KC};
+        constexpr bool lo = sizeof(T) == 2;  // [a | b | xs | a_lo | b_lo]; float: [a | b | xs]
+        const ChunkOut<T> o{sA,  sA + KC, sA + 2 * KC, LDA, sD, LDD, lo ? sA + 3 * KC : nullptr,
+                            lo ? sA + 4 * KC : nullptr};
         chunk_operands<T, S, TW>(d, TH, r0, q0, cc0, pl.C16, buf ? xs1 : xs0, b1,
                                  dw + ck * 30 * KC, o);
         if (next_tile >= 0) prefetch(next_tile, next_ck, buf ? xs0 : xs1);  // lands meanwhile
@@ -241,14 +293,18 @@ __global__ void __launch_bounds__(NT, 1)
           const T* Bw = (which == 0 ? sWa : (which == 1 ? sWb : sWs)) + ck * KC + h * 16;
           const int K = which == 2 ? pl.GW : pl.N16;
           float acc[2][4] = {};
-          for (int kk = 0; kk < K; kk += 16) {
-            uint32_t af[4], r[4];
-            ptx::ldmatrix_x4(af, Ab + (mt * 16 + lane % 16) * LDG + kk + 8 * (lane / 16));
-            ptx::ldmatrix_x4_trans(r, Bw + (kk + lane % 8 + 8 * ((lane / 8) % 2)) * L +
-                                          8 * (lane / 16));
-            const uint32_t b0[2] = {r[0], r[1]}, b1f[2] = {r[2], r[3]};
-            ptx::mma_m16n8k16<T>(acc[0], af, b0);
-            ptx::mma_m16n8k16<T>(acc[1], af, b1f);
+          if constexpr (std::is_same_v<T, float>) {
+            data_grad_tf32(acc, Ab + mt * 16 * LDG, LDG, Bw, L, K, lane);
+          } else {
+            for (int kk = 0; kk < K; kk += 16) {
+              uint32_t af[4], r[4];
+              ptx::ldmatrix_x4(af, Ab + (mt * 16 + lane % 16) * LDG + kk + 8 * (lane / 16));
+              ptx::ldmatrix_x4_trans(r, Bw + (kk + lane % 8 + 8 * ((lane / 8) % 2)) * L +
+                                            8 * (lane / 16));
+              const uint32_t b0[2] = {r[0], r[1]}, b1f[2] = {r[2], r[3]};
+              ptx::mma_m16n8k16<T>(acc[0], af, b0);
+              ptx::mma_m16n8k16<T>(acc[1], af, b1f);
+            }
           }
           T* dst = which == 0 ? sc_da : (which == 1 ? sc_db : sc_dxs);
 #pragma unroll
@@ -282,24 +338,28 @@ __global__ void __launch_bounds__(NT, 1)
           const int seg = mt < pl.mt_a ? 0 : (mt < 2 * pl.mt_a ? 1 : 2);
           const int gcol = seg == 0 ? mt * 16 : (seg == 1 ? pl.gzb + (mt - pl.mt_a) * 16
                                                           : (mt - 2 * pl.mt_a) * 16);
-          // a and b as hi + lo (their rounding residual): float-accurate operands, so dpa and
-          // dpb carry only gz's rounding; xs is exact in T
-          const int nparts = seg < 2 ? 2 : 1;
-          for (int kk = 0; kk < P; kk += 16) {
-            uint32_t af[4];
-            ptx::ldmatrix_x4_trans(af, sG + (kk + lane % 8 + 8 * (lane / 16)) * LDG + gcol +
-                                           8 * ((lane / 8) % 2));
-            for (int part = 0; part < nparts; ++part) {
-              const T* bsrc = sA + (part == 0 ? seg : 3 + seg) * KC;
+          if constexpr (std::is_same_v<T, float>) {
+            weight_grad_tf32(accW[j], sG + gcol, LDG, sA + seg * KC, LDA, nh, P, lane);
+          } else {
+            // a and b as hi + lo (their rounding residual): float-accurate operands, so dpa
+            // and dpb carry only gz's rounding; xs is exact in T
+            const int nparts = seg < 2 ? 2 : 1;
+            for (int kk = 0; kk < P; kk += 16) {
+              uint32_t af[4];
+              ptx::ldmatrix_x4_trans(af, sG + (kk + lane % 8 + 8 * (lane / 16)) * LDG + gcol +
+                                             8 * ((lane / 8) % 2));
+              for (int part = 0; part < nparts; ++part) {
+                const T* bsrc = sA + (part == 0 ? seg : 3 + seg) * KC;
 #pragma unroll
-              for (int hh = 0; hh < 2; ++hh) {
-                if (hh >= nh) continue;
-                uint32_t r[4];
-                ptx::ldmatrix_x4_trans(r, bsrc + (kk + lane % 8 + 8 * ((lane / 8) % 2)) * LDA +
-                                              hh * 16 + 8 * (lane / 16));
-                const uint32_t b0[2] = {r[0], r[1]}, b1f[2] = {r[2], r[3]};
-                ptx::mma_m16n8k16<T>(accW[j][2 * hh], af, b0);
-                ptx::mma_m16n8k16<T>(accW[j][2 * hh + 1], af, b1f);
+                for (int hh = 0; hh < 2; ++hh) {
+                  if (hh >= nh) continue;
+                  uint32_t r[4];
+                  ptx::ldmatrix_x4_trans(r, bsrc + (kk + lane % 8 + 8 * ((lane / 8) % 2)) * LDA +
+                                                hh * 16 + 8 * (lane / 16));
+                  const uint32_t b0[2] = {r[0], r[1]}, b1f[2] = {r[2], r[3]};
+                  ptx::mma_m16n8k16<T>(accW[j][2 * hh], af, b0);
+                  ptx::mma_m16n8k16<T>(accW[j][2 * hh + 1], af, b1f);
+                }
               }
             }
           }
@@ -461,6 +521,10 @@ const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>&
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
+template const char* launch_block_backward_mma<float>(const BlockDesc&,
+                                                      const BlockTensors<float>&, const float*,
+                                                      const float*, const BlockGrads<float>&,
+                                                      void*, cudaStream_t, bool*);
 template const char* launch_block_backward_mma<__half>(const BlockDesc&,
                                                        const BlockTensors<__half>&,
                                                        const __half*, const __half*,

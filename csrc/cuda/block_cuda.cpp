@@ -74,12 +74,14 @@ std::tuple<at::Tensor, at::Tensor> block_forward_cuda(MSF_FORWARD_PARAMS) {
 template <typename T, typename U>
 void backward_typed(const BlockDesc& d, const BlockArgs& a, const at::Tensor& gy,
                     const at::Tensor& saved, std::vector<at::Tensor>& grads, cudaStream_t st) {
-  const size_t bytes = cuda::block_backward_workspace_bytes(d, sizeof(T));
+  // TF32 for float32 exactly where eager's convolution backward would use it
+  const bool tf32 = at::globalContext().allowTF32CuDNN();
+  const size_t bytes = cuda::block_backward_workspace_bytes(d, sizeof(T), tf32);
   at::Tensor work = at::empty({static_cast<int64_t>(bytes)}, a.x->options().dtype(at::kByte));
   const char* err = cuda::launch_block_backward<U>(
       d, recast<U>(tensors_of<T>(a)), reinterpret_cast<const U*>(gy.data_ptr<T>()),
       act_saves(d.act) == kSavesNothing ? nullptr : reinterpret_cast<const U*>(saved.data_ptr<T>()),
-      recast<U>(grads_of<T>(grads, d)), work.data_ptr(), st);
+      recast<U>(grads_of<T>(grads, d)), work.data_ptr(), tf32, st);
   TORCH_CHECK(err == nullptr, "msfused block_backward (CUDA): ", err);
 }
 

@@ -33,15 +33,17 @@ MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* 
                          const MmaDevice& dev);
 MmaDevice mma_device();  // the current device's shared memory and SM count
 
-// Scratch the backward needs, in bytes, for element size elem_bytes (2, 4 or 8).
-size_t block_backward_workspace_bytes(const BlockDesc& d, int elem_bytes);
+// Scratch the backward needs, in bytes, for element size elem_bytes (2, 4 or 8) and the
+// allow_tf32 that the launch will get.
+size_t block_backward_workspace_bytes(const BlockDesc& d, int elem_bytes, bool allow_tf32);
 
 // grad_y and saved in the io layout (saved null for act none); workspace of
-// block_backward_workspace_bytes(d, sizeof(T)) bytes, 256-byte aligned.
+// block_backward_workspace_bytes(d, sizeof(T), allow_tf32) bytes, 256-byte aligned.
+// allow_tf32: float32 may run the tensor-core backward on TF32 (as for the forward).
 template <typename T>
 const char* launch_block_backward(const BlockDesc& d, const BlockTensors<T>& t, const T* grad_y,
                                   const T* saved, const BlockGrads<T>& g, void* workspace,
-                                  cudaStream_t stream);
+                                  bool allow_tf32, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace msfused

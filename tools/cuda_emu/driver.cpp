@@ -26,7 +26,8 @@ static BlockGrads<T> grads(void** p) {
   return BlockGrads<T>{c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8), c(9), c(10), c(11), c(12)};
 }
 
-// float32's forward on TF32 tensor cores (emu_set_tf32(1)) or FMAs (0, the default).
+// float32's forward and backward on TF32 tensor cores (emu_set_tf32(1)) or FMAs (0, the
+// default).
 static bool emu_tf32 = false;
 extern "C" void emu_set_tf32(int on) { emu_tf32 = on != 0; }
 
@@ -41,7 +42,8 @@ template <typename T>
 static const char* bwd(const BlockDesc& d, void** p, const void* gy, const void* saved, void** g,
                        void* ws) {
   return cuda::launch_block_backward<T>(d, tens<T>(p), static_cast<const T*>(gy),
-                                        static_cast<const T*>(saved), grads<T>(g), ws, nullptr);
+                                        static_cast<const T*>(saved), grads<T>(g), ws, emu_tf32,
+                                        nullptr);
 }
 
 extern "C" int emu_forward(int dtype, const int64_t* dv, void** p, void* y, void* pre) {
@@ -56,7 +58,7 @@ extern "C" int emu_forward(int dtype, const int64_t* dv, void** p, void* y, void
 
 // elem: the element size in bytes (2, 4 or 8), as the binding passes it.
 extern "C" size_t emu_ws(const int64_t* dv, int elem) {
-  return cuda::block_backward_workspace_bytes(desc_of(dv), elem);
+  return cuda::block_backward_workspace_bytes(desc_of(dv), elem, emu_tf32);
 }
 
 extern "C" int emu_backward(int dtype, const int64_t* dv, void** p, const void* gy,
@@ -114,10 +116,11 @@ extern "C" int emu_backward_dw(int dtype, const int64_t* dv, void** p, const voi
 
 extern "C" int64_t emu_dw_parts(const int64_t* dv) { return cuda::backward_dw_parts(desc_of(dv)); }
 
-// The float16/bfloat16 backward's plan for a shape (launch 1): P (0: the FMA backward runs),
-// TH, tiles per group, groups, split, channel blocks, shared memory bytes, workspace bytes.
-extern "C" void emu_bwd_plan(const int64_t* dv, int64_t* out) {
-  const cuda::BwdMmaPlan pl = cuda::backward_mma_plan(desc_of(dv), 2);
+// The tensor-core backward's plan for a shape (launch 1) with elements of elem bytes (2, or 4
+// for TF32): P (0: the FMA backward runs), TH, tiles per group, groups, split, channel blocks,
+// shared memory bytes, workspace bytes.
+extern "C" void emu_bwd_plan(const int64_t* dv, int64_t* out, int elem) {
+  const cuda::BwdMmaPlan pl = cuda::backward_mma_plan(desc_of(dv), elem);
   out[0] = pl.P; out[1] = pl.TH; out[2] = pl.GT; out[3] = pl.groups; out[4] = pl.split;
   out[5] = pl.cblocks; out[6] = pl.smem; out[7] = int64_t(pl.ws_total);
 }

@@ -15,9 +15,9 @@ pre-activation lies within half an ulp below 6 (the stored y rounds to 6.0 and a
 
     python tools/cuda_emu/run_emu.py [--quick]
     python tools/cuda_emu/run_emu.py --forward-low   # tensor-core forward (fp16, bf16, tf32), every config
-    python tools/cuda_emu/run_emu.py --backward-low  # tensor-core backward (fp16, bf16), every config
+    python tools/cuda_emu/run_emu.py --backward-low  # tensor-core backward (fp16, bf16, tf32), every config
     python tools/cuda_emu/run_emu.py --bytes         # forward's global bytes, benchmark shapes
-    python tools/cuda_emu/run_emu.py --backward-bytes  # the same for the backward
+    python tools/cuda_emu/run_emu.py --backward-bytes  # the same for the backward (--tf32: float32 on TF32)
 """
 import ctypes
 import itertools
@@ -37,7 +37,13 @@ DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat
 NAMES = ["dx", "wa", "ba", "wb", "bb", "wc", "bc", "pa", "qa", "pb", "qb", "ws", "bs"]
 # exact-mask tolerance (relative norm): a few units of the dtype's rounding
 EXACT_TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1.5e-2,
-             torch.float16: 2e-3}
+             torch.float16: 2e-3,
+             # float32 on TF32 against its rounding model (tf32_preactivation): float32
+             # rounding and accumulation order (1e-7..1e-5), and the odd operand that float32
+             # rounding put on the other side of a TF32 truncation step, which moves that
+             # product by one TF32 unit (seen: 1.1e-4 in a 32-element weight gradient); an
+             # indexing bug is O(1)
+             "tf32": 2.0 ** -10}
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -76,12 +82,13 @@ def ptr(t):
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
-def emulate(lib, x, params, cfg, gy, backward=True):
+def emulate(lib, x, params, cfg, gy, backward=True, fwd_bytes=None):
     """Forward and backward of the emulated CUDA kernels, as the binding calls them.
     x (B, C, H, W) in the layout to use; params the 12 BlockParams tensors (None if absent);
     gy like the output. Returns y, the tensor saved for backward, and the 13 gradients
     [dx, dwa, ..., dbs] (projection grads None without a projection; all None when not
-    backward)."""
+    backward). fwd_bytes: a list that gets the global bytes the forward moved (the counters
+    are read and reset between the forward and the backward)."""
     dtype = x.dtype
     batch, c, h, w = x.shape
     n, stride = params[6].shape[0], cfg.stride
@@ -100,6 +107,8 @@ def emulate(lib, x, params, cfg, gy, backward=True):
     ptrs = (ctypes.c_void_p * 13)(ptr(x), *[ptr(t) for t in params])
     code = DTYPE_CODE[dtype]
     assert lib.emu_forward(code, desc, ptrs, ptr(y), ptr(pre)) == 0
+    if fwd_bytes is not None:
+        fwd_bytes.append(_bytes_moved(lib))
     gy = gy.contiguous(memory_format=ofmt)
     saved = activations.saved_for_backward(cfg.act, y, pre)
     if not backward:
@@ -148,7 +157,8 @@ def case_params(c, n, merge, stride, act, residual, dtype, seed, bias=None):
     return params, cfg
 
 
-def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, backward=True):
+def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, backward=True,
+        tf32=False, fwd_bytes=None):
     params, cfg = case_params(c, n, merge, stride, act, residual, dtype,
                               c * 1000 + n * 10 + h + w, bias)
     fmt = torch.channels_last if cl else torch.contiguous_format
@@ -161,14 +171,17 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, b
     y64 = msfused.block_reference(x64, msfused.BlockParams(*p64), cfg)
     gy = torch.randn(y64.shape, dtype=dtype).contiguous(memory_format=memory_format_of(x))
     y64.backward(gy.double())
-    y, saved, gr = emulate(lib, x, params, cfg, gy, backward)
+    y, saved, gr = emulate(lib, x, params, cfg, gy, backward, fwd_bytes)
     ref = grads_of(x64, p64) if backward else [None] * 13
     errs = {"y": rel(y, y64)}
     for name, g, r in zip(NAMES, gr, ref):
         if r is not None:
             errs[name] = rel(g, r)
-    if dtype in (torch.float64, torch.float32):
+    if dtype == torch.float64 or (dtype == torch.float32 and not tf32):
         return errs, None, None
+    if tf32:
+        tc = backward and backward_plan_of(lib, x, params, cfg, 4)
+        return (errs,) + tf32_judged(x, params, cfg, gy, y, saved, gr, y64, ref, backward, tc)
     # exact-mask reference: float64, act' read off the kernel's saved tensor; for the
     # tensor-core backward also rounded where that backward rounds (modeled_preactivation)
     xm = x.double().requires_grad_(True)
@@ -195,6 +208,42 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, b
         if r is not None:
             eager[name] = rel(g, r)
     return errs, exact, eager
+
+
+def tf32_judged(x, params, cfg, gy, y, saved, gr, y64, ref, backward, tc_backward):
+    """(exact, eager) for a TF32 run, as run() gives them for 16-bit dtypes: exact, the kernel
+    against the TF32 model (tf32_preactivation) differentiated with act' read off the kernel's
+    saved tensor (where the backward is the FMA one, tc_backward False, its gradients against
+    float64's instead: it has no TF32 rounding); eager, the TF32 model end to end (its own
+    act') against float64."""
+    from msfused.config import apply_act
+
+    def leaves():
+        return (x.double().requires_grad_(True),
+                [t.double().requires_grad_(True) if t is not None else None for t in params])
+
+    xm, pm = leaves()
+    z = tf32_preactivation(xm, msfused.BlockParams(*pm), cfg)
+    exact = {"y": rel(y, apply_act(z.detach(), cfg.act))}
+    if backward:
+        sv = torch.ones_like(z) if saved is None else saved.double()
+        if not tc_backward:
+            xm, pm = leaves()
+            z = block_preactivation(xm, msfused.BlockParams(*pm), cfg)
+        z.backward(gy.double() * dact_from_saved(cfg.act, sv))
+        for name, g, r in zip(NAMES, gr, grads_of(xm, pm)):
+            if g is not None and r is not None:
+                exact[name] = rel(g, r)
+        exact["_flips"] = act_flips(cfg.act, z.detach(), sv, TF32_EPS)
+    xe, pe = leaves()
+    ye = apply_act(tf32_preactivation(xe, msfused.BlockParams(*pe), cfg), cfg.act)
+    eager = {"y": rel(ye, y64)}
+    if backward:
+        ye.backward(gy.double())
+        for name, g, r in zip(NAMES, grads_of(xe, pe), ref):
+            if r is not None:
+                eager[name] = rel(g, r)
+    return exact, eager
 
 
 class _RoundGrad(torch.autograd.Function):
@@ -235,27 +284,86 @@ def modeled_preactivation(x, p, cfg, dtype):
     return m
 
 
+def tf32_round(t):
+    """t rounded to float32, then to TF32 as the (emulated) tensor cores read it: the top 10
+    mantissa bits kept, the rest truncated; float64 again."""
+    f = t.detach().float().contiguous()
+    return (f.view(torch.int32) & -8192).view(torch.float32).double()
+
+
+class _TF32Pointwise(torch.autograd.Function):
+    """A 1x1 conv (stride s) whose forward and both backward GEMMs take TF32 operands, with
+    exact (float64) accumulation: the model of a TF32 tensor-core GEMM."""
+
+    @staticmethod
+    def forward(ctx, x, w, stride):
+        import torch.nn.functional as F
+        ctx.save_for_backward(x, w)
+        ctx.stride = stride
+        return F.conv2d(tf32_round(x), tf32_round(w), stride=stride)
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.nn.functional as F
+        x, w = ctx.saved_tensors
+        gt = tf32_round(g)
+        dx = F.grad.conv2d_input(x.shape, tf32_round(w), gt, stride=ctx.stride)
+        dw = F.grad.conv2d_weight(tf32_round(x), w.shape, gt, stride=ctx.stride)
+        return dx, dw, None
+
+
+def tf32_preactivation(x, p, cfg):
+    """block_preactivation in float64 with the pointwise convs and the projection on the TF32
+    model (_TF32Pointwise), forward and backward: what the TF32 kernels compute up to float32
+    rounding and accumulation order, and the stand-in for eager's TF32 convolutions in the
+    tolerance policy (no GPU here to run eager in TF32). The depthwise convs stay exact, as
+    they run on FP32 cores."""
+    import torch.nn.functional as F
+    from msfused.config import MERGE_CONCAT, apply_act
+
+    def pw(t, w, bias, s=1):
+        z = _TF32Pointwise.apply(t, w, s)
+        return z if bias is None else z + bias.view(1, -1, 1, 1)
+
+    c, s, act = x.shape[1], cfg.stride, cfg.act
+    a = apply_act(F.conv2d(x, p.wa, p.ba, stride=s, padding=1, groups=c), act)
+    b1 = apply_act(F.conv2d(x, p.wb, p.bb, stride=s, padding=1, groups=c), act)
+    b = apply_act(F.conv2d(b1, p.wc, p.bc, stride=1, padding=1, groups=c), act)
+    za, zb = pw(a, p.pa, p.qa), pw(b, p.pb, p.qb)
+    m = torch.cat([za, zb], dim=1) if cfg.merge == MERGE_CONCAT else za + zb
+    if cfg.residual:
+        m = m + (x if p.ws is None else pw(x, p.ws, p.bs, s))
+    return m
+
+
+def backward_plan_of(lib, x, params, cfg, elem):
+    """Whether the tensor-core backward plans for this call's shape (elem: 2, or 4 for TF32)."""
+    out = (ctypes.c_int64 * 8)()
+    lib.emu_bwd_plan(block_desc(*x.shape, params[6].shape[0], cfg, x.stride(1) == 1), out, elem)
+    return out[0] > 0
+
+
 def tensor_core_backward_ran(lib, x, params, cfg):
     """Whether the emulated backward of this call is the tensor-core one (a 16-bit dtype and
     a plan that fits)."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         return False
-    out = (ctypes.c_int64 * 8)()
-    lib.emu_bwd_plan(block_desc(*x.shape, params[6].shape[0], cfg, x.stride(1) == 1), out)
-    return out[0] > 0
+    return backward_plan_of(lib, x, params, cfg, 2)
 
 
 def act_flips(act, z, saved, dtype):
     """Where act' read off the kernel's saved tensor differs from act' of the float64
     pre-activation z (relu, relu6: 0/1 masks): (count, elements, largest distance of z to
-    the kink among them, the dtype's rounding band 4 eps rms(z))."""
+    the kink among them, the dtype's rounding band 4 eps rms(z)); dtype may be the eps
+    itself (TF32_EPS)."""
     if act not in (ACT_RELU, ACT_RELU6):
         return 0, z.numel(), 0.0, 0.0
     mine = dact_from_saved(act, saved)
     exact = dact_from_saved(act, z)
     differ = mine != exact
     dist = z.abs() if act == ACT_RELU else torch.minimum(z.abs(), (z - 6).abs())
-    band = 4 * torch.finfo(dtype).eps * z.pow(2).mean().sqrt().item()
+    eps = dtype if isinstance(dtype, float) else torch.finfo(dtype).eps
+    band = 4 * eps * z.pow(2).mean().sqrt().item()
     n = int(differ.sum())
     return n, z.numel(), (dist[differ].max().item() if n else 0.0), band
 
@@ -268,12 +376,13 @@ def rel(a, b):
 
 
 def judge(dtype, errs, exact, eager):
-    """(ok, worst name, text) for one case."""
+    """(ok, worst name, text) for one case; dtype "tf32" for float32 on TF32 (exact: against
+    the TF32 model, eager: that model against float64)."""
     if exact is None:
         worst = max(errs, key=errs.get)
         ok = errs[worst] < EXACT_TOL[dtype]
         return ok, f"worst {worst} {errs[worst]:.2e}" + ("" if ok else f"  {errs}")
-    floor = torch.finfo(dtype).eps / 10
+    floor = (TF32_EPS if dtype == "tf32" else torch.finfo(dtype).eps) / 10
     flips = exact.get("_flips")
     exact = {k: v for k, v in exact.items() if not k.startswith("_")}
     we = max(exact, key=exact.get)
@@ -445,6 +554,7 @@ def run_forward_low(lib, case, dtype, backward=False):
 # float32 on TF32 tensor cores: the GEMM's operands keep 10 mantissa bits (truncated), so y is
 # within a few TF32 units of float64; an indexing bug is off by O(1).
 TF32_TOL = 3e-3
+TF32_EPS = 2.0 ** -10
 
 
 def _bytes_moved(lib):
@@ -479,6 +589,33 @@ def run_forward_tf32(lib, case):
                 f"{moved} bytes moved")
 
 
+def run_backward_tf32(lib, case):
+    """(ok, line) for one float32 forward and backward of forward_low_cases() on the emulated
+    TF32 kernels (as a GPU runs them with torch.backends.cudnn.allow_tf32), every gradient
+    judged by the 16-bit policy with TF32 in the dtype's place (judge): within EXACT_TOL
+    of the TF32 rounding model, and against float64 at most twice that model's error; ok also
+    needs the backward to have run on the tensor-core kernels where their plan fits (their
+    byte counters moved; the FMA backward does not count)."""
+    (c, n, h, w, batch), merge, stride, residual, cl, act = case
+    bias = (c + h) % 2 == 0 or merge == "add"
+    planned = backward_plan(lib, case, 4)["P"] > 0
+    lib.emu_set_tf32(1)
+    _bytes_moved(lib)
+    try:
+        errs, exact, eager = run(lib, c, n, h, w, merge, stride, act, residual, bias,
+                                 torch.float32, cl, batch, tf32=True, fwd_bytes=[])
+    finally:
+        lib.emu_set_tf32(0)
+    moved = _bytes_moved(lib)  # the backward's (run() read the forward's)
+    ok, text = judge("tf32", errs, exact, eager)
+    ok = ok and (moved > 0) == planned
+    identity = residual and c == out_channels(n, merge_code(merge)) and stride == 1
+    res = ("res-id" if identity else "res-proj") if residual else "nores"
+    return ok, (f"{'ok  ' if ok else 'FAIL'} bwd tf32 C{c} N{n} {h}x{w} B{batch} {merge} "
+                f"s{stride} {act} {res} {'nhwc' if cl else 'nchw'} bias={bias}: {text}, "
+                f"{'tensor-core' if planned else 'FMA'} backward, {moved} bytes moved")
+
+
 def main_forward_low(lib):
     fails = total = 0
     for case in forward_low_cases():
@@ -492,13 +629,13 @@ def main_forward_low(lib):
     return 1 if fails else 0
 
 
-def backward_plan(lib, case):
-    """The float16/bfloat16 backward's plan (emu_bwd_plan) for a forward_low_cases() case:
-    P == 0 means the FMA backward runs."""
+def backward_plan(lib, case, elem=2):
+    """The tensor-core backward's plan (emu_bwd_plan) for a forward_low_cases() case, for
+    16-bit elements (elem 2) or TF32 float (4): P == 0 means the FMA backward runs."""
     (c, n, h, w, batch), merge, stride, residual, cl, act = case
     cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
     out = (ctypes.c_int64 * 8)()
-    lib.emu_bwd_plan(block_desc(batch, c, h, w, n, cfg, cl and c > 1), out)
+    lib.emu_bwd_plan(block_desc(batch, c, h, w, n, cfg, cl and c > 1), out, elem)
     return dict(zip(("P", "TH", "GT", "groups", "split", "cblocks", "smem", "workspace"), out))
 
 
@@ -516,12 +653,14 @@ def backward_grads(lib, case, dtype):
 
 
 def main_backward_low(lib):
-    """Forward and backward in bfloat16 and float16 for every case of forward_low_cases(): the
-    tensor-core backward (block_backward_mma.cu, block_backward_dw.cu) wherever it plans."""
+    """Forward and backward in bfloat16, float16 and float32 on TF32 for every case of
+    forward_low_cases(): the tensor-core backward (block_backward_mma.cu, block_backward_dw.cu)
+    wherever it plans."""
     fails = total = 0
     for case in forward_low_cases():
-        for dtype in (torch.bfloat16, torch.float16):
-            ok, line = run_forward_low(lib, case, dtype, backward=True)
+        for dtype in (torch.bfloat16, torch.float16, "tf32"):
+            ok, line = (run_backward_tf32(lib, case) if dtype == "tf32"
+                        else run_forward_low(lib, case, dtype, backward=True))
             fails += not ok
             total += 1
             print(line, flush=True)
@@ -610,7 +749,14 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16):
     """Global bytes of one emulated channels_last backward (all launches, scratch and
     partials included) at a benchmark shape and the module's default config, with the pixel
     groups the plan picks at the benchmark's batch, against the backward floor: x, dy and
-    the saved tensor read, dx written, the weights read and their gradients written once."""
+    the saved tensor read, dx written, the weights read and their gradients written once.
+    dtype "tf32": float32 on the TF32 kernels."""
+    if dtype == "tf32":
+        lib.emu_set_tf32(1)
+        try:
+            return backward_bytes(lib, shape, batch, torch.float32)
+        finally:
+            lib.emu_set_tf32(0)
     torch.manual_seed(0)
     m = msfused.MultiScaleSeparableBlock(shape.c, shape.n, merge=shape.merge,
                                          stride=shape.stride, backend="reference", dtype=dtype)
@@ -624,12 +770,14 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16):
     def desc_for(b):
         return block_desc(b, shape.c, shape.h, shape.w, n, cfg, True)
 
+    esz = torch.empty((), dtype=dtype).element_size()
+
     plan_full, plan = (ctypes.c_int64 * 8)(), (ctypes.c_int64 * 8)()
-    lib.emu_bwd_plan(desc_for(shape.batch), plan_full)
+    lib.emu_bwd_plan(desc_for(shape.batch), plan_full, esz)
     old = os.environ.get("MSFUSED_CUDA_BWD_GROUP")
     os.environ["MSFUSED_CUDA_BWD_GROUP"] = str(plan_full[2])
     try:
-        lib.emu_bwd_plan(desc_for(batch), plan)
+        lib.emu_bwd_plan(desc_for(batch), plan, esz)
         x = torch.randn(batch, shape.c, shape.h, shape.w, dtype=dtype).contiguous(
             memory_format=torch.channels_last)
         gy = torch.randn(batch, cout, ho, wo, dtype=dtype).contiguous(
@@ -658,7 +806,6 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16):
         else:
             os.environ["MSFUSED_CUDA_BWD_GROUP"] = old
     read_x, read_other, written = (c.value for c in counts)
-    esz = x.element_size()
     wbytes = sum(t.numel() * t.element_size() for t in params if t is not None)
     gbytes = sum(t.numel() * t.element_size() for t in gr[1:] if t is not None)
     sv = saved.numel() * esz if saved is not None else 0
@@ -670,13 +817,15 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16):
 
 def main_backward_bytes(lib, batch):
     from msfused.benchmark import SHAPES
-    print(f"emulated bfloat16 channels_last backward, batch {batch}, pixel groups as planned "
-          "for the benchmark's batch: global bytes of all launches against the backward floor")
+    dtype = "tf32" if "--tf32" in sys.argv else torch.bfloat16
+    print(f"emulated {'float32 (TF32)' if dtype == 'tf32' else 'bfloat16'} channels_last "
+          f"backward, batch {batch}, pixel groups as planned for the benchmark's batch: global "
+          "bytes of all launches against the backward floor")
     print(f"{'shape':9} {'P':>3} {'tiles/grp':>9} {'smem KB':>7} {'x read/x':>9} "
           f"{'read/floor':>10} {'written/floor':>13} {'total/floor':>11}")
     for group in SHAPES.values():
         for shape in group:
-            r = backward_bytes(lib, shape, batch)
+            r = backward_bytes(lib, shape, batch, dtype)
             print(f"{r['name']:9} {r['tp']:3d} {r['gt']:9d} {r['smem'] / 1024:7.1f} "
                   f"{r['read_x'] / r['x']:9.3f} {r['read'] / r['floor']:10.3f} "
                   f"{r['written'] / r['floor']:13.3f} {r['total'] / r['floor']:11.3f}",
