@@ -102,18 +102,36 @@ TF32_TOL = 3e-3
 
 
 def one_tf32(c, n, h, w, merge, channels_last, batch=2):
-    """(ok, error of y against float64) of one float32 forward with TF32 allowed."""
+    """(ok, error of y against float64, worst gradient's error against float64 over eager
+    PyTorch's in TF32) of one float32 forward and backward with TF32 allowed; activation
+    none, so no relu mask that TF32's rounding of y could flip. ok: y within TF32_TOL and
+    every gradient at most twice eager's TF32 error (plus a tenth of a TF32 unit)."""
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    m = msfused.MultiScaleSeparableBlock(c, n, merge=merge, backend=BACKEND, device=dev)
+    m = msfused.MultiScaleSeparableBlock(c, n, merge=merge, activation="none", backend=BACKEND,
+                                         device=dev)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, c, h, w, device=dev).contiguous(memory_format=fmt)
-    with torch.no_grad():
-        y = m(x)
-        p64 = [t.double() if t is not None else None for t in m.params()]
-        y64 = msfused.block_reference(x.double(), msfused.BlockParams(*p64), m.config)
+
+    def reference(params, xx, gy):  # eager PyTorch: y and [dx, parameter gradients]
+        xx = xx.detach().requires_grad_(True)
+        ps = [t.detach().requires_grad_(True) if t is not None else None for t in params]
+        y = msfused.block_reference(xx, msfused.BlockParams(*ps), m.config)
+        y.backward(gy)
+        return y, [xx.grad] + [t.grad for t in ps if t is not None]
+
+    params = m.params()
+    xr = x.detach().requires_grad_(True)
+    y = m(xr)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    grads = [xr.grad] + [t.grad for t in params if t is not None]
+    y64, g64 = reference([t.double() if t is not None else None for t in params], x.double(),
+                         gy.double())
+    _, ge = reference(params, x, gy)  # float32 with TF32 allowed
     err = rel(y, y64)
-    return err < TF32_TOL, err
+    ratios = [rel(g, r) / (2 * rel(e, r) + 2.0 ** -10 / 10) for g, e, r in zip(grads, ge, g64)]
+    return err < TF32_TOL and max(ratios) <= 1, err, max(ratios)
 
 
 def main():
@@ -146,16 +164,16 @@ def main():
         print(f"{'ok  ' if ok else 'FAIL'} {str(dtype):15} {'nhwc' if cl else 'nchw'} {merge:6} "
               f"s{stride} C{c} N{n} {h}x{w} {act:5} {'res' if residual else 'nores'}  "
               f"max rel err {err:.2e} {more}", flush=True)
-    # float32 forward on TF32 tensor cores (the kernels' path where cudnn.allow_tf32 is on,
-    # PyTorch's default; everything above runs with it off): y against float64 within a few
-    # TF32 units
+    # float32 forward and backward on TF32 tensor cores (the kernels' path where
+    # cudnn.allow_tf32 is on, PyTorch's default; everything above runs with it off)
     torch.backends.cudnn.allow_tf32 = True
     for cl, (c, n, h, w), merge in [(True, (20, 70, 11, 10), "concat"), (False, (5, 3, 7, 9), "add"),
                                     (True, (8, 8, 9, 6), "add")]:
-        ok, err = one_tf32(c, n, h, w, merge, cl)
+        ok, err, ratio = one_tf32(c, n, h, w, merge, cl)
         fails += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} tf32 forward {'nhwc' if cl else 'nchw'} {merge} C{c} "
-              f"N{n} {h}x{w} rel err {err:.2e} (tolerance {TF32_TOL:.0e})", flush=True)
+        print(f"{'ok  ' if ok else 'FAIL'} tf32 forward+backward {'nhwc' if cl else 'nchw'} "
+              f"{merge} C{c} N{n} {h}x{w} y rel err {err:.2e} (tolerance {TF32_TOL:.0e}), "
+              f"worst gradient error / (2 x eager TF32's + floor) {ratio:.2f}", flush=True)
     torch.backends.cudnn.allow_tf32 = False
     # identity shortcut explicitly (add, N == C, stride 1)
     for dtype, cl in itertools.product((torch.float32, torch.bfloat16), (False, True)):
