@@ -304,52 +304,79 @@ void forward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Blo
 }
 
 
-// Depthwise weight/bias gradient of one tile, register-blocked: for each tap,
+// Depthwise weight/bias gradient of one tile: for each tap,
 //   part[tap * C + c] += sum over the tile's pixels of g[p][c] * src_tap(p)[c],
 //   bpart[c] += sum of g[p][c].
 // Pixel (i, w) has g at g0 + i * grs + w * gs and tap (ti, tj) at
-// x0 + i * xrs + w * xcs + ti * trs + tj * C. Blocks of VB channels keep nine tap sums in
-// registers across all pixels, so every multiply-add costs one load.
-template <typename T>
-void dw_grad_tile(const T* g0, int64_t grs, int64_t gs, int64_t R, int64_t Wo, const T* x0, int64_t xrs,
-                  int64_t xcs, int64_t trs, int64_t C, T* part, T* bpart) {
+// x0 + i * xrs + (XS * w + tj) * C + ti * trs (XS: the conv's stride along the row).
+// Blocks of 4 pixels of a row outside, channel vectors inside, so every load walks memory
+// forward: a channel-outer loop strides C elements from pixel to pixel, which puts a
+// power-of-two C's pixels in a few L1 sets (as in dw_row_pm) and its reads came from L2.
+// The 4 pixels' windows overlap (3 XS + 3 columns a row, not 12 loads) and their products
+// of a tap go into part with one load and one store; part (9 C) and bpart stay in L1.
+template <int XS, typename T>
+void dw_grad_tile(const T* g0, int64_t grs, int64_t gs, int64_t R, int64_t Wo, const T* x0,
+                  int64_t xrs, int64_t trs, int64_t C, T* part, T* bpart) {
   typedef typename Vec<T>::type V;
   constexpr int VB = Vec<T>::n;
-  int64_t c0 = 0;
-  for (; c0 + VB <= C; c0 += VB) {
-    V a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{}, a8{}, ab{};
-    for (int64_t i = 0; i < R; ++i)
-      for (int64_t w = 0; w < Wo; ++w) {
-        const V g = vload(g0 + i * grs + w * gs + c0);
-        const T* xp = x0 + i * xrs + w * xcs + c0;
-        ab += g;
-        a0 += g * vload(xp);
-        a1 += g * vload(xp + C);
-        a2 += g * vload(xp + 2 * C);
-        a3 += g * vload(xp + trs);
-        a4 += g * vload(xp + trs + C);
-        a5 += g * vload(xp + trs + 2 * C);
-        a6 += g * vload(xp + 2 * trs);
-        a7 += g * vload(xp + 2 * trs + C);
-        a8 += g * vload(xp + 2 * trs + 2 * C);
+  constexpr int NCOL = 3 * XS + 3;
+  const int64_t Cv = C - C % VB;
+  for (int64_t i = 0; i < R; ++i) {
+    const T* gr = g0 + i * grs;
+    const T* xr = x0 + i * xrs;
+    int64_t w = 0;
+    for (; w + 4 <= Wo; w += 4) {
+      const T* gp = gr + w * gs;
+      const T* xw = xr + XS * w * C;
+      for (int64_t c = 0; c < Cv; c += VB) {
+        const V ga = vload(gp + c), gb = vload(gp + gs + c), gc = vload(gp + 2 * gs + c),
+                gd = vload(gp + 3 * gs + c);
+        vstore(bpart + c, vload(bpart + c) + ((ga + gb) + (gc + gd)));
+        for (int ti = 0; ti < 3; ++ti) {
+          const T* xp = xw + ti * trs + c;
+          V col[NCOL];
+          for (int j = 0; j < NCOL; ++j) col[j] = vload(xp + j * C);
+          for (int tj = 0; tj < 3; ++tj) {
+            T* pp = part + (ti * 3 + tj) * C + c;
+            V acc = vload(pp);
+            acc += ga * col[tj];
+            acc += gb * col[XS + tj];
+            acc += gc * col[2 * XS + tj];
+            acc += gd * col[3 * XS + tj];
+            vstore(pp, acc);
+          }
+        }
       }
-    const V acc[9] = {a0, a1, a2, a3, a4, a5, a6, a7, a8};
-    for (int tap = 0; tap < 9; ++tap) vstore(part + tap * C + c0, vload(part + tap * C + c0) + acc[tap]);
-    vstore(bpart + c0, vload(bpart + c0) + ab);
-  }
-  for (; c0 < C; ++c0) {
-    T acc[9] = {};
-    T accb = T(0);
-    for (int64_t i = 0; i < R; ++i)
-      for (int64_t w = 0; w < Wo; ++w) {
-        const T gv = g0[i * grs + w * gs + c0];
-        const T* xp = x0 + i * xrs + w * xcs + c0;
-        accb += gv;
+      for (int64_t c = Cv; c < C; ++c)
+        for (int k = 0; k < 4; ++k) {
+          const T gv = gp[k * gs + c];
+          bpart[c] += gv;
+          for (int ti = 0; ti < 3; ++ti)
+            for (int tj = 0; tj < 3; ++tj)
+              part[(ti * 3 + tj) * C + c] += gv * xw[ti * trs + (XS * k + tj) * C + c];
+        }
+    }
+    for (; w < Wo; ++w) {  // the row's last pixels, one at a time
+      const T* gp = gr + w * gs;
+      const T* xw = xr + XS * w * C;
+      int64_t c = 0;
+      for (; c < Cv; c += VB) {
+        const V gv = vload(gp + c);
+        vstore(bpart + c, vload(bpart + c) + gv);
         for (int ti = 0; ti < 3; ++ti)
-          for (int tj = 0; tj < 3; ++tj) acc[ti * 3 + tj] += gv * xp[ti * trs + tj * C];
+          for (int tj = 0; tj < 3; ++tj) {
+            T* pp = part + (ti * 3 + tj) * C + c;
+            vstore(pp, vload(pp) + gv * vload(xw + ti * trs + tj * C + c));
+          }
       }
-    for (int tap = 0; tap < 9; ++tap) part[tap * C + c0] += acc[tap];
-    bpart[c0] += accb;
+      for (; c < C; ++c) {
+        const T gv = gp[c];
+        bpart[c] += gv;
+        for (int ti = 0; ti < 3; ++ti)
+          for (int tj = 0; tj < 3; ++tj)
+            part[(ti * 3 + tj) * C + c] += gv * xw[ti * trs + tj * C + c];
+      }
+    }
   }
 }
 
@@ -470,9 +497,9 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
       }
       // depthwise weight grads (tap-major partials): dwa from x, dwc from the b1 band, with
       // the branch gradients read back from the scratch rows just written (still in cache)
-      dw_grad_tile(SAi + srow0 + C, SR, C, g.R, Wo, xb + S * XR, S * XR, S * C, XR, C,
-                   part + L.wa, part + L.ba);
-      dw_grad_tile(SBi + srow0 + C, SR, C, g.R, Wo, b1b, BR, C, BR, C, part + L.wc, part + L.bc);
+      dw_grad_tile<S>(SAi + srow0 + C, SR, C, g.R, Wo, xb + S * XR, S * XR, XR, C,
+                      part + L.wa, part + L.ba);
+      dw_grad_tile<1>(SBi + srow0 + C, SR, C, g.R, Wo, b1b, BR, BR, C, part + L.wc, part + L.bc);
     }
   }
 }
@@ -511,7 +538,7 @@ void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, co
       act_grad<ACT>(row + C, b1, pre, row + C, Wo * C);
     }
   }
-  dw_grad_tile(d1 + SR + C, SR, C, g.R, Wo, xb + XR, XR, C, XR, C, part + L.wb, part + L.bb);
+  dw_grad_tile<1>(d1 + SR + C, SR, C, g.R, Wo, xb + XR, XR, XR, C, part + L.wb, part + L.bb);
   T* tmp = post;  // Wo x C
   for (int64_t i = 0; i < g.R; ++i) {
     const int64_t h = g.r0 + i;
@@ -594,8 +621,8 @@ void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t
         }
       }
       // dwb, dbb over owned rows k = 1..R (tap-major)
-      dw_grad_tile(d1 + Wo * C, Wo * C, C, g.R, Wo, xb + S * XR, S * XR, S * C, XR, C, part + L.wb,
-                   part + L.bb);
+      dw_grad_tile<S>(d1 + Wo * C, Wo * C, C, g.R, Wo, xb + S * XR, S * XR, XR, C, part + L.wb,
+                      part + L.bb);
       // dx rows [hs, he): gather from da (wa) and db1 (wb) at stride S
       const int64_t hs = S * g.r0, he = S * (g.r0 + g.R) < d.H ? S * (g.r0 + g.R) : d.H;
       for (int64_t h = hs; h < he; ++h)
