@@ -152,14 +152,12 @@ __device__ __forceinline__ void data_grad_tf32(float (&acc)[2][4], const float* 
                                                const float* Bw, int L, int K, int lane) {
   const int g = lane / 4, t = lane % 4;
   for (int kk = 0; kk < K; kk += 8) {
-    const float* r0 = Ab + g * LDG + kk + t;
-    const float* r8 = r0 + 8 * LDG;
-    const uint32_t af[4] = {__float_as_uint(r0[0]), __float_as_uint(r8[0]),
-                            __float_as_uint(r0[4]), __float_as_uint(r8[4])};
+    uint32_t af[4];
+    tf32_frag_a(af, Ab + g * LDG + kk + t, LDG, 1);
 #pragma unroll
     for (int n8 = 0; n8 < 2; ++n8) {
-      const float* b = Bw + (kk + t) * L + n8 * 8 + g;
-      const uint32_t bf[2] = {__float_as_uint(b[0]), __float_as_uint(b[4 * L])};
+      uint32_t bf[2];
+      tf32_frag_b(bf, Bw + (kk + t) * L + n8 * 8 + g, L);
       ptx::mma_m16n8k8_tf32(acc[n8], af, bf);
     }
   }
@@ -173,17 +171,15 @@ __device__ __forceinline__ void weight_grad_tf32(float (&acc)[4][4], const float
                                                  int lane) {
   const int g = lane / 4, t = lane % 4;
   for (int kk = 0; kk < P; kk += 8) {
-    const float* c0 = Gc + (kk + t) * LDG + g;
-    const float* c4 = c0 + 4 * LDG;
-    const uint32_t af[4] = {__float_as_uint(c0[0]), __float_as_uint(c0[8]),
-                            __float_as_uint(c4[0]), __float_as_uint(c4[8])};
+    uint32_t af[4];
+    tf32_frag_a(af, Gc + (kk + t) * LDG + g, 1, LDG);  // gz^T: rows are gz's columns
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       if (hh >= nh) continue;
 #pragma unroll
       for (int n8 = 0; n8 < 2; ++n8) {
-        const float* b = B + (kk + t) * LDA + hh * 16 + n8 * 8 + g;
-        const uint32_t bf[2] = {__float_as_uint(b[0]), __float_as_uint(b[4 * LDA])};
+        uint32_t bf[2];
+        tf32_frag_b(bf, B + (kk + t) * LDA + hh * 16 + n8 * 8 + g, LDA);
         ptx::mma_m16n8k8_tf32(acc[2 * hh + n8], af, bf);
       }
     }
@@ -273,7 +269,7 @@ __global__ void __launch_bounds__(NT, 1)
         ptx::cp_async_wait<0>();
         __syncthreads();  // this chunk's x published; the previous chunk's operands are free
         constexpr bool lo = sizeof(T) == 2;  // [a | b | xs | a_lo | b_lo]; float: [a | b | xs]
-        const ChunkOut<T> o{sA,  sA + KC, sA + 2 * KC, LDA, sD, LDD, lo ? sA + 3 * KC : nullptr,
+        const ChunkOut<T> o{sA, sA + KC, sA + 2 * KC, LDA, sD, LDD, lo ? sA + 3 * KC : nullptr,
                             lo ? sA + 4 * KC : nullptr};
         chunk_operands<T, S, TW>(d, TH, r0, q0, cc0, pl.C16, buf ? xs1 : xs0, b1,
                                  dw + ck * 30 * KC, o);

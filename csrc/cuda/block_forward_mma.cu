@@ -192,20 +192,14 @@ __device__ __forceinline__ void gemm_slice_tf32(float (&acc)[4][4][4], const flo
     uint32_t bf[4][2] = {};
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
-      if (n < ws.nt8) {
-        const float* row = w + (ws.nbase + n * 8 + g) * L + kk + t;
-        bf[n][0] = __float_as_uint(row[0]);
-        bf[n][1] = __float_as_uint(row[4]);
-      }
+      if (n < ws.nt8) tf32_frag_b(bf[n], w + (ws.nbase + n * 8 + g) * L + kk + t, 1);
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int mt = ws.mrow + ws.mstep * j;
       if (mt < ws.mtiles) {  // warp-uniform
-        const float* r0 = a + (mt * 16 + g) * LDA + kk + t;
-        const float* r8 = r0 + 8 * LDA;
-        const uint32_t af[4] = {__float_as_uint(r0[0]), __float_as_uint(r8[0]),
-                                __float_as_uint(r0[4]), __float_as_uint(r8[4])};
+        uint32_t af[4];
+        tf32_frag_a(af, a + (mt * 16 + g) * LDA + kk + t, LDA, 1);
 #pragma unroll
         for (int n = 0; n < 4; ++n)
           if (n < ws.nt8) ptx::mma_m16n8k8_tf32(acc[j][n], af, bf[n]);

@@ -24,6 +24,22 @@
 namespace msfused {
 namespace cuda {
 
+// TF32 m16n8k8 operand fragments (the layouts in ptx_wrappers.cuh) loaded one float per
+// register from shared memory, ldmatrix being 16-bit only. p: this lane's first element,
+// A(g, t) or B(k t, n g) with g = lane / 4, t = lane % 4; rs, cs: A's row and column strides;
+// ks: B's stride along k (elements).
+__device__ __forceinline__ void tf32_frag_a(uint32_t (&a)[4], const float* p, int rs, int cs) {
+  a[0] = __float_as_uint(p[0]);
+  a[1] = __float_as_uint(p[8 * rs]);
+  a[2] = __float_as_uint(p[4 * cs]);
+  a[3] = __float_as_uint(p[8 * rs + 4 * cs]);
+}
+
+__device__ __forceinline__ void tf32_frag_b(uint32_t (&b)[2], const float* p, int ks) {
+  b[0] = __float_as_uint(p[0]);
+  b[1] = __float_as_uint(p[4 * ks]);
+}
+
 // float32 accumulation for float/half/bfloat16, float64 for double.
 template <typename T> struct AccT { using type = float; };
 template <> struct AccT<double> { using type = double; };
