@@ -109,6 +109,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _host_call(fn: Callable[[], object], device: str) -> float:
+    """Seconds of one call as the caller's loop sees it (CUDA events on the GPU)."""
+    if device == "cuda":
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        return e0.elapsed_time(e1) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def time_fn(fn: Callable[[], object], device: str, min_time: float = 0.3,
             max_reps: int = 200, best: bool = False) -> float:
     """Median seconds per call (the fastest with best=True): warm-up, then repeats until
@@ -119,33 +133,21 @@ def time_fn(fn: Callable[[], object], device: str, min_time: float = 0.3,
     times: List[float] = []
     start = time.perf_counter()
     while len(times) < max_reps and (time.perf_counter() - start < min_time or len(times) < 5):
-        if device == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        times.append(_host_call(fn, device))
     return min(times) if best else statistics.median(times)
 
 
-def gpu_time_fn(fn: Callable[[], object], min_time: float = 0.3, max_reps: int = 200) -> float:
-    """Median GPU seconds per call with a cold L2 (the triton.testing.do_bench method): each
+class _ColdL2Timer:
+    """GPU seconds of single calls with a cold L2 (the triton.testing.do_bench method): each
     call runs after a write of a buffer larger than L2, and CUDA events time the call alone.
     The flush keeps the GPU busy while the host enqueues the call, so host overhead shorter
-    than the flush (about 60 us) is hidden; time_fn's figure is what a user's loop sees."""
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    events = []
-    start = time.perf_counter()
-    while len(events) < max_reps and (time.perf_counter() - start < min_time or len(events) < 5):
-        flush.zero_()
+    than the flush (about 60 us) is hidden; the host-call time is what a user's loop sees."""
+
+    def __init__(self):
+        self.flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+
+    def enqueue(self, fn: Callable[[], object], events: list) -> None:
+        self.flush.zero_()
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
         fn()
@@ -153,8 +155,59 @@ def gpu_time_fn(fn: Callable[[], object], min_time: float = 0.3, max_reps: int =
         events.append((e0, e1))
         if len(events) % 10 == 0:
             e1.synchronize()  # keeps the host from racing far ahead of the clock
+
+    @staticmethod
+    def median(events: list) -> float:
+        torch.cuda.synchronize()
+        return statistics.median(e0.elapsed_time(e1) / 1e3 for e0, e1 in events)
+
+
+def gpu_time_fn(fn: Callable[[], object], min_time: float = 0.3, max_reps: int = 200) -> float:
+    """Median GPU seconds per call with a cold L2 (_ColdL2Timer), calls back to back."""
+    timer = _ColdL2Timer()
+    for _ in range(3):
+        fn()
     torch.cuda.synchronize()
-    return statistics.median(e0.elapsed_time(e1) / 1e3 for e0, e1 in events)
+    events: list = []
+    start = time.perf_counter()
+    while len(events) < max_reps and (time.perf_counter() - start < min_time or len(events) < 5):
+        timer.enqueue(fn, events)
+    return timer.median(events)
+
+
+def time_interleaved(jobs: Dict[tuple, Callable[[], object]], device: str, min_time: float,
+                     rounds: int = 5, max_reps: int = 200,
+                     gpu: bool = False) -> Dict[tuple, Tuple[float, Optional[float]]]:
+    """{key: (median host seconds per call, median cold-L2 GPU seconds or None)} of every
+    job, the jobs taking turns: `rounds` rounds, in each of which every job runs for
+    min_time / rounds seconds (at least one call; with gpu, then a turn of cold-L2 calls).
+    On a shared machine whose speed drifts over seconds (other tenants' load moved eager's
+    times 2-4x between minutes on the CPU build machines), back-to-back timing can give one
+    variant a slow minute and another a fast one; taking turns lets every variant see the
+    same spells, so the ratios between them hold."""
+    for fn in jobs.values():
+        for _ in range(3):
+            fn()
+    _sync(device)
+    host: Dict[tuple, List[float]] = {k: [] for k in jobs}
+    cold: Dict[tuple, list] = {k: [] for k in jobs}
+    timer = _ColdL2Timer() if gpu else None
+    turn, per_round = min_time / rounds, max(1, max_reps // rounds)
+
+    def one_turn(call):  # at least one call, then until the turn's time is up
+        start = time.perf_counter()
+        for _ in range(per_round):
+            call()
+            if time.perf_counter() - start >= turn:
+                break
+
+    for _ in range(rounds):
+        for key, fn in jobs.items():
+            one_turn(lambda: host[key].append(_host_call(fn, device)))
+            if timer is not None:
+                one_turn(lambda: timer.enqueue(fn, cold[key]))
+    return {k: (statistics.median(host[k]), timer.median(cold[k]) if timer else None)
+            for k in jobs}
 
 
 def measure_ceilings(device: str, dtype: torch.dtype) -> Dict[str, float]:
@@ -294,6 +347,42 @@ def onnxruntime_forward(module: torch.nn.Module, x: torch.Tensor):
     return (lambda: sess.run(None, {name: xn})), None
 
 
+def _variant_calls(mod: torch.nn.Module, x0: torch.Tensor, fmt, ac: bool, device: str,
+                   dtype: torch.dtype):
+    """(forward, training step, the step's input, autocast context) of one variant: the
+    forward under no_grad, the step a forward and backward from a fixed output gradient with
+    every gradient cleared first (no accumulation into old .grad tensors)."""
+    x = (x0.float() if ac else x0).contiguous(memory_format=fmt)
+    xg = x.clone().requires_grad_(True)
+    cast = (lambda: torch.autocast(device, dtype=dtype)) if ac else contextlib.nullcontext
+    with torch.no_grad(), cast():
+        gy = torch.randn_like(mod(x))
+
+    def fwd():
+        with torch.no_grad(), cast():
+            return mod(x)
+
+    def train():
+        xg.grad = None
+        for p in mod.parameters():
+            p.grad = None
+        with cast():
+            y = mod(xg)
+        y.backward(gy)
+
+    return fwd, train, xg, cast
+
+
+def _peak_mb(fn: Callable[[], object]) -> float:
+    """CUDA memory one call allocates at its peak beyond what was allocated before, MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base_mem) / 2 ** 20
+
+
 def bench_shape(shape: Shape, device: str, dtype: torch.dtype, backends: List[str],
                 ceilings: Dict[str, float], compile_ref: bool, min_time: float,
                 onnxruntime: bool = False) -> List[Row]:
@@ -303,37 +392,13 @@ def bench_shape(shape: Shape, device: str, dtype: torch.dtype, backends: List[st
     fl_f, by_f = flops_forward(shape), bytes_forward(shape, elem)
     fl_t, by_t = 3 * fl_f, bytes_train(shape, elem)
     results: Dict[tuple, tuple] = {}
+    jobs: Dict[tuple, Callable[[], object]] = {}
+    peaks: Dict[tuple, Optional[float]] = {}
     for name, mod, fmt, ac in _variants(shape, device, dtype, backends, compile_ref):
-        x = (x0.float() if ac else x0).contiguous(memory_format=fmt)
-        xg = x.clone().requires_grad_(True)
-        cast = (lambda: torch.autocast(device, dtype=dtype)) if ac else contextlib.nullcontext
-        with torch.no_grad(), cast():
-            gy = torch.randn_like(mod(x))
-
-        def fwd():
-            with torch.no_grad(), cast():
-                return mod(x)
-
-        def train():
-            xg.grad = None
-            for p in mod.parameters():
-                p.grad = None
-            with cast():
-                y = mod(xg)
-            y.backward(gy)
-
+        fwd, train, xg, cast = _variant_calls(mod, x0, fmt, ac, device, dtype)
         for mode, fn in (("fwd", fwd), ("fwd+bwd", train)):
-            peak = None
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base_mem = torch.cuda.memory_allocated()
-                fn()
-                torch.cuda.synchronize()
-                peak = (torch.cuda.max_memory_allocated() - base_mem) / 2 ** 20
-            t = time_fn(fn, device, min_time=min_time)
-            tg = gpu_time_fn(fn, min_time=min_time) if device == "cuda" else None
-            results[(name, mode)] = (t, peak, tg)
+            jobs[(name, mode)] = fn
+            peaks[(name, mode)] = _peak_mb(fn) if device == "cuda" else None
         try:
             with cast():
                 saved = saved_bytes_per_block(mod, xg) / 2 ** 20
@@ -346,7 +411,10 @@ def bench_shape(shape: Shape, device: str, dtype: torch.dtype, backends: List[st
         if fn is None:
             print(f"  (ONNX Runtime skipped: {why})")
         else:
-            results[("onnxrt", "fwd")] = (time_fn(fn, device, min_time=min_time), None, None)
+            jobs[("onnxrt", "fwd")] = fn
+            peaks[("onnxrt", "fwd")] = None
+    for key, (t, tg) in time_interleaved(jobs, device, min_time, gpu=device == "cuda").items():
+        results[key] = (t, peaks[key], tg)
     rows = []
     for mode, fl, by in (("fwd", fl_f, by_f), ("fwd+bwd", fl_t, by_t)):
         floor = floor_seconds(shape, elem, ceilings, mode == "fwd+bwd")

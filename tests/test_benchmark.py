@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from msfused.benchmark import (SHAPES, Row, Shape, bench_shape, bytes_forward, bytes_train,
-                               floor_seconds, flops_forward, flops_split, format_table)
+                               floor_seconds, flops_forward, flops_split, format_table,
+                               time_interleaved)
 
 MNET14 = {s.name: s for g in SHAPES.values() for s in g}["mnet-14"]
 
@@ -74,3 +75,15 @@ def test_bench_shape_variants_and_best_eager(dtype):
         best = min(r.ms for r in mine if r.variant in eager)
         for r in mine:
             assert r.vs_eager == pytest.approx(best / r.ms)
+
+
+def test_variants_take_turns():
+    # interleaved timing: after each job's warm-up, every round runs every job once (a turn
+    # of min_time / rounds = 0 s is one call), so a slow spell of a shared machine falls on
+    # all of them alike
+    log = []
+    jobs = {("a", "fwd"): lambda: log.append("a"), ("b", "fwd"): lambda: log.append("b")}
+    out = time_interleaved(jobs, "cpu", min_time=0.0, rounds=4)
+    assert log == ["a"] * 3 + ["b"] * 3 + ["a", "b"] * 4
+    assert set(out) == set(jobs)
+    assert all(t >= 0 and tg is None for t, tg in out.values())
