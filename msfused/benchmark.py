@@ -176,11 +176,11 @@ def gpu_time_fn(fn: Callable[[], object], min_time: float = 0.3, max_reps: int =
 
 
 def time_interleaved(jobs: Dict[tuple, Callable[[], object]], device: str, min_time: float,
-                     rounds: int = 5, max_reps: int = 200,
-                     gpu: bool = False) -> Dict[tuple, Tuple[float, Optional[float]]]:
+                     rounds: int = 5,
+                     max_reps: int = 200) -> Dict[tuple, Tuple[float, Optional[float]]]:
     """{key: (median host seconds per call, median cold-L2 GPU seconds or None)} of every
     job, the jobs taking turns: `rounds` rounds, in each of which every job runs for
-    min_time / rounds seconds (at least one call; with gpu, then a turn of cold-L2 calls).
+    min_time / rounds seconds (at least one call; on CUDA, then a turn of cold-L2 calls).
     On a shared machine whose speed drifts over seconds (other tenants' load moved eager's
     times 2-4x between minutes on the CPU build machines), back-to-back timing can give one
     variant a slow minute and another a fast one; taking turns lets every variant see the
@@ -191,7 +191,7 @@ def time_interleaved(jobs: Dict[tuple, Callable[[], object]], device: str, min_t
     _sync(device)
     host: Dict[tuple, List[float]] = {k: [] for k in jobs}
     cold: Dict[tuple, list] = {k: [] for k in jobs}
-    timer = _ColdL2Timer() if gpu else None
+    timer = _ColdL2Timer() if device == "cuda" else None
     turn, per_round = min_time / rounds, max(1, max_reps // rounds)
 
     def one_turn(call):  # at least one call, then until the turn's time is up
@@ -284,7 +284,7 @@ class Row:
     floor_frac: float  # floor_seconds / time (GPU time on a GPU)
     saved_mb: Optional[float] = None
     peak_mb: Optional[float] = None
-    gpu_ms: Optional[float] = None  # GPU time per call, cold L2 (gpu_time_fn); GPU only
+    gpu_ms: Optional[float] = None  # GPU time per call, cold L2 (_ColdL2Timer); GPU only
     vs_eager_call: Optional[float] = None  # the same ratio on the per-call times; GPU only
 
 
@@ -413,7 +413,7 @@ def bench_shape(shape: Shape, device: str, dtype: torch.dtype, backends: List[st
         else:
             jobs[("onnxrt", "fwd")] = fn
             peaks[("onnxrt", "fwd")] = None
-    for key, (t, tg) in time_interleaved(jobs, device, min_time, gpu=device == "cuda").items():
+    for key, (t, tg) in time_interleaved(jobs, device, min_time).items():
         results[key] = (t, peaks[key], tg)
     rows = []
     for mode, fl, by in (("fwd", fl_f, by_f), ("fwd+bwd", fl_t, by_t)):
