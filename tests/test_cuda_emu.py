@@ -14,6 +14,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools", "cuda_emu"))
 
+# One xdist worker runs this file (pyproject: --dist loadgroup), so the emulator library is
+# compiled once (~20 s of one core) rather than once per worker.
+pytestmark = pytest.mark.xdist_group("cuda_emu")
+
 
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
@@ -147,14 +151,17 @@ def ptx_probe(tmp_path_factory):
     (3, "ldmatrix: row address not 16-byte aligned"),
     (4, "not every lane of the warp called"),
     (5, "never waited for"),
-    (7, "bad=")])                # B loaded without .trans: wrong elements, wrong D
+    (7, "bad="),                 # B loaded without .trans: wrong elements, wrong D
+    (8, "bad="),                 # a warp overwrites what the other has yet to read
+    (9, "bad="),                 # the same through cp.async
+    (10, None)])                 # with the barrier
 def test_ptx_standins(ptx_probe, mode, message):
     """The emulator's mma.sync, ldmatrix and cp.async follow PTX's per-lane fragment layouts
     (a correct kernel gets exact results, a wrong layout wrong ones) and abort on a broken
-    rule, so tensor-core kernels built on ptx_wrappers.cuh are checked without a GPU."""
-    env = dict(os.environ, CUDA_EMU_WARP_TIMEOUT_S="3")
-    r = subprocess.run([ptx_probe, str(mode)], capture_output=True, text=True, env=env,
-                       timeout=120)
+    rule, so tensor-core kernels built on ptx_wrappers.cuh are checked without a GPU. Its
+    schedule (one warp at a time between barriers, cp.async landing early in every other
+    block) turns a missing barrier before an overwrite into wrong values (modes 8, 9)."""
+    r = subprocess.run([ptx_probe, str(mode)], capture_output=True, text=True, timeout=120)
     if message is None:
         assert r.returncode == 0 and "bad=0" in r.stdout, r.stdout + r.stderr
     elif message == "bad=":

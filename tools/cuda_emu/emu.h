@@ -1,23 +1,28 @@
 // A minimal CPU emulation of the CUDA features the kernels in csrc/cuda use, so their index
 // math, masking, halos and barriers can be tested on a machine without a GPU:
-// every CTA runs as blockDim.x std::threads sharing "__shared__" (static) memory, with
-// __syncthreads as a std::barrier. Not for speed. float16/bfloat16 are 2-byte stand-ins with
+// the CTAs run one by one, each as blockDim.x fibers sharing "__shared__" (static) memory
+// (the scheduler is below emu_fail). Not for speed. float16/bfloat16 are 2-byte stand-ins with
 // the rounding of cuda_fp16.h / cuda_bf16.h (round to nearest even, NaN kept). mma.sync,
 // ldmatrix and cp.async (csrc/cuda/ptx_wrappers.cuh) are in emu_ptx.h. Global bytes moved
 // through csrc/cuda/global_io.cuh and cp.async are counted (emu_bytes_* below).
 #pragma once
+#include <sys/mman.h>
+// The fibers switch with a few instructions of assembly on x86-64, with ucontext elsewhere
+// (or with -DCUDA_EMU_UCONTEXT, which tests that path).
+#if defined(__x86_64__) && !defined(CUDA_EMU_UCONTEXT)
+#define EMU_FIBER_ASM 1
+#else
+#include <ucontext.h>
+#endif
+
 #include <atomic>
-#include <barrier>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <mutex>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -95,19 +100,240 @@ inline void emu_count_read(const void* p, size_t n) {
 }
 inline void emu_count_written(size_t n) { emu_bytes_written += n; }
 
-inline std::barrier<>* emu_bar = nullptr;
 inline double emu_shfl[1024];
 alignas(128) inline unsigned char emu_dyn_smem[256 * 1024];
 inline size_t emu_dyn_bytes = 0;
 
 // emu_ptx.h (included at the end): cp.async bookkeeping per block and at each barrier.
+// A cp.async may land any time between its issue and its wait. Every other block (by launch
+// and block number) it lands at the issue, so that a copy into a buffer other threads still
+// read (a missing barrier before the copy) corrupts what they read; otherwise it lands at
+// the wait, so that a thread that reads it too early sees the NaN poison.
+inline bool emu_async_land_at_issue = false;
+inline unsigned long emu_launches = 0;
 inline void emu_ptx_block_begin();
 inline void emu_ptx_block_end();
 inline void emu_ptx_publish_own();
 
+[[noreturn]] inline void emu_fail(const char* what) {
+  std::fprintf(stderr, "cuda_emu: %s (thread %u of block %u,%u)\n", what, threadIdx.x,
+               blockIdx.x, blockIdx.y);
+  std::fflush(stderr);
+  std::abort();
+}
+
+// ---- the threads of a CTA: fibers on the launching thread ------------------------------
+// Each CUDA thread is a fiber with its own stack; it runs until it reaches a __syncthreads()
+// or a warp-collective op, or returns (emu_run_block below schedules them). Context
+// switches are a few instructions (x86-64: emu_switch_ctx below), not the OS's: a 256-thread
+// CTA as 256 std::threads spent most of its time in futex wake-ups. Between two barriers the
+// warps run in warp order, then in reverse order after the next, and so do the lanes of a
+// warp between two of its collectives: a shared-memory read that lacks its barrier then reads
+// a value not yet written (or, with the launch's NaN poison, no value) in one of the two
+// orders, whichever thread writes it. A barrier that not every thread reaches, or lanes of a
+// warp at different collectives, is found when no fiber can run (no timeout) and aborts.
+enum EmuFiberState { EMU_RUN, EMU_AT_BARRIER, EMU_AT_WARP, EMU_DONE };
+
+struct EmuFiber {
+  void* sp = nullptr;  // saved stack pointer while switched out (x86-64)
+#if !EMU_FIBER_ASM
+  ucontext_t uc;
+#endif
+  EmuFiberState state = EMU_DONE;
+  int warp_op = 0;  // the collective this lane waits at, and its arguments
+  const void* warp_ptr = nullptr;
+  unsigned warp_ldm = 0;
+  int warp_layout = 0;
+};
+
+#if EMU_FIBER_ASM
+// emu_switch_ctx(&save_sp, new_sp): pushes the callee-saved registers, MXCSR and the x87
+// control word, stores the stack pointer in *save_sp, and pops the same from new_sp. Weak:
+// every translation unit that includes this header defines it.
+extern "C" void emu_switch_ctx(void** save_sp, void* new_sp);
+asm(R"(
+  .text
+  .weak emu_switch_ctx
+  .hidden emu_switch_ctx
+  .type emu_switch_ctx, @function
+emu_switch_ctx:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_switch_ctx, .-emu_switch_ctx
+)");
+#endif
+
+struct EmuCta {
+  static constexpr size_t kStack = size_t(1) << 20;  // per thread; a guard page below it
+  std::vector<EmuFiber> fibers;
+  unsigned char* stacks = nullptr;
+  size_t stacks_n = 0;
+  void* sched_sp = nullptr;
+#if !EMU_FIBER_ASM
+  ucontext_t sched_uc;
+#endif
+  std::function<void()> body;  // the kernel call of the current block
+  unsigned current = 0;
+
+  void ensure_stacks(unsigned n) {
+    if (n <= stacks_n) return;
+    const size_t per = kStack + 4096;
+    void* p = mmap(nullptr, per * n, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) emu_fail("mmap of the fiber stacks failed");
+    for (unsigned t = 0; t < n; ++t)  // overflowing a stack faults instead of corrupting
+      mprotect(static_cast<unsigned char*>(p) + per * t, 4096, PROT_NONE);
+    if (stacks) munmap(stacks, (kStack + 4096) * stacks_n);
+    stacks = static_cast<unsigned char*>(p);
+    stacks_n = n;
+    fibers.resize(n);
+  }
+  unsigned char* stack_top(unsigned t) { return stacks + (kStack + 4096) * (t + 1); }
+};
+inline EmuCta emu_cta;
+
+inline void emu_fiber_main() {
+  emu_cta.body();
+  emu_cta.fibers[emu_cta.current].state = EMU_DONE;
+#if EMU_FIBER_ASM
+  void* dead;
+  emu_switch_ctx(&dead, emu_cta.sched_sp);
+#else
+  setcontext(&emu_cta.sched_uc);
+#endif
+  __builtin_unreachable();
+}
+
+// The running fiber gives the CPU back to the scheduler (it has set its state).
+inline void emu_yield() {
+  EmuFiber& f = emu_cta.fibers[emu_cta.current];
+#if EMU_FIBER_ASM
+  emu_switch_ctx(&f.sp, emu_cta.sched_sp);
+#else
+  swapcontext(&f.uc, &emu_cta.sched_uc);
+#endif
+}
+
+inline void emu_start_fiber(unsigned t) {
+  EmuFiber& f = emu_cta.fibers[t];
+  f.state = EMU_RUN;
+#if EMU_FIBER_ASM
+  // The frame emu_switch_ctx pops: MXCSR and x87 control word, r15..rbp, then the return
+  // address (emu_fiber_main, entered with rsp = 8 mod 16 as after a call), below top.
+  auto* top = reinterpret_cast<uint64_t*>(emu_cta.stack_top(t)) - 3;  // 8 mod 16
+  uint64_t* sp = top - 8;
+  uint32_t csr[2];
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(csr[0]), "=m"(csr[1]));
+  std::memcpy(&sp[0], csr, 8);
+  for (int i = 1; i <= 6; ++i) sp[i] = 0;
+  sp[7] = reinterpret_cast<uint64_t>(&emu_fiber_main);
+  top[0] = 0;
+  f.sp = sp;
+#else
+  getcontext(&f.uc);
+  f.uc.uc_stack.ss_sp = emu_cta.stack_top(t) - EmuCta::kStack;
+  f.uc.uc_stack.ss_size = EmuCta::kStack;
+  f.uc.uc_link = nullptr;
+  makecontext(&f.uc, emu_fiber_main, 0);
+#endif
+}
+
+inline void emu_resume(unsigned t) {
+  emu_cta.current = t;
+  threadIdx = dim3(t, 0, 0);
+  EmuFiber& f = emu_cta.fibers[t];
+#if EMU_FIBER_ASM
+  emu_switch_ctx(&emu_cta.sched_sp, f.sp);
+#else
+  swapcontext(&emu_cta.sched_uc, &f.uc);
+#endif
+}
+
+// Releases warp w's lanes if all of them wait at the same warp-collective op (aborts if
+// they wait with different operations or arguments); false if some lane is elsewhere.
+inline bool emu_release_warp(unsigned w, unsigned nt) {
+  const unsigned lanes = nt - w * 32 < 32 ? nt - w * 32 : 32;
+  for (unsigned l = 0; l < lanes; ++l)
+    if (emu_cta.fibers[w * 32 + l].state != EMU_AT_WARP) return false;
+  const EmuFiber& f0 = emu_cta.fibers[w * 32];
+  for (unsigned l = 1; l < lanes; ++l) {
+    const EmuFiber& f = emu_cta.fibers[w * 32 + l];
+    if (f.warp_op != f0.warp_op || f.warp_ptr != f0.warp_ptr || f.warp_ldm != f0.warp_ldm ||
+        f.warp_layout != f0.warp_layout) {
+      threadIdx = dim3(w * 32 + l, 0, 0);
+      emu_fail("lanes of a warp called a warp-collective op with different operations or "
+               "arguments");
+    }
+  }
+  for (unsigned l = 0; l < lanes; ++l) emu_cta.fibers[w * 32 + l].state = EMU_RUN;
+  return true;
+}
+
+// Runs one block's nt threads to completion. Between two barriers one warp runs at a time,
+// through all its warp-collective ops, as far as the next barrier: the warps are as far
+// out of step as the hardware allows, so a warp that writes (or copies into) shared memory
+// that another warp has yet to read in the same phase is caught.
+inline void emu_run_block(unsigned nt) {
+  emu_cta.ensure_stacks(nt);
+  for (unsigned t = 0; t < nt; ++t) emu_start_fiber(t);
+  const unsigned nw = (nt + 31) / 32;
+  bool reverse = false;
+  for (;;) {
+    for (unsigned i = 0; i < nw; ++i) {
+      const unsigned w = reverse ? nw - 1 - i : i;
+      const unsigned lanes = nt - w * 32 < 32 ? nt - w * 32 : 32;
+      do {
+        for (unsigned j = 0; j < lanes; ++j) {
+          const unsigned t = w * 32 + (reverse ? lanes - 1 - j : j);
+          while (emu_cta.fibers[t].state == EMU_RUN) emu_resume(t);
+        }
+      } while (emu_release_warp(w, nt));
+    }
+    // No thread can run: each is done, waits at the barrier, or waits at a warp-collective
+    // op that not all of its warp's lanes reached.
+    unsigned at_barrier = 0, done = 0;
+    for (unsigned t = 0; t < nt; ++t) {
+      if (emu_cta.fibers[t].state == EMU_AT_WARP) {
+        threadIdx = dim3(t, 0, 0);
+        emu_fail("not every lane of the warp called a warp-collective op (warp divergence)");
+      }
+      at_barrier += emu_cta.fibers[t].state == EMU_AT_BARRIER;
+      done += emu_cta.fibers[t].state == EMU_DONE;
+    }
+    if (done == nt) return;
+    if (at_barrier != nt) {
+      for (unsigned t = 0; t < nt; ++t)  // name a thread that returned
+        if (emu_cta.fibers[t].state == EMU_DONE) { threadIdx = dim3(t, 0, 0); break; }
+      emu_fail("a __syncthreads() that not every thread of the block reached");
+    }
+    for (unsigned t = 0; t < nt; ++t) emu_cta.fibers[t].state = EMU_RUN;
+    reverse = !reverse;
+  }
+}
+
 inline void __syncthreads() {
   emu_ptx_publish_own();
-  emu_bar->arrive_and_wait();
+  emu_cta.fibers[emu_cta.current].state = EMU_AT_BARRIER;
+  emu_yield();
 }
 
 template <typename A>
@@ -130,77 +356,36 @@ void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
   blockDim = block;
   emu_dyn_bytes = smem;
   const unsigned nt = block.x * block.y * block.z;
+  emu_cta.body = [&] { kernel(args...); };
+  unsigned long block_no = emu_launches++;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         // poison shared memory so reads of unwritten smem show up as NaN
         for (size_t i = 0; i < sizeof(emu_dyn_smem) / sizeof(float); ++i)
           reinterpret_cast<float*>(emu_dyn_smem)[i] = NAN;
-        std::barrier<> bar(nt);
-        emu_bar = &bar;
+        blockIdx = dim3(bx, by, bz);
+        emu_async_land_at_issue = (block_no++ & 1) != 0;
         emu_ptx_block_begin();
-        std::vector<std::thread> th;
-        th.reserve(nt);
-        for (unsigned t = 0; t < nt; ++t)
-          th.emplace_back([&, t] {
-            threadIdx = dim3(t, 0, 0);
-            blockIdx = dim3(bx, by, bz);
-            kernel(args...);
-          });
-        for (auto& x : th) x.join();
+        emu_run_block(nt);
         emu_ptx_block_end();
       }
+  emu_cta.body = nullptr;
 }
 #define MSF_LAUNCH(kernel, grid, block, smem, stream, ...) \
   emu_launch(kernel, dim3(grid), dim3(block), smem, __VA_ARGS__)
 
 // ---- warp-collective bookkeeping (emu_ptx.h's mma.sync and ldmatrix) --------------------
-[[noreturn]] inline void emu_fail(const char* what) {
-  std::fprintf(stderr, "cuda_emu: %s (thread %u of block %u,%u)\n", what, threadIdx.x,
-               blockIdx.x, blockIdx.y);
-  std::fflush(stderr);
-  std::abort();
-}
-
-struct EmuWarpSlot {
-  std::mutex m;
-  std::condition_variable cv;
-  int count = 0;
-  unsigned long gen = 0;
-  int op[32];
-  const void* ptr[32];
-  unsigned ldm[32];
-  int layout[32];
-};
-inline EmuWarpSlot emu_warps[32];
-
 // All 32 lanes of the calling thread's warp meet here with the same (op, ptr, ldm, layout).
 inline void emu_warp_collective(int op, const void* ptr, unsigned ldm, int layout) {
   if (blockDim.x % 32 != 0) emu_fail("a warp-collective op in a block whose size is not a multiple of 32");
-  const unsigned lane = threadIdx.x % 32;
-  EmuWarpSlot& w = emu_warps[threadIdx.x / 32];
-  std::unique_lock<std::mutex> lk(w.m);
-  w.op[lane] = op;
-  w.ptr[lane] = ptr;
-  w.ldm[lane] = ldm;
-  w.layout[lane] = layout;
-  const unsigned long gen = w.gen;
-  if (++w.count == 32) {
-    for (int l = 1; l < 32; ++l)
-      if (w.op[l] != w.op[0] || w.ptr[l] != w.ptr[0] || w.ldm[l] != w.ldm[0] ||
-          w.layout[l] != w.layout[0])
-        emu_fail("lanes of a warp called a warp-collective op with different operations or arguments");
-    w.count = 0;
-    ++w.gen;
-    w.cv.notify_all();
-    return;
-  }
-  static const int timeout_s = [] {
-    const char* e = std::getenv("CUDA_EMU_WARP_TIMEOUT_S");
-    return e ? std::atoi(e) : 60;
-  }();
-  if (!w.cv.wait_for(lk, std::chrono::seconds(timeout_s), [&] { return w.gen != gen; }))
-    emu_fail("not every lane of the warp called a warp-collective op (warp divergence)");
+  EmuFiber& f = emu_cta.fibers[emu_cta.current];
+  f.warp_op = op;
+  f.warp_ptr = ptr;
+  f.warp_ldm = ldm;
+  f.warp_layout = layout;
+  f.state = EMU_AT_WARP;
+  emu_yield();
 }
 
 #include "emu_ptx.h"  // msfused::ptx: mma.sync, ldmatrix, cp.async stand-ins

@@ -4,16 +4,20 @@
 // checked without a GPU: a lane that holds the wrong element gives a wrong result. What PTX
 // requires is asserted (emu_fail aborts with the rule broken):
 //   * mma and ldmatrix are warp-collective: every lane of the warp calls, with the same
-//     operation (a lane that skips it times out, CUDA_EMU_WARP_TIMEOUT_S);
+//     operation (a lane that skips it leaves the warp waiting: the scheduler aborts);
 //   * ldmatrix rows and cp.async addresses are 16-byte aligned, and inside the launch's
 //     dynamic shared memory when they point into it;
 //   * shared memory written by cp.async is read only after this thread's cp_async_wait<>
 //     retired the copy's group and, for any other thread, after a __syncthreads() (reading
-//     earlier aborts when through ldmatrix; plain loads see the launch's NaN poison, since
-//     the bytes land only at the wait); a block that ends with copies never waited aborts.
+//     earlier aborts when through ldmatrix; in every other block the bytes land only at the
+//     wait, so plain loads see the launch's NaN poison, and in the others at the issue, so
+//     a copy into a buffer that other threads still read changes what they read: see
+//     emu_async_land_at_issue in emu.h); a block that ends with copies never waited aborts.
 // The mma sums in float, in k order, starting from the accumulator (tensor cores may add in
 // another order; products of 16-bit values are exact in float either way).
 #pragma once
+#include <algorithm>
+#include <iterator>
 #include <mutex>
 #include <vector>
 
@@ -108,7 +112,7 @@ struct EmuAsyncCopy {
 };
 inline std::mutex emu_async_m;
 inline std::vector<EmuAsyncCopy> emu_async;
-inline thread_local int emu_async_open_group = 0;  // the group a new copy joins
+inline int emu_async_open_group_of[1024];  // per thread: the group a new copy joins
 
 inline void emu_check_smem_16(const void* p, const char* what) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail(what);
@@ -144,21 +148,23 @@ inline void cp_async_16(void* smem, const void* gmem, bool valid) {
     emu_count_read(gmem, 16);
   }
   else std::memset(c.data, 0, 16);
+  if (emu_async_land_at_issue) std::memcpy(c.dst, c.data, 16);  // (and again at the wait)
   c.owner = threadIdx.x;
-  c.group = emu_async_open_group;
+  c.group = emu_async_open_group_of[threadIdx.x];
   c.landed = false;
   std::lock_guard<std::mutex> lk(emu_async_m);
   emu_async.push_back(c);
 }
 
-inline void cp_async_commit() { ++emu_async_open_group; }
+inline void cp_async_commit() { ++emu_async_open_group_of[threadIdx.x]; }
 
 template <int N>
 inline void cp_async_wait() {
   static_assert(N >= 0, "cp_async_wait: N >= 0");
   std::lock_guard<std::mutex> lk(emu_async_m);
   for (EmuAsyncCopy& c : emu_async)  // committed groups older than the newest N
-    if (c.owner == threadIdx.x && !c.landed && c.group < emu_async_open_group - N) {
+    if (c.owner == threadIdx.x && !c.landed &&
+        c.group < emu_async_open_group_of[threadIdx.x] - N) {
       std::memcpy(c.dst, c.data, 16);
       c.landed = true;
     }
@@ -202,7 +208,11 @@ inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
 }  // namespace msfused
 
 // Hooks of emu.h's launch and barrier.
-inline void emu_ptx_block_begin() { msfused::ptx::emu_async.clear(); }
+inline void emu_ptx_block_begin() {
+  msfused::ptx::emu_async.clear();
+  std::fill(std::begin(msfused::ptx::emu_async_open_group_of),
+            std::end(msfused::ptx::emu_async_open_group_of), 0);
+}
 inline void emu_ptx_block_end() {
   for (const auto& c : msfused::ptx::emu_async)
     if (!c.landed) {

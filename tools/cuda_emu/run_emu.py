@@ -1,4 +1,4 @@
-"""Runs the CUDA kernels of csrc/cuda on the CPU through emu.h (g++, one std::thread per CUDA
+"""Runs the CUDA kernels of csrc/cuda on the CPU through emu.h (g++, one fiber per CUDA
 thread) and compares forward and backward with msfused.block_reference. No GPU needed;
 checks index math, halos, masking, strides, layouts and the reductions, in float64 and, for
 a set of cases, bfloat16 and float16 (emu.h's __half / __nv_bfloat16 stand-ins).

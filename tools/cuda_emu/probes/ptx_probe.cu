@@ -2,7 +2,8 @@
 // (B's last row zero-filled), ldmatrix loads the fragments, one mma.sync m16n8k16 adds A*B to
 // ones. Built by nvcc (tests/test_cuda_build.py reads its SASS) and by the emulator
 // (tests/test_cuda_emu.py runs it): mode 0 checks D against a plain loop; each other mode
-// breaks one rule and must abort with its message (or, mode 7, give wrong results).
+// breaks one rule and must abort with its message (or, mode 7, give wrong results); modes
+// 8-10 are race_probe's.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -55,6 +56,34 @@ __global__ void ptx_probe(const T* A, const T* B, float* D, int mode, int* bad) 
       }
 }
 
+// Two warps read each other's half of a shared buffer, then overwrite their own half: with a
+// plain store (mode 8) or a cp.async (9, 10) from G (all -1). Modes 8 and 9 lack the barrier
+// between the reads and the overwrite, a race the emulator's schedule must expose as wrong
+// values (bad > 0): warp 0 runs to the next barrier before warp 1 starts, and in every other
+// block a cp.async lands at its issue. Mode 10 has the barrier and must give bad = 0.
+__global__ void race_probe(const float* G, float* out, int mode, int* bad) {
+  MSF_EXTERN_SMEM(sm);
+  float* s = reinterpret_cast<float*>(sm);  // 64 threads x 4 floats
+  const int t = threadIdx.x;
+  for (int i = 0; i < 4; ++i) s[4 * t + i] = float(t);
+  __syncthreads();
+  const float r = s[4 * (63 - t)];  // the other warp's
+  if (mode == 10) __syncthreads();
+  if (mode == 8) {
+    for (int i = 0; i < 4; ++i) s[4 * t + i] = -1.f;
+  } else {
+    ptx::cp_async_16(s + 4 * t, G + 4 * t, true);
+    ptx::cp_async_commit();
+    __syncthreads();
+    ptx::cp_async_wait<0>();
+  }
+  __syncthreads();
+  out[64 * blockIdx.x + t] = r;
+  __syncthreads();
+  if (t == 0)
+    for (int i = 0; i < 64; ++i) *bad += out[64 * blockIdx.x + i] != float(63 - i);
+}
+
 template __global__ void ptx_probe<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*,
                                                   float*, int, int*);
 template __global__ void ptx_probe<__half>(const __half*, const __half*, float*, int, int*);
@@ -73,8 +102,20 @@ static int run(int mode, T (*from_f)(float)) {
   return bad != 0;
 }
 
+static int run_race(int mode) {
+  alignas(16) static float G[256];
+  static float out[128];
+  for (float& g : G) g = -1.f;
+  int bad = 0;
+  MSF_LAUNCH(race_probe, dim3(2), dim3(64), 256 * sizeof(float), nullptr, (const float*)G, out,
+             mode, &bad);
+  std::printf("bad=%d\n", bad);
+  return bad != 0;
+}
+
 int main(int argc, char** argv) {
   const int mode = std::atoi(argv[1]);
+  if (mode >= 8) return run_race(mode);
   if (mode == 6) return run<__half>(0, __float2half_rn);
   return run<__nv_bfloat16>(mode, __float2bfloat16_rn);
 }
