@@ -70,7 +70,7 @@ def test_forward_falls_back_when_no_tile_fits(emu_lib, dtype, monkeypatch):
     from msfused.benchmark import SHAPES
     run_emu, lib = emu_lib
     monkeypatch.setenv("CUDA_EMU_SMEM_LIMIT", str(20 * 1024))
-    assert run_emu.forward_bytes(lib, SHAPES["paper"][2])["tile"] == "0x0"  # no plan
+    assert run_emu.forward_bytes(lib, SHAPES["paper"][2])["tile"] == "0x0x0"  # no plan
     ok, line = run_emu.run_forward_low(lib, ((20, 70, 11, 10, 2), "add", 2, True, True, "silu"),
                                        dtype)
     assert ok, line
@@ -99,33 +99,81 @@ def test_tf32_forward(emu_lib, case):
     assert ok, line
 
 
-def _covered(n_out, n_in, tile, s):
-    """Input rows (columns) staged inside the image, over the tiles of one image."""
-    total = 0
-    for t0 in range(0, n_out, tile):
-        lo, hi = s * (t0 - 1) - 1, s * (t0 - 1) - 1 + s * (tile + 1) + 3
+def _covered(n_out, n_in, tile, s, run=1):
+    """Input rows (columns) staged inside the image, over the runs of `run` tiles of one image
+    (a run stages the rows its tiles share once)."""
+    total, span = 0, tile * run
+    for t0 in range(0, n_out, span):
+        lo, hi = s * (t0 - 1) - 1, s * (t0 - 1) - 1 + s * (span + 1) + 3
         total += max(0, min(hi, n_in) - max(lo, 0))
     return total
 
 
-@pytest.mark.parametrize("name", ["paper-u1", "paper-u3", "mnet-14"])
+@pytest.mark.parametrize("name", ["paper-u1", "paper-u2", "paper-u3", "mnet-14"])
 def test_forward_global_bytes(emu_lib, name):
     """The emulator's byte counters over one bfloat16 channels_last forward at a benchmark
-    shape: y written exactly once (16-byte stores), every weight read exactly once per CTA,
-    and x read once per tile over the tile plus its 2-pixel halo, nothing more (the table
-    for all six shapes: run_emu.py --bytes)."""
+    shape: y written exactly once (16-byte stores), every weight read exactly once per tile,
+    and x read once per run of tiles down a column over the run plus its 2-pixel halo,
+    nothing more (the table for all six shapes: run_emu.py --bytes)."""
     from msfused.benchmark import SHAPES
     run_emu, lib = emu_lib
     shape = {s.name: s for g in SHAPES.values() for s in g}[name]
     r = run_emu.forward_bytes(lib, shape, batch=2, plan_batch=shape.batch)
-    th, tw = map(int, r["tile"].split("x"))
+    th, tw, run = map(int, r["tile"].split("x"))
     ho, wo = (shape.h - 1) // shape.stride + 1, (shape.w - 1) // shape.stride + 1
-    staged = (_covered(ho, shape.h, th, shape.stride) * _covered(wo, shape.w, tw, shape.stride)
-              * shape.c * 2 * 2)
+    staged = (_covered(ho, shape.h, th, shape.stride, run)
+              * _covered(wo, shape.w, tw, shape.stride) * shape.c * 2 * 2)
     assert r["written"] == r["y"], r
-    assert r["read_w"] == r["ctas"] * r["w"], r
+    assert r["read_w"] == r["tiles"] * r["w"], r
     assert r["read_x"] == staged, r
     assert r["vec"] == (shape.c % 8 == 0, shape.c % 8 == 0, True), r
+
+
+# (C, N, H, W, B), merge, stride, residual, channels_last, act; tile x run forced
+RUN_CASES = [(((24, 40, 17, 10, 2), "concat", 1, True, True, "relu"), "2x8x3"),
+             (((24, 40, 17, 10, 2), "add", 2, True, False, "silu"), "1x16x4"),
+             (((256, 64, 13, 6, 1), "add", 1, True, True, "relu6"), "4x8x2"),
+             (((20, 70, 23, 9, 1), "concat", 2, False, True, "none"), "2x8x5"),
+             (((3, 32, 19, 18, 1), "concat", 1, True, True, "relu"), "4x16x3")]
+
+
+@pytest.mark.parametrize("case,tile", RUN_CASES, ids=lambda v: v if isinstance(v, str) else
+                         "-".join(map(str, v[0] + v[1:])))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "tf32"], ids=str)
+def test_forward_runs_down_a_column(emu_lib, case, tile, dtype, monkeypatch):
+    """CTAs that walk `run` tiles down a column and carry the shared x rows from one tile to
+    the next (both strides: 4 and 5 rows; the vector and element stagings; NCHW; C = 256's
+    eight chunks; runs cut by the image's last tile) give bit for bit the output of one tile
+    per CTA, and are within the tolerance policy of float64."""
+    run_emu, lib = emu_lib
+    th, tw, run = tile.split("x")
+    (c, n, h, w, batch), merge, stride, residual, cl, act = case
+    elem = torch.float32 if dtype == "tf32" else dtype
+    params, cfg = run_emu.case_params(c, n, merge, stride, act, residual, elem, 7)
+    torch.manual_seed(1)
+    x = torch.randn(batch, c, h, w, dtype=elem)
+    x = x.contiguous(memory_format=torch.channels_last if cl and c > 1 else
+                     torch.contiguous_format)
+    if dtype == "tf32":
+        lib.emu_set_tf32(1)
+    try:
+        ys, moved = [], []
+        for r in ("1", run):
+            monkeypatch.setenv("MSFUSED_CUDA_FWD_TILE", f"{th}x{tw}x{r}")
+            run_emu._bytes_moved(lib)
+            y, _, _ = run_emu.emulate(lib, x, params, cfg, None, backward=False)
+            moved.append(run_emu._bytes_moved(lib))
+            ys.append(y)
+    finally:
+        if dtype == "tf32":
+            lib.emu_set_tf32(0)
+    assert moved[0] > 0 and moved[1] > 0, "the tensor-core kernel did not run"
+    assert moved[1] < moved[0], moved  # the carried rows are not read again
+    assert torch.equal(ys[0], ys[1]), (ys[0] - ys[1]).abs().max()
+    monkeypatch.setenv("MSFUSED_CUDA_FWD_TILE", tile)
+    ok, line = (run_emu.run_forward_tf32(lib, case) if dtype == "tf32"
+                else run_emu.run_forward_low(lib, case, dtype))
+    assert ok, line
 
 
 # ---- mma.sync / ldmatrix / cp.async (csrc/cuda/ptx_wrappers.cuh, emulated by emu_ptx.h) --

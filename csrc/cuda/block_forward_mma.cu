@@ -2,14 +2,16 @@
 // cp.async: csrc/cuda/ptx_wrappers.cuh). The plan (tile, K layout, shared-memory map) is
 // csrc/cuda/forward_mma_plan.h.
 //
-// A CTA owns a TH x TW tile of output pixels of one image and computes every output channel:
+// A CTA owns a column of `run` TH x TW tiles of output pixels of one image and computes every
+// output channel of each, tile after tile down the column:
 //   phase 1, per chunk of MMA_KC input channels (double-buffered: the next chunk's x is in
 //     flight while this one is computed): x over the tile plus its halo lands in shared
 //     memory (16-byte cp.async in channels_last with C % 8 == 0, element loads otherwise),
 //     then a, b1 on the tile plus a ring (float), b and the strided x are computed on the
 //     FP32 cores and written, rounded to the dtype as eager's conv outputs are, into the GEMM
 //     operand A[pixel][k] (segments a, b, xs; forward_mma_plan.h). x is read once per tile
-//     and a, b1, b are computed once, whatever C_out is.
+//     and a, b1, b are computed once, whatever C_out is; the rows of x a tile shares with the
+//     next one down (S + 3) stay in shared memory for it instead of being read again.
 //   phase 2, per block of MMA_NB output channels: the block's weights stream through two
 //     shared-memory slices (cp.async) while the warps multiply out of A; each warp owns 32 of
 //     the 64 channels and up to four 16-pixel rows of the tile (fragments through ldmatrix,
@@ -22,7 +24,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <utility>
 
 #include "block_cuda.h"
 #include "common.cuh"
@@ -85,8 +86,7 @@ __device__ __forceinline__ const T* weight_at(const BlockDesc& d, const MmaPlan&
 template <typename T>
 __device__ __forceinline__ void stage_weights(const BlockDesc& d, const MmaPlan& pl,
                                               const BlockTensors<T>& t, const GemmBlock& g,
-                                              int kb, T* __restrict__ w) {
-  const int tid = threadIdx.x;
+                                              int kb, T* __restrict__ w, int tid) {
   constexpr int V = VE<T>, L = LDW<T>;
   if (pl.vec_w) {
     for (int i = tid; i < NB * (KB / V); i += NT) {
@@ -221,138 +221,164 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
   float* sO = reinterpret_cast<float*>(sm + pl.off_o);
   T* w0 = reinterpret_cast<T*>(sm + pl.off_w0);
   T* w1 = reinterpret_cast<T*>(sm + pl.off_w1);
+  T* carry = reinterpret_cast<T*>(sm + pl.off_h);
 
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int tile = int(blockIdx.x % unsigned(pl.tiles_hw));
-  const int64_t bimg = blockIdx.x / unsigned(pl.tiles_hw);
+  const unsigned ctas_hw = unsigned(pl.tiles_w) * unsigned(pl.runs_h);
+  const int u = int(blockIdx.x % ctas_hw);
+  const int64_t bimg = blockIdx.x / ctas_hw;
+  const int tr_begin = (u / pl.tiles_w) * pl.run, tr_end = min_i(tr_begin + pl.run, pl.tiles_h);
   const int TH = pl.TH, P = pl.P, LDA = pl.LDA, C16 = pl.C16;
   const int Ho = int(d.Ho), Wo = int(d.Wo), act = d.act;
-  const int r0 = (tile / pl.tiles_w) * TH, q0 = (tile % pl.tiles_w) * TW;
+  const int q0 = (u % pl.tiles_w) * TW;
   const T* x_img = t.x + bimg * d.C * d.H * d.W;
+  // The carried rows: for chunk ci, the last HR staged rows of the tile above, at
+  // carry + ci * HS (rows HR x XC x KC, the stage's layout).
+  constexpr int HR = mma_carry_rows(S);
+  constexpr int HS = HR * XC * KC;
 
-  // ---- phase 1: x once per tile; a, b1, b, xs into A ------------------------------------
-  const int ih0 = S * (r0 - 1) - 1, iw0 = S * (q0 - 1) - 1;
-  const int nchunks = (C16 + KC - 1) / KC;
-  stage_x<T, XC>(d, pl.vec_x, pl.XR, x_img, t.x, 0, ih0, iw0, xs0);
-  ptx::cp_async_commit();
-  for (int ci = 0; ci < nchunks; ++ci) {
-    const int c0 = ci * KC;
-    const T* xs = (ci & 1) ? xs1 : xs0;
-    if (ci + 1 < nchunks)
-      stage_x<T, XC>(d, pl.vec_x, pl.XR, x_img, t.x, c0 + KC, ih0, iw0, (ci & 1) ? xs0 : xs1);
-    ptx::cp_async_commit();  // possibly empty: the wait below then always means "chunk ci"
-    stage_dw<T>(d, t, c0, dw);
-    ptx::cp_async_wait<1>();
-    __syncthreads();
-    const ChunkOut<T> o{sA + pl.seg_a + c0, sA + pl.seg_b + c0,
-                        pl.seg_x >= 0 ? sA + pl.seg_x + c0 : nullptr, LDA, nullptr, 0};
-    chunk_operands<T, S, TW>(d, TH, r0, q0, c0, C16, xs, b1, dw, o);  // ends with a barrier
-  }
-  ptx::cp_async_wait<0>();  // (the last group is empty)
+  for (int tr = tr_begin; tr < tr_end; ++tr) {
+    // The thread index, opaque to the compiler: the per-thread addresses and indices derived
+    // from it are computed again per tile instead of being hoisted out of this loop, where
+    // they would stay live across the GEMM (128 registers leave no room for them) and spill.
+    int tid = int(threadIdx.x);
+    ptx::opaque(tid);
+    const int lane = tid % 32, warp = tid / 32;
+    const int r0 = tr * TH;
+    const bool carry_in = tr > tr_begin, carry_out = tr + 1 < tr_end;
+    const int row0 = carry_in ? HR : 0;  // the first row staged from global memory
 
-  // ---- phase 2: the GEMM per block of NB output channels ---------------------------------
-  const WarpSplit ws = warp_split(P, warp);
-  const bool cl = d.channels_last, identity = d.residual && !d.projection;
-  const int64_t Cout = d.Cout;
-  for (int blk = 0; blk < pl.nblk; ++blk) {
-    const GemmBlock g = gemm_block(d, pl, blk);
-    float acc[4][4][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int n = 0; n < 4; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[j][n][e] = 0.f;
-    if (tid < NB) dw[tid] = bias_of<T>(d, t, g, g.co0 + tid);
-
-    const int nst = (g.k_hi - g.k_lo + KB - 1) / KB;
-    stage_weights<T>(d, pl, t, g, g.k_lo, w0);
+    // ---- phase 1: x once per run; a, b1, b, xs into A -----------------------------------
+    const int ih0 = S * (r0 - 1) - 1, iw0 = S * (q0 - 1) - 1;
+    const int nchunks = (C16 + KC - 1) / KC;
+    if (carry_in) copy_smem16(carry, xs0, HS * int(sizeof(T)), tid);
+    stage_x<T, XC>(d, pl.vec_x, pl.XR, x_img, t.x, 0, ih0, iw0, xs0, row0, tid);
     ptx::cp_async_commit();
-    for (int st = 0; st < nst; ++st) {
-      const int kb = g.k_lo + st * KB;
-      const T* w = (st & 1) ? w1 : w0;
-      if (st + 1 < nst) stage_weights<T>(d, pl, t, g, kb + KB, (st & 1) ? w0 : w1);
-      ptx::cp_async_commit();
+    for (int ci = 0; ci < nchunks; ++ci) {
+      const int c0 = ci * KC;
+      T* xs = (ci & 1) ? xs1 : xs0;
+      if (ci + 1 < nchunks) {
+        T* next = (ci & 1) ? xs0 : xs1;
+        if (carry_in) copy_smem16(carry + (ci + 1) * HS, next, HS * int(sizeof(T)), tid);
+        stage_x<T, XC>(d, pl.vec_x, pl.XR, x_img, t.x, c0 + KC, ih0, iw0, next, row0, tid);
+      }
+      ptx::cp_async_commit();  // possibly empty: the wait below then always means "chunk ci"
+      stage_dw<T>(d, t, c0, dw, tid);
       ptx::cp_async_wait<1>();
       __syncthreads();
-      const int kend = min_i(KB, g.k_hi - kb);
-      if constexpr (sizeof(T) == 2)
-        gemm_slice_16bit<T>(acc, sA + kb, LDA, w, kend, ws, lane);
-      else
-        gemm_slice_tf32(acc, sA + kb, LDA, w, kend, ws, lane);
-      __syncthreads();  // this slice is free for the copy after the next
+      // this chunk's rows shared with the next tile down; their slot was last read by this
+      // tile's copy into the stage, before the barrier above
+      if (carry_out)
+        copy_smem16(xs + (pl.XR - HR) * XC * KC, carry + ci * HS, HS * int(sizeof(T)), tid);
+      const ChunkOut<T> o{sA + pl.seg_a + c0, sA + pl.seg_b + c0,
+                          pl.seg_x >= 0 ? sA + pl.seg_x + c0 : nullptr, LDA, nullptr, 0};
+      chunk_operands<T, S, TW>(d, TH, r0, q0, c0, C16, xs, b1, dw, o, tid);  // ends: barrier
     }
+    ptx::cp_async_wait<0>();  // (the last group is empty)
 
-    // accumulators -> the float output tile: d[0..1] at (row g, cols 2t, 2t+1), d[2..3] at g+8
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int mt = ws.mrow + ws.mstep * j;
-      if (mt < ws.mtiles) {
-        const int row = mt * 16 + lane / 4;
-#pragma unroll
-        for (int n = 0; n < 4; ++n) {
-          if (n >= ws.nt8) continue;
-          const int col = ws.nbase + n * 8 + 2 * (lane % 4);
-          sO[row * LDO + col] = acc[j][n][0];
-          sO[row * LDO + col + 1] = acc[j][n][1];
-          sO[(row + 8) * LDO + col] = acc[j][n][2];
-          sO[(row + 8) * LDO + col + 1] = acc[j][n][3];
+    // ---- phase 2: the GEMM per block of NB output channels -------------------------------
+    const WarpSplit ws = warp_split(P, warp);
+    const bool cl = d.channels_last, identity = d.residual && !d.projection;
+    const int64_t Cout = d.Cout;
+    for (int blk = 0; blk < pl.nblk; ++blk) {
+      const GemmBlock g = gemm_block(d, pl, blk);
+      float acc[4][4][4];
+  #pragma unroll
+      for (int j = 0; j < 4; ++j)
+  #pragma unroll
+        for (int n = 0; n < 4; ++n)
+  #pragma unroll
+          for (int e = 0; e < 4; ++e) acc[j][n][e] = 0.f;
+      if (tid < NB) dw[tid] = bias_of<T>(d, t, g, g.co0 + tid);
+
+      const int nst = (g.k_hi - g.k_lo + KB - 1) / KB;
+      stage_weights<T>(d, pl, t, g, g.k_lo, w0, tid);
+      ptx::cp_async_commit();
+      for (int st = 0; st < nst; ++st) {
+        const int kb = g.k_lo + st * KB;
+        const T* w = (st & 1) ? w1 : w0;
+        if (st + 1 < nst) stage_weights<T>(d, pl, t, g, kb + KB, (st & 1) ? w0 : w1, tid);
+        ptx::cp_async_commit();
+        ptx::cp_async_wait<1>();
+        __syncthreads();
+        const int kend = min_i(KB, g.k_hi - kb);
+        if constexpr (sizeof(T) == 2)
+          gemm_slice_16bit<T>(acc, sA + kb, LDA, w, kend, ws, lane);
+        else
+          gemm_slice_tf32(acc, sA + kb, LDA, w, kend, ws, lane);
+        __syncthreads();  // this slice is free for the copy after the next
+      }
+
+      // accumulators -> the float output tile: d[0..1] at (row g, cols 2t, 2t+1), d[2..3] at g+8
+  #pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int mt = ws.mrow + ws.mstep * j;
+        if (mt < ws.mtiles) {
+          const int row = mt * 16 + lane / 4;
+  #pragma unroll
+          for (int n = 0; n < 4; ++n) {
+            if (n >= ws.nt8) continue;
+            const int col = ws.nbase + n * 8 + 2 * (lane % 4);
+            sO[row * LDO + col] = acc[j][n][0];
+            sO[row * LDO + col + 1] = acc[j][n][1];
+            sO[(row + 8) * LDO + col] = acc[j][n][2];
+            sO[(row + 8) * LDO + col + 1] = acc[j][n][3];
+          }
         }
       }
-    }
-    __syncthreads();
+      __syncthreads();
 
-    // epilogue: bias, identity residual, activation, stores
-    if (cl) {
-      for (int i = tid; i < P * (NB / 8); i += NT) {
-        const int g8 = i % (NB / 8), p = i / (NB / 8);
-        const int oh = r0 + p / TW, ow = q0 + p % TW, co = g.co0 + 8 * g8;
-        if (oh >= Ho || ow >= Wo || co >= g.nb) continue;
-        const int ch = g.ch_off + co;
-        const int64_t o = ((bimg * Ho + oh) * Wo + ow) * Cout + ch;
-        float v[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          v[e] = sO[p * LDO + 8 * g8 + e] + dw[8 * g8 + e];
-          if (identity && co + e < g.nb) v[e] += to_acc(sA[p * LDA + pl.seg_x + ch + e]);
-        }
-        if (pl.vec_y && co + 8 <= g.nb) {  // 8 channels: one (16-bit) or two (float) stores
-          constexpr int V = VE<T>;
-#pragma unroll
-          for (int h = 0; h < 8 / V; ++h) {
-            Vec16 vp, vy;
-            T* hp = reinterpret_cast<T*>(&vp);
-            T* hy = reinterpret_cast<T*>(&vy);
-#pragma unroll
-            for (int e = 0; e < V; ++e) {
-              hp[e] = from_acc<T>(v[h * V + e]);
-              hy[e] = from_acc<T>(act_apply(act, v[h * V + e]));
+      // epilogue: bias, identity residual, activation, stores
+      if (cl) {
+        for (int i = tid; i < P * (NB / 8); i += NT) {
+          const int g8 = i % (NB / 8), p = i / (NB / 8);
+          const int oh = r0 + p / TW, ow = q0 + p % TW, co = g.co0 + 8 * g8;
+          if (oh >= Ho || ow >= Wo || co >= g.nb) continue;
+          const int ch = g.ch_off + co;
+          const int64_t o = ((bimg * Ho + oh) * Wo + ow) * Cout + ch;
+          float v[8];
+  #pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            v[e] = sO[p * LDO + 8 * g8 + e] + dw[8 * g8 + e];
+            if (identity && co + e < g.nb) v[e] += to_acc(sA[p * LDA + pl.seg_x + ch + e]);
+          }
+          if (pl.vec_y && co + 8 <= g.nb) {  // 8 channels: one (16-bit) or two (float) stores
+            constexpr int V = VE<T>;
+  #pragma unroll
+            for (int h = 0; h < 8 / V; ++h) {
+              Vec16 vp, vy;
+              T* hp = reinterpret_cast<T*>(&vp);
+              T* hy = reinterpret_cast<T*>(&vy);
+  #pragma unroll
+              for (int e = 0; e < V; ++e) {
+                hp[e] = from_acc<T>(v[h * V + e]);
+                hy[e] = from_acc<T>(act_apply(act, v[h * V + e]));
+              }
+              if (pre != nullptr) stg16(pre + o + h * V, vp);
+              stg16(y + o + h * V, vy);
             }
-            if (pre != nullptr) stg16(pre + o + h * V, vp);
-            stg16(y + o + h * V, vy);
-          }
-        } else {
-          for (int e = 0; e < 8 && co + e < g.nb; ++e) {
-            if (pre != nullptr) stg(pre + o + e, from_acc<T>(v[e]));
-            stg(y + o + e, from_acc<T>(act_apply(act, v[e])));
+          } else {
+            for (int e = 0; e < 8 && co + e < g.nb; ++e) {
+              if (pre != nullptr) stg(pre + o + e, from_acc<T>(v[e]));
+              stg(y + o + e, from_acc<T>(act_apply(act, v[e])));
+            }
           }
         }
+      } else {
+        for (int i = tid; i < P * NB; i += NT) {
+          const int p = i % P, n = i / P;
+          const int oh = r0 + p / TW, ow = q0 + p % TW, co = g.co0 + n;
+          if (oh >= Ho || ow >= Wo || co >= g.nb) continue;
+          const int ch = g.ch_off + co;
+          float v = sO[p * LDO + n] + dw[n];
+          if (identity) v += to_acc(sA[p * LDA + pl.seg_x + ch]);
+          const int64_t o = ((bimg * Cout + ch) * Ho + oh) * Wo + ow;
+          if (pre != nullptr) stg(pre + o, from_acc<T>(v));
+          stg(y + o, from_acc<T>(act_apply(act, v)));
+        }
       }
-    } else {
-      for (int i = tid; i < P * NB; i += NT) {
-        const int p = i % P, n = i / P;
-        const int oh = r0 + p / TW, ow = q0 + p % TW, co = g.co0 + n;
-        if (oh >= Ho || ow >= Wo || co >= g.nb) continue;
-        const int ch = g.ch_off + co;
-        float v = sO[p * LDO + n] + dw[n];
-        if (identity) v += to_acc(sA[p * LDA + pl.seg_x + ch]);
-        const int64_t o = ((bimg * Cout + ch) * Ho + oh) * Wo + ow;
-        if (pre != nullptr) stg(pre + o, from_acc<T>(v));
-        stg(y + o, from_acc<T>(act_apply(act, v)));
-      }
+      __syncthreads();  // the output tile, the biases and A are free for the next block / tile
     }
-    __syncthreads();  // the output tile and the biases are free for the next block
-  }
+  }  // tiles of the run
 }
 
 template <typename T, int S, int TW>
@@ -361,7 +387,7 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* 
   auto kernel = block_forward_mma_kernel<T, S, TW>;
   static int raised[64] = {};
   if (const char* err = allow_dynamic_smem(kernel, pl.smem, raised)) return err;
-  const unsigned grid = unsigned(d.B * pl.tiles_hw);
+  const unsigned grid = unsigned(d.B * pl.tiles_w * pl.runs_h);
   MSF_LAUNCH(kernel, grid, NT, pl.smem, stream, d, t, y, pre, pl);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
@@ -374,11 +400,16 @@ size_t env_bytes(const char* name) {
   const char* e = std::getenv(name);
   return e != nullptr ? size_t(std::strtoull(e, nullptr, 10)) : size_t(0);
 }
-std::pair<int, int> env_tile(const char* name) {
+struct EnvTile {
+  int th, tw, run;
+};
+EnvTile env_tile(const char* name) {  // "THxTW" or "THxTWxRUN"
   const char* e = std::getenv(name);
-  int th = 0, tw = 0;
-  if (e == nullptr || std::sscanf(e, "%dx%d", &th, &tw) != 2) th = tw = 0;
-  return {th, tw};
+  EnvTile t{0, 0, 0};
+  const int n = e != nullptr ? std::sscanf(e, "%dx%dx%d", &t.th, &t.tw, &t.run) : 0;
+  if (n < 2) t = EnvTile{0, 0, 0};
+  if (n == 2) t.run = 0;
+  return t;
 }
 }  // namespace
 
@@ -391,16 +422,17 @@ MmaDevice mma_device() {
     sm = block;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) sms = 1;
   // MSFUSED_CUDA_FWD_SMEM (bytes) caps the block's share, to trade tile size for CTAs per SM
-  // when measuring; MSFUSED_CUDA_FWD_TILE=THxTW (TW 8 or 16) forces a tile where it fits. Read
-  // once per process (by the emulator, whose tests change them, at every call).
+  // when measuring; MSFUSED_CUDA_FWD_TILE=THxTW (TW 8 or 16) forces a tile where it fits, and
+  // THxTWxRUN also the tiles per CTA down a column. Read once per process (by the emulator,
+  // whose tests change them, at every call).
 #ifdef MSFUSED_CUDA_EMU
   const size_t cap = env_bytes("MSFUSED_CUDA_FWD_SMEM");
-  const std::pair<int, int> tile = env_tile("MSFUSED_CUDA_FWD_TILE");
+  const EnvTile tile = env_tile("MSFUSED_CUDA_FWD_TILE");
 #else
   static const size_t cap = env_bytes("MSFUSED_CUDA_FWD_SMEM");
-  static const std::pair<int, int> tile = env_tile("MSFUSED_CUDA_FWD_TILE");
+  static const EnvTile tile = env_tile("MSFUSED_CUDA_FWD_TILE");
 #endif
-  MmaDevice m{size_t(block), size_t(sm), sms, tile.first, tile.second};
+  MmaDevice m{size_t(block), size_t(sm), sms, tile.th, tile.tw, tile.run};
   if (cap != 0 && cap < m.smem_block) m.smem_block = cap;
   return m;
 }
@@ -430,7 +462,8 @@ MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* 
                d.merge | (d.residual << 2) | (d.projection << 3) | (d.channels_last << 4) |
                    (x16 << 5) | (w16 << 6) | (y16 << 7),
                int64_t(dev.smem_block), int64_t(dev.smem_sm), dev.sms,
-               dev.force_th | (dev.force_tw << 8), int64_t(sizeof(T))}};
+               dev.force_th | (dev.force_tw << 8) | (int64_t(dev.force_run) << 16),
+               int64_t(sizeof(T))}};
   for (int i = 0; i < plan_cache_n; ++i)
     if (plan_cache[i].key == key) return plan_cache[i].plan;
   const MmaPlan plan = plan_mma_forward(d, dev, int(sizeof(T)), x16, w16, y16);

@@ -73,20 +73,23 @@ __device__ __forceinline__ void dw_column(const Src* __restrict__ src, int ld,
   }
 }
 
-// x[b, c0 .. c0+KC, ih0 .. ih0+XR, iw0 .. iw0+XC] into xs[(rr * XC + cc) * KC + k], zero
-// outside the image and for c >= C. vec: 16-byte cp.async (channels_last, C a multiple of
-// 16 bytes' elements, x 16-byte aligned); otherwise element loads, coalesced along the
-// layout's fastest dimension. x_any: any valid address (the zero-fill copies' source).
+// x[b, c0 .. c0+KC, ih0 + rr0 .. ih0+XR, iw0 .. iw0+XC] into xs[(rr * XC + cc) * KC + k], zero
+// outside the image and for c >= C (rows below rr0 are left as they are: the forward's
+// carried rows). vec: 16-byte cp.async (channels_last, C a multiple of 16 bytes' elements, x
+// 16-byte aligned); otherwise element loads, coalesced along the layout's fastest dimension.
+// x_any: any valid address (the zero-fill copies' source).
 template <typename T, int XC>
 __device__ __forceinline__ void stage_x(const BlockDesc& d, bool vec, int XR, const T* x_img,
                                         const T* x_any, int c0, int ih0, int iw0,
-                                        T* __restrict__ xs) {
+                                        T* __restrict__ xs, int rr0 = 0,
+                                        int tid = int(threadIdx.x)) {
   constexpr int KC = DWT_KC, NT = DWT_NT;
-  const int tid = threadIdx.x, C = int(d.C), H = int(d.H), W = int(d.W);
+  const int C = int(d.C), H = int(d.H), W = int(d.W);
+  const int nr = XR - rr0;
   constexpr int V = VE<T>;
   if (vec) {
-    for (int i = tid; i < XR * XC * (KC / V); i += NT) {
-      const int v = i % (KC / V), pos = i / (KC / V), rr = pos / XC, cc = pos % XC;
+    for (int i = tid; i < nr * XC * (KC / V); i += NT) {
+      const int v = i % (KC / V), pos = rr0 * XC + i / (KC / V), rr = pos / XC, cc = pos % XC;
       const int h = ih0 + rr, w = iw0 + cc, c = c0 + V * v;
       const bool ok = h >= 0 && h < H && w >= 0 && w < W && c < C;
       const T* src = ok ? x_img + (int64_t(h) * W + w) * C + c : x_any;
@@ -96,15 +99,15 @@ __device__ __forceinline__ void stage_x(const BlockDesc& d, bool vec, int XR, co
   }
   const T zero = from_acc<T>(0.f);
   if (d.channels_last) {  // channels fastest: consecutive threads, consecutive memory
-    for (int i = tid; i < XR * XC * KC; i += NT) {
-      const int k = i % KC, pos = i / KC, rr = pos / XC, cc = pos % XC;
+    for (int i = tid; i < nr * XC * KC; i += NT) {
+      const int k = i % KC, pos = rr0 * XC + i / KC, rr = pos / XC, cc = pos % XC;
       const int h = ih0 + rr, w = iw0 + cc, c = c0 + k;
       const bool ok = h >= 0 && h < H && w >= 0 && w < W && c < C;
-      xs[i] = ok ? ldg(x_img + (int64_t(h) * W + w) * C + c) : zero;
+      xs[pos * KC + k] = ok ? ldg(x_img + (int64_t(h) * W + w) * C + c) : zero;
     }
   } else {  // NCHW: columns fastest
-    for (int i = tid; i < XR * XC * KC; i += NT) {
-      const int cc = i % XC, r = i / XC, rr = r % XR, k = r / XR;
+    for (int i = tid; i < nr * XC * KC; i += NT) {
+      const int cc = i % XC, r = i / XC, rr = rr0 + r % nr, k = r / nr;
       const int h = ih0 + rr, w = iw0 + cc, c = c0 + k;
       const bool ok = h >= 0 && h < H && w >= 0 && w < W && c < C;
       xs[(rr * XC + cc) * KC + k] = ok ? ldg(x_img + (int64_t(c) * H + h) * W + w) : zero;
@@ -112,14 +115,23 @@ __device__ __forceinline__ void stage_x(const BlockDesc& d, bool vec, int XR, co
   }
 }
 
+// bytes (a multiple of 16) from src to dst in shared memory, both 16-byte aligned, by the
+// whole CTA, 16 bytes per access.
+__device__ __forceinline__ void copy_smem16(const void* src, void* dst, int bytes,
+                                            int tid = int(threadIdx.x)) {
+  const Vec16* s = static_cast<const Vec16*>(src);
+  Vec16* o = static_cast<Vec16*>(dst);
+  for (int i = tid; i < bytes / 16; i += DWT_NT) o[i] = s[i];
+}
+
 // Depthwise weights and biases of channels c0 .. c0+KC: dw[(which * KC + k) * 9 + tap] for
 // which = a, b (first conv of branch B), c (second), then the biases at 27 KC + which * KC + k.
 template <typename T>
 __device__ __forceinline__ void stage_dw(const BlockDesc& d, const BlockTensors<T>& t, int c0,
-                                         float* __restrict__ dw) {
+                                         float* __restrict__ dw, int tid = int(threadIdx.x)) {
   constexpr int KC = DWT_KC;
   const int C = int(d.C);
-  for (int i = threadIdx.x; i < 30 * KC; i += DWT_NT) {
+  for (int i = tid; i < 30 * KC; i += DWT_NT) {
     float v = 0.f;
     if (i < 27 * KC) {
       const int which = i / (9 * KC), r = i % (9 * KC), c = c0 + r / 9;
@@ -153,7 +165,8 @@ struct ChunkOut {
   T* out_b_lo = nullptr;
 };
 
-// The chunk of channels c0 .. c0+KC staged in xs (stage_x, published by a __syncthreads())
+// (tid: the thread's index in the CTA, as a value the caller may have made opaque to the
+// compiler.) The chunk of channels c0 .. c0+KC staged in xs (stage_x, published by a __syncthreads())
 // with its depthwise weights in dw (stage_dw): b1 on the tile plus its ring (activated, float,
 // zero outside the output: the second conv's padding) into b1, then a, xs and b into the
 // operand. Ends with a __syncthreads(): xs, b1 and dw are free again.
@@ -162,10 +175,11 @@ __device__ __forceinline__ void chunk_operands(const BlockDesc& d, int TH, int r
                                                int c0, int c16, const T* __restrict__ xs,
                                                float* __restrict__ b1,
                                                const float* __restrict__ dw,
-                                               const ChunkOut<T>& o) {
+                                               const ChunkOut<T>& o,
+                                               int tid = int(threadIdx.x)) {
   constexpr int KC = DWT_KC, NT = DWT_NT, SEG = DWT_SEG;
   constexpr int XC = S * (TW + 1) + 3, RW = TW + 2;
-  const int tid = threadIdx.x, C = int(d.C), Ho = int(d.Ho), Wo = int(d.Wo), act = d.act;
+  const int C = int(d.C), Ho = int(d.Ho), Wo = int(d.Wo), act = d.act;
   const int seg_ring = (TH + 2 + SEG - 1) / SEG, seg_tile = (TH + SEG - 1) / SEG;
   const T zero = from_acc<T>(0.f);
   // b1; each item is one channel and one column over SEG rows (consecutive threads:

@@ -3,11 +3,14 @@
 // the shared-memory map. Plain C++ (no CUDA headers): the launcher, the emulator's driver
 // and its tile table use the same function.
 //
-// The kernel's CTA owns a TH x TW tile of output pixels of one image and computes every
-// output channel for it. Phase 1 streams x through shared memory in chunks of KC channels
-// (one staging of x per tile) and writes the GEMM operand A = [a | b | xs] for every input
-// channel, 16-bit, pixel-major; phase 2 runs the pointwise / projection GEMM out of it for
-// each block of NB output channels, with the weights streamed in K-slices of KB.
+// The kernel's CTA owns a column of `run` TH x TW tiles of output pixels of one image, one
+// below the other, and computes every output channel for each. Per tile, phase 1 streams x
+// through shared memory in chunks of KC channels and writes the GEMM operand A = [a | b | xs]
+// for every input channel, 16-bit, pixel-major; phase 2 runs the pointwise / projection GEMM
+// out of it for each block of NB output channels, with the weights streamed in K-slices of
+// KB. Going down its column the CTA keeps, for every chunk, the last S + 3 staged rows of x
+// (those the next tile's halo shares with this one), so a run stages x from global memory
+// once over its tiles plus one halo, not once per tile plus its halo.
 #pragma once
 #include <cmath>
 #include <cstddef>
@@ -32,24 +35,30 @@ constexpr int MMA_MAX_P = 256;             // pixels per tile: 8 warps x 2 x 16 
 struct MmaPlan {
   int esz;                    // element size: 2 (float16/bfloat16), 4 (float32 on TF32)
   int TH, TW, P;              // output tile: TH x TW pixels, P = TH * TW, a multiple of 16
-  int tiles_w, tiles_hw;      // tiles per image row / per image
+  int tiles_w, tiles_h, tiles_hw;  // tiles per image row / column / image
+  int run, runs_h;            // tiles per CTA down a column; CTAs per column of tiles
   int XR, XC;                 // staged x tile (tile plus the halo of both convs)
+  int HR;                     // of its rows, those the next tile down shares (carried)
   int C16;                    // C rounded up to 16: each operand segment's width
   int seg_a, seg_b, seg_x;    // K offset of a, b and the strided x in A (-1: absent)
   int LDA;                    // row of A (elements): the segments plus mma_pad
   int nblk_a, nblk;           // GEMM blocks of branch A (concat) and in all
   bool vec_x, vec_w, vec_y;   // 16-byte paths: x (cp.async), weights (cp.async), y (stores)
-  uint32_t off_a, off_x0, off_x1, off_b1, off_dw, off_w0, off_w1, off_o, smem;  // bytes
+  uint32_t off_a, off_x0, off_x1, off_b1, off_dw, off_w0, off_w1, off_o, off_h, smem;  // bytes
 };
 
 // What the plan needs of the GPU: shared memory per block (opt-in) and per SM, SM count.
 struct MmaDevice {
   size_t smem_block, smem_sm;
   int sms;
-  int force_th, force_tw;  // a tile to use where it fits (0: the cost model's), for measuring
+  int force_th, force_tw, force_run;  // a tile (and run) to use where it fits (0: the cost
+                                      // model's), for measuring
 };
 
 inline int mma_stage_rows(int s, int th) { return s * (th + 1) + 3; }
+
+// Staged rows the next tile down the column shares with this one (XR - S TH), carried.
+MSF_HD constexpr int mma_carry_rows(int s) { return s + 3; }
 
 inline uint32_t mma_align128(size_t v) { return uint32_t((v + 127) & ~size_t(127)); }
 
@@ -102,28 +111,37 @@ inline void mma_plan_smem(MmaPlan& p) {
   p.off_dw = uint32_t(o); o = mma_align128(o + F * 30 * MMA_KC);  // phase 2: the block's biases
   p.off_w0 = uint32_t(o); o = mma_align128(o + H * size_t(MMA_NB) * mma_ldw(p.esz));
   p.off_w1 = uint32_t(o); o = mma_align128(o + H * size_t(MMA_NB) * mma_ldw(p.esz));
+  // the carried rows of every chunk (a run of one tile carries nothing)
+  const size_t nchunks = size_t(p.C16 + MMA_KC - 1) / MMA_KC;
+  p.off_h = uint32_t(o);
+  if (p.run > 1) o = mma_align128(o + H * nchunks * p.HR * p.XC * MMA_KC);
   p.smem = uint32_t(o);
 }
 
-// Cost of one tile choice: the elements its CTAs move (x staged: the in-image part of every
-// tile's halo; y written, padded tiles included: the wasted compute; weights streamed per CTA)
-// per CTA, times the waves of CTAs the GPU runs (CTAs per SM from shared memory, at most two
-// by registers: 128 x 256 threads), so that a grid too small to fill the GPU pays for it.
+// Input rows (or columns) staged inside the image over one image's runs of `run` tiles each
+// (a run stages the rows its tiles share once).
+inline int64_t mma_staged_extent(int64_t n_out, int64_t n_in, int tile, int s, int run) {
+  int64_t sum = 0;
+  const int64_t span = int64_t(tile) * run, staged = s * (span + 1) + 3;
+  for (int64_t t0 = 0; t0 < n_out; t0 += span) {
+    int64_t lo = s * (t0 - 1) - 1, hi = lo + staged;
+    if (lo < 0) lo = 0;
+    if (hi > n_in) hi = n_in;
+    sum += hi > lo ? hi - lo : 0;
+  }
+  return sum;
+}
+
+// Cost of one plan: the elements its CTAs move (x staged: the in-image rows and columns of
+// every run's halo, each staged once down the run; y written, padded tiles included: the
+// wasted compute; weights streamed once per tile) per CTA, times the waves of CTAs the GPU
+// runs (CTAs per SM from shared memory, at most two by registers: 128 x 256 threads), so that
+// a grid too small to fill the GPU, or a run too long for the grid, pays for it.
 inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p, const MmaDevice& dev) {
-  auto covered = [](int64_t n_out, int64_t n_in, int tile, int s) {
-    int64_t sum = 0;  // input rows (cols) staged inside the image, over the tiles
-    const int64_t staged = s * (tile + 1) + 3;
-    for (int64_t t0 = 0; t0 < n_out; t0 += tile) {
-      int64_t lo = s * (t0 - 1) - 1, hi = lo + staged;
-      if (lo < 0) lo = 0;
-      if (hi > n_in) hi = n_in;
-      sum += hi > lo ? hi - lo : 0;
-    }
-    return sum;
-  };
   const double tiles = double(d.B) * p.tiles_hw;
-  const double x = double(d.B) * d.C * covered(d.Ho, d.H, p.TH, d.stride) *
-                   covered(d.Wo, d.W, p.TW, d.stride);
+  const double ctas = double(d.B) * p.tiles_w * p.runs_h;
+  const double x = double(d.B) * d.C * mma_staged_extent(d.Ho, d.H, p.TH, d.stride, p.run) *
+                   mma_staged_extent(d.Wo, d.W, p.TW, d.stride, 1);
   const double y = tiles * p.P * d.Cout;
   double w = 0;
   for (int blk = 0; blk < p.nblk; ++blk) {
@@ -136,22 +154,22 @@ inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p, const MmaDevic
   if (per_sm > 2) per_sm = 2;
   if (per_sm < 1) per_sm = 1;
   const double slots = double(dev.sms > 0 ? dev.sms : 1) * per_sm;
-  const double waves = std::ceil(tiles / slots);
-  return (x + y + tiles * w) / tiles * waves;
+  const double waves = std::ceil(ctas / slots);
+  return (x + y + tiles * w) / ctas * waves;
 }
 
-// The plan with the cheapest tile that fits the device, for elements of esz bytes; P == 0 if
-// none fits.
+// The plan with the cheapest tile and run that fit the device, for elements of esz bytes;
+// P == 0 if none fits. only_*: consider that tile (and run, at most the column's tiles) only.
 inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, int esz,
                                 bool x_aligned16, bool w_aligned16, bool y_aligned16,
-                                int only_th = 0, int only_tw = 0) {
+                                int only_th = 0, int only_tw = 0, int only_run = 0) {
   MmaPlan best{};
   double best_cost = 0;
   if (dev.force_th > 0 && dev.force_tw > 0) {
     MmaDevice free_dev = dev;
-    free_dev.force_th = free_dev.force_tw = 0;
+    free_dev.force_th = free_dev.force_tw = free_dev.force_run = 0;
     const MmaPlan p = plan_mma_forward(d, free_dev, esz, x_aligned16, w_aligned16,
-                                       y_aligned16, dev.force_th, dev.force_tw);
+                                       y_aligned16, dev.force_th, dev.force_tw, dev.force_run);
     if (p.P != 0) return p;
   }
   const int64_t nb_branch = (d.N + MMA_NB - 1) / MMA_NB;
@@ -159,26 +177,38 @@ inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, int es
     if (only_tw != 0 ? tw != only_tw : (tw == 16 && d.Wo <= 8)) continue;
     for (int th = 1; th <= 32; ++th) {
       if (only_th != 0 && th != only_th) continue;
-      MmaPlan p{};
-      p.esz = esz;
-      p.TH = th; p.TW = tw; p.P = th * tw;
-      if (p.P % 16 != 0 || p.P > MMA_MAX_P) continue;
+      if ((th * tw) % 16 != 0 || th * tw > MMA_MAX_P) continue;
       if (only_th == 0 && th >= d.Ho + 2) continue;  // two or more rows past the image
       const int64_t tiles_h = (d.Ho + th - 1) / th, tiles_w = (d.Wo + tw - 1) / tw;
       if (tiles_h * tiles_w > 0x7fffffffLL || d.B * tiles_h * tiles_w > 0x7fffffffLL) continue;
-      p.tiles_w = int(tiles_w);
-      p.tiles_hw = int(tiles_h * tiles_w);
-      p.XR = mma_stage_rows(d.stride, th);
-      p.XC = mma_stage_rows(d.stride, tw);
-      mma_plan_segments(d, p);
-      p.nblk_a = int(nb_branch);
-      p.nblk = int(d.merge == kConcat ? 2 * nb_branch : nb_branch);
-      mma_plan_smem(p);
-      if (p.smem > dev.smem_block) continue;
-      const double cost = mma_plan_cost(d, p, dev);
-      if (best.P == 0 || cost < best_cost) {
-        best = p;
-        best_cost = cost;
+      int prev_runs_h = 0;
+      const int64_t want_run = only_run < tiles_h ? only_run : tiles_h;  // (0: any)
+      for (int64_t run = 1; run <= tiles_h; ++run) {
+        if (only_run != 0 && run != want_run) continue;
+        const int64_t runs_h = (tiles_h + run - 1) / run;
+        if (runs_h == prev_runs_h) continue;  // the same CTAs, a longer last run: no better
+        prev_runs_h = int(runs_h);
+        MmaPlan p{};
+        p.esz = esz;
+        p.TH = th; p.TW = tw; p.P = th * tw;
+        p.tiles_w = int(tiles_w);
+        p.tiles_h = int(tiles_h);
+        p.tiles_hw = int(tiles_h * tiles_w);
+        p.run = int(run);
+        p.runs_h = int(runs_h);
+        p.XR = mma_stage_rows(d.stride, th);
+        p.XC = mma_stage_rows(d.stride, tw);
+        p.HR = mma_carry_rows(d.stride);
+        mma_plan_segments(d, p);
+        p.nblk_a = int(nb_branch);
+        p.nblk = int(d.merge == kConcat ? 2 * nb_branch : nb_branch);
+        mma_plan_smem(p);
+        if (p.smem > dev.smem_block) continue;
+        const double cost = mma_plan_cost(d, p, dev);
+        if (best.P == 0 || cost < best_cost) {
+          best = p;
+          best_cost = cost;
+        }
       }
     }
   }

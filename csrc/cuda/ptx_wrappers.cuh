@@ -109,6 +109,11 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// The compiler may no longer assume it knows v's value: what is computed from v after this
+// point is computed here rather than hoisted out of an enclosing loop (where the hoisted
+// values would stay live across the loop body and spill).
+__device__ __forceinline__ void opaque(int& v) { asm volatile("" : "+r"(v)); }
+
 }  // namespace ptx
 }  // namespace msfused
 #endif  // MSFUSED_CUDA_EMU: tools/cuda_emu/emu_ptx.h provides the same functions

@@ -83,14 +83,15 @@ extern "C" void emu_bytes(const void* x, uint64_t x_bytes, uint64_t* read_x, uin
   emu_x_hi = static_cast<const unsigned char*>(x) + x_bytes;
 }
 
-// The float16/bfloat16 forward's plan for a call: TH, TW, tiles per image, smem bytes,
-// vec_x, vec_w, vec_y.
+// The float16/bfloat16 forward's plan for a call: TH, TW, CTAs per image, smem bytes,
+// vec_x, vec_w, vec_y, tiles per CTA down a column (run), tiles per image.
 extern "C" void emu_mma_plan(const int64_t* dv, void** p, void* y, int64_t* out) {
   const BlockDesc d = desc_of(dv);
   const cuda::MmaPlan pl = cuda::plan_forward_mma<__nv_bfloat16>(
       d, tens<__nv_bfloat16>(p), static_cast<const __nv_bfloat16*>(y), cuda::mma_device());
-  out[0] = pl.TH; out[1] = pl.TW; out[2] = pl.tiles_hw; out[3] = pl.smem;
+  out[0] = pl.TH; out[1] = pl.TW; out[2] = int64_t(pl.tiles_w) * pl.runs_h; out[3] = pl.smem;
   out[4] = pl.vec_x; out[5] = pl.vec_w; out[6] = pl.vec_y;
+  out[7] = pl.run; out[8] = pl.tiles_hw;
 }
 
 // Launch 2 of the float16/bfloat16 backward (block_backward_dw.cu): da, db, dxs pixel-major

@@ -204,6 +204,9 @@ inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
   emu_ldmatrix(r, 2, true, row, 36);
 }
 
+// A code-generation hint on the GPU (ptx_wrappers.cuh); nothing to emulate.
+inline void opaque(int&) {}
+
 }  // namespace ptx
 }  // namespace msfused
 

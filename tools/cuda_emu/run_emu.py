@@ -85,9 +85,9 @@ def ptr(t):
 def emulate(lib, x, params, cfg, gy, backward=True, fwd_bytes=None):
     """Forward and backward of the emulated CUDA kernels, as the binding calls them.
     x (B, C, H, W) in the layout to use; params the 12 BlockParams tensors (None if absent);
-    gy like the output. Returns y, the tensor saved for backward, and the 13 gradients
-    [dx, dwa, ..., dbs] (projection grads None without a projection; all None when not
-    backward). fwd_bytes: a list that gets the global bytes the forward moved (the counters
+    gy like the output (unused when not backward). Returns y, the tensor saved for
+    backward, and the 13 gradients [dx, dwa, ..., dbs] (projection grads None without a
+    projection; all None when not backward). fwd_bytes: a list that gets the global bytes the forward moved (the counters
     are read and reset between the forward and the backward)."""
     dtype = x.dtype
     batch, c, h, w = x.shape
@@ -109,10 +109,10 @@ def emulate(lib, x, params, cfg, gy, backward=True, fwd_bytes=None):
     assert lib.emu_forward(code, desc, ptrs, ptr(y), ptr(pre)) == 0
     if fwd_bytes is not None:
         fwd_bytes.append(_bytes_moved(lib))
-    gy = gy.contiguous(memory_format=ofmt)
     saved = activations.saved_for_backward(cfg.act, y, pre)
     if not backward:
         return y, saved, [None] * 13
+    gy = gy.contiguous(memory_format=ofmt)
     lib.emu_ws.restype = ctypes.c_size_t
     wsb = lib.emu_ws(desc, x.element_size())
     ws = torch.full((wsb // 4 + 1,), float("nan"), dtype=torch.float32)
@@ -689,7 +689,7 @@ def forward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, plan_batch=None):
 
 
 def forward_bytes_plan(lib, shape, batch, dtype=torch.bfloat16):
-    """The tile ("THxTW") the plan picks at this batch."""
+    """The tile and run ("THxTWxRUN") the plan picks at this batch."""
     return _forward_bytes(lib, shape, batch, dtype, run=False)["tile"]
 
 
@@ -710,10 +710,11 @@ def _forward_bytes(lib, shape, batch, dtype, run=True):
     y = torch.empty((batch if run else 1, cout, ho, wo), dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     ptrs = (ctypes.c_void_p * 13)(ptr(x), *[ptr(t) for t in params])
-    plan = (ctypes.c_int64 * 7)()
+    plan = (ctypes.c_int64 * 9)()
     lib.emu_mma_plan(desc, ptrs, ptr(y), plan)
+    tile = f"{plan[0]}x{plan[1]}x{plan[7]}"  # TH x TW x tiles per CTA down a column
     if not run:
-        return dict(tile=f"{plan[0]}x{plan[1]}", ctas=batch * plan[2], smem=plan[3])
+        return dict(tile=tile, ctas=batch * plan[2], smem=plan[3])
     counts = [ctypes.c_uint64() for _ in range(3)]
     xb = x.numel() * x.element_size()
     lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(c) for c in counts])  # reset
@@ -725,7 +726,7 @@ def _forward_bytes(lib, shape, batch, dtype, run=True):
     ctas = batch * plan[2]
     wbytes = sum(t.numel() * t.element_size() for t in params if t is not None)
     yb = y.numel() * y.element_size() * (2 if pre is not None else 1)
-    return dict(name=shape.name, tile=f"{plan[0]}x{plan[1]}", ctas=ctas, smem=plan[3],
+    return dict(name=shape.name, tile=tile, ctas=ctas, tiles=batch * plan[8], smem=plan[3],
                 vec=(bool(plan[4]), bool(plan[5]), bool(plan[6])), x=xb, read_x=read_x,
                 w=wbytes, read_w=read_other, y=yb, written=written)
 
@@ -734,13 +735,13 @@ def main_bytes(lib, batch):
     from msfused.benchmark import SHAPES
     print(f"emulated bfloat16 channels_last forward, batch {batch} with the tile planned for "
           "the benchmark's batch: global bytes per launch")
-    print(f"{'shape':9} {'tile':>6} {'CTAs':>5} {'smem KB':>7} {'x read/x':>9} "
-          f"{'w read/(CTAs*w)':>16} {'y written/y':>12}")
+    print(f"{'shape':9} {'tile x run':>10} {'CTAs':>5} {'smem KB':>7} {'x read/x':>9} "
+          f"{'w read/(tiles*w)':>17} {'y written/y':>12}")
     for group in SHAPES.values():
         for shape in group:
             r = forward_bytes(lib, shape, batch, plan_batch=shape.batch)
-            print(f"{r['name']:9} {r['tile']:>6} {r['ctas']:5d} {r['smem'] / 1024:7.1f} "
-                  f"{r['read_x'] / r['x']:9.3f} {r['read_w'] / (r['ctas'] * r['w']):16.3f} "
+            print(f"{r['name']:9} {r['tile']:>10} {r['ctas']:5d} {r['smem'] / 1024:7.1f} "
+                  f"{r['read_x'] / r['x']:9.3f} {r['read_w'] / (r['tiles'] * r['w']):17.3f} "
                   f"{r['written'] / r['y']:12.3f}", flush=True)
     return 0
 

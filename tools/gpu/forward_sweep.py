@@ -1,12 +1,15 @@
 """GPU time of the CUDA backend's bfloat16 channels_last forward at the benchmark shapes for
 several tiles of the tensor-core kernel, against eager's: is the plan's cost model
 (csrc/cuda/forward_mma_plan.h: traffic per CTA times waves, at most two CTAs per SM) right,
-or does a larger tile (less halo, one CTA per SM) or a smaller one (three CTAs per SM) win?
+or does a larger tile (less halo, one CTA per SM), a smaller one (three CTAs per SM), one
+tile per CTA (no rows carried down a column) or whole columns per CTA (x read once, few
+CTAs) win?
 
     python tools/gpu/forward_sweep.py            # every variant, one subprocess each
     python tools/gpu/forward_sweep.py --one      # this process's settings only
 
-Variants set MSFUSED_CUDA_FWD_TILE (THxTW, used where it fits) or MSFUSED_CUDA_FWD_SMEM (a cap
+Variants set MSFUSED_CUDA_FWD_TILE (THxTW or THxTWxRUN, used where it fits; RUN: tiles per CTA
+down a column, at most the column's) or MSFUSED_CUDA_FWD_SMEM (a cap
 on the shared memory per CTA); both are read once per process, hence the subprocesses. One
 line per (variant, shape): GPU ms of the fused forward (cold L2), of eager (best of NCHW and
 channels_last), the ratio and the fused output's error against eager's.
@@ -20,9 +23,9 @@ import torch
 import msfused
 from msfused.benchmark import SHAPES, gpu_time_fn
 
-VARIANTS = [{}, {"MSFUSED_CUDA_FWD_TILE": "16x16"}, {"MSFUSED_CUDA_FWD_TILE": "8x16"},
-            {"MSFUSED_CUDA_FWD_TILE": "8x8"}, {"MSFUSED_CUDA_FWD_TILE": "4x16"},
-            {"MSFUSED_CUDA_FWD_SMEM": str(75 * 1024)}]  # 75 KB: three CTAs per SM
+VARIANTS = [{}] + [{"MSFUSED_CUDA_FWD_TILE": t}
+                   for t in ("16x16x1", "8x16x1", "8x8x1", "4x8x1", "8x16", "4x16x99")] + [
+    {"MSFUSED_CUDA_FWD_SMEM": str(75 * 1024)}]  # 75 KB: three CTAs per SM
 
 
 def one():
