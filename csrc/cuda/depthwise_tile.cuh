@@ -165,11 +165,12 @@ struct ChunkOut {
   T* out_b_lo = nullptr;
 };
 
-// (tid: the thread's index in the CTA, as a value the caller may have made opaque to the
-// compiler.) The chunk of channels c0 .. c0+KC staged in xs (stage_x, published by a __syncthreads())
+// The chunk of channels c0 .. c0+KC staged in xs (stage_x, published by a __syncthreads())
 // with its depthwise weights in dw (stage_dw): b1 on the tile plus its ring (activated, float,
 // zero outside the output: the second conv's padding) into b1, then a, xs and b into the
-// operand. Ends with a __syncthreads(): xs, b1 and dw are free again.
+// operand. Ends with a __syncthreads(): xs, b1 and dw are free again. tid (here and in the
+// stagings): the thread's index in the CTA, passed where the caller has made it opaque to
+// the compiler (block_forward_mma.cu's tile loop).
 template <typename T, int S, int TW>
 __device__ __forceinline__ void chunk_operands(const BlockDesc& d, int TH, int r0, int q0,
                                                int c0, int c16, const T* __restrict__ xs,
