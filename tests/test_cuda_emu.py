@@ -290,11 +290,15 @@ def test_tf32_backward(emu_lib, case):
     assert ok, line
 
 
-def test_float32_backward_without_tf32_is_the_fma_one(emu_lib):
+@pytest.mark.parametrize("case", [BWD_CASES[2], ((6, 6, 21, 18, 2), "add", 1, True, True, "relu"),
+                                  ((5, 7, 33, 17, 1), "concat", 2, True, False, "silu")],
+                         ids=lambda c: "-".join(map(str, c[0] + c[1:])))
+def test_float32_backward_without_tf32_is_the_fma_one(emu_lib, case):
     """TF32 off (the emulator's default, as torch.backends.cudnn.allow_tf32 = False): float32
-    gradients at float32 accuracy, from kernels that the byte counters do not see."""
+    gradients at float32 accuracy, from kernels that the byte counters do not see; images of
+    one and of several of the depthwise-gradient kernel's 16x16 input tiles."""
     run_emu, lib = emu_lib
-    (c, n, h, w, batch), merge, stride, residual, cl, act = BWD_CASES[2]
+    (c, n, h, w, batch), merge, stride, residual, cl, act = case
     run_emu._bytes_moved(lib)
     errs, _, _ = run_emu.run(lib, c, n, h, w, merge, stride, act, residual, True, torch.float32,
                              cl, batch)

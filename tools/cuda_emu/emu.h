@@ -127,8 +127,9 @@ inline void emu_ptx_publish_own();
 // or a warp-collective op, or returns (emu_run_block below schedules them). Context
 // switches are a few instructions (x86-64: emu_switch_ctx below), not the OS's: a 256-thread
 // CTA as 256 std::threads spent most of its time in futex wake-ups. Between two barriers the
-// warps run in warp order, then in reverse order after the next, and so do the lanes of a
-// warp between two of its collectives: a shared-memory read that lacks its barrier then reads
+// warps run in warp order, then in reverse order after the next (or the other way round:
+// the first phase's order alternates between blocks), and so do the lanes of a warp between
+// two of its collectives: a shared-memory read that lacks its barrier then reads
 // a value not yet written (or, with the launch's NaN poison, no value) in one of the two
 // orders, whichever thread writes it. A barrier that not every thread reaches, or lanes of a
 // warp at different collectives, is found when no fiber can run (no timeout) and aborts.
@@ -291,12 +292,13 @@ inline bool emu_release_warp(unsigned w, unsigned nt) {
 // Runs one block's nt threads to completion. Between two barriers one warp runs at a time,
 // through all its warp-collective ops, as far as the next barrier: the warps are as far
 // out of step as the hardware allows, so a warp that writes (or copies into) shared memory
-// that another warp has yet to read in the same phase is caught.
-inline void emu_run_block(unsigned nt) {
+// that another warp has yet to read in the same phase is caught. reverse: the order of the
+// first phase (every other block of a launch starts reversed, so each phase of a kernel
+// runs in both orders in a launch of two blocks or more).
+inline void emu_run_block(unsigned nt, bool reverse) {
   emu_cta.ensure_stacks(nt);
   for (unsigned t = 0; t < nt; ++t) emu_start_fiber(t);
   const unsigned nw = (nt + 31) / 32;
-  bool reverse = false;
   for (;;) {
     for (unsigned i = 0; i < nw; ++i) {
       const unsigned w = reverse ? nw - 1 - i : i;
@@ -365,9 +367,10 @@ void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
         for (size_t i = 0; i < sizeof(emu_dyn_smem) / sizeof(float); ++i)
           reinterpret_cast<float*>(emu_dyn_smem)[i] = NAN;
         blockIdx = dim3(bx, by, bz);
-        emu_async_land_at_issue = (block_no++ & 1) != 0;
+        const unsigned long k = block_no++;
+        emu_async_land_at_issue = (k & 1) != 0;
         emu_ptx_block_begin();
-        emu_run_block(nt);
+        emu_run_block(nt, (k & 2) != 0);
         emu_ptx_block_end();
       }
   emu_cta.body = nullptr;
