@@ -16,6 +16,10 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import cuda_sass  # noqa: E402  (tools/cuda_sass.py: cuobjdump and the SASS counts)
 from msfused.ops import extension as fused_ops
 
+# One xdist worker runs this file (pyproject: --dist loadgroup): the SASS tests then share one
+# cuobjdump of the extension (tools/cuda_sass.py caches it per process).
+pytestmark = pytest.mark.xdist_group("cuda_sass")
+
 OPS = ("block_forward", "block_backward")
 
 
@@ -59,24 +63,20 @@ def test_shared_object_has_sm90_code():
         assert kernel in out.stdout
 
 
-def test_no_local_memory_in_float32_kernels():
-    """The float32 forward/backward kernels should not spill to local memory."""
+def test_no_kernel_spills():
+    """No kernel of the extension, any dtype, touches local memory: no spills (LDL / STL in
+    the SASS; cuobjdump's LOCAL resource stays 0 for a few spilled registers, so the SASS is
+    what is read). The FMA kernels' launch bounds keep ptxas from trading a spill for
+    occupancy (block_forward.cu, block_backward.cu)."""
     _built_with_cuda()
-    so = glob.glob(os.path.join(os.path.dirname(msfused.__file__), "_C*.so"))
-    tool = _cuobjdump()
-    if tool is None or not so:
+    tool, so = cuda_sass.cuobjdump(), cuda_sass.shared_object()
+    if tool is None or so is None:
         pytest.skip("cuobjdump or the shared object not found")
-    out = subprocess.run([tool, "-res-usage", so[0]], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    checked = 0
-    for i, line in enumerate(lines):
-        if "Function" in line and ("IfE" in line or "IfLi" in line) and i + 1 < len(lines):
-            res = lines[i + 1]
-            if "LOCAL:" in res:
-                checked += 1
-                assert "LOCAL:0" in res, f"{line}\n{res}"
-    assert checked > 0
+    ks = cuda_sass.kernels(so, tool)
+    assert len(ks) >= 40, sorted(ks)
+    bad = {cuda_sass.demangle_short(n): r for n, r in ks.items()
+           if r["local"] or r["LDL"] or r["STL"]}
+    assert not bad, bad
 
 
 def _nvcc():

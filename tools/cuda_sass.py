@@ -7,6 +7,7 @@ Per kernel instantiation: registers, local memory (spills), static shared memory
 MMAs (HMMA), ldmatrix (LDSM), 16-byte cp.async (LDGSTS...128), 16-byte global stores and
 loads, barriers, instructions, and the CTAs per SM its registers allow at 256 threads.
 """
+import functools
 import glob
 import os
 import re
@@ -64,21 +65,27 @@ def demangle_short(name):
     return f"{kernel}<{', '.join([dtype] + ints)}>"
 
 
+@functools.lru_cache(maxsize=4)
+def _dump(tool, so, what, mtime):
+    """cuobjdump's output (what: -res-usage or -sass) for the shared object as of mtime, once
+    per process: the SASS tests read the same dump (~10 s each)."""
+    r = subprocess.run([tool, what, so], capture_output=True, text=True, timeout=600)
+    r.check_returncode()
+    return r.stdout
+
+
 def kernels(so, tool, needle=""):
     """{mangled name: dict of resources and instruction counts} for kernels containing needle."""
-    res = subprocess.run([tool, "-res-usage", so], capture_output=True, text=True, timeout=300)
-    res.check_returncode()
+    mtime = os.path.getmtime(so)
     out = {}
-    lines = res.stdout.splitlines()
+    lines = _dump(tool, so, "-res-usage", mtime).splitlines()
     for i, line in enumerate(lines):
         m = re.search(r"Function (\S+):", line)
         if m and needle in m.group(1) and i + 1 < len(lines):
             r = lines[i + 1]
             get = lambda k: int(re.search(k + r":(\d+)", r).group(1))  # noqa: E731
             out[m.group(1)] = dict(regs=get("REG"), local=get("LOCAL"), shared=get("SHARED"))
-    sass = subprocess.run([tool, "-sass", so], capture_output=True, text=True, timeout=600)
-    sass.check_returncode()
-    for chunk in re.split(r"\n\s*Function : ", sass.stdout)[1:]:
+    for chunk in re.split(r"\n\s*Function : ", _dump(tool, so, "-sass", mtime))[1:]:
         name, body = chunk.split("\n", 1)
         name = name.strip()
         if name not in out:

@@ -119,14 +119,18 @@ __global__ void __launch_bounds__(NT) recompute_kernel(BlockDesc d, BlockTensors
 // blockIdx.z = which * S + split; which 0: dpa (rows n of G, cols act(a)), 1: dpb (rows of
 // branch B in G, cols act(b)), 2: dws (rows co of G, cols strided x). 64 x 64 output block
 // per CTA, 4 x 4 per thread, summed over the split's pixels.
+// Four CTAs per SM (at most 64 registers: the float-accumulating kernels fit); ptxas kept
+// double at 64 too and spilled, so double gets two.
+template <typename T> constexpr int kWgradMinBlocks = sizeof(T) == 8 ? 2 : 4;
+
 template <typename T>
-__global__ void __launch_bounds__(NT) wgrad_kernel(BlockDesc d, const T* __restrict__ x,
-                                                   const typename AccT<T>::type* __restrict__ G,
-                                                   const typename AccT<T>::type* __restrict__ Apre,
-                                                   const typename AccT<T>::type* __restrict__ Bpre,
-                                                   typename AccT<T>::type* __restrict__ Wpart,
-                                                   typename AccT<T>::type* __restrict__ Bpart,
-                                                   int S, int cblocks) {
+__global__ void __launch_bounds__(NT, kWgradMinBlocks<T>)
+    wgrad_kernel(BlockDesc d, const T* __restrict__ x,
+                 const typename AccT<T>::type* __restrict__ G,
+                 const typename AccT<T>::type* __restrict__ Apre,
+                 const typename AccT<T>::type* __restrict__ Bpre,
+                 typename AccT<T>::type* __restrict__ Wpart,
+                 typename AccT<T>::type* __restrict__ Bpart, int S, int cblocks) {
   using A = typename AccT<T>::type;
   __shared__ A gs[KP * GST];
   __shared__ A ss[KP * GST];

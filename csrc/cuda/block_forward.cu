@@ -97,10 +97,14 @@ __device__ __forceinline__ void epilogue(const BlockDesc& d, const BlockTensors<
   }
 }
 
+// Three CTAs per SM (at most 85 registers): left to itself ptxas took 80 for the 16-bit
+// kernels and spilled one address; double needs two (122 registers).
+template <typename T> constexpr int kFwdMinBlocks = sizeof(T) == 8 ? 2 : 3;
+
 template <typename T, int KC>
-__global__ void __launch_bounds__(NT) block_forward_kernel(BlockDesc d, BlockTensors<T> t, T* y,
-                                                           T* pre, int tiles_w, int tiles_hw,
-                                                           int nblk_a) {
+__global__ void __launch_bounds__(NT, kFwdMinBlocks<T>)
+    block_forward_kernel(BlockDesc d, BlockTensors<T> t, T* y, T* pre, int tiles_w,
+                         int tiles_hw, int nblk_a) {
   using A = typename AccT<T>::type;
   MSF_EXTERN_SMEM(smem_raw);
   const int s = d.stride;

@@ -21,18 +21,25 @@ KERNELS = os.path.join(ROOT, "csrc", "cuda")
 BARRIER = re.compile(r"__syncthreads\(\);")
 
 
-def barriers(selection):
-    """(file name, 1-based line) of every barrier statement in csrc/cuda, filtered by
-    selection ("file" or "file:line" items; empty: all)."""
-    found = []
+def sources():
+    """{file name: its lines} of csrc/cuda's kernels, read once: the mutations are made from
+    (and the copies restored to) this snapshot, whatever happens to the checkout meanwhile."""
+    out = {}
     for name in sorted(os.listdir(KERNELS)):
-        if not name.endswith((".cu", ".cuh")):
-            continue
-        with open(os.path.join(KERNELS, name)) as f:
-            for i, line in enumerate(f, 1):
-                code = line.split("//", 1)[0]
-                if BARRIER.search(code):
-                    found.append((name, i))
+        if name.endswith((".cu", ".cuh")):
+            with open(os.path.join(KERNELS, name)) as f:
+                out[name] = f.readlines()
+    return out
+
+
+def barriers(src, selection):
+    """(file name, 1-based line) of every barrier statement in src, filtered by selection
+    ("file" or "file:line" items; empty: all)."""
+    found = []
+    for name, lines in src.items():
+        for i, line in enumerate(lines, 1):
+            if BARRIER.search(line.split("//", 1)[0]):
+                found.append((name, i))
     if not selection:
         return found
     keep = []
@@ -46,7 +53,8 @@ def barriers(selection):
 
 
 def main(argv):
-    todo = barriers(argv)
+    src = sources()
+    todo = barriers(src, argv)
     if not todo:
         print("no barrier matches", argv)
         return 2
@@ -56,11 +64,13 @@ def main(argv):
             shutil.copytree(os.path.join(ROOT, part), os.path.join(work, part),
                             ignore=shutil.ignore_patterns("__pycache__", "*.so"))
         shutil.copy(os.path.join(ROOT, "pyproject.toml"), work)
+        for name, lines in src.items():
+            with open(os.path.join(work, "csrc", "cuda", name), "w") as f:
+                f.writelines(lines)
         missed = 0
         for name, line in todo:
             path = os.path.join(work, "csrc", "cuda", name)
-            with open(os.path.join(KERNELS, name)) as f:
-                lines = f.readlines()
+            lines = src[name]
             mutated = list(lines)
             mutated[line - 1] = BARRIER.sub("/* barrier removed */", mutated[line - 1], count=1)
             with open(path, "w") as f:
