@@ -282,11 +282,11 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
     for (int blk = 0; blk < pl.nblk; ++blk) {
       const GemmBlock g = gemm_block(d, pl, blk);
       float acc[4][4][4];
-  #pragma unroll
+#pragma unroll
       for (int j = 0; j < 4; ++j)
-  #pragma unroll
+#pragma unroll
         for (int n = 0; n < 4; ++n)
-  #pragma unroll
+#pragma unroll
           for (int e = 0; e < 4; ++e) acc[j][n][e] = 0.f;
       if (tid < NB) dw[tid] = bias_of<T>(d, t, g, g.co0 + tid);
 
@@ -309,12 +309,12 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
       }
 
       // accumulators -> the float output tile: d[0..1] at (row g, cols 2t, 2t+1), d[2..3] at g+8
-  #pragma unroll
+#pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int mt = ws.mrow + ws.mstep * j;
         if (mt < ws.mtiles) {
           const int row = mt * 16 + lane / 4;
-  #pragma unroll
+#pragma unroll
           for (int n = 0; n < 4; ++n) {
             if (n >= ws.nt8) continue;
             const int col = ws.nbase + n * 8 + 2 * (lane % 4);
@@ -336,19 +336,19 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
           const int ch = g.ch_off + co;
           const int64_t o = ((bimg * Ho + oh) * Wo + ow) * Cout + ch;
           float v[8];
-  #pragma unroll
+#pragma unroll
           for (int e = 0; e < 8; ++e) {
             v[e] = sO[p * LDO + 8 * g8 + e] + dw[8 * g8 + e];
             if (identity && co + e < g.nb) v[e] += to_acc(sA[p * LDA + pl.seg_x + ch + e]);
           }
           if (pl.vec_y && co + 8 <= g.nb) {  // 8 channels: one (16-bit) or two (float) stores
             constexpr int V = VE<T>;
-  #pragma unroll
+#pragma unroll
             for (int h = 0; h < 8 / V; ++h) {
               Vec16 vp, vy;
               T* hp = reinterpret_cast<T*>(&vp);
               T* hy = reinterpret_cast<T*>(&vy);
-  #pragma unroll
+#pragma unroll
               for (int e = 0; e < V; ++e) {
                 hp[e] = from_acc<T>(v[h * V + e]);
                 hy[e] = from_acc<T>(act_apply(act, v[h * V + e]));
