@@ -290,6 +290,41 @@ def test_tf32_backward(emu_lib, case):
     assert ok, line
 
 
+@pytest.mark.parametrize("case,dtype",
+                         [(((24, 16, 33, 9, 2), "add", 1, True, True, "relu"), torch.bfloat16),
+                          (((40, 24, 35, 13, 1), "concat", 2, True, False, "silu"),
+                           torch.float16),
+                          (((24, 16, 33, 9, 2), "add", 1, True, True, "relu6"), "tf32")],
+                         ids=["add-nhwc", "concat-nchw-s2", "add-nhwc-tf32"])
+def test_backward_carries_x_down_a_column(emu_lib, case, dtype, monkeypatch):
+    """Launch 1 walks each group's tiles down the image's columns and keeps the x rows a tile
+    shares with the one below (groups of 3 here: runs cut by a column's end, an image's end
+    and the group's). dx and the depthwise gradients (launch 2's, from launch 1's scratch)
+    are bit for bit those of one tile per group, with less read; every gradient is within
+    the tolerance policy."""
+    run_emu, lib = emu_lib
+    tf32 = dtype == "tf32"
+    elem = torch.float32 if tf32 else dtype
+    lib.emu_set_tf32(int(tf32))
+    try:
+        grads, moved = [], []
+        for gt in ("1", "3"):
+            monkeypatch.setenv("MSFUSED_CUDA_BWD_GROUP", gt)
+            assert run_emu.backward_plan(lib, case, 4 if tf32 else 2)["P"] > 0
+            run_emu._bytes_moved(lib)
+            grads.append(run_emu.backward_grads(lib, case, elem))
+            moved.append(run_emu._bytes_moved(lib))
+    finally:
+        lib.emu_set_tf32(0)
+    assert moved[1] < moved[0], moved
+    for name, a, b in zip(run_emu.NAMES[:7], grads[0][:7], grads[1][:7]):
+        bits = [v.contiguous().view(torch.uint8) for v in (a, b)]
+        assert torch.equal(*bits), name
+    ok, line = (run_emu.run_backward_tf32(lib, case) if tf32
+                else run_emu.run_forward_low(lib, case, dtype, backward=True))
+    assert ok, line
+
+
 @pytest.mark.parametrize("case", [BWD_CASES[2], ((6, 6, 21, 18, 2), "add", 1, True, True, "relu"),
                                   ((5, 7, 33, 17, 1), "concat", 2, True, False, "silu")],
                          ids=lambda c: "-".join(map(str, c[0] + c[1:])))

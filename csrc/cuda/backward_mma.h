@@ -44,8 +44,10 @@ const char* launch_backward_dw(const BlockDesc& d, const BlockTensors<T>& t, con
 
 // ---- launch 1's plan -------------------------------------------------------------------
 // A CTA owns a block of CB = nchunk x 32 input channels (chunks of depthwise_tile.cuh) and a
-// split of the pixel groups; a group is GT consecutive TH x 8 output tiles (in image-major
-// order), and its weight-gradient partial is written once: wpart[(group * rows + row) * C +
+// split of the pixel groups; a group is GT consecutive TH x 8 output tiles (images in turn,
+// each column by column, top to bottom: from one tile to the next down a column the CTA
+// keeps the S + 3 rows of x the two share, like the forward), and its weight-gradient
+// partial is written once: wpart[(group * rows + row) * C +
 // c], rows = [dpa (N) | dpb (N) | dws (Cout, projection only)], bpart[group * rows + row] the
 // bias sums. The groups depend on the shape only, so the split count (the grid) changes which
 // CTA sums a group, never the bits of the result.
@@ -56,7 +58,7 @@ constexpr int BWD_PAD = 8;    // 16 bytes of row padding (16-bit elements): ldma
 
 struct BwdMmaPlan {
   int TH, P;                   // tile TH x 8, P = 8 TH pixels (16, 32 or 64)
-  int tiles_w, tiles_hw;       // tiles per image row / per image
+  int tiles_w, tiles_h, tiles_hw;  // tiles per image row / column / image
   int64_t tiles;               // B * tiles_hw
   int GT;                      // tiles per group
   int64_t groups;              // ceil(tiles / GT)
@@ -64,6 +66,8 @@ struct BwdMmaPlan {
   int nchunk, CB, cblocks;     // chunks per CTA, CB = 32 nchunk channels, ceil(C / CB) blocks
   int XR, C16;                 // staged x rows (the columns: the kernel's S (8 + 1) + 3);
                                // C rounded up to 16
+  int HR;                      // of the staged rows, those the next tile down shares (0:
+                               // none carried, where shared memory is short)
   int N16, gzb, GW, LDG;       // branch width rounded to 16; gz columns: branch B's first
                                // (concat N16, add 0), the width (concat 2 N16, add N16),
                                // the row (GW + pad)
@@ -71,7 +75,8 @@ struct BwdMmaPlan {
   int rows;                    // partial rows: 2 N + (projection ? Cout : 0)
   int LDA, LDD, LDWT;          // rows of A = [a | b | xs | a_lo | b_lo] (the lo: a - (T)a;
                                // none for float), of act' (float), of a weight slice
-  uint32_t off_x0, off_x1, off_b1, off_dw, off_a, off_d, off_g, off_wa, off_wb, off_ws, smem;
+  uint32_t off_x0, off_x1, off_b1, off_dw, off_a, off_d, off_g, off_wa, off_wb, off_ws, off_h,
+      smem;
   // workspace (bytes, 256-aligned): scratch da, db, dxs; partials wpart, bpart, dwpart
   size_t ws_da, ws_db, ws_dxs, ws_wpart, ws_bpart, ws_dwpart, ws_total;
 };
@@ -113,10 +118,13 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   if (nc0 > chunks_c) nc0 = chunks_c;
   if (nc0 < 1) nc0 = 1;
   const size_t H = size_t(esz), F = 4;
-  // 8 rows unless the image is shorter; fewer chunks, then fewer rows, where shared memory
-  // is short
+  // 8 rows unless the image is shorter; where shared memory is short, first no carried rows
+  // (they save x's halo re-reads; a chunk less re-reads dy and y once more), then fewer
+  // chunks, then fewer rows
   for (int th = d.Ho <= 2 ? 2 : (d.Ho <= 4 ? 4 : 8); th >= 2 && p.P == 0; th /= 2) {
-    for (int nc = nc0; nc >= 1; --nc) {
+    for (int step = 2 * nc0; step >= 1 && p.P == 0; --step) {
+      const int nc = (step + 1) / 2;
+      const bool carry = step % 2 == 0;
       p.nchunk = nc;
       p.CB = nc * BWD_KC;
       p.LDWT = p.CB + BWD_PAD;
@@ -141,15 +149,17 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
       p.off_wa = take(H * size_t(N16) * p.LDWT);
       p.off_wb = take(H * size_t(N16) * p.LDWT);
       p.off_ws = take(d.projection ? H * size_t(GW) * p.LDWT : 0);
+      p.HR = carry ? d.stride + 3 : 0;
+      p.off_h = take(H * size_t(nc) * p.HR * XC * BWD_KC);  // the carried rows, per chunk
       p.smem = uint32_t(o);
-      if (p.smem <= smem_block) break;
-      p.P = 0;
+      if (p.smem > smem_block) p.P = 0;
     }
   }
   if (p.P == 0) return p;
   p.cblocks = int((d.C + p.CB - 1) / p.CB);
   p.tiles_w = int((d.Wo + BWD_TW - 1) / BWD_TW);
-  p.tiles_hw = int(((d.Ho + p.TH - 1) / p.TH) * p.tiles_w);
+  p.tiles_h = int((d.Ho + p.TH - 1) / p.TH);
+  p.tiles_hw = p.tiles_h * p.tiles_w;
   p.tiles = d.B * p.tiles_hw;
   // Group size from the shape alone: a partial (rows x C floats, written and read back)
   // costs at most about 1/8 of the group's own traffic (x, dy, y in; da, db, dxs out), but

@@ -205,6 +205,9 @@ __global__ void __launch_bounds__(NT, 1)
   T* sWa = reinterpret_cast<T*>(sm + pl.off_wa);
   T* sWb = reinterpret_cast<T*>(sm + pl.off_wb);
   T* sWs = reinterpret_cast<T*>(sm + pl.off_ws);
+  // chunk k's carried rows: the last HR staged rows of the tile above, rows HR x XC x KC
+  T* carry = reinterpret_cast<T*>(sm + pl.off_h);
+  constexpr int HR = S + 3, HS = HR * XC * KC;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int c0 = int(blockIdx.x) * pl.CB, C = int(d.C), Ho = int(d.Ho), Wo = int(d.Wo);
@@ -220,18 +223,23 @@ __global__ void __launch_bounds__(NT, 1)
   const T zero = from_acc<T>(0.f);
   for (int i = tid; i < P * LDG; i += NT) sG[i] = zero;
 
+  // tiles of an image column by column, each top to bottom
   auto tile_origin = [&](int64_t tile, int64_t& bimg, int& r0, int& q0) {
     bimg = tile / pl.tiles_hw;
     const int tr = int(tile % pl.tiles_hw);
-    r0 = (tr / pl.tiles_w) * TH;
-    q0 = (tr % pl.tiles_w) * TW;
+    r0 = (tr % pl.tiles_h) * TH;
+    q0 = (tr / pl.tiles_h) * TW;
   };
-  auto prefetch = [&](int64_t tile, int chunk, T* dst) {
+  // whether tile + 1 is the next tile down the same column of the same image
+  auto above = [&](int64_t tile) { return (tile + 1) % pl.tiles_hw % pl.tiles_h != 0; };
+  // x of (tile, chunk) into dst; carried: its first HR rows from the chunk's carried rows
+  auto prefetch = [&](int64_t tile, int chunk, T* dst, bool carried) {
     int64_t bimg;
     int r0, q0;
     tile_origin(tile, bimg, r0, q0);
+    if (carried) copy_smem16(carry + chunk * HS, dst, HS * int(sizeof(T)));
     stage_x<T, XC>(d, vec_x, pl.XR, t.x + bimg * d.C * HWin, t.x, c0 + chunk * KC,
-                   S * (r0 - 1) - 1, S * (q0 - 1) - 1, dst);
+                   S * (r0 - 1) - 1, S * (q0 - 1) - 1, dst, carried ? HR : 0);
     ptx::cp_async_commit();
   };
 
@@ -249,13 +257,17 @@ __global__ void __launch_bounds__(NT, 1)
   int64_t group = blockIdx.y;
   if (group >= pl.groups) return;
   int buf = 0;
-  prefetch(group * pl.GT, 0, xs0);
+  prefetch(group * pl.GT, 0, xs0, false);
   for (; group < pl.groups; group += pl.split) {
     const int64_t t_end = (group + 1) * pl.GT < pl.tiles ? (group + 1) * pl.GT : pl.tiles;
     for (int64_t tile = group * pl.GT; tile < t_end; ++tile) {
       int64_t bimg;
       int r0, q0;
       tile_origin(tile, bimg, r0, q0);
+      // rows carried into this tile's stagings (the tile above came just before, in this
+      // group) and out of them (the next tile of the group is the one below)
+      const bool carry_in = pl.HR > 0 && tile > group * pl.GT && above(tile - 1);
+      const bool carry_out = pl.HR > 0 && tile + 1 < t_end && above(tile);
       for (int ck = 0; ck < nck; ++ck) {
         const int cc0 = c0 + ck * KC;  // the chunk's first channel
         // the next (tile, chunk) in this CTA's walk, whose x is fetched during this one
@@ -268,12 +280,18 @@ __global__ void __launch_bounds__(NT, 1)
         }
         ptx::cp_async_wait<0>();
         __syncthreads();  // this chunk's x published; the previous chunk's operands are free
+        // the rows the tile below shares; read by its prefetch, after chunk_operands' barriers
+        if (carry_out)
+          copy_smem16((buf ? xs1 : xs0) + (pl.XR - HR) * XC * KC, carry + ck * HS,
+                      HS * int(sizeof(T)));
         constexpr bool lo = sizeof(T) == 2;  // [a | b | xs | a_lo | b_lo]; float: [a | b | xs]
         const ChunkOut<T> o{sA, sA + KC, sA + 2 * KC, LDA, sD, LDD, lo ? sA + 3 * KC : nullptr,
                             lo ? sA + 4 * KC : nullptr};
         chunk_operands<T, S, TW>(d, TH, r0, q0, cc0, pl.C16, buf ? xs1 : xs0, b1,
                                  dw + ck * 30 * KC, o);
-        if (next_tile >= 0) prefetch(next_tile, next_ck, buf ? xs0 : xs1);  // lands meanwhile
+        if (next_tile >= 0)  // lands meanwhile
+          prefetch(next_tile, next_ck, buf ? xs0 : xs1,
+                   next_tile == tile ? carry_in : (next_tile == tile + 1 && carry_out));
         buf ^= 1;
         if (ck == 0) stage_gz<T>(d, pl, vec_g, gy, saved, bimg, r0, q0, sG);
         __syncthreads();
