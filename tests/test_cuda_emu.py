@@ -290,6 +290,15 @@ def test_tf32_backward(emu_lib, case):
     assert ok, line
 
 
+def _assert_same_bits(names, xs, ys):
+    """Each pair of gradients (None on both sides or neither) equal bit for bit."""
+    for name, a, b in zip(names, xs, ys):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            bits = [v.contiguous().view(torch.uint8) for v in (a, b)]
+            assert torch.equal(*bits), name
+
+
 @pytest.mark.parametrize("case,dtype",
                          [(((24, 16, 33, 9, 2), "add", 1, True, True, "relu"), torch.bfloat16),
                           (((40, 24, 35, 13, 1), "concat", 2, True, False, "silu"),
@@ -317,9 +326,7 @@ def test_backward_carries_x_down_a_column(emu_lib, case, dtype, monkeypatch):
     finally:
         lib.emu_set_tf32(0)
     assert moved[1] < moved[0], moved
-    for name, a, b in zip(run_emu.NAMES[:7], grads[0][:7], grads[1][:7]):
-        bits = [v.contiguous().view(torch.uint8) for v in (a, b)]
-        assert torch.equal(*bits), name
+    _assert_same_bits(run_emu.NAMES[:7], grads[0][:7], grads[1][:7])
     ok, line = (run_emu.run_backward_tf32(lib, case) if tf32
                 else run_emu.run_forward_low(lib, case, dtype, backward=True))
     assert ok, line
@@ -372,11 +379,7 @@ def test_backward_weight_grads_do_not_depend_on_the_split(emu_lib, case, dtype, 
     finally:
         lib.emu_set_tf32(0)
     for other in results[1:]:
-        for name, a, b in zip(run_emu.NAMES, results[0], other):
-            assert (a is None) == (b is None), name
-            if a is not None:
-                bits = [v.contiguous().view(torch.uint8) for v in (a, b)]
-                assert torch.equal(*bits), name
+        _assert_same_bits(run_emu.NAMES, results[0], other)
 
 
 def test_backward_global_bytes(emu_lib):

@@ -205,9 +205,8 @@ __global__ void __launch_bounds__(NT, 1)
   T* sWa = reinterpret_cast<T*>(sm + pl.off_wa);
   T* sWb = reinterpret_cast<T*>(sm + pl.off_wb);
   T* sWs = reinterpret_cast<T*>(sm + pl.off_ws);
-  // chunk k's carried rows: the last HR staged rows of the tile above, rows HR x XC x KC
-  T* carry = reinterpret_cast<T*>(sm + pl.off_h);
-  constexpr int HR = S + 3, HS = HR * XC * KC;
+  // the rows each chunk's staging shares with the tile below (plan: off_h, HR)
+  const SharedRows<T, S, XC> carry{reinterpret_cast<T*>(sm + pl.off_h)};
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int c0 = int(blockIdx.x) * pl.CB, C = int(d.C), Ho = int(d.Ho), Wo = int(d.Wo);
@@ -237,9 +236,9 @@ __global__ void __launch_bounds__(NT, 1)
     int64_t bimg;
     int r0, q0;
     tile_origin(tile, bimg, r0, q0);
-    if (carried) copy_smem16(carry + chunk * HS, dst, HS * int(sizeof(T)));
+    if (carried) carry.put(dst, chunk, tid);
     stage_x<T, XC>(d, vec_x, pl.XR, t.x + bimg * d.C * HWin, t.x, c0 + chunk * KC,
-                   S * (r0 - 1) - 1, S * (q0 - 1) - 1, dst, carried ? HR : 0);
+                   S * (r0 - 1) - 1, S * (q0 - 1) - 1, dst, carried ? carry.HR : 0);
     ptx::cp_async_commit();
   };
 
@@ -281,9 +280,7 @@ __global__ void __launch_bounds__(NT, 1)
         ptx::cp_async_wait<0>();
         __syncthreads();  // this chunk's x published; the previous chunk's operands are free
         // the rows the tile below shares; read by its prefetch, after chunk_operands' barriers
-        if (carry_out)
-          copy_smem16((buf ? xs1 : xs0) + (pl.XR - HR) * XC * KC, carry + ck * HS,
-                      HS * int(sizeof(T)));
+        if (carry_out) carry.keep(buf ? xs1 : xs0, pl.XR, ck, tid);
         constexpr bool lo = sizeof(T) == 2;  // [a | b | xs | a_lo | b_lo]; float: [a | b | xs]
         const ChunkOut<T> o{sA, sA + KC, sA + 2 * KC, LDA, sD, LDD, lo ? sA + 3 * KC : nullptr,
                             lo ? sA + 4 * KC : nullptr};

@@ -221,7 +221,6 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
   float* sO = reinterpret_cast<float*>(sm + pl.off_o);
   T* w0 = reinterpret_cast<T*>(sm + pl.off_w0);
   T* w1 = reinterpret_cast<T*>(sm + pl.off_w1);
-  T* carry = reinterpret_cast<T*>(sm + pl.off_h);
 
   const unsigned ctas_hw = unsigned(pl.tiles_w) * unsigned(pl.runs_h);
   const int u = int(blockIdx.x % ctas_hw);
@@ -231,10 +230,8 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
   const int Ho = int(d.Ho), Wo = int(d.Wo), act = d.act;
   const int q0 = (u % pl.tiles_w) * TW;
   const T* x_img = t.x + bimg * d.C * d.H * d.W;
-  // The carried rows: for chunk ci, the last HR staged rows of the tile above, at
-  // carry + ci * HS (rows HR x XC x KC, the stage's layout).
-  constexpr int HR = mma_carry_rows(S);
-  constexpr int HS = HR * XC * KC;
+  // the rows each chunk's staging shares with the tile below (plan: off_h, HR = S + 3)
+  const SharedRows<T, S, XC> carry{reinterpret_cast<T*>(sm + pl.off_h)};
 
   for (int tr = tr_begin; tr < tr_end; ++tr) {
     // The thread index, opaque to the compiler: the per-thread addresses and indices derived
@@ -245,12 +242,12 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
     const int lane = tid % 32, warp = tid / 32;
     const int r0 = tr * TH;
     const bool carry_in = tr > tr_begin, carry_out = tr + 1 < tr_end;
-    const int row0 = carry_in ? HR : 0;  // the first row staged from global memory
+    const int row0 = carry_in ? carry.HR : 0;  // the first row staged from global memory
 
     // ---- phase 1: x once per run; a, b1, b, xs into A -----------------------------------
     const int ih0 = S * (r0 - 1) - 1, iw0 = S * (q0 - 1) - 1;
     const int nchunks = (C16 + KC - 1) / KC;
-    if (carry_in) copy_smem16(carry, xs0, HS * int(sizeof(T)), tid);
+    if (carry_in) carry.put(xs0, 0, tid);
     stage_x<T, XC>(d, pl.vec_x, pl.XR, x_img, t.x, 0, ih0, iw0, xs0, row0, tid);
     ptx::cp_async_commit();
     for (int ci = 0; ci < nchunks; ++ci) {
@@ -258,7 +255,7 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
       T* xs = (ci & 1) ? xs1 : xs0;
       if (ci + 1 < nchunks) {
         T* next = (ci & 1) ? xs0 : xs1;
-        if (carry_in) copy_smem16(carry + (ci + 1) * HS, next, HS * int(sizeof(T)), tid);
+        if (carry_in) carry.put(next, ci + 1, tid);
         stage_x<T, XC>(d, pl.vec_x, pl.XR, x_img, t.x, c0 + KC, ih0, iw0, next, row0, tid);
       }
       ptx::cp_async_commit();  // possibly empty: the wait below then always means "chunk ci"
@@ -267,8 +264,7 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
       __syncthreads();
       // this chunk's rows shared with the next tile down; their slot was last read by this
       // tile's copy into the stage, before the barrier above
-      if (carry_out)
-        copy_smem16(xs + (pl.XR - HR) * XC * KC, carry + ci * HS, HS * int(sizeof(T)), tid);
+      if (carry_out) carry.keep(xs, pl.XR, ci, tid);
       const ChunkOut<T> o{sA + pl.seg_a + c0, sA + pl.seg_b + c0,
                           pl.seg_x >= 0 ? sA + pl.seg_x + c0 : nullptr, LDA, nullptr, 0};
       chunk_operands<T, S, TW>(d, TH, r0, q0, c0, C16, xs, b1, dw, o, tid);  // ends: barrier

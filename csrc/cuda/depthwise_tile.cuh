@@ -74,8 +74,7 @@ __device__ __forceinline__ void dw_column(const Src* __restrict__ src, int ld,
 }
 
 // x[b, c0 .. c0+KC, ih0 + rr0 .. ih0+XR, iw0 .. iw0+XC] into xs[(rr * XC + cc) * KC + k], zero
-// outside the image and for c >= C (rows below rr0 are left as they are: the forward's
-// carried rows). vec: 16-byte cp.async (channels_last, C a multiple of 16 bytes' elements, x
+// outside the image and for c >= C (rows below rr0 are left as they are: SharedRows below). vec: 16-byte cp.async (channels_last, C a multiple of 16 bytes' elements, x
 // 16-byte aligned); otherwise element loads, coalesced along the layout's fastest dimension.
 // x_any: any valid address (the zero-fill copies' source).
 template <typename T, int XC>
@@ -123,6 +122,23 @@ __device__ __forceinline__ void copy_smem16(const void* src, void* dst, int byte
   Vec16* o = static_cast<Vec16*>(dst);
   for (int i = tid; i < bytes / 16; i += DWT_NT) o[i] = s[i];
 }
+
+// The rows a tile's staging shares with the staging of the tile below it: its last S + 3
+// rows are the next one's first S + 3. Kernels that walk tiles down a column keep them per
+// chunk (chunk k's at base + k * ELEMS, in the stage's layout) instead of staging them again.
+template <typename T, int S, int XC>
+struct SharedRows {
+  static constexpr int HR = S + 3, ELEMS = HR * XC * DWT_KC;
+  T* base;
+  // chunk k's rows out of its landed stage xs (XR rows)
+  __device__ __forceinline__ void keep(const T* xs, int XR, int k, int tid) const {
+    copy_smem16(xs + (XR - HR) * XC * DWT_KC, base + k * ELEMS, ELEMS * int(sizeof(T)), tid);
+  }
+  // into chunk k's next stage xs, whose rows from HR on stage_x fetches (rr0 = HR)
+  __device__ __forceinline__ void put(T* xs, int k, int tid) const {
+    copy_smem16(base + k * ELEMS, xs, ELEMS * int(sizeof(T)), tid);
+  }
+};
 
 // Depthwise weights and biases of channels c0 .. c0+KC: dw[(which * KC + k) * 9 + tap] for
 // which = a, b (first conv of branch B), c (second), then the biases at 27 KC + which * KC + k.
