@@ -76,12 +76,14 @@ def test_forward_falls_back_when_no_tile_fits(emu_lib, dtype, monkeypatch):
     assert ok, line
 
 
-@pytest.mark.parametrize("tile", ["16x16", "8x8", "4x8", "2x8", "1x16"])
+@pytest.mark.parametrize("tile", ["16x16", "8x8", "4x8", "2x8", "1x16", "5x16x2", "14x16x2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "tf32"], ids=str)
 def test_forward_every_warp_split(emu_lib, tile, dtype, monkeypatch):
     """Forced tiles (MSFUSED_CUDA_FWD_TILE) cover each way the warps split a GEMM block:
     P = 256 (four 16-pixel rows per warp), 64 (32 channels per warp), 32 (16 channels) and
-    16 (8 channels, x2 ldmatrix), on a 17 x 18 image: partial tiles in both directions."""
+    16 (8 channels, x2 ldmatrix), and P = 80 and 224 (16-pixel rows that 8 warps do not
+    divide: the tiles MSFUSED_CUDA_FWD_XMAX=1.3 picks at mnet-14 and mnet-56), on a 17 x 18
+    image: partial tiles in both directions."""
     run_emu, lib = emu_lib
     monkeypatch.setenv("MSFUSED_CUDA_FWD_TILE", tile)
     case = ((24, 70, 17, 18, 1), "concat", 1, True, True, "relu")
@@ -127,6 +129,25 @@ def test_forward_global_bytes(emu_lib, name):
     assert r["read_w"] == r["tiles"] * r["w"], r
     assert r["read_x"] == staged, r
     assert r["vec"] == (shape.c % 8 == 0, shape.c % 8 == 0, True), r
+
+
+@pytest.mark.parametrize("name", ["paper-u3", "mnet-14"])
+def test_forward_x_bound_plans(emu_lib, name, monkeypatch):
+    """MSFUSED_CUDA_FWD_XMAX=1.3 (the CUDA forward issue's bound on x's reads) gets a plan
+    that stages x at most 1.3 times where the cost model's default does not (1.5 and 2.39
+    here), and the emulated forward reads x exactly that often, y written once."""
+    from msfused.benchmark import SHAPES
+    run_emu, lib = emu_lib
+    shape = {s.name: s for g in SHAPES.values() for s in g}[name]
+    default = run_emu.forward_bytes(lib, shape, batch=1, plan_batch=shape.batch)
+    monkeypatch.setenv("MSFUSED_CUDA_FWD_XMAX", "1.3")
+    r = run_emu.forward_bytes(lib, shape, batch=1, plan_batch=shape.batch)
+    assert default["read_x"] > 1.3 * default["x"], default
+    assert r["read_x"] <= 1.3 * r["x"], r
+    th, tw, run = map(int, r["tile"].split("x"))
+    assert r["read_x"] == (_covered(shape.h, shape.h, th, 1, run) * _covered(shape.w, shape.w, tw, 1)
+                           * shape.c * 2), r
+    assert r["written"] == r["y"], r
 
 
 # (C, N, H, W, B), merge, stride, residual, channels_last, act; tile x run forced

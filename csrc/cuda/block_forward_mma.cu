@@ -407,6 +407,11 @@ EnvTile env_tile(const char* name) {  // "THxTW" or "THxTWxRUN"
   if (n == 2) t.run = 0;
   return t;
 }
+double env_ratio(const char* name) {  // 0 when unset or not a positive number
+  const char* e = std::getenv(name);
+  const double r = e != nullptr ? std::strtod(e, nullptr) : 0.0;
+  return r > 0 ? r : 0.0;
+}
 }  // namespace
 
 MmaDevice mma_device() {
@@ -419,16 +424,20 @@ MmaDevice mma_device() {
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) sms = 1;
   // MSFUSED_CUDA_FWD_SMEM (bytes) caps the block's share, to trade tile size for CTAs per SM
   // when measuring; MSFUSED_CUDA_FWD_TILE=THxTW (TW 8 or 16) forces a tile where it fits, and
-  // THxTWxRUN also the tiles per CTA down a column. Read once per process (by the emulator,
-  // whose tests change them, at every call).
+  // THxTWxRUN also the tiles per CTA down a column; MSFUSED_CUDA_FWD_XMAX=R keeps the plans
+  // that stage x at most R times (what the cost model's choice costs against one that meets
+  // a bound on x's traffic). Read once per process (by the emulator, whose tests change them,
+  // at every call).
 #ifdef MSFUSED_CUDA_EMU
   const size_t cap = env_bytes("MSFUSED_CUDA_FWD_SMEM");
   const EnvTile tile = env_tile("MSFUSED_CUDA_FWD_TILE");
+  const double x_max = env_ratio("MSFUSED_CUDA_FWD_XMAX");
 #else
   static const size_t cap = env_bytes("MSFUSED_CUDA_FWD_SMEM");
   static const EnvTile tile = env_tile("MSFUSED_CUDA_FWD_TILE");
+  static const double x_max = env_ratio("MSFUSED_CUDA_FWD_XMAX");
 #endif
-  MmaDevice m{size_t(block), size_t(sm), sms, tile.th, tile.tw, tile.run};
+  MmaDevice m{size_t(block), size_t(sm), sms, tile.th, tile.tw, tile.run, x_max};
   if (cap != 0 && cap < m.smem_block) m.smem_block = cap;
   return m;
 }
@@ -458,7 +467,8 @@ MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* 
                d.merge | (d.residual << 2) | (d.projection << 3) | (d.channels_last << 4) |
                    (x16 << 5) | (w16 << 6) | (y16 << 7),
                int64_t(dev.smem_block), int64_t(dev.smem_sm), dev.sms,
-               dev.force_th | (dev.force_tw << 8) | (int64_t(dev.force_run) << 16),
+               dev.force_th | (dev.force_tw << 8) | (int64_t(dev.force_run) << 16) |
+                   (int64_t(dev.x_max * 1024) << 32),
                int64_t(sizeof(T))}};
   for (int i = 0; i < plan_cache_n; ++i)
     if (plan_cache[i].key == key) return plan_cache[i].plan;

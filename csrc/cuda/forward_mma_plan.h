@@ -53,6 +53,8 @@ struct MmaDevice {
   int sms;
   int force_th, force_tw, force_run;  // a tile (and run) to use where it fits (0: the cost
                                       // model's), for measuring
+  double x_max;  // > 0: only plans that stage x at most this many times (the cheapest of
+                 // them; the fewest x bytes if none does), for measuring
 };
 
 inline int mma_stage_rows(int s, int th) { return s * (th + 1) + 3; }
@@ -132,6 +134,13 @@ inline int64_t mma_staged_extent(int64_t n_out, int64_t n_in, int tile, int s, i
   return sum;
 }
 
+// x staged from global memory over x's size: each run's rows and each tile column's columns
+// inside the image, halos included.
+inline double mma_x_ratio(const BlockDesc& d, const MmaPlan& p) {
+  return double(mma_staged_extent(d.Ho, d.H, p.TH, d.stride, p.run)) *
+         double(mma_staged_extent(d.Wo, d.W, p.TW, d.stride, 1)) / (double(d.H) * d.W);
+}
+
 // Cost of one plan: the elements its CTAs move (x staged: the in-image rows and columns of
 // every run's halo, each staged once down the run; y written, padded tiles included: the
 // wasted compute; weights streamed once per tile) per CTA, times the waves of CTAs the GPU
@@ -163,11 +172,12 @@ inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p, const MmaDevic
 inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, int esz,
                                 bool x_aligned16, bool w_aligned16, bool y_aligned16,
                                 int only_th = 0, int only_tw = 0, int only_run = 0) {
-  MmaPlan best{};
-  double best_cost = 0;
+  MmaPlan best{}, fewest_x{};
+  double best_cost = 0, fewest_x_ratio = 0, fewest_x_cost = 0;
   if (dev.force_th > 0 && dev.force_tw > 0) {
     MmaDevice free_dev = dev;
     free_dev.force_th = free_dev.force_tw = free_dev.force_run = 0;
+    free_dev.x_max = 0;
     const MmaPlan p = plan_mma_forward(d, free_dev, esz, x_aligned16, w_aligned16,
                                        y_aligned16, dev.force_th, dev.force_tw, dev.force_run);
     if (p.P != 0) return p;
@@ -205,6 +215,16 @@ inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, int es
         mma_plan_smem(p);
         if (p.smem > dev.smem_block) continue;
         const double cost = mma_plan_cost(d, p, dev);
+        if (dev.x_max > 0) {
+          const double xr = mma_x_ratio(d, p);
+          if (fewest_x.P == 0 || xr < fewest_x_ratio ||
+              (xr == fewest_x_ratio && cost < fewest_x_cost)) {
+            fewest_x = p;
+            fewest_x_ratio = xr;
+            fewest_x_cost = cost;
+          }
+          if (xr > dev.x_max) continue;
+        }
         if (best.P == 0 || cost < best_cost) {
           best = p;
           best_cost = cost;
@@ -212,6 +232,7 @@ inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, int es
       }
     }
   }
+  if (best.P == 0) best = fewest_x;  // x_max: no plan stages x that rarely
   const int v = 16 / esz;  // elements per 16 bytes
   best.vec_x = d.channels_last && d.C % v == 0 && x_aligned16;
   best.vec_w = d.C % v == 0 && w_aligned16;

@@ -2,7 +2,8 @@
 # One GPU check, end to end, on a machine with PyTorch preinstalled and no network: install,
 # the CUDA and Triton tests, the benchmark harness (bfloat16 and float32), compute-sanitizer
 # memcheck, racecheck and synccheck over a small forward+backward, a sweep of the
-# tensor-core forward's tile size, and ncu's DRAM bytes of the 16-bit backward.
+# tensor-core forward's tile size, ncu's DRAM bytes of the 16-bit backward, and the machine
+# probe (where a C++ exception crashes).
 #
 #   bash tools/gpu/check.sh OUTDIR [--fast] [--pack FILE]
 #   STAGES="install tests memcheck" bash tools/gpu/check.sh OUTDIR   # a subset
@@ -39,7 +40,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)} MSFUSED_NVCC_THREADS=${MSFUSED_NVCC_THREAD
 BUDGET_S=${BUDGET_S:-540}
 declare -A STATUS TIMES
 
-ALL_STAGES="install backends tests bench-bf16 memcheck bench-fp32 racecheck synccheck fwd-sweep bwd-dram"
+ALL_STAGES="install backends tests bench-bf16 memcheck bench-fp32 racecheck synccheck fwd-sweep bwd-dram probe"
 STAGES=${STAGES:-$ALL_STAGES}
 KNOWN="$ALL_STAGES tests-all bench-compile"
 RAN=""
@@ -116,6 +117,9 @@ stage fwd-sweep 120 python3 tools/gpu/forward_sweep.py
 # the 16-bit backward's DRAM bytes per launch (ncu) against the emulator's global bytes
 stage bwd-dram 120 ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
   --kernel-name regex:"backward" --csv python3 tools/gpu/backward_dram.py
+# where a C++ argument error crashes instead of raising, if it does (benchmarks/NOTES.md:
+# "A C++ argument error that segfaults"); last, since it only diagnoses
+stage probe 60 bash tools/gpu/probe_machine.sh
 # outside the default run: the whole suite, and torch.compile in the harness
 stage tests-all 540 "${PYTEST[@]}" --junitxml="$OUT/tests-all.xml"
 stage bench-compile 540 python3 -m msfused.cli bench --device cuda --shapes paper,mobilenet \
