@@ -3,6 +3,7 @@ bfloat16 tensor-core forward, the emulator's PTX stand-ins and byte counters, an
 NHWC case that the H200 run flagged (add, stride 2, C=20, N=70, relu6, projection; 4.3e-2
 against float64) is the kernels' rounding, not an indexing bug. Judged against float64 with
 the relu6 derivative read off the kernel's bf16 output (see tools/cuda_emu/run_emu.py)."""
+import ctypes
 import os
 import shutil
 import subprocess
@@ -412,3 +413,44 @@ def test_backward_global_bytes(emu_lib):
     r = run_emu.backward_bytes(lib, SHAPES["paper"][1], batch=1)  # paper-u2 (mnet-56: 36 s)
     assert r["read_x"] <= 2.7 * r["x"], r
     assert r["total"] <= 2.7 * r["floor"], r
+
+
+def test_l2_model(emu_lib):
+    """The emulator's L2 model (tools/cuda_emu/emu_l2.h) on one bfloat16 forward: with room
+    for everything, DRAM sees x and the weights once (32-byte sectors) and y written once,
+    whatever the kernel re-read from L2 (y and the pre-activation written once); with a cache smaller than a tile's x, the halo
+    re-reads go to DRAM again; emptied before each launch, a backward moves more DRAM bytes
+    than warm across its launches (its scratch no longer stays in L2)."""
+    from msfused.benchmark import SHAPES
+    run_emu, lib = emu_lib
+    case = ((24, 40, 17, 10, 2), "concat", 1, True, True, "relu")
+    (c, n, h, w, batch), merge, stride, residual, cl, act = case
+    params, cfg = run_emu.case_params(c, n, merge, stride, act, residual, torch.bfloat16, 7)
+    x = torch.randn(batch, c, h, w, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    sectors = sum(-(-t.numel() * t.element_size() // 32) for t in [x] + params if t is not None)
+
+    def dram(capacity):
+        lib.emu_l2_reset(ctypes.c_uint64(capacity), 0)
+        run_emu._bytes_moved(lib)
+        y, _, _ = run_emu.emulate(lib, x, params, cfg, None, backward=False)
+        counted = run_emu._bytes_moved(lib)
+        rd, wr = ctypes.c_uint64(), ctypes.c_uint64()
+        lib.emu_l2_dram(ctypes.byref(rd), ctypes.byref(wr))
+        lib.emu_l2_reset(ctypes.c_uint64(0), 0)
+        return rd.value, wr.value, y.numel() * y.element_size(), counted
+
+    rd, wr, yb, counted = dram(1 << 30)
+    assert counted > rd + wr, "the kernel re-reads nothing: the test shows nothing"
+    assert wr == 2 * yb  # y and the pre-activation (emulate gives the kernel a buffer for it)
+    # x and each weight in whole sectors; a tensor that does not start on a sector may
+    # touch one more
+    assert sectors * 32 <= rd <= (sectors + len(params) + 1) * 32, (rd, sectors)
+    rd_small, wr_small, _, _ = dram(4096)
+    # (and a sector written in two 16-byte halves can be evicted in between, written twice)
+    assert rd_small > rd and wr_small >= wr, (rd_small, rd, wr_small, wr)
+
+    shape = SHAPES["paper"][1]  # paper-u2, as in test_backward_global_bytes
+    r = run_emu.backward_bytes(lib, shape, batch=1, l2=True)
+    assert r["dram"] < r["dram_cold"] <= r["total"], r
+    assert r["dram"] >= r["floor"] - r["x"], r  # dy, saved, dx (and weights) at least

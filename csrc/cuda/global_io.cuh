@@ -39,12 +39,12 @@ inline T ldg(const T* p) {
 }
 template <typename T>
 inline void stg(T* p, T v) {
-  emu_count_written(sizeof(T));
+  emu_count_written(p, sizeof(T));
   *p = v;
 }
 inline void stg16(void* p, const Vec16& v) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail("stg16: address not 16-byte aligned");
-  emu_count_written(16);
+  emu_count_written(p, 16);
   *static_cast<Vec16*>(p) = v;
 }
 inline Vec16 ldg16(const void* p) {

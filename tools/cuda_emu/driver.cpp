@@ -83,6 +83,15 @@ extern "C" void emu_bytes(const void* x, uint64_t x_bytes, uint64_t* read_x, uin
   emu_x_hi = static_cast<const unsigned char*>(x) + x_bytes;
 }
 
+// The L2 model (emu_l2.h): emu_l2_reset(capacity in bytes, 0 off; cold: emptied before each
+// launch) starts counting; emu_l2_dram writes the dirty sectors back and reads the DRAM bytes.
+extern "C" void emu_l2_reset(uint64_t bytes, int cold) { emu_l2.reset(bytes, cold != 0); }
+extern "C" void emu_l2_dram(uint64_t* read, uint64_t* written) {
+  emu_l2.write_back();
+  *read = emu_l2.dram_read;
+  *written = emu_l2.dram_written;
+}
+
 // The float16/bfloat16 forward's plan for a call: TH, TW, CTAs per image, smem bytes,
 // vec_x, vec_w, vec_y, tiles per CTA down a column (run), tiles per image.
 extern "C" void emu_mma_plan(const int64_t* dv, void** p, void* y, int64_t* out) {

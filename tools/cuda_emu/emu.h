@@ -26,6 +26,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "emu_l2.h"  // the L2 model behind the counted global accesses
+
 // ---- __half / __nv_bfloat16: same bits as at::Half / at::BFloat16 -------------------------
 struct __half { uint16_t x; };
 struct __nv_bfloat16 { uint16_t x; };
@@ -97,8 +99,12 @@ inline const void* emu_x_hi = nullptr;
 inline void emu_count_read(const void* p, size_t n) {
   const bool in_x = p >= emu_x_lo && p < emu_x_hi;
   (in_x ? emu_bytes_read_x : emu_bytes_read) += n;
+  emu_l2.access(p, n, false);
 }
-inline void emu_count_written(size_t n) { emu_bytes_written += n; }
+inline void emu_count_written(const void* p, size_t n) {
+  emu_bytes_written += n;
+  emu_l2.access(p, n, true);
+}
 
 inline double emu_shfl[1024];
 alignas(128) inline unsigned char emu_dyn_smem[256 * 1024];
@@ -359,6 +365,7 @@ void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
   emu_dyn_bytes = smem;
   const unsigned nt = block.x * block.y * block.z;
   emu_cta.body = [&] { kernel(args...); };
+  emu_l2.on_launch();
   unsigned long block_no = emu_launches++;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)

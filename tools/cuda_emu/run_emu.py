@@ -18,6 +18,7 @@ pre-activation lies within half an ulp below 6 (the stored y rounds to 6.0 and a
     python tools/cuda_emu/run_emu.py --backward-low  # tensor-core backward (fp16, bf16, tf32), every config
     python tools/cuda_emu/run_emu.py --bytes         # forward's global bytes, benchmark shapes
     python tools/cuda_emu/run_emu.py --backward-bytes  # the same for the backward (--tf32: float32 on TF32)
+    (either with --l2: also the DRAM bytes by the L2 model, tools/cuda_emu/emu_l2.h)
 """
 import ctypes
 import itertools
@@ -668,24 +669,25 @@ def main_backward_low(lib):
     return 1 if fails else 0
 
 
-def forward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, plan_batch=None):
+def forward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, plan_batch=None, l2=False):
     """Global bytes of one emulated channels_last forward at a benchmark shape (the module's
     default config), counted by the emulator: a dict with the plan (tile, CTAs, shared
     memory), x's size and the bytes read from it, the weights' size and the bytes read of
     them (and the biases), y's size and the bytes written. plan_batch: run `batch` images
-    with the tile the plan picks for plan_batch (the plan weighs how full the GPU is)."""
+    with the tile the plan picks for plan_batch (the plan weighs how full the GPU is).
+    l2: also the DRAM bytes read and written by the L2 model (l2_bytes' capacity)."""
     if plan_batch is not None:
         tile = forward_bytes_plan(lib, shape, plan_batch, dtype)
         old = os.environ.get("MSFUSED_CUDA_FWD_TILE")
         os.environ["MSFUSED_CUDA_FWD_TILE"] = tile
         try:
-            return forward_bytes(lib, shape, batch, dtype)
+            return forward_bytes(lib, shape, batch, dtype, l2=l2)
         finally:
             if old is None:
                 del os.environ["MSFUSED_CUDA_FWD_TILE"]
             else:
                 os.environ["MSFUSED_CUDA_FWD_TILE"] = old
-    return _forward_bytes(lib, shape, batch, dtype)
+    return _forward_bytes(lib, shape, batch, dtype, l2=l2)
 
 
 def forward_bytes_plan(lib, shape, batch, dtype=torch.bfloat16):
@@ -693,7 +695,7 @@ def forward_bytes_plan(lib, shape, batch, dtype=torch.bfloat16):
     return _forward_bytes(lib, shape, batch, dtype, run=False)["tile"]
 
 
-def _forward_bytes(lib, shape, batch, dtype, run=True):
+def _forward_bytes(lib, shape, batch, dtype, run=True, l2=False):
     torch.manual_seed(0)
     m = msfused.MultiScaleSeparableBlock(shape.c, shape.n, merge=shape.merge,
                                          stride=shape.stride, backend="reference", dtype=dtype)
@@ -723,39 +725,66 @@ def _forward_bytes(lib, shape, batch, dtype, run=True):
     assert lib.emu_forward(DTYPE_CODE[dtype], desc, ptrs, ptr(y), ptr(pre)) == 0
     lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(c) for c in counts])
     read_x, read_other, written = (c.value for c in counts)
+    dram = {}
+    if l2:  # the L2 model (emu_l2.h): the same launch again, DRAM bytes read and written
+        lib.emu_l2_reset(ctypes.c_uint64(l2_bytes(shape, batch)), 0)
+        assert lib.emu_forward(DTYPE_CODE[dtype], desc, ptrs, ptr(y), ptr(pre)) == 0
+        rd, wr = ctypes.c_uint64(), ctypes.c_uint64()
+        lib.emu_l2_dram(ctypes.byref(rd), ctypes.byref(wr))
+        lib.emu_l2_reset(ctypes.c_uint64(0), 0)
+        _bytes_moved(lib)
+        dram = dict(dram_read=rd.value, dram_written=wr.value)
     ctas = batch * plan[2]
     wbytes = sum(t.numel() * t.element_size() for t in params if t is not None)
     yb = y.numel() * y.element_size() * (2 if pre is not None else 1)
     return dict(name=shape.name, tile=tile, ctas=ctas, tiles=batch * plan[8], smem=plan[3],
                 vec=(bool(plan[4]), bool(plan[5]), bool(plan[6])), x=xb, read_x=read_x,
-                w=wbytes, read_w=read_other, y=yb, written=written)
+                w=wbytes, read_w=read_other, y=yb, written=written, **dram)
 
 
 def main_bytes(lib, batch):
     from msfused.benchmark import SHAPES
     print(f"emulated bfloat16 channels_last forward, batch {batch} with the tile planned for "
           "the benchmark's batch: global bytes per launch")
+    l2 = "--l2" in sys.argv
+    if l2:
+        print("DRAM: the L2 model's estimate (tools/cuda_emu/emu_l2.h; EMU_L2_MB="
+              f"{os.environ.get('EMU_L2_MB', '60')} scaled by batch / the benchmark's), cold "
+              "at the launch")
     print(f"{'shape':9} {'tile x run':>10} {'CTAs':>5} {'smem KB':>7} {'x read/x':>9} "
-          f"{'w read/(tiles*w)':>17} {'y written/y':>12}")
+          f"{'w read/(tiles*w)':>17} {'y written/y':>12}"
+          + (f" {'DRAM read/(x+w)':>16} {'DRAM written/y':>15}" if l2 else ""))
     for group in SHAPES.values():
         for shape in group:
-            r = forward_bytes(lib, shape, batch, plan_batch=shape.batch)
+            r = forward_bytes(lib, shape, batch, plan_batch=shape.batch, l2=l2)
             print(f"{r['name']:9} {r['tile']:>10} {r['ctas']:5d} {r['smem'] / 1024:7.1f} "
                   f"{r['read_x'] / r['x']:9.3f} {r['read_w'] / (r['tiles'] * r['w']):17.3f} "
-                  f"{r['written'] / r['y']:12.3f}", flush=True)
+                  f"{r['written'] / r['y']:12.3f}"
+                  + (f" {r['dram_read'] / (r['x'] + r['w']):16.3f} "
+                     f"{r['dram_written'] / r['y']:15.3f}" if l2 else ""), flush=True)
     return 0
 
 
-def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16):
+def l2_bytes(shape, batch):
+    """The L2 model's capacity for `batch` images of a benchmark shape: the GPU's L2
+    (EMU_L2_MB, default 60: the H200's, as PyTorch reports it) scaled by batch over the
+    benchmark's batch, so that every tensor keeps its size against the cache."""
+    return int(float(os.environ.get("EMU_L2_MB", "60")) * 2**20 * batch / shape.batch)
+
+
+def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, l2=False):
     """Global bytes of one emulated channels_last backward (all launches, scratch and
     partials included) at a benchmark shape and the module's default config, with the pixel
     groups the plan picks at the benchmark's batch, against the backward floor: x, dy and
     the saved tensor read, dx written, the weights read and their gradients written once.
-    dtype "tf32": float32 on the TF32 kernels."""
+    dtype "tf32": float32 on the TF32 kernels. l2: also the DRAM bytes by the L2 model
+    (tools/cuda_emu/emu_l2.h, capacity l2_bytes), cold at the backward's start and warm
+    across its launches ("dram"), and emptied before each launch as ncu measures
+    ("dram_cold")."""
     if dtype == "tf32":
         lib.emu_set_tf32(1)
         try:
-            return backward_bytes(lib, shape, batch, torch.float32)
+            return backward_bytes(lib, shape, batch, torch.float32, l2)
         finally:
             lib.emu_set_tf32(0)
     torch.manual_seed(0)
@@ -801,6 +830,17 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16):
         assert lib.emu_backward(DTYPE_CODE[dtype], desc, ptrs, ptr(gy), ptr(saved), gptrs,
                                 ptr(ws)) == 0
         lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(c) for c in counts])
+        dram = {}
+        for key, cold in (("dram", 0), ("dram_cold", 1)) if l2 else ():
+            lib.emu_l2_reset(ctypes.c_uint64(l2_bytes(shape, batch)), cold)
+            assert lib.emu_backward(DTYPE_CODE[dtype], desc, ptrs, ptr(gy), ptr(saved), gptrs,
+                                    ptr(ws)) == 0
+            rd, wr = ctypes.c_uint64(), ctypes.c_uint64()
+            lib.emu_l2_dram(ctypes.byref(rd), ctypes.byref(wr))
+            lib.emu_l2_reset(ctypes.c_uint64(0), 0)
+            dram[key] = rd.value + wr.value
+        if dram:
+            _bytes_moved(lib)  # the model's reruns counted again: reset
     finally:
         if old is None:
             del os.environ["MSFUSED_CUDA_BWD_GROUP"]
@@ -813,7 +853,7 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16):
     floor = xb + gy.numel() * esz + sv + xb + wbytes + gbytes
     return dict(name=shape.name, tp=plan[0], gt=plan_full[2], groups_full=plan_full[3],
                 groups=plan[3], smem=plan[6], x=xb, read_x=read_x, read=read_x + read_other,
-                written=written, floor=floor, total=read_x + read_other + written)
+                written=written, floor=floor, total=read_x + read_other + written, **dram)
 
 
 def main_backward_bytes(lib, batch):
@@ -822,15 +862,22 @@ def main_backward_bytes(lib, batch):
     print(f"emulated {'float32 (TF32)' if dtype == 'tf32' else 'bfloat16'} channels_last "
           f"backward, batch {batch}, pixel groups as planned for the benchmark's batch: global "
           "bytes of all launches against the backward floor")
+    l2 = "--l2" in sys.argv
+    if l2:
+        print("DRAM: the L2 model's estimate (tools/cuda_emu/emu_l2.h; EMU_L2_MB="
+              f"{os.environ.get('EMU_L2_MB', '60')} scaled by batch / the benchmark's), warm "
+              "across the launches, and emptied before each launch (ncu's default)")
     print(f"{'shape':9} {'P':>3} {'tiles/grp':>9} {'smem KB':>7} {'x read/x':>9} "
-          f"{'read/floor':>10} {'written/floor':>13} {'total/floor':>11}")
+          f"{'read/floor':>10} {'written/floor':>13} {'total/floor':>11}"
+          + (f" {'DRAM/floor':>10} {'cold/floor':>10}" if l2 else ""))
     for group in SHAPES.values():
         for shape in group:
-            r = backward_bytes(lib, shape, batch, dtype)
+            r = backward_bytes(lib, shape, batch, dtype, l2)
             print(f"{r['name']:9} {r['tp']:3d} {r['gt']:9d} {r['smem'] / 1024:7.1f} "
                   f"{r['read_x'] / r['x']:9.3f} {r['read'] / r['floor']:10.3f} "
-                  f"{r['written'] / r['floor']:13.3f} {r['total'] / r['floor']:11.3f}",
-                  flush=True)
+                  f"{r['written'] / r['floor']:13.3f} {r['total'] / r['floor']:11.3f}"
+                  + (f" {r['dram'] / r['floor']:10.3f} {r['dram_cold'] / r['floor']:10.3f}"
+                     if l2 else ""), flush=True)
     return 0
 
 
