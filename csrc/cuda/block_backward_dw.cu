@@ -92,7 +92,8 @@ template <typename T, int S>
 __global__ void __launch_bounds__(DW_NT)
     dw_backward_kernel(BlockDesc d, BlockTensors<T> t, const T* __restrict__ da,
                        const T* __restrict__ db, const T* __restrict__ dxs, T* __restrict__ dx,
-                       float* __restrict__ dw_part, DwMap m, int tiles_w, int tiles_hw) {
+                       float* __restrict__ dw_part, DwMap m, int tiles_w, int tiles_hw,
+                       int cblocks) {
   using A = typename AccT<T>::type;
   using G = DwGeo<S>;
   constexpr int KB = DwKB<T>::value, NG = DW_NT / KB;
@@ -110,13 +111,19 @@ __global__ void __launch_bounds__(DW_NT)
   T* stage = reinterpret_cast<T*>(smem + m.stage);
 
   const int tid = threadIdx.x, kc = tid % KB, grp = tid / KB;
-  const int part = blockIdx.x;
+  // The channel blocks of a tile run side by side, and the tiles in reverse order: launch 1
+  // wrote the scratch group after group, so the tiles it wrote last, the ones still in L2,
+  // are read first (NOTES 33). part stays the tile's own index: the partials' reduction
+  // order, and so every bit, is that of any other order.
+  const unsigned ncb = unsigned(cblocks), nparts = gridDim.x / ncb;
+  const int cb = static_cast<int>(blockIdx.x % ncb);
+  const int part = static_cast<int>(nparts - 1 - blockIdx.x / ncb);
   const int b = part / tiles_hw, trem = part % tiles_hw;
   const int R0 = (trem / tiles_w) * DT, Q0 = (trem % tiles_w) * DT;
   const int o0 = R0 / S, p0 = Q0 / S;  // first owned output row / col
   const int H = static_cast<int>(d.H), W = static_cast<int>(d.W), C = static_cast<int>(d.C);
   const int Ho = static_cast<int>(d.Ho), Wo = static_cast<int>(d.Wo);
-  const int c0 = blockIdx.y * KB, c = c0 + kc;
+  const int c0 = cb * KB, c = c0 + kc;
   const bool cl = d.channels_last, residual = d.residual;
   const int act = d.act;
   // 64-bit image bases, 32-bit offsets inside an image (the launcher checks C*H*W < 2^31).
@@ -308,8 +315,8 @@ const char* launch_dw_stride(const BlockDesc& d, const BlockTensors<T>& t, const
   auto kernel = dw_backward_kernel<T, S>;
   static int raised[64] = {};
   if (const char* err = allow_dynamic_smem(kernel, m.total, raised)) return err;
-  MSF_LAUNCH(kernel, dim3(gx, gy), DW_NT, m.total, stream, d, t, da, db, dxs, dx, dw_part, m,
-             static_cast<int>(tiles_w), static_cast<int>(tiles_hw));
+  MSF_LAUNCH(kernel, dim3(gx * gy), DW_NT, m.total, stream, d, t, da, db, dxs, dx, dw_part, m,
+             static_cast<int>(tiles_w), static_cast<int>(tiles_hw), static_cast<int>(gy));
   const cudaError_t e = cudaGetLastError();
   return e != cudaSuccess ? cudaGetErrorString(e) : nullptr;
 }
@@ -330,7 +337,7 @@ const char* launch_backward_dw(const BlockDesc& d, const BlockTensors<T>& t, con
   const int64_t lim = 0x7fffffffLL;
   const int64_t tiles_h = (d.H + DW_DT - 1) / DW_DT, tiles_w = (d.W + DW_DT - 1) / DW_DT;
   const int64_t parts = d.B * tiles_h * tiles_w, cblocks = (d.C + KB - 1) / KB;
-  if (d.C * d.H * d.W > lim || parts > lim || cblocks > 65535)
+  if (d.C * d.H * d.W > lim || parts * cblocks > lim)
     return "backward_dw: the input is too large for the CUDA kernel's 32-bit indexing or grid";
   if (parts == 0 || d.C == 0) return nullptr;
   const unsigned gx = static_cast<unsigned>(parts), gy = static_cast<unsigned>(cblocks);

@@ -91,6 +91,20 @@ extern "C" void emu_l2_dram(uint64_t* read, uint64_t* written) {
   *read = emu_l2.dram_read;
   *written = emu_l2.dram_written;
 }
+// Attribution: emu_l2_region(ptr, bytes) registers a range (none: clear them all);
+// emu_l2_region_dram(i, ...) reads range i's DRAM bytes (after emu_l2_dram).
+extern "C" void emu_l2_region(const void* p, uint64_t bytes) {
+  if (p == nullptr) {
+    emu_l2.regions.clear();
+    return;
+  }
+  const uint64_t lo = reinterpret_cast<uintptr_t>(p);
+  emu_l2.regions.push_back(EmuL2::Region{lo, lo + bytes, 0, 0});
+}
+extern "C" void emu_l2_region_dram(int i, uint64_t* read, uint64_t* written) {
+  *read = emu_l2.regions[size_t(i)].read;
+  *written = emu_l2.regions[size_t(i)].written;
+}
 
 // The float16/bfloat16 forward's plan for a call: TH, TW, CTAs per image, smem bytes,
 // vec_x, vec_w, vec_y, tiles per CTA down a column (run), tiles per image.

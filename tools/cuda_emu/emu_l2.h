@@ -25,6 +25,22 @@ struct EmuL2 {
   uint64_t capacity = 0;  // sectors; 0: off
   bool cold_per_launch = false;
   uint64_t dram_read = 0, dram_written = 0;  // bytes
+  // Optional attribution: DRAM bytes per registered address range (the rest under -1).
+  struct Region {
+    uint64_t lo, hi, read, written;
+  };
+  std::vector<Region> regions;
+  Region* region_of(uint64_t sector) {
+    const uint64_t a = sector * kSector;
+    for (Region& r : regions)
+      if (a + kSector > r.lo && a < r.hi) return &r;
+    return nullptr;
+  }
+  void count(uint64_t sector, bool write) {
+    (write ? dram_written : dram_read) += kSector;
+    if (Region* r = regions.empty() ? nullptr : region_of(sector))
+      (write ? r->written : r->read) += kSector;
+  }
 
   struct Node {
     uint64_t tag;
@@ -57,11 +73,11 @@ struct EmuL2 {
       nodes[i].dirty = nodes[i].dirty || write;
       return;
     }
-    if (!write) dram_read += kSector;
+    if (!write) count(tag, false);
     if (where.size() >= capacity) {  // evict the least recent
       const int64_t v = tail;
       unlink(v);
-      if (nodes[v].dirty) dram_written += kSector;
+      if (nodes[v].dirty) count(nodes[v].tag, true);
       where.erase(nodes[v].tag);
       free_nodes.push_back(v);
     }
@@ -86,7 +102,7 @@ struct EmuL2 {
   void write_back() {  // dirty sectors counted as written; they stay, clean
     for (int64_t i = head; i >= 0; i = nodes[i].next)
       if (nodes[i].dirty) {
-        dram_written += kSector;
+        count(nodes[i].tag, true);
         nodes[i].dirty = false;
       }
   }
@@ -106,6 +122,7 @@ struct EmuL2 {
     capacity = bytes / kSector;
     cold_per_launch = cold;
     dram_read = dram_written = 0;
+    for (Region& r : regions) r.read = r.written = 0;
   }
 };
 

@@ -831,14 +831,33 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, l2=False):
                                 ptr(ws)) == 0
         lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(c) for c in counts])
         dram = {}
+        # DRAM bytes per tensor too ("dram_by", warm): x, dy, the saved tensor, dx, the
+        # workspace (scratch and partials), the weights, their gradients
+        regions = {"x": [x], "dy": [gy], "saved": [saved] if saved is not None else [],
+                   "dx": [gr[0]], "workspace": [ws],
+                   "weights": [t for t in params if t is not None],
+                   "grads": [t for t in gr[1:] if t is not None]}
         for key, cold in (("dram", 0), ("dram_cold", 1)) if l2 else ():
+            lib.emu_l2_region(None, ctypes.c_uint64(0))
+            owner = []
+            for name, ts in regions.items():
+                for t in ts:
+                    lib.emu_l2_region(ptr(t), ctypes.c_uint64(t.numel() * t.element_size()))
+                    owner.append(name)
             lib.emu_l2_reset(ctypes.c_uint64(l2_bytes(shape, batch)), cold)
             assert lib.emu_backward(DTYPE_CODE[dtype], desc, ptrs, ptr(gy), ptr(saved), gptrs,
                                     ptr(ws)) == 0
             rd, wr = ctypes.c_uint64(), ctypes.c_uint64()
             lib.emu_l2_dram(ctypes.byref(rd), ctypes.byref(wr))
-            lib.emu_l2_reset(ctypes.c_uint64(0), 0)
             dram[key] = rd.value + wr.value
+            if not cold:
+                by = dict.fromkeys(regions, 0)
+                for i, name in enumerate(owner):
+                    lib.emu_l2_region_dram(i, ctypes.byref(rd), ctypes.byref(wr))
+                    by[name] += rd.value + wr.value
+                dram["dram_by"] = by
+            lib.emu_l2_reset(ctypes.c_uint64(0), 0)
+            lib.emu_l2_region(None, ctypes.c_uint64(0))
         if dram:
             _bytes_moved(lib)  # the model's reruns counted again: reset
     finally:
@@ -878,6 +897,9 @@ def main_backward_bytes(lib, batch):
                   f"{r['written'] / r['floor']:13.3f} {r['total'] / r['floor']:11.3f}"
                   + (f" {r['dram'] / r['floor']:10.3f} {r['dram_cold'] / r['floor']:10.3f}"
                      if l2 else ""), flush=True)
+            if l2:
+                print("          DRAM warm / floor by tensor: " + ", ".join(
+                    f"{k} {v / r['floor']:.3f}" for k, v in r["dram_by"].items()), flush=True)
     return 0
 
 
