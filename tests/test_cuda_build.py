@@ -155,3 +155,8 @@ def test_tensor_core_backward_sass():
     assert dw, "no depthwise backward kernel in the shared object"
     for name, r in dw.items():
         assert r["local"] == 0 and r["LDL"] == 0 and r["STL"] == 0, (cuda_sass.demangle_short(name), r)
+    # launch 3 drops the dead scratch from L2 (discard.global.L2 is CCTL.E.RML2 in SASS)
+    red = cuda_sass.kernels(so, tool, "backward_reduce_kernel")
+    assert len(red) == 3, sorted(red)
+    for name, r in red.items():
+        assert r["L2DROP"] > 0 and r["LDL"] == 0 and r["STL"] == 0, (cuda_sass.demangle_short(name), r)

@@ -454,3 +454,35 @@ def test_l2_model(emu_lib):
     r = run_emu.backward_bytes(lib, shape, batch=1, l2=True)
     assert r["dram"] < r["dram_cold"] <= r["total"], r
     assert r["dram"] >= r["floor"] - r["x"], r  # dy, saved, dx (and weights) at least
+
+
+@pytest.mark.parametrize("case", [((20, 70, 11, 10, 2), "add", 2, True, True, "relu6"),
+                                  ((8, 8, 9, 6, 2), "concat", 1, False, False, "silu")],
+                         ids=["res-proj-s2-nhwc", "nores-nchw"])
+def test_backward_discards_only_the_scratch(emu_lib, case):
+    """Launch 3 drops the dead scratch (da, db, dxs) from L2 with discard.global.L2; the
+    emulator poisons each discarded line (all ones). Exactly the whole 128-byte lines of the
+    scratch are poisoned, none of the partials after it (which launch 3 still reads), and
+    the gradients stay within the policy."""
+    run_emu, lib = emu_lib
+    (c, n, h, w, batch), merge, stride, residual, cl, act = case
+    dtype = torch.bfloat16
+    params, cfg = run_emu.case_params(c, n, merge, stride, act, residual, dtype, 3)
+    x = torch.randn(batch, c, h, w, dtype=dtype).contiguous(
+        memory_format=torch.channels_last if cl else torch.contiguous_format)
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    gy = torch.randn(batch, run_emu.out_channels(n, cfg.merge), ho, wo, dtype=dtype)
+    assert run_emu.backward_plan(lib, case)["P"] > 0, "the tensor-core backward must plan"
+    ws = []
+    run_emu.emulate(lib, x, params, cfg, gy, ws_out=ws)
+    words = ws[0].view(torch.int32)
+    poisoned = (words == -1).nonzero().flatten()
+    # the scratch: da, db and (with a residual) dxs, each 2-byte pixel-major, each rounded up
+    # to 256 bytes, from the workspace's start; its whole lines from the first 128-byte line
+    scratch = sum(-(-(2 * batch * ho * wo * c) // 256) * 256 for _ in range(3 if residual else 2))
+    start = (-words.data_ptr()) % 128
+    lines = (scratch - start) // 128
+    assert poisoned.numel() == lines * 32, (poisoned.numel(), lines * 32)
+    assert poisoned[0].item() * 4 == start and poisoned[-1].item() * 4 == start + lines * 128 - 4
+    ok, line = run_emu.run_forward_low(lib, case, dtype, backward=True)
+    assert ok, line

@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 COUNTS = {"HMMA": r"\bHMMA\.", "LDSM": r"\bLDSM\.", "LDGSTS128": r"\bLDGSTS\.[A-Z.]*128\b",
           "STG128": r"\bSTG\.E\.128\b", "LDG128": r"\bLDG\.E\.128\b", "LDL": r"\bLDL\b",
-          "STL": r"\bSTL\b", "BAR": r"\bBAR\.SYNC\b"}
+          "STL": r"\bSTL\b", "BAR": r"\bBAR\.SYNC\b",
+          "L2DROP": r"\bCCTL\.E\.RML2\b"}  # discard.global.L2: a line leaves L2 unwritten
 
 
 def cuobjdump():

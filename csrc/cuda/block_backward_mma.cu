@@ -422,7 +422,14 @@ template <typename T>
 __global__ void __launch_bounds__(NT)
     backward_reduce_kernel(BlockDesc d, const float* __restrict__ wpart,
                            const float* __restrict__ bpart, const float* __restrict__ dwpart,
-                           int64_t groups, int64_t parts, int rows, BlockGrads<T> g) {
+                           int64_t groups, int64_t parts, int rows, BlockGrads<T> g,
+                           char* __restrict__ scratch, int64_t scratch_lines) {
+  // The scratch (da, db, dxs) is dead once launch 2 has read it, which stream order
+  // guarantees here: its lines still in L2 are dropped rather than written back, so the
+  // scratch costs DRAM writes only for what L2 evicted while launches 1 and 2 ran (NOTES 34).
+  for (int64_t l = blockIdx.x * int64_t(NT) + threadIdx.x; l < scratch_lines;
+       l += int64_t(gridDim.x) * NT)
+    ptx::discard_l2_line(scratch + l * 128);
   const int64_t C = d.C, N = d.N;
   const int64_t n_w = int64_t(rows) * C, n_dw = C * BWD_NDW;
   const int64_t total = n_w + rows + n_dw;
@@ -525,9 +532,14 @@ const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>&
   int64_t blocks = (total + NT - 1) / NT;
   if (blocks > 4096) blocks = 4096;
   auto rk = backward_reduce_kernel<T>;
+  // the scratch [ws_da, ws_wpart): the whole 128-byte lines inside it (a line it shares
+  // with the partials, if the workspace is not 128-byte aligned, stays)
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(ws + pl.ws_da) + 127) / 128 * 128;
+  const uintptr_t hi = reinterpret_cast<uintptr_t>(ws + pl.ws_wpart) / 128 * 128;
+  const int64_t scratch_lines = hi > lo ? int64_t((hi - lo) / 128) : 0;
   MSF_LAUNCH(rk, unsigned(blocks), NT, 0, stream, d, reinterpret_cast<const float*>(ws + pl.ws_wpart),
              reinterpret_cast<const float*>(ws + pl.ws_bpart), dwpart, pl.groups,
-             backward_dw_parts(d), pl.rows, g);
+             backward_dw_parts(d), pl.rows, g, reinterpret_cast<char*>(lo), scratch_lines);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }

@@ -114,6 +114,15 @@ __device__ __forceinline__ void cp_async_wait() {
 // values would stay live across the loop body and spill).
 __device__ __forceinline__ void opaque(int& v) { asm volatile("" : "+r"(v)); }
 
+// Drop the 128-byte line at p (128-byte aligned) from L2 without writing it back to DRAM:
+// for scratch that no kernel reads again. Its contents become indeterminate. sm_80 and up;
+// a no-op before (the line is then written back as usual).
+__device__ __forceinline__ void discard_l2_line(void* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(p) : "memory");
+#endif
+}
+
 }  // namespace ptx
 }  // namespace msfused
 #endif  // MSFUSED_CUDA_EMU: tools/cuda_emu/emu_ptx.h provides the same functions

@@ -99,6 +99,17 @@ struct EmuL2 {
     const uint64_t a = reinterpret_cast<uintptr_t>(p);
     for (uint64_t s = a / kSector; s <= (a + n - 1) / kSector; ++s) touch(s, write);
   }
+  void discard(const void* p, uint64_t n) {  // discard.global.L2: dropped, not written
+    if (capacity == 0) return;
+    const uint64_t a = reinterpret_cast<uintptr_t>(p);
+    for (uint64_t t = a / kSector; t <= (a + n - 1) / kSector; ++t) {
+      auto it = where.find(t);
+      if (it == where.end()) continue;
+      unlink(it->second);
+      free_nodes.push_back(it->second);
+      where.erase(it);
+    }
+  }
   void write_back() {  // dirty sectors counted as written; they stay, clean
     for (int64_t i = head; i >= 0; i = nodes[i].next)
       if (nodes[i].dirty) {

@@ -207,6 +207,16 @@ inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
 // A code-generation hint on the GPU (ptx_wrappers.cuh); nothing to emulate.
 inline void opaque(int&) {}
 
+// discard.global.L2: the line leaves the L2 model without a write-back, and its bytes are
+// poisoned (all ones: NaN in float, bfloat16 and float16), so that a kernel reading them
+// afterwards, i.e. a discard of data still live, shows up in the results.
+inline void discard_l2_line(void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 128 != 0)
+    emu_fail("discard.global.L2: address not 128-byte aligned");
+  std::memset(p, 0xff, 128);
+  emu_l2.discard(p, 128);
+}
+
 }  // namespace ptx
 }  // namespace msfused
 

@@ -83,13 +83,14 @@ def ptr(t):
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
-def emulate(lib, x, params, cfg, gy, backward=True, fwd_bytes=None):
+def emulate(lib, x, params, cfg, gy, backward=True, fwd_bytes=None, ws_out=None):
     """Forward and backward of the emulated CUDA kernels, as the binding calls them.
     x (B, C, H, W) in the layout to use; params the 12 BlockParams tensors (None if absent);
     gy like the output (unused when not backward). Returns y, the tensor saved for
     backward, and the 13 gradients [dx, dwa, ..., dbs] (projection grads None without a
     projection; all None when not backward). fwd_bytes: a list that gets the global bytes the forward moved (the counters
-    are read and reset between the forward and the backward)."""
+    are read and reset between the forward and the backward). ws_out: a list that gets the
+    backward's workspace (a float32 tensor, NaN where no kernel wrote)."""
     dtype = x.dtype
     batch, c, h, w = x.shape
     n, stride = params[6].shape[0], cfg.stride
@@ -127,6 +128,8 @@ def emulate(lib, x, params, cfg, gy, backward=True, fwd_bytes=None):
                                    dtype=dtype)
     gptrs = (ctypes.c_void_p * 13)(*[ptr(t) for t in gr])
     assert lib.emu_backward(code, desc, ptrs, ptr(gy), ptr(saved), gptrs, ptr(ws)) == 0
+    if ws_out is not None:
+        ws_out.append(ws)
     return y, saved, gr
 
 
