@@ -40,7 +40,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)} MSFUSED_NVCC_THREADS=${MSFUSED_NVCC_THREAD
 BUDGET_S=${BUDGET_S:-540}
 declare -A STATUS TIMES
 
-ALL_STAGES="install backends tests bench-bf16 memcheck bench-fp32 racecheck synccheck fwd-sweep bwd-dram probe"
+ALL_STAGES="install backends tests bench-bf16 memcheck bench-fp32 racecheck synccheck fwd-sweep bwd-dram bwd-dram-warm probe"
 STAGES=${STAGES:-$ALL_STAGES}
 KNOWN="$ALL_STAGES tests-all bench-compile"
 RAN=""
@@ -116,6 +116,11 @@ stage synccheck 120 compute-sanitizer --tool synccheck --error-exitcode 3 \
 stage fwd-sweep 120 python3 tools/gpu/forward_sweep.py
 # the 16-bit backward's DRAM bytes per launch (ncu) against the emulator's global bytes
 stage bwd-dram 120 ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
+  --kernel-name regex:"backward" --csv python3 tools/gpu/backward_dram.py
+# the same with L2 kept across the kernels (ncu flushes it between kernels by default, which
+# writes the dirty scratch back before launch 3 can discard it): the L2 model's warm column
+stage bwd-dram-warm 120 ncu --cache-control none \
+  --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
   --kernel-name regex:"backward" --csv python3 tools/gpu/backward_dram.py
 # where a C++ argument error crashes instead of raising, if it does (benchmarks/NOTES.md:
 # "A C++ argument error that segfaults"); last, since it only diagnoses
