@@ -161,6 +161,49 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+def test_cpu_backward_tiles_by_l2_size(tmp_path):
+    """The pixel-major backward cuts images into bands by the CPU's L2 size (csrc/cpu/
+    tiling.h, backward_tile_elems): 32768-element tiles below 1 MiB, 262144 from 1 MiB. Both
+    plans, forced with MSFUSED_CPU_L2_KB in subprocesses, against the float64 reference, at
+    shapes where they differ (two or three bands per image against one; stride 1 and 2,
+    both layouts). That the override took effect shows in the weight gradients' bits: the
+    pointwise GEMMs then sum an image's pixels in different groups."""
+    if not msfused.available_backends()["cpp"].available:
+        pytest.skip("cpp backend not built")
+    code = """
+import torch, sys
+sys.path.insert(0, %r)
+from blockutil import make_block, rel_err, run_fwd_bwd
+out = {}
+for c, n, hw, merge, stride in ((64, 32, 16, "add", 1), (48, 48, 44, "concat", 2)):
+    kw = dict(merge=merge, stride=stride, activation="relu")
+    torch.manual_seed(0)
+    ref = make_block(c, n, dtype=torch.float64, **kw)
+    fused = make_block(c, n, backend="cpp", dtype=torch.float32, **kw)
+    fused.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    x = torch.randn(4, c, hw, hw, dtype=torch.float64)
+    gy = torch.randn(ref(x).shape, dtype=torch.float64)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xx, gg = x.contiguous(memory_format=fmt), gy.contiguous(memory_format=fmt)
+        want = run_fwd_bwd(ref, xx, gg)
+        got = run_fwd_bwd(fused, xx.float(), gg.float())
+        assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1]) < 1e-5, (c, fmt)
+        for k in want[2]:
+            assert rel_err(got[2][k], want[2][k]) < 1e-5, (c, fmt, k)
+        out[(c, str(fmt))] = got[2]
+torch.save(out, sys.argv[1])
+""" % os.path.dirname(__file__)
+    runs = {}
+    for kb in ("512", "1024"):
+        path = str(tmp_path / f"g{kb}.pt")
+        out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                             env=dict(os.environ, MSFUSED_CPU_L2_KB=kb), timeout=300)
+        assert out.returncode == 0, out.stderr
+        runs[kb] = torch.load(path)
+    for key, grads in runs["512"].items():
+        assert any(not torch.equal(g, runs["1024"][key][k]) for k, g in grads.items()), key
+
+
 def test_cpu_large_output_huge_page_advice(tmp_path):
     """Outputs of 32 MiB and more get transparent-huge-page advice before the kernels first
     write them (csrc/cpu/block_cpu.cpp, advise_huge_pages): the values match the reference

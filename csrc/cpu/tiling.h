@@ -1,10 +1,16 @@
 // How the CPU kernels cut a block call into tiles and chunks. A tile is one image and a
 // band of R output rows; tiles are grouped into a fixed number of chunks (one per
 // parallel task) whose partial weight gradients are reduced in a fixed order, so the
-// backward gives the same bits every run. Everything here is `static inline` on purpose:
+// backward gives the same bits every run and on any thread count (the plan depends on the
+// shape and, for the backward's tile size, on the CPU's L2 size). Everything here is `static inline` on purpose:
 // the header is compiled into each per-ISA translation unit.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
 
 #include "block_desc.h"
 
@@ -37,6 +43,32 @@ static const int64_t kMinSplitElems = 4096;
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// L2 cache per core in bytes as the OS reports it (0: unknown). MSFUSED_CPU_L2_KB=n plans as
+// if it were n KiB (A/B runs, and tests of the plan the other kind of CPU takes).
+static inline int64_t l2_bytes_per_core() {
+  static const int64_t v = [] {
+    if (const char* e = std::getenv("MSFUSED_CPU_L2_KB")) return int64_t(std::atoll(e)) * 1024;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long s = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return s > 0 ? int64_t(s) : int64_t(0);
+#else
+    return int64_t(0);
+#endif
+  }();
+  return v;
+}
+
+// The backward's tile target (elements of the packed matrix A). It keeps four matrices of
+// about that size live (A, dA and gz in both layouts). With a 512 KiB L2 (AMD Zen 2 and 3)
+// whole images measured 13-15% slower at 14x14 to 56x56 than 32768-element tiles, which
+// stay in L2 (benchmarks/NOTES.md 20); with 1 MiB (AMD Zen 5) the forward's 262144 measured
+// 3-13% faster than 32768 at every multi-band benchmark shape, in float32 and bfloat16 (the
+// b1 halo rows recomputed once per image instead of per band, GEMMs with more pixels;
+// NOTES.md 35). Unknown L2: the small tiles.
+static inline int64_t backward_tile_elems() {
+  return l2_bytes_per_core() >= (int64_t(1) << 20) ? 262144 : 32768;
+}
+
 // backward: the plan of the backward, which with enough images (per_image) takes its
 // parallelism from images and so may use taller tiles (whole images at 14x14 and 28x28: no
 // b1 halo rows to recompute) than the forward, whose tasks are tiles.
@@ -49,10 +81,10 @@ static inline Plan make_plan(const BlockDesc& d, bool backward = false) {
   // Aim the packed tile matrix (Ktot x P) at 32768 elements (~128 KiB in float32), with at
   // least 32 pixels so the GEMM is not degenerate; the pixel-major forward at 262144 (~1 MiB:
   // its b1 halo rows are recomputed once per tile, and whole 14x14 and 28x28 images measured
-  // no slower in the GEMMs than 256 KiB tiles). The backward keeps four tile matrices of
-  // about that size live (A, dA and gz in both layouts): at 128 KiB they stay in a 512 KiB
-  // L2 (whole images measured 13-15% slower at 14x14 to 56x56; benchmarks/NOTES.md 20).
-  int64_t target_p = (p.pixel_major && !backward ? 262144 : 32768) / p.Ktot;
+  // no slower in the GEMMs than 256 KiB tiles); the pixel-major backward by the L2 size
+  // (backward_tile_elems).
+  const int64_t target = !p.pixel_major ? 32768 : backward ? backward_tile_elems() : 262144;
+  int64_t target_p = target / p.Ktot;
   if (target_p < 32) target_p = 32;
   if (target_p > 1024) target_p = 1024;
   int64_t r = target_p / d.Wo;
