@@ -96,7 +96,42 @@ void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, cons
     O* po = post + w * ps;
     T* pr = pre ? pre + w * ps : nullptr;
     const T* ip = init ? init + w * ps : nullptr;
-    for (int64_t c0 = 0; c0 < Cv; c0 += VN) {
+    int64_t c0 = 0;
+#if MSFUSED_VEC_BYTES >= 64
+    // Two channel vectors at a time where there are 32 vector registers (AVX-512): eight
+    // independent sums. Four chains of dependent FMAs keep only one of two FMA pipes busy
+    // at four cycles' latency; each sum's taps are added in the same order as below.
+    for (; c0 + 2 * VN <= Cv; c0 += 2 * VN) {
+      const T* wc = wt + c0;
+      const T* wd = wc + VN;
+      V a0, a1, a2, a3, e0, e1, e2, e3;
+      if (ip) {
+        a0 = vload(ip + c0);          e0 = vload(ip + c0 + VN);
+        a1 = vload(ip + ps + c0);     e1 = vload(ip + ps + c0 + VN);
+        a2 = vload(ip + 2 * ps + c0); e2 = vload(ip + 2 * ps + c0 + VN);
+        a3 = vload(ip + 3 * ps + c0); e3 = vload(ip + 3 * ps + c0 + VN);
+      } else {
+        a0 = a1 = a2 = a3 = bias ? vload(bias + c0) : V{};
+        e0 = e1 = e2 = e3 = bias ? vload(bias + c0 + VN) : V{};
+      }
+      for (int ti = 0; ti < 3; ++ti) {
+        const T* rr = r + ti * rs + c0;
+        const T* wa = wc + 3 * ti * C;
+        const T* wb = wd + 3 * ti * C;
+        dw_taps4<S>(rr, C, vload(wa), vload(wa + C), vload(wa + 2 * C), a0, a1, a2, a3);
+        dw_taps4<S>(rr + VN, C, vload(wb), vload(wb + C), vload(wb + 2 * C), e0, e1, e2, e3);
+      }
+      dw_store<ACT>(a0, po + c0, pr ? pr + c0 : nullptr);
+      dw_store<ACT>(a1, po + ps + c0, pr ? pr + ps + c0 : nullptr);
+      dw_store<ACT>(a2, po + 2 * ps + c0, pr ? pr + 2 * ps + c0 : nullptr);
+      dw_store<ACT>(a3, po + 3 * ps + c0, pr ? pr + 3 * ps + c0 : nullptr);
+      dw_store<ACT>(e0, po + c0 + VN, pr ? pr + c0 + VN : nullptr);
+      dw_store<ACT>(e1, po + ps + c0 + VN, pr ? pr + ps + c0 + VN : nullptr);
+      dw_store<ACT>(e2, po + 2 * ps + c0 + VN, pr ? pr + 2 * ps + c0 + VN : nullptr);
+      dw_store<ACT>(e3, po + 3 * ps + c0 + VN, pr ? pr + 3 * ps + c0 + VN : nullptr);
+    }
+#endif
+    for (; c0 < Cv; c0 += VN) {
       const T* wc = wt + c0;
       V a0, a1, a2, a3;
       if (ip) {
