@@ -146,13 +146,14 @@ Runtime runtime() {
                  at::get_num_threads(), &bbrgemm};
 }
 
-// AVX2+FMA kernels when the CPU has them; MSFUSED_CPU_ISA=base forces the baseline.
+// AVX2+FMA(+F16C) kernels when the CPU has them; MSFUSED_CPU_ISA=base forces the baseline.
 bool use_avx2() {
   static const bool v = [] {
     const char* env = std::getenv("MSFUSED_CPU_ISA");
     if (env && std::strcmp(env, "base") == 0) return false;
 #if defined(__x86_64__) || defined(__i386__)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
 #else
     return false;
 #endif
@@ -186,7 +187,7 @@ bool use_avx512() {
 // do) and oneDNN's bfloat16 brgemm answers a probe correctly: oneDNN then picks AMX tiles
 // or AVX512-BF16 dot products itself. Elsewhere (no bf16 instructions: oneDNN would
 // emulate them, slower than the float32 kernels) the bfloat16 forward and backward run the
-// float32 kernels and GEMMs on bfloat16 storage (forward_bf16_f32, backward_bf16).
+// float32 kernels and GEMMs on bfloat16 storage (forward_16_f32, backward_16).
 // MSFUSED_CPU_BF16=widen forces that (A/B runs, tests of the fallback).
 bool probe_bf16_brgemm() {
   try {
@@ -226,7 +227,7 @@ bool native_bf16_available() {
 
 // Even C only: every GEMM's K (2C + Cs, C + Cs, C) is then even, as oneDNN's bfloat16 AMX
 // kernels need (an odd K stopped the process with SIGILL on the AMX build machine,
-// benchmarks/NOTES.md entry 10). Odd C takes forward_bf16_f32.
+// benchmarks/NOTES.md entry 10). Odd C takes forward_16_f32.
 bool native_bf16(const BlockDesc& d, at::ScalarType t) {
   return t == at::kBFloat16 && d.C % 2 == 0 && make_plan(d).pixel_major &&
          native_bf16_available();
@@ -300,24 +301,64 @@ BlockArgs widened_weights(const BlockArgs& a) {
   return cast_block_args(w, at::kFloat);
 }
 
+// Kernels of a 16-bit call that compute in float32 on 16-bit storage: bfloat16 always,
+// float16 where the compiler has _Float16 (the kernels' f16_t, kernel_simd.h); the build
+// use_avx512 / use_avx2 pick.
+bool storage16_kernels(at::ScalarType t) {
+#if defined(__FLT16_MAX__)
+  if (t == at::kHalf) return true;
+#endif
+  return t == at::kBFloat16;
+}
+
+using Forward16 = void (*)(const Runtime&, const BlockDesc&, const BlockTensors<float>&,
+                           const uint16_t*, uint16_t*, uint16_t*);
+using Backward16 = void (*)(const Runtime&, const BlockDesc&, const BlockTensors<float>&,
+                            const uint16_t*, const uint16_t*, const uint16_t*,
+                            const BlockGrads<float>&, uint16_t*, float*);
+
+Forward16 forward16_kernel(at::ScalarType t) {
+#if defined(__FLT16_MAX__)
+  if (t == at::kHalf)
+    return use_avx512() ? &avx512::block_forward_f16_f32
+           : use_avx2() ? &avx2::block_forward_f16_f32
+                        : &base::block_forward_f16_f32;
+#endif
+  (void)t;
+  return use_avx512() ? &avx512::block_forward_bf16_f32
+         : use_avx2() ? &avx2::block_forward_bf16_f32
+                      : &base::block_forward_bf16_f32;
+}
+
+Backward16 backward16_kernel(at::ScalarType t) {
+#if defined(__FLT16_MAX__)
+  if (t == at::kHalf)
+    return use_avx512() ? &avx512::block_backward_f16
+           : use_avx2() ? &avx2::block_backward_f16
+                        : &base::block_backward_f16;
+#endif
+  (void)t;
+  return use_avx512() ? &avx512::block_backward_bf16
+         : use_avx2() ? &avx2::block_backward_bf16
+                      : &base::block_backward_bf16;
+}
+
+// The 16-bit bits of a bfloat16 or float16 tensor.
+uint16_t* bits16(const at::Tensor& t) { return static_cast<uint16_t*>(t.data_ptr()); }
+
 // The bfloat16 forward where the native one does not apply (odd C, the planar path C <
-// kPixelMajorMinC, CPUs without AVX512-BF16): float32 kernels and GEMMs, with x, y and
-// the pre-activation read and written as bfloat16 by the kernels, only the weights widened
-// (copies of x and y cost more than the planar kernels' own time at some shapes: paper-u1's
-// y is 8.4M elements).
-std::tuple<at::Tensor, at::Tensor> forward_bf16_f32(const BlockDesc& d, const BlockArgs& a,
-                                                    bool save_preact) {
+// kPixelMajorMinC, CPUs without AVX512-BF16), and the float16 forward: float32 kernels and
+// GEMMs, with x, y and the pre-activation read and written in their 16-bit type by the
+// kernels, only the weights widened (copies of x and y cost more than the planar kernels'
+// own time at some shapes: paper-u1's y is 8.4M elements; float16 widened at the op
+// boundary ran 2.9x slower than float32 at mnet-28, benchmarks/NOTES.md 37).
+std::tuple<at::Tensor, at::Tensor> forward_16_f32(const BlockDesc& d, const BlockArgs& a,
+                                                  bool save_preact) {
   const BlockArgs w = widened_weights(a);
   at::Tensor y, pre;
   std::tie(y, pre) = alloc_outputs(d, *a.x, save_preact);
-  auto bits = [](const at::Tensor& t) {
-    return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
-  };
-  auto* kernel = use_avx512() ? &avx512::block_forward_bf16_f32
-                 : use_avx2()   ? &avx2::block_forward_bf16_f32
-                                : &base::block_forward_bf16_f32;
-  kernel(runtime(), d, tensors_of<float>(w), bits(*a.x), bits(y),
-         save_preact ? bits(pre) : nullptr);
+  forward16_kernel(a.x->scalar_type())(runtime(), d, tensors_of<float>(w), bits16(*a.x),
+                                       bits16(y), save_preact ? bits16(pre) : nullptr);
   return {y, pre};
 }
 
@@ -330,9 +371,10 @@ void check_cpu(const at::Tensor& x) {
                    t);
 }
 
-// float16 (no native path): the kernels compute in float32. Inputs are widened once at the
-// op boundary and the results rounded once at the end, so every intermediate (a, b1, b, the
-// GEMM sums) keeps float32 precision; the price is one float32 copy of x, y and the weights.
+// float16 from a compiler without _Float16 (storage16_kernels false): the kernels compute
+// in float32 on float32 copies. Inputs are widened once at the op boundary and the results
+// rounded once at the end, so every intermediate keeps float32 precision, as on the storage
+// path; the price is one float32 copy of x, y, grad_y, saved and dx.
 bool is_reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
 // The AVX-512 build's float32 kernels where use_avx512() allows; false (not run) otherwise
@@ -401,14 +443,15 @@ std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
   return grads;
 }
 
-// The bfloat16 backward, on every CPU: x, grad_y, saved and dx stay bfloat16, read and
-// written by the kernels (widened copies of them cost more than the float32 kernels' own
-// time at some shapes: at paper-u1 grad_y and saved are 8.4M elements each), only the
-// weights are widened; dx and the weight gradients sum in float32 and are rounded once.
-// The tile GEMMs take bfloat16 operands where native_bf16_grad_gemms allows.
-std::vector<at::Tensor> backward_bf16(const BlockDesc& d, const BlockArgs& a,
-                                      const at::Tensor& gy, const at::Tensor& sv) {
-  std::vector<at::Tensor> grads = alloc_grads(a, d);  // bfloat16: dx is written in place
+// The bfloat16 backward on every CPU, and the float16 one: x, grad_y, saved and dx stay in
+// their 16-bit type, read and written by the kernels (widened copies of them cost more than
+// the float32 kernels' own time at some shapes: at paper-u1 grad_y and saved are 8.4M
+// elements each), only the weights are widened; dx and the weight gradients sum in float32
+// and are rounded once. The tile GEMMs take bfloat16 operands where native_bf16_grad_gemms
+// allows (bfloat16 calls only).
+std::vector<at::Tensor> backward_16(const BlockDesc& d, const BlockArgs& a,
+                                    const at::Tensor& gy, const at::Tensor& sv) {
+  std::vector<at::Tensor> grads = alloc_grads(a, d);  // 16-bit: dx is written in place
   const BlockArgs w = widened_weights(a);
   std::vector<at::Tensor> g32(grads.size());
   g32[0] = at::empty({0}, w.x->options());
@@ -418,20 +461,14 @@ std::vector<at::Tensor> backward_bf16(const BlockDesc& d, const BlockArgs& a,
   at::Tensor scratch = at::empty({sl.total}, w.x->options());
   advise_huge_pages(grads[0]);
   advise_huge_pages(scratch);
-  auto bits = [](const at::Tensor& t) {
-    return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
-  };
   Runtime rt = runtime();
   rt.bf16_products = native_bf16_grad_gemms(d, *a.x);
-  auto* kernel = use_avx512() ? &avx512::block_backward_bf16
-                 : use_avx2()   ? &avx2::block_backward_bf16
-                                : &base::block_backward_bf16;
-  kernel(rt, d, tensors_of<float>(w), bits(*a.x), bits(gy),
-         act_saves(d.act) == kSavesNothing ? nullptr : bits(sv), grads_of<float>(g32, d),
-         reinterpret_cast<uint16_t*>(grads[0].data_ptr<at::BFloat16>()),
-         scratch.data_ptr<float>());
+  backward16_kernel(a.x->scalar_type())(
+      rt, d, tensors_of<float>(w), bits16(*a.x), bits16(gy),
+      act_saves(d.act) == kSavesNothing ? nullptr : bits16(sv), grads_of<float>(g32, d),
+      bits16(grads[0]), scratch.data_ptr<float>());
   for (size_t i = 1; i < grads.size(); ++i)
-    if (g32[i].numel()) grads[i] = g32[i].to(at::kBFloat16);
+    if (g32[i].numel()) grads[i] = g32[i].to(a.x->scalar_type());
   return grads;
 }
 
@@ -441,7 +478,7 @@ std::tuple<at::Tensor, at::Tensor> block_forward_cpu(MSF_FORWARD_PARAMS) {
   const BlockDesc d = check_and_describe(a, MSF_CONFIG_ARGS);
   if (native_bf16(d, x.scalar_type())) return forward_bf16(d, a, save_preact);
   if (!is_reduced(x.scalar_type())) return forward_kernel(d, a, save_preact);
-  if (x.scalar_type() == at::kBFloat16) return forward_bf16_f32(d, a, save_preact);
+  if (storage16_kernels(x.scalar_type())) return forward_16_f32(d, a, save_preact);
   auto [y, pre] = forward_kernel(d, cast_block_args(a, at::kFloat), save_preact);
   return {y.to(x.scalar_type()), pre.to(x.scalar_type())};
 }
@@ -453,7 +490,7 @@ std::vector<at::Tensor> block_backward_cpu(MSF_BACKWARD_PARAMS) {
   TensorRef gy = TensorRef::borrowed(grad_y), sv = TensorRef::borrowed(saved);
   check_backward_extras(d, *a.x, gy, sv);
   if (!is_reduced(x.scalar_type())) return backward_kernel(d, a, *gy, *sv);
-  if (x.scalar_type() == at::kBFloat16) return backward_bf16(d, a, *gy, *sv);
+  if (storage16_kernels(x.scalar_type())) return backward_16(d, a, *gy, *sv);
   std::vector<at::Tensor> grads =
       backward_kernel(d, cast_block_args(a, at::kFloat), gy->to(at::kFloat),
                       sv->numel() ? sv->to(at::kFloat) : *sv);

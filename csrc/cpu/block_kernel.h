@@ -51,6 +51,13 @@ struct Runtime {
                            const BlockTensors<float>& t, const uint16_t* x,               \
                            const uint16_t* grad_y, const uint16_t* saved,                 \
                            const BlockGrads<float>& g, uint16_t* dx, float* scratch);     \
+  void block_forward_f16_f32(const Runtime& rt, const BlockDesc& d,                      \
+                             const BlockTensors<float>& t, const uint16_t* x,             \
+                             uint16_t* y, uint16_t* pre);                                 \
+  void block_backward_f16(const Runtime& rt, const BlockDesc& d,                          \
+                          const BlockTensors<float>& t, const uint16_t* x,                \
+                          const uint16_t* grad_y, const uint16_t* saved,                  \
+                          const BlockGrads<float>& g, uint16_t* dx, float* scratch);      \
   }
 
 // block_forward_bf16_f32: the forward of a bfloat16 call computed in float32 (float32
@@ -61,6 +68,9 @@ struct Runtime {
 // that scale with the batch read and written as bfloat16 bits (x, grad_y, saved, dx), the
 // weights (t, t.x unused) and their gradients (g, g.dx unused) float32. Runtime::
 // bf16_products selects bfloat16 tile GEMMs (kernel_grad_gemms.h) where the binding allows.
+// block_forward_f16_f32 / block_backward_f16: the same for float16 calls (float16 bits,
+// IEEE binary16), defined where the compiler has _Float16 (GCC 12+, Clang 15+; the binding
+// checks __FLT16_MAX__ as the kernels do); never with bfloat16 GEMMs.
 MSFUSED_DECLARE_ISA(base)
 MSFUSED_DECLARE_ISA(avx2)
 // avx512: CPUs with AVX-512 only; its block_forward / block_backward exist for float32 only

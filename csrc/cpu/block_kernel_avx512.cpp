@@ -3,8 +3,9 @@
 // (bfloat16 GEMMs), which the binding calls only on CPUs with AVX-512 (the native one with
 // AVX512-BF16 too). Off x86-64 this is a baseline build that nothing calls.
 #if defined(__x86_64__) || defined(__i386__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #define MSFUSED_VEC_BYTES 64
+#define MSFUSED_F16C  // float16 storage converts with vcvtph2ps / vcvtps2ph (kernel_simd.h)
 #endif
 #define MSFUSED_ISA avx512
 #define MSFUSED_NO_FLOAT64  // float64 stays on AVX2 (block_kernel_impl.h)

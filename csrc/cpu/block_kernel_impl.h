@@ -96,7 +96,7 @@ void backward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>&
     if (!per_image_pm) {
       auto round_dx = [&](int64_t blk) {
         const int64_t e0 = blk * 65536, n = xsz - e0 < 65536 ? xsz - e0 : 65536;
-        round_to_bf16(dxacc + e0, n, dx + e0);
+        round_to(dxacc + e0, n, dx + e0);
       };
       par_for(rt, ceil_div(xsz, 65536), round_dx);
     }
@@ -195,6 +195,30 @@ void block_backward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTenso
                                                                    dx, g, scratch);
   });
 }
+
+#ifdef MSFUSED_HAVE_F16
+// float16 calls: the same kernels on float16 storage (f16_t), as for bfloat16 without
+// native bfloat16 GEMMs.
+void block_forward_f16_f32(const Runtime& rt, const BlockDesc& d, const BlockTensors<float>& t,
+                           const uint16_t* x, uint16_t* y, uint16_t* pre) {
+  const f16_t* xh = reinterpret_cast<const f16_t*>(x);
+  f16_t* yh = reinterpret_cast<f16_t*>(y);
+  f16_t* ph = reinterpret_cast<f16_t*>(pre);
+  dispatch(d, [&](auto s, auto act) {
+    forward_impl<float, decltype(s)::value, decltype(act)::value>(rt, d, t, xh, yh, ph);
+  });
+}
+
+void block_backward_f16(const Runtime& rt, const BlockDesc& d, const BlockTensors<float>& t,
+                        const uint16_t* x, const uint16_t* grad_y, const uint16_t* saved,
+                        const BlockGrads<float>& g, uint16_t* dx, float* scratch) {
+  auto h = [](const uint16_t* p) { return reinterpret_cast<const f16_t*>(p); };
+  dispatch(d, [&](auto s, auto act) {
+    backward_impl<float, decltype(s)::value, decltype(act)::value>(
+        rt, d, t, h(x), h(grad_y), h(saved), reinterpret_cast<f16_t*>(dx), g, scratch);
+  });
+}
+#endif
 
 // The float32 and float64 entry points; the AVX-512 build has float32 only
 // (MSFUSED_NO_FLOAT64: float64 runs on AVX2, for gradcheck, and a copy of the float64

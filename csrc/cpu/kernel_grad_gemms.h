@@ -32,13 +32,6 @@ inline void pack_grad_weights_vnni(const BlockDesc& d, const Plan& pl, const flo
     pack_vnni(wp + m * N * kk, N, kk, kk, kk, out + m * N * kk);
 }
 
-// dst[e] = src[e] rounded to bfloat16, for n elements.
-inline void round_to_bf16(const float* src, int64_t n, bf16_t* dst) {
-  constexpr int VN = Vec<float>::n;
-  int64_t e = 0;
-  for (; e + VN <= n; e += VN) vstore_as<float>(dst + e, vload(src + e));
-  for (; e < n; ++e) dst[e] = float_to_bf16(src[e]);
-}
 
 // Row-major GEMMs of one tile in the compute type (Runtime::sbrgemm for float).
 template <typename T>
@@ -75,10 +68,10 @@ inline void tile_grad_gemms_bf16(const Runtime& rt, const BlockDesc& d, const Pl
   bf16_t* Gpmb = tls_buf<bf16_t>(1, Pmax * Cout); // Gpm rounded, P x Cout
   bf16_t* Av = tls_buf<bf16_t>(2, Pmax * K);      // A rounded, VNNI pairs of pixels
   for (int64_t co = 0; co < Cout; ++co) {
-    round_to_bf16(G + co * P, P, Gb + co * Pp);
+    round_to(G + co * P, P, Gb + co * Pp);
     if (Pp > P) Gb[co * Pp + P] = 0;
   }
-  round_to_bf16(Gpm, P * Cout, Gpmb);
+  round_to(Gpm, P * Cout, Gpmb);
   // Av[(p / 2) * 2K + 2k + p % 2] = A[p][k]: one 32-bit lane holds pixels p, p + 1 of column k
   for (int64_t p = 0; p < Pp; p += 2) {
     const float* r0 = A + p * K;

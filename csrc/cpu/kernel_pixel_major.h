@@ -746,7 +746,7 @@ void backward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Bl
                                   0, pl.nbands, b1copy);
         pass2_tiles_pm<T, S, ACT>(d, pl, t, xi, wt, wtr, dxi, sa, sb, 0, part, 0, pl.nbands, b1i,
                                   b1rs, xband);
-        if constexpr (!same) round_to_bf16(dxi, ximg, dx + img * ximg);
+        if constexpr (!same) round_to(dxi, ximg, dx + img * ximg);
       }
       if (wpv) rt.brgemm_release();  // AMX tiles: see forward_pm_bf16
     };

@@ -8,6 +8,10 @@
 
 #include <type_traits>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include "activations.h"
 #include "cpu/block_kernel.h"
 
@@ -75,12 +79,20 @@ inline auto hsum(V v) {
   return s;
 }
 
-// ---- 16-bit storage: bfloat16 as its bits (the upper half of a float32) -------------------
-// Kernels that read or write bfloat16 tensors compute in float: elements are widened on
-// load (exact) and rounded to nearest even on store (NaN stays a quiet NaN), which is what
-// PyTorch's own float -> bfloat16 conversion does. For O == T the helpers below are plain
-// loads and stores, so one kernel template serves both storage types.
+// ---- 16-bit storage: bfloat16 as its bits (the upper half of a float32), float16 as the
+// compiler's _Float16 -----------------------------------------------------------------------
+// Kernels that read or write bfloat16 or float16 tensors compute in float: elements are
+// widened on load (exact) and rounded to nearest even on store (NaN stays a NaN), which is
+// what PyTorch's own float -> bfloat16 / float16 conversions do. For O == T the helpers below
+// are plain loads and stores, so one kernel template serves every storage type. float16
+// converts with F16C's vcvtph2ps / vcvtps2ph in the AVX2 and AVX-512 builds (MSFUSED_F16C:
+// their target pragmas enable it; GCC 12 converts vectors of _Float16 element by element)
+// and through the compiler's runtime in the baseline build.
 typedef uint16_t bf16_t;
+#if defined(__FLT16_MAX__)
+#define MSFUSED_HAVE_F16 1
+typedef _Float16 f16_t;
+#endif
 
 inline float bf16_to_float(bf16_t h) {
   const uint32_t u = uint32_t(h) << 16;
@@ -103,7 +115,7 @@ inline T load_as(const O* p) {
 template <typename T, typename O>
 inline void store_as(O* p, T v) {
   if constexpr (std::is_same_v<O, bf16_t>) *p = float_to_bf16(v);
-  else *p = v;
+  else *p = O(v);
 }
 
 // The bfloat16 bits of each lane of v (float_to_bf16 on a vector), in the low half of a
@@ -124,6 +136,24 @@ inline typename Vec<T>::type vload_as(const O* p) {
     typedef uint32_t U __attribute__((vector_size(4 * VN)));
     const U u = __builtin_convertvector(*reinterpret_cast<const H*>(p), U) << 16;
     return (typename Vec<float>::type)u;
+#ifdef MSFUSED_HAVE_F16
+  } else if constexpr (std::is_same_v<O, f16_t>) {
+    static_assert(std::is_same_v<T, float>, "float16 storage widens to float");
+    typedef typename Vec<float>::type V;
+#if defined(MSFUSED_F16C) && MSFUSED_VEC_BYTES == 64
+    // the zero-masked form: GCC 12's _mm512_cvtph_ps starts from _mm512_undefined_ps() and
+    // warns (-Wmaybe-uninitialized) at every inlined use; with a full mask it is the same
+    // instruction
+    return (V)_mm512_maskz_cvtph_ps(__mmask16(0xffff),
+                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(MSFUSED_F16C) && MSFUSED_VEC_BYTES == 32
+    return (V)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+    V v;
+    for (int i = 0; i < Vec<float>::n; ++i) v[i] = float(p[i]);
+    return v;
+#endif
+#endif
   } else {
     return vload(p);
   }
@@ -135,9 +165,33 @@ inline void vstore_as(O* p, typename Vec<T>::type v) {
     constexpr int VN = Vec<float>::n;
     typedef uint16_t H __attribute__((vector_size(2 * VN), aligned(2)));
     *reinterpret_cast<H*>(p) = __builtin_convertvector(bf16_bits(v), H);
+#ifdef MSFUSED_HAVE_F16
+  } else if constexpr (std::is_same_v<O, f16_t>) {
+    static_assert(std::is_same_v<T, float>, "float16 storage rounds from float");
+#if defined(MSFUSED_F16C) && MSFUSED_VEC_BYTES == 64
+    // zero-masked for the reason given in vload_as
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_maskz_cvtps_ph(__mmask16(0xffff), (__m512)v,
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(MSFUSED_F16C) && MSFUSED_VEC_BYTES == 32
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    for (int i = 0; i < Vec<float>::n; ++i) p[i] = f16_t(v[i]);
+#endif
+#endif
   } else {
     vstore(p, v);
   }
+}
+
+// dst[e] = src[e] rounded to the 16-bit storage type O, for n elements.
+template <typename O>
+inline void round_to(const float* src, int64_t n, O* dst) {
+  constexpr int VN = Vec<float>::n;
+  int64_t e = 0;
+  for (; e + VN <= n; e += VN) vstore_as<float>(dst + e, vload(src + e));
+  for (; e < n; ++e) store_as(dst + e, src[e]);
 }
 
 // ---- activations (csrc/activations.h) on scalars, rows and vectors -------------------------
