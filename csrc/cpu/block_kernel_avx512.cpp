@@ -5,7 +5,11 @@
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #define MSFUSED_VEC_BYTES 64
-#define MSFUSED_F16C  // float16 storage converts with vcvtph2ps / vcvtps2ph (kernel_simd.h)
+// float16 storage converts with vcvtph2ps / vcvtps2ph (kernel_simd.h); GCC only, whose
+// target pragma enables the intrinsics for the code after it
+#if defined(__GNUC__) && !defined(__clang__)
+#define MSFUSED_F16C
+#endif
 #endif
 #define MSFUSED_ISA avx512
 #define MSFUSED_NO_FLOAT64  // float64 stays on AVX2 (block_kernel_impl.h)
