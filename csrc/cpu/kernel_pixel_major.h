@@ -275,7 +275,7 @@ void tile_dw_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, co
         if constexpr (std::is_same_v<T, O>)
           memcpy(arow + w * K + C, xs, sizeof(T) * C);
         else  // x was 16-bit storage: exact
-          for (int64_t c = 0; c < C; ++c) store_as(arow + w * K + C + c, xs[c]);
+          round_to(xs, C, arow + w * K + C);
       }
     dw_row_pm<1, ACT>(b1b + i * BR, BR, C, Wo, wct, t.bc, arow + K - C,
                       prow ? prow + K - C : nullptr, K);
