@@ -73,6 +73,43 @@ inline void dw_taps4(const T* r, int64_t C, V k0, V k1, V k2, V& a0, V& a1, V& a
   }
 }
 
+// The part of dw_row_pm's row outside its 4-pixel blocks of channel vectors: pixels
+// [w, Wo) one at a time, then the channels past the last whole vector for every pixel.
+template <int S, int ACT, typename T, typename O>
+void dw_row_tail_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt,
+                    const T* bias, O* post, T* pre, int64_t ps, const T* init, int64_t w) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  const int64_t Cv = C / VN * VN;
+  for (; w < Wo; ++w) {
+    const T* r = in + S * w * C;
+    for (int64_t c0 = 0; c0 < Cv; c0 += VN) {
+      const T* wc = wt + c0;
+      const T* rc = r + c0;
+      V a = init ? vload(init + w * ps + c0) : (bias ? vload(bias + c0) : V{});
+      a += vload(wc) * vload(rc);
+      a += vload(wc + C) * vload(rc + C);
+      a += vload(wc + 2 * C) * vload(rc + 2 * C);
+      a += vload(wc + 3 * C) * vload(rc + rs);
+      a += vload(wc + 4 * C) * vload(rc + rs + C);
+      a += vload(wc + 5 * C) * vload(rc + rs + 2 * C);
+      a += vload(wc + 6 * C) * vload(rc + 2 * rs);
+      a += vload(wc + 7 * C) * vload(rc + 2 * rs + C);
+      a += vload(wc + 8 * C) * vload(rc + 2 * rs + 2 * C);
+      dw_store<ACT>(a, post + w * ps + c0, pre ? pre + w * ps + c0 : nullptr);
+    }
+  }
+  for (int64_t c0 = Cv; c0 < C; ++c0)
+    for (int64_t w = 0; w < Wo; ++w) {
+      const T* p0 = in + S * w * C + c0;
+      T acc = init ? init[w * ps + c0] : (bias ? bias[c0] : T(0));
+      for (int ti = 0; ti < 3; ++ti)
+        for (int tj = 0; tj < 3; ++tj) acc += wt[(ti * 3 + tj) * C + c0] * p0[ti * rs + tj * C];
+      if (pre) pre[w * ps + c0] = acc;
+      store_as(post + w * ps + c0, act_f<ACT>(acc));
+    }
+}
+
 // One output row of a 3x3 depthwise conv over all channels, pixel-major: output column w
 // takes tap (ti, tj) from in[ti * rs + (S * w + tj) * C + c]; post[w * ps + c] = act(z) and,
 // when pre is given, pre[w * ps + c] = z, z = bias + the nine taps in row-major tap order.
@@ -153,34 +190,70 @@ void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, cons
       dw_store<ACT>(a3, po + 3 * ps + c0, pr ? pr + 3 * ps + c0 : nullptr);
     }
   }
-  for (; w < Wo; ++w) {
-    const T* r = in + S * w * C;
+  dw_row_tail_pm<S, ACT>(in, rs, C, Wo, wt, bias, post, pre, ps, init, w);
+}
+
+#if MSFUSED_VEC_BYTES >= 64
+// AVX-512 (32 vector registers) only: two output rows of a stride-1 3x3 depthwise conv
+// at once, rows o and o + 1 over input rows in .. in + 3 rs, the second row's post and
+// pre at + orow (no init). Each of the four input rows is loaded once for both rows (a
+// single row loads three input rows per output row: 33 loads per 8 outputs here against
+// 54 in dw_row_pm's blocks), the nine weight vectors once per block; 8 sums in registers.
+// Every sum takes its taps in dw_row_pm's order, so the results are its bits.
+template <typename V, typename T>
+inline void dw_taps4_rows2(const T* r, int64_t C, V k0, V k1, V k2, V& a0, V& a1, V& a2,
+                           V& a3, V j0, V j1, V j2, V& e0, V& e1, V& e2, V& e3) {
+  V x;
+  x = vload(r);         a0 += k0 * x;                               e0 += j0 * x;
+  x = vload(r + C);     a0 += k1 * x; a1 += k0 * x;                 e0 += j1 * x; e1 += j0 * x;
+  x = vload(r + 2 * C); a0 += k2 * x; a1 += k1 * x; a2 += k0 * x;   e0 += j2 * x; e1 += j1 * x;
+                                                                     e2 += j0 * x;
+  x = vload(r + 3 * C); a1 += k2 * x; a2 += k1 * x; a3 += k0 * x;   e1 += j2 * x; e2 += j1 * x;
+                                                                     e3 += j0 * x;
+  x = vload(r + 4 * C); a2 += k2 * x; a3 += k1 * x;                 e2 += j2 * x; e3 += j1 * x;
+  x = vload(r + 5 * C); a3 += k2 * x;                               e3 += j2 * x;
+}
+
+template <int ACT, typename T, typename O>
+void dw_row2_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, const T* bias,
+                O* post, T* pre, int64_t ps, int64_t orow) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  const int64_t Cv = C / VN * VN;
+  int64_t w = 0;
+  for (; w + 4 <= Wo; w += 4) {
+    const T* r = in + w * C;
+    O* po = post + w * ps;
+    T* pr = pre ? pre + w * ps : nullptr;
     for (int64_t c0 = 0; c0 < Cv; c0 += VN) {
       const T* wc = wt + c0;
+      const V w0 = vload(wc), w1 = vload(wc + C), w2 = vload(wc + 2 * C);
+      const V w3 = vload(wc + 3 * C), w4 = vload(wc + 4 * C), w5 = vload(wc + 5 * C);
+      const V w6 = vload(wc + 6 * C), w7 = vload(wc + 7 * C), w8 = vload(wc + 8 * C);
+      V a0, a1, a2, a3, e0, e1, e2, e3;
+      a0 = a1 = a2 = a3 = e0 = e1 = e2 = e3 = bias ? vload(bias + c0) : V{};
       const T* rc = r + c0;
-      V a = init ? vload(init + w * ps + c0) : (bias ? vload(bias + c0) : V{});
-      a += vload(wc) * vload(rc);
-      a += vload(wc + C) * vload(rc + C);
-      a += vload(wc + 2 * C) * vload(rc + 2 * C);
-      a += vload(wc + 3 * C) * vload(rc + rs);
-      a += vload(wc + 4 * C) * vload(rc + rs + C);
-      a += vload(wc + 5 * C) * vload(rc + rs + 2 * C);
-      a += vload(wc + 6 * C) * vload(rc + 2 * rs);
-      a += vload(wc + 7 * C) * vload(rc + 2 * rs + C);
-      a += vload(wc + 8 * C) * vload(rc + 2 * rs + 2 * C);
-      dw_store<ACT>(a, post + w * ps + c0, pre ? pre + w * ps + c0 : nullptr);
+      dw_taps4<1>(rc, C, w0, w1, w2, a0, a1, a2, a3);  // input row 0: row o only
+      dw_taps4_rows2(rc + rs, C, w3, w4, w5, a0, a1, a2, a3, w0, w1, w2, e0, e1, e2, e3);
+      dw_taps4_rows2(rc + 2 * rs, C, w6, w7, w8, a0, a1, a2, a3, w3, w4, w5, e0, e1, e2, e3);
+      dw_taps4<1>(rc + 3 * rs, C, w6, w7, w8, e0, e1, e2, e3);  // input row 3: row o + 1
+      dw_store<ACT>(a0, po + c0, pr ? pr + c0 : nullptr);
+      dw_store<ACT>(a1, po + ps + c0, pr ? pr + ps + c0 : nullptr);
+      dw_store<ACT>(a2, po + 2 * ps + c0, pr ? pr + 2 * ps + c0 : nullptr);
+      dw_store<ACT>(a3, po + 3 * ps + c0, pr ? pr + 3 * ps + c0 : nullptr);
+      O* qo = po + orow;
+      T* qr = pr ? pr + orow : nullptr;
+      dw_store<ACT>(e0, qo + c0, qr ? qr + c0 : nullptr);
+      dw_store<ACT>(e1, qo + ps + c0, qr ? qr + ps + c0 : nullptr);
+      dw_store<ACT>(e2, qo + 2 * ps + c0, qr ? qr + 2 * ps + c0 : nullptr);
+      dw_store<ACT>(e3, qo + 3 * ps + c0, qr ? qr + 3 * ps + c0 : nullptr);
     }
   }
-  for (int64_t c0 = Cv; c0 < C; ++c0)
-    for (int64_t w = 0; w < Wo; ++w) {
-      const T* p0 = in + S * w * C + c0;
-      T acc = init ? init[w * ps + c0] : (bias ? bias[c0] : T(0));
-      for (int ti = 0; ti < 3; ++ti)
-        for (int tj = 0; tj < 3; ++tj) acc += wt[(ti * 3 + tj) * C + c0] * p0[ti * rs + tj * C];
-      if (pre) pre[w * ps + c0] = acc;
-      store_as(post + w * ps + c0, act_f<ACT>(acc));
-    }
+  dw_row_tail_pm<1, ACT>(in, rs, C, Wo, wt, bias, post, pre, ps, (const T*)nullptr, w);
+  dw_row_tail_pm<1, ACT>(in + rs, rs, C, Wo, wt, bias, post + orow, pre ? pre + orow : nullptr,
+                         ps, (const T*)nullptr, w);
 }
+#endif
 
 // Depthwise weights tap-major: wt[(k * 9 + tap) * C + c] for k = a, b, c.
 template <typename T>
@@ -254,31 +327,70 @@ void tile_dw_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, co
   const T* wat = wt;
   const T* wbt = wt + 9 * C;
   const T* wct = wt + 18 * C;
-  for (int64_t k = 0; k < g.R + 2; ++k) {
+  // Stride 1 on AVX-512: rows two at a time (dw_row2_pm), the same bits.
+#if MSFUSED_VEC_BYTES >= 64
+  constexpr bool two = S == 1;
+#else
+  constexpr bool two = false;
+#endif
+  for (int64_t k = 0; k < g.R + 2;) {
     const int64_t q = g.r0 - 1 + k;
     T* brow = b1b + k * BR;
     if (q < 0 || q >= d.Ho) {
       memset(brow, 0, sizeof(T) * BR);
+      ++k;
       continue;
     }
-    memset(brow, 0, sizeof(T) * C);
-    memset(brow + (Wo + 1) * C, 0, sizeof(T) * C);
-    dw_row_pm<S, ACT>(xb + S * k * XR, XR, C, Wo, wbt, t.bb, brow + C, (T*)nullptr, C);
+    const int64_t n = two && k + 1 < g.R + 2 && q + 1 < d.Ho ? 2 : 1;
+    for (int64_t j = 0; j < n; ++j) {
+      memset(brow + j * BR, 0, sizeof(T) * C);
+      memset(brow + j * BR + (Wo + 1) * C, 0, sizeof(T) * C);
+    }
+#if MSFUSED_VEC_BYTES >= 64
+    if (n == 2)
+      dw_row2_pm<ACT>(xb + k * XR, XR, C, Wo, wbt, t.bb, brow + C, (T*)nullptr, C, BR);
+    else
+#endif
+      dw_row_pm<S, ACT>(xb + S * k * XR, XR, C, Wo, wbt, t.bb, brow + C, (T*)nullptr, C);
+    k += n;
   }
-  for (int64_t i = 0; i < g.R; ++i) {
+  for (int64_t i = 0; i < g.R;) {  // a rows
     O* arow = A + i * Wo * K;
     T* prow = pre_ab ? pre_ab + i * Wo * K : nullptr;
+#if MSFUSED_VEC_BYTES >= 64
+    if (two && i + 1 < g.R) {
+      dw_row2_pm<ACT>(xb + (i + 1) * XR, XR, C, Wo, wat, t.ba, arow, prow, K, Wo * K);
+      i += 2;
+      continue;
+    }
+#endif
     dw_row_pm<S, ACT>(xb + S * (i + 1) * XR, XR, C, Wo, wat, t.ba, arow, prow, K);
-    if (pl.Cs)
-      for (int64_t w = 0; w < Wo; ++w) {
-        const T* xs = xb + (S * (i + 1) + 1) * XR + (S * w + 1) * C;
-        if constexpr (std::is_same_v<T, O>)
-          memcpy(arow + w * K + C, xs, sizeof(T) * C);
-        else  // x was 16-bit storage: exact
-          round_to(xs, C, arow + w * K + C);
-      }
+    ++i;
+  }
+  for (int64_t i = 0; i < g.R && pl.Cs; ++i) {  // the projection's x columns
+    O* arow = A + i * Wo * K;
+    for (int64_t w = 0; w < Wo; ++w) {
+      const T* xs = xb + (S * (i + 1) + 1) * XR + (S * w + 1) * C;
+      if constexpr (std::is_same_v<T, O>)
+        memcpy(arow + w * K + C, xs, sizeof(T) * C);
+      else  // x was 16-bit storage: exact
+        round_to(xs, C, arow + w * K + C);
+    }
+  }
+  for (int64_t i = 0; i < g.R;) {  // b rows
+    O* arow = A + i * Wo * K;
+    T* prow = pre_ab ? pre_ab + i * Wo * K : nullptr;
+#if MSFUSED_VEC_BYTES >= 64
+    if (two && i + 1 < g.R) {
+      dw_row2_pm<ACT>(b1b + i * BR, BR, C, Wo, wct, t.bc, arow + K - C,
+                      prow ? prow + K - C : nullptr, K, Wo * K);
+      i += 2;
+      continue;
+    }
+#endif
     dw_row_pm<1, ACT>(b1b + i * BR, BR, C, Wo, wct, t.bc, arow + K - C,
                       prow ? prow + K - C : nullptr, K);
+    ++i;
   }
 }
 
