@@ -196,7 +196,8 @@ void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, cons
 #if MSFUSED_VEC_BYTES >= 64
 // AVX-512 (32 vector registers) only: two output rows of a stride-1 3x3 depthwise conv
 // at once, rows o and o + 1 over input rows in .. in + 3 rs, the second row's post and
-// pre at + orow (no init). Each of the four input rows is loaded once for both rows (a
+// pre at + orow; with init, the sums start from init (the second row's at + iorow)
+// instead of the bias, as in dw_row_pm (init may be post). Each of the four input rows is loaded once for both rows (a
 // single row loads three input rows per output row: 33 loads per 8 outputs here against
 // 54 in dw_row_pm's blocks), the nine weight vectors once per block; 8 sums in registers.
 // Every sum takes its taps in dw_row_pm's order, so the results are its bits.
@@ -216,7 +217,8 @@ inline void dw_taps4_rows2(const T* r, int64_t C, V k0, V k1, V k2, V& a0, V& a1
 
 template <int ACT, typename T, typename O>
 void dw_row2_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, const T* bias,
-                O* post, T* pre, int64_t ps, int64_t orow) {
+                O* post, T* pre, int64_t ps, int64_t orow, const T* init = nullptr,
+                int64_t iorow = 0) {
   typedef typename Vec<T>::type V;
   constexpr int VN = Vec<T>::n;
   const int64_t Cv = C / VN * VN;
@@ -231,7 +233,14 @@ void dw_row2_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, con
       const V w3 = vload(wc + 3 * C), w4 = vload(wc + 4 * C), w5 = vload(wc + 5 * C);
       const V w6 = vload(wc + 6 * C), w7 = vload(wc + 7 * C), w8 = vload(wc + 8 * C);
       V a0, a1, a2, a3, e0, e1, e2, e3;
-      a0 = a1 = a2 = a3 = e0 = e1 = e2 = e3 = bias ? vload(bias + c0) : V{};
+      if (init) {
+        const T* i0 = init + w * ps + c0;
+        const T* i1 = i0 + iorow;
+        a0 = vload(i0); a1 = vload(i0 + ps); a2 = vload(i0 + 2 * ps); a3 = vload(i0 + 3 * ps);
+        e0 = vload(i1); e1 = vload(i1 + ps); e2 = vload(i1 + 2 * ps); e3 = vload(i1 + 3 * ps);
+      } else {
+        a0 = a1 = a2 = a3 = e0 = e1 = e2 = e3 = bias ? vload(bias + c0) : V{};
+      }
       const T* rc = r + c0;
       dw_taps4<1>(rc, C, w0, w1, w2, a0, a1, a2, a3);  // input row 0: row o only
       dw_taps4_rows2(rc + rs, C, w3, w4, w5, a0, a1, a2, a3, w0, w1, w2, e0, e1, e2, e3);
@@ -249,9 +258,9 @@ void dw_row2_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, con
       dw_store<ACT>(e3, qo + 3 * ps + c0, qr ? qr + 3 * ps + c0 : nullptr);
     }
   }
-  dw_row_tail_pm<1, ACT>(in, rs, C, Wo, wt, bias, post, pre, ps, (const T*)nullptr, w);
+  dw_row_tail_pm<1, ACT>(in, rs, C, Wo, wt, bias, post, pre, ps, init, w);
   dw_row_tail_pm<1, ACT>(in + rs, rs, C, Wo, wt, bias, post + orow, pre ? pre + orow : nullptr,
-                         ps, (const T*)nullptr, w);
+                         ps, init ? init + iorow : nullptr, w);
 }
 #endif
 
@@ -663,19 +672,40 @@ void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, co
                    int64_t b1rs) {
   const int64_t C = d.C, Wo = d.Wo, Ho = d.Ho, XR = (d.W + 2) * C, SR = (Wo + 2) * C;
   const T* wbt = wt + 9 * C;
-  for (int64_t k = 0; k < g.R + 2; ++k) {
+#if MSFUSED_VEC_BYTES >= 64
+  constexpr bool two = true;  // rows two at a time (dw_row2_pm), the same bits
+#else
+  constexpr bool two = false;
+#endif
+  // db1 = conv(db, rot wc) over db rows q - 1 .. q + 1 (padded scratch rows q .. q + 2)
+  for (int64_t k = 0; k < g.R + 2;) {
     const int64_t q = g.r0 - 1 + k;
     T* row = d1 + k * SR;
     if (q < 0 || q >= Ho) {
       memset(row, 0, sizeof(T) * SR);
+      ++k;
       continue;
     }
-    memset(row, 0, sizeof(T) * C);
-    memset(row + (Wo + 1) * C, 0, sizeof(T) * C);
-    // db1 = conv(db, rot wc) over db rows q - 1 .. q + 1 (padded scratch rows q .. q + 2)
-    dw_row_pm<1, kActNone>(sb + (q - 1) * SR - C, SR, C, Wo, wtr + 18 * C, (const T*)nullptr,
-                           row + C, (T*)nullptr, C);
-    if (ACT != kActNone) {
+    const int64_t n = two && k + 1 < g.R + 2 && q + 1 < Ho ? 2 : 1;
+    for (int64_t j = 0; j < n; ++j) {
+      memset(row + j * SR, 0, sizeof(T) * C);
+      memset(row + j * SR + (Wo + 1) * C, 0, sizeof(T) * C);
+    }
+#if MSFUSED_VEC_BYTES >= 64
+    if (n == 2)
+      dw_row2_pm<kActNone>(sb + (q - 1) * SR - C, SR, C, Wo, wtr + 18 * C, (const T*)nullptr,
+                           row + C, (T*)nullptr, C, SR);
+    else
+#endif
+      dw_row_pm<1, kActNone>(sb + (q - 1) * SR - C, SR, C, Wo, wtr + 18 * C,
+                             (const T*)nullptr, row + C, (T*)nullptr, C);
+    k += n;
+  }
+  if (ACT != kActNone)  // times act'(b1)
+    for (int64_t k = 0; k < g.R + 2; ++k) {
+      const int64_t q = g.r0 - 1 + k;
+      if (q < 0 || q >= Ho) continue;
+      T* row = d1 + k * SR;
       const T* b1 = post;
       if (b1img)  // b1 row q as pass 1 computed it (relu, relu6)
         b1 = b1img + q * b1rs;
@@ -684,23 +714,39 @@ void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, co
                           kNeedsPreact<ACT> ? pre : nullptr, C);
       act_grad<ACT>(row + C, b1, pre, row + C, Wo * C);
     }
-  }
   dw_grad_tile<1>(d1 + SR + C, SR, C, g.R, Wo, xb + XR, XR, XR, C, part + L.wb, part + L.bb);
-  T* tmp = post;  // Wo x C
-  for (int64_t i = 0; i < g.R; ++i) {
+  T* tmp = post;  // two rows of Wo x C
+  const int64_t HW = d.H * d.W;
+  for (int64_t i = 0; i < g.R;) {
     const int64_t h = g.r0 + i;
+    const int64_t n = two && i + 1 < g.R ? 2 : 1;
     T* out = d.channels_last ? dx + ((g.bi * d.H + h) * d.W) * C : tmp;
-    // dx row h: conv(da, rot wa) over rows h - 1 .. h + 1, then conv(db1, rot wb) on top
-    dw_row_pm<1, kActNone>(sa + (h - 1) * SR - C, SR, C, Wo, wtr, (const T*)nullptr, tmp,
-                           (T*)nullptr, C, d.channels_last ? (const T*)out : nullptr);
-    dw_row_pm<1, kActNone>(d1 + i * SR, SR, C, Wo, wtr + 9 * C, (const T*)nullptr, out,
-                           (T*)nullptr, C, (const T*)tmp);
-    if (!d.channels_last) {
-      T* o = dx + (g.bi * C * d.H + h) * d.W;
-      const int64_t HW = d.H * d.W;
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t w = 0; w < Wo; ++w) o[c * HW + w] += tmp[w * C + c];
+    // dx rows h (, h + 1): conv(da, rot wa) over rows h - 1 .. h + 1, then conv(db1, rot
+    // wb) on top
+#if MSFUSED_VEC_BYTES >= 64
+    if (n == 2) {
+      const int64_t orow = d.channels_last ? d.W * C : Wo * C;  // out's next row
+      dw_row2_pm<kActNone>(sa + (h - 1) * SR - C, SR, C, Wo, wtr, (const T*)nullptr, tmp,
+                           (T*)nullptr, C, Wo * C, d.channels_last ? (const T*)out : nullptr,
+                           orow);
+      dw_row2_pm<kActNone>(d1 + i * SR, SR, C, Wo, wtr + 9 * C, (const T*)nullptr, out,
+                           (T*)nullptr, C, orow, (const T*)tmp, Wo * C);
+    } else
+#endif
+    {
+      dw_row_pm<1, kActNone>(sa + (h - 1) * SR - C, SR, C, Wo, wtr, (const T*)nullptr, tmp,
+                             (T*)nullptr, C, d.channels_last ? (const T*)out : nullptr);
+      dw_row_pm<1, kActNone>(d1 + i * SR, SR, C, Wo, wtr + 9 * C, (const T*)nullptr, out,
+                             (T*)nullptr, C, (const T*)tmp);
     }
+    if (!d.channels_last)
+      for (int64_t j = 0; j < n; ++j) {
+        T* o = dx + (g.bi * C * d.H + h + j) * d.W;
+        const T* tr = tmp + j * Wo * C;
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t w = 0; w < Wo; ++w) o[c * HW + w] += tr[w * C + c];
+      }
+    i += n;
   }
 }
 
@@ -720,7 +766,7 @@ void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t
     T* xb = tls_buf<T>(8, (S * (pl.R + 1) + 3) * XR);
     T* d1 = tls_buf<T>(9, (pl.R + 2) * (Wo + 2) * C);
     T* pre = tls_buf<T>(10, Wo * C);
-    T* post = tls_buf<T>(11, Wo * C);
+    T* post = tls_buf<T>(11, 2 * Wo * C);  // two rows: pass2_tile_s1's tmp
     T* acc = tls_buf<T>(12, C);
     for (int64_t tile = t0; tile < t1; ++tile) {
       const TileGeom g = tile_geom(d, pl, tile);
