@@ -317,30 +317,32 @@ using Backward16 = void (*)(const Runtime&, const BlockDesc&, const BlockTensors
                             const uint16_t*, const uint16_t*, const uint16_t*,
                             const BlockGrads<float>&, uint16_t*, float*);
 
+// The build's copy of a kernel: AVX-512, AVX2 or baseline.
+template <typename F>
+F by_isa(F avx512_kernel, F avx2_kernel, F base_kernel) {
+  return use_avx512() ? avx512_kernel : use_avx2() ? avx2_kernel : base_kernel;
+}
+
 Forward16 forward16_kernel(at::ScalarType t) {
 #if defined(__FLT16_MAX__)
   if (t == at::kHalf)
-    return use_avx512() ? &avx512::block_forward_f16_f32
-           : use_avx2() ? &avx2::block_forward_f16_f32
-                        : &base::block_forward_f16_f32;
+    return by_isa<Forward16>(&avx512::block_forward_f16_f32, &avx2::block_forward_f16_f32,
+                             &base::block_forward_f16_f32);
 #endif
   (void)t;
-  return use_avx512() ? &avx512::block_forward_bf16_f32
-         : use_avx2() ? &avx2::block_forward_bf16_f32
-                      : &base::block_forward_bf16_f32;
+  return by_isa<Forward16>(&avx512::block_forward_bf16_f32, &avx2::block_forward_bf16_f32,
+                           &base::block_forward_bf16_f32);
 }
 
 Backward16 backward16_kernel(at::ScalarType t) {
 #if defined(__FLT16_MAX__)
   if (t == at::kHalf)
-    return use_avx512() ? &avx512::block_backward_f16
-           : use_avx2() ? &avx2::block_backward_f16
-                        : &base::block_backward_f16;
+    return by_isa<Backward16>(&avx512::block_backward_f16, &avx2::block_backward_f16,
+                              &base::block_backward_f16);
 #endif
   (void)t;
-  return use_avx512() ? &avx512::block_backward_bf16
-         : use_avx2() ? &avx2::block_backward_bf16
-                      : &base::block_backward_bf16;
+  return by_isa<Backward16>(&avx512::block_backward_bf16, &avx2::block_backward_bf16,
+                            &base::block_backward_bf16);
 }
 
 // The 16-bit bits of a bfloat16 or float16 tensor.

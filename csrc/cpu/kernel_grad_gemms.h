@@ -32,7 +32,6 @@ inline void pack_grad_weights_vnni(const BlockDesc& d, const Plan& pl, const flo
     pack_vnni(wp + m * N * kk, N, kk, kk, kk, out + m * N * kk);
 }
 
-
 // Row-major GEMMs of one tile in the compute type (Runtime::sbrgemm for float).
 template <typename T>
 void tile_grad_gemms(const Runtime& rt, const BlockDesc& d, const Plan& pl, const T* G,

@@ -193,14 +193,16 @@ void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, cons
   dw_row_tail_pm<S, ACT>(in, rs, C, Wo, wt, bias, post, pre, ps, init, w);
 }
 
-#if MSFUSED_VEC_BYTES >= 64
-// AVX-512 (32 vector registers) only: two output rows of a stride-1 3x3 depthwise conv
-// at once, rows o and o + 1 over input rows in .. in + 3 rs, the second row's post and
-// pre at + orow; with init, the sums start from init (the second row's at + iorow)
-// instead of the bias, as in dw_row_pm (init may be post). Each of the four input rows is loaded once for both rows (a
-// single row loads three input rows per output row: 33 loads per 8 outputs here against
-// 54 in dw_row_pm's blocks), the nine weight vectors once per block; 8 sums in registers.
-// Every sum takes its taps in dw_row_pm's order, so the results are its bits.
+// Two output rows of a stride-1 3x3 depthwise conv at once, rows o and o + 1 over input
+// rows in .. in + 3 rs, the second row's post and pre at + orow; with init, the sums start
+// from init (the second row's at + iorow) instead of the bias, as in dw_row_pm (init may be
+// post). Each of the four input rows is loaded once for both rows (a single row loads three
+// input rows per output row: 33 loads per 8 outputs here against 54 in dw_row_pm's
+// blocks), the nine weight vectors once per block; 8 sums in registers. Every sum takes its
+// taps in dw_row_pm's order, so the results are its bits. Used where there are 32 vector
+// registers (kTwoRows: the AVX-512 build); with 16 the weights and sums do not fit.
+constexpr bool kTwoRows = MSFUSED_VEC_BYTES >= 64;
+
 template <typename V, typename T>
 inline void dw_taps4_rows2(const T* r, int64_t C, V k0, V k1, V k2, V& a0, V& a1, V& a2,
                            V& a3, V j0, V j1, V j2, V& e0, V& e1, V& e2, V& e3) {
@@ -262,7 +264,6 @@ void dw_row2_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, con
   dw_row_tail_pm<1, ACT>(in + rs, rs, C, Wo, wt, bias, post + orow, pre ? pre + orow : nullptr,
                          ps, init ? init + iorow : nullptr, w);
 }
-#endif
 
 // Depthwise weights tap-major: wt[(k * 9 + tap) * C + c] for k = a, b, c.
 template <typename T>
@@ -336,12 +337,7 @@ void tile_dw_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, co
   const T* wat = wt;
   const T* wbt = wt + 9 * C;
   const T* wct = wt + 18 * C;
-  // Stride 1 on AVX-512: rows two at a time (dw_row2_pm), the same bits.
-#if MSFUSED_VEC_BYTES >= 64
-  constexpr bool two = S == 1;
-#else
-  constexpr bool two = false;
-#endif
+  constexpr bool two = kTwoRows && S == 1;  // rows two at a time (dw_row2_pm), same bits
   for (int64_t k = 0; k < g.R + 2;) {
     const int64_t q = g.r0 - 1 + k;
     T* brow = b1b + k * BR;
@@ -355,24 +351,24 @@ void tile_dw_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, co
       memset(brow + j * BR, 0, sizeof(T) * C);
       memset(brow + j * BR + (Wo + 1) * C, 0, sizeof(T) * C);
     }
-#if MSFUSED_VEC_BYTES >= 64
-    if (n == 2)
-      dw_row2_pm<ACT>(xb + k * XR, XR, C, Wo, wbt, t.bb, brow + C, (T*)nullptr, C, BR);
-    else
-#endif
-      dw_row_pm<S, ACT>(xb + S * k * XR, XR, C, Wo, wbt, t.bb, brow + C, (T*)nullptr, C);
-    k += n;
+    if constexpr (two)
+      if (n == 2) {
+        dw_row2_pm<ACT>(xb + k * XR, XR, C, Wo, wbt, t.bb, brow + C, (T*)nullptr, C, BR);
+        k += n;
+        continue;
+      }
+    dw_row_pm<S, ACT>(xb + S * k * XR, XR, C, Wo, wbt, t.bb, brow + C, (T*)nullptr, C);
+    ++k;
   }
   for (int64_t i = 0; i < g.R;) {  // a rows
     O* arow = A + i * Wo * K;
     T* prow = pre_ab ? pre_ab + i * Wo * K : nullptr;
-#if MSFUSED_VEC_BYTES >= 64
-    if (two && i + 1 < g.R) {
-      dw_row2_pm<ACT>(xb + (i + 1) * XR, XR, C, Wo, wat, t.ba, arow, prow, K, Wo * K);
-      i += 2;
-      continue;
-    }
-#endif
+    if constexpr (two)
+      if (i + 1 < g.R) {
+        dw_row2_pm<ACT>(xb + (i + 1) * XR, XR, C, Wo, wat, t.ba, arow, prow, K, Wo * K);
+        i += 2;
+        continue;
+      }
     dw_row_pm<S, ACT>(xb + S * (i + 1) * XR, XR, C, Wo, wat, t.ba, arow, prow, K);
     ++i;
   }
@@ -389,14 +385,13 @@ void tile_dw_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, co
   for (int64_t i = 0; i < g.R;) {  // b rows
     O* arow = A + i * Wo * K;
     T* prow = pre_ab ? pre_ab + i * Wo * K : nullptr;
-#if MSFUSED_VEC_BYTES >= 64
-    if (two && i + 1 < g.R) {
-      dw_row2_pm<ACT>(b1b + i * BR, BR, C, Wo, wct, t.bc, arow + K - C,
-                      prow ? prow + K - C : nullptr, K, Wo * K);
-      i += 2;
-      continue;
-    }
-#endif
+    if constexpr (two)
+      if (i + 1 < g.R) {
+        dw_row2_pm<ACT>(b1b + i * BR, BR, C, Wo, wct, t.bc, arow + K - C,
+                        prow ? prow + K - C : nullptr, K, Wo * K);
+        i += 2;
+        continue;
+      }
     dw_row_pm<1, ACT>(b1b + i * BR, BR, C, Wo, wct, t.bc, arow + K - C,
                       prow ? prow + K - C : nullptr, K);
     ++i;
@@ -672,11 +667,7 @@ void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, co
                    int64_t b1rs) {
   const int64_t C = d.C, Wo = d.Wo, Ho = d.Ho, XR = (d.W + 2) * C, SR = (Wo + 2) * C;
   const T* wbt = wt + 9 * C;
-#if MSFUSED_VEC_BYTES >= 64
-  constexpr bool two = true;  // rows two at a time (dw_row2_pm), the same bits
-#else
-  constexpr bool two = false;
-#endif
+  constexpr bool two = kTwoRows;  // rows two at a time (dw_row2_pm), the same bits
   // db1 = conv(db, rot wc) over db rows q - 1 .. q + 1 (padded scratch rows q .. q + 2)
   for (int64_t k = 0; k < g.R + 2;) {
     const int64_t q = g.r0 - 1 + k;
@@ -691,15 +682,16 @@ void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, co
       memset(row + j * SR, 0, sizeof(T) * C);
       memset(row + j * SR + (Wo + 1) * C, 0, sizeof(T) * C);
     }
-#if MSFUSED_VEC_BYTES >= 64
-    if (n == 2)
-      dw_row2_pm<kActNone>(sb + (q - 1) * SR - C, SR, C, Wo, wtr + 18 * C, (const T*)nullptr,
-                           row + C, (T*)nullptr, C, SR);
-    else
-#endif
-      dw_row_pm<1, kActNone>(sb + (q - 1) * SR - C, SR, C, Wo, wtr + 18 * C,
-                             (const T*)nullptr, row + C, (T*)nullptr, C);
-    k += n;
+    if constexpr (two)
+      if (n == 2) {
+        dw_row2_pm<kActNone>(sb + (q - 1) * SR - C, SR, C, Wo, wtr + 18 * C,
+                             (const T*)nullptr, row + C, (T*)nullptr, C, SR);
+        k += n;
+        continue;
+      }
+    dw_row_pm<1, kActNone>(sb + (q - 1) * SR - C, SR, C, Wo, wtr + 18 * C, (const T*)nullptr,
+                           row + C, (T*)nullptr, C);
+    ++k;
   }
   if (ACT != kActNone)  // times act'(b1)
     for (int64_t k = 0; k < g.R + 2; ++k) {
@@ -723,17 +715,16 @@ void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, co
     T* out = d.channels_last ? dx + ((g.bi * d.H + h) * d.W) * C : tmp;
     // dx rows h (, h + 1): conv(da, rot wa) over rows h - 1 .. h + 1, then conv(db1, rot
     // wb) on top
-#if MSFUSED_VEC_BYTES >= 64
+    const int64_t orow = d.channels_last ? d.W * C : Wo * C;  // out's next row
     if (n == 2) {
-      const int64_t orow = d.channels_last ? d.W * C : Wo * C;  // out's next row
-      dw_row2_pm<kActNone>(sa + (h - 1) * SR - C, SR, C, Wo, wtr, (const T*)nullptr, tmp,
-                           (T*)nullptr, C, Wo * C, d.channels_last ? (const T*)out : nullptr,
-                           orow);
-      dw_row2_pm<kActNone>(d1 + i * SR, SR, C, Wo, wtr + 9 * C, (const T*)nullptr, out,
-                           (T*)nullptr, C, orow, (const T*)tmp, Wo * C);
-    } else
-#endif
-    {
+      if constexpr (two) {
+        dw_row2_pm<kActNone>(sa + (h - 1) * SR - C, SR, C, Wo, wtr, (const T*)nullptr, tmp,
+                             (T*)nullptr, C, Wo * C, d.channels_last ? (const T*)out : nullptr,
+                             orow);
+        dw_row2_pm<kActNone>(d1 + i * SR, SR, C, Wo, wtr + 9 * C, (const T*)nullptr, out,
+                             (T*)nullptr, C, orow, (const T*)tmp, Wo * C);
+      }
+    } else {
       dw_row_pm<1, kActNone>(sa + (h - 1) * SR - C, SR, C, Wo, wtr, (const T*)nullptr, tmp,
                              (T*)nullptr, C, d.channels_last ? (const T*)out : nullptr);
       dw_row_pm<1, kActNone>(d1 + i * SR, SR, C, Wo, wtr + 9 * C, (const T*)nullptr, out,

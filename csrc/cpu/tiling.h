@@ -2,8 +2,8 @@
 // band of R output rows; tiles are grouped into a fixed number of chunks (one per
 // parallel task) whose partial weight gradients are reduced in a fixed order, so the
 // backward gives the same bits every run and on any thread count (the plan depends on the
-// shape and, for the backward's tile size, on the CPU's L2 size). Everything here is `static inline` on purpose:
-// the header is compiled into each per-ISA translation unit.
+// shape and, for the backward's tile size, on the CPU's L2 size). Everything here is
+// `static inline` on purpose: the header is compiled into each per-ISA translation unit.
 #pragma once
 #include <cstdint>
 #include <cstdlib>
