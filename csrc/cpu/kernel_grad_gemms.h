@@ -52,6 +52,7 @@ void tile_grad_gemms(const Runtime& rt, const BlockDesc& d, const Plan& pl, cons
 }
 
 // The same GEMMs with bfloat16 operands (Runtime::bbrgemm). wpv: pack_grad_weights_vnni.
+// G may be null: Gb is then transposed from Gpm (channels_last, where pass 1 has G only so).
 // The dW GEMM reduces over pixels, so A goes in as a VNNI B operand paired along pixels
 // (an odd P padded with a zero pixel, G with a zero column); the dA GEMM reduces over the
 // N output channels of a half (N even: the binding's condition).
@@ -66,10 +67,13 @@ inline void tile_grad_gemms_bf16(const Runtime& rt, const BlockDesc& d, const Pl
   bf16_t* Gb = tls_buf<bf16_t>(0, Cout * Pmax);   // G rounded, Cout x Pp
   bf16_t* Gpmb = tls_buf<bf16_t>(1, Pmax * Cout); // Gpm rounded, P x Cout
   bf16_t* Av = tls_buf<bf16_t>(2, Pmax * K);      // A rounded, VNNI pairs of pixels
-  for (int64_t co = 0; co < Cout; ++co) {
-    round_to(G + co * P, P, Gb + co * Pp);
-    if (Pp > P) Gb[co * Pp + P] = 0;
+  if (G) {
+    for (int64_t co = 0; co < Cout; ++co) round_to(G + co * P, P, Gb + co * Pp);
+  } else {  // transposed from Gpm and rounded in one pass (the same bits)
+    transpose(Gpm, P, Cout, Gb, Pp);
   }
+  if (Pp > P)
+    for (int64_t co = 0; co < Cout; ++co) Gb[co * Pp + P] = 0;
   round_to(Gpm, P * Cout, Gpmb);
   // Av[(p / 2) * 2K + 2k + p % 2] = A[p][k]: one 32-bit lane holds pixels p, p + 1 of column k
   for (int64_t p = 0; p < Pp; p += 2) {

@@ -275,58 +275,6 @@ void pack_dw_tapmajor(const BlockDesc& d, const BlockTensors<T>& t, T* wt) {
       for (int64_t c = 0; c < C; ++c) wt[(k * 9 + tap) * C + c] = ws[k][c * 9 + tap];
 }
 
-// dst (K x N) = src (N x K)^T, both row-major. Blocks of VN x VN elements are transposed in
-// registers (GCC's __builtin_shuffle), each row loaded and each column stored as one vector:
-// element by element, the strided stores took most of the backward's pass 1 at paper-u2
-// (its gz tile, 256 x 128 per image). The edges (and other compilers) go element by element.
-template <typename T>
-void transpose(const T* src, int64_t n, int64_t k, T* dst) {
-  constexpr int VN = Vec<T>::n;
-  int64_t nv = 0, kv = 0;  // the vector-blocked part: rows [0, nv), columns [0, kv)
-#if defined(__GNUC__) && !defined(__clang__)
-  typedef typename Vec<T>::type V;
-  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
-  typedef I M __attribute__((vector_size(sizeof(V))));
-  // Stage b swaps the off-diagonal b x b blocks of every 2b x 2b block; all stages together
-  // map (i, j) to (j, i). lo: lanes j of row i, or of row i + b (shifted by b) where bit b
-  // of j is set; hi: the other halves.
-  constexpr int nst = VN >= 16 ? 4 : VN >= 8 ? 3 : VN >= 4 ? 2 : 1;  // log2(VN)
-  M lo[nst], hi[nst];
-  for (int st = 0; st < nst; ++st)
-    for (int j = 0; j < VN; ++j) {
-      const int b = 1 << st;
-      lo[st][j] = (j & b) ? I(VN + j - b) : I(j);
-      hi[st][j] = (j & b) ? I(VN + j) : I(j + b);
-    }
-  nv = n / VN * VN;
-  kv = k / VN * VN;
-  for (int64_t i0 = 0; i0 < nv; i0 += VN)
-    for (int64_t j0 = 0; j0 < kv; j0 += VN) {
-      V r[VN];  // fully unrolled below, so r and the masks stay in registers
-#pragma GCC unroll 16
-      for (int i = 0; i < VN; ++i) r[i] = vload(src + (i0 + i) * k + j0);
-#pragma GCC unroll 4
-      for (int st = 0; st < nst; ++st) {
-        const int b = 1 << st;
-#pragma GCC unroll 16
-        for (int i = 0; i < VN; ++i)
-          if (!(i & b)) {
-            const V a = r[i], c = r[i + b];
-            r[i] = __builtin_shuffle(a, c, lo[st]);
-            r[i + b] = __builtin_shuffle(a, c, hi[st]);
-          }
-      }
-#pragma GCC unroll 16
-      for (int j = 0; j < VN; ++j) vstore(dst + (j0 + j) * n + i0, r[j]);
-    }
-#endif
-  // the rest: rows [nv, n) over all columns, and columns [kv, k) of rows [0, nv)
-  for (int64_t i = nv; i < n; ++i)
-    for (int64_t j = 0; j < k; ++j) dst[j * n + i] = src[i * k + j];
-  for (int64_t i = 0; i < nv; ++i)
-    for (int64_t j = kv; j < k; ++j) dst[j * n + i] = src[i * k + j];
-}
-
 // The depthwise part of one tile, pixel-major: the b1 band (R + 2 rows, zero-padded
 // columns), then rows of A. pre_ab (when act' reads the pre-activation) gets pre-activations in A's layout.
 // A may be 16-bit storage (O = bf16_t: the GEMM's operand, rounded once); b1 stays in T.
@@ -668,9 +616,11 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
       T* SAi = SA + g.bi * istride;
       T* SBi = SB + g.bi * istride;
       // gz in both layouts: planar feeds dW = gz A, pixel-major feeds dA = gz^T W
+      // (with the bfloat16 GEMMs, G only as their rounded operand: tile_grad_gemms_bf16)
+      const bool g_bf16 = std::is_same_v<T, float> && wpv != nullptr;
       if (d.channels_last) {
         tile_gz<T, ACT>(d, gy, saved, off, P, Gpm, part + L.bo, dx, identity);
-        transpose(Gpm, P, Cout, G);
+        if (!g_bf16) transpose(Gpm, P, Cout, G);
       } else {
         tile_gz<T, ACT>(d, gy, saved, off, P, G, part + L.bo, dx, identity);
         transpose(G, Cout, P, Gpm);
@@ -683,7 +633,8 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
       bool bf16_done = false;
       if constexpr (std::is_same_v<T, float>)
         if (wpv) {
-          tile_grad_gemms_bf16(rt, d, pl, G, Gpm, A, P, wpv, part + L.pw, dA);
+          tile_grad_gemms_bf16(rt, d, pl, d.channels_last ? nullptr : G, Gpm, A, P, wpv,
+                               part + L.pw, dA);
           bf16_done = true;
         }
       if (!bf16_done) tile_grad_gemms<T>(rt, d, pl, G, Gpm, A, P, wp, part + L.pw, dA);

@@ -52,6 +52,61 @@ void pack_weights(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, 
     for (int64_t co = 0; co < d.Cout; ++co) bias[co] += t.bs[co];
 }
 
+// dst (K x N) = src (N x K)^T, both row-major. Blocks of VN x VN elements are transposed in
+// registers (GCC's __builtin_shuffle), each row loaded and each column stored as one vector:
+// element by element, the strided stores took most of the backward's pass 1 at paper-u2
+// (its gz tile, 256 x 128 per image). The edges (and other compilers) go element by element.
+// dst's rows are ldd apart (n by default); a 16-bit O rounds each element once on its store
+// (the bits of round_to).
+template <typename T, typename O = T>
+void transpose(const T* src, int64_t n, int64_t k, O* dst, int64_t ldd = -1) {
+  if (ldd < 0) ldd = n;
+  constexpr int VN = Vec<T>::n;
+  int64_t nv = 0, kv = 0;  // the vector-blocked part: rows [0, nv), columns [0, kv)
+#if defined(__GNUC__) && !defined(__clang__)
+  typedef typename Vec<T>::type V;
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+  typedef I M __attribute__((vector_size(sizeof(V))));
+  // Stage b swaps the off-diagonal b x b blocks of every 2b x 2b block; all stages together
+  // map (i, j) to (j, i). lo: lanes j of row i, or of row i + b (shifted by b) where bit b
+  // of j is set; hi: the other halves.
+  constexpr int nst = VN >= 16 ? 4 : VN >= 8 ? 3 : VN >= 4 ? 2 : 1;  // log2(VN)
+  M lo[nst], hi[nst];
+  for (int st = 0; st < nst; ++st)
+    for (int j = 0; j < VN; ++j) {
+      const int b = 1 << st;
+      lo[st][j] = (j & b) ? I(VN + j - b) : I(j);
+      hi[st][j] = (j & b) ? I(VN + j) : I(j + b);
+    }
+  nv = n / VN * VN;
+  kv = k / VN * VN;
+  for (int64_t i0 = 0; i0 < nv; i0 += VN)
+    for (int64_t j0 = 0; j0 < kv; j0 += VN) {
+      V r[VN];  // fully unrolled below, so r and the masks stay in registers
+#pragma GCC unroll 16
+      for (int i = 0; i < VN; ++i) r[i] = vload(src + (i0 + i) * k + j0);
+#pragma GCC unroll 4
+      for (int st = 0; st < nst; ++st) {
+        const int b = 1 << st;
+#pragma GCC unroll 16
+        for (int i = 0; i < VN; ++i)
+          if (!(i & b)) {
+            const V a = r[i], c = r[i + b];
+            r[i] = __builtin_shuffle(a, c, lo[st]);
+            r[i + b] = __builtin_shuffle(a, c, hi[st]);
+          }
+      }
+#pragma GCC unroll 16
+      for (int j = 0; j < VN; ++j) vstore_as<T>(dst + (j0 + j) * ldd + i0, r[j]);
+    }
+#endif
+  // the rest: rows [nv, n) over all columns, and columns [kv, k) of rows [0, nv)
+  for (int64_t i = nv; i < n; ++i)
+    for (int64_t j = 0; j < k; ++j) store_as(dst + j * ldd + i, src[i * k + j]);
+  for (int64_t i = 0; i < nv; ++i)
+    for (int64_t j = kv; j < k; ++j) store_as(dst + j * ldd + i, src[i * k + j]);
+}
+
 // Epilogue of a tile: z = (pointwise/projection sum) + output bias (+ identity residual,
 // x having y's shape and layout then); y = act(z), pre = z if asked. The sum is read at
 // src[p * sp + co * sc]: the tile of y itself (planar path, in place) or a pixel-major
