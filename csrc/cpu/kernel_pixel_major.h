@@ -217,6 +217,36 @@ inline void dw_taps4_rows2(const T* r, int64_t C, V k0, V k1, V k2, V& a0, V& a1
   x = vload(r + 5 * C); a3 += k2 * x;                               e3 += j2 * x;
 }
 
+// dw_row2_pm's last Wo % 4 pixels: NP (< 4) pixels x 2 rows x one channel vector, each of
+// the 4 input rows loaded once for both rows (dw_row_tail_pm, one pixel and row at a time,
+// loads 18 vectors per output). Every sum takes its taps in dw_row_pm's order: the same bits.
+template <int NP, int ACT, typename T, typename O>
+inline void dw_tail2_pm(const T* rc, int64_t rs, int64_t C, const T* wc, const T* bias, O* po,
+                        T* pr, int64_t ps, int64_t orow, const T* ip, int64_t iorow) {
+  typedef typename Vec<T>::type V;
+  V wk[9];
+  for (int k = 0; k < 9; ++k) wk[k] = vload(wc + k * C);
+  V a[NP], e[NP];
+  for (int k = 0; k < NP; ++k) {
+    a[k] = ip ? vload(ip + k * ps) : bias ? vload(bias) : V{};
+    e[k] = ip ? vload(ip + iorow + k * ps) : bias ? vload(bias) : V{};
+  }
+  for (int ti = 0; ti < 4; ++ti)  // input row ti: tap row ti of row o, ti - 1 of row o + 1
+    for (int j = 0; j < NP + 2; ++j) {
+      const V x = vload(rc + ti * rs + j * C);
+      for (int tj = 0; tj < 3; ++tj) {
+        const int k = j - tj;  // the pixel that column j feeds through tap column tj
+        if (k < 0 || k >= NP) continue;
+        if (ti < 3) a[k] += wk[3 * ti + tj] * x;
+        if (ti > 0) e[k] += wk[3 * (ti - 1) + tj] * x;
+      }
+    }
+  for (int k = 0; k < NP; ++k) {
+    dw_store<ACT>(a[k], po + k * ps, pr ? pr + k * ps : nullptr);
+    dw_store<ACT>(e[k], po + orow + k * ps, pr ? pr + orow + k * ps : nullptr);
+  }
+}
+
 template <int ACT, typename T, typename O>
 void dw_row2_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, const T* bias,
                 O* post, T* pre, int64_t ps, int64_t orow, const T* init = nullptr,
@@ -260,6 +290,18 @@ void dw_row2_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, con
       dw_store<ACT>(e3, qo + 3 * ps + c0, qr ? qr + 3 * ps + c0 : nullptr);
     }
   }
+  auto tail = [&](auto np) {
+    constexpr int NP = decltype(np)::value;
+    for (int64_t c0 = 0; c0 < Cv; c0 += VN)
+      dw_tail2_pm<NP, ACT>(in + w * C + c0, rs, C, wt + c0, bias ? bias + c0 : nullptr,
+                           post + w * ps + c0, pre ? pre + w * ps + c0 : nullptr, ps, orow,
+                           init ? init + w * ps + c0 : nullptr, iorow);
+    w += NP;
+  };
+  if (Wo - w == 3) tail(std::integral_constant<int, 3>{});
+  if (Wo - w == 2) tail(std::integral_constant<int, 2>{});
+  if (Wo - w == 1) tail(std::integral_constant<int, 1>{});
+  // the channels past the last whole vector (w = Wo: no pixels left)
   dw_row_tail_pm<1, ACT>(in, rs, C, Wo, wt, bias, post, pre, ps, init, w);
   dw_row_tail_pm<1, ACT>(in + rs, rs, C, Wo, wt, bias, post + orow, pre ? pre + orow : nullptr,
                          ps, init ? init + iorow : nullptr, w);
