@@ -161,6 +161,31 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_depthwise_weight_grads_wide_rows(stride, channels_last):
+    """The AVX-512 build sums the depthwise weight gradients in registers over strips of at
+    most 16 pixels of a row (csrc/cpu/kernel_pixel_major.h, dw_grad_strips): rows 37 and
+    19 pixels wide (three and two strips of unequal length), C = 24 (one channel vector
+    plus an 8-channel tail), every gradient against the float64 reference."""
+    if not msfused.available_backends()["cpp"].available:
+        pytest.skip("cpp backend not built")
+    from blockutil import make_block, rel_err, run_fwd_bwd
+    kw = dict(merge="add", stride=stride, activation="relu6")
+    torch.manual_seed(3)
+    ref = make_block(24, 24, dtype=torch.float64, **kw)
+    fused = make_block(24, 24, backend="cpp", dtype=torch.float32, **kw)
+    fused.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 24, 11, 37, dtype=torch.float64).contiguous(memory_format=fmt)
+    gy = torch.randn(ref(x).shape, dtype=torch.float64).contiguous(memory_format=fmt)
+    want = run_fwd_bwd(ref, x, gy)
+    got = run_fwd_bwd(fused, x.float(), gy.float())
+    assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1]) < 1e-5
+    for k in want[2]:
+        assert rel_err(got[2][k], want[2][k]) < 1e-5, k
+
+
 def test_cpu_backward_tiles_by_l2_size(tmp_path):
     """The pixel-major backward cuts images into bands by the CPU's L2 size (csrc/cpu/
     tiling.h, backward_tile_elems): 32768-element tiles below 1 MiB, 262144 from 1 MiB. Both
