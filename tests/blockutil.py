@@ -85,5 +85,18 @@ def run_fwd_bwd(m, x, gy):
     return y.detach(), x.grad, named_grads(m)
 
 
-__all__ = ["make_block", "naive_block", "rel_err", "run_fwd_bwd", "MERGE_CONCAT", "act_code",
+def check_float32_against_float64(ref, fused, x, gy, tol=1e-5, tag=()):
+    """The float32 block fused against the float64 block ref (same weights) on float64 x and
+    gy: y, dx and every parameter gradient within tol relative error. Returns fused's
+    (y, dx, gradients)."""
+    want = run_fwd_bwd(ref, x, gy)
+    got = run_fwd_bwd(fused, x.float(), gy.float())
+    assert rel_err(got[0], want[0]) < tol and rel_err(got[1], want[1]) < tol, tag
+    for k in want[2]:
+        assert rel_err(got[2][k], want[2][k]) < tol, (tag, k)
+    return got
+
+
+__all__ = ["make_block", "naive_block", "rel_err", "run_fwd_bwd",
+           "check_float32_against_float64", "MERGE_CONCAT", "act_code",
            "merge_code", "out_channels"]

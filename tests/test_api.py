@@ -135,7 +135,7 @@ def test_cpu_kernels_float32_per_isa(isa):
     code = """
 import torch, sys
 sys.path.insert(0, %r)
-from blockutil import make_block, rel_err, run_fwd_bwd
+from blockutil import make_block, check_float32_against_float64
 for c, n, b, merge, stride, act in ((5, 37, 3, "concat", 1, "silu"), (24, 12, 3, "add", 2, "relu"),
                                     (40, 24, 5, "concat", 1, "relu6")):
     kw = dict(merge=merge, stride=stride, activation=act)
@@ -145,11 +145,7 @@ for c, n, b, merge, stride, act in ((5, 37, 3, "concat", 1, "silu"), (24, 12, 3,
     gy = torch.randn(ref(x).shape, dtype=torch.float64)
     for fmt in (torch.contiguous_format, torch.channels_last):
         xx, gg = x.contiguous(memory_format=fmt), gy.contiguous(memory_format=fmt)
-        want = run_fwd_bwd(ref, xx, gg)
-        got = run_fwd_bwd(fused, xx.float(), gg.float())
-        assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1]) < 1e-5, (c, fmt)
-        for k in want[2]:
-            assert rel_err(got[2][k], want[2][k]) < 1e-5, (c, k)
+        check_float32_against_float64(ref, fused, xx, gg, tag=(c, fmt))
 print("ok")
 """ % os.path.dirname(__file__)
     env = dict(os.environ)
@@ -170,7 +166,7 @@ def test_cpu_depthwise_weight_grads_wide_rows(stride, channels_last):
     plus an 8-channel tail), every gradient against the float64 reference."""
     if not msfused.available_backends()["cpp"].available:
         pytest.skip("cpp backend not built")
-    from blockutil import make_block, rel_err, run_fwd_bwd
+    from blockutil import make_block, check_float32_against_float64
     kw = dict(merge="add", stride=stride, activation="relu6")
     torch.manual_seed(3)
     ref = make_block(24, 24, dtype=torch.float64, **kw)
@@ -179,11 +175,7 @@ def test_cpu_depthwise_weight_grads_wide_rows(stride, channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(3, 24, 11, 37, dtype=torch.float64).contiguous(memory_format=fmt)
     gy = torch.randn(ref(x).shape, dtype=torch.float64).contiguous(memory_format=fmt)
-    want = run_fwd_bwd(ref, x, gy)
-    got = run_fwd_bwd(fused, x.float(), gy.float())
-    assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1]) < 1e-5
-    for k in want[2]:
-        assert rel_err(got[2][k], want[2][k]) < 1e-5, k
+    check_float32_against_float64(ref, fused, x, gy)
 
 
 def test_cpu_backward_tiles_by_l2_size(tmp_path):
@@ -198,7 +190,7 @@ def test_cpu_backward_tiles_by_l2_size(tmp_path):
     code = """
 import torch, sys
 sys.path.insert(0, %r)
-from blockutil import make_block, rel_err, run_fwd_bwd
+from blockutil import make_block, check_float32_against_float64
 out = {}
 for c, n, hw, merge, stride in ((64, 32, 16, "add", 1), (48, 48, 44, "concat", 2)):
     kw = dict(merge=merge, stride=stride, activation="relu")
@@ -210,11 +202,7 @@ for c, n, hw, merge, stride in ((64, 32, 16, "add", 1), (48, 48, 44, "concat", 2
     gy = torch.randn(ref(x).shape, dtype=torch.float64)
     for fmt in (torch.contiguous_format, torch.channels_last):
         xx, gg = x.contiguous(memory_format=fmt), gy.contiguous(memory_format=fmt)
-        want = run_fwd_bwd(ref, xx, gg)
-        got = run_fwd_bwd(fused, xx.float(), gg.float())
-        assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1]) < 1e-5, (c, fmt)
-        for k in want[2]:
-            assert rel_err(got[2][k], want[2][k]) < 1e-5, (c, fmt, k)
+        got = check_float32_against_float64(ref, fused, xx, gg, tag=(c, fmt))
         out[(c, str(fmt))] = got[2]
 torch.save(out, sys.argv[1])
 """ % os.path.dirname(__file__)

@@ -444,6 +444,74 @@ void forward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Blo
   rt.brgemm_release();
 }
 
+// dw_grad_tile's partials (below; same arguments, same result up to the sums' order) with
+// each channel vector's 9 tap sums and its bias sum in registers: over a strip of pixels of
+// every row of the tile, each tap row's 3-column window sliding along the strip, so a pixel
+// costs 1 gradient load and 3 (XS = 1) or 6 (XS = 2) input loads for 9 FMAs, and the
+// partials are read and written once per strip. 9 sums + 9 window + 1 gradient + 1 bias =
+// 20 vectors: only with 32 registers. The strip bounds what must stay in L1 between an input
+// row's three uses (consecutive output rows); strips of 8, 12, 16 or whole rows measured
+// alike within the noise (benchmarks/NOTES.md 39), 16 at most and equal widths kept (each
+// strip reloads its first two columns per row).
+template <int XS, typename T>
+void dw_grad_strips(const T* g0, int64_t grs, int64_t gs, int64_t R, int64_t Wo, const T* x0,
+                    int64_t xrs, int64_t trs, int64_t C, T* part, T* bpart) {
+  typedef typename Vec<T>::type V;
+  constexpr int VB = Vec<T>::n;
+  const int64_t Cv = C - C % VB;
+  const int64_t SW = ceil_div(Wo, ceil_div(Wo, 16));  // equal strips of at most 16
+  for (int64_t w0 = 0; w0 < Wo; w0 += SW) {
+    const int64_t nw = w0 + SW <= Wo ? SW : Wo - w0;
+    for (int64_t c = 0; c < Cv; c += VB) {
+      V s0{}, s1{}, s2{}, s3{}, s4{}, s5{}, s6{}, s7{}, s8{}, sb{};
+      for (int64_t i = 0; i < R; ++i) {
+        const T* gp = g0 + i * grs + w0 * gs + c;
+        const T* xp = x0 + i * xrs + XS * w0 * C + c;  // column XS w0 of tap row 0
+        // window of tap row ti: u (column tj = 0), v (tj = 1) of the current pixel
+        V u0 = vload(xp), v0 = vload(xp + C);
+        V u1 = vload(xp + trs), v1 = vload(xp + trs + C);
+        V u2 = vload(xp + 2 * trs), v2 = vload(xp + 2 * trs + C);
+        for (int64_t w = 0; w < nw; ++w) {
+          const V gv = vload(gp + w * gs);
+          const T* xc = xp + (XS * w + 2) * C;  // column tj = 2
+          const V r0 = vload(xc), r1 = vload(xc + trs), r2 = vload(xc + 2 * trs);
+          sb += gv;
+          s0 += gv * u0; s1 += gv * v0; s2 += gv * r0;
+          s3 += gv * u1; s4 += gv * v1; s5 += gv * r1;
+          s6 += gv * u2; s7 += gv * v2; s8 += gv * r2;
+          if constexpr (XS == 1) {
+            u0 = v0; v0 = r0; u1 = v1; v1 = r1; u2 = v2; v2 = r2;
+          } else {  // the next pixel's columns 2 w + 2 (= r) and 2 w + 3
+            u0 = r0; u1 = r1; u2 = r2;
+            if (w + 1 < nw) {
+              v0 = vload(xc + C); v1 = vload(xc + trs + C); v2 = vload(xc + 2 * trs + C);
+            }
+          }
+        }
+      }
+      T* pp = part + c;
+      vstore(pp, vload(pp) + s0);             vstore(pp + C, vload(pp + C) + s1);
+      vstore(pp + 2 * C, vload(pp + 2 * C) + s2); vstore(pp + 3 * C, vload(pp + 3 * C) + s3);
+      vstore(pp + 4 * C, vload(pp + 4 * C) + s4); vstore(pp + 5 * C, vload(pp + 5 * C) + s5);
+      vstore(pp + 6 * C, vload(pp + 6 * C) + s6); vstore(pp + 7 * C, vload(pp + 7 * C) + s7);
+      vstore(pp + 8 * C, vload(pp + 8 * C) + s8);
+      vstore(bpart + c, vload(bpart + c) + sb);
+    }
+  }
+  if (Cv == C) return;
+  for (int64_t i = 0; i < R; ++i)  // the last C % VB channels, one pixel at a time
+    for (int64_t w = 0; w < Wo; ++w) {
+      const T* gp = g0 + i * grs + w * gs;
+      const T* xw = x0 + i * xrs + XS * w * C;
+      for (int64_t c = Cv; c < C; ++c) {
+        const T gv = gp[c];
+        bpart[c] += gv;
+        for (int ti = 0; ti < 3; ++ti)
+          for (int tj = 0; tj < 3; ++tj)
+            part[(ti * 3 + tj) * C + c] += gv * xw[ti * trs + tj * C + c];
+      }
+    }
+}
 
 // Depthwise weight/bias gradient of one tile: for each tap,
 //   part[tap * C + c] += sum over the tile's pixels of g[p][c] * src_tap(p)[c],
@@ -456,12 +524,8 @@ void forward_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl, const Blo
 // The 4 pixels' windows overlap (3 XS + 3 columns a row, not 12 loads) and their products
 // of a tap go into part with one load and one store; part (9 C) and bpart stay in L1.
 // With 32 vector registers (the AVX-512 build) the sums go to registers instead: see
-// dw_grad_strips below.
+// dw_grad_strips above.
 constexpr bool kGradSumsInRegs = MSFUSED_VEC_BYTES >= 64;
-
-template <int XS, typename T>
-void dw_grad_strips(const T* g0, int64_t grs, int64_t gs, int64_t R, int64_t Wo, const T* x0,
-                    int64_t xrs, int64_t trs, int64_t C, T* part, T* bpart);
 
 template <int XS, typename T>
 void dw_grad_tile(const T* g0, int64_t grs, int64_t gs, int64_t R, int64_t Wo, const T* x0,
@@ -533,75 +597,6 @@ void dw_grad_tile(const T* g0, int64_t grs, int64_t gs, int64_t R, int64_t Wo, c
   }
 }
 
-// dw_grad_tile's partials (same arguments, same result up to the order of the sums) with
-// each channel vector's 9 tap sums and its bias sum in registers: over a strip of pixels of
-// every row of the tile, each tap row's 3-column window sliding along the strip, so a pixel
-// costs 1 gradient load and 3 (XS = 1) or 6 (XS = 2) input loads for 9 FMAs, and the
-// partials are read and written once per strip. 9 sums + 9 window + 1 gradient + 1 bias =
-// 20 vectors: only with 32 registers. The strip bounds what must stay in L1 between an input
-// row's three uses (consecutive output rows); strips of 8, 12, 16 or whole rows measured
-// alike within the noise (benchmarks/NOTES.md 39), 16 at most and equal widths kept (each
-// strip reloads its first two columns per row).
-template <int XS, typename T>
-void dw_grad_strips(const T* g0, int64_t grs, int64_t gs, int64_t R, int64_t Wo, const T* x0,
-                    int64_t xrs, int64_t trs, int64_t C, T* part, T* bpart) {
-  typedef typename Vec<T>::type V;
-  constexpr int VB = Vec<T>::n;
-  const int64_t Cv = C - C % VB;
-  const int64_t SW = ceil_div(Wo, ceil_div(Wo, 16));  // equal strips of at most 16
-  for (int64_t w0 = 0; w0 < Wo; w0 += SW) {
-    const int64_t nw = w0 + SW <= Wo ? SW : Wo - w0;
-    for (int64_t c = 0; c < Cv; c += VB) {
-      V s0{}, s1{}, s2{}, s3{}, s4{}, s5{}, s6{}, s7{}, s8{}, sb{};
-      for (int64_t i = 0; i < R; ++i) {
-        const T* gp = g0 + i * grs + w0 * gs + c;
-        const T* xp = x0 + i * xrs + XS * w0 * C + c;  // column XS w0 of tap row 0
-        // window of tap row ti: u (column tj = 0), v (tj = 1) of the current pixel
-        V u0 = vload(xp), v0 = vload(xp + C);
-        V u1 = vload(xp + trs), v1 = vload(xp + trs + C);
-        V u2 = vload(xp + 2 * trs), v2 = vload(xp + 2 * trs + C);
-        for (int64_t w = 0; w < nw; ++w) {
-          const V gv = vload(gp + w * gs);
-          const T* xc = xp + (XS * w + 2) * C;  // column tj = 2
-          const V r0 = vload(xc), r1 = vload(xc + trs), r2 = vload(xc + 2 * trs);
-          sb += gv;
-          s0 += gv * u0; s1 += gv * v0; s2 += gv * r0;
-          s3 += gv * u1; s4 += gv * v1; s5 += gv * r1;
-          s6 += gv * u2; s7 += gv * v2; s8 += gv * r2;
-          if constexpr (XS == 1) {
-            u0 = v0; v0 = r0; u1 = v1; v1 = r1; u2 = v2; v2 = r2;
-          } else {  // the next pixel's columns 2 w + 2 (= r) and 2 w + 3
-            u0 = r0; u1 = r1; u2 = r2;
-            if (w + 1 < nw) {
-              v0 = vload(xc + C); v1 = vload(xc + trs + C); v2 = vload(xc + 2 * trs + C);
-            }
-          }
-        }
-      }
-      T* pp = part + c;
-      vstore(pp, vload(pp) + s0);             vstore(pp + C, vload(pp + C) + s1);
-      vstore(pp + 2 * C, vload(pp + 2 * C) + s2); vstore(pp + 3 * C, vload(pp + 3 * C) + s3);
-      vstore(pp + 4 * C, vload(pp + 4 * C) + s4); vstore(pp + 5 * C, vload(pp + 5 * C) + s5);
-      vstore(pp + 6 * C, vload(pp + 6 * C) + s6); vstore(pp + 7 * C, vload(pp + 7 * C) + s7);
-      vstore(pp + 8 * C, vload(pp + 8 * C) + s8);
-      vstore(bpart + c, vload(bpart + c) + sb);
-    }
-  }
-  if (Cv == C) return;
-  for (int64_t i = 0; i < R; ++i)  // the last C % VB channels, one pixel at a time
-    for (int64_t w = 0; w < Wo; ++w) {
-      const T* gp = g0 + i * grs + w * gs;
-      const T* xw = x0 + i * xrs + XS * w * C;
-      for (int64_t c = Cv; c < C; ++c) {
-        const T gv = gp[c];
-        bpart[c] += gv;
-        for (int ti = 0; ti < 3; ++ti)
-          for (int tj = 0; tj < 3; ++tj)
-            part[(ti * 3 + tj) * C + c] += gv * xw[ti * trs + tj * C + c];
-      }
-    }
-}
-
 // out[c] = sum_{i < n} w[i][c] * s[i][c], register-blocked over channels (n <= 18 taps).
 template <typename T>
 inline void tap_sum(int n, const T* const* w, const T* const* s, int64_t C, T* out) {
@@ -657,12 +652,14 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
                                           : g.bi * Cout * HoWo + g.r0 * Wo;
       T* SAi = SA + g.bi * istride;
       T* SBi = SB + g.bi * istride;
-      // gz in both layouts: planar feeds dW = gz A, pixel-major feeds dA = gz^T W
-      // (with the bfloat16 GEMMs, G only as their rounded operand: tile_grad_gemms_bf16)
-      const bool g_bf16 = std::is_same_v<T, float> && wpv != nullptr;
+      // gz in both layouts: planar feeds dW = gz A, pixel-major feeds dA = gz^T W. With the
+      // bfloat16 GEMMs and channels_last the planar one is never written in float:
+      // tile_grad_gemms_bf16 transposes gz into its rounded operand itself.
+      const bool bf16_gemms = std::is_same_v<T, float> && wpv != nullptr;
+      const bool g_planar = !(bf16_gemms && d.channels_last);
       if (d.channels_last) {
         tile_gz<T, ACT>(d, gy, saved, off, P, Gpm, part + L.bo, dx, identity);
-        if (!g_bf16) transpose(Gpm, P, Cout, G);
+        if (g_planar) transpose(Gpm, P, Cout, G);
       } else {
         tile_gz<T, ACT>(d, gy, saved, off, P, G, part + L.bo, dx, identity);
         transpose(G, Cout, P, Gpm);
@@ -672,14 +669,11 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
       if (b1img)  // keep the tile's own b1 rows for pass 2 (act'(b1) without recomputing)
         for (int64_t k = 1; k <= g.R; ++k)
           memcpy(b1img + (g.r0 + k - 1) * Wo * C, b1b + k * BR + C, sizeof(T) * Wo * C);
-      bool bf16_done = false;
       if constexpr (std::is_same_v<T, float>)
-        if (wpv) {
-          tile_grad_gemms_bf16(rt, d, pl, d.channels_last ? nullptr : G, Gpm, A, P, wpv,
-                               part + L.pw, dA);
-          bf16_done = true;
-        }
-      if (!bf16_done) tile_grad_gemms<T>(rt, d, pl, G, Gpm, A, P, wp, part + L.pw, dA);
+        if (bf16_gemms)
+          tile_grad_gemms_bf16(rt, d, pl, g_planar ? G : nullptr, Gpm, A, P, wpv, part + L.pw,
+                               dA);
+      if (!bf16_gemms) tile_grad_gemms<T>(rt, d, pl, G, Gpm, A, P, wp, part + L.pw, dA);
       for (int64_t i = 0; i < g.R; ++i)
         for (int64_t w = 0; w < Wo; ++w) {
           const int64_t p = i * Wo + w;
