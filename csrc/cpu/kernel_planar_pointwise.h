@@ -207,40 +207,51 @@ void pack_pointwise_wo(const BlockDesc& d, const Plan& pl, const PointwiseSegs<T
         wo[(sg.co0[s] + n) * kp + sg.k0[s] + k] = sg.w[s][k * sg.n + n];
 }
 
-// channels_last dA for Ktot rows of A (at most NV vectors; wo and dA start at the first):
-// per pixel pair, a vector over the rows summed from one broadcast of G per output
-// channel; the lanes then go to dA's rows.
+// channels_last dA for Ktot rows of A (at most NV vectors; wo and dA start at the first),
+// PB pixels from pixel p: a vector over the rows per pixel, summed over the output channels
+// from one broadcast of G each (in channel order, so the bits do not depend on PB); the
+// lanes then go to dA's rows. PB pixels give PB x NV independent sums: one pixel's chain
+// of Cout dependent multiply-adds alone would leave the FMA units idle for their latency.
+template <typename T, int NV, int PB>
+inline void dA_cl_pixels(const T* G, int64_t Cout, const T* wo, int64_t kp, int64_t Ktot,
+                         int64_t P, int64_t p, T* dA) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  const T* g = G + p * Cout;
+  V acc[PB][NV];
+#pragma GCC unroll 16
+  for (int j = 0; j < PB; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[j][v] = V{};
+  for (int64_t co = 0; co < Cout; ++co) {
+    V w[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) w[v] = vload(wo + co * kp + v * VN);
+#pragma GCC unroll 16
+    for (int j = 0; j < PB; ++j) {
+      const T u = g[j * Cout + co];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[j][v] += u * w[v];
+    }
+  }
+  T t[PB][NV * VN];
+#pragma GCC unroll 16
+  for (int j = 0; j < PB; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vstore(t[j] + v * VN, acc[j][v]);
+  for (int64_t k = 0; k < Ktot; ++k)
+#pragma GCC unroll 16
+    for (int j = 0; j < PB; ++j) dA[k * P + p + j] = t[j][k];
+}
+
+// Eight sums in flight (two FMA pipes x four cycles of latency), then single pixels.
 template <typename T, int NV>
 void tile_dA_cl(const T* G, int64_t Cout, const T* wo, int64_t kp, int64_t Ktot, int64_t P,
                 T* dA) {
-  typedef typename Vec<T>::type V;
-  constexpr int VN = Vec<T>::n;
-  for (int64_t p = 0; p < P; p += 2) {
-    const bool two = p + 1 < P;
-    const T* g0 = G + p * Cout;
-    const T* g1 = two ? g0 + Cout : g0;
-    V a0{}, a1{}, a2{}, e0{}, e1{}, e2{};
-    for (int64_t co = 0; co < Cout; ++co) {
-      const T* wr = wo + co * kp;
-      const T u = g0[co], v = g1[co];
-      const V w0 = vload(wr);
-      a0 += u * w0; e0 += v * w0;
-      if constexpr (NV > 1) {
-        const V w1 = vload(wr + VN);
-        a1 += u * w1; e1 += v * w1;
-      }
-      if constexpr (NV > 2) {
-        const V w2 = vload(wr + 2 * VN);
-        a2 += u * w2; e2 += v * w2;
-      }
-    }
-    T ta[3 * VN], te[3 * VN];
-    vstore(ta, a0); vstore(ta + VN, a1); vstore(ta + 2 * VN, a2);
-    vstore(te, e0); vstore(te + VN, e1); vstore(te + 2 * VN, e2);
-    for (int64_t k = 0; k < Ktot; ++k) dA[k * P + p] = ta[k];
-    if (two)
-      for (int64_t k = 0; k < Ktot; ++k) dA[k * P + p + 1] = te[k];
-  }
+  constexpr int PB = NV == 1 ? 8 : 4;
+  int64_t p = 0;
+  for (; p + PB <= P; p += PB) dA_cl_pixels<T, NV, PB>(G, Cout, wo, kp, Ktot, P, p, dA);
+  for (; p < P; ++p) dA_cl_pixels<T, NV, 1>(G, Cout, wo, kp, Ktot, P, p, dA);
 }
 
 // NCHW dA: rows of A in pairs x two vectors of pixels, one weight broadcast per output
@@ -279,50 +290,58 @@ void tile_dA_nchw(const T* G, int64_t Cout, const T* wo, int64_t kp, int64_t Kto
   }
 }
 
-// channels_last dW: blocks of 2 vectors of output channels x KB rows of A, summed over the
-// tile's pixels in registers (one load of G per pixel feeds 2 KB multiply-adds).
+// channels_last dW for output channels [c, c + 2 VN) x rows [k, k + KB) of segment A rows
+// As: 2 KB sums in registers over the tile's pixels (one load of G per pixel feeds 2 KB
+// multiply-adds), added to out once.
+template <typename T, int KB>
+inline void dW_cl_block(const T* G, int64_t Cout, int64_t gc, const T* As, int64_t P,
+                        int64_t K, int64_t c, int64_t k, T* out) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  V s0[KB], s1[KB];
+#pragma GCC unroll 4
+  for (int j = 0; j < KB; ++j) s0[j] = s1[j] = V{};
+  const T* r = As + k * P;
+  for (int64_t p = 0; p < P; ++p) {
+    const T* g = G + p * Cout + gc;
+    const V g0 = vload(g), g1 = vload(g + VN);
+#pragma GCC unroll 4
+    for (int j = 0; j < KB; ++j) {
+      const T xj = r[j * P + p];
+      s0[j] += xj * g0;
+      s1[j] += xj * g1;
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < KB; ++j) {
+    T t0[VN], t1[VN];
+    vstore(t0, s0[j]);
+    vstore(t1, s1[j]);
+    for (int i = 0; i < VN; ++i) {
+      out[(c + i) * K + k + j] += t0[i];
+      out[(c + VN + i) * K + k + j] += t1[i];
+    }
+  }
+}
+
+// channels_last dW: blocks of 2 vectors of output channels x up to 4 rows of A, the rows'
+// remainder as one block of 1-3 (never fewer than 2 sums in flight per row).
 template <typename T>
 void tile_dW_cl(const PointwiseSegs<T>& sg, const T* G, int64_t Cout, const T* A, int64_t P,
                 T* pw) {
-  typedef typename Vec<T>::type V;
   constexpr int VN = Vec<T>::n;
   const int64_t n = sg.n;
   for (int s = 0; s < sg.nseg; ++s) {
     const int64_t K = sg.K[s], co0 = sg.co0[s];
     const T* As = A + sg.k0[s] * P;
     T* out = pw + s * n * K;
-    auto flush = [&](const V& v, int64_t c, int64_t k) {
-      T t[VN];
-      vstore(t, v);
-      for (int j = 0; j < VN; ++j) out[(c + j) * K + k] += t[j];
-    };
     int64_t c = 0;
     for (; c + 2 * VN <= n; c += 2 * VN) {
       int64_t k = 0;
-      for (; k + 4 <= K; k += 4) {
-        V a0{}, a1{}, b0{}, b1{}, c0{}, c1{}, d0{}, d1{};
-        const T* r = As + k * P;
-        for (int64_t p = 0; p < P; ++p) {
-          const T* g = G + p * Cout + co0 + c;
-          const V g0 = vload(g), g1 = vload(g + VN);
-          const T x0 = r[p], x1 = r[P + p], x2 = r[2 * P + p], x3 = r[3 * P + p];
-          a0 += x0 * g0; a1 += x0 * g1; b0 += x1 * g0; b1 += x1 * g1;
-          c0 += x2 * g0; c1 += x2 * g1; d0 += x3 * g0; d1 += x3 * g1;
-        }
-        flush(a0, c, k); flush(a1, c + VN, k); flush(b0, c, k + 1); flush(b1, c + VN, k + 1);
-        flush(c0, c, k + 2); flush(c1, c + VN, k + 2); flush(d0, c, k + 3);
-        flush(d1, c + VN, k + 3);
-      }
-      for (; k < K; ++k) {
-        V a0{}, a1{};
-        const T* r = As + k * P;
-        for (int64_t p = 0; p < P; ++p) {
-          const T* g = G + p * Cout + co0 + c;
-          a0 += r[p] * vload(g);
-          a1 += r[p] * vload(g + VN);
-        }
-        flush(a0, c, k); flush(a1, c + VN, k);
-      }
+      for (; k + 4 <= K; k += 4) dW_cl_block<T, 4>(G, Cout, co0 + c, As, P, K, c, k, out);
+      if (K - k == 3) dW_cl_block<T, 3>(G, Cout, co0 + c, As, P, K, c, k, out);
+      else if (K - k == 2) dW_cl_block<T, 2>(G, Cout, co0 + c, As, P, K, c, k, out);
+      else if (K - k == 1) dW_cl_block<T, 1>(G, Cout, co0 + c, As, P, K, c, k, out);
     }
     for (; c < n; ++c)
       for (int64_t k = 0; k < K; ++k) {
