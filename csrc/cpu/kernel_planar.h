@@ -182,6 +182,23 @@ inline T dot_rows(const T* g, int64_t gs, const T* src, int64_t ss, int64_t R, i
   return hsum(a) + s;
 }
 
+// sum over R rows of sum_{w < n} g[i * gs + w], in dot_rows' order (for gs == n the order of
+// sum_row over the R n elements whenever n is a whole number of vectors).
+template <typename T>
+inline T sum_rows(const T* g, int64_t gs, int64_t R, int64_t n) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  V a{};
+  T s = T(0);
+  for (int64_t i = 0; i < R; ++i) {
+    const T* gi = g + i * gs;
+    int64_t w = 0;
+    for (; w + VN <= n; w += VN) a += vload(gi + w);
+    for (; w < n; ++w) s += gi[w];
+  }
+  return hsum(a) + s;
+}
+
 template <typename T>
 inline T sum_row(const T* g, int64_t n) {
   typedef typename Vec<T>::type V;
@@ -271,12 +288,103 @@ void backward_pass1(const Runtime& rt, const BlockDesc& d, const Plan& pl,
   par_for(rt, pl.nchunks, task);
 }
 
+// Rows [q0, q0 + n) of a planar (Ho x Wo) gradient into padded rows of Wo + 2 (data at
+// 1 .. Wo), zero rows outside the image: the transposed depthwise convs below then read
+// every tap without bounds checks.
+template <typename T>
+inline void pad_rows(const T* src, int64_t Ho, int64_t Wo, int64_t q0, int64_t n, T* band) {
+  const int64_t PW = Wo + 2;
+  for (int64_t k = 0; k < n; ++k) {
+    T* row = band + k * PW;
+    const int64_t q = q0 + k;
+    if (q < 0 || q >= Ho) {
+      memset(row, 0, sizeof(T) * PW);
+      continue;
+    }
+    row[0] = row[Wo + 1] = T(0);
+    memcpy(row + 1, src + q * Wo, sizeof(T) * Wo);
+  }
+}
+
+// One row of db1 = the transposed depthwise conv of db with wc: out[w] sums, in tap order
+// (ti, tj), wc[ti][tj] * db[q + 1 - ti][w + 1 - tj]; r0, r1, r2 are the padded db rows
+// q + 1, q, q - 1. Each sum in a register over all nine taps (a row summed in memory tap by
+// tap waits on its own stores).
+template <typename T>
+inline void transposed_dw_row(const T* r0, const T* r1, const T* r2, const T* k, int64_t Wo,
+                              T* out) {
+  const T* __restrict__ a = r0;
+  const T* __restrict__ b = r1;
+  const T* __restrict__ c = r2;
+  T* __restrict__ o = out;
+  const T k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4], k5 = k[5], k6 = k[6],
+          k7 = k[7], k8 = k[8];
+  for (int64_t w = 0; w < Wo; ++w) {
+    T acc = T(0);
+    acc += k0 * a[w + 2]; acc += k1 * a[w + 1]; acc += k2 * a[w];
+    acc += k3 * b[w + 2]; acc += k4 * b[w + 1]; acc += k5 * b[w];
+    acc += k6 * c[w + 2]; acc += k7 * c[w + 1]; acc += k8 * c[w];
+    o[w] = acc;
+  }
+}
+
+// One input row of dx before the residual: the transposed depthwise convs of da (with wa)
+// and db1 (with wb), as backward_pass2's dxrow (stride 1: zero-padded, stride 2: the
+// even/odd split of tap<2>), from the NTI tap rows ti[n] that reach this row (A[n], B[n]:
+// the padded da and db1 rows they read). Per element the taps are summed in (ti, tj) order,
+// in a register.
+template <int S, int NTI, typename T>
+inline void dx_row(const int* ti, const T* const* A, const T* const* B, const T* wa,
+                   const T* wb, int64_t Wo, T* dxrow) {
+  T ka[NTI][3], kb[NTI][3];
+  const T* a[NTI];
+  const T* b[NTI];
+  for (int n = 0; n < NTI; ++n) {
+    for (int tj = 0; tj < 3; ++tj) ka[n][tj] = wa[ti[n] * 3 + tj], kb[n][tj] = wb[ti[n] * 3 + tj];
+    a[n] = A[n];
+    b[n] = B[n];
+  }
+  if (S == 1) {
+    // dxrow[i] (i = 1 .. Wo: the input columns) gets tap column tj from da column i - tj
+    for (int64_t i = 1; i <= Wo; ++i) {
+      T acc = T(0);
+#pragma GCC unroll 3
+      for (int n = 0; n < NTI; ++n) {
+        acc += ka[n][0] * a[n][i + 1] + kb[n][0] * b[n][i + 1];
+        acc += ka[n][1] * a[n][i] + kb[n][1] * b[n][i];
+        acc += ka[n][2] * a[n][i - 1] + kb[n][2] * b[n][i - 1];
+      }
+      dxrow[i] = acc;
+    }
+  } else {
+    // even split E[k] (k = 0 .. Wo): tap column 0 from column k, tap column 2 from k - 1;
+    // odd split O[k] (k < Wo): tap column 1 from column k
+    T* E = dxrow;
+    T* O = dxrow + Wo + 1;
+    for (int64_t k = 0; k <= Wo; ++k) {
+      T acc = T(0);
+#pragma GCC unroll 3
+      for (int n = 0; n < NTI; ++n) {
+        acc += ka[n][0] * a[n][k + 1] + kb[n][0] * b[n][k + 1];
+        acc += ka[n][2] * a[n][k] + kb[n][2] * b[n][k];
+      }
+      E[k] = acc;
+    }
+    for (int64_t k = 0; k < Wo; ++k) {
+      T acc = T(0);
+#pragma GCC unroll 3
+      for (int n = 0; n < NTI; ++n) acc += ka[n][1] * a[n][k + 1] + kb[n][1] * b[n][k + 1];
+      O[k] = acc;
+    }
+  }
+}
+
 template <typename T, int S, int ACT, typename I>
 void backward_pass2(const Runtime& rt, const BlockDesc& d, const Plan& pl,
                     const BlockTensors<T>& t, const I* x, T* dx, const T* SA, const T* SB,
                     T* parts) {
   const int64_t HoWo = d.Ho * d.Wo, C = d.C, Wo = d.Wo, Ho = d.Ho, W = d.W;
-  const int64_t XW = xrow_width<S>(d);
+  const int64_t XW = xrow_width<S>(d), PW = Wo + 2;
   const PartLayout L(d, pl);
   // dx rows use padded scatter rows: stride 1 a zero-padded row (W + 2), stride 2 the
   // even/odd split of the input buffer (same indexing as tap<2>).
@@ -285,69 +393,67 @@ void backward_pass2(const Runtime& rt, const BlockDesc& d, const Plan& pl,
     const int64_t t0 = chunk * pl.ntiles / pl.nchunks, t1 = (chunk + 1) * pl.ntiles / pl.nchunks;
     T* part = parts + chunk * pl.part;
     const int64_t RR = pl.R + 2;
-    TlsBuf<T> xbuf(8, (S * (pl.R + 1) + 3) * XW), d1(9, RR * Wo), b1post(10, Wo + 2),
-        b1pre(11, Wo + 2), dxrow(12, DXW);
+    // d1: db1_pre rows, padded; bb / ba: padded db rows q_lo - 1 .. q_lo + R + 2 and da rows
+    // q_lo .. q_lo + R + 1
+    TlsBuf<T> xbuf(8, (S * (pl.R + 1) + 3) * XW), d1(9, RR * PW), b1post(10, Wo + 2),
+        b1pre(11, Wo + 2), dxrow(12, DXW), bb_band(13, (RR + 2) * PW), ba_band(14, RR * PW);
     for (int64_t tile = t0; tile < t1; ++tile) {
       const TileGeom g = tile_geom(d, pl, tile);
       const int64_t q_lo = g.r0 - 1;  // d1 row k holds b1 row q_lo + k
       const int64_t hs = S * g.r0, he = S * (g.r0 + g.R) < d.H ? S * (g.r0 + g.R) : d.H;
       for (int64_t c = 0; c < C; ++c) {
-        const T* sa = SA + (g.bi * C + c) * HoWo;
-        const T* sb = SB + (g.bi * C + c) * HoWo;
         const T* wa = t.wa + 9 * c;
         const T* wb = t.wb + 9 * c;
         const T* wc = t.wc + 9 * c;
         const T bb = t.bb ? t.bb[c] : T(0);
         const int64_t hb = S * (g.r0 - 1) - 1;
         load_x_rows<S>(d, x, g.bi, c, hb, S * (g.R + 1) + 3, xbuf.p);
+        pad_rows(SB + (g.bi * C + c) * HoWo, Ho, Wo, q_lo - 1, g.R + 4, bb_band.p);
+        pad_rows(SA + (g.bi * C + c) * HoWo, Ho, Wo, q_lo, g.R + 2, ba_band.p);
         // db1_pre for b1 rows q in [r0 - 1, r0 + R]: transposed depthwise of db with wc,
         // times act'(b1) recomputed from x. Rows outside the image are zero.
         for (int64_t k = 0; k < g.R + 2; ++k) {
           const int64_t q = q_lo + k;
-          T* row = d1.p + k * Wo;
+          T* prow = d1.p + k * PW;
           if (q < 0 || q >= Ho) {
-            memset(row, 0, sizeof(T) * Wo);
+            memset(prow, 0, sizeof(T) * PW);
             continue;
           }
-          for (int64_t w = 0; w < Wo; ++w) row[w] = T(0);
-          for (int ti = 0; ti < 3; ++ti) {
-            const int64_t r = q + 1 - ti;  // b row fed by b1 row q through tap row ti
-            if (r < 0 || r >= Ho) continue;
-            const T* src = sb + r * Wo;
-            for (int tj = 0; tj < 3; ++tj) {
-              const T wt = wc[ti * 3 + tj];
-              // row[w'] += wt * db[r][w' + 1 - tj] for 0 <= w' + 1 - tj < Wo
-              const int64_t lo = tj - 1 > 0 ? tj - 1 : 0;
-              const int64_t hi = Wo + tj - 1 < Wo ? Wo + tj - 1 : Wo;
-              for (int64_t w = lo; w < hi; ++w) row[w] += wt * src[w + 1 - tj];
-            }
-          }
+          T* row = prow + 1;
+          prow[0] = prow[Wo + 1] = T(0);
+          // band row u holds db row q_lo - 1 + u: rows q + 1, q, q - 1 are u = k + 2, k + 1, k
+          transposed_dw_row(bb_band.p + (k + 2) * PW, bb_band.p + (k + 1) * PW,
+                            bb_band.p + k * PW, wc, Wo, row);
           dw_row<S, ACT>(xbuf.p + S * k * XW, XW, wb, bb, Wo,
                          kNeedsPreact<ACT> ? b1pre.p : nullptr, b1post.p);
           act_grad<ACT>(row, b1post.p, b1pre.p, row, Wo);
         }
         // dwb, dbb over the rows this tile owns (k = 1 .. R)
+        const T* d1own = d1.p + PW + 1;
         for (int ti = 0; ti < 3; ++ti)
           for (int tj = 0; tj < 3; ++tj)
             part[L.wb + 9 * c + ti * 3 + tj] += dot_rows(
-                d1.p + Wo, Wo, tap<S>(xbuf.p + (S + ti) * XW, tj, Wo), S * XW, g.R, Wo);
-        part[L.bb + c] += sum_row(d1.p + Wo, g.R * Wo);
+                d1own, PW, tap<S>(xbuf.p + (S + ti) * XW, tj, Wo), S * XW, g.R, Wo);
+        part[L.bb + c] += sum_rows(d1own, PW, g.R, Wo);
         // dx rows [hs, he): input row h gets tap row ti from output row q = (h + 1 - ti) / S
+        // (padded band row q - q_lo; rows outside the image are zero in both bands)
         for (int64_t h = hs; h < he; ++h) {
-          for (int64_t i = 0; i < DXW; ++i) dxrow.p[i] = T(0);
+          int tis[3];
+          const T* A[3];
+          const T* B[3];
+          int nt = 0;
           for (int ti = 0; ti < 3; ++ti) {
             const int64_t num = h + 1 - ti;
             if (num < 0 || num % S) continue;
-            const int64_t q = num / S;
-            if (q >= Ho) continue;
-            const T* ga = sa + q * Wo;
-            const T* gb = d1.p + (q - q_lo) * Wo;
-            for (int tj = 0; tj < 3; ++tj) {
-              const T wat = wa[ti * 3 + tj], wbt = wb[ti * 3 + tj];
-              T* dst = const_cast<T*>(tap<S>(dxrow.p, tj, Wo));
-              for (int64_t w = 0; w < Wo; ++w) dst[w] += wat * ga[w] + wbt * gb[w];
-            }
+            const int64_t k = num / S - q_lo;
+            tis[nt] = ti;
+            A[nt] = ba_band.p + k * PW;
+            B[nt] = d1.p + k * PW;
+            ++nt;
           }
+          if (nt == 3) dx_row<S, 3>(tis, A, B, wa, wb, Wo, dxrow.p);
+          else if (nt == 2) dx_row<S, 2>(tis, A, B, wa, wb, Wo, dxrow.p);
+          else dx_row<S, 1>(tis, A, B, wa, wb, Wo, dxrow.p);
           // un-pad / interleave back into dx (which holds the residual/projection part)
           T* out = d.channels_last ? dx + ((g.bi * d.H + h) * W) * C + c
                                    : dx + ((g.bi * C + c) * d.H + h) * W;
