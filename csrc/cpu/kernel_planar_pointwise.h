@@ -80,53 +80,51 @@ void tile_pointwise_fused(const BlockDesc& d, const PointwiseSegs<T>& sg, const 
       pointwise_out1<ACT>(z, xres ? xres + o : nullptr, ptile ? ptile + o : nullptr, ytile + o);
     };
     if (d.channels_last) {
-      // pixels in pairs x 4 vectors of output channels: per row of A two broadcasts and
-      // four weight loads feed eight multiply-adds
-      auto pix = [&](int64_t p) { return p * Cout + co0; };
-      int64_t c = 0;
-      for (; c + 4 * VN <= n; c += 4 * VN) {
-        const V b0 = vload(bias + co0 + c), b1 = vload(bias + co0 + c + VN),
-                b2 = vload(bias + co0 + c + 2 * VN), b3 = vload(bias + co0 + c + 3 * VN);
+      // PB pixels x NC vectors of output channels from c: per row of A, PB broadcasts and
+      // NC weight loads feed PB NC multiply-adds into as many independent sums (8 in flight
+      // cover two FMA pipes' latency)
+      auto block = [&](auto pb, auto nc, int64_t p, int64_t c) {
+        constexpr int PB = decltype(pb)::value, NC = decltype(nc)::value;
+        V acc[PB][NC];
+#pragma GCC unroll 8
+        for (int j = 0; j < PB; ++j)
+#pragma GCC unroll 4
+          for (int v = 0; v < NC; ++v) acc[j][v] = vload(bias + co0 + c + v * VN);
+        for (int64_t k = 0; k < K; ++k) {
+          const T* wr = w + k * n + c;
+          V wv[NC];
+#pragma GCC unroll 4
+          for (int v = 0; v < NC; ++v) wv[v] = vload(wr + v * VN);
+#pragma GCC unroll 8
+          for (int j = 0; j < PB; ++j) {
+            const T u = As[k * P + p + j];
+#pragma GCC unroll 4
+            for (int v = 0; v < NC; ++v) acc[j][v] += u * wv[v];
+          }
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < PB; ++j)
+#pragma GCC unroll 4
+          for (int v = 0; v < NC; ++v) out((p + j) * Cout + co0 + c + v * VN, acc[j][v]);
+      };
+      auto cols = [&](auto pb, auto nc, int64_t c) {
+        constexpr int PB = decltype(pb)::value;
         int64_t p = 0;
-        for (; p + 2 <= P; p += 2) {
-          V a0 = b0, a1 = b1, a2 = b2, a3 = b3, e0 = b0, e1 = b1, e2 = b2, e3 = b3;
-          for (int64_t k = 0; k < K; ++k) {
-            const T* wr = w + k * n + c;
-            const V w0 = vload(wr), w1 = vload(wr + VN), w2 = vload(wr + 2 * VN),
-                    w3 = vload(wr + 3 * VN);
-            const T u = As[k * P + p], v = As[k * P + p + 1];
-            a0 += u * w0; a1 += u * w1; a2 += u * w2; a3 += u * w3;
-            e0 += v * w0; e1 += v * w1; e2 += v * w2; e3 += v * w3;
-          }
-          const int64_t o = pix(p) + c, q = pix(p + 1) + c;
-          out(o, a0); out(o + VN, a1); out(o + 2 * VN, a2); out(o + 3 * VN, a3);
-          out(q, e0); out(q + VN, e1); out(q + 2 * VN, e2); out(q + 3 * VN, e3);
-        }
-        for (; p < P; ++p) {
-          V a0 = b0, a1 = b1, a2 = b2, a3 = b3;
-          for (int64_t k = 0; k < K; ++k) {
-            const T* wr = w + k * n + c;
-            const T u = As[k * P + p];
-            a0 += u * vload(wr); a1 += u * vload(wr + VN);
-            a2 += u * vload(wr + 2 * VN); a3 += u * vload(wr + 3 * VN);
-          }
-          const int64_t o = pix(p) + c;
-          out(o, a0); out(o + VN, a1); out(o + 2 * VN, a2); out(o + 3 * VN, a3);
-        }
-      }
-      for (; c + VN <= n; c += VN) {
-        const V b0 = vload(bias + co0 + c);
-        for (int64_t p = 0; p < P; ++p) {
-          V a0 = b0;
-          for (int64_t k = 0; k < K; ++k) a0 += As[k * P + p] * vload(w + k * n + c);
-          out(pix(p) + c, a0);
-        }
-      }
+        for (; p + PB <= P; p += PB) block(pb, nc, p, c);
+        for (; p < P; ++p) block(std::integral_constant<int, 1>{}, nc, p, c);
+      };
+      int64_t c = 0;
+      for (; c + 4 * VN <= n; c += 4 * VN)
+        cols(std::integral_constant<int, 2>{}, std::integral_constant<int, 4>{}, c);
+      for (; c + 2 * VN <= n; c += 2 * VN)
+        cols(std::integral_constant<int, 4>{}, std::integral_constant<int, 2>{}, c);
+      for (; c + VN <= n; c += VN)
+        cols(std::integral_constant<int, 8>{}, std::integral_constant<int, 1>{}, c);
       for (; c < n; ++c)
         for (int64_t p = 0; p < P; ++p) {
           T z = bias[co0 + c];
           for (int64_t k = 0; k < K; ++k) z += As[k * P + p] * w[k * n + c];
-          out1(pix(p) + c, z);
+          out1(p * Cout + co0 + c, z);
         }
     } else {
       // output channels in pairs x 4 vectors of pixels: per row of A two weight broadcasts
