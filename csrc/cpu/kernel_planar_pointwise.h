@@ -252,40 +252,59 @@ void tile_dA_cl(const T* G, int64_t Cout, const T* wo, int64_t kp, int64_t Ktot,
   for (; p < P; ++p) dA_cl_pixels<T, NV, 1>(G, Cout, wo, kp, Ktot, P, p, dA);
 }
 
-// NCHW dA: rows of A in pairs x two vectors of pixels, one weight broadcast per output
-// channel and row.
+// NCHW dA for rows [k, k + KR) x PV vectors of pixels from p: one weight broadcast per row
+// and one load of G per vector feed KR PV independent sums over the output channels (in
+// channel order, as every block size sums).
+template <typename T, int KR, int PV>
+inline void dA_nchw_block(const T* G, int64_t Cout, const T* wo, int64_t kp, int64_t P,
+                          int64_t k, int64_t p, T* dA) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  V acc[KR][PV];
+#pragma GCC unroll 4
+  for (int r = 0; r < KR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < PV; ++v) acc[r][v] = V{};
+  for (int64_t co = 0; co < Cout; ++co) {
+    const T* g = G + co * P + p;
+    V gv[PV];
+#pragma GCC unroll 4
+    for (int v = 0; v < PV; ++v) gv[v] = vload(g + v * VN);
+#pragma GCC unroll 4
+    for (int r = 0; r < KR; ++r) {
+      const T u = wo[co * kp + k + r];
+#pragma GCC unroll 4
+      for (int v = 0; v < PV; ++v) acc[r][v] += u * gv[v];
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < KR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < PV; ++v) vstore(dA + (k + r) * P + p + v * VN, acc[r][v]);
+}
+
+// NCHW dA: rows of A in blocks of 3 (then 2, 1) x 3 vectors of pixels (then 1), the last
+// P % VN pixels one at a time.
 template <typename T>
 void tile_dA_nchw(const T* G, int64_t Cout, const T* wo, int64_t kp, int64_t Ktot, int64_t P,
                   T* dA) {
-  typedef typename Vec<T>::type V;
   constexpr int VN = Vec<T>::n;
-  for (int64_t k = 0; k < Ktot; k += 2) {
-    const bool two = k + 1 < Ktot;
-    T* r0 = dA + k * P;
-    T* r1 = two ? r0 + P : nullptr;
+  auto rows = [&](auto kr, int64_t k) {
+    constexpr int KR = decltype(kr)::value;
     int64_t p = 0;
-    for (; p + 2 * VN <= P; p += 2 * VN) {
-      V a0{}, a1{}, e0{}, e1{};
-      for (int64_t co = 0; co < Cout; ++co) {
-        const T* g = G + co * P + p;
-        const V g0 = vload(g), g1 = vload(g + VN);
-        const T u = wo[co * kp + k], v = two ? wo[co * kp + k + 1] : T(0);
-        a0 += u * g0; a1 += u * g1; e0 += v * g0; e1 += v * g1;
+    for (; p + 3 * VN <= P; p += 3 * VN) dA_nchw_block<T, KR, 3>(G, Cout, wo, kp, P, k, p, dA);
+    for (; p + VN <= P; p += VN) dA_nchw_block<T, KR, 1>(G, Cout, wo, kp, P, k, p, dA);
+    for (; p < P; ++p)
+      for (int r = 0; r < KR; ++r) {
+        T a = T(0);
+        for (int64_t co = 0; co < Cout; ++co) a += wo[co * kp + k + r] * G[co * P + p];
+        dA[(k + r) * P + p] = a;
       }
-      vstore(r0 + p, a0); vstore(r0 + p + VN, a1);
-      if (two) { vstore(r1 + p, e0); vstore(r1 + p + VN, e1); }
-    }
-    for (; p < P; ++p) {
-      T a = T(0), e = T(0);
-      for (int64_t co = 0; co < Cout; ++co) {
-        const T g = G[co * P + p];
-        a += wo[co * kp + k] * g;
-        if (two) e += wo[co * kp + k + 1] * g;
-      }
-      r0[p] = a;
-      if (two) r1[p] = e;
-    }
-  }
+  };
+  int64_t k = 0;
+  for (; k + 3 <= Ktot; k += 3) rows(std::integral_constant<int, 3>{}, k);
+  if (Ktot - k == 2) rows(std::integral_constant<int, 2>{}, k);
+  else if (Ktot - k == 1) rows(std::integral_constant<int, 1>{}, k);
 }
 
 // channels_last dW for output channels [c, c + 2 VN) x rows [k, k + KB) of segment A rows
