@@ -38,13 +38,45 @@ void load_x_band_pm(const BlockDesc& d, const I* x, int64_t bi, int64_t hb, int6
       int64_t e = 0;
       for (; e + VN <= W * C; e += VN) vstore(row + C + e, vload_as<T>(src + e));
       for (; e < W * C; ++e) row[C + e] = load_as<T>(src + e);
-    } else {
-      for (int64_t c = 0; c < C; ++c) {
-        const I* src = x + ((bi * C + c) * d.H + h) * W;
-        for (int64_t w = 0; w < W; ++w) row[(w + 1) * C + c] = load_as<T>(src + w);
-      }
     }
   }
+  if (d.channels_last) return;
+  // NCHW: the in-image rows [k0, k1) of each channel plane are one contiguous run of L
+  // pixels; blocks of VN channels x VN pixels of it are transposed in registers (the last
+  // block of either overlapping the one before), pixel m going to band row k0 + m / W,
+  // column m % W. Each block's VN planes are read front to back: a row at a time across
+  // all C planes left C streams to the prefetchers and a third of the blocks cut by the
+  // row's end.
+  const int64_t k0 = hb < 0 ? -hb : 0, k1 = hb + nrows > d.H ? d.H - hb : nrows;
+  if (k1 <= k0) return;
+  const I* base = x + (bi * C * d.H + hb + k0) * W;
+  const int64_t lds = d.H * W, L = (k1 - k0) * W;
+  T* dbase = xb + k0 * RW + C;
+#if MSFUSED_REG_TRANSPOSE
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  if (C >= VN && L >= VN) {
+    for (int64_t cb = 0; cb < C; cb += VN) {
+      const int64_t c0 = cb + VN <= C ? cb : C - VN;
+      for (int64_t mb = 0; mb < L; mb += VN) {
+        const int64_t m0 = mb + VN <= L ? mb : L - VN;
+        V r[VN];
+#pragma GCC unroll 16
+        for (int i = 0; i < VN; ++i) r[i] = vload_as<T>(base + (c0 + i) * lds + m0);
+        transpose_regs(r);
+        int64_t kq = m0 / W, wq = m0 - kq * W;
+#pragma GCC unroll 16
+        for (int j = 0; j < VN; ++j) {
+          vstore(dbase + kq * RW + wq * C + c0, r[j]);
+          if (++wq == W) wq = 0, ++kq;
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t k = k0; k < k1; ++k)
+    transpose_ld<T>(base + (k - k0) * W, lds, C, W, dbase + (k - k0) * RW, C);
 }
 
 // One input row of a 3x3 depthwise conv feeding four neighbouring output pixels: pixel k

@@ -52,24 +52,18 @@ void pack_weights(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, 
     for (int64_t co = 0; co < d.Cout; ++co) bias[co] += t.bs[co];
 }
 
-// dst (K x N) = src (N x K)^T, both row-major. Blocks of VN x VN elements are transposed in
-// registers (GCC's __builtin_shuffle), each row loaded and each column stored as one vector:
-// element by element, the strided stores took most of the backward's pass 1 at paper-u2
-// (its gz tile, 256 x 128 per image). The edges (and other compilers) go element by element.
-// dst's rows are ldd apart (n by default); a 16-bit O rounds each element once on its store
-// (the bits of round_to).
-template <typename T, typename O = T>
-void transpose(const T* src, int64_t n, int64_t k, O* dst, int64_t ldd = -1) {
-  if (ldd < 0) ldd = n;
-  constexpr int VN = Vec<T>::n;
-  int64_t nv = 0, kv = 0;  // the vector-blocked part: rows [0, nv), columns [0, kv)
 #if defined(__GNUC__) && !defined(__clang__)
-  typedef typename Vec<T>::type V;
+#define MSFUSED_REG_TRANSPOSE 1
+// r[i][j] -> r[j][i] for a VN x VN block held as VN vectors, in registers (GCC's
+// __builtin_shuffle): log2(VN) stages, stage b swapping the off-diagonal b x b blocks of
+// every 2b x 2b block. lo: lanes j of row i, or of row i + b (shifted by b) where bit b of j
+// is set; hi: the other halves.
+template <typename V>
+inline void transpose_regs(V* r) {
+  typedef std::remove_cv_t<std::remove_reference_t<decltype(r[0][0])>> T;
+  constexpr int VN = sizeof(V) / sizeof(T);
   typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
   typedef I M __attribute__((vector_size(sizeof(V))));
-  // Stage b swaps the off-diagonal b x b blocks of every 2b x 2b block; all stages together
-  // map (i, j) to (j, i). lo: lanes j of row i, or of row i + b (shifted by b) where bit b
-  // of j is set; hi: the other halves.
   constexpr int nst = VN >= 16 ? 4 : VN >= 8 ? 3 : VN >= 4 ? 2 : 1;  // log2(VN)
   M lo[nst], hi[nst];
   for (int st = 0; st < nst; ++st)
@@ -78,33 +72,82 @@ void transpose(const T* src, int64_t n, int64_t k, O* dst, int64_t ldd = -1) {
       lo[st][j] = (j & b) ? I(VN + j - b) : I(j);
       hi[st][j] = (j & b) ? I(VN + j) : I(j + b);
     }
-  nv = n / VN * VN;
-  kv = k / VN * VN;
-  for (int64_t i0 = 0; i0 < nv; i0 += VN)
-    for (int64_t j0 = 0; j0 < kv; j0 += VN) {
-      V r[VN];  // fully unrolled below, so r and the masks stay in registers
-#pragma GCC unroll 16
-      for (int i = 0; i < VN; ++i) r[i] = vload(src + (i0 + i) * k + j0);
 #pragma GCC unroll 4
-      for (int st = 0; st < nst; ++st) {
-        const int b = 1 << st;
+  for (int st = 0; st < nst; ++st) {
+    const int b = 1 << st;
 #pragma GCC unroll 16
-        for (int i = 0; i < VN; ++i)
-          if (!(i & b)) {
-            const V a = r[i], c = r[i + b];
-            r[i] = __builtin_shuffle(a, c, lo[st]);
-            r[i + b] = __builtin_shuffle(a, c, hi[st]);
-          }
+    for (int i = 0; i < VN; ++i)
+      if (!(i & b)) {
+        const V a = r[i], c = r[i + b];
+        r[i] = __builtin_shuffle(a, c, lo[st]);
+        r[i + b] = __builtin_shuffle(a, c, hi[st]);
       }
-#pragma GCC unroll 16
-      for (int j = 0; j < VN; ++j) vstore_as<T>(dst + (j0 + j) * ldd + i0, r[j]);
-    }
+  }
+}
 #endif
-  // the rest: rows [nv, n) over all columns, and columns [kv, k) of rows [0, nv)
-  for (int64_t i = nv; i < n; ++i)
-    for (int64_t j = 0; j < k; ++j) store_as(dst + j * ldd + i, src[i * k + j]);
-  for (int64_t i = 0; i < nv; ++i)
-    for (int64_t j = kv; j < k; ++j) store_as(dst + j * ldd + i, src[i * k + j]);
+
+// dst[j * ldd + i] = src[i * lds + j] for i < n, j < k: widened from I on load to the
+// compute type T and stored as O (16-bit storage rounded once on its store: the bits of
+// round_to). Blocks of VN x VN elements are transposed in registers, each row loaded and
+// each column stored as one vector; where n or k is not a whole number of vectors the last
+// block overlaps the one before (its elements stored twice, the same values), and only a
+// matrix narrower than a vector goes through zero-filled copies (other compilers: element
+// by element). Element by element, the strided stores took most of the backward's pass 1 at
+// paper-u2 (its gz tile, 256 x 128 per image) and of the NCHW forward's x band at mnet-56.
+template <typename T, typename I, typename O>
+void transpose_ld(const I* src, int64_t lds, int64_t n, int64_t k, O* dst, int64_t ldd) {
+#if MSFUSED_REG_TRANSPOSE
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  if (n >= VN && k >= VN) {
+    for (int64_t ib = 0; ib < n; ib += VN) {
+      const int64_t i0 = ib + VN <= n ? ib : n - VN;
+      for (int64_t jb = 0; jb < k; jb += VN) {
+        const int64_t j0 = jb + VN <= k ? jb : k - VN;
+        V r[VN];  // fully unrolled below, so r stays in registers
+#pragma GCC unroll 16
+        for (int i = 0; i < VN; ++i) r[i] = vload_as<T>(src + (i0 + i) * lds + j0);
+        transpose_regs(r);
+#pragma GCC unroll 16
+        for (int j = 0; j < VN; ++j) vstore_as<T>(dst + (j0 + j) * ldd + i0, r[j]);
+      }
+    }
+    return;
+  }
+  for (int64_t i0 = 0; i0 < n; i0 += VN) {
+    const int ni = n - i0 < VN ? int(n - i0) : VN;
+    for (int64_t j0 = 0; j0 < k; j0 += VN) {
+      const int nj = k - j0 < VN ? int(k - j0) : VN;
+      V r[VN];
+      I tin[VN];
+      O tout[VN];
+      memset(tin, 0, sizeof(tin));
+      for (int i = 0; i < VN; ++i) {
+        if (i < ni) memcpy(tin, src + (i0 + i) * lds + j0, sizeof(I) * nj);
+        else memset(tin, 0, sizeof(tin));
+        r[i] = vload_as<T>(tin);
+      }
+      transpose_regs(r);
+      for (int j = 0; j < nj; ++j) {
+        if (ni == VN) {
+          vstore_as<T>(dst + (j0 + j) * ldd + i0, r[j]);
+        } else {
+          vstore_as<T>(tout, r[j]);
+          memcpy(dst + (j0 + j) * ldd + i0, tout, sizeof(O) * ni);
+        }
+      }
+    }
+  }
+#else
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < k; ++j) store_as(dst + j * ldd + i, load_as<T>(src + i * lds + j));
+#endif
+}
+
+// dst (K x N, leading dimension ldd, N by default) = src (N x K)^T, src row-major.
+template <typename T, typename O = T>
+void transpose(const T* src, int64_t n, int64_t k, O* dst, int64_t ldd = -1) {
+  transpose_ld<T>(src, k, n, k, dst, ldd < 0 ? n : ldd);
 }
 
 // Epilogue of a tile: z = (pointwise/projection sum) + output bias (+ identity residual,
@@ -141,6 +184,34 @@ void epilogue(const BlockDesc& d, const T* src, int64_t sp, int64_t sc, O* ytile
       }
       for (; co < Cout; ++co) one(p, co);
     }
+#if MSFUSED_REG_TRANSPOSE
+  } else if (!d.channels_last && sp == Cout && sc == 1) {
+    // NCHW y from a pixel-major sum: VN pixels x VN channels transposed in registers, then
+    // a vector of pixels per channel (element by element, the strided loads took 15% of the
+    // NCHW forward at mnet-56). Per block of channels the pixels go front to back, so y and
+    // x are VN streams each rather than Cout.
+    typedef typename Vec<T>::type V;
+    constexpr int VN = Vec<T>::n;
+    const int64_t Pv = P - P % VN, Cv = Cout - Cout % VN;
+    for (int64_t c0 = 0; c0 < Cv; c0 += VN)
+      for (int64_t p0 = 0; p0 < Pv; p0 += VN) {
+        V r[VN];
+#pragma GCC unroll 16
+        for (int i = 0; i < VN; ++i) r[i] = vload(src + (p0 + i) * Cout + c0);
+        transpose_regs(r);
+#pragma GCC unroll 16
+        for (int j = 0; j < VN; ++j) {
+          V z = r[j] + bias[c0 + j];
+          const int64_t o = (c0 + j) * HoWo + p0;
+          if (xres) z += vload_as<T>(xres + o);
+          dw_store<ACT>(z, ytile + o, ptile ? ptile + o : nullptr);
+        }
+      }
+    for (int64_t co = Cv; co < Cout; ++co)
+      for (int64_t p = 0; p < Pv; ++p) one(p, co);
+    for (int64_t co = 0; co < Cout; ++co)
+      for (int64_t p = Pv; p < P; ++p) one(p, co);
+#endif
   } else if (d.channels_last) {  // loop order follows y's memory order
     for (int64_t p = 0; p < P; ++p)
       for (int64_t co = 0; co < Cout; ++co) one(p, co);
