@@ -831,12 +831,8 @@ void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, co
                              (T*)nullptr, C, (const T*)tmp);
     }
     if (!d.channels_last)
-      for (int64_t j = 0; j < n; ++j) {
-        T* o = dx + (g.bi * C * d.H + h + j) * d.W;
-        const T* tr = tmp + j * Wo * C;
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t w = 0; w < Wo; ++w) o[c * HW + w] += tr[w * C + c];
-      }
+      for (int64_t j = 0; j < n; ++j)
+        add_transposed(tmp + j * Wo * C, C, Wo, C, dx + (g.bi * C * d.H + h + j) * d.W, HW);
     i += n;
   }
 }

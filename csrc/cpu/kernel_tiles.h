@@ -144,6 +144,50 @@ void transpose_ld(const I* src, int64_t lds, int64_t n, int64_t k, O* dst, int64
 #endif
 }
 
+// dst[j * ldd + i] += src[i * lds + j] for i < n, j < k (all T): transpose_ld's blocks, added
+// to what dst holds. The edges cannot overlap (an element would be added twice): a block cut
+// by either edge is loaded through a zero-filled copy and added element by element.
+template <typename T>
+void add_transposed(const T* src, int64_t lds, int64_t n, int64_t k, T* dst, int64_t ldd) {
+#if MSFUSED_REG_TRANSPOSE
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  for (int64_t i0 = 0; i0 < n; i0 += VN) {
+    const int ni = n - i0 < VN ? int(n - i0) : VN;
+    for (int64_t j0 = 0; j0 < k; j0 += VN) {
+      const int nj = k - j0 < VN ? int(k - j0) : VN;
+      V r[VN];
+      if (ni == VN && nj == VN) {
+#pragma GCC unroll 16
+        for (int i = 0; i < VN; ++i) r[i] = vload(src + (i0 + i) * lds + j0);
+        transpose_regs(r);
+#pragma GCC unroll 16
+        for (int j = 0; j < VN; ++j) {
+          T* o = dst + (j0 + j) * ldd + i0;
+          vstore(o, vload(o) + r[j]);
+        }
+        continue;
+      }
+      T tmp[VN];
+      for (int i = 0; i < VN; ++i) {
+        memset(tmp, 0, sizeof(tmp));
+        if (i < ni) memcpy(tmp, src + (i0 + i) * lds + j0, sizeof(T) * nj);
+        r[i] = vload(tmp);
+      }
+      transpose_regs(r);
+      for (int j = 0; j < nj; ++j) {
+        vstore(tmp, r[j]);
+        T* o = dst + (j0 + j) * ldd + i0;
+        for (int i = 0; i < ni; ++i) o[i] += tmp[i];
+      }
+    }
+  }
+#else
+  for (int64_t j = 0; j < k; ++j)
+    for (int64_t i = 0; i < n; ++i) dst[j * ldd + i] += src[i * lds + j];
+#endif
+}
+
 // dst (K x N, leading dimension ldd, N by default) = src (N x K)^T, src row-major.
 template <typename T, typename O = T>
 void transpose(const T* src, int64_t n, int64_t k, O* dst, int64_t ldd = -1) {
