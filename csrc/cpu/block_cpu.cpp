@@ -12,6 +12,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <new>
 
 #include "block_args.h"
 #include "cpu/block_kernel.h"
@@ -264,6 +265,37 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
+// The backward's scratch (branch gradients, the chunks' partial weight gradients) of
+// `elems` elements like `like`: up to kKeepScratchBytes a buffer of the calling thread kept
+// between calls (the kernels finish with it before the call returns), larger ones fresh. A
+// fresh allocation of a few MiB is page-faulted in again on every call whenever glibc has
+// trimmed the heap top since the last one (NOTES 41: 2 ms of paper-u2's NCHW bfloat16
+// backward); the whole-batch branch scratch of the two-pass plan is too large to keep.
+constexpr int64_t kKeepScratchBytes = int64_t(32) << 20;
+struct KeptScratch {  // one per thread; freed when the thread ends
+  void* p = nullptr;
+  int64_t cap = 0;
+  ~KeptScratch() { free(p); }
+};
+at::Tensor backward_scratch_tensor(int64_t elems, const at::Tensor& like) {
+  const int64_t bytes = elems * static_cast<int64_t>(like.element_size());
+  if (bytes > kKeepScratchBytes) {
+    at::Tensor t = at::empty({elems}, like.options());
+    advise_huge_pages(t);
+    return t;
+  }
+  static thread_local KeptScratch kept;
+  if (kept.cap < bytes) {
+    free(kept.p);
+    kept.p = nullptr;
+    kept.cap = 0;
+    if (posix_memalign(&kept.p, 64, static_cast<size_t>(bytes > 0 ? bytes : 1)) != 0)
+      throw std::bad_alloc();
+    kept.cap = bytes;
+  }
+  return at::from_blob(kept.p, {elems}, like.options());
+}
+
 // y and, when save_preact, the pre-activation (else an empty tensor), in x's dtype and
 // the block's I/O layout.
 std::tuple<at::Tensor, at::Tensor> alloc_outputs(const BlockDesc& d, const at::Tensor& x,
@@ -425,9 +457,8 @@ std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
                                         const at::Tensor& gy, const at::Tensor& sv) {
   std::vector<at::Tensor> grads = alloc_grads(a, d);
   const BackwardScratch sl = backward_scratch(d, make_plan(d, true));
-  at::Tensor scratch = at::empty({sl.total}, a.x->options());
+  at::Tensor scratch = backward_scratch_tensor(sl.total, *a.x);
   advise_huge_pages(grads[0]);
-  advise_huge_pages(scratch);
   AT_DISPATCH_FLOATING_TYPES(a.x->scalar_type(), "msfused_block_backward_cpu", [&] {
     auto t = tensors_of<scalar_t>(a);
     auto g = grads_of<scalar_t>(grads, d);
@@ -460,9 +491,8 @@ std::vector<at::Tensor> backward_16(const BlockDesc& d, const BlockArgs& a,
   for (size_t i = 1; i < grads.size(); ++i)
     g32[i] = at::empty(grads[i].sizes(), grads[i].options().dtype(at::kFloat));
   const BackwardScratch sl = backward_scratch(d, make_plan(d, true));
-  at::Tensor scratch = at::empty({sl.total}, w.x->options());
+  at::Tensor scratch = backward_scratch_tensor(sl.total, *w.x);
   advise_huge_pages(grads[0]);
-  advise_huge_pages(scratch);
   Runtime rt = runtime();
   rt.bf16_products = native_bf16_grad_gemms(d, *a.x);
   backward16_kernel(a.x->scalar_type())(
