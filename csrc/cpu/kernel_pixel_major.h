@@ -718,7 +718,7 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
           const int64_t spix = (g.r0 + i + 1) * (Wo + 2) + w + 1;
           act_grad<ACT>(da, a, pa, SAi + spix * C, C);
           act_grad<ACT>(db, b, pb, SBi + spix * C, C);
-          if (pl.Cs) {  // projection: dx at (s r, s w), owned by this tile
+          if (pl.Cs && (d.channels_last || S == 2)) {  // projection: dx at (s r, s w)
             const T* dxs = da + C;
             const int64_t h = S * (g.r0 + i), wi = S * w;
             if (d.channels_last) {
@@ -729,6 +729,12 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
             }
           }
         }
+      // NCHW at stride 1: the projection's dx rows from the tile's rows of dA, transposed
+      // (element by element, the stores strided by H W took 5% of paper-u2's backward)
+      if (pl.Cs && !d.channels_last && S == 1)
+        for (int64_t i = 0; i < g.R; ++i)
+          transpose_ld<T>(dA + i * Wo * K + C, K, Wo, C,
+                          dx + (g.bi * C * d.H + g.r0 + i) * d.W, d.H * d.W);
       // zero borders of the padded scratch that this tile owns
       const int64_t SR = (Wo + 2) * C;
       const int64_t srow0 = (g.r0 + 1) * SR;  // first row of the tile
