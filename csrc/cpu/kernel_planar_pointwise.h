@@ -10,6 +10,28 @@
 
 MSFUSED_KERNEL_BEGIN
 
+// The register block every loop below is made of: acc[x][y] += s(k, x) * (vector y of v(k))
+// for k = 0 .. K-1, X scalars times Y vectors, X Y independent sums (eight or more keep two
+// FMA pipes busy through their latency; one chain of K dependent FMAs per pixel left them
+// idle, NOTES 40). Each sum runs over k in order, whatever X and Y, so the blocking never
+// changes the bits.
+template <int X, int Y, typename V, typename FS, typename FV>
+inline void outer_sum(V (&acc)[X][Y], int64_t K, FS s, FV v) {
+  constexpr int VN = sizeof(V) / sizeof(acc[0][0][0]);
+  for (int64_t k = 0; k < K; ++k) {
+    const auto* vk = v(k);
+    V vv[Y];
+#pragma GCC unroll 4
+    for (int y = 0; y < Y; ++y) vv[y] = vload(vk + y * VN);
+#pragma GCC unroll 8
+    for (int x = 0; x < X; ++x) {
+      const auto u = s(k, x);
+#pragma GCC unroll 4
+      for (int y = 0; y < Y; ++y) acc[x][y] += u * vv[y];
+    }
+  }
+}
+
 
 // One weight segment per GEMM: output channels [co0, co0 + n) take rows [k0, k0 + K) of A;
 // w is K x n row-major (k-major: a row of A meets a contiguous vector of output channels).
@@ -90,18 +112,8 @@ void tile_pointwise_fused(const BlockDesc& d, const PointwiseSegs<T>& sg, const 
         for (int j = 0; j < PB; ++j)
 #pragma GCC unroll 4
           for (int v = 0; v < NC; ++v) acc[j][v] = vload(bias + co0 + c + v * VN);
-        for (int64_t k = 0; k < K; ++k) {
-          const T* wr = w + k * n + c;
-          V wv[NC];
-#pragma GCC unroll 4
-          for (int v = 0; v < NC; ++v) wv[v] = vload(wr + v * VN);
-#pragma GCC unroll 8
-          for (int j = 0; j < PB; ++j) {
-            const T u = As[k * P + p + j];
-#pragma GCC unroll 4
-            for (int v = 0; v < NC; ++v) acc[j][v] += u * wv[v];
-          }
-        }
+        outer_sum(acc, K, [&](int64_t k, int j) { return As[k * P + p + j]; },
+                  [&](int64_t k) { return w + k * n + c; });
 #pragma GCC unroll 8
         for (int j = 0; j < PB; ++j)
 #pragma GCC unroll 4
@@ -216,22 +228,9 @@ inline void dA_cl_pixels(const T* G, int64_t Cout, const T* wo, int64_t kp, int6
   typedef typename Vec<T>::type V;
   constexpr int VN = Vec<T>::n;
   const T* g = G + p * Cout;
-  V acc[PB][NV];
-#pragma GCC unroll 16
-  for (int j = 0; j < PB; ++j)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[j][v] = V{};
-  for (int64_t co = 0; co < Cout; ++co) {
-    V w[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) w[v] = vload(wo + co * kp + v * VN);
-#pragma GCC unroll 16
-    for (int j = 0; j < PB; ++j) {
-      const T u = g[j * Cout + co];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[j][v] += u * w[v];
-    }
-  }
+  V acc[PB][NV] = {};
+  outer_sum(acc, Cout, [&](int64_t co, int j) { return g[j * Cout + co]; },
+            [&](int64_t co) { return wo + co * kp; });
   T t[PB][NV * VN];
 #pragma GCC unroll 16
   for (int j = 0; j < PB; ++j)
@@ -260,23 +259,9 @@ inline void dA_nchw_block(const T* G, int64_t Cout, const T* wo, int64_t kp, int
                           int64_t k, int64_t p, T* dA) {
   typedef typename Vec<T>::type V;
   constexpr int VN = Vec<T>::n;
-  V acc[KR][PV];
-#pragma GCC unroll 4
-  for (int r = 0; r < KR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < PV; ++v) acc[r][v] = V{};
-  for (int64_t co = 0; co < Cout; ++co) {
-    const T* g = G + co * P + p;
-    V gv[PV];
-#pragma GCC unroll 4
-    for (int v = 0; v < PV; ++v) gv[v] = vload(g + v * VN);
-#pragma GCC unroll 4
-    for (int r = 0; r < KR; ++r) {
-      const T u = wo[co * kp + k + r];
-#pragma GCC unroll 4
-      for (int v = 0; v < PV; ++v) acc[r][v] += u * gv[v];
-    }
-  }
+  V acc[KR][PV] = {};
+  outer_sum(acc, Cout, [&](int64_t co, int r) { return wo[co * kp + k + r]; },
+            [&](int64_t co) { return G + co * P + p; });
 #pragma GCC unroll 4
   for (int r = 0; r < KR; ++r)
 #pragma GCC unroll 4
@@ -315,29 +300,16 @@ inline void dW_cl_block(const T* G, int64_t Cout, int64_t gc, const T* As, int64
                         int64_t K, int64_t c, int64_t k, T* out) {
   typedef typename Vec<T>::type V;
   constexpr int VN = Vec<T>::n;
-  V s0[KB], s1[KB];
-#pragma GCC unroll 4
-  for (int j = 0; j < KB; ++j) s0[j] = s1[j] = V{};
+  V acc[KB][2] = {};
   const T* r = As + k * P;
-  for (int64_t p = 0; p < P; ++p) {
-    const T* g = G + p * Cout + gc;
-    const V g0 = vload(g), g1 = vload(g + VN);
-#pragma GCC unroll 4
-    for (int j = 0; j < KB; ++j) {
-      const T xj = r[j * P + p];
-      s0[j] += xj * g0;
-      s1[j] += xj * g1;
-    }
-  }
+  outer_sum(acc, P, [&](int64_t p, int j) { return r[j * P + p]; },
+            [&](int64_t p) { return G + p * Cout + gc; });
 #pragma GCC unroll 4
   for (int j = 0; j < KB; ++j) {
-    T t0[VN], t1[VN];
-    vstore(t0, s0[j]);
-    vstore(t1, s1[j]);
-    for (int i = 0; i < VN; ++i) {
-      out[(c + i) * K + k + j] += t0[i];
-      out[(c + VN + i) * K + k + j] += t1[i];
-    }
+    T t[2][VN];
+    vstore(t[0], acc[j][0]);
+    vstore(t[1], acc[j][1]);
+    for (int i = 0; i < 2 * VN; ++i) out[(c + i) * K + k + j] += t[i / VN][i % VN];
   }
 }
 
