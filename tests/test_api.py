@@ -178,6 +178,29 @@ def test_cpu_depthwise_weight_grads_wide_rows(stride, channels_last):
     check_float32_against_float64(ref, fused, x, gy)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("batch", [3, 5], ids=["tile-plan", "per-image-plan"])
+def test_cpu_nchw_transposes(stride, batch):
+    """NCHW input on the pixel-major path goes through in-register transposes of 16 x 16
+    (AVX-512; 8 x 8 AVX2) blocks: the x band, the forward's epilogue, pass 2's dx rows and,
+    at stride 1, the projection's dx (csrc/cpu/kernel_tiles.h transpose_ld, add_transposed;
+    kernel_pixel_major.h load_x_band_pm). C = 20 and W = 19 leave a partial block in both
+    directions (the overlapping last block of transpose_ld, the narrow path of
+    add_transposed), Cout = 24 a channel tail in the epilogue, and concat a projection;
+    every gradient against the float64 reference, both backward plans."""
+    if not msfused.available_backends()["cpp"].available:
+        pytest.skip("cpp backend not built")
+    from blockutil import make_block, check_float32_against_float64
+    kw = dict(merge="concat", stride=stride, activation="relu")
+    torch.manual_seed(4)
+    ref = make_block(20, 12, dtype=torch.float64, **kw)
+    fused = make_block(20, 12, backend="cpp", dtype=torch.float32, **kw)
+    fused.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    x = torch.randn(batch, 20, 7, 19, dtype=torch.float64)
+    gy = torch.randn(ref(x).shape, dtype=torch.float64)
+    check_float32_against_float64(ref, fused, x, gy)
+
+
 def test_cpu_backward_tiles_by_l2_size(tmp_path):
     """The pixel-major backward cuts images into bands by the CPU's L2 size (csrc/cpu/
     tiling.h, backward_tile_elems): 32768-element tiles below 1 MiB, 262144 from 1 MiB. Both

@@ -21,6 +21,7 @@ CASES = [
     (10, 10, 5, 17, "add", 1, "relu6", True),     # identity residual, C below one vector
     (32, 16, 16, 16, "concat", 1, "none", False),
     (64, 32, 14, 14, "add", 2, "relu", True),
+    (20, 12, 7, 19, "concat", 1, "relu", True),   # partial 16 x 16 blocks both ways (NCHW)
     (9, 5, 6, 7, "add", 1, "relu", True),         # odd C: float32 kernels, bfloat16 storage
     # the planar path (C < 8): float32 kernels on bfloat16 storage, the fused pointwise
     (3, 40, 9, 11, "concat", 1, "silu", True),    # projection, 2 x 40 outputs: vector tails
