@@ -337,13 +337,10 @@ template <int S, int NTI, typename T>
 inline void dx_row(const int* ti, const T* const* A, const T* const* B, const T* wa,
                    const T* wb, int64_t Wo, T* dxrow) {
   T ka[NTI][3], kb[NTI][3];
-  const T* a[NTI];
-  const T* b[NTI];
-  for (int n = 0; n < NTI; ++n) {
+  for (int n = 0; n < NTI; ++n)
     for (int tj = 0; tj < 3; ++tj) ka[n][tj] = wa[ti[n] * 3 + tj], kb[n][tj] = wb[ti[n] * 3 + tj];
-    a[n] = A[n];
-    b[n] = B[n];
-  }
+  const T* const* a = A;
+  const T* const* b = B;
   if (S == 1) {
     // dxrow[i] (i = 1 .. Wo: the input columns) gets tap column tj from da column i - tj
     for (int64_t i = 1; i <= Wo; ++i) {
