@@ -159,3 +159,32 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("c", [16, 18], ids=["vectors", "vector-and-tail"])
+def test_bf16_tiny_outputs_round_alike(c):
+    """y = x through the identity residual (every weight and bias zero): bfloat16
+    values are returned exactly down to the smallest normal; below it (denormals, under
+    1.2e-38) the native forward's vcvtneps2bf16 gives zeros of the input's sign, the
+    widening forward the values themselves. Either way every channel alike: the scalar
+    rounding of a row's last channels (C = 18: 16 in a vector, 2 after it) follows the
+    vector instruction's rule."""
+    require("cpp")
+    blk = make_block(c, c, backend="cpp", dtype=torch.bfloat16, merge="add", activation="none")
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.zero_()
+    fmt = torch.channels_last
+    normal = torch.tensor([1e-30, -(2.0 ** -126), 3.5, -1e30, 0.0]).bfloat16()
+    denormal = torch.tensor([5e-39, -(2.0 ** -133), 1e-39, -3e-39]).bfloat16()
+    assert (denormal.float().abs() < torch.finfo(torch.float32).tiny).all()
+    for vals, exact in ((normal, True), (denormal, False)):
+        x = vals.repeat(c * 5 * 9 // len(vals) + 1)[: c * 5 * 9].reshape(1, 5, 9, c)
+        x = x.permute(0, 3, 1, 2).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            y = blk(x)
+        if exact or torch.equal(y, x):
+            assert torch.equal(y, x)
+        else:
+            assert (y == 0).all(), "denormals flushed in some channels and kept in others"
+            assert torch.equal(torch.signbit(y), torch.signbit(x))

@@ -320,8 +320,8 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const BlockDesc& d, const BlockA
   at::Tensor y, pre;
   std::tie(y, pre) = alloc_outputs(d, *a.x, save_preact);
   uint16_t* p = save_preact ? reinterpret_cast<uint16_t*>(pre.data_ptr<at::BFloat16>()) : nullptr;
-  avx512::block_forward_bf16(runtime(), d, bf16_bits(tensors_of<at::BFloat16>(a)),
-                             reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), p);
+  avx512bf16::block_forward_bf16(runtime(), d, bf16_bits(tensors_of<at::BFloat16>(a)),
+                                 reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), p);
   return {y, pre};
 }
 

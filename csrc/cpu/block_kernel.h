@@ -62,7 +62,7 @@ struct Runtime {
 
 // block_forward_bf16_f32: the forward of a bfloat16 call computed in float32 (float32
 // GEMMs) with x, y and pre read and written as bfloat16 bits, the weights (t, t.x unused)
-// float32: the bfloat16 forward wherever the native one (avx512::block_forward_bf16) does
+// float32: the bfloat16 forward wherever the native one (avx512bf16::block_forward_bf16) does
 // not apply.
 // block_backward_bf16: the backward of a bfloat16 call computed in float32 with the tensors
 // that scale with the batch read and written as bfloat16 bits (x, grad_y, saved, dx), the
@@ -80,8 +80,9 @@ MSFUSED_DECLARE_ISA(avx512)
 
 // The bfloat16 forward computed natively (kernel_bf16_forward.h; t, y and pre are bfloat16
 // bits): pixel-major plans only (C >= kPixelMajorMinC), needs Runtime::bbrgemm. Compiled for
-// AVX-512 (block_kernel_avx512.cpp): the binding runs it only on CPUs with AVX512-BF16.
-namespace avx512 {
+// AVX-512 with AVX512-BF16 (block_kernel_avx512bf16.cpp): the binding runs it only on CPUs
+// that have both.
+namespace avx512bf16 {
 void block_forward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTensors<uint16_t>& t,
                         uint16_t* y, uint16_t* pre);
 }

@@ -1,7 +1,7 @@
 // The CPU kernels compiled for AVX-512 (64-byte vectors: 16-channel blocks in the depthwise
-// rows): float32, the bfloat16 kernels on bfloat16 storage, and the native bfloat16 forward
-// (bfloat16 GEMMs), which the binding calls only on CPUs with AVX-512 (the native one with
-// AVX512-BF16 too). Off x86-64 this is a baseline build that nothing calls.
+// rows): float32 and the bfloat16 kernels on bfloat16 storage, which the binding calls only
+// on CPUs with AVX-512 (the native bfloat16 forward: block_kernel_avx512bf16.cpp). Off
+// x86-64 this is a baseline build that nothing calls.
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #define MSFUSED_VEC_BYTES 64
@@ -17,23 +17,4 @@
 
 #include "cpu/block_kernel.h"
 #include "cpu/block_kernel_impl.h"
-#include "cpu/kernel_bf16_forward.h"
 
-namespace msfused {
-namespace cpu {
-namespace avx512 {
-
-void block_forward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTensors<uint16_t>& t,
-                        uint16_t* y, uint16_t* pre) {
-  dispatch_act(d.act, [&](auto act) {
-    constexpr int ACT = decltype(act)::value;
-    if (d.stride == 1)
-      forward_pm_bf16<1, ACT>(rt, d, t, y, pre);
-    else
-      forward_pm_bf16<2, ACT>(rt, d, t, y, pre);
-  });
-}
-
-}  // namespace avx512
-}  // namespace cpu
-}  // namespace msfused

@@ -104,6 +104,11 @@ inline bf16_t float_to_bf16(float f) {
   uint32_t u;
   memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t((u >> 16) | 0x40);  // quiet NaN
+#if defined(MSFUSED_HW_BF16)
+  // as vcvtneps2bf16 does (vstore_as): a denormal float32 becomes a zero of its sign, so a
+  // row's scalar tail rounds like its vectors
+  if ((u & 0x7f800000u) == 0) u &= 0x80000000u;
+#endif
   return bf16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
@@ -162,9 +167,17 @@ template <typename T, typename O>
 inline void vstore_as(O* p, typename Vec<T>::type v) {
   if constexpr (std::is_same_v<O, bf16_t>) {
     static_assert(std::is_same_v<T, float>, "bfloat16 storage rounds from float");
+#if defined(MSFUSED_HW_BF16) && MSFUSED_VEC_BYTES == 64
+    // AVX512-BF16's one-instruction rounding (round to nearest even, NaN quieted as
+    // bf16_bits does), where bf16_bits takes nine integer vector operations that compete
+    // with the depthwise FMAs for the vector pipes. Unlike bf16_bits it flushes denormal
+    // inputs (below 1.2e-38) to zero, as oneDNN's bfloat16 kernels on this instruction do.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh((__m512)v));
+#else
     constexpr int VN = Vec<float>::n;
     typedef uint16_t H __attribute__((vector_size(2 * VN), aligned(2)));
     *reinterpret_cast<H*>(p) = __builtin_convertvector(bf16_bits(v), H);
+#endif
 #ifdef MSFUSED_HAVE_F16
   } else if constexpr (std::is_same_v<O, f16_t>) {
     static_assert(std::is_same_v<T, float>, "float16 storage rounds from float");
