@@ -184,6 +184,23 @@ bool use_avx512() {
   return v;
 }
 
+// The bfloat16 kernels of the AVX512-BF16 build (block_kernel_avx512bf16.cpp: the float32
+// kernels on bfloat16 storage with one-instruction roundings) where the AVX-512 build runs
+// and the CPU has AVX512-BF16; MSFUSED_CPU_BF16=widen runs the AVX-512 build's instead, as
+// a CPU without AVX512-BF16 would.
+bool use_avx512bf16() {
+  static const bool v = [] {
+    const char* env = std::getenv("MSFUSED_CPU_BF16");
+    if (env && std::strcmp(env, "widen") == 0) return false;
+#if defined(__x86_64__) || defined(__i386__)
+    return use_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+  }();
+  return v;
+}
+
 // Native bfloat16 (kernel_bf16_forward.h) where the CPU has AVX512-BF16 (AMX-BF16 CPUs all
 // do) and oneDNN's bfloat16 brgemm answers a probe correctly: oneDNN then picks AMX tiles
 // or AVX512-BF16 dot products itself. Elsewhere (no bf16 instructions: oneDNN would
@@ -362,6 +379,7 @@ Forward16 forward16_kernel(at::ScalarType t) {
                              &base::block_forward_f16_f32);
 #endif
   (void)t;
+  if (use_avx512bf16()) return &avx512bf16::block_forward_bf16_f32;
   return by_isa<Forward16>(&avx512::block_forward_bf16_f32, &avx2::block_forward_bf16_f32,
                            &base::block_forward_bf16_f32);
 }
@@ -373,6 +391,7 @@ Backward16 backward16_kernel(at::ScalarType t) {
                               &base::block_backward_f16);
 #endif
   (void)t;
+  if (use_avx512bf16()) return &avx512bf16::block_backward_bf16;
   return by_isa<Backward16>(&avx512::block_backward_bf16, &avx2::block_backward_bf16,
                             &base::block_backward_bf16);
 }

@@ -76,6 +76,10 @@ MSFUSED_DECLARE_ISA(avx2)
 // avx512: CPUs with AVX-512 only; its block_forward / block_backward exist for float32 only
 // (block_kernel_avx512.cpp).
 MSFUSED_DECLARE_ISA(avx512)
+// avx512bf16: CPUs with AVX-512 and AVX512-BF16; only block_forward_bf16_f32 and
+// block_backward_bf16 are defined (block_kernel_avx512bf16.cpp), with the native
+// block_forward_bf16 below.
+MSFUSED_DECLARE_ISA(avx512bf16)
 #undef MSFUSED_DECLARE_ISA
 
 // The bfloat16 forward computed natively (kernel_bf16_forward.h; t, y and pre are bfloat16

@@ -1,8 +1,10 @@
-// The native bfloat16 forward (kernel_bf16_forward.h) compiled for AVX-512 with AVX512-BF16:
-// its roundings to bfloat16 (the rows of A, y and the saved pre-activation) are one
-// vcvtneps2bf16 each (kernel_simd.h, MSFUSED_HW_BF16). The binding runs it only on CPUs
-// with AVX512-BF16, where it also has oneDNN's bfloat16 brgemm. A translation unit of its
-// own because the AVX-512 build's kernels also run on AVX-512 CPUs without AVX512-BF16.
+// The bfloat16 kernels compiled for AVX-512 with AVX512-BF16: the native bfloat16 forward
+// (kernel_bf16_forward.h) and the float32 kernels on bfloat16 storage (block_kernel_impl.h's
+// block_forward_bf16_f32 and block_backward_bf16, nothing else of it: MSFUSED_BF16_ONLY).
+// Their roundings to bfloat16 (rows of A, y, the saved pre-activation, dx, the backward's
+// GEMM operands) are one vcvtneps2bf16 or vcvtne2ps2bf16 each (kernel_simd.h,
+// MSFUSED_HW_BF16). The binding runs them only on CPUs with AVX512-BF16; a translation unit
+// of its own because the AVX-512 build's kernels also run on AVX-512 CPUs without it.
 // Off x86-64 this is a baseline build that nothing calls.
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
@@ -10,7 +12,11 @@
 #define MSFUSED_HW_BF16
 #endif
 #define MSFUSED_ISA avx512bf16
+#define MSFUSED_BF16_ONLY
+#include <type_traits>
+
 #include "cpu/block_kernel.h"
+#include "cpu/block_kernel_impl.h"
 #include "cpu/kernel_bf16_forward.h"
 
 namespace msfused {

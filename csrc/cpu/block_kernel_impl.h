@@ -163,6 +163,8 @@ void dispatch(const BlockDesc& d, F&& f) {
 
 }  // namespace
 
+// MSFUSED_BF16_ONLY (block_kernel_avx512bf16.cpp): only the bfloat16-storage entry points.
+#ifndef MSFUSED_BF16_ONLY
 template <typename T>
 void block_forward(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t, T* y,
                    T* pre) {
@@ -171,6 +173,8 @@ void block_forward(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>&
   });
 }
 
+#endif
+
 void block_forward_bf16_f32(const Runtime& rt, const BlockDesc& d, const BlockTensors<float>& t,
                             const uint16_t* x, uint16_t* y, uint16_t* pre) {
   dispatch(d, [&](auto s, auto act) {
@@ -178,6 +182,7 @@ void block_forward_bf16_f32(const Runtime& rt, const BlockDesc& d, const BlockTe
   });
 }
 
+#ifndef MSFUSED_BF16_ONLY
 template <typename T>
 void block_backward(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t,
                     const T* grad_y, const T* saved, const BlockGrads<T>& g, T* scratch) {
@@ -186,6 +191,8 @@ void block_backward(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>
                                                                g.dx, g, scratch);
   });
 }
+
+#endif
 
 void block_backward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTensors<float>& t,
                          const uint16_t* x, const uint16_t* grad_y, const uint16_t* saved,
@@ -196,7 +203,7 @@ void block_backward_bf16(const Runtime& rt, const BlockDesc& d, const BlockTenso
   });
 }
 
-#ifdef MSFUSED_HAVE_F16
+#if defined(MSFUSED_HAVE_F16) && !defined(MSFUSED_BF16_ONLY)
 // float16 calls: the same kernels on float16 storage (f16_t), as for bfloat16 without
 // native bfloat16 GEMMs.
 void block_forward_f16_f32(const Runtime& rt, const BlockDesc& d, const BlockTensors<float>& t,
@@ -220,6 +227,7 @@ void block_backward_f16(const Runtime& rt, const BlockDesc& d, const BlockTensor
 }
 #endif
 
+#ifndef MSFUSED_BF16_ONLY
 // The float32 and float64 entry points; the AVX-512 build has float32 only
 // (MSFUSED_NO_FLOAT64: float64 runs on AVX2, for gradcheck, and a copy of the float64
 // kernels less to compile).
@@ -234,6 +242,7 @@ template void block_forward<double>(const Runtime&, const BlockDesc&,
 template void block_backward<double>(const Runtime&, const BlockDesc&,
                                      const BlockTensors<double>&, const double*, const double*,
                                      const BlockGrads<double>&, double*);
+#endif
 #endif
 
 }  // namespace MSFUSED_ISA

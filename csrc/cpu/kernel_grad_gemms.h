@@ -59,8 +59,6 @@ void tile_grad_gemms(const Runtime& rt, const BlockDesc& d, const Plan& pl, cons
 inline void tile_grad_gemms_bf16(const Runtime& rt, const BlockDesc& d, const Plan& pl,
                                  const float* G, const float* Gpm, const float* A, int64_t P,
                                  const bf16_t* wpv, float* dW, float* dA) {
-  typedef typename Vec<float>::type V;
-  typedef uint32_t U __attribute__((vector_size(sizeof(V)), aligned(4)));
   constexpr int VN = Vec<float>::n;
   const int64_t N = d.N, C = d.C, K = pl.Ktot, Cout = d.Cout, Pp = ceil_div(P, 2) * 2;
   const int64_t Pmax = ceil_div(pl.R * d.Wo, 2) * 2;
@@ -81,9 +79,19 @@ inline void tile_grad_gemms_bf16(const Runtime& rt, const BlockDesc& d, const Pl
     const float* r1 = p + 1 < P ? r0 + K : nullptr;
     bf16_t* o = Av + p * K;
     int64_t k = 0;
+#if defined(MSFUSED_HW_BF16) && MSFUSED_VEC_BYTES == 64
+    if (r1)
+      for (; k + VN <= K; k += VN)  // r0's 16 then r1's 16 words, interleaved
+        _mm512_storeu_si512(o + 2 * k,
+                            _mm512_permutexvar_epi16(bf16_pair_index(),
+                                                     (__m512i)_mm512_cvtne2ps_pbh(
+                                                         (__m512)vload(r1 + k), (__m512)vload(r0 + k))));
+#else
+    typedef uint32_t U __attribute__((vector_size(4 * VN), aligned(4)));
     if (r1)
       for (; k + VN <= K; k += VN)
         *reinterpret_cast<U*>(o + 2 * k) = bf16_bits(vload(r0 + k)) | (bf16_bits(vload(r1 + k)) << 16);
+#endif
     for (; k < K; ++k) {
       o[2 * k] = float_to_bf16(r0[k]);
       o[2 * k + 1] = r1 ? float_to_bf16(r1[k]) : bf16_t(0);

@@ -132,6 +132,16 @@ inline auto bf16_bits(typename Vec<float>::type v) {
   return v != v ? (u >> 16) | 0x40u : rounded;
 }
 
+#if defined(MSFUSED_HW_BF16) && MSFUSED_VEC_BYTES == 64
+// The word permutation that interleaves the two halves of a 512-bit vector (a0, b0, a1, b1,
+// ...): _mm512_cvtne2ps_pbh(b, a) puts a's 16 roundings low and b's high, and the
+// VNNI-paired operands of the bfloat16 GEMMs want them side by side.
+inline __m512i bf16_pair_index() {
+  return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                          22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+}
+#endif
+
 template <typename T, typename O>
 inline typename Vec<T>::type vload_as(const O* p) {
   if constexpr (std::is_same_v<O, bf16_t>) {
