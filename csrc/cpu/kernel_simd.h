@@ -30,12 +30,20 @@
 
 MSFUSED_KERNEL_BEGIN
 
+// Scratch on 64-byte (cache-line) boundaries. malloc's 16-byte alignment (glibc's large
+// blocks start 16 bytes into a page) put every 64-byte vector of a band or tile buffer
+// across two cache lines: the depthwise rows measured 6% (FMA) to 15-20% (dot products)
+// slower from such buffers in isolation (benchmarks/NOTES.md entry 43).
+inline void* alloc_lines(size_t bytes) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 64, bytes > 0 ? bytes : 1) != 0) abort();
+  return p;
+}
+
 template <typename T>
-struct Buf {  // heap scratch of one task; malloc keeps this free of std:: templates
+struct Buf {  // heap scratch of one task; no std:: containers in the kernels
   T* p;
-  explicit Buf(int64_t n) : p(static_cast<T*>(malloc(sizeof(T) * (n > 0 ? n : 1)))) {
-    if (!p) abort();
-  }
+  explicit Buf(int64_t n) : p(static_cast<T*>(alloc_lines(sizeof(T) * (n > 0 ? n : 1)))) {}
   ~Buf() { free(p); }
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
@@ -385,8 +393,7 @@ T* tls_buf(int slot, int64_t n) {
   const int64_t bytes = sizeof(T) * (n > 0 ? n : 1);
   if (cap[slot] < bytes) {
     free(ptr[slot]);
-    ptr[slot] = malloc(bytes);
-    if (!ptr[slot]) abort();
+    ptr[slot] = alloc_lines(bytes);
     cap[slot] = bytes;
   }
   return static_cast<T*>(ptr[slot]);
