@@ -165,10 +165,10 @@ print("ok")
 def test_bf16_tiny_outputs_round_alike(c):
     """y = x through the identity residual (every weight and bias zero): bfloat16
     values are returned exactly down to the smallest normal; below it (denormals, under
-    1.2e-38) the native forward's vcvtneps2bf16 gives zeros of the input's sign, the
-    widening forward the values themselves. Either way every channel alike: the scalar
-    rounding of a row's last channels (C = 18: 16 in a vector, 2 after it) follows the
-    vector instruction's rule."""
+    1.2e-38) the kernels built for AVX512-BF16 (its vcvtneps2bf16) give zeros of the
+    input's sign, the others (and MSFUSED_CPU_BF16=widen) the values themselves. Either way
+    every channel alike: the scalar rounding of a row's last channels (C = 18: 16 in a
+    vector, 2 after it) follows the vector instruction's rule."""
     require("cpp")
     blk = make_block(c, c, backend="cpp", dtype=torch.bfloat16, merge="add", activation="none")
     with torch.no_grad():
