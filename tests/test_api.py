@@ -101,8 +101,7 @@ def test_available_backends_says_why():
 
 def test_cpu_kernels_baseline_isa_and_blas_fallback():
     """The baseline (non-AVX2) build of the kernels and the at::mm GEMM fallback agree."""
-    if not msfused.available_backends()["cpp"].available:
-        pytest.skip("cpp backend not built")
+    require("cpp")
     code = """
 import torch, msfused, sys
 sys.path.insert(0, %r)
@@ -130,8 +129,7 @@ def test_cpu_kernels_float32_per_isa(isa):
     CPU without AVX-512 runs), the default picks AVX-512 where the CPU has it. Each in a
     subprocess (the choice is made once per process), against the float64 reference, on a
     planar, a tile-plan and a per-image-plan case, both layouts."""
-    if not msfused.available_backends()["cpp"].available:
-        pytest.skip("cpp backend not built")
+    require("cpp")
     code = """
 import torch, sys
 sys.path.insert(0, %r)
@@ -164,8 +162,7 @@ def test_cpu_depthwise_weight_grads_wide_rows(stride, channels_last):
     most 16 pixels of a row (csrc/cpu/kernel_pixel_major.h, dw_grad_strips): rows 37 and
     19 pixels wide (three and two strips of unequal length), C = 24 (one channel vector
     plus an 8-channel tail), every gradient against the float64 reference."""
-    if not msfused.available_backends()["cpp"].available:
-        pytest.skip("cpp backend not built")
+    require("cpp")
     from blockutil import make_block, check_float32_against_float64
     kw = dict(merge="add", stride=stride, activation="relu6")
     torch.manual_seed(3)
@@ -188,8 +185,7 @@ def test_cpu_nchw_transposes(stride, batch):
     directions (the overlapping last block of transpose_ld, the narrow path of
     add_transposed), Cout = 24 a channel tail in the epilogue, and concat a projection;
     every gradient against the float64 reference, both backward plans."""
-    if not msfused.available_backends()["cpp"].available:
-        pytest.skip("cpp backend not built")
+    require("cpp")
     from blockutil import make_block, check_float32_against_float64
     kw = dict(merge="concat", stride=stride, activation="relu")
     torch.manual_seed(4)
@@ -208,8 +204,7 @@ def test_cpu_backward_tiles_by_l2_size(tmp_path):
     shapes where they differ (two or three bands per image against one; stride 1 and 2,
     both layouts). That the override took effect shows in the weight gradients' bits: the
     pointwise GEMMs then sum an image's pixels in different groups."""
-    if not msfused.available_backends()["cpp"].available:
-        pytest.skip("cpp backend not built")
+    require("cpp")
     code = """
 import torch, sys
 sys.path.insert(0, %r)
@@ -244,8 +239,7 @@ def test_cpu_large_output_huge_page_advice(tmp_path):
     """Outputs of 32 MiB and more get transparent-huge-page advice before the kernels first
     write them (csrc/cpu/block_cpu.cpp, advise_huge_pages): the values match the reference
     and are the same bits as with the advice off (MSFUSED_CPU_HUGEPAGE=0, a subprocess)."""
-    if not msfused.available_backends()["cpp"].available:
-        pytest.skip("cpp backend not built")
+    require("cpp")
     code = """
 import torch, sys
 sys.path.insert(0, %r)
