@@ -355,29 +355,36 @@ def test_backward_carries_x_down_a_column(emu_lib, case, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [BWD_CASES[2], ((6, 6, 21, 18, 2), "add", 1, True, True, "relu"),
-                                  ((5, 7, 33, 17, 1), "concat", 2, True, False, "silu")],
+                                  ((5, 7, 33, 17, 1), "concat", 2, True, False, "silu"),
+                                  MMA_CASES[4], MMA_CASES[6]],
                          ids=lambda c: "-".join(map(str, c[0] + c[1:])))
-def test_float32_backward_without_tf32_is_the_fma_one(emu_lib, case):
-    """TF32 off (the emulator's default, as torch.backends.cudnn.allow_tf32 = False): float32
-    gradients at float32 accuracy, from kernels that the byte counters do not see; images of
-    one and of several of the depthwise-gradient kernel's 16x16 input tiles."""
+def test_float32_without_tf32_on_fma_gemms(emu_lib, case):
+    """TF32 off (the emulator's default, as torch.backends.cudnn.allow_tf32 = False): the
+    one-launch forward and the three-launch backward with their GEMMs on exact float32 FMAs
+    (their byte counters moved: not the older FMA kernels, which do not count), y and every
+    gradient at float32 accuracy; images of one and of several tiles, C = 256 (eight
+    32-channel chunks, several GEMM blocks) and C_out above 256 (280: partial GEMM blocks;
+    its backward has no three-launch plan, test_backward_falls_back_when_rows_exceed_the_plan)."""
     run_emu, lib = emu_lib
-    (c, n, h, w, batch), merge, stride, residual, cl, act = case
-    run_emu._bytes_moved(lib)
-    errs, _, _ = run_emu.run(lib, c, n, h, w, merge, stride, act, residual, True, torch.float32,
-                             cl, batch)
-    assert run_emu._bytes_moved(lib) == 0
-    assert max(errs.values()) < 1e-5, errs
+    ok, line = run_emu.run_float32(lib, case)
+    assert ok, line
+    if run_emu.backward_plan(lib, case, 4)["P"] > 0 or case != MMA_CASES[6]:
+        ok, line = run_emu.run_float32(lib, case, backward=True)
+        assert ok and "three-launch" in line, line
 
 
 def test_backward_falls_back_when_rows_exceed_the_plan(emu_lib):
-    """[dpa | dpb | dws] above 512 rows (here concat, N = 140: 144 + 144 + 288) has no tensor-
-    core plan; the FMA backward runs, with correct gradients."""
+    """[dpa | dpb | dws] above 512 rows (here concat, N = 140: 144 + 144 + 288) has no plan
+    for the three-launch backward; the older FMA backward runs, with correct gradients, in
+    bfloat16 and in float32."""
     run_emu, lib = emu_lib
     case = ((16, 140, 5, 3, 1), "concat", 2, True, True, "relu6")
     assert run_emu.backward_plan(lib, case)["P"] == 0
+    assert run_emu.backward_plan(lib, case, 4)["P"] == 0
     ok, line = run_emu.run_forward_low(lib, case, torch.bfloat16, backward=True)
     assert ok, line
+    ok, line = run_emu.run_float32(lib, case, backward=True)
+    assert ok and "older FMA" in line, line
 
 
 @pytest.mark.parametrize("case,dtype",

@@ -4,7 +4,7 @@ cuobjdump (the CUDA toolkit's, or the copy in Triton's wheel). No GPU needed.
     python tools/cuda_sass.py [filter]     # e.g. forward_mma: the tensor-core forward only
 
 Per kernel instantiation: registers, local memory (spills), static shared memory, tensor-core
-MMAs (HMMA), ldmatrix (LDSM), 16-byte cp.async (LDGSTS...128), 16-byte global stores and
+MMAs (HMMA), float32 FMAs (FFMA), ldmatrix (LDSM), 16-byte cp.async (LDGSTS...128), 16-byte global stores and
 loads, barriers, instructions, and the CTAs per SM its registers allow at 256 threads.
 """
 import functools
@@ -17,9 +17,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-COUNTS = {"HMMA": r"\bHMMA\.", "LDSM": r"\bLDSM\.", "LDGSTS128": r"\bLDGSTS\.[A-Z.]*128\b",
-          "STG128": r"\bSTG\.E\.128\b", "LDG128": r"\bLDG\.E\.128\b", "LDL": r"\bLDL\b",
-          "STL": r"\bSTL\b", "BAR": r"\bBAR\.SYNC\b",
+COUNTS = {"HMMA": r"\bHMMA\.", "FFMA": r"\bFFMA\b", "LDSM": r"\bLDSM\.",
+          "LDGSTS128": r"\bLDGSTS\.[A-Z.]*128\b", "STG128": r"\bSTG\.E\.128\b",
+          "LDG128": r"\bLDG\.E\.128\b", "LDL": r"\bLDL\b", "STL": r"\bSTL\b", "BAR": r"\bBAR\.SYNC\b",
           "L2DROP": r"\bCCTL\.E\.RML2\b"}  # discard.global.L2: a line leaves L2 unwritten
 
 
@@ -47,7 +47,8 @@ def shared_object():
 
 
 def demangle_short(name):
-    """'block_forward_mma_kernel<__nv_bfloat16, 1, 16>'-like short form of a mangled name."""
+    """'block_forward_mma_kernel<__nv_bfloat16, 1, 16, true>'-like short form of a mangled
+    name."""
     m = None
     for i in range(len(name)):  # Itanium mangling: <length><identifier>, e.g. ...12" "11dact_kernel
         for at in range(i + 1, min(i + 4, len(name)) + 1):
@@ -62,8 +63,10 @@ def demangle_short(name):
     kernel, args = m
     dtype = ("bfloat16" if "nv_bfloat16" in args else "half" if "half" in args
              else "double" if args.startswith("d") else "float" if args.startswith("f") else "?")
-    ints = re.findall(r"Li(\d+)E", args)
-    return f"{kernel}<{', '.join([dtype] + ints)}>"
+    # template arguments in order: ints as numbers, bools as true / false
+    vals = [v if k == "i" else ("true" if v == "1" else "false")
+            for k, v in re.findall(r"L([ib])(\d+)E", args)]
+    return f"{kernel}<{', '.join([dtype] + vals)}>"
 
 
 @functools.lru_cache(maxsize=4)
@@ -105,10 +108,10 @@ def main():
         return 1
     ks = kernels(so, tool, needle)
     cols = ["regs", "local", "shared", *COUNTS, "instructions"]
-    print(f"{'kernel':44} " + " ".join(f"{c:>9}" for c in cols) + f" {'CTAs/SM(regs)':>13}")
+    print(f"{'kernel':50} " + " ".join(f"{c:>9}" for c in cols) + f" {'CTAs/SM(regs)':>13}")
     for name, r in sorted(ks.items(), key=lambda kv: demangle_short(kv[0])):
         per_sm = 65536 // max(1, r["regs"] * 256)
-        print(f"{demangle_short(name):44} " + " ".join(f"{r.get(c, 0):9d}" for c in cols)
+        print(f"{demangle_short(name):50} " + " ".join(f"{r.get(c, 0):9d}" for c in cols)
               + f" {per_sm:13d}")
     return 0
 

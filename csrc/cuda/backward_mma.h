@@ -198,13 +198,15 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   return p;
 }
 
-// Launch 1 (and, chained, 2 and 3) for float16/bfloat16 and for float on TF32: the backward of
-// the block on tensor cores, with the workspace of plan_backward_mma; *launched false (nothing
-// run) when the shape does not fit the plan.
+// Launch 1 (and, chained, 2 and 3) for float16/bfloat16 and float: the backward of the block
+// with its GEMMs on tensor cores (float: on TF32 where tf32 allows, else exact FMAs), with the
+// workspace of plan_backward_mma; *launched false (nothing run) when the shape does not fit
+// the plan.
 template <typename T>
 const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>& t,
                                       const T* grad_y, const T* saved, const BlockGrads<T>& g,
-                                      void* workspace, cudaStream_t stream, bool* launched);
+                                      void* workspace, bool tf32, cudaStream_t stream,
+                                      bool* launched);
 
 // The plan for the current device (and MSFUSED_CUDA_BWD_SPLIT, a forced split count).
 BwdMmaPlan backward_mma_plan(const BlockDesc& d, int esz);

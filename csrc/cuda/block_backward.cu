@@ -1,5 +1,5 @@
-// Fused backward of the block for float32 and float64 (and float16/bfloat16 shapes that the
-// tensor-core backward, block_backward_mma.cu, cannot plan): six launches, a, b1, b
+// Fused backward of the block for float64 (and float32/float16/bfloat16 shapes that the
+// three-launch backward, block_backward_mma.cu, cannot plan): six launches, a, b1, b
 // recomputed from x, every weight
 // gradient reduced deterministically (per-CTA partials, then a fixed-order sum; no atomics).
 //
@@ -485,8 +485,8 @@ inline unsigned grid_for(int64_t n, int64_t cap) {
 
 }  // namespace
 
-size_t block_backward_workspace_bytes(const BlockDesc& d, int elem_bytes, bool allow_tf32) {
-  if (elem_bytes == 2 || (elem_bytes == 4 && allow_tf32)) {  // the tensor-core backward's,
+size_t block_backward_workspace_bytes(const BlockDesc& d, int elem_bytes) {
+  if (elem_bytes == 2 || elem_bytes == 4) {  // the three-launch backward's,
     const BwdMmaPlan pl = backward_mma_plan(d, elem_bytes);  // where its plan fits
     if (pl.P != 0) return pl.ws_total;
   }
@@ -498,14 +498,13 @@ const char* launch_block_backward(const BlockDesc& d, const BlockTensors<T>& t, 
                                   const T* saved, const BlockGrads<T>& g, void* workspace,
                                   bool allow_tf32, cudaStream_t stream) {
   using A = typename AccT<T>::type;
-  // float16 / bfloat16, and float32 where TF32 is allowed: tensor cores (block_backward_mma.cu)
+  // float16 / bfloat16 and float32: the three launches of block_backward_mma.cu (float32 on
+  // TF32 where allowed, else exact FMAs) where their plan fits
   if constexpr (sizeof(T) == 2 || std::is_same_v<T, float>) {
-    if (sizeof(T) == 2 || allow_tf32) {
-      bool launched = false;
-      const char* err =
-          launch_block_backward_mma<T>(d, t, grad_y, saved, g, workspace, stream, &launched);
-      if (err != nullptr || launched) return err;
-    }
+    bool launched = false;
+    const char* err = launch_block_backward_mma<T>(d, t, grad_y, saved, g, workspace,
+                                                   allow_tf32, stream, &launched);
+    if (err != nullptr || launched) return err;
   }
   constexpr int KC = BwdKC<T>::value;
   const BwdLayout L = bwd_layout(d, sizeof(A));

@@ -1,5 +1,5 @@
-// The float16/bfloat16 backward on tensor cores (and float32's on TF32 tensor cores, where
-// torch.backends.cudnn.allow_tf32 allows it): launch 1 (the pointwise convs' and the
+// The float16/bfloat16 backward on tensor cores (and float32's, on TF32 tensor cores where
+// torch.backends.cudnn.allow_tf32 allows it, else on FMAs): launch 1 (the pointwise convs' and the
 // projection's data and weight gradients) and launch 3 (the fixed-order reduction); launch 2
 // (depthwise) is block_backward_dw.cu. The plan and the scratch are csrc/cuda/backward_mma.h.
 //
@@ -22,7 +22,8 @@
 // fixed by the shape, the order of the sums inside a group by the tile order, and launch 3
 // adds the groups in index order: the result does not depend on the split (the grid).
 // float runs the same steps with m16n8k8 TF32 MMAs on 32-bit fragments loaded one element
-// per register (ldmatrix is 16-bit only) and without the lo residuals.
+// per register (ldmatrix is 16-bit only) and without the lo residuals, or, where TF32 is not
+// allowed, with FMAs in exact float32 computing the same fragments.
 #include <cstdlib>
 #include <type_traits>
 
@@ -186,13 +187,63 @@ __device__ __forceinline__ void weight_grad_tf32(float (&acc)[4][4], const float
   }
 }
 
-template <typename T, int S>
+// The same two in exact float32 on the FP32 cores (float32 where TF32 is not allowed): each
+// lane computes the elements of the m16n8 fragments it would hold after the mma (rows g and
+// g + 8, columns 2t and 2t + 1) from the operands in shared memory, so the accumulators and
+// everything after them are the tensor-core versions'. Column pairs 2t, 2t + 1 (and, in the
+// data gradients, gz's k pairs along its rows) come in 64-bit loads: the rows LDG, LDA and
+// LDWT and every offset into them are even (backward_mma.h).
+__device__ __forceinline__ void data_grad_fma(float (&acc)[2][4], const float* Ab, int LDG,
+                                              const float* Bw, int L, int K, int lane) {
+  const int g = lane / 4, t = lane % 4;
+  const float* a_lo = Ab + g * LDG;
+  const float* a_hi = Ab + (g + 8) * LDG;
+  for (int k = 0; k < K; k += 2) {  // K is a multiple of 16
+    const Float2 a0 = lds2(a_lo + k), a1 = lds2(a_hi + k);
+#pragma unroll
+    for (int n8 = 0; n8 < 2; ++n8) {
+      const Float2 b = lds2(Bw + k * L + n8 * 8 + 2 * t);        // k, columns 2t, 2t + 1
+      const Float2 bn = lds2(Bw + (k + 1) * L + n8 * 8 + 2 * t);  // k + 1
+      float (&c)[4] = acc[n8];
+      c[0] = fmaf(a0.y, bn.x, fmaf(a0.x, b.x, c[0]));
+      c[1] = fmaf(a0.y, bn.y, fmaf(a0.x, b.y, c[1]));
+      c[2] = fmaf(a1.y, bn.x, fmaf(a1.x, b.x, c[2]));
+      c[3] = fmaf(a1.y, bn.y, fmaf(a1.x, b.y, c[3]));
+    }
+  }
+}
+
+__device__ __forceinline__ void weight_grad_fma(float (&acc)[4][4], const float* Gc, int LDG,
+                                                const float* B, int LDA, int nh, int P,
+                                                int lane) {
+  const int g = lane / 4, t = lane % 4;
+  for (int k = 0; k < P; ++k) {
+    const float a0 = Gc[k * LDG + g], a1 = Gc[k * LDG + g + 8];  // gz^T: rows are gz's columns
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      if (hh >= nh) continue;
+#pragma unroll
+      for (int n8 = 0; n8 < 2; ++n8) {
+        const Float2 b = lds2(B + k * LDA + hh * 16 + n8 * 8 + 2 * t);
+        float (&c)[4] = acc[2 * hh + n8];
+        c[0] = fmaf(a0, b.x, c[0]);
+        c[1] = fmaf(a0, b.y, c[1]);
+        c[2] = fmaf(a1, b.x, c[2]);
+        c[3] = fmaf(a1, b.y, c[3]);
+      }
+    }
+  }
+}
+
+// TC: the GEMMs on tensor cores (16-bit, or float on TF32); false (float only): FMAs.
+template <typename T, int S, bool TC>
 __global__ void __launch_bounds__(NT, 1)
     block_backward_mma_kernel(BlockDesc d, BlockTensors<T> t, const T* __restrict__ gy,
                               const T* __restrict__ saved, T* __restrict__ sc_da,
                               T* __restrict__ sc_db, T* __restrict__ sc_dxs,
                               float* __restrict__ wpart, float* __restrict__ bpart,
                               BwdMmaPlan pl, bool vec_x, bool vec_g) {
+  static_assert(TC || std::is_same_v<T, float>, "the FMA GEMMs are float32's");
   constexpr int XC = S * (TW + 1) + 3;
   MSF_EXTERN_SMEM(sm);
   T* xs0 = reinterpret_cast<T*>(sm + pl.off_x0);
@@ -305,7 +356,8 @@ __global__ void __launch_bounds__(NT, 1)
           const int K = which == 2 ? pl.GW : pl.N16;
           float acc[2][4] = {};
           if constexpr (std::is_same_v<T, float>) {
-            data_grad_tf32(acc, Ab + mt * 16 * LDG, LDG, Bw, L, K, lane);
+            if constexpr (TC) data_grad_tf32(acc, Ab + mt * 16 * LDG, LDG, Bw, L, K, lane);
+            else data_grad_fma(acc, Ab + mt * 16 * LDG, LDG, Bw, L, K, lane);
           } else {
             for (int kk = 0; kk < K; kk += 16) {
               uint32_t af[4], r[4];
@@ -350,7 +402,8 @@ __global__ void __launch_bounds__(NT, 1)
           const int gcol = seg == 0 ? mt * 16 : (seg == 1 ? pl.gzb + (mt - pl.mt_a) * 16
                                                           : (mt - 2 * pl.mt_a) * 16);
           if constexpr (std::is_same_v<T, float>) {
-            weight_grad_tf32(accW[j], sG + gcol, LDG, sA + seg * KC, LDA, nh, P, lane);
+            if constexpr (TC) weight_grad_tf32(accW[j], sG + gcol, LDG, sA + seg * KC, LDA, nh, P, lane);
+            else weight_grad_fma(accW[j], sG + gcol, LDG, sA + seg * KC, LDA, nh, P, lane);
           } else {
             // a and b as hi + lo (their rounding residual): float-accurate operands, so dpa
             // and dpb carry only gz's rounding; xs is exact in T
@@ -470,10 +523,10 @@ int env_int(const char* name) {
   return e != nullptr ? std::atoi(e) : 0;
 }
 
-template <typename T, int S>
+template <typename T, int S, bool TC>
 const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* gy,
                          const T* saved, const BwdMmaPlan& pl, char* ws, cudaStream_t stream) {
-  auto kernel = block_backward_mma_kernel<T, S>;
+  auto kernel = block_backward_mma_kernel<T, S, TC>;
   static int raised[64] = {};
   if (const char* err = allow_dynamic_smem(kernel, pl.smem, raised)) return err;
   const int v = VE<T>;
@@ -490,6 +543,13 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* 
              vec_x, vec_g);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+template <typename T, bool TC>
+const char* launch_strided(const BlockDesc& d, const BlockTensors<T>& t, const T* gy,
+                           const T* saved, const BwdMmaPlan& pl, char* ws, cudaStream_t stream) {
+  return d.stride == 1 ? launch_typed<T, 1, TC>(d, t, gy, saved, pl, ws, stream)
+                       : launch_typed<T, 2, TC>(d, t, gy, saved, pl, ws, stream);
 }
 
 }  // namespace
@@ -514,13 +574,19 @@ BwdMmaPlan backward_mma_plan(const BlockDesc& d, int esz) {
 template <typename T>
 const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>& t,
                                       const T* grad_y, const T* saved, const BlockGrads<T>& g,
-                                      void* workspace, cudaStream_t stream, bool* launched) {
+                                      void* workspace, bool tf32, cudaStream_t stream,
+                                      bool* launched) {
   const BwdMmaPlan pl = backward_mma_plan(d, int(sizeof(T)));
   *launched = pl.P != 0;
   if (pl.P == 0) return nullptr;
   char* ws = static_cast<char*>(workspace);
-  const char* err = d.stride == 1 ? launch_typed<T, 1>(d, t, grad_y, saved, pl, ws, stream)
-                                  : launch_typed<T, 2>(d, t, grad_y, saved, pl, ws, stream);
+  const char* err = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    if (!tf32) err = launch_strided<T, false>(d, t, grad_y, saved, pl, ws, stream);
+    else err = launch_strided<T, true>(d, t, grad_y, saved, pl, ws, stream);
+  } else {
+    err = launch_strided<T, true>(d, t, grad_y, saved, pl, ws, stream);
+  }
   if (err != nullptr) return err;
   float* dwpart = reinterpret_cast<float*>(ws + pl.ws_dwpart);
   err = launch_backward_dw<T>(d, t, reinterpret_cast<const T*>(ws + pl.ws_da),
@@ -547,15 +613,15 @@ const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>&
 template const char* launch_block_backward_mma<float>(const BlockDesc&,
                                                       const BlockTensors<float>&, const float*,
                                                       const float*, const BlockGrads<float>&,
-                                                      void*, cudaStream_t, bool*);
+                                                      void*, bool, cudaStream_t, bool*);
 template const char* launch_block_backward_mma<__half>(const BlockDesc&,
                                                        const BlockTensors<__half>&,
                                                        const __half*, const __half*,
                                                        const BlockGrads<__half>&, void*,
-                                                       cudaStream_t, bool*);
+                                                       bool, cudaStream_t, bool*);
 template const char* launch_block_backward_mma<__nv_bfloat16>(
     const BlockDesc&, const BlockTensors<__nv_bfloat16>&, const __nv_bfloat16*,
-    const __nv_bfloat16*, const BlockGrads<__nv_bfloat16>&, void*, cudaStream_t, bool*);
+    const __nv_bfloat16*, const BlockGrads<__nv_bfloat16>&, void*, bool, cudaStream_t, bool*);
 
 }  // namespace cuda
 }  // namespace msfused

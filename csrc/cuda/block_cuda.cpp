@@ -76,7 +76,7 @@ void backward_typed(const BlockDesc& d, const BlockArgs& a, const at::Tensor& gy
                     const at::Tensor& saved, std::vector<at::Tensor>& grads, cudaStream_t st) {
   // TF32 for float32 exactly where eager's convolution backward would use it
   const bool tf32 = at::globalContext().allowTF32CuDNN();
-  const size_t bytes = cuda::block_backward_workspace_bytes(d, sizeof(T), tf32);
+  const size_t bytes = cuda::block_backward_workspace_bytes(d, sizeof(T));
   at::Tensor work = at::empty({static_cast<int64_t>(bytes)}, a.x->options().dtype(at::kByte));
   const char* err = cuda::launch_block_backward<U>(
       d, recast<U>(tensors_of<T>(a)), reinterpret_cast<const U*>(gy.data_ptr<T>()),

@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "block_cuda.h"
 #include "common.cuh"
@@ -208,9 +209,56 @@ __device__ __forceinline__ void gemm_slice_tf32(float (&acc)[4][4][4], const flo
   }
 }
 
-template <typename T, int S, int TW>
+// The same in exact float32 on the FP32 cores (float32 where TF32 is not allowed): each lane
+// computes the elements of the m16n8 fragments it would hold after the mma (rows g and g + 8,
+// columns 2t and 2t + 1) from the operands in shared memory, two k at a time (64-bit loads
+// along k; kend, the rows LDA and LDW and every slice offset are even), so the accumulators,
+// the output-tile write and the epilogue are those of the tensor-core slices. Per k pair a
+// lane loads 2 A pairs per 16-pixel row and 2 weight pairs per n8 tile for up to 128 FMAs;
+// the 16-byte row padding keeps the loads conflict-free as for TF32 (A: 8 distinct rows,
+// weights: 8 distinct rows, the other lanes broadcast).
+__device__ __forceinline__ void gemm_slice_fma(float (&acc)[4][4][4], const float* a, int LDA,
+                                               const float* w, int kend, const WarpSplit& ws,
+                                               int lane) {
+  constexpr int L = LDW<float>;
+  static_assert(L % 2 == 0, "64-bit loads along k");
+  const int g = lane / 4, t = lane % 4;
+  const float* wl = w + (ws.nbase + 2 * t) * L;
+  for (int k = 0; k < kend; k += 2) {
+    Float2 w0[4] = {}, w1[4] = {};  // channels 2t and 2t + 1 of each n8 tile, at k and k + 1
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      if (n < ws.nt8) {
+        w0[n] = lds2(wl + n * 8 * L + k);
+        w1[n] = lds2(wl + (n * 8 + 1) * L + k);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int mt = ws.mrow + ws.mstep * j;
+      if (mt < ws.mtiles) {  // warp-uniform
+        const Float2 a0 = lds2(a + (mt * 16 + g) * LDA + k);
+        const Float2 a1 = lds2(a + (mt * 16 + g + 8) * LDA + k);
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+          if (n < ws.nt8) {
+            float (&c)[4] = acc[j][n];
+            c[0] = fmaf(a0.y, w0[n].y, fmaf(a0.x, w0[n].x, c[0]));
+            c[1] = fmaf(a0.y, w1[n].y, fmaf(a0.x, w1[n].x, c[1]));
+            c[2] = fmaf(a1.y, w0[n].y, fmaf(a1.x, w0[n].x, c[2]));
+            c[3] = fmaf(a1.y, w1[n].y, fmaf(a1.x, w1[n].x, c[3]));
+          }
+        }
+      }
+    }
+  }
+}
+
+// TC: the pointwise GEMM on tensor cores (16-bit, or float on TF32); false (float only): FMAs.
+template <typename T, int S, int TW, bool TC>
 __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 registers
     block_forward_mma_kernel(BlockDesc d, BlockTensors<T> t, T* y, T* pre, MmaPlan pl) {
+  static_assert(TC || std::is_same_v<T, float>, "the FMA GEMM is float32's");
   constexpr int XC = S * (TW + 1) + 3;
   MSF_EXTERN_SMEM(sm);
   T* sA = reinterpret_cast<T*>(sm + pl.off_a);
@@ -299,8 +347,10 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
         const int kend = min_i(KB, g.k_hi - kb);
         if constexpr (sizeof(T) == 2)
           gemm_slice_16bit<T>(acc, sA + kb, LDA, w, kend, ws, lane);
-        else
+        else if constexpr (TC)
           gemm_slice_tf32(acc, sA + kb, LDA, w, kend, ws, lane);
+        else
+          gemm_slice_fma(acc, sA + kb, LDA, w, kend, ws, lane);
         __syncthreads();  // this slice is free for the copy after the next
       }
 
@@ -377,10 +427,10 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
   }  // tiles of the run
 }
 
-template <typename T, int S, int TW>
+template <typename T, int S, int TW, bool TC>
 const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
                          const MmaPlan& pl, cudaStream_t stream) {
-  auto kernel = block_forward_mma_kernel<T, S, TW>;
+  auto kernel = block_forward_mma_kernel<T, S, TW, TC>;
   static int raised[64] = {};
   if (const char* err = allow_dynamic_smem(kernel, pl.smem, raised)) return err;
   const unsigned grid = unsigned(d.B * pl.tiles_w * pl.runs_h);
@@ -479,25 +529,34 @@ MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* 
   return plan;
 }
 
+template <typename T, bool TC>
+const char* launch_planned(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
+                           const MmaPlan& pl, cudaStream_t stream) {
+  if (d.stride == 1)
+    return pl.TW == 8 ? launch_typed<T, 1, 8, TC>(d, t, y, pre, pl, stream)
+                      : launch_typed<T, 1, 16, TC>(d, t, y, pre, pl, stream);
+  return pl.TW == 8 ? launch_typed<T, 2, 8, TC>(d, t, y, pre, pl, stream)
+                    : launch_typed<T, 2, 16, TC>(d, t, y, pre, pl, stream);
+}
+
 template <typename T>
 const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
-                                     cudaStream_t stream, bool* launched) {
+                                     bool tf32, cudaStream_t stream, bool* launched) {
   MmaPlan pl = plan_forward_mma(d, t, static_cast<const T*>(y), mma_device());
   if (pre != nullptr && !aligned16(pre)) pl.vec_y = false;
   *launched = pl.P != 0;
   if (pl.P == 0) return nullptr;  // no tile fits this GPU's shared memory: the caller's FMA kernel
-  if (d.stride == 1)
-    return pl.TW == 8 ? launch_typed<T, 1, 8>(d, t, y, pre, pl, stream)
-                      : launch_typed<T, 1, 16>(d, t, y, pre, pl, stream);
-  return pl.TW == 8 ? launch_typed<T, 2, 8>(d, t, y, pre, pl, stream)
-                    : launch_typed<T, 2, 16>(d, t, y, pre, pl, stream);
+  if constexpr (std::is_same_v<T, float>) {
+    if (!tf32) return launch_planned<T, false>(d, t, y, pre, pl, stream);
+  }
+  return launch_planned<T, true>(d, t, y, pre, pl, stream);
 }
 
 template MmaPlan plan_forward_mma<float>(const BlockDesc&, const BlockTensors<float>&,
                                          const float*, const MmaDevice&);
 template const char* launch_block_forward_mma<float>(const BlockDesc&,
                                                      const BlockTensors<float>&, float*, float*,
-                                                     cudaStream_t, bool*);
+                                                     bool, cudaStream_t, bool*);
 template MmaPlan plan_forward_mma<__half>(const BlockDesc&, const BlockTensors<__half>&,
                                           const __half*, const MmaDevice&);
 template MmaPlan plan_forward_mma<__nv_bfloat16>(const BlockDesc&,
@@ -505,9 +564,9 @@ template MmaPlan plan_forward_mma<__nv_bfloat16>(const BlockDesc&,
                                                  const __nv_bfloat16*, const MmaDevice&);
 template const char* launch_block_forward_mma<__half>(const BlockDesc&,
                                                       const BlockTensors<__half>&, __half*,
-                                                      __half*, cudaStream_t, bool*);
+                                                      __half*, bool, cudaStream_t, bool*);
 template const char* launch_block_forward_mma<__nv_bfloat16>(
-    const BlockDesc&, const BlockTensors<__nv_bfloat16>&, __nv_bfloat16*, __nv_bfloat16*,
+    const BlockDesc&, const BlockTensors<__nv_bfloat16>&, __nv_bfloat16*, __nv_bfloat16*, bool,
     cudaStream_t, bool*);
 
 }  // namespace cuda

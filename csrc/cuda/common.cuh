@@ -40,6 +40,18 @@ __device__ __forceinline__ void tf32_frag_b(uint32_t (&b)[2], const float* p, in
   b[1] = __float_as_uint(p[4 * ks]);
 }
 
+// Two adjacent floats in one 64-bit shared load (the exact float32 GEMMs' operand pairs);
+// p must be 8-byte aligned (the emulator aborts otherwise).
+struct alignas(8) Float2 {
+  float x, y;
+};
+__device__ __forceinline__ Float2 lds2(const float* p) {
+#ifdef MSFUSED_CUDA_EMU
+  if (reinterpret_cast<uintptr_t>(p) % 8 != 0) emu_fail("lds2: address not 8-byte aligned");
+#endif
+  return *reinterpret_cast<const Float2*>(p);
+}
+
 // float32 accumulation for float/half/bfloat16, float64 for double.
 template <typename T> struct AccT { using type = float; };
 template <> struct AccT<double> { using type = double; };

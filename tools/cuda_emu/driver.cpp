@@ -26,8 +26,8 @@ static BlockGrads<T> grads(void** p) {
   return BlockGrads<T>{c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8), c(9), c(10), c(11), c(12)};
 }
 
-// float32's forward and backward on TF32 tensor cores (emu_set_tf32(1)) or FMAs (0, the
-// default).
+// float32's forward and backward GEMMs on TF32 tensor cores (emu_set_tf32(1)) or on exact
+// float32 FMAs (0, the default).
 static bool emu_tf32 = false;
 extern "C" void emu_set_tf32(int on) { emu_tf32 = on != 0; }
 
@@ -58,7 +58,7 @@ extern "C" int emu_forward(int dtype, const int64_t* dv, void** p, void* y, void
 
 // elem: the element size in bytes (2, 4 or 8), as the binding passes it.
 extern "C" size_t emu_ws(const int64_t* dv, int elem) {
-  return cuda::block_backward_workspace_bytes(desc_of(dv), elem, emu_tf32);
+  return cuda::block_backward_workspace_bytes(desc_of(dv), elem);
 }
 
 extern "C" int emu_backward(int dtype, const int64_t* dv, void** p, const void* gy,
@@ -106,12 +106,17 @@ extern "C" void emu_l2_region_dram(int i, uint64_t* read, uint64_t* written) {
   *written = emu_l2.regions[size_t(i)].written;
 }
 
-// The float16/bfloat16 forward's plan for a call: TH, TW, CTAs per image, smem bytes,
-// vec_x, vec_w, vec_y, tiles per CTA down a column (run), tiles per image.
-extern "C" void emu_mma_plan(const int64_t* dv, void** p, void* y, int64_t* out) {
+// The one-launch forward's plan for a call with elements of elem bytes (2: float16/bfloat16,
+// 4: float32): TH, TW, CTAs per image, smem bytes, vec_x, vec_w, vec_y, tiles per CTA down a
+// column (run), tiles per image.
+extern "C" void emu_mma_plan(const int64_t* dv, void** p, void* y, int64_t* out, int elem) {
   const BlockDesc d = desc_of(dv);
-  const cuda::MmaPlan pl = cuda::plan_forward_mma<__nv_bfloat16>(
-      d, tens<__nv_bfloat16>(p), static_cast<const __nv_bfloat16*>(y), cuda::mma_device());
+  const cuda::MmaPlan pl =
+      elem == 4 ? cuda::plan_forward_mma<float>(d, tens<float>(p), static_cast<const float*>(y),
+                                                cuda::mma_device())
+                : cuda::plan_forward_mma<__nv_bfloat16>(d, tens<__nv_bfloat16>(p),
+                                                        static_cast<const __nv_bfloat16*>(y),
+                                                        cuda::mma_device());
   out[0] = pl.TH; out[1] = pl.TW; out[2] = int64_t(pl.tiles_w) * pl.runs_h; out[3] = pl.smem;
   out[4] = pl.vec_x; out[5] = pl.vec_w; out[6] = pl.vec_y;
   out[7] = pl.run; out[8] = pl.tiles_hw;

@@ -14,9 +14,9 @@ The plain float64 error is printed too; with relu6 it can be several 1e-2 where 
 pre-activation lies within half an ulp below 6 (the stored y rounds to 6.0 and act' = 0).
 
     python tools/cuda_emu/run_emu.py [--quick]
-    python tools/cuda_emu/run_emu.py --forward-low   # tensor-core forward (fp16, bf16, tf32), every config
-    python tools/cuda_emu/run_emu.py --backward-low  # tensor-core backward (fp16, bf16, tf32), every config
-    python tools/cuda_emu/run_emu.py --bytes         # forward's global bytes, benchmark shapes
+    python tools/cuda_emu/run_emu.py --forward-low   # one-launch forward (fp16, bf16, tf32, fp32), every config
+    python tools/cuda_emu/run_emu.py --backward-low  # three-launch backward (fp16, bf16, tf32, fp32), every config
+    python tools/cuda_emu/run_emu.py --bytes         # forward's global bytes, benchmark shapes (--float32)
     python tools/cuda_emu/run_emu.py --backward-bytes  # the same for the backward (--tf32: float32 on TF32)
     (either with --l2: also the DRAM bytes by the L2 model, tools/cuda_emu/emu_l2.h)
 """
@@ -162,7 +162,7 @@ def case_params(c, n, merge, stride, act, residual, dtype, seed, bias=None):
 
 
 def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, backward=True,
-        tf32=False, fwd_bytes=None):
+        tf32=False, fwd_bytes=None, eager32=False):
     params, cfg = case_params(c, n, merge, stride, act, residual, dtype,
                               c * 1000 + n * 10 + h + w, bias)
     fmt = torch.channels_last if cl else torch.contiguous_format
@@ -182,7 +182,9 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, b
         if r is not None:
             errs[name] = rel(g, r)
     if dtype == torch.float64 or (dtype == torch.float32 and not tf32):
-        return errs, None, None
+        # eager32: also eager float32's errors against float64 (for sums that cancel, where
+        # float32 itself is a few 1e-5 off)
+        return errs, None, (eager_errors(x, params, cfg, gy, y64, ref) if eager32 else None)
     if tf32:
         tc = backward and backward_plan_of(lib, x, params, cfg, 4)
         return (errs,) + tf32_judged(x, params, cfg, gy, y, saved, gr, y64, ref, backward, tc)
@@ -202,16 +204,23 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, b
             exact[name] = rel(g, r)
     if backward:
         exact["_flips"] = act_flips(cfg.act, z.detach(), sv, dtype)
-    # eager PyTorch in the same dtype, for the policy
+    return errs, exact, eager_errors(x, params, cfg, gy, y64, ref)
+
+
+def eager_errors(x, params, cfg, gy, y64, ref):
+    """Eager PyTorch's output and gradients in x's dtype against float64 (y64 and the
+    gradients ref), per tensor: the yardstick of the tolerance policy."""
     xe = x.detach().requires_grad_(True)
     pe = [t.detach().requires_grad_(True) if t is not None else None for t in params]
     ye = msfused.block_reference(xe, msfused.BlockParams(*pe), cfg)
-    ye.backward(gy)
     eager = {"y": rel(ye, y64)}
+    if ref[0] is None:  # forward only
+        return eager
+    ye.backward(gy)
     for name, g, r in zip(NAMES, grads_of(xe, pe), ref):
         if r is not None:
             eager[name] = rel(g, r)
-    return errs, exact, eager
+    return eager
 
 
 def tf32_judged(x, params, cfg, gy, y, saved, gr, y64, ref, backward, tc_backward):
@@ -620,11 +629,41 @@ def run_backward_tf32(lib, case):
                 f"{'tensor-core' if planned else 'FMA'} backward, {moved} bytes moved")
 
 
+def run_float32(lib, case, backward=False):
+    """(ok, line) for one float32 case of forward_low_cases() with TF32 off (as a GPU runs it
+    with torch.backends.cudnn.allow_tf32 = False): the one-launch forward and the three-launch
+    backward with their GEMMs on exact float32 FMAs, every output within EXACT_TOL[float32]
+    of float64, or, where eager float32 itself is further off (a gradient whose sum cancels
+    to a small value: seen 1.6e-5 at C = 3, N = 1), within twice eager's error; ok also needs
+    those kernels to have run (their byte counters moved; the older FMA kernels do not
+    count) wherever their plan fits."""
+    (c, n, h, w, batch), merge, stride, residual, cl, act = case
+    bias = (c + h) % 2 == 0 or merge == "add"
+    planned = not backward or backward_plan(lib, case, 4)["P"] > 0
+    fwd = []
+    _bytes_moved(lib)
+    errs, _, eager = run(lib, c, n, h, w, merge, stride, act, residual, bias, torch.float32, cl,
+                         batch, backward=backward, fwd_bytes=fwd, eager32=True)
+    moved = _bytes_moved(lib) if backward else fwd[0]
+    worst = max(errs, key=errs.get)
+    bad = [k for k in errs if errs[k] >= max(EXACT_TOL[torch.float32], 2 * eager[k])]
+    ok = not bad and fwd[0] > 0 and (moved > 0) == planned
+    identity = residual and c == out_channels(n, merge_code(merge)) and stride == 1
+    res = ("res-id" if identity else "res-proj") if residual else "nores"
+    kernel = "one-launch" if not backward else ("three-launch" if planned else "older FMA")
+    return ok, (f"{'ok  ' if ok else 'FAIL'} {'bwd' if backward else 'fwd'} float32  C{c} N{n} "
+                f"{h}x{w} B{batch} {merge} s{stride} {act} {res} {'nhwc' if cl else 'nchw'} "
+                f"bias={bias}: worst {worst} {errs[worst]:.2e} vs float64 (eager float32 "
+                f"{eager[worst]:.2e}), {kernel} kernels, {moved} bytes moved"
+                + ("" if ok else f"  {errs} eager {eager}"))
+
+
 def main_forward_low(lib):
     fails = total = 0
     for case in forward_low_cases():
-        for dtype in (torch.bfloat16, torch.float16, "tf32"):
+        for dtype in (torch.bfloat16, torch.float16, "tf32", torch.float32):
             ok, line = (run_forward_tf32(lib, case) if dtype == "tf32"
+                        else run_float32(lib, case) if dtype == torch.float32
                         else run_forward_low(lib, case, dtype))
             fails += not ok
             total += 1
@@ -657,13 +696,14 @@ def backward_grads(lib, case, dtype):
 
 
 def main_backward_low(lib):
-    """Forward and backward in bfloat16, float16 and float32 on TF32 for every case of
-    forward_low_cases(): the tensor-core backward (block_backward_mma.cu, block_backward_dw.cu)
-    wherever it plans."""
+    """Forward and backward in bfloat16, float16, float32 on TF32 and float32 on FMAs for every
+    case of forward_low_cases(): the three-launch backward (block_backward_mma.cu,
+    block_backward_dw.cu) wherever it plans."""
     fails = total = 0
     for case in forward_low_cases():
-        for dtype in (torch.bfloat16, torch.float16, "tf32"):
+        for dtype in (torch.bfloat16, torch.float16, "tf32", torch.float32):
             ok, line = (run_backward_tf32(lib, case) if dtype == "tf32"
+                        else run_float32(lib, case, backward=True) if dtype == torch.float32
                         else run_forward_low(lib, case, dtype, backward=True))
             fails += not ok
             total += 1
@@ -716,7 +756,7 @@ def _forward_bytes(lib, shape, batch, dtype, run=True, l2=False):
         memory_format=torch.channels_last)
     ptrs = (ctypes.c_void_p * 13)(ptr(x), *[ptr(t) for t in params])
     plan = (ctypes.c_int64 * 9)()
-    lib.emu_mma_plan(desc, ptrs, ptr(y), plan)
+    lib.emu_mma_plan(desc, ptrs, ptr(y), plan, x.element_size())
     tile = f"{plan[0]}x{plan[1]}x{plan[7]}"  # TH x TW x tiles per CTA down a column
     if not run:
         return dict(tile=tile, ctas=batch * plan[2], smem=plan[3])
@@ -747,8 +787,10 @@ def _forward_bytes(lib, shape, batch, dtype, run=True, l2=False):
 
 def main_bytes(lib, batch):
     from msfused.benchmark import SHAPES
-    print(f"emulated bfloat16 channels_last forward, batch {batch} with the tile planned for "
-          "the benchmark's batch: global bytes per launch")
+    # --float32: float32 with TF32 off (the GEMM on FMAs; TF32 plans and moves the same)
+    dtype = torch.float32 if "--float32" in sys.argv else torch.bfloat16
+    print(f"emulated {dtype_name(dtype)} channels_last forward, batch {batch} with the tile "
+          "planned for the benchmark's batch: global bytes per launch")
     l2 = "--l2" in sys.argv
     if l2:
         print("DRAM: the L2 model's estimate (tools/cuda_emu/emu_l2.h; EMU_L2_MB="
@@ -759,7 +801,7 @@ def main_bytes(lib, batch):
           + (f" {'DRAM read/(x+w)':>16} {'DRAM written/y':>15}" if l2 else ""))
     for group in SHAPES.values():
         for shape in group:
-            r = forward_bytes(lib, shape, batch, plan_batch=shape.batch, l2=l2)
+            r = forward_bytes(lib, shape, batch, dtype, plan_batch=shape.batch, l2=l2)
             print(f"{r['name']:9} {r['tile']:>10} {r['ctas']:5d} {r['smem'] / 1024:7.1f} "
                   f"{r['read_x'] / r['x']:9.3f} {r['read_w'] / (r['tiles'] * r['w']):17.3f} "
                   f"{r['written'] / r['y']:12.3f}"
