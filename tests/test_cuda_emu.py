@@ -363,22 +363,47 @@ def test_float32_without_tf32_on_fma_gemms(emu_lib, case):
     one-launch forward and the three-launch backward with their GEMMs on exact float32 FMAs
     (their byte counters moved: not the older FMA kernels, which do not count), y and every
     gradient at float32 accuracy; images of one and of several tiles, C = 256 (eight
-    32-channel chunks, several GEMM blocks) and C_out above 256 (280: partial GEMM blocks;
-    its backward has no three-launch plan, test_backward_falls_back_when_rows_exceed_the_plan)."""
+    32-channel chunks, several GEMM blocks) and C_out above 256 (280: partial GEMM blocks,
+    and two row blocks in the backward)."""
     run_emu, lib = emu_lib
-    ok, line = run_emu.run_float32(lib, case)
+    for backward in (False, True):
+        ok, line = run_emu.run_float32(lib, case, backward=backward)
+        assert ok and "older" not in line, line
+
+
+# Weight-gradient rows (2 N + a projection's C_out) above the 512 one CTA's accumulators hold:
+# row blocks (2: concat N = 140 with a projection, 576 rows; add C = N = 300, 600 rows;
+# 3: concat N = 280 with a projection, 1120 rows).
+ROW_BLOCK_CASES = [(((16, 140, 5, 3, 1), "concat", 2, True, True, "relu6"), 2),
+                   (((16, 140, 5, 3, 1), "concat", 1, True, False, "silu"), 2),
+                   (((300, 300, 4, 3, 1), "add", 1, True, True, "relu"), 2),
+                   (((16, 280, 4, 5, 2), "concat", 1, True, True, "silu"), 3)]
+
+
+@pytest.mark.parametrize("case,rblocks", ROW_BLOCK_CASES,
+                         ids=lambda v: str(v) if isinstance(v, int)
+                         else "-".join(map(str, v[0] + v[1:])))
+def test_backward_row_blocks(emu_lib, case, rblocks):
+    """Blocks wider than one CTA's weight-gradient accumulators run the three launches with
+    the rows split over row blocks (every row block stages x and gz again; the first also
+    computes the data gradients): bfloat16 within policy, and float32 without TF32 at
+    float32 accuracy where its (larger) operands still fit shared memory."""
+    run_emu, lib = emu_lib
+    plan = run_emu.backward_plan(lib, case)
+    assert plan["P"] > 0 and plan["rblocks"] == rblocks, plan
+    ok, line = run_emu.run_forward_low(lib, case, torch.bfloat16, backward=True)
     assert ok, line
-    if run_emu.backward_plan(lib, case, 4)["P"] > 0 or case != MMA_CASES[6]:
+    if run_emu.backward_plan(lib, case, 4)["P"] > 0:
         ok, line = run_emu.run_float32(lib, case, backward=True)
         assert ok and "three-launch" in line, line
 
 
-def test_backward_falls_back_when_rows_exceed_the_plan(emu_lib):
-    """[dpa | dpb | dws] above 512 rows (here concat, N = 140: 144 + 144 + 288) has no plan
-    for the three-launch backward; the older FMA backward runs, with correct gradients, in
-    bfloat16 and in float32."""
+def test_backward_falls_back_when_no_plan_fits(emu_lib):
+    """A block so wide (concat N = 640 with a projection) that not even the smallest tile's
+    gz and weight slices fit shared memory has no plan for the three-launch backward; the
+    older FMA backward runs, with correct gradients, in bfloat16 and in float32."""
     run_emu, lib = emu_lib
-    case = ((16, 140, 5, 3, 1), "concat", 2, True, True, "relu6")
+    case = ((16, 640, 3, 3, 1), "concat", 1, True, True, "relu")
     assert run_emu.backward_plan(lib, case)["P"] == 0
     assert run_emu.backward_plan(lib, case, 4)["P"] == 0
     ok, line = run_emu.run_forward_low(lib, case, torch.bfloat16, backward=True)
@@ -391,8 +416,10 @@ def test_backward_falls_back_when_rows_exceed_the_plan(emu_lib):
                          [(((24, 16, 16, 9, 2), "add", 1, True, True, "relu"), torch.bfloat16),
                           (((40, 24, 17, 13, 2), "concat", 2, True, False, "silu"),
                            torch.bfloat16),
-                          (((24, 16, 16, 9, 2), "add", 1, True, True, "relu"), "tf32")],
-                         ids=["add-nhwc", "concat-nchw", "add-nhwc-tf32"])
+                          (((24, 16, 16, 9, 2), "add", 1, True, True, "relu"), "tf32"),
+                          (((16, 140, 16, 9, 2), "concat", 1, True, True, "relu"),
+                           torch.bfloat16)],
+                         ids=["add-nhwc", "concat-nchw", "add-nhwc-tf32", "row-blocks"])
 def test_backward_weight_grads_do_not_depend_on_the_split(emu_lib, case, dtype, monkeypatch):
     """Every gradient bitwise identical whether one CTA per channel block walks all pixel
     groups, three CTAs share them, or each group has its own CTA (MSFUSED_CUDA_BWD_SPLIT)."""

@@ -54,6 +54,7 @@ const char* launch_backward_dw(const BlockDesc& d, const BlockTensors<T>& t, con
 constexpr int BWD_KC = 32;    // channels per chunk: one chunk of depthwise_tile.cuh
 constexpr int BWD_TW = 8;     // tile width
 constexpr int BWD_WMT = 4;    // weight-gradient accumulator slots (m16 tile x chunk) per warp
+constexpr int BWD_ROWS_MT = 8 * BWD_WMT;  // m16 tiles of weight-gradient rows one CTA holds
 constexpr int BWD_PAD = 8;    // 16 bytes of row padding (16-bit elements): ldmatrix banks
 
 struct BwdMmaPlan {
@@ -72,6 +73,8 @@ struct BwdMmaPlan {
                                // (concat N16, add 0), the width (concat 2 N16, add N16),
                                // the row (GW + pad)
   int mt_a, MT;                // weight-gradient m16 tiles: dpa, dpb (mt_a each), dws (the rest)
+  int rblocks;                 // row blocks: CTAs per channel block sharing the MT tiles, at
+                               // most BWD_ROWS_MT each (1 unless MT exceeds that)
   int rows;                    // partial rows: 2 N + (projection ? Cout : 0)
   int LDA, LDD, LDWT;          // rows of A = [a | b | xs | a_lo | b_lo] (the lo: a - (T)a;
                                // none for float), of act' (float), of a weight slice
@@ -93,7 +96,11 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   const int64_t N16 = (d.N + 15) / 16 * 16;
   const int64_t GW = d.merge == kConcat ? 2 * N16 : N16;
   const int64_t rows16 = 2 * N16 + (d.projection ? GW : 0);
-  if (rows16 > int64_t(8) * BWD_WMT * 16 || d.C > (int64_t(1) << 20)) return p;
+  // Wider blocks than the 8 x BWD_WMT accumulator slots of one CTA hold (2 N + a projection's
+  // C_out above 512 rows) split the rows over row blocks of one chunk each: every row block
+  // stages x and gz and recomputes the chunk's operands for its rows' weight gradients, the
+  // first also computes the data gradients.
+  if (d.C > (int64_t(1) << 20) || rows16 > int64_t(64) * BWD_ROWS_MT * 16) return p;
   // float (TF32): 32-bit fragments come through scalar shared loads, not ldmatrix. gz is read
   // along rows (data gradients: lanes g, t at g LDG + t) and down columns (weight gradients:
   // t LDG + g), the weights and A down columns only; a row pitch of 4 (mod 32) words keeps
@@ -105,6 +112,7 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   p.LDG = p.GW + (tf32 ? 4 : BWD_PAD);
   p.mt_a = int(N16 / 16);
   p.MT = int(rows16 / 16);
+  p.rblocks = (p.MT + BWD_ROWS_MT - 1) / BWD_ROWS_MT;
   p.rows = int(2 * d.N + (d.projection ? d.Cout : 0));
   p.C16 = int((d.C + 15) / 16 * 16);
   // [a | b | xs | a_lo | b_lo]; float has no lo (the tensor cores read a and b as tf32, as
@@ -113,7 +121,7 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   p.LDD = 2 * BWD_KC + 4;
   // As many chunks per CTA as the 8 x BWD_WMT accumulator slots hold (each chunk needs MT):
   // gz, staged once per tile, then serves them all, and fewer channel blocks re-read dy.
-  int nc0 = (8 * BWD_WMT) / p.MT;
+  int nc0 = p.rblocks > 1 ? 1 : BWD_ROWS_MT / p.MT;
   const int chunks_c = int((d.C + BWD_KC - 1) / BWD_KC);
   if (nc0 > chunks_c) nc0 = chunks_c;
   if (nc0 < 1) nc0 = 1;
@@ -168,7 +176,7 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   const double part = 2.0 * p.rows * d.C * 4;
   const double per_tile = double(p.P) * (4.0 * d.C + 2.0 * d.Cout) * esz;
   int64_t gt = int64_t(std::ceil(part / (per_tile / 8)));
-  const int64_t wave = (p.tiles * p.cblocks + 131) / 132;
+  const int64_t wave = (p.tiles * p.cblocks * p.rblocks + 131) / 132;
   if (gt > wave) gt = wave;
   if (force_gt > 0) gt = force_gt;
   if (gt > p.tiles) gt = p.tiles;

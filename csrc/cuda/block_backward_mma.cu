@@ -18,6 +18,9 @@
 //     16-bit value plus its 16-bit rounding residual, b alike),
 //     dpb += gzb^T b, dws += gz^T xs, in registers (each warp owns up to four (m16 row tile
 //     of [dpa | dpb | dws], chunk) slots of 16 x 32), plus the bias sums (channel block 0).
+// Blocks with more weight-gradient rows than the 8 x BWD_WMT slots hold run rblocks CTAs per
+// channel block (one chunk each), row block rb owning m16 row tiles 32 rb .. 32 rb + 31 and
+// bias rows 512 rb ..; all stage x and gz, only row block 0 computes the data gradients.
 // After a group's last tile the accumulators go out as that group's partial. Groups are
 // fixed by the shape, the order of the sums inside a group by the tile order, and launch 3
 // adds the groups in index order: the result does not depend on the split (the grid).
@@ -260,11 +263,18 @@ __global__ void __launch_bounds__(NT, 1)
   const SharedRows<T, S, XC> carry{reinterpret_cast<T*>(sm + pl.off_h)};
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int c0 = int(blockIdx.x) * pl.CB, C = int(d.C), Ho = int(d.Ho), Wo = int(d.Wo);
+  // grid x: channel blocks, each as rblocks row blocks side by side (they read the same x)
+  const int cb = int(blockIdx.x) / pl.rblocks, rb = int(blockIdx.x) % pl.rblocks;
+  const int c0 = cb * pl.CB, C = int(d.C), Ho = int(d.Ho), Wo = int(d.Wo);
   const int P = pl.P, TH = pl.TH, LDA = pl.LDA, LDG = pl.LDG, LDD = pl.LDD, L = pl.LDWT;
-  const int mtiles = P / 16, MT = pl.MT;
+  // this CTA's weight-gradient m16 tiles: mt0 .. mt0 + MT - 1 of the plan's pl.MT
+  const int mtiles = P / 16, mt0 = rb * BWD_ROWS_MT, MT = min_i(BWD_ROWS_MT, pl.MT - mt0);
   const int nck = min_i(pl.nchunk, (pl.C16 - c0 + KC - 1) / KC);  // this CTA's chunks
-  const bool first_cb = blockIdx.x == 0, identity = d.residual && !d.projection;
+  const bool first_cb = cb == 0, identity = d.residual && !d.projection;
+  // the data gradients (and the scratch) are row block 0's; bias rows r0b .. r0b + 2 NT
+  // each row block's (of the first channel block)
+  const bool data_grads = rb == 0;
+  const int r0b = rb * 2 * NT;
   const int64_t HWin = d.H * d.W;
 
   // once per CTA: depthwise weights, the pointwise slices, sG's padding columns zeroed
@@ -293,8 +303,8 @@ __global__ void __launch_bounds__(NT, 1)
     ptx::cp_async_commit();
   };
 
-  // accumulator slot j of this warp: unit u = warp + 8 j of MT x nck (m16 tile u % MT of
-  // chunk u / MT); warp-uniform, indices compile-time
+  // accumulator slot j of this warp: unit u = warp + 8 j of MT x nck (m16 tile mt0 + u % MT
+  // of chunk u / MT); warp-uniform, indices compile-time
   float accW[BWD_WMT][4][4];
 #pragma unroll
   for (int j = 0; j < BWD_WMT; ++j)
@@ -347,7 +357,7 @@ __global__ void __launch_bounds__(NT, 1)
         // ---- data gradients: units of (which, m16 row tile, 16 channels) --------------
         const int nh = pl.C16 - cc0 >= 32 ? 2 : 1;  // 16-channel halves in use
         const int nwhich = d.projection ? 3 : 2;
-        const int units = nwhich * mtiles * nh;
+        const int units = data_grads ? nwhich * mtiles * nh : 0;
         for (int u = warp; u < units; u += NT / 32) {
           const int which = u / (mtiles * nh), rem = u % (mtiles * nh);
           const int mt = rem / nh, h = rem % nh;
@@ -383,7 +393,7 @@ __global__ void __launch_bounds__(NT, 1)
               stg(dst + ((bimg * Ho + oh) * Wo + ow) * C + c, from_acc<T>(v));
             }
         }
-        if (identity) {  // the shortcut's gradient is gz itself (Cout == C)
+        if (identity && data_grads) {  // the shortcut's gradient is gz itself (Cout == C)
           for (int i = tid; i < P * KC; i += NT) {
             const int k = i % KC, p = i / KC, c = cc0 + k;
             const int oh = r0 + p / TW, ow = q0 + p % TW;
@@ -396,7 +406,7 @@ __global__ void __launch_bounds__(NT, 1)
         // ---- weight gradients of this chunk: K = the tile's pixels ----------------------
 #pragma unroll
         for (int j = 0; j < BWD_WMT; ++j) {
-          const int u = warp + 8 * j, mt = u % MT;
+          const int u = warp + 8 * j, mt = mt0 + u % MT;
           if (u >= MT * nck || u / MT != ck) continue;  // warp-uniform
           const int seg = mt < pl.mt_a ? 0 : (mt < 2 * pl.mt_a ? 1 : 2);
           const int gcol = seg == 0 ? mt * 16 : (seg == 1 ? pl.gzb + (mt - pl.mt_a) * 16
@@ -431,7 +441,7 @@ __global__ void __launch_bounds__(NT, 1)
         if (first_cb && ck == 0) {
 #pragma unroll
           for (int q = 0; q < 2; ++q) {
-            const int r = tid + q * NT;
+            const int r = r0b + tid + q * NT;
             if (r >= pl.rows) continue;
             const int col = bias_col(d, pl, r);
             float sum = 0.f;
@@ -445,7 +455,7 @@ __global__ void __launch_bounds__(NT, 1)
     // ---- the group's partial -------------------------------------------------------------
 #pragma unroll
     for (int j = 0; j < BWD_WMT; ++j) {
-      const int u = warp + 8 * j, mt = u % MT, ck = u / MT;
+      const int u = warp + 8 * j, mt = mt0 + u % MT, ck = u / MT;
       if (u >= MT * nck) continue;
 #pragma unroll
       for (int n8 = 0; n8 < 4; ++n8)
@@ -461,7 +471,7 @@ __global__ void __launch_bounds__(NT, 1)
     if (first_cb) {
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
-        const int r = tid + q * NT;
+        const int r = r0b + tid + q * NT;
         if (r < pl.rows) stg(bpart + group * pl.rows + r, bsum[q]);
         bsum[q] = 0.f;
       }
@@ -538,7 +548,7 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* 
   T* dxs = d.residual ? reinterpret_cast<T*>(ws + pl.ws_dxs) : nullptr;
   float* wpart = reinterpret_cast<float*>(ws + pl.ws_wpart);
   float* bpart = reinterpret_cast<float*>(ws + pl.ws_bpart);
-  const dim3 grid(unsigned(pl.cblocks), unsigned(pl.split));
+  const dim3 grid(unsigned(pl.cblocks * pl.rblocks), unsigned(pl.split));
   MSF_LAUNCH(kernel, grid, NT, pl.smem, stream, d, t, gy, saved, da, db, dxs, wpart, bpart, pl,
              vec_x, vec_g);
   const cudaError_t e = cudaGetLastError();

@@ -350,8 +350,9 @@ def tf32_preactivation(x, p, cfg):
 
 
 def backward_plan_of(lib, x, params, cfg, elem):
-    """Whether the tensor-core backward plans for this call's shape (elem: 2, or 4 for TF32)."""
-    out = (ctypes.c_int64 * 8)()
+    """Whether the three-launch backward plans for this call's shape (elem: 2, or 4 for
+    float32)."""
+    out = (ctypes.c_int64 * 9)()
     lib.emu_bwd_plan(block_desc(*x.shape, params[6].shape[0], cfg, x.stride(1) == 1), out, elem)
     return out[0] > 0
 
@@ -673,13 +674,15 @@ def main_forward_low(lib):
 
 
 def backward_plan(lib, case, elem=2):
-    """The tensor-core backward's plan (emu_bwd_plan) for a forward_low_cases() case, for
-    16-bit elements (elem 2) or TF32 float (4): P == 0 means the FMA backward runs."""
+    """The three-launch backward's plan (emu_bwd_plan) for a forward_low_cases() case, for
+    16-bit elements (elem 2) or float32 (4): P == 0 means the older FMA backward runs;
+    rblocks > 1 that its weight-gradient rows are split over row blocks."""
     (c, n, h, w, batch), merge, stride, residual, cl, act = case
     cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
-    out = (ctypes.c_int64 * 8)()
+    out = (ctypes.c_int64 * 9)()
     lib.emu_bwd_plan(block_desc(batch, c, h, w, n, cfg, cl and c > 1), out, elem)
-    return dict(zip(("P", "TH", "GT", "groups", "split", "cblocks", "smem", "workspace"), out))
+    return dict(zip(("P", "TH", "GT", "groups", "split", "cblocks", "smem", "workspace",
+                     "rblocks"), out))
 
 
 def backward_grads(lib, case, dtype):
@@ -847,7 +850,7 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, l2=False):
 
     esz = torch.empty((), dtype=dtype).element_size()
 
-    plan_full, plan = (ctypes.c_int64 * 8)(), (ctypes.c_int64 * 8)()
+    plan_full, plan = (ctypes.c_int64 * 9)(), (ctypes.c_int64 * 9)()
     lib.emu_bwd_plan(desc_for(shape.batch), plan_full, esz)
     old = os.environ.get("MSFUSED_CUDA_BWD_GROUP")
     os.environ["MSFUSED_CUDA_BWD_GROUP"] = str(plan_full[2])
