@@ -550,6 +550,19 @@ def plot_results(result: dict, path: str) -> None:
 
 
 def run(args) -> dict:
+    if getattr(args, "tf32", True) or args.device != "cuda":
+        return _run(args)
+    # --no-tf32: float32 convolutions and matmuls in IEEE float32 on CUDA, for eager (cuDNN)
+    # and for the fused kernels alike (they read the same flag), restored afterwards
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _run(args)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _run(args) -> dict:
     if getattr(args, "from_results", ""):  # re-plot a results file, measure nothing
         with open(args.from_results) as f:
             result = json.load(f)
@@ -615,6 +628,9 @@ def run(args) -> dict:
     result = {
         "device": device_name(device), "device_type": device, "torch": torch.__version__,
         "commit": git_commit(), "dtype": args.dtype, "threads": torch.get_num_threads(),
+        # whether float32 could run on TF32 tensor cores (CUDA; cuDNN's flag, which the
+        # fused kernels follow too)
+        "tf32": bool(torch.backends.cudnn.allow_tf32) if device == "cuda" else None,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "ceilings": ceilings, "shapes": [asdict(s) for s in shapes],
         "rows": [asdict(r) for r in rows], "summary": summary,
@@ -647,6 +663,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="", help="results file (JSON)")
     p.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false",
                    help="skip ONNX Runtime (measured on the CPU in float32 when installed)")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="CUDA float32 without TF32 (torch.backends.cudnn/cuda.matmul.allow_tf32 "
+                        "off for eager and the fused kernels)")
     p.add_argument("--plot", default="", help="also draw the speed-ups into this PNG")
     p.add_argument("--from", dest="from_results", default="",
                    help="with --plot: draw a results file instead of measuring")

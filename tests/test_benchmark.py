@@ -87,3 +87,48 @@ def test_variants_take_turns():
     assert log == ["a"] * 3 + ["b"] * 3 + ["a", "b"] * 4
     assert set(out) == set(jobs)
     assert all(t >= 0 and tg is None for t, tg in out.values())
+
+
+def _bench_args(*argv):
+    import argparse
+    from msfused import benchmark
+    p = argparse.ArgumentParser()
+    benchmark.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_no_tf32_flag_restores_the_flags():
+    """`msfused bench --device cuda --no-tf32` turns cuDNN's and matmul's TF32 off for the run
+    (eager and the fused kernels read them) and puts them back, also when the run fails
+    (here: no GPU, or an unknown shape)."""
+    from msfused import benchmark
+    args = _bench_args("--device", "cuda", "--no-tf32", "--shapes", "no-such-shape")
+    assert args.tf32 is False and _bench_args().tf32 is True
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    seen = {}
+    real = benchmark._run
+
+    def spy(a):
+        seen["flags"] = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        return real(a)
+
+    benchmark._run = spy
+    try:
+        with pytest.raises(SystemExit):
+            benchmark.run(args)
+    finally:
+        benchmark._run = real
+    assert seen["flags"] == (False, False)
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_no_tf32_run_records_it(tmp_path):
+    from msfused import benchmark
+    out = str(tmp_path / "r.json")
+    r = benchmark.run(_bench_args("--device", "cuda", "--quick", "--shapes", "mnet-14",
+                                  "--no-tf32", "--no-onnxruntime", "--min-time", "0",
+                                  "--out", out))
+    assert r["tf32"] is False
+    with open(out) as f:
+        assert json.load(f)["tf32"] is False

@@ -40,7 +40,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)} MSFUSED_NVCC_THREADS=${MSFUSED_NVCC_THREAD
 BUDGET_S=${BUDGET_S:-540}
 declare -A STATUS TIMES
 
-ALL_STAGES="install backends tests bench-bf16 memcheck bench-fp32 racecheck synccheck fwd-sweep bwd-dram bwd-dram-warm probe"
+ALL_STAGES="install backends tests bench-bf16 memcheck bench-fp32 racecheck synccheck fwd-sweep bwd-dram bwd-dram-warm probe bench-fp32-ieee"
 STAGES=${STAGES:-$ALL_STAGES}
 KNOWN="$ALL_STAGES tests-all bench-compile"
 RAN=""
@@ -125,6 +125,9 @@ stage bwd-dram-warm 120 ncu --cache-control none \
 # where a C++ argument error crashes instead of raising, if it does (benchmarks/NOTES.md:
 # "A C++ argument error that segfaults"); last, since it only diagnoses
 stage probe 60 bash tools/gpu/probe_machine.sh
+# float32 with TF32 off: the fused kernels' GEMMs on exact FMAs against eager without TF32
+stage bench-fp32-ieee 100 "${BENCH[@]}" --min-time 0.1 --dtype float32 --no-tf32 \
+  --out "$OUT/bench-cuda-fp32-ieee.json"
 # outside the default run: the whole suite, and torch.compile in the harness
 stage tests-all 540 "${PYTEST[@]}" --junitxml="$OUT/tests-all.xml"
 stage bench-compile 540 python3 -m msfused.cli bench --device cuda --shapes paper,mobilenet \
