@@ -4,8 +4,9 @@ cuobjdump (the CUDA toolkit's, or the copy in Triton's wheel). No GPU needed.
     python tools/cuda_sass.py [filter]     # e.g. forward_mma: the tensor-core forward only
 
 Per kernel instantiation: registers, local memory (spills), static shared memory, tensor-core
-MMAs (HMMA), float32 FMAs (FFMA), ldmatrix (LDSM), 16-byte cp.async (LDGSTS...128), 16-byte global stores and
-loads, barriers, instructions, and the CTAs per SM its registers allow at 256 threads.
+MMAs (HMMA), float32 FMAs (FFMA), ldmatrix (LDSM), 16-byte cp.async (LDGSTS...128), 16-byte
+global stores and loads, barriers, instructions, and the CTAs per SM its registers allow at
+256 threads.
 """
 import functools
 import glob
@@ -19,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 COUNTS = {"HMMA": r"\bHMMA\.", "FFMA": r"\bFFMA\b", "LDSM": r"\bLDSM\.",
           "LDGSTS128": r"\bLDGSTS\.[A-Z.]*128\b", "STG128": r"\bSTG\.E\.128\b",
-          "LDG128": r"\bLDG\.E\.128\b", "LDL": r"\bLDL\b", "STL": r"\bSTL\b", "BAR": r"\bBAR\.SYNC\b",
+          "LDG128": r"\bLDG\.E\.128\b", "LDL": r"\bLDL\b", "STL": r"\bSTL\b",
+          "BAR": r"\bBAR\.SYNC\b",
           "L2DROP": r"\bCCTL\.E\.RML2\b"}  # discard.global.L2: a line leaves L2 unwritten
 
 

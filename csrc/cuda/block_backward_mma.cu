@@ -1,7 +1,8 @@
 // The float16/bfloat16 backward on tensor cores (and float32's, on TF32 tensor cores where
-// torch.backends.cudnn.allow_tf32 allows it, else on FMAs): launch 1 (the pointwise convs' and the
-// projection's data and weight gradients) and launch 3 (the fixed-order reduction); launch 2
-// (depthwise) is block_backward_dw.cu. The plan and the scratch are csrc/cuda/backward_mma.h.
+// torch.backends.cudnn.allow_tf32 allows it, else on FMAs): launch 1 (the pointwise convs'
+// and the projection's data and weight gradients) and launch 3 (the fixed-order reduction);
+// launch 2 (depthwise) is block_backward_dw.cu. The plan and the scratch are
+// csrc/cuda/backward_mma.h.
 //
 // Launch 1: a CTA owns CB = nchunk x 32 input channels and walks its pixel groups tile by tile
 // (TH x 8 output pixels), each tile chunk by chunk of 32 channels. Per tile and chunk:
@@ -412,8 +413,9 @@ __global__ void __launch_bounds__(NT, 1)
           const int gcol = seg == 0 ? mt * 16 : (seg == 1 ? pl.gzb + (mt - pl.mt_a) * 16
                                                           : (mt - 2 * pl.mt_a) * 16);
           if constexpr (std::is_same_v<T, float>) {
-            if constexpr (TC) weight_grad_tf32(accW[j], sG + gcol, LDG, sA + seg * KC, LDA, nh, P, lane);
-            else weight_grad_fma(accW[j], sG + gcol, LDG, sA + seg * KC, LDA, nh, P, lane);
+            const float* B = sA + seg * KC;
+            if constexpr (TC) weight_grad_tf32(accW[j], sG + gcol, LDG, B, LDA, nh, P, lane);
+            else weight_grad_fma(accW[j], sG + gcol, LDG, B, LDA, nh, P, lane);
           } else {
             // a and b as hi + lo (their rounding residual): float-accurate operands, so dpa
             // and dpb carry only gz's rounding; xs is exact in T

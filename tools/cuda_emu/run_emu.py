@@ -14,9 +14,11 @@ The plain float64 error is printed too; with relu6 it can be several 1e-2 where 
 pre-activation lies within half an ulp below 6 (the stored y rounds to 6.0 and act' = 0).
 
     python tools/cuda_emu/run_emu.py [--quick]
-    python tools/cuda_emu/run_emu.py --forward-low   # one-launch forward (fp16, bf16, tf32, fp32), every config
-    python tools/cuda_emu/run_emu.py --backward-low  # three-launch backward (fp16, bf16, tf32, fp32), every config
-    python tools/cuda_emu/run_emu.py --bytes         # forward's global bytes, benchmark shapes (--float32)
+    python tools/cuda_emu/run_emu.py --forward-low   # one-launch forward, every config
+    python tools/cuda_emu/run_emu.py --backward-low  # three-launch backward, every config
+        (both in bfloat16, float16, float32 on TF32 and float32 on FMAs)
+    python tools/cuda_emu/run_emu.py --bytes         # forward's global bytes, benchmark shapes
+        (bfloat16; --float32: float32)
     python tools/cuda_emu/run_emu.py --backward-bytes  # the same for the backward (--tf32: float32 on TF32)
     (either with --l2: also the DRAM bytes by the L2 model, tools/cuda_emu/emu_l2.h)
 """
