@@ -438,6 +438,39 @@ def test_backward_weight_grads_do_not_depend_on_the_split(emu_lib, case, dtype, 
         _assert_same_bits(run_emu.NAMES, results[0], other)
 
 
+@pytest.mark.parametrize("case,dtype",
+                         [(((24, 16, 16, 9, 7), "add", 1, True, True, "relu"), torch.bfloat16),
+                          (((40, 24, 17, 13, 3), "concat", 2, True, False, "silu"),
+                           torch.float16),
+                          (((24, 16, 16, 9, 7), "add", 1, True, True, "relu"), torch.float32),
+                          (((16, 140, 16, 9, 3), "concat", 1, True, True, "relu"),
+                           torch.bfloat16)],
+                         ids=["add-nhwc", "concat-nchw", "add-nhwc-fp32", "row-blocks"])
+def test_backward_batch_slices_keep_the_bits(emu_lib, case, dtype, monkeypatch):
+    """Launches 1 and 2 per batch slice (MSFUSED_CUDA_BWD_SCRATCH_KB: a scratch budget that
+    holds fewer images than the batch) give every gradient bit for bit as one slice does,
+    with a smaller workspace: slices are whole groups (three tiles per group here against
+    four tiles per image, so slices of three images and a last one of one), whatever the
+    split."""
+    run_emu, lib = emu_lib
+    elem = 4 if dtype == torch.float32 else 2
+    if case[0][0] == 24:
+        monkeypatch.setenv("MSFUSED_CUDA_BWD_GROUP", "3")
+    runs = []
+    for kb, split in (("0", "0"), ("1", "0"), ("1", "2")):
+        monkeypatch.setenv("MSFUSED_CUDA_BWD_SCRATCH_KB", kb)
+        monkeypatch.setenv("MSFUSED_CUDA_BWD_SPLIT", split)
+        runs.append((run_emu.backward_plan(lib, case, elem),
+                     run_emu.backward_grads(lib, case, dtype)))
+    (one, ref), (sliced, _), _ = runs
+    assert one["nslices"] == 1 and sliced["nslices"] > 1, (one, sliced)
+    assert sliced["workspace"] < one["workspace"], (one, sliced)
+    if case[0][0] == 24:
+        assert sliced["slice_imgs"] == 3 and sliced["nslices"] == 3, sliced
+    for _, grads in runs[1:]:
+        _assert_same_bits(run_emu.NAMES, ref, grads)
+
+
 def test_backward_global_bytes(emu_lib):
     """The backward's global traffic at a benchmark shape (all launches, scratch and partials
     included, as counted by the emulator) stays within its current bound of the floor (x, dy,
@@ -520,3 +553,31 @@ def test_backward_discards_only_the_scratch(emu_lib, case):
     assert poisoned[0].item() * 4 == start and poisoned[-1].item() * 4 == start + lines * 128 - 4
     ok, line = run_emu.run_forward_low(lib, case, dtype, backward=True)
     assert ok, line
+
+
+def test_peak_memory_counts(emu_lib, monkeypatch):
+    """tools/cuda_emu/peak_memory.py: the live-bytes tracker's peak over a known sequence of
+    ops, and the kernels' planned peak at mnet-56 (y, dx, workspace, weight gradients) lower
+    with the default scratch budget (batch slices) than with one slice, by the scratch the
+    slices save."""
+    import peak_memory
+    from msfused.benchmark import SHAPES
+    run_emu, lib = emu_lib
+    mode = peak_memory.LiveBytes()
+    with mode:
+        a = torch.ones(1000)          # 4000 bytes
+        b = a * 2                     # 8000 live
+        del a
+        c = b + 1                     # 8000 live again (a freed)
+        d = c.view(10, 100)           # a view: no new storage
+    assert mode.peak == 8000 and mode.live == 8000, (mode.peak, mode.live)
+    del b, c, d
+    mnet56 = {s.name: s for g in SHAPES.values() for s in g}["mnet-56"]
+    monkeypatch.setenv("MSFUSED_CUDA_BWD_SCRATCH_KB", "0")
+    whole, plan1 = peak_memory.kernel_peak(lib, mnet56, torch.bfloat16)
+    monkeypatch.delenv("MSFUSED_CUDA_BWD_SCRATCH_KB")
+    sliced, plan = peak_memory.kernel_peak(lib, mnet56, torch.bfloat16)
+    assert plan1["nslices"] == 1 and plan["nslices"] > 1, (plan1, plan)
+    assert whole - sliced == plan1["workspace"] - plan["workspace"] > 0
+    y = dx = 32 * 64 * 56 * 56 * 2
+    assert sliced > y + dx + plan["workspace"]

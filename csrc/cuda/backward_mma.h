@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <numeric>
 
 #include "block_desc.h"
 
@@ -76,6 +77,8 @@ struct BwdMmaPlan {
   int rblocks;                 // row blocks: CTAs per channel block sharing the MT tiles, at
                                // most BWD_ROWS_MT each (1 unless MT exceeds that)
   int rows;                    // partial rows: 2 N + (projection ? Cout : 0)
+  int slice_imgs, nslices;     // launches 1 and 2 run per slice of slice_imgs images (the
+                               // last may hold fewer), the scratch holding one slice
   int LDA, LDD, LDWT;          // rows of A = [a | b | xs | a_lo | b_lo] (the lo: a - (T)a;
                                // none for float), of act' (float), of a weight slice
   uint32_t off_x0, off_x1, off_b1, off_dw, off_a, off_d, off_g, off_wa, off_wb, off_ws, off_h,
@@ -91,7 +94,8 @@ inline size_t bwd_align(size_t v, size_t a) { return (v + a - 1) / a * a; }
 // the split count (for testing that it does not change the result); force_gt > 0 the tiles
 // per group (for measuring a large batch's traffic on a few images).
 inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_block,
-                                    int force_split, int force_gt = 0) {
+                                    int force_split, int force_gt = 0,
+                                    size_t scratch_budget = 0) {
   BwdMmaPlan p{};
   const int64_t N16 = (d.N + 15) / 16 * 16;
   const int64_t GW = d.merge == kConcat ? 2 * N16 : N16;
@@ -188,8 +192,24 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   if (split > 65535) split = 65535;
   p.split = int(split);
   if (p.tiles > 0x7fffffff) { p.P = 0; return p; }
+  // Batch slices: where the scratch of the whole batch (da, db, dxs) exceeds scratch_budget
+  // bytes (0: no limit), launches 1 and 2 run slice by slice, so the scratch holds one
+  // slice: the training step's peak memory falls by the rest, and launch 2 reads what
+  // launch 1 just wrote while it is still in L2. A slice is a whole number of groups
+  // (images x tiles_hw a multiple of GT), so every group, partial and sum is the unsliced
+  // one's: the same bits whatever the budget.
+  const int64_t img_tiles = p.tiles_hw, gq = gt / std::gcd(gt, img_tiles);  // images per
+  const size_t scratch_img = H * size_t(d.Ho * d.Wo) * d.C * (d.residual ? 3 : 2);  // whole groups
+  int64_t si = d.B;
+  if (scratch_budget > 0 && scratch_img * size_t(d.B) > scratch_budget) {
+    si = int64_t(scratch_budget / scratch_img) / gq * gq;
+    if (si < gq) si = gq;
+    if (si > d.B) si = d.B;
+  }
+  p.slice_imgs = int(si);
+  p.nslices = int((d.B + si - 1) / si);
   // workspace
-  const int64_t pix = d.B * d.Ho * d.Wo;
+  const int64_t pix = si * d.Ho * d.Wo;
   size_t w = 0;
   auto wtake = [&](size_t bytes) {
     const size_t at = w;

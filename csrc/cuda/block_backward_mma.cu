@@ -535,9 +535,17 @@ int env_int(const char* name) {
   return e != nullptr ? std::atoi(e) : 0;
 }
 
+int env_int_or(const char* name, int unset) {
+  const char* e = std::getenv(name);
+  return e != nullptr && *e != '\0' ? std::atoi(e) : unset;
+}
+
+// Launch 1 over one batch slice: d, t, gy and saved that slice's (its images from 0), pl the
+// plan with its tiles, groups and split; its partials start at group goff of the batch's.
 template <typename T, int S, bool TC>
 const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* gy,
-                         const T* saved, const BwdMmaPlan& pl, char* ws, cudaStream_t stream) {
+                         const T* saved, const BwdMmaPlan& pl, char* ws, int64_t goff,
+                         cudaStream_t stream) {
   auto kernel = block_backward_mma_kernel<T, S, TC>;
   static int raised[64] = {};
   if (const char* err = allow_dynamic_smem(kernel, pl.smem, raised)) return err;
@@ -548,8 +556,8 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* 
   T* da = reinterpret_cast<T*>(ws + pl.ws_da);
   T* db = reinterpret_cast<T*>(ws + pl.ws_db);
   T* dxs = d.residual ? reinterpret_cast<T*>(ws + pl.ws_dxs) : nullptr;
-  float* wpart = reinterpret_cast<float*>(ws + pl.ws_wpart);
-  float* bpart = reinterpret_cast<float*>(ws + pl.ws_bpart);
+  float* wpart = reinterpret_cast<float*>(ws + pl.ws_wpart) + goff * pl.rows * d.C;
+  float* bpart = reinterpret_cast<float*>(ws + pl.ws_bpart) + goff * pl.rows;
   const dim3 grid(unsigned(pl.cblocks * pl.rblocks), unsigned(pl.split));
   MSF_LAUNCH(kernel, grid, NT, pl.smem, stream, d, t, gy, saved, da, db, dxs, wpart, bpart, pl,
              vec_x, vec_g);
@@ -559,28 +567,36 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* 
 
 template <typename T, bool TC>
 const char* launch_strided(const BlockDesc& d, const BlockTensors<T>& t, const T* gy,
-                           const T* saved, const BwdMmaPlan& pl, char* ws, cudaStream_t stream) {
-  return d.stride == 1 ? launch_typed<T, 1, TC>(d, t, gy, saved, pl, ws, stream)
-                       : launch_typed<T, 2, TC>(d, t, gy, saved, pl, ws, stream);
+                           const T* saved, const BwdMmaPlan& pl, char* ws, int64_t goff,
+                           cudaStream_t stream) {
+  return d.stride == 1 ? launch_typed<T, 1, TC>(d, t, gy, saved, pl, ws, goff, stream)
+                       : launch_typed<T, 2, TC>(d, t, gy, saved, pl, ws, goff, stream);
 }
 
 }  // namespace
 
 BwdMmaPlan backward_mma_plan(const BlockDesc& d, int esz) {
-  int dev = 0, block = 0;
+  int dev = 0, block = 0, l2 = 0;
   cudaGetDevice(&dev);
   if (cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
     block = 48 * 1024;
+  if (cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev) != cudaSuccess) l2 = 0;
   // MSFUSED_CUDA_BWD_SPLIT forces the split count (tests: the result must not change),
-  // MSFUSED_CUDA_BWD_GROUP the tiles per group (measuring). Read once per process (by the
+  // MSFUSED_CUDA_BWD_GROUP the tiles per group (measuring), MSFUSED_CUDA_BWD_SCRATCH_KB the
+  // scratch budget in KiB (0: one slice, the whole batch). Read once per process (by the
   // emulator, whose tests change them, at every call).
 #ifdef MSFUSED_CUDA_EMU
   const int split = env_int("MSFUSED_CUDA_BWD_SPLIT"), gt = env_int("MSFUSED_CUDA_BWD_GROUP");
+  const int scratch_kb = env_int_or("MSFUSED_CUDA_BWD_SCRATCH_KB", -1);
 #else
   static const int split = env_int("MSFUSED_CUDA_BWD_SPLIT");
   static const int gt = env_int("MSFUSED_CUDA_BWD_GROUP");
+  static const int scratch_kb = env_int_or("MSFUSED_CUDA_BWD_SCRATCH_KB", -1);
 #endif
-  return plan_backward_mma(d, esz, size_t(block), split, gt);
+  // By default a quarter of L2 (12.5 MB on an H100, 15 on an H200): launch 2 then finds the
+  // scratch launch 1 just wrote in L2 beside launch 1's own traffic.
+  const size_t budget = scratch_kb >= 0 ? size_t(scratch_kb) << 10 : size_t(l2) / 4;
+  return plan_backward_mma(d, esz, size_t(block), split, gt, budget);
 }
 
 template <typename T>
@@ -593,19 +609,39 @@ const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>&
   if (pl.P == 0) return nullptr;
   char* ws = static_cast<char*>(workspace);
   const char* err = nullptr;
-  if constexpr (std::is_same_v<T, float>) {
-    if (!tf32) err = launch_strided<T, false>(d, t, grad_y, saved, pl, ws, stream);
-    else err = launch_strided<T, true>(d, t, grad_y, saved, pl, ws, stream);
-  } else {
-    err = launch_strided<T, true>(d, t, grad_y, saved, pl, ws, stream);
-  }
-  if (err != nullptr) return err;
   float* dwpart = reinterpret_cast<float*>(ws + pl.ws_dwpart);
-  err = launch_backward_dw<T>(d, t, reinterpret_cast<const T*>(ws + pl.ws_da),
-                              reinterpret_cast<const T*>(ws + pl.ws_db),
-                              d.residual ? reinterpret_cast<const T*>(ws + pl.ws_dxs) : nullptr,
-                              g.dx, dwpart, stream);
-  if (err != nullptr) return err;
+  // launches 1 and 2 slice by slice (one slice unless the scratch budget asks for more):
+  // every per-image tensor is image-major in both layouts, so a slice is the batch's
+  // tensors from image b0 on, with B = its images
+  BlockDesc b1d = d;
+  b1d.B = 1;
+  const int64_t x_img = d.C * d.H * d.W, y_img = d.Cout * d.Ho * d.Wo;
+  const int64_t dw_img = backward_dw_parts(b1d) * d.C * BWD_NDW;
+  for (int64_t b0 = 0; b0 < d.B; b0 += pl.slice_imgs) {
+    BlockDesc ds = d;
+    ds.B = d.B - b0 < pl.slice_imgs ? d.B - b0 : pl.slice_imgs;
+    BlockTensors<T> ts = t;
+    ts.x = t.x + b0 * x_img;
+    const T* gys = grad_y + b0 * y_img;
+    const T* svs = saved != nullptr ? saved + b0 * y_img : nullptr;
+    BwdMmaPlan ps = pl;  // the slice's tiles and groups (a whole number of groups before it)
+    ps.tiles = ds.B * pl.tiles_hw;
+    ps.groups = (ps.tiles + pl.GT - 1) / pl.GT;
+    if (ps.split > ps.groups) ps.split = int(ps.groups);
+    const int64_t goff = b0 * pl.tiles_hw / pl.GT;
+    if constexpr (std::is_same_v<T, float>) {
+      if (!tf32) err = launch_strided<T, false>(ds, ts, gys, svs, ps, ws, goff, stream);
+      else err = launch_strided<T, true>(ds, ts, gys, svs, ps, ws, goff, stream);
+    } else {
+      err = launch_strided<T, true>(ds, ts, gys, svs, ps, ws, goff, stream);
+    }
+    if (err != nullptr) return err;
+    err = launch_backward_dw<T>(ds, ts, reinterpret_cast<const T*>(ws + pl.ws_da),
+                                reinterpret_cast<const T*>(ws + pl.ws_db),
+                                d.residual ? reinterpret_cast<const T*>(ws + pl.ws_dxs) : nullptr,
+                                g.dx + b0 * x_img, dwpart + b0 * dw_img, stream);
+    if (err != nullptr) return err;
+  }
   const int64_t total = int64_t(pl.rows) * d.C + pl.rows + d.C * BWD_NDW;
   int64_t blocks = (total + NT - 1) / NT;
   if (blocks > 4096) blocks = 4096;

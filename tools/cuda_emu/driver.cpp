@@ -147,9 +147,11 @@ extern "C" int64_t emu_dw_parts(const int64_t* dv) { return cuda::backward_dw_pa
 
 // The three-launch backward's plan for a shape (launch 1) with elements of elem bytes (2, or
 // 4 for float32): P (0: the older FMA backward runs), TH, tiles per group, groups, split,
-// channel blocks, shared memory bytes, workspace bytes, row blocks.
+// channel blocks, shared memory bytes, workspace bytes, row blocks, images per batch slice,
+// slices.
 extern "C" void emu_bwd_plan(const int64_t* dv, int64_t* out, int elem) {
   const cuda::BwdMmaPlan pl = cuda::backward_mma_plan(desc_of(dv), elem);
   out[0] = pl.P; out[1] = pl.TH; out[2] = pl.GT; out[3] = pl.groups; out[4] = pl.split;
   out[5] = pl.cblocks; out[6] = pl.smem; out[7] = int64_t(pl.ws_total); out[8] = pl.rblocks;
+  out[9] = pl.slice_imgs; out[10] = pl.nslices;
 }

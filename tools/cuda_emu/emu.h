@@ -71,15 +71,18 @@ enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrL2CacheSize = 38,
   cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
 };
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 // An H100 / H200 (SXM): 132 SMs, 228 KB of shared memory per SM, 227 KB per block opt-in
-// (CUDA_EMU_SMEM_LIMIT overrides the last, to test the plans of smaller GPUs).
+// (CUDA_EMU_SMEM_LIMIT overrides the last, to test the plans of smaller GPUs), and the
+// H200's 60 MiB of L2 (as PyTorch reports it; the L2 model's default capacity, run_emu.py).
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   const char* e = std::getenv("CUDA_EMU_SMEM_LIMIT");
   *v = a == cudaDevAttrMultiProcessorCount ? 132
+     : a == cudaDevAttrL2CacheSize ? 60 << 20
      : a == cudaDevAttrMaxSharedMemoryPerMultiprocessor ? 228 * 1024
      : (e ? std::atoi(e) : 227 * 1024);
   return cudaSuccess;

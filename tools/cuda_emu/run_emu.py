@@ -354,7 +354,7 @@ def tf32_preactivation(x, p, cfg):
 def backward_plan_of(lib, x, params, cfg, elem):
     """Whether the three-launch backward plans for this call's shape (elem: 2, or 4 for
     float32)."""
-    out = (ctypes.c_int64 * 9)()
+    out = (ctypes.c_int64 * 11)()
     lib.emu_bwd_plan(block_desc(*x.shape, params[6].shape[0], cfg, x.stride(1) == 1), out, elem)
     return out[0] > 0
 
@@ -678,13 +678,14 @@ def main_forward_low(lib):
 def backward_plan(lib, case, elem=2):
     """The three-launch backward's plan (emu_bwd_plan) for a forward_low_cases() case, for
     16-bit elements (elem 2) or float32 (4): P == 0 means the older FMA backward runs;
-    rblocks > 1 that its weight-gradient rows are split over row blocks."""
+    rblocks > 1 that its weight-gradient rows are split over row blocks, nslices > 1 that
+    launches 1 and 2 run per batch slice of slice_imgs images."""
     (c, n, h, w, batch), merge, stride, residual, cl, act = case
     cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
-    out = (ctypes.c_int64 * 9)()
+    out = (ctypes.c_int64 * 11)()
     lib.emu_bwd_plan(block_desc(batch, c, h, w, n, cfg, cl and c > 1), out, elem)
     return dict(zip(("P", "TH", "GT", "groups", "split", "cblocks", "smem", "workspace",
-                     "rblocks"), out))
+                     "rblocks", "slice_imgs", "nslices"), out))
 
 
 def backward_grads(lib, case, dtype):
@@ -822,7 +823,8 @@ def l2_bytes(shape, batch):
     return int(float(os.environ.get("EMU_L2_MB", "60")) * 2**20 * batch / shape.batch)
 
 
-def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, l2=False):
+def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, l2=False, group=None,
+                   scratch_kb=None):
     """Global bytes of one emulated channels_last backward (all launches, scratch and
     partials included) at a benchmark shape and the module's default config, with the pixel
     groups the plan picks at the benchmark's batch, against the backward floor: x, dy and
@@ -830,11 +832,13 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, l2=False):
     dtype "tf32": float32 on the TF32 kernels. l2: also the DRAM bytes by the L2 model
     (tools/cuda_emu/emu_l2.h, capacity l2_bytes), cold at the backward's start and warm
     across its launches ("dram"), and emptied before each launch as ncu measures
-    ("dram_cold")."""
+    ("dram_cold"). group: tiles per group instead of the benchmark batch's plan's;
+    scratch_kb: the scratch budget (MSFUSED_CUDA_BWD_SCRATCH_KB) instead of the default,
+    for what-if runs of the batch slices at a small batch."""
     if dtype == "tf32":
         lib.emu_set_tf32(1)
         try:
-            return backward_bytes(lib, shape, batch, torch.float32, l2)
+            return backward_bytes(lib, shape, batch, torch.float32, l2, group, scratch_kb)
         finally:
             lib.emu_set_tf32(0)
     torch.manual_seed(0)
@@ -852,10 +856,13 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, l2=False):
 
     esz = torch.empty((), dtype=dtype).element_size()
 
-    plan_full, plan = (ctypes.c_int64 * 9)(), (ctypes.c_int64 * 9)()
+    plan_full, plan = (ctypes.c_int64 * 11)(), (ctypes.c_int64 * 11)()
     lib.emu_bwd_plan(desc_for(shape.batch), plan_full, esz)
-    old = os.environ.get("MSFUSED_CUDA_BWD_GROUP")
-    os.environ["MSFUSED_CUDA_BWD_GROUP"] = str(plan_full[2])
+    old = {k: os.environ.get(k) for k in ("MSFUSED_CUDA_BWD_GROUP",
+                                          "MSFUSED_CUDA_BWD_SCRATCH_KB")}
+    os.environ["MSFUSED_CUDA_BWD_GROUP"] = str(plan_full[2] if group is None else group)
+    if scratch_kb is not None:
+        os.environ["MSFUSED_CUDA_BWD_SCRATCH_KB"] = str(scratch_kb)
     try:
         lib.emu_bwd_plan(desc_for(batch), plan, esz)
         x = torch.randn(batch, shape.c, shape.h, shape.w, dtype=dtype).contiguous(
@@ -911,10 +918,11 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, l2=False):
         if dram:
             _bytes_moved(lib)  # the model's reruns counted again: reset
     finally:
-        if old is None:
-            del os.environ["MSFUSED_CUDA_BWD_GROUP"]
-        else:
-            os.environ["MSFUSED_CUDA_BWD_GROUP"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     read_x, read_other, written = (c.value for c in counts)
     wbytes = sum(t.numel() * t.element_size() for t in params if t is not None)
     gbytes = sum(t.numel() * t.element_size() for t in gr[1:] if t is not None)
