@@ -2,8 +2,9 @@
 # One GPU check, end to end, on a machine with PyTorch preinstalled and no network: install,
 # the CUDA and Triton tests, the benchmark harness (bfloat16 and float32), compute-sanitizer
 # memcheck, racecheck and synccheck over a small forward+backward, a sweep of the
-# tensor-core forward's tile size, ncu's DRAM bytes of the 16-bit backward, and the machine
-# probe (where a C++ exception crashes).
+# tensor-core forward's tile size, ncu's DRAM bytes of the 16-bit backward, the machine
+# probe (where a C++ exception crashes), the backward's batch-slice budgets and float32
+# without TF32.
 #
 #   bash tools/gpu/check.sh OUTDIR [--fast] [--pack FILE]
 #   STAGES="install tests memcheck" bash tools/gpu/check.sh OUTDIR   # a subset
@@ -41,7 +42,7 @@ BUDGET_S=${BUDGET_S:-540}
 declare -A STATUS TIMES
 
 ALL_STAGES="install backends tests bench-bf16 memcheck bench-fp32 racecheck synccheck fwd-sweep"
-ALL_STAGES+=" bwd-dram bwd-dram-warm probe bench-fp32-ieee"
+ALL_STAGES+=" bwd-dram bwd-dram-warm probe bwd-slices bench-fp32-ieee"
 STAGES=${STAGES:-$ALL_STAGES}
 KNOWN="$ALL_STAGES tests-all bench-compile"
 RAN=""
@@ -126,6 +127,8 @@ stage bwd-dram-warm 120 ncu --cache-control none \
 # where a C++ argument error crashes instead of raising, if it does (benchmarks/NOTES.md:
 # "A C++ argument error that segfaults"); last, since it only diagnoses
 stage probe 60 bash tools/gpu/probe_machine.sh
+# the backward's batch slices (the scratch budget) against one slice, forward+backward
+stage bwd-slices 90 python3 tools/gpu/backward_sweep.py
 # float32 with TF32 off: the fused kernels' GEMMs on exact FMAs against eager without TF32
 stage bench-fp32-ieee 100 "${BENCH[@]}" --min-time 0.1 --dtype float32 --no-tf32 \
   --out "$OUT/bench-cuda-fp32-ieee.json"
