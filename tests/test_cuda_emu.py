@@ -4,6 +4,7 @@ NHWC case that the H200 run flagged (add, stride 2, C=20, N=70, relu6, projectio
 against float64) is the kernels' rounding, not an indexing bug. Judged against float64 with
 the relu6 derivative read off the kernel's bf16 output (see tools/cuda_emu/run_emu.py)."""
 import ctypes
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -558,8 +559,9 @@ def test_backward_discards_only_the_scratch(emu_lib, case):
 def test_peak_memory_counts(emu_lib, monkeypatch):
     """tools/cuda_emu/peak_memory.py: the live-bytes tracker's peak over a known sequence of
     ops, and the kernels' planned peak at mnet-56 (y, dx, workspace, weight gradients) lower
-    with the default scratch budget (batch slices) than with one slice, by the scratch the
-    slices save."""
+    with a 15 MiB scratch budget (batch slices) than with one slice, by the scratch the
+    slices save; the default budget keeps a wave of CTAs per slice: one slice at batch 32,
+    four at batch 128."""
     import peak_memory
     from msfused.benchmark import SHAPES
     run_emu, lib = emu_lib
@@ -575,9 +577,13 @@ def test_peak_memory_counts(emu_lib, monkeypatch):
     mnet56 = {s.name: s for g in SHAPES.values() for s in g}["mnet-56"]
     monkeypatch.setenv("MSFUSED_CUDA_BWD_SCRATCH_KB", "0")
     whole, plan1 = peak_memory.kernel_peak(lib, mnet56, torch.bfloat16)
-    monkeypatch.delenv("MSFUSED_CUDA_BWD_SCRATCH_KB")
+    monkeypatch.setenv("MSFUSED_CUDA_BWD_SCRATCH_KB", str(15 * 1024))
     sliced, plan = peak_memory.kernel_peak(lib, mnet56, torch.bfloat16)
-    assert plan1["nslices"] == 1 and plan["nslices"] > 1, (plan1, plan)
+    assert plan1["nslices"] == 1 and plan["nslices"] == 3, (plan1, plan)
     assert whole - sliced == plan1["workspace"] - plan["workspace"] > 0
     y = dx = 32 * 64 * 56 * 56 * 2
     assert sliced > y + dx + plan["workspace"]
+    monkeypatch.delenv("MSFUSED_CUDA_BWD_SCRATCH_KB")
+    assert peak_memory.kernel_peak(lib, mnet56, torch.bfloat16)[1]["nslices"] == 1
+    big = dataclasses.replace(mnet56, batch=128)
+    assert peak_memory.kernel_peak(lib, big, torch.bfloat16)[1]["nslices"] == 4

@@ -95,7 +95,7 @@ inline size_t bwd_align(size_t v, size_t a) { return (v + a - 1) / a * a; }
 // per group (for measuring a large batch's traffic on a few images).
 inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_block,
                                     int force_split, int force_gt = 0,
-                                    size_t scratch_budget = 0) {
+                                    size_t scratch_budget = 0, bool keep_wave = false) {
   BwdMmaPlan p{};
   const int64_t N16 = (d.N + 15) / 16 * 16;
   const int64_t GW = d.merge == kConcat ? 2 * N16 : N16;
@@ -197,13 +197,22 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   // slice: the training step's peak memory falls by the rest, and launch 2 reads what
   // launch 1 just wrote while it is still in L2. A slice is a whole number of groups
   // (images x tiles_hw a multiple of GT), so every group, partial and sum is the unsliced
-  // one's: the same bits whatever the budget.
+  // one's: the same bits whatever the budget. keep_wave: no slice smaller than a wave of
+  // launch-1 CTAs (132, one per SM), so slicing never leaves SMs idle that one launch over
+  // the batch would use (at the benchmark's batches that means one slice; at batch 128 and
+  // 56x56, four).
   const int64_t img_tiles = p.tiles_hw, gq = gt / std::gcd(gt, img_tiles);  // images per
   const size_t scratch_img = H * size_t(d.Ho * d.Wo) * d.C * (d.residual ? 3 : 2);  // whole groups
   int64_t si = d.B;
   if (scratch_budget > 0 && scratch_img * size_t(d.B) > scratch_budget) {
     si = int64_t(scratch_budget / scratch_img) / gq * gq;
     if (si < gq) si = gq;
+    if (keep_wave) {
+      const int64_t per_img = img_tiles * p.cblocks * p.rblocks;  // CTA-groups x GT
+      const int64_t wave_imgs = (132 * gt + per_img - 1) / per_img;
+      const int64_t min_si = (wave_imgs + gq - 1) / gq * gq;
+      if (si < min_si) si = min_si;
+    }
     if (si > d.B) si = d.B;
   }
   p.slice_imgs = int(si);

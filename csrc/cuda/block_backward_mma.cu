@@ -593,10 +593,12 @@ BwdMmaPlan backward_mma_plan(const BlockDesc& d, int esz) {
   static const int gt = env_int("MSFUSED_CUDA_BWD_GROUP");
   static const int scratch_kb = env_int_or("MSFUSED_CUDA_BWD_SCRATCH_KB", -1);
 #endif
-  // By default a quarter of L2 (12.5 MB on an H100, 15 on an H200): launch 2 then finds the
-  // scratch launch 1 just wrote in L2 beside launch 1's own traffic.
-  const size_t budget = scratch_kb >= 0 ? size_t(scratch_kb) << 10 : size_t(l2) / 4;
-  return plan_backward_mma(d, esz, size_t(block), split, gt, budget);
+  // By default a quarter of L2 (12.5 MB on an H100, 15 on an H200), so that launch 2 finds
+  // the scratch launch 1 just wrote in L2 beside launch 1's own traffic, in slices of at
+  // least a wave of launch-1 CTAs; a budget set explicitly is kept whatever the wave.
+  if (scratch_kb >= 0) return plan_backward_mma(d, esz, size_t(block), split, gt,
+                                                size_t(scratch_kb) << 10, false);
+  return plan_backward_mma(d, esz, size_t(block), split, gt, size_t(l2) / 4, true);
 }
 
 template <typename T>

@@ -12,10 +12,10 @@ Without a GPU:
     pre-activation for silu), the backward's workspace (batch-slice scratch and partials,
     csrc/cuda/backward_mma.h), dx and the weight gradients.
 
-    python tools/cuda_emu/peak_memory.py [--dtype bfloat16] [--shapes mnet-56,...]
+    python tools/cuda_emu/peak_memory.py [--dtype bfloat16] [--shapes mnet-56,...] [--batch N]
 """
 import argparse
-import ctypes
+import dataclasses
 import os
 import sys
 import weakref
@@ -104,19 +104,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--shapes", default="")
+    ap.add_argument("--batch", type=int, default=0, help="instead of each shape's batch")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     lib = run_emu.build()
     names = set(args.shapes.split(",")) if args.shapes else None
     budget = os.environ.get("MSFUSED_CUDA_BWD_SCRATCH_KB")
+    default = "L2 / 4 (15 MiB of the emulated 60), slices of a wave of CTAs at least"
     print(f"{args.dtype}, relu, channels_last; scratch budget "
-          f"{budget + ' KiB' if budget is not None else 'L2 / 4 (15 MiB: the emulated 60 MiB)'}")
+          f"{budget + ' KiB' if budget is not None else default}")
     print(f"{'shape':9} {'eager MiB':>9} {'kernels MiB':>11} {'ratio':>6} {'workspace':>9} "
           f"{'slices':>9}")
     for group in SHAPES.values():
         for s in group:
             if names and s.name not in names:
                 continue
+            if args.batch:
+                s = dataclasses.replace(s, batch=args.batch)
             e = eager_peak(s, dtype)
             k, plan = kernel_peak(lib, s, dtype)
             print(f"{s.name:9} {e / 2**20:9.1f} {k / 2**20:11.1f} {k / e:6.2f} "
