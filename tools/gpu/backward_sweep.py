@@ -7,7 +7,8 @@ do the slices' extra launches cost more than the scratch they keep in L2 saves?
     python tools/gpu/backward_sweep.py --one      # this process's setting only
 
 Budgets set MSFUSED_CUDA_BWD_SCRATCH_KB (read once per process, hence the subprocesses):
-the default (L2 / 4), 0 (one slice: the whole batch's scratch), half and twice the default.
+the default (L2 / 4 in slices of at least a wave of CTAs: one slice at these batches), then
+L2 / 8, L2 / 4 and L2 / 2 set explicitly (kept whatever the wave: more, smaller slices).
 One line per (budget, shape): GPU ms of the fused forward+backward (cold L2), of eager's
 (best of NCHW and channels_last), their ratio, and the fused call's peak memory beyond what
 was allocated before it (the harness's "peak MB").
@@ -26,7 +27,7 @@ SHAPE_NAMES = ("mnet-56", "mnet-28", "paper-u2")
 
 def budgets():
     l2_kb = torch.cuda.get_device_properties(0).L2_cache_size // 1024
-    return [None, "0", str(l2_kb // 8), str(l2_kb // 2)]
+    return [None, str(l2_kb // 8), str(l2_kb // 4), str(l2_kb // 2)]
 
 
 def one():
