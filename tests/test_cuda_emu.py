@@ -275,14 +275,15 @@ def test_backward_dw(emu_lib, case):
 # A sample of run_emu.forward_low_cases() run forward and backward (all 128 x 2 dtypes:
 # run_emu.py --backward-low) plus C = 256 with N = 140 (27 weight-gradient row tiles: four per
 # warp), C = 37 (a partial second channel block), C = 3, both strides and layouts, every
-# shortcut (identity: gz itself as dxs), partial tiles.
+# shortcut (identity: gz itself, handed over in dx, in both layouts), partial tiles.
 BWD_CASES = [((20, 70, 11, 10, 2), "add", 2, True, True, "relu6"),
              ((20, 70, 11, 10, 2), "concat", 1, False, False, "silu"),
              ((8, 8, 9, 6, 2), "add", 1, True, True, "none"),
              ((37, 16, 9, 9, 2), "concat", 1, True, False, "relu"),
              ((64, 64, 17, 18, 1), "add", 1, True, True, "silu"),
              ((3, 32, 9, 18, 1), "concat", 2, True, True, "relu"),
-             ((256, 140, 4, 3, 1), "add", 1, True, True, "relu6")]
+             ((256, 140, 4, 3, 1), "add", 1, True, True, "relu6"),
+             ((16, 16, 9, 7, 2), "add", 1, True, False, "relu")]
 
 
 # (the C = 256 case in bfloat16 only, for CI time: --backward-low runs float16 at C = 256)

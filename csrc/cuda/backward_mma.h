@@ -31,8 +31,9 @@ constexpr int BWD_NDW = 30;
 // The scratch between launches 1 and 2, each pixel-major (B, Ho, Wo, C) in the dtype T:
 //   da:  dL/da_pre  (the gradient of branch A's depthwise output before its activation)
 //   db:  dL/db_pre  (the same for the second depthwise conv of branch B)
-//   dxs: the gradient reaching x[b, c, s*oh, s*ow] through the shortcut (projection:
-//        ws^T gz; identity: gz); null without a residual.
+//   dxs: the gradient reaching x[b, c, s*oh, s*ow] through the projection shortcut, ws^T gz;
+//        null without one. The identity shortcut's (gz itself, Cout == C, stride 1) needs no
+//        scratch: launch 1 writes it into dx (x's layout) and launch 2 adds the rest to it.
 
 // Launch 2's partials: dw_part[(part * C + c) * BWD_NDW + v], one part per input tile; every
 // element for c < C is written (zero where the tile owns no output pixel).
@@ -202,7 +203,7 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   // the batch would use (at the benchmark's batches that means one slice; at batch 128 and
   // 56x56, four).
   const int64_t img_tiles = p.tiles_hw, gq = gt / std::gcd(gt, img_tiles);  // images per
-  const size_t scratch_img = H * size_t(d.Ho * d.Wo) * d.C * (d.residual ? 3 : 2);  // whole groups
+  const size_t scratch_img = H * size_t(d.Ho * d.Wo) * d.C * (d.projection ? 3 : 2);  // whole groups
   int64_t si = d.B;
   if (scratch_budget > 0 && scratch_img * size_t(d.B) > scratch_budget) {
     si = int64_t(scratch_budget / scratch_img) / gq * gq;
@@ -227,7 +228,7 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   };
   p.ws_da = wtake(H * size_t(pix) * d.C);
   p.ws_db = wtake(H * size_t(pix) * d.C);
-  p.ws_dxs = wtake(d.residual ? H * size_t(pix) * d.C : 0);
+  p.ws_dxs = wtake(d.projection ? H * size_t(pix) * d.C : 0);
   p.ws_wpart = wtake(F * size_t(p.groups) * p.rows * d.C);
   p.ws_bpart = wtake(F * size_t(p.groups) * p.rows);
   p.ws_dwpart = wtake(F * size_t(backward_dw_parts(d)) * d.C * BWD_NDW);

@@ -8,7 +8,8 @@
 //   x   input rows/cols R0-s-1 .. R0+DT+1 (XR): b1_pre on the 1-ring and the dwa/dwb taps
 //   db  output tile plus a 2-ring (OB): db1 on the 1-ring
 //   da  output tile plus a 1-ring (ON): dx and dwa/dba
-//   dxs the owned outputs (OS): the shortcut's share of dx
+//   dxs the owned outputs (OS): the shortcut's share of dx (the projection's from the
+//       scratch; the identity's from dx, where launch 1 wrote it)
 // then computes b1 and db1 (accumulation type) on the 1-ring, accumulates the partials over
 // the owned outputs in registers, and produces dx. Global traffic goes through ldg / stg
 // (global_io.cuh) with a channel-fastest mapping for the pixel-major scratch and NHWC tensors
@@ -133,7 +134,11 @@ __global__ void __launch_bounds__(DW_NT)
   const int64_t obase = int64_t(b) * Ho * Wo * C;
   const T* dab = da + obase;
   const T* dbb = db + obase;
-  const T* dxsb = residual ? dxs + obase : nullptr;
+  // the shortcut's gradient: the projection's from the scratch (pixel-major), the
+  // identity's from dx itself (x's layout), where launch 1 put it; each CTA reads the dx it
+  // owns before the barrier below and writes it after, and no other CTA touches it
+  const bool projection = d.projection;
+  const T* dxsb = projection ? dxs + obase : nullptr;
   const T zero = from_acc<T>(A(0));
 
   // ---- stage -------------------------------------------------------------------------------
@@ -178,10 +183,22 @@ __global__ void __launch_bounds__(DW_NT)
                    ? ldg(dab + (oh * Wo + ow) * C + c)
                    : zero;
   }
-  if (residual) {
+  if (projection) {
     for (int idx = tid; idx < OS * OS * KB; idx += DW_NT) {
       const int p = idx / KB, oh = o0 + p / OS, ow = p0 + p % OS;
       dxss[idx] = (c < C && oh < Ho && ow < Wo) ? ldg(dxsb + (oh * Wo + ow) * C + c) : zero;
+    }
+  } else if (residual && cl) {  // identity: stride 1, so output pixel = input pixel
+    for (int idx = tid; idx < OS * OS * KB; idx += DW_NT) {
+      const int p = idx / KB, h = o0 + p / OS, w = p0 + p % OS;
+      dxss[idx] = (c < C && h < H && w < W) ? ld(dxb + (h * W + w) * C + c) : zero;
+    }
+  } else if (residual) {  // identity, NCHW: pixels fastest
+    for (int idx = tid; idx < OS * OS * KB; idx += DW_NT) {
+      const int p = idx % (OS * OS), k = idx / (OS * OS);
+      const int h = o0 + p / OS, w = p0 + p % OS;
+      dxss[p * KB + k] = (c0 + k < C && h < H && w < W) ? ld(dxb + (c0 + k) * HW + h * W + w)
+                                                        : zero;
     }
   }
   __syncthreads();
@@ -333,7 +350,7 @@ const char* launch_backward_dw(const BlockDesc& d, const BlockTensors<T>& t, con
                                cudaStream_t stream) {
   constexpr int KB = DwKB<T>::value;
   if (d.stride != 1 && d.stride != 2) return "backward_dw: stride must be 1 or 2";
-  if (d.residual && dxs == nullptr) return "backward_dw: a residual block needs dxs";
+  if (d.projection && dxs == nullptr) return "backward_dw: a projection needs dxs";
   const int64_t lim = 0x7fffffffLL;
   const int64_t tiles_h = (d.H + DW_DT - 1) / DW_DT, tiles_w = (d.W + DW_DT - 1) / DW_DT;
   const int64_t parts = d.B * tiles_h * tiles_w, cblocks = (d.C + KB - 1) / KB;

@@ -394,13 +394,17 @@ __global__ void __launch_bounds__(NT, 1)
               stg(dst + ((bimg * Ho + oh) * Wo + ow) * C + c, from_acc<T>(v));
             }
         }
-        if (identity && data_grads) {  // the shortcut's gradient is gz itself (Cout == C)
+        if (identity && data_grads) {
+          // the shortcut's gradient is gz itself (Cout == C, stride 1), written straight into
+          // dx (sc_dxs is dx then, in x's layout), which launch 2 completes in place
+          const bool cl = d.channels_last;
           for (int i = tid; i < P * KC; i += NT) {
-            const int k = i % KC, p = i / KC, c = cc0 + k;
+            const int k = cl ? i % KC : i / P, p = cl ? i / KC : i % P, c = cc0 + k;
             const int oh = r0 + p / TW, ow = q0 + p % TW;
             if (c >= C || oh >= Ho || ow >= Wo) continue;
-            stg(sc_dxs + ((bimg * Ho + oh) * Wo + ow) * C + c,
-                sG[p * LDG + gz_col(int(d.N), pl.gzb, c)]);
+            const int64_t o = cl ? ((bimg * Ho + oh) * Wo + ow) * C + c
+                                 : ((bimg * C + c) * Ho + oh) * Wo + ow;
+            stg(sc_dxs + o, sG[p * LDG + gz_col(int(d.N), pl.gzb, c)]);
           }
         }
 
@@ -540,11 +544,11 @@ int env_int_or(const char* name, int unset) {
   return e != nullptr && *e != '\0' ? std::atoi(e) : unset;
 }
 
-// Launch 1 over one batch slice: d, t, gy and saved that slice's (its images from 0), pl the
-// plan with its tiles, groups and split; its partials start at group goff of the batch's.
+// Launch 1 over one batch slice: d, t, gy, saved and dx that slice's (its images from 0), pl
+// the plan with its tiles, groups and split; its partials start at group goff of the batch's.
 template <typename T, int S, bool TC>
 const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* gy,
-                         const T* saved, const BwdMmaPlan& pl, char* ws, int64_t goff,
+                         const T* saved, T* dx, const BwdMmaPlan& pl, char* ws, int64_t goff,
                          cudaStream_t stream) {
   auto kernel = block_backward_mma_kernel<T, S, TC>;
   static int raised[64] = {};
@@ -555,7 +559,8 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* 
                      (saved == nullptr || aligned16(saved));
   T* da = reinterpret_cast<T*>(ws + pl.ws_da);
   T* db = reinterpret_cast<T*>(ws + pl.ws_db);
-  T* dxs = d.residual ? reinterpret_cast<T*>(ws + pl.ws_dxs) : nullptr;
+  // the shortcut's gradient: the projection's into the scratch, the identity's into dx
+  T* dxs = d.projection ? reinterpret_cast<T*>(ws + pl.ws_dxs) : (d.residual ? dx : nullptr);
   float* wpart = reinterpret_cast<float*>(ws + pl.ws_wpart) + goff * pl.rows * d.C;
   float* bpart = reinterpret_cast<float*>(ws + pl.ws_bpart) + goff * pl.rows;
   const dim3 grid(unsigned(pl.cblocks * pl.rblocks), unsigned(pl.split));
@@ -567,10 +572,10 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* 
 
 template <typename T, bool TC>
 const char* launch_strided(const BlockDesc& d, const BlockTensors<T>& t, const T* gy,
-                           const T* saved, const BwdMmaPlan& pl, char* ws, int64_t goff,
+                           const T* saved, T* dx, const BwdMmaPlan& pl, char* ws, int64_t goff,
                            cudaStream_t stream) {
-  return d.stride == 1 ? launch_typed<T, 1, TC>(d, t, gy, saved, pl, ws, goff, stream)
-                       : launch_typed<T, 2, TC>(d, t, gy, saved, pl, ws, goff, stream);
+  return d.stride == 1 ? launch_typed<T, 1, TC>(d, t, gy, saved, dx, pl, ws, goff, stream)
+                       : launch_typed<T, 2, TC>(d, t, gy, saved, dx, pl, ws, goff, stream);
 }
 
 }  // namespace
@@ -631,17 +636,19 @@ const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>&
     ps.groups = (ps.tiles + pl.GT - 1) / pl.GT;
     if (ps.split > ps.groups) ps.split = int(ps.groups);
     const int64_t goff = b0 * pl.tiles_hw / pl.GT;
+    T* dx_s = g.dx + b0 * x_img;
     if constexpr (std::is_same_v<T, float>) {
-      if (!tf32) err = launch_strided<T, false>(ds, ts, gys, svs, ps, ws, goff, stream);
-      else err = launch_strided<T, true>(ds, ts, gys, svs, ps, ws, goff, stream);
+      if (!tf32) err = launch_strided<T, false>(ds, ts, gys, svs, dx_s, ps, ws, goff, stream);
+      else err = launch_strided<T, true>(ds, ts, gys, svs, dx_s, ps, ws, goff, stream);
     } else {
-      err = launch_strided<T, true>(ds, ts, gys, svs, ps, ws, goff, stream);
+      err = launch_strided<T, true>(ds, ts, gys, svs, dx_s, ps, ws, goff, stream);
     }
     if (err != nullptr) return err;
+    // (identity: no dxs; launch 2 reads the shortcut's gradient from dx itself)
     err = launch_backward_dw<T>(ds, ts, reinterpret_cast<const T*>(ws + pl.ws_da),
                                 reinterpret_cast<const T*>(ws + pl.ws_db),
-                                d.residual ? reinterpret_cast<const T*>(ws + pl.ws_dxs) : nullptr,
-                                g.dx + b0 * x_img, dwpart + b0 * dw_img, stream);
+                                d.projection ? reinterpret_cast<const T*>(ws + pl.ws_dxs) : nullptr,
+                                dx_s, dwpart + b0 * dw_img, stream);
     if (err != nullptr) return err;
   }
   const int64_t total = int64_t(pl.rows) * d.C + pl.rows + d.C * BWD_NDW;

@@ -15,10 +15,17 @@ struct alignas(16) Vec16 {
   uint32_t w[4];
 };
 
+// ldg: through the read-only path, for what no thread of the kernel writes; ld: a plain
+// load, for what the kernel itself overwrites afterwards (launch 2 reading dx before
+// completing it).
 #ifndef MSFUSED_CUDA_EMU
 template <typename T>
 __device__ __forceinline__ T ldg(const T* p) {
   return __ldg(p);
+}
+template <typename T>
+__device__ __forceinline__ T ld(const T* p) {
+  return *p;
 }
 template <typename T>
 __device__ __forceinline__ void stg(T* p, T v) {
@@ -34,6 +41,11 @@ __device__ __forceinline__ Vec16 ldg16(const void* p) {
 #else   // tools/cuda_emu/emu.h: emu_count_read / emu_count_written
 template <typename T>
 inline T ldg(const T* p) {
+  emu_count_read(p, sizeof(T));
+  return *p;
+}
+template <typename T>
+inline T ld(const T* p) {
   emu_count_read(p, sizeof(T));
   return *p;
 }
