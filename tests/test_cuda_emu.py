@@ -529,7 +529,7 @@ def test_l2_model(emu_lib):
                                   ((8, 8, 9, 6, 2), "concat", 1, False, False, "silu")],
                          ids=["res-proj-s2-nhwc", "nores-nchw"])
 def test_backward_discards_only_the_scratch(emu_lib, case):
-    """Launch 3 drops the dead scratch (da, db, dxs) from L2 with discard.global.L2; the
+    """Launch 3 drops the dead scratch (da, db) from L2 with discard.global.L2; the
     emulator poisons each discarded line (all ones). Exactly the whole 128-byte lines of the
     scratch are poisoned, none of the partials after it (which launch 3 still reads), and
     the gradients stay within the policy."""
@@ -546,9 +546,10 @@ def test_backward_discards_only_the_scratch(emu_lib, case):
     run_emu.emulate(lib, x, params, cfg, gy, ws_out=ws)
     words = ws[0].view(torch.int32)
     poisoned = (words == -1).nonzero().flatten()
-    # the scratch: da, db and (with a residual) dxs, each 2-byte pixel-major, each rounded up
-    # to 256 bytes, from the workspace's start; its whole lines from the first 128-byte line
-    scratch = sum(-(-(2 * batch * ho * wo * c) // 256) * 256 for _ in range(3 if residual else 2))
+    # the scratch: da and db (the shortcut's gradient goes through dx), each 2-byte
+    # pixel-major, each rounded up to 256 bytes, from the workspace's start; its whole lines
+    # from the first 128-byte line
+    scratch = 2 * (-(-(2 * batch * ho * wo * c) // 256) * 256)
     start = (-words.data_ptr()) % 128
     lines = (scratch - start) // 128
     assert poisoned.numel() == lines * 32, (poisoned.numel(), lines * 32)

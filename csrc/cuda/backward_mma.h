@@ -31,9 +31,15 @@ constexpr int BWD_NDW = 30;
 // The scratch between launches 1 and 2, each pixel-major (B, Ho, Wo, C) in the dtype T:
 //   da:  dL/da_pre  (the gradient of branch A's depthwise output before its activation)
 //   db:  dL/db_pre  (the same for the second depthwise conv of branch B)
-//   dxs: the gradient reaching x[b, c, s*oh, s*ow] through the projection shortcut, ws^T gz;
-//        null without one. The identity shortcut's (gz itself, Cout == C, stride 1) needs no
-//        scratch: launch 1 writes it into dx (x's layout) and launch 2 adds the rest to it.
+// The gradient reaching x[b, c, s*oh, s*ow] through the shortcut (projection: ws^T gz;
+// identity: gz) needs no scratch: launch 1 writes it into dx there, in x's layout, and
+// launch 2, which owns every dx element in one CTA, reads it back and adds the rest.
+
+// Where x[b, c, h, w] (and so dx's element) lies in x's layout.
+MSF_HD int64_t dx_index(const BlockDesc& d, int64_t b, int64_t h, int64_t w, int64_t c) {
+  return d.channels_last ? ((b * d.H + h) * d.W + w) * d.C + c
+                         : ((b * d.C + c) * d.H + h) * d.W + w;
+}
 
 // Launch 2's partials: dw_part[(part * C + c) * BWD_NDW + v], one part per input tile; every
 // element for c < C is written (zero where the tile owns no output pixel).
@@ -41,8 +47,7 @@ int64_t backward_dw_parts(const BlockDesc& d);
 
 template <typename T>
 const char* launch_backward_dw(const BlockDesc& d, const BlockTensors<T>& t, const T* da,
-                               const T* db, const T* dxs, T* dx, float* dw_part,
-                               cudaStream_t stream);
+                               const T* db, T* dx, float* dw_part, cudaStream_t stream);
 
 // ---- launch 1's plan -------------------------------------------------------------------
 // A CTA owns a block of CB = nchunk x 32 input channels (chunks of depthwise_tile.cuh) and a
@@ -84,8 +89,8 @@ struct BwdMmaPlan {
                                // none for float), of act' (float), of a weight slice
   uint32_t off_x0, off_x1, off_b1, off_dw, off_a, off_d, off_g, off_wa, off_wb, off_ws, off_h,
       smem;
-  // workspace (bytes, 256-aligned): scratch da, db, dxs; partials wpart, bpart, dwpart
-  size_t ws_da, ws_db, ws_dxs, ws_wpart, ws_bpart, ws_dwpart, ws_total;
+  // workspace (bytes, 256-aligned): scratch da, db; partials wpart, bpart, dwpart
+  size_t ws_da, ws_db, ws_wpart, ws_bpart, ws_dwpart, ws_total;
 };
 
 inline size_t bwd_align(size_t v, size_t a) { return (v + a - 1) / a * a; }
@@ -175,7 +180,7 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   p.tiles_hw = p.tiles_h * p.tiles_w;
   p.tiles = d.B * p.tiles_hw;
   // Group size from the shape alone: a partial (rows x C floats, written and read back)
-  // costs at most about 1/8 of the group's own traffic (x, dy, y in; da, db, dxs out), but
+  // costs at most about 1/8 of the group's own traffic (x, dy, y in; da, db, dx out), but
   // the groups times the channel blocks fill at least one wave of a 132-SM GPU where the
   // shape allows.
   const double part = 2.0 * p.rows * d.C * 4;
@@ -193,7 +198,7 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   if (split > 65535) split = 65535;
   p.split = int(split);
   if (p.tiles > 0x7fffffff) { p.P = 0; return p; }
-  // Batch slices: where the scratch of the whole batch (da, db, dxs) exceeds scratch_budget
+  // Batch slices: where the scratch of the whole batch (da, db) exceeds scratch_budget
   // bytes (0: no limit), launches 1 and 2 run slice by slice, so the scratch holds one
   // slice: the training step's peak memory falls by the rest, and launch 2 reads what
   // launch 1 just wrote while it is still in L2. A slice is a whole number of groups
@@ -203,7 +208,7 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   // the batch would use (at the benchmark's batches that means one slice; at batch 128 and
   // 56x56, four).
   const int64_t img_tiles = p.tiles_hw, gq = gt / std::gcd(gt, img_tiles);  // images per
-  const size_t scratch_img = H * size_t(d.Ho * d.Wo) * d.C * (d.projection ? 3 : 2);  // whole groups
+  const size_t scratch_img = H * size_t(d.Ho * d.Wo) * d.C * 2;  // whole groups
   int64_t si = d.B;
   if (scratch_budget > 0 && scratch_img * size_t(d.B) > scratch_budget) {
     si = int64_t(scratch_budget / scratch_img) / gq * gq;
@@ -228,7 +233,6 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   };
   p.ws_da = wtake(H * size_t(pix) * d.C);
   p.ws_db = wtake(H * size_t(pix) * d.C);
-  p.ws_dxs = wtake(d.projection ? H * size_t(pix) * d.C : 0);
   p.ws_wpart = wtake(F * size_t(p.groups) * p.rows * d.C);
   p.ws_bpart = wtake(F * size_t(p.groups) * p.rows);
   p.ws_dwpart = wtake(F * size_t(backward_dw_parts(d)) * d.C * BWD_NDW);

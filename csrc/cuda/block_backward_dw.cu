@@ -1,6 +1,7 @@
-// Launch 2 of the float16/bfloat16 backward (backward_mma.h): the depthwise gradients from the
-// pixel-major scratch (da = dL/da_pre, db = dL/db_pre, dxs), dx, and one partial of the
-// depthwise weight/bias gradients per input tile.
+// Launch 2 of the float16/bfloat16 backward (backward_mma.h): from the pixel-major scratch
+// (da = dL/da_pre, db = dL/db_pre) and the shortcut's share that launch 1 left in dx, the
+// depthwise gradients: dx, and one partial of the depthwise weight/bias gradients per input
+// tile.
 //
 // One CTA per (image, DT x DT input tile, block of KB channels). Everything it needs is staged
 // in shared memory channel-interleaved, [position][KB], so a thread's channel is tid % KB in
@@ -8,8 +9,7 @@
 //   x   input rows/cols R0-s-1 .. R0+DT+1 (XR): b1_pre on the 1-ring and the dwa/dwb taps
 //   db  output tile plus a 2-ring (OB): db1 on the 1-ring
 //   da  output tile plus a 1-ring (ON): dx and dwa/dba
-//   dxs the owned outputs (OS): the shortcut's share of dx (the projection's from the
-//       scratch; the identity's from dx, where launch 1 wrote it)
+//   dxs the owned outputs (OS): the shortcut's share of dx, which launch 1 left in dx
 // then computes b1 and db1 (accumulation type) on the 1-ring, accumulates the partials over
 // the owned outputs in registers, and produces dx. Global traffic goes through ldg / stg
 // (global_io.cuh) with a channel-fastest mapping for the pixel-major scratch and NHWC tensors
@@ -92,7 +92,7 @@ DwMap dw_map(bool residual, bool nchw) {
 template <typename T, int S>
 __global__ void __launch_bounds__(DW_NT)
     dw_backward_kernel(BlockDesc d, BlockTensors<T> t, const T* __restrict__ da,
-                       const T* __restrict__ db, const T* __restrict__ dxs, T* __restrict__ dx,
+                       const T* __restrict__ db, T* __restrict__ dx,
                        float* __restrict__ dw_part, DwMap m, int tiles_w, int tiles_hw,
                        int cblocks) {
   using A = typename AccT<T>::type;
@@ -134,11 +134,6 @@ __global__ void __launch_bounds__(DW_NT)
   const int64_t obase = int64_t(b) * Ho * Wo * C;
   const T* dab = da + obase;
   const T* dbb = db + obase;
-  // the shortcut's gradient: the projection's from the scratch (pixel-major), the
-  // identity's from dx itself (x's layout), where launch 1 put it; each CTA reads the dx it
-  // owns before the barrier below and writes it after, and no other CTA touches it
-  const bool projection = d.projection;
-  const T* dxsb = projection ? dxs + obase : nullptr;
   const T zero = from_acc<T>(A(0));
 
   // ---- stage -------------------------------------------------------------------------------
@@ -183,22 +178,22 @@ __global__ void __launch_bounds__(DW_NT)
                    ? ldg(dab + (oh * Wo + ow) * C + c)
                    : zero;
   }
-  if (projection) {
+  // the shortcut's gradient at the owned outputs, from dx at their input pixels (S oh, S ow)
+  // where launch 1 put it: this CTA reads the dx elements it owns before the barrier below
+  // and writes them after, and no other CTA touches them
+  if (residual && cl) {
     for (int idx = tid; idx < OS * OS * KB; idx += DW_NT) {
       const int p = idx / KB, oh = o0 + p / OS, ow = p0 + p % OS;
-      dxss[idx] = (c < C && oh < Ho && ow < Wo) ? ldg(dxsb + (oh * Wo + ow) * C + c) : zero;
+      dxss[idx] = (c < C && oh < Ho && ow < Wo) ? ld(dxb + (S * oh * W + S * ow) * C + c)
+                                                : zero;
     }
-  } else if (residual && cl) {  // identity: stride 1, so output pixel = input pixel
-    for (int idx = tid; idx < OS * OS * KB; idx += DW_NT) {
-      const int p = idx / KB, h = o0 + p / OS, w = p0 + p % OS;
-      dxss[idx] = (c < C && h < H && w < W) ? ld(dxb + (h * W + w) * C + c) : zero;
-    }
-  } else if (residual) {  // identity, NCHW: pixels fastest
+  } else if (residual) {  // NCHW: pixels fastest
     for (int idx = tid; idx < OS * OS * KB; idx += DW_NT) {
       const int p = idx % (OS * OS), k = idx / (OS * OS);
-      const int h = o0 + p / OS, w = p0 + p % OS;
-      dxss[p * KB + k] = (c0 + k < C && h < H && w < W) ? ld(dxb + (c0 + k) * HW + h * W + w)
-                                                        : zero;
+      const int oh = o0 + p / OS, ow = p0 + p % OS;
+      dxss[p * KB + k] = (c0 + k < C && oh < Ho && ow < Wo)
+                             ? ld(dxb + (c0 + k) * HW + S * oh * W + S * ow)
+                             : zero;
     }
   }
   __syncthreads();
@@ -326,13 +321,13 @@ __global__ void __launch_bounds__(DW_NT)
 
 template <typename T, int S>
 const char* launch_dw_stride(const BlockDesc& d, const BlockTensors<T>& t, const T* da,
-                             const T* db, const T* dxs, T* dx, float* dw_part, int64_t tiles_w,
+                             const T* db, T* dx, float* dw_part, int64_t tiles_w,
                              int64_t tiles_hw, unsigned gx, unsigned gy, cudaStream_t stream) {
   const DwMap m = dw_map<T, S>(d.residual, !d.channels_last);
   auto kernel = dw_backward_kernel<T, S>;
   static int raised[64] = {};
   if (const char* err = allow_dynamic_smem(kernel, m.total, raised)) return err;
-  MSF_LAUNCH(kernel, dim3(gx * gy), DW_NT, m.total, stream, d, t, da, db, dxs, dx, dw_part, m,
+  MSF_LAUNCH(kernel, dim3(gx * gy), DW_NT, m.total, stream, d, t, da, db, dx, dw_part, m,
              static_cast<int>(tiles_w), static_cast<int>(tiles_hw), static_cast<int>(gy));
   const cudaError_t e = cudaGetLastError();
   return e != cudaSuccess ? cudaGetErrorString(e) : nullptr;
@@ -346,11 +341,9 @@ int64_t backward_dw_parts(const BlockDesc& d) {
 
 template <typename T>
 const char* launch_backward_dw(const BlockDesc& d, const BlockTensors<T>& t, const T* da,
-                               const T* db, const T* dxs, T* dx, float* dw_part,
-                               cudaStream_t stream) {
+                               const T* db, T* dx, float* dw_part, cudaStream_t stream) {
   constexpr int KB = DwKB<T>::value;
   if (d.stride != 1 && d.stride != 2) return "backward_dw: stride must be 1 or 2";
-  if (d.projection && dxs == nullptr) return "backward_dw: a projection needs dxs";
   const int64_t lim = 0x7fffffffLL;
   const int64_t tiles_h = (d.H + DW_DT - 1) / DW_DT, tiles_w = (d.W + DW_DT - 1) / DW_DT;
   const int64_t parts = d.B * tiles_h * tiles_w, cblocks = (d.C + KB - 1) / KB;
@@ -359,15 +352,15 @@ const char* launch_backward_dw(const BlockDesc& d, const BlockTensors<T>& t, con
   if (parts == 0 || d.C == 0) return nullptr;
   const unsigned gx = static_cast<unsigned>(parts), gy = static_cast<unsigned>(cblocks);
   return d.stride == 1
-             ? launch_dw_stride<T, 1>(d, t, da, db, dxs, dx, dw_part, tiles_w, tiles_h * tiles_w,
+             ? launch_dw_stride<T, 1>(d, t, da, db, dx, dw_part, tiles_w, tiles_h * tiles_w,
                                       gx, gy, stream)
-             : launch_dw_stride<T, 2>(d, t, da, db, dxs, dx, dw_part, tiles_w, tiles_h * tiles_w,
+             : launch_dw_stride<T, 2>(d, t, da, db, dx, dw_part, tiles_w, tiles_h * tiles_w,
                                       gx, gy, stream);
 }
 
 #define MSF_INSTANTIATE_DW(T)                                                                   \
   template const char* launch_backward_dw<T>(const BlockDesc&, const BlockTensors<T>&,          \
-                                             const T*, const T*, const T*, T*, float*,           \
+                                             const T*, const T*, T*, float*,                     \
                                              cudaStream_t);
 MSF_INSTANTIATE_DW(float)
 MSF_INSTANTIATE_DW(double)

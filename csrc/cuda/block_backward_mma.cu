@@ -244,7 +244,7 @@ template <typename T, int S, bool TC>
 __global__ void __launch_bounds__(NT, 1)
     block_backward_mma_kernel(BlockDesc d, BlockTensors<T> t, const T* __restrict__ gy,
                               const T* __restrict__ saved, T* __restrict__ sc_da,
-                              T* __restrict__ sc_db, T* __restrict__ sc_dxs,
+                              T* __restrict__ sc_db, T* __restrict__ dx,
                               float* __restrict__ wpart, float* __restrict__ bpart,
                               BwdMmaPlan pl, bool vec_x, bool vec_g) {
   static_assert(TC || std::is_same_v<T, float>, "the FMA GEMMs are float32's");
@@ -380,7 +380,6 @@ __global__ void __launch_bounds__(NT, 1)
               ptx::mma_m16n8k16<T>(acc[1], af, b1f);
             }
           }
-          T* dst = which == 0 ? sc_da : (which == 1 ? sc_db : sc_dxs);
 #pragma unroll
           for (int n8 = 0; n8 < 2; ++n8)
 #pragma unroll
@@ -390,21 +389,22 @@ __global__ void __launch_bounds__(NT, 1)
               const int oh = r0 + p / TW, ow = q0 + p % TW;
               if (c >= C || oh >= Ho || ow >= Wo) continue;
               float v = acc[n8][e];
-              if (which < 2) v *= sD[p * LDD + which * KC + col];
-              stg(dst + ((bimg * Ho + oh) * Wo + ow) * C + c, from_acc<T>(v));
+              if (which < 2) {
+                v *= sD[p * LDD + which * KC + col];
+                stg((which == 0 ? sc_da : sc_db) + ((bimg * Ho + oh) * Wo + ow) * C + c,
+                    from_acc<T>(v));
+              } else {  // the projection's gradient, into dx at its input pixel
+                stg(dx + dx_index(d, bimg, S * oh, S * ow, c), from_acc<T>(v));
+              }
             }
         }
-        if (identity && data_grads) {
-          // the shortcut's gradient is gz itself (Cout == C, stride 1), written straight into
-          // dx (sc_dxs is dx then, in x's layout), which launch 2 completes in place
+        if (identity && data_grads) {  // the shortcut's gradient is gz itself (Cout == C)
           const bool cl = d.channels_last;
           for (int i = tid; i < P * KC; i += NT) {
             const int k = cl ? i % KC : i / P, p = cl ? i / KC : i % P, c = cc0 + k;
             const int oh = r0 + p / TW, ow = q0 + p % TW;
             if (c >= C || oh >= Ho || ow >= Wo) continue;
-            const int64_t o = cl ? ((bimg * Ho + oh) * Wo + ow) * C + c
-                                 : ((bimg * C + c) * Ho + oh) * Wo + ow;
-            stg(sc_dxs + o, sG[p * LDG + gz_col(int(d.N), pl.gzb, c)]);
+            stg(dx + dx_index(d, bimg, oh, ow, c), sG[p * LDG + gz_col(int(d.N), pl.gzb, c)]);
           }
         }
 
@@ -493,7 +493,7 @@ __global__ void __launch_bounds__(NT)
                            const float* __restrict__ bpart, const float* __restrict__ dwpart,
                            int64_t groups, int64_t parts, int rows, BlockGrads<T> g,
                            char* __restrict__ scratch, int64_t scratch_lines) {
-  // The scratch (da, db, dxs) is dead once launch 2 has read it, which stream order
+  // The scratch (da, db) is dead once launch 2 has read it, which stream order
   // guarantees here: its lines still in L2 are dropped rather than written back, so the
   // scratch costs DRAM writes only for what L2 evicted while launches 1 and 2 ran (NOTES 34).
   for (int64_t l = blockIdx.x * int64_t(NT) + threadIdx.x; l < scratch_lines;
@@ -559,12 +559,11 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* 
                      (saved == nullptr || aligned16(saved));
   T* da = reinterpret_cast<T*>(ws + pl.ws_da);
   T* db = reinterpret_cast<T*>(ws + pl.ws_db);
-  // the shortcut's gradient: the projection's into the scratch, the identity's into dx
-  T* dxs = d.projection ? reinterpret_cast<T*>(ws + pl.ws_dxs) : (d.residual ? dx : nullptr);
+
   float* wpart = reinterpret_cast<float*>(ws + pl.ws_wpart) + goff * pl.rows * d.C;
   float* bpart = reinterpret_cast<float*>(ws + pl.ws_bpart) + goff * pl.rows;
   const dim3 grid(unsigned(pl.cblocks * pl.rblocks), unsigned(pl.split));
-  MSF_LAUNCH(kernel, grid, NT, pl.smem, stream, d, t, gy, saved, da, db, dxs, wpart, bpart, pl,
+  MSF_LAUNCH(kernel, grid, NT, pl.smem, stream, d, t, gy, saved, da, db, dx, wpart, bpart, pl,
              vec_x, vec_g);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
@@ -644,11 +643,9 @@ const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>&
       err = launch_strided<T, true>(ds, ts, gys, svs, dx_s, ps, ws, goff, stream);
     }
     if (err != nullptr) return err;
-    // (identity: no dxs; launch 2 reads the shortcut's gradient from dx itself)
     err = launch_backward_dw<T>(ds, ts, reinterpret_cast<const T*>(ws + pl.ws_da),
-                                reinterpret_cast<const T*>(ws + pl.ws_db),
-                                d.projection ? reinterpret_cast<const T*>(ws + pl.ws_dxs) : nullptr,
-                                dx_s, dwpart + b0 * dw_img, stream);
+                                reinterpret_cast<const T*>(ws + pl.ws_db), dx_s,
+                                dwpart + b0 * dw_img, stream);
     if (err != nullptr) return err;
   }
   const int64_t total = int64_t(pl.rows) * d.C + pl.rows + d.C * BWD_NDW;

@@ -122,23 +122,24 @@ extern "C" void emu_mma_plan(const int64_t* dv, void** p, void* y, int64_t* out,
   out[7] = pl.run; out[8] = pl.tiles_hw;
 }
 
-// Launch 2 of the float16/bfloat16 backward (block_backward_dw.cu): da, db, dxs pixel-major
-// (B, Ho, Wo, C); dx in the io layout; part: emu_dw_parts(dv) * C * 30 floats.
+// Launch 2 of the float16/bfloat16 backward (block_backward_dw.cu): da, db pixel-major
+// (B, Ho, Wo, C); dx in the io layout, holding the shortcut's gradient at the strided input
+// pixels of a residual block as launch 1 leaves it; part: emu_dw_parts(dv) * C * 30 floats.
 template <typename T>
 static const char* bwd_dw(const BlockDesc& d, void** p, const void* da, const void* db,
-                          const void* dxs, void* dx, float* part) {
+                          void* dx, float* part) {
   return cuda::launch_backward_dw<T>(d, tens<T>(p), static_cast<const T*>(da),
-                                     static_cast<const T*>(db), static_cast<const T*>(dxs),
-                                     static_cast<T*>(dx), part, nullptr);
+                                     static_cast<const T*>(db), static_cast<T*>(dx), part,
+                                     nullptr);
 }
 
 extern "C" int emu_backward_dw(int dtype, const int64_t* dv, void** p, const void* da,
-                               const void* db, const void* dxs, void* dx, float* part) {
+                               const void* db, void* dx, float* part) {
   const BlockDesc d = desc_of(dv);
-  const char* e = dtype == 1 ? bwd_dw<double>(d, p, da, db, dxs, dx, part)
-                : dtype == 2 ? bwd_dw<__half>(d, p, da, db, dxs, dx, part)
-                : dtype == 3 ? bwd_dw<__nv_bfloat16>(d, p, da, db, dxs, dx, part)
-                             : bwd_dw<float>(d, p, da, db, dxs, dx, part);
+  const char* e = dtype == 1 ? bwd_dw<double>(d, p, da, db, dx, part)
+                : dtype == 2 ? bwd_dw<__half>(d, p, da, db, dx, part)
+                : dtype == 3 ? bwd_dw<__nv_bfloat16>(d, p, da, db, dx, part)
+                             : bwd_dw<float>(d, p, da, db, dx, part);
   if (e) std::fprintf(stderr, "%s\n", e);
   return e ? 1 : 0;
 }

@@ -435,8 +435,8 @@ DW_NAMES = ["dwa", "dba", "dwb", "dbb", "dwc", "dbc"]
 def run_backward_dw(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch):
     """The depthwise part of the backward alone, from given dL/da_pre, dL/db_pre and the
     shortcut's gradient dxs: those come from float64 autograd on the block, rounded to dtype
-    (what launch 1 would hand over: pixel-major scratch, the identity shortcut's in dx
-    itself, in x's layout), and the oracle is float64 autograd through
+    (what launch 1 would hand over: pixel-major scratch, and the shortcut's in dx itself at
+    the strided input pixels, in x's layout), and the oracle is float64 autograd through
     the three depthwise convs from the SAME rounded tensors, so the only differences are the
     kernel's own rounding (float64: ~1e-13; the partials are float32, ~1e-7 on dw*).
     Returns (errs {dx, dwa, ..., dbc: relative error}, identical: whether a second run gave
@@ -490,17 +490,17 @@ def run_backward_dw(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, 
     ptrs = (ctypes.c_void_p * 13)(ptr(x), *[ptr(t) for t in params])
     lib.emu_dw_parts.restype = ctypes.c_int64
     parts = lib.emu_dw_parts(desc)
-    da_k, db_k, dxs_k = pm(da), pm(db), pm(dxs) if proj else None
+    da_k, db_k = pm(da), pm(db)
     outs, counts = [], [ctypes.c_uint64() for _ in range(3)]
     xb = x.numel() * x.element_size()
     for _ in range(2):
         dx = torch.full_like(x, float("nan"))
-        if residual and not proj:  # identity: launch 1 leaves gz in dx
-            dx.copy_(dxs)
+        if residual:  # launch 1 leaves the shortcut's gradient in dx
+            dx[:, :, ::s, ::s] = dxs
         part = torch.full((parts * c * 30,), float("nan"), dtype=torch.float32)
         lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(k) for k in counts])  # reset
         assert lib.emu_backward_dw(DTYPE_CODE[dtype], desc, ptrs, ptr(da_k), ptr(db_k),
-                                   ptr(dxs_k), ptr(dx), ptr(part)) == 0
+                                   ptr(dx), ptr(part)) == 0
         lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(k) for k in counts])
         outs.append((dx, part))
     (dx, part), (dx2, part2) = outs
