@@ -13,8 +13,9 @@
 //     the GEMMs' operand; never written to global memory), branch B's columns from a 16-
 //     aligned offset so every fragment row is 16-byte aligned;
 //   - data gradients, mma.m16n8k16 with the CTA's slices of pa, pb, ws resident in shared
-//     memory: da_pre = (gza pa) * act'(a_pre), db_pre = (gzb pb) * act'(b_pre), dxs = gz ws
-//     (identity: gz), stored to the pixel-major scratch;
+//     memory: da_pre = (gza pa) * act'(a_pre), db_pre = (gzb pb) * act'(b_pre) stored to
+//     the pixel-major scratch, and the shortcut's gz ws (identity: gz) into dx at its input
+//     pixel, where launch 2 adds the rest;
 //   - weight gradients, mma.m16n8k16 with K = the tile's pixels: dpa += gza^T a (a as its
 //     16-bit value plus its 16-bit rounding residual, b alike),
 //     dpb += gzb^T b, dws += gz^T xs, in registers (each warp owns up to four (m16 row tile
