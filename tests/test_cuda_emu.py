@@ -244,9 +244,9 @@ def test_ptx_standins(ptx_probe, mode, message):
 # ---- launch 2 of the float16/bfloat16 backward (block_backward_dw.cu): depthwise gradients,
 # dx and the per-tile partials from given da_pre / db_pre and the shortcut's gradient (in dx),
 # against float64 autograd from the same rounded inputs; the partials must be the same bits on
-# a second run, and dx and the
-# partials written exactly once. Every stride, layout, shortcut, activation and dtype; C not a
-# multiple of 16 (partial channel blocks), C = 1 (NCHW), partial 16x16 tiles both ways.
+# a second run, and dx and the partials written exactly once. Every stride, layout, shortcut,
+# activation and dtype; C not a multiple of 16 (partial channel blocks), C = 1 (NCHW), partial
+# 16x16 tiles both ways.
 # (The 240-case sweep: tools/cuda_emu/run_emu.run_backward_dw over the same axes.)
 DW_CASES = [((3, 4, 11, 10, 2), "concat", 1, "relu", True, True, torch.float64, False),
             ((20, 20, 17, 19, 1), "add", 1, "silu", True, False, torch.bfloat16, True),
