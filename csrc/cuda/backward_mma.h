@@ -83,7 +83,7 @@ struct BwdMmaPlan {
   int rblocks;                 // row blocks: CTAs per channel block sharing the MT tiles, at
                                // most BWD_ROWS_MT each (1 unless MT exceeds that)
   int rows;                    // partial rows: 2 N + (projection ? Cout : 0)
-  int slice_imgs, nslices;     // launches 1 and 2 run per slice of slice_imgs images (the
+  int slice_imgs;              // launches 1 and 2 run per slice of slice_imgs images (the
                                // last may hold fewer), the scratch holding one slice
   int LDA, LDD, LDWT;          // rows of A = [a | b | xs | a_lo | b_lo] (the lo: a - (T)a;
                                // none for float), of act' (float), of a weight slice
@@ -222,7 +222,6 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
     if (si > d.B) si = d.B;
   }
   p.slice_imgs = int(si);
-  p.nslices = int((d.B + si - 1) / si);
   // workspace
   const int64_t pix = si * d.Ho * d.Wo;
   size_t w = 0;

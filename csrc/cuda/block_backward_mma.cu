@@ -535,12 +535,7 @@ __global__ void __launch_bounds__(NT)
   }
 }
 
-int env_int(const char* name) {
-  const char* e = std::getenv(name);
-  return e != nullptr ? std::atoi(e) : 0;
-}
-
-int env_int_or(const char* name, int unset) {
+int env_int(const char* name, int unset = 0) {  // unset: the value when empty or not set
   const char* e = std::getenv(name);
   return e != nullptr && *e != '\0' ? std::atoi(e) : unset;
 }
@@ -592,11 +587,11 @@ BwdMmaPlan backward_mma_plan(const BlockDesc& d, int esz) {
   // emulator, whose tests change them, at every call).
 #ifdef MSFUSED_CUDA_EMU
   const int split = env_int("MSFUSED_CUDA_BWD_SPLIT"), gt = env_int("MSFUSED_CUDA_BWD_GROUP");
-  const int scratch_kb = env_int_or("MSFUSED_CUDA_BWD_SCRATCH_KB", -1);
+  const int scratch_kb = env_int("MSFUSED_CUDA_BWD_SCRATCH_KB", -1);
 #else
   static const int split = env_int("MSFUSED_CUDA_BWD_SPLIT");
   static const int gt = env_int("MSFUSED_CUDA_BWD_GROUP");
-  static const int scratch_kb = env_int_or("MSFUSED_CUDA_BWD_SCRATCH_KB", -1);
+  static const int scratch_kb = env_int("MSFUSED_CUDA_BWD_SCRATCH_KB", -1);
 #endif
   // By default a quarter of L2 (12.5 MB on an H100, 15 on an H200), so that launch 2 finds
   // the scratch launch 1 just wrote in L2 beside launch 1's own traffic, in slices of at

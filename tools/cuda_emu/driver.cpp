@@ -154,5 +154,6 @@ extern "C" void emu_bwd_plan(const int64_t* dv, int64_t* out, int elem) {
   const cuda::BwdMmaPlan pl = cuda::backward_mma_plan(desc_of(dv), elem);
   out[0] = pl.P; out[1] = pl.TH; out[2] = pl.GT; out[3] = pl.groups; out[4] = pl.split;
   out[5] = pl.cblocks; out[6] = pl.smem; out[7] = int64_t(pl.ws_total); out[8] = pl.rblocks;
-  out[9] = pl.slice_imgs; out[10] = pl.nslices;
+  out[9] = pl.slice_imgs;
+  out[10] = pl.slice_imgs > 0 ? (desc_of(dv).B + pl.slice_imgs - 1) / pl.slice_imgs : 0;
 }
