@@ -374,6 +374,35 @@ def test_float32_without_tf32_on_fma_gemms(emu_lib, case):
         assert ok and "older" not in line, line
 
 
+# float64 (gradcheck's dtype) runs the same one-launch forward and three-launch backward with
+# every GEMM on FMAs in double:
+# NCHW and channels_last, both strides, every shortcut (identity handed over in dx, in both
+# layouts), C = 1 and 3, images of one and of several tiles, and weight-gradient rows above
+# the 256 one CTA holds in double (add C = N = 144, identity: 288 rows, two row blocks).
+# (Where double's operands do not fit shared memory, C_out >= 140 with a projection at stride
+# 2 or C = 256, float64 keeps the older FMA backward: 16 of --backward-low's 128 cases.)
+F64_BWD_CASES = [BWD_CASES[0], BWD_CASES[1], BWD_CASES[3], BWD_CASES[5], BWD_CASES[7],
+                 ((8, 4, 9, 6, 1), "concat", 1, True, False, "relu6"),
+                 ((8, 8, 9, 6, 2), "add", 1, True, True, "silu"),
+                 ((1, 1, 1, 1, 3), "add", 2, True, False, "none"),
+                 ((144, 144, 6, 5, 1), "add", 1, True, True, "relu")]
+
+
+@pytest.mark.parametrize("case", F64_BWD_CASES, ids=lambda c: "-".join(map(str, c[0] + c[1:])))
+def test_float64_on_fma_gemms(emu_lib, case):
+    """float64's forward is the one-launch kernel and its backward the three-launch one (their
+    byte counters moved: not the older FMA kernels, which do not count), y and every gradient
+    within 1e-9 of float64 autograd."""
+    run_emu, lib = emu_lib
+    plan = run_emu.backward_plan(lib, case, 8)
+    assert plan["P"] > 0, plan
+    if case == F64_BWD_CASES[-1]:
+        assert plan["rblocks"] == 2, plan
+    for backward in (False, True):
+        ok, line = run_emu.run_float32(lib, case, backward=backward, dtype=torch.float64)
+        assert ok and "older" not in line, line
+
+
 # Weight-gradient rows (2 N + a projection's C_out) above the 512 one CTA's accumulators hold:
 # row blocks (2: concat N = 140 with a projection, 576 rows; add C = N = 300, 600 rows;
 # 3: concat N = 280 with a projection, 1120 rows).
@@ -404,15 +433,16 @@ def test_backward_row_blocks(emu_lib, case, rblocks):
 def test_backward_falls_back_when_no_plan_fits(emu_lib):
     """A block so wide (concat N = 640 with a projection) that not even the smallest tile's
     gz and weight slices fit shared memory has no plan for the three-launch backward; the
-    older FMA backward runs, with correct gradients, in bfloat16 and in float32."""
+    older FMA backward runs, with correct gradients, in bfloat16, float32 and float64."""
     run_emu, lib = emu_lib
     case = ((16, 640, 3, 3, 1), "concat", 1, True, True, "relu")
-    assert run_emu.backward_plan(lib, case)["P"] == 0
-    assert run_emu.backward_plan(lib, case, 4)["P"] == 0
+    for elem in (2, 4, 8):
+        assert run_emu.backward_plan(lib, case, elem)["P"] == 0, elem
     ok, line = run_emu.run_forward_low(lib, case, torch.bfloat16, backward=True)
     assert ok, line
-    ok, line = run_emu.run_float32(lib, case, backward=True)
-    assert ok and "older FMA" in line, line
+    for dtype in (torch.float32, torch.float64):
+        ok, line = run_emu.run_float32(lib, case, backward=True, dtype=dtype)
+        assert ok and "older FMA" in line, line
 
 
 @pytest.mark.parametrize("case,dtype",
@@ -421,14 +451,18 @@ def test_backward_falls_back_when_no_plan_fits(emu_lib):
                            torch.bfloat16),
                           (((24, 16, 16, 9, 2), "add", 1, True, True, "relu"), "tf32"),
                           (((16, 140, 16, 9, 2), "concat", 1, True, True, "relu"),
-                           torch.bfloat16)],
-                         ids=["add-nhwc", "concat-nchw", "add-nhwc-tf32", "row-blocks"])
+                           torch.bfloat16),
+                          (((40, 24, 17, 13, 2), "concat", 2, True, False, "silu"),
+                           torch.float64)],
+                         ids=["add-nhwc", "concat-nchw", "add-nhwc-tf32", "row-blocks",
+                              "concat-nchw-f64"])
 def test_backward_weight_grads_do_not_depend_on_the_split(emu_lib, case, dtype, monkeypatch):
     """Every gradient bitwise identical whether one CTA per channel block walks all pixel
     groups, three CTAs share them, or each group has its own CTA (MSFUSED_CUDA_BWD_SPLIT)."""
     run_emu, lib = emu_lib
     tf32 = dtype == "tf32"
-    assert run_emu.backward_plan(lib, case, 4 if tf32 else 2)["groups"] > 3
+    elem = 4 if tf32 else dtype.itemsize
+    assert run_emu.backward_plan(lib, case, elem)["groups"] > 3
     results = []
     lib.emu_set_tf32(int(tf32))
     try:

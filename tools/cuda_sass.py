@@ -4,7 +4,7 @@ cuobjdump (the CUDA toolkit's, or the copy in Triton's wheel). No GPU needed.
     python tools/cuda_sass.py [filter]     # e.g. forward_mma: the tensor-core forward only
 
 Per kernel instantiation: registers, local memory (spills), static shared memory, tensor-core
-MMAs (HMMA), float32 FMAs (FFMA), ldmatrix (LDSM), 16-byte cp.async (LDGSTS...128), 16-byte
+MMAs (HMMA), float32 and float64 FMAs (FFMA, DFMA), ldmatrix (LDSM), 16-byte cp.async (LDGSTS...128), 16-byte
 global stores and loads, barriers, instructions, and the CTAs per SM its registers allow at
 256 threads.
 """
@@ -18,7 +18,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-COUNTS = {"HMMA": r"\bHMMA\.", "FFMA": r"\bFFMA\b", "LDSM": r"\bLDSM\.",
+COUNTS = {"HMMA": r"\bHMMA\.", "FFMA": r"\bFFMA\b", "DFMA": r"\bDFMA\b", "LDSM": r"\bLDSM\.",
           "LDGSTS128": r"\bLDGSTS\.[A-Z.]*128\b", "STG128": r"\bSTG\.E\.128\b",
           "LDG128": r"\bLDG\.E\.128\b", "LDL": r"\bLDL\b", "STL": r"\bSTL\b",
           "BAR": r"\bBAR\.SYNC\b",

@@ -1,5 +1,6 @@
 // The tensor-core backward (float16/bfloat16, and float32 on TF32 where
-// torch.backends.cudnn.allow_tf32 allows it) in three launches plus nothing else:
+// torch.backends.cudnn.allow_tf32 allows it; float32 without TF32 and float64 run the same
+// steps with their GEMMs on FMAs) in three launches plus nothing else:
 //   1. block_backward_mma.cu  per (channel block of 32, pixel split): gz = grad_y * act'(saved)
 //      on the fly, a, b, xs recomputed from x (the forward's phase 1), the data gradients of
 //      the pointwise convs and the projection on tensor cores (written as the pixel-major
@@ -19,6 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <numeric>
+#include <type_traits>
 
 #include "block_desc.h"
 
@@ -27,6 +29,11 @@ namespace cuda {
 
 // Depthwise partials per channel, in this order: dwa[9] dba dwb[9] dbb dwc[9] dbc.
 constexpr int BWD_NDW = 30;
+
+// The partials' (and the on-chip sums') type for elements of type T: float, double for
+// float64 (the kernels' AccT, without the CUDA headers).
+template <typename T>
+using bwd_acc_t = std::conditional_t<sizeof(T) == 8, double, float>;
 
 // The scratch between launches 1 and 2, each pixel-major (B, Ho, Wo, C) in the dtype T:
 //   da:  dL/da_pre  (the gradient of branch A's depthwise output before its activation)
@@ -47,7 +54,7 @@ int64_t backward_dw_parts(const BlockDesc& d);
 
 template <typename T>
 const char* launch_backward_dw(const BlockDesc& d, const BlockTensors<T>& t, const T* da,
-                               const T* db, T* dx, float* dw_part, cudaStream_t stream);
+                               const T* db, T* dx, bwd_acc_t<T>* dw_part, cudaStream_t stream);
 
 // ---- launch 1's plan -------------------------------------------------------------------
 // A CTA owns a block of CB = nchunk x 32 input channels (chunks of depthwise_tile.cuh) and a
@@ -60,9 +67,12 @@ const char* launch_backward_dw(const BlockDesc& d, const BlockTensors<T>& t, con
 // CTA sums a group, never the bits of the result.
 constexpr int BWD_KC = 32;    // channels per chunk: one chunk of depthwise_tile.cuh
 constexpr int BWD_TW = 8;     // tile width
-constexpr int BWD_WMT = 4;    // weight-gradient accumulator slots (m16 tile x chunk) per warp
-constexpr int BWD_ROWS_MT = 8 * BWD_WMT;  // m16 tiles of weight-gradient rows one CTA holds
 constexpr int BWD_PAD = 8;    // 16 bytes of row padding (16-bit elements): ldmatrix banks
+// Weight-gradient accumulator slots (m16 tile x chunk: 16 per lane) per warp for elements of
+// esz bytes: four, two for float64, whose accumulators take two registers each (the same 128
+// registers), and the m16 tiles of weight-gradient rows one CTA holds.
+constexpr int bwd_wmt(int esz) { return esz == 8 ? 2 : 4; }
+constexpr int bwd_rows_mt(int esz) { return 8 * bwd_wmt(esz); }
 
 struct BwdMmaPlan {
   int TH, P;                   // tile TH x 8, P = 8 TH pixels (16, 32 or 64)
@@ -81,7 +91,7 @@ struct BwdMmaPlan {
                                // the row (GW + pad)
   int mt_a, MT;                // weight-gradient m16 tiles: dpa, dpb (mt_a each), dws (the rest)
   int rblocks;                 // row blocks: CTAs per channel block sharing the MT tiles, at
-                               // most BWD_ROWS_MT each (1 unless MT exceeds that)
+                               // most bwd_rows_mt(esz) each (1 unless MT exceeds that)
   int rows;                    // partial rows: 2 N + (projection ? Cout : 0)
   int slice_imgs;              // launches 1 and 2 run per slice of slice_imgs images (the
                                // last may hold fewer), the scratch holding one slice
@@ -106,36 +116,38 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   const int64_t N16 = (d.N + 15) / 16 * 16;
   const int64_t GW = d.merge == kConcat ? 2 * N16 : N16;
   const int64_t rows16 = 2 * N16 + (d.projection ? GW : 0);
-  // Wider blocks than the 8 x BWD_WMT accumulator slots of one CTA hold (2 N + a projection's
-  // C_out above 512 rows) split the rows over row blocks of one chunk each: every row block
+  // Wider blocks than the 8 x bwd_wmt accumulator slots of one CTA hold (2 N + a projection's
+  // C_out above 512 rows, 256 for float64) split the rows over row blocks of one chunk each: every row block
   // stages x and gz and recomputes the chunk's operands for its rows' weight gradients, the
   // first also computes the data gradients.
-  if (d.C > (int64_t(1) << 20) || rows16 > int64_t(64) * BWD_ROWS_MT * 16) return p;
+  const int rows_mt = bwd_rows_mt(esz);
+  if (d.C > (int64_t(1) << 20) || rows16 > int64_t(64) * rows_mt * 16) return p;
   // float (TF32): 32-bit fragments come through scalar shared loads, not ldmatrix. gz is read
   // along rows (data gradients: lanes g, t at g LDG + t) and down columns (weight gradients:
   // t LDG + g), the weights and A down columns only; a row pitch of 4 (mod 32) words keeps
-  // the first in 32 distinct banks (the second 2-way), 8 (mod 32) the others.
-  const bool tf32 = esz == 4;
+  // the first in 32 distinct banks (the second 2-way), 8 (mod 32) the others. float64 (FMAs,
+  // gradcheck only) takes float's layout: even pitches, for its 16-byte operand pairs.
+  const bool wide = esz >= 4;
   p.N16 = int(N16);
   p.gzb = d.merge == kConcat ? int(N16) : 0;
   p.GW = int(GW);
-  p.LDG = p.GW + (tf32 ? 4 : BWD_PAD);
+  p.LDG = p.GW + (wide ? 4 : BWD_PAD);
   p.mt_a = int(N16 / 16);
   p.MT = int(rows16 / 16);
-  p.rblocks = (p.MT + BWD_ROWS_MT - 1) / BWD_ROWS_MT;
+  p.rblocks = (p.MT + rows_mt - 1) / rows_mt;
   p.rows = int(2 * d.N + (d.projection ? d.Cout : 0));
   p.C16 = int((d.C + 15) / 16 * 16);
   // [a | b | xs | a_lo | b_lo]; float has no lo (the tensor cores read a and b as tf32, as
-  // eager's TF32 convolutions do)
-  p.LDA = (tf32 ? 3 : 5) * BWD_KC + BWD_PAD;
+  // eager's TF32 convolutions do), nor has float64
+  p.LDA = (wide ? 3 : 5) * BWD_KC + BWD_PAD;
   p.LDD = 2 * BWD_KC + 4;
-  // As many chunks per CTA as the 8 x BWD_WMT accumulator slots hold (each chunk needs MT):
+  // As many chunks per CTA as the 8 x bwd_wmt accumulator slots hold (each chunk needs MT):
   // gz, staged once per tile, then serves them all, and fewer channel blocks re-read dy.
-  int nc0 = p.rblocks > 1 ? 1 : BWD_ROWS_MT / p.MT;
+  int nc0 = p.rblocks > 1 ? 1 : rows_mt / p.MT;
   const int chunks_c = int((d.C + BWD_KC - 1) / BWD_KC);
   if (nc0 > chunks_c) nc0 = chunks_c;
   if (nc0 < 1) nc0 = 1;
-  const size_t H = size_t(esz), F = 4;
+  const size_t H = size_t(esz), F = esz == 8 ? 8 : 4;  // elements; sums and partials
   // 8 rows unless the image is shorter; where shared memory is short, first no carried rows
   // (they save x's halo re-reads; a chunk less re-reads dy and y once more), then fewer
   // chunks, then fewer rows
@@ -239,8 +251,9 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   return p;
 }
 
-// Launch 1 (and, chained, 2 and 3) for float16/bfloat16 and float: the backward of the block
-// with its GEMMs on tensor cores (float: on TF32 where tf32 allows, else exact FMAs), with the
+// Launch 1 (and, chained, 2 and 3) for float16/bfloat16, float and double: the backward of the
+// block with its GEMMs on tensor cores (float: on TF32 where tf32 allows, else exact FMAs;
+// double: FMAs), with the
 // workspace of plan_backward_mma; *launched false (nothing run) when the shape does not fit
 // the plan.
 template <typename T>

@@ -1,6 +1,6 @@
-// Fused backward of the block for float64 (and float32/float16/bfloat16 shapes that the
-// three-launch backward, block_backward_mma.cu, cannot plan): six launches, a, b1, b
-// recomputed from x, every weight
+// Fused backward of the block for the shapes that the three-launch backward
+// (block_backward_mma.cu) cannot plan (a block so wide that not even its smallest tile's
+// operands fit shared memory): six launches, a, b1, b recomputed from x, every weight
 // gradient reduced deterministically (per-CTA partials, then a fixed-order sum; no atomics).
 //
 //   1. gz_kernel        gz = grad_y * act'(saved)                     -> G     (B, Cout, P)
@@ -486,10 +486,8 @@ inline unsigned grid_for(int64_t n, int64_t cap) {
 }  // namespace
 
 size_t block_backward_workspace_bytes(const BlockDesc& d, int elem_bytes) {
-  if (elem_bytes == 2 || elem_bytes == 4) {  // the three-launch backward's,
-    const BwdMmaPlan pl = backward_mma_plan(d, elem_bytes);  // where its plan fits
-    if (pl.P != 0) return pl.ws_total;
-  }
+  const BwdMmaPlan pl = backward_mma_plan(d, elem_bytes);  // the three-launch backward's,
+  if (pl.P != 0) return pl.ws_total;                       // where its plan fits
   return bwd_layout(d, elem_bytes == 8 ? 8 : 4).total;
 }
 
@@ -498,9 +496,9 @@ const char* launch_block_backward(const BlockDesc& d, const BlockTensors<T>& t, 
                                   const T* saved, const BlockGrads<T>& g, void* workspace,
                                   bool allow_tf32, cudaStream_t stream) {
   using A = typename AccT<T>::type;
-  // float16 / bfloat16 and float32: the three launches of block_backward_mma.cu (float32 on
-  // TF32 where allowed, else exact FMAs) where their plan fits
-  if constexpr (sizeof(T) == 2 || std::is_same_v<T, float>) {
+  // the three launches of block_backward_mma.cu (float32 on TF32 where allowed, else exact
+  // FMAs; float64 on FMAs) where their plan fits
+  {
     bool launched = false;
     const char* err = launch_block_backward_mma<T>(d, t, grad_y, saved, g, workspace,
                                                    allow_tf32, stream, &launched);

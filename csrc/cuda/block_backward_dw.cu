@@ -93,8 +93,8 @@ template <typename T, int S>
 __global__ void __launch_bounds__(DW_NT)
     dw_backward_kernel(BlockDesc d, BlockTensors<T> t, const T* __restrict__ da,
                        const T* __restrict__ db, T* __restrict__ dx,
-                       float* __restrict__ dw_part, DwMap m, int tiles_w, int tiles_hw,
-                       int cblocks) {
+                       typename AccT<T>::type* __restrict__ dw_part, DwMap m, int tiles_w,
+                       int tiles_hw, int cblocks) {
   using A = typename AccT<T>::type;
   using G = DwGeo<S>;
   constexpr int KB = DwKB<T>::value, NG = DW_NT / KB;
@@ -308,7 +308,7 @@ __global__ void __launch_bounds__(DW_NT)
     if (c0 + k >= C) continue;
     A s = A(0);
     for (int g = 0; g < NG; ++g) s += red[(g * BWD_NDW + v) * KB + k];
-    stg(dw_part + (int64_t(part) * C + c0 + k) * BWD_NDW + v, static_cast<float>(s));
+    stg(dw_part + (int64_t(part) * C + c0 + k) * BWD_NDW + v, s);
   }
   if (!cl) {
     for (int idx = tid; idx < KB * DT * DT; idx += DW_NT) {
@@ -321,7 +321,7 @@ __global__ void __launch_bounds__(DW_NT)
 
 template <typename T, int S>
 const char* launch_dw_stride(const BlockDesc& d, const BlockTensors<T>& t, const T* da,
-                             const T* db, T* dx, float* dw_part, int64_t tiles_w,
+                             const T* db, T* dx, bwd_acc_t<T>* dw_part, int64_t tiles_w,
                              int64_t tiles_hw, unsigned gx, unsigned gy, cudaStream_t stream) {
   const DwMap m = dw_map<T, S>(d.residual, !d.channels_last);
   auto kernel = dw_backward_kernel<T, S>;
@@ -341,7 +341,8 @@ int64_t backward_dw_parts(const BlockDesc& d) {
 
 template <typename T>
 const char* launch_backward_dw(const BlockDesc& d, const BlockTensors<T>& t, const T* da,
-                               const T* db, T* dx, float* dw_part, cudaStream_t stream) {
+                               const T* db, T* dx, bwd_acc_t<T>* dw_part,
+                               cudaStream_t stream) {
   constexpr int KB = DwKB<T>::value;
   if (d.stride != 1 && d.stride != 2) return "backward_dw: stride must be 1 or 2";
   const int64_t lim = 0x7fffffffLL;
@@ -360,7 +361,7 @@ const char* launch_backward_dw(const BlockDesc& d, const BlockTensors<T>& t, con
 
 #define MSF_INSTANTIATE_DW(T)                                                                   \
   template const char* launch_backward_dw<T>(const BlockDesc&, const BlockTensors<T>&,          \
-                                             const T*, const T*, T*, float*,                     \
+                                             const T*, const T*, T*, bwd_acc_t<T>*,              \
                                              cudaStream_t);
 MSF_INSTANTIATE_DW(float)
 MSF_INSTANTIATE_DW(double)

@@ -1,5 +1,5 @@
 // The float16/bfloat16 backward on tensor cores (and float32's, on TF32 tensor cores where
-// torch.backends.cudnn.allow_tf32 allows it, else on FMAs): launch 1 (the pointwise convs'
+// torch.backends.cudnn.allow_tf32 allows it, else on FMAs; float64's on FMAs): launch 1 (the pointwise convs'
 // and the projection's data and weight gradients) and launch 3 (the fixed-order reduction);
 // launch 2 (depthwise) is block_backward_dw.cu. The plan and the scratch are
 // csrc/cuda/backward_mma.h.
@@ -28,7 +28,8 @@
 // adds the groups in index order: the result does not depend on the split (the grid).
 // float runs the same steps with m16n8k8 TF32 MMAs on 32-bit fragments loaded one element
 // per register (ldmatrix is 16-bit only) and without the lo residuals, or, where TF32 is not
-// allowed, with FMAs in exact float32 computing the same fragments.
+// allowed, with FMAs in exact float32 computing the same fragments; float64 (gradcheck) like
+// the latter in double throughout, with half the weight-gradient slots per warp (bwd_wmt).
 #include <cstdlib>
 #include <type_traits>
 
@@ -82,7 +83,7 @@ __device__ __forceinline__ void stage_weight_slices(const BlockDesc& d, const Bw
                                                     const BlockTensors<T>& t, int c0, T* sWa,
                                                     T* sWb, T* sWs) {
   const int C = int(d.C), N = int(d.N), L = pl.LDWT;
-  const T zero = from_acc<T>(0.f);
+  const T zero = from_acc<T>(typename AccT<T>::type(0));
   const int CB = pl.CB;
   for (int i = threadIdx.x; i < pl.N16 * CB; i += NT) {
     const int n = i / CB, k = i % CB, c = c0 + k;
@@ -109,7 +110,7 @@ __device__ __forceinline__ void stage_gz(const BlockDesc& d, const BwdMmaPlan& p
                                          int q0, T* sG) {
   const int P = pl.P, Cout = int(d.Cout), N = int(d.N), Ho = int(d.Ho), Wo = int(d.Wo);
   const int act = d.act, LDG = pl.LDG;
-  const T zero = from_acc<T>(0.f);
+  const T zero = from_acc<T>(typename AccT<T>::type(0));
   if (vec) {
     constexpr int V = VE<T>;
     const int nv = Cout / V;
@@ -142,7 +143,7 @@ __device__ __forceinline__ void stage_gz(const BlockDesc& d, const BwdMmaPlan& p
     if (oh < Ho && ow < Wo) {
       const int64_t o = cl ? ((bimg * Ho + oh) * Wo + ow) * Cout + co
                            : ((bimg * Cout + co) * Ho + oh) * Wo + ow;
-      float g = to_acc(ldg(gy + o));
+      auto g = to_acc(ldg(gy + o));
       if (saved != nullptr) g = act_grad(act, g, to_acc(ldg(saved + o)));
       v = from_acc<T>(g);
     }
@@ -192,71 +193,80 @@ __device__ __forceinline__ void weight_grad_tf32(float (&acc)[4][4], const float
   }
 }
 
-// The same two in exact float32 on the FP32 cores (float32 where TF32 is not allowed): each
-// lane computes the elements of the m16n8 fragments it would hold after the mma (rows g and
-// g + 8, columns 2t and 2t + 1) from the operands in shared memory, so the accumulators and
-// everything after them are the tensor-core versions'. Column pairs 2t, 2t + 1 (and, in the
-// data gradients, gz's k pairs along its rows) come in 64-bit loads: the rows LDG, LDA and
-// LDWT and every offset into them are even (backward_mma.h).
-__device__ __forceinline__ void data_grad_fma(float (&acc)[2][4], const float* Ab, int LDG,
-                                              const float* Bw, int L, int K, int lane) {
+// The same two in exact float32 on the FP32 cores (float32 where TF32 is not allowed), or in
+// float64: each lane computes the elements of the m16n8 fragments it would hold after the mma
+// (rows g and g + 8, columns 2t and 2t + 1) from the operands in shared memory, so the
+// accumulators and everything after them are the tensor-core versions'. Column pairs 2t,
+// 2t + 1 (and, in the data gradients, gz's k pairs along its rows) come in 64-bit (float64:
+// 128-bit) loads: the rows LDG, LDA and LDWT and every offset into them are even
+// (backward_mma.h).
+template <typename A>
+__device__ __forceinline__ void data_grad_fma(A (&acc)[2][4], const A* Ab, int LDG,
+                                              const A* Bw, int L, int K, int lane) {
   const int g = lane / 4, t = lane % 4;
-  const float* a_lo = Ab + g * LDG;
-  const float* a_hi = Ab + (g + 8) * LDG;
+  const A* a_lo = Ab + g * LDG;
+  const A* a_hi = Ab + (g + 8) * LDG;
   for (int k = 0; k < K; k += 2) {  // K is a multiple of 16
-    const Float2 a0 = lds2(a_lo + k), a1 = lds2(a_hi + k);
+    const auto a0 = lds2(a_lo + k), a1 = lds2(a_hi + k);
 #pragma unroll
     for (int n8 = 0; n8 < 2; ++n8) {
-      const Float2 b = lds2(Bw + k * L + n8 * 8 + 2 * t);        // k, columns 2t, 2t + 1
-      const Float2 bn = lds2(Bw + (k + 1) * L + n8 * 8 + 2 * t);  // k + 1
-      float (&c)[4] = acc[n8];
-      c[0] = fmaf(a0.y, bn.x, fmaf(a0.x, b.x, c[0]));
-      c[1] = fmaf(a0.y, bn.y, fmaf(a0.x, b.y, c[1]));
-      c[2] = fmaf(a1.y, bn.x, fmaf(a1.x, b.x, c[2]));
-      c[3] = fmaf(a1.y, bn.y, fmaf(a1.x, b.y, c[3]));
+      const auto b = lds2(Bw + k * L + n8 * 8 + 2 * t);        // k, columns 2t, 2t + 1
+      const auto bn = lds2(Bw + (k + 1) * L + n8 * 8 + 2 * t);  // k + 1
+      A (&c)[4] = acc[n8];
+      c[0] = fma_acc(a0.y, bn.x, fma_acc(a0.x, b.x, c[0]));
+      c[1] = fma_acc(a0.y, bn.y, fma_acc(a0.x, b.y, c[1]));
+      c[2] = fma_acc(a1.y, bn.x, fma_acc(a1.x, b.x, c[2]));
+      c[3] = fma_acc(a1.y, bn.y, fma_acc(a1.x, b.y, c[3]));
     }
   }
 }
 
-__device__ __forceinline__ void weight_grad_fma(float (&acc)[4][4], const float* Gc, int LDG,
-                                                const float* B, int LDA, int nh, int P,
-                                                int lane) {
+template <typename A>
+__device__ __forceinline__ void weight_grad_fma(A (&acc)[4][4], const A* Gc, int LDG,
+                                                const A* B, int LDA, int nh, int P, int lane) {
   const int g = lane / 4, t = lane % 4;
   for (int k = 0; k < P; ++k) {
-    const float a0 = Gc[k * LDG + g], a1 = Gc[k * LDG + g + 8];  // gz^T: rows are gz's columns
+    const A a0 = Gc[k * LDG + g], a1 = Gc[k * LDG + g + 8];  // gz^T: rows are gz's columns
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       if (hh >= nh) continue;
 #pragma unroll
       for (int n8 = 0; n8 < 2; ++n8) {
-        const Float2 b = lds2(B + k * LDA + hh * 16 + n8 * 8 + 2 * t);
-        float (&c)[4] = acc[2 * hh + n8];
-        c[0] = fmaf(a0, b.x, c[0]);
-        c[1] = fmaf(a0, b.y, c[1]);
-        c[2] = fmaf(a1, b.x, c[2]);
-        c[3] = fmaf(a1, b.y, c[3]);
+        const auto b = lds2(B + k * LDA + hh * 16 + n8 * 8 + 2 * t);
+        A (&c)[4] = acc[2 * hh + n8];
+        c[0] = fma_acc(a0, b.x, c[0]);
+        c[1] = fma_acc(a0, b.y, c[1]);
+        c[2] = fma_acc(a1, b.x, c[2]);
+        c[3] = fma_acc(a1, b.y, c[3]);
       }
     }
   }
 }
 
-// TC: the GEMMs on tensor cores (16-bit, or float on TF32); false (float only): FMAs.
+// TC: the GEMMs on tensor cores (16-bit, or float on TF32); false (float, double): FMAs.
+// Sums, partials and the on-chip float operands (b1, the depthwise weights, act') are in the
+// accumulation type A.
 template <typename T, int S, bool TC>
 __global__ void __launch_bounds__(NT, 1)
     block_backward_mma_kernel(BlockDesc d, BlockTensors<T> t, const T* __restrict__ gy,
                               const T* __restrict__ saved, T* __restrict__ sc_da,
                               T* __restrict__ sc_db, T* __restrict__ dx,
-                              float* __restrict__ wpart, float* __restrict__ bpart,
-                              BwdMmaPlan pl, bool vec_x, bool vec_g) {
-  static_assert(TC || std::is_same_v<T, float>, "the FMA GEMMs are float32's");
+                              typename AccT<T>::type* __restrict__ wpart,
+                              typename AccT<T>::type* __restrict__ bpart, BwdMmaPlan pl,
+                              bool vec_x, bool vec_g) {
+  using A = typename AccT<T>::type;
+  static_assert(std::is_same_v<A, bwd_acc_t<T>>, "one accumulation type");
+  static_assert(!TC || sizeof(T) != 8, "float64 runs on FMAs only");
+  static_assert(TC || sizeof(T) >= 4, "16-bit runs on tensor cores only");
+  constexpr int WMT = bwd_wmt(int(sizeof(T))), ROWS_MT = bwd_rows_mt(int(sizeof(T)));
   constexpr int XC = S * (TW + 1) + 3;
   MSF_EXTERN_SMEM(sm);
   T* xs0 = reinterpret_cast<T*>(sm + pl.off_x0);
   T* xs1 = reinterpret_cast<T*>(sm + pl.off_x1);
-  float* b1 = reinterpret_cast<float*>(sm + pl.off_b1);
-  float* dw = reinterpret_cast<float*>(sm + pl.off_dw);
+  A* b1 = reinterpret_cast<A*>(sm + pl.off_b1);
+  A* dw = reinterpret_cast<A*>(sm + pl.off_dw);
   T* sA = reinterpret_cast<T*>(sm + pl.off_a);
-  float* sD = reinterpret_cast<float*>(sm + pl.off_d);
+  A* sD = reinterpret_cast<A*>(sm + pl.off_d);
   T* sG = reinterpret_cast<T*>(sm + pl.off_g);
   T* sWa = reinterpret_cast<T*>(sm + pl.off_wa);
   T* sWb = reinterpret_cast<T*>(sm + pl.off_wb);
@@ -270,7 +280,7 @@ __global__ void __launch_bounds__(NT, 1)
   const int c0 = cb * pl.CB, C = int(d.C), Ho = int(d.Ho), Wo = int(d.Wo);
   const int P = pl.P, TH = pl.TH, LDA = pl.LDA, LDG = pl.LDG, LDD = pl.LDD, L = pl.LDWT;
   // this CTA's weight-gradient m16 tiles: mt0 .. mt0 + MT - 1 of the plan's pl.MT
-  const int mtiles = P / 16, mt0 = rb * BWD_ROWS_MT, MT = min_i(BWD_ROWS_MT, pl.MT - mt0);
+  const int mtiles = P / 16, mt0 = rb * ROWS_MT, MT = min_i(ROWS_MT, pl.MT - mt0);
   const int nck = min_i(pl.nchunk, (pl.C16 - c0 + KC - 1) / KC);  // this CTA's chunks
   const bool first_cb = cb == 0, identity = d.residual && !d.projection;
   // the data gradients (and the scratch) are row block 0's; bias rows r0b .. r0b + 2 NT
@@ -282,7 +292,7 @@ __global__ void __launch_bounds__(NT, 1)
   // once per CTA: depthwise weights, the pointwise slices, sG's padding columns zeroed
   for (int k = 0; k < nck; ++k) stage_dw<T>(d, t, c0 + k * KC, dw + k * 30 * KC);
   stage_weight_slices<T>(d, pl, t, c0, sWa, sWb, sWs);
-  const T zero = from_acc<T>(0.f);
+  const T zero = from_acc<T>(typename AccT<T>::type(0));
   for (int i = tid; i < P * LDG; i += NT) sG[i] = zero;
 
   // tiles of an image column by column, each top to bottom
@@ -307,14 +317,14 @@ __global__ void __launch_bounds__(NT, 1)
 
   // accumulator slot j of this warp: unit u = warp + 8 j of MT x nck (m16 tile mt0 + u % MT
   // of chunk u / MT); warp-uniform, indices compile-time
-  float accW[BWD_WMT][4][4];
+  A accW[WMT][4][4];
 #pragma unroll
-  for (int j = 0; j < BWD_WMT; ++j)
+  for (int j = 0; j < WMT; ++j)
 #pragma unroll
     for (int n = 0; n < 4; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) accW[j][n][e] = 0.f;
-  float bsum[2] = {0.f, 0.f};
+      for (int e = 0; e < 4; ++e) accW[j][n][e] = A(0);
+  A bsum[2] = {A(0), A(0)};
 
   int64_t group = blockIdx.y;
   if (group >= pl.groups) return;
@@ -366,8 +376,8 @@ __global__ void __launch_bounds__(NT, 1)
           const T* Ab = sG + (which == 1 ? pl.gzb : 0);
           const T* Bw = (which == 0 ? sWa : (which == 1 ? sWb : sWs)) + ck * KC + h * 16;
           const int K = which == 2 ? pl.GW : pl.N16;
-          float acc[2][4] = {};
-          if constexpr (std::is_same_v<T, float>) {
+          A acc[2][4] = {};
+          if constexpr (sizeof(T) >= 4) {
             if constexpr (TC) data_grad_tf32(acc, Ab + mt * 16 * LDG, LDG, Bw, L, K, lane);
             else data_grad_fma(acc, Ab + mt * 16 * LDG, LDG, Bw, L, K, lane);
           } else {
@@ -389,7 +399,7 @@ __global__ void __launch_bounds__(NT, 1)
               const int col = h * 16 + n8 * 8 + 2 * (lane % 4) + (e & 1), c = cc0 + col;
               const int oh = r0 + p / TW, ow = q0 + p % TW;
               if (c >= C || oh >= Ho || ow >= Wo) continue;
-              float v = acc[n8][e];
+              A v = acc[n8][e];
               if (which < 2) {
                 v *= sD[p * LDD + which * KC + col];
                 stg((which == 0 ? sc_da : sc_db) + ((bimg * Ho + oh) * Wo + ow) * C + c,
@@ -411,14 +421,14 @@ __global__ void __launch_bounds__(NT, 1)
 
         // ---- weight gradients of this chunk: K = the tile's pixels ----------------------
 #pragma unroll
-        for (int j = 0; j < BWD_WMT; ++j) {
+        for (int j = 0; j < WMT; ++j) {
           const int u = warp + 8 * j, mt = mt0 + u % MT;
           if (u >= MT * nck || u / MT != ck) continue;  // warp-uniform
           const int seg = mt < pl.mt_a ? 0 : (mt < 2 * pl.mt_a ? 1 : 2);
           const int gcol = seg == 0 ? mt * 16 : (seg == 1 ? pl.gzb + (mt - pl.mt_a) * 16
                                                           : (mt - 2 * pl.mt_a) * 16);
-          if constexpr (std::is_same_v<T, float>) {
-            const float* B = sA + seg * KC;
+          if constexpr (sizeof(T) >= 4) {
+            const T* B = sA + seg * KC;
             if constexpr (TC) weight_grad_tf32(accW[j], sG + gcol, LDG, B, LDA, nh, P, lane);
             else weight_grad_fma(accW[j], sG + gcol, LDG, B, LDA, nh, P, lane);
           } else {
@@ -451,7 +461,7 @@ __global__ void __launch_bounds__(NT, 1)
             const int r = r0b + tid + q * NT;
             if (r >= pl.rows) continue;
             const int col = bias_col(d, pl, r);
-            float sum = 0.f;
+            A sum = A(0);
             for (int p = 0; p < P; ++p) sum += to_acc(sG[p * LDG + col]);
             bsum[q] += sum;
           }
@@ -461,7 +471,7 @@ __global__ void __launch_bounds__(NT, 1)
 
     // ---- the group's partial -------------------------------------------------------------
 #pragma unroll
-    for (int j = 0; j < BWD_WMT; ++j) {
+    for (int j = 0; j < WMT; ++j) {
       const int u = warp + 8 * j, mt = mt0 + u % MT, ck = u / MT;
       if (u >= MT * nck) continue;
 #pragma unroll
@@ -472,7 +482,7 @@ __global__ void __launch_bounds__(NT, 1)
           const int c = c0 + ck * KC + n8 * 8 + 2 * (lane % 4) + (e & 1);
           const int row = partial_row(d, pl, m);
           if (row >= 0 && c < C) stg(wpart + (group * pl.rows + row) * C + c, accW[j][n8][e]);
-          accW[j][n8][e] = 0.f;
+          accW[j][n8][e] = A(0);
         }
     }
     if (first_cb) {
@@ -480,7 +490,7 @@ __global__ void __launch_bounds__(NT, 1)
       for (int q = 0; q < 2; ++q) {
         const int r = r0b + tid + q * NT;
         if (r < pl.rows) stg(bpart + group * pl.rows + r, bsum[q]);
-        bsum[q] = 0.f;
+        bsum[q] = A(0);
       }
     }
   }
@@ -490,10 +500,13 @@ __global__ void __launch_bounds__(NT, 1)
 // ---- launch 3: the fixed-order sums of the partials --------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(NT)
-    backward_reduce_kernel(BlockDesc d, const float* __restrict__ wpart,
-                           const float* __restrict__ bpart, const float* __restrict__ dwpart,
-                           int64_t groups, int64_t parts, int rows, BlockGrads<T> g,
-                           char* __restrict__ scratch, int64_t scratch_lines) {
+    backward_reduce_kernel(BlockDesc d, const typename AccT<T>::type* __restrict__ wpart,
+                           const typename AccT<T>::type* __restrict__ bpart,
+                           const typename AccT<T>::type* __restrict__ dwpart, int64_t groups,
+                           int64_t parts, int rows, BlockGrads<T> g, char* __restrict__ scratch,
+                           int64_t scratch_lines) {
+  using A = typename AccT<T>::type;
+  static_assert(std::is_same_v<A, bwd_acc_t<T>>, "one accumulation type");
   // The scratch (da, db) is dead once launch 2 has read it, which stream order
   // guarantees here: its lines still in L2 are dropped rather than written back, so the
   // scratch costs DRAM writes only for what L2 evicted while launches 1 and 2 ran (NOTES 34).
@@ -505,7 +518,7 @@ __global__ void __launch_bounds__(NT)
   const int64_t total = n_w + rows + n_dw;
   for (int64_t idx = blockIdx.x * int64_t(NT) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * NT) {
-    float sum = 0.f;
+    A sum = A(0);
     if (idx < n_w) {
       for (int64_t q = 0; q < groups; ++q) sum += ldg(wpart + q * n_w + idx);
       const int64_t row = idx / C, c = idx % C;
@@ -556,8 +569,9 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* 
   T* da = reinterpret_cast<T*>(ws + pl.ws_da);
   T* db = reinterpret_cast<T*>(ws + pl.ws_db);
 
-  float* wpart = reinterpret_cast<float*>(ws + pl.ws_wpart) + goff * pl.rows * d.C;
-  float* bpart = reinterpret_cast<float*>(ws + pl.ws_bpart) + goff * pl.rows;
+  using A = bwd_acc_t<T>;
+  A* wpart = reinterpret_cast<A*>(ws + pl.ws_wpart) + goff * pl.rows * d.C;
+  A* bpart = reinterpret_cast<A*>(ws + pl.ws_bpart) + goff * pl.rows;
   const dim3 grid(unsigned(pl.cblocks * pl.rblocks), unsigned(pl.split));
   MSF_LAUNCH(kernel, grid, NT, pl.smem, stream, d, t, gy, saved, da, db, dx, wpart, bpart, pl,
              vec_x, vec_g);
@@ -609,9 +623,10 @@ const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>&
   const BwdMmaPlan pl = backward_mma_plan(d, int(sizeof(T)));
   *launched = pl.P != 0;
   if (pl.P == 0) return nullptr;
+  using A = bwd_acc_t<T>;
   char* ws = static_cast<char*>(workspace);
   const char* err = nullptr;
-  float* dwpart = reinterpret_cast<float*>(ws + pl.ws_dwpart);
+  A* dwpart = reinterpret_cast<A*>(ws + pl.ws_dwpart);
   // launches 1 and 2 slice by slice (one slice unless the scratch budget asks for more):
   // every per-image tensor is image-major in both layouts, so a slice is the batch's
   // tensors from image b0 on, with B = its images
@@ -635,6 +650,8 @@ const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>&
     if constexpr (std::is_same_v<T, float>) {
       if (!tf32) err = launch_strided<T, false>(ds, ts, gys, svs, dx_s, ps, ws, goff, stream);
       else err = launch_strided<T, true>(ds, ts, gys, svs, dx_s, ps, ws, goff, stream);
+    } else if constexpr (std::is_same_v<T, double>) {
+      err = launch_strided<T, false>(ds, ts, gys, svs, dx_s, ps, ws, goff, stream);
     } else {
       err = launch_strided<T, true>(ds, ts, gys, svs, dx_s, ps, ws, goff, stream);
     }
@@ -653,8 +670,8 @@ const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>&
   const uintptr_t lo = (reinterpret_cast<uintptr_t>(ws + pl.ws_da) + 127) / 128 * 128;
   const uintptr_t hi = reinterpret_cast<uintptr_t>(ws + pl.ws_wpart) / 128 * 128;
   const int64_t scratch_lines = hi > lo ? int64_t((hi - lo) / 128) : 0;
-  MSF_LAUNCH(rk, unsigned(blocks), NT, 0, stream, d, reinterpret_cast<const float*>(ws + pl.ws_wpart),
-             reinterpret_cast<const float*>(ws + pl.ws_bpart), dwpart, pl.groups,
+  MSF_LAUNCH(rk, unsigned(blocks), NT, 0, stream, d, reinterpret_cast<const A*>(ws + pl.ws_wpart),
+             reinterpret_cast<const A*>(ws + pl.ws_bpart), dwpart, pl.groups,
              backward_dw_parts(d), pl.rows, g, reinterpret_cast<char*>(lo), scratch_lines);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
@@ -664,6 +681,11 @@ template const char* launch_block_backward_mma<float>(const BlockDesc&,
                                                       const BlockTensors<float>&, const float*,
                                                       const float*, const BlockGrads<float>&,
                                                       void*, bool, cudaStream_t, bool*);
+template const char* launch_block_backward_mma<double>(const BlockDesc&,
+                                                       const BlockTensors<double>&,
+                                                       const double*, const double*,
+                                                       const BlockGrads<double>&, void*, bool,
+                                                       cudaStream_t, bool*);
 template const char* launch_block_backward_mma<__half>(const BlockDesc&,
                                                        const BlockTensors<__half>&,
                                                        const __half*, const __half*,

@@ -21,11 +21,11 @@ template <typename T>
 const char* launch_block_forward(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
                                  bool allow_tf32, cudaStream_t stream);
 
-// The one-launch forward (block_forward_mma.cu) that launch_block_forward calls for
-// float16/bfloat16 and float32: its GEMM on tensor cores, for float32 on TF32 where tf32
-// allows, else on FMAs in exact float32; its plan for a call (the emulator's tables).
-// *launched is false (and nothing runs) when no tile fits the device's shared memory (very
-// large C): the caller runs the older FMA kernel then (block_forward.cu, also float64's).
+// The one-launch forward (block_forward_mma.cu) that launch_block_forward calls: its GEMM on
+// tensor cores, for float32 on TF32 where tf32 allows, else on FMAs in exact float32, for
+// float64 on FMAs; its plan for a call (the emulator's tables). *launched is false (and
+// nothing runs) when no tile fits the device's shared memory (very large C): the caller runs
+// the older FMA kernel then (block_forward.cu).
 template <typename T>
 const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
                                      bool tf32, cudaStream_t stream, bool* launched);

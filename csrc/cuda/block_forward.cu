@@ -1,4 +1,5 @@
-// Fused forward of the block in one launch (float64, and the fallback of the others).
+// Fused forward of the block in one launch, where block_forward_mma.cu has no plan (its
+// operand tile does not fit shared memory).
 //
 // Grid: x = B * tiles (8x8 output pixels of one image), y = blocks of 64 output channels of
 // one branch (concat: the blocks of branch A, then those of branch B; add: blocks of N).
@@ -9,10 +10,10 @@
 // epilogue adds biases, the residual, applies the activation and writes y (and the
 // pre-activation) once. Nothing between x and y touches global memory.
 //
-// This file is the float64 forward (and every dtype's where block_forward_mma.cu finds no
-// tile that fits shared memory): FMAs, accumulators in registers, each thread owning 4
-// output channels x 4 pixels. float16 / bfloat16 / float32 run block_forward_mma.cu, which
-// stages x once per tile for every output channel.
+// This file is every dtype's forward where block_forward_mma.cu finds no tile that fits
+// shared memory: FMAs, accumulators in registers, each thread owning 4 output channels x 4
+// pixels. Everywhere else block_forward_mma.cu runs, which stages x once per tile for every
+// output channel.
 #include <type_traits>
 
 #include "block_cuda.h"
@@ -210,10 +211,10 @@ template <typename T>
 const char* launch_block_forward(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
                                  bool allow_tf32, cudaStream_t stream) {
   if (d.B * d.Cout * d.Ho * d.Wo == 0) return nullptr;
-  // float16/bfloat16 and float32: the one-launch kernel (block_forward_mma.cu; float32's
-  // GEMM on TF32 where allowed, else exact FMAs) unless C is too large for its operand tile
-  // in shared memory; float64 (and that case): the kernel below.
-  if constexpr (sizeof(T) == 2 || std::is_same_v<T, float>) {
+  // the one-launch kernel (block_forward_mma.cu; float32's GEMM on TF32 where allowed, else
+  // exact FMAs; float64's on FMAs) unless C is too large for its operand tile in shared
+  // memory; that case: the kernel below.
+  {
     bool launched = false;
     const char* err = launch_block_forward_mma<T>(d, t, y, pre, allow_tf32, stream, &launched);
     if (launched || err != nullptr) return err;

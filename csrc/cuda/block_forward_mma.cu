@@ -1,5 +1,6 @@
 // The float16/bfloat16 forward in one launch, on tensor cores (mma.sync m16n8k16, ldmatrix,
-// cp.async: csrc/cuda/ptx_wrappers.cuh). The plan (tile, K layout, shared-memory map) is
+// cp.async: csrc/cuda/ptx_wrappers.cuh); float32's on TF32 tensor cores or on FMAs, float64's
+// on FMAs (gemm_slice_tf32, gemm_slice_fma). The plan (tile, K layout, shared-memory map) is
 // csrc/cuda/forward_mma_plan.h.
 //
 // A CTA owns a column of `run` TH x TW tiles of output pixels of one image and computes every
@@ -97,7 +98,7 @@ __device__ __forceinline__ void stage_weights(const BlockDesc& d, const MmaPlan&
       ptx::cp_async_16(w + n * L + V * v, src != nullptr ? src : t.x, src != nullptr);
     }
   } else {
-    const T zero = from_acc<T>(0.f);
+    const T zero = from_acc<T>(typename AccT<T>::type(0));
     for (int i = tid; i < NB * KB; i += NT) {
       const int n = i / KB, kk = i % KB;
       const int k = kb + kk, co = g.co0 + n;
@@ -108,9 +109,10 @@ __device__ __forceinline__ void stage_weights(const BlockDesc& d, const MmaPlan&
 }
 
 template <typename T>
-__device__ __forceinline__ float bias_of(const BlockDesc& d, const BlockTensors<T>& t,
-                                         const GemmBlock& g, int co) {
-  float v = 0.f;
+__device__ __forceinline__ typename AccT<T>::type bias_of(const BlockDesc& d,
+                                                          const BlockTensors<T>& t,
+                                                          const GemmBlock& g, int co) {
+  typename AccT<T>::type v = 0;
   if (co >= g.nb) return v;
   const bool a = d.merge != kConcat || !g.branch_b, b = d.merge != kConcat || g.branch_b;
   if (a && t.qa != nullptr) v += to_acc(ldg(t.qa + co));
@@ -209,23 +211,26 @@ __device__ __forceinline__ void gemm_slice_tf32(float (&acc)[4][4][4], const flo
   }
 }
 
-// The same in exact float32 on the FP32 cores (float32 where TF32 is not allowed): each lane
-// computes the elements of the m16n8 fragments it would hold after the mma (rows g and g + 8,
-// columns 2t and 2t + 1) from the operands in shared memory, two k at a time (64-bit loads
-// along k; kend, the rows LDA and LDW and every slice offset are even), so the accumulators,
-// the output-tile write and the epilogue are those of the tensor-core slices. Per k pair a
-// lane loads 2 A pairs per 16-pixel row and 2 weight pairs per n8 tile for up to 128 FMAs;
-// the 16-byte row padding keeps the loads conflict-free as for TF32 (A: 8 distinct rows,
-// weights: 8 distinct rows, the other lanes broadcast).
-__device__ __forceinline__ void gemm_slice_fma(float (&acc)[4][4][4], const float* a, int LDA,
-                                               const float* w, int kend, const WarpSplit& ws,
+// The same in exact float32 on the FP32 cores (float32 where TF32 is not allowed), or in
+// float64: each lane computes the elements of the m16n8 fragments it would hold after the mma
+// (rows g and g + 8, columns 2t and 2t + 1) from the operands in shared memory, two k at a
+// time (64-bit loads along k, 128-bit for float64; kend, the rows LDA and LDW and every slice
+// offset are even), so the accumulators, the output-tile write and the epilogue are those of
+// the tensor-core slices. Per k pair a lane loads 2 A pairs per 16-pixel row and 2 weight
+// pairs per n8 tile for up to 128 FMAs; float32's 16-byte row padding keeps the loads
+// conflict-free as for TF32 (A: 8 distinct rows, weights: 8 distinct rows, the other lanes
+// broadcast).
+template <typename A>
+__device__ __forceinline__ void gemm_slice_fma(A (&acc)[4][4][4], const A* a, int LDA,
+                                               const A* w, int kend, const WarpSplit& ws,
                                                int lane) {
-  constexpr int L = LDW<float>;
-  static_assert(L % 2 == 0, "64-bit loads along k");
+  constexpr int L = LDW<A>;
+  static_assert(L % 2 == 0, "pair loads along k");
+  using Pair = decltype(lds2(a));
   const int g = lane / 4, t = lane % 4;
-  const float* wl = w + (ws.nbase + 2 * t) * L;
+  const A* wl = w + (ws.nbase + 2 * t) * L;
   for (int k = 0; k < kend; k += 2) {
-    Float2 w0[4] = {}, w1[4] = {};  // channels 2t and 2t + 1 of each n8 tile, at k and k + 1
+    Pair w0[4] = {}, w1[4] = {};  // channels 2t and 2t + 1 of each n8 tile, at k and k + 1
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
       if (n < ws.nt8) {
@@ -237,16 +242,16 @@ __device__ __forceinline__ void gemm_slice_fma(float (&acc)[4][4][4], const floa
     for (int j = 0; j < 4; ++j) {
       const int mt = ws.mrow + ws.mstep * j;
       if (mt < ws.mtiles) {  // warp-uniform
-        const Float2 a0 = lds2(a + (mt * 16 + g) * LDA + k);
-        const Float2 a1 = lds2(a + (mt * 16 + g + 8) * LDA + k);
+        const Pair a0 = lds2(a + (mt * 16 + g) * LDA + k);
+        const Pair a1 = lds2(a + (mt * 16 + g + 8) * LDA + k);
 #pragma unroll
         for (int n = 0; n < 4; ++n) {
           if (n < ws.nt8) {
-            float (&c)[4] = acc[j][n];
-            c[0] = fmaf(a0.y, w0[n].y, fmaf(a0.x, w0[n].x, c[0]));
-            c[1] = fmaf(a0.y, w1[n].y, fmaf(a0.x, w1[n].x, c[1]));
-            c[2] = fmaf(a1.y, w0[n].y, fmaf(a1.x, w0[n].x, c[2]));
-            c[3] = fmaf(a1.y, w1[n].y, fmaf(a1.x, w1[n].x, c[3]));
+            A (&c)[4] = acc[j][n];
+            c[0] = fma_acc(a0.y, w0[n].y, fma_acc(a0.x, w0[n].x, c[0]));
+            c[1] = fma_acc(a0.y, w1[n].y, fma_acc(a0.x, w1[n].x, c[1]));
+            c[2] = fma_acc(a1.y, w0[n].y, fma_acc(a1.x, w0[n].x, c[2]));
+            c[3] = fma_acc(a1.y, w1[n].y, fma_acc(a1.x, w1[n].x, c[3]));
           }
         }
       }
@@ -254,19 +259,23 @@ __device__ __forceinline__ void gemm_slice_fma(float (&acc)[4][4][4], const floa
   }
 }
 
-// TC: the pointwise GEMM on tensor cores (16-bit, or float on TF32); false (float only): FMAs.
+// TC: the pointwise GEMM on tensor cores (16-bit, or float on TF32); false (float, double):
+// FMAs. b1, the depthwise weights and the output tile are in the accumulation type A.
 template <typename T, int S, int TW, bool TC>
-__global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 registers
+__global__ void __launch_bounds__(NT, sizeof(T) == 8 ? 1 : 2)  // two CTAs per SM: at most
+    // 128 registers (float64, a gradcheck dtype: one, 255, for its double accumulators)
     block_forward_mma_kernel(BlockDesc d, BlockTensors<T> t, T* y, T* pre, MmaPlan pl) {
-  static_assert(TC || std::is_same_v<T, float>, "the FMA GEMM is float32's");
+  using A = typename AccT<T>::type;
+  static_assert(!TC || sizeof(T) != 8, "float64 runs on FMAs only");
+  static_assert(TC || sizeof(T) >= 4, "16-bit runs on tensor cores only");
   constexpr int XC = S * (TW + 1) + 3;
   MSF_EXTERN_SMEM(sm);
   T* sA = reinterpret_cast<T*>(sm + pl.off_a);
   T* xs0 = reinterpret_cast<T*>(sm + pl.off_x0);
   T* xs1 = reinterpret_cast<T*>(sm + pl.off_x1);
-  float* b1 = reinterpret_cast<float*>(sm + pl.off_b1);
-  float* dw = reinterpret_cast<float*>(sm + pl.off_dw);
-  float* sO = reinterpret_cast<float*>(sm + pl.off_o);
+  A* b1 = reinterpret_cast<A*>(sm + pl.off_b1);
+  A* dw = reinterpret_cast<A*>(sm + pl.off_dw);
+  A* sO = reinterpret_cast<A*>(sm + pl.off_o);
   T* w0 = reinterpret_cast<T*>(sm + pl.off_w0);
   T* w1 = reinterpret_cast<T*>(sm + pl.off_w1);
 
@@ -325,13 +334,13 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
     const int64_t Cout = d.Cout;
     for (int blk = 0; blk < pl.nblk; ++blk) {
       const GemmBlock g = gemm_block(d, pl, blk);
-      float acc[4][4][4];
+      A acc[4][4][4];
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int n = 0; n < 4; ++n)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc[j][n][e] = 0.f;
+          for (int e = 0; e < 4; ++e) acc[j][n][e] = A(0);
       if (tid < NB) dw[tid] = bias_of<T>(d, t, g, g.co0 + tid);
 
       const int nst = (g.k_hi - g.k_lo + KB - 1) / KB;
@@ -354,7 +363,7 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
         __syncthreads();  // this slice is free for the copy after the next
       }
 
-      // accumulators -> the float output tile: d[0..1] at (row g, cols 2t, 2t+1), d[2..3] at g+8
+      // accumulators -> the output tile: d[0..1] at (row g, cols 2t, 2t+1), d[2..3] at g+8
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int mt = ws.mrow + ws.mstep * j;
@@ -381,13 +390,13 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
           if (oh >= Ho || ow >= Wo || co >= g.nb) continue;
           const int ch = g.ch_off + co;
           const int64_t o = ((bimg * Ho + oh) * Wo + ow) * Cout + ch;
-          float v[8];
+          A v[8];
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
             v[e] = sO[p * LDO + 8 * g8 + e] + dw[8 * g8 + e];
             if (identity && co + e < g.nb) v[e] += to_acc(sA[p * LDA + pl.seg_x + ch + e]);
           }
-          if (pl.vec_y && co + 8 <= g.nb) {  // 8 channels: one (16-bit) or two (float) stores
+          if (pl.vec_y && co + 8 <= g.nb) {  // 8 channels: 1 (16-bit), 2 (float), 4 stores
             constexpr int V = VE<T>;
 #pragma unroll
             for (int h = 0; h < 8 / V; ++h) {
@@ -415,7 +424,7 @@ __global__ void __launch_bounds__(NT, 2)  // two CTAs per SM: at most 128 regist
           const int oh = r0 + p / TW, ow = q0 + p % TW, co = g.co0 + n;
           if (oh >= Ho || ow >= Wo || co >= g.nb) continue;
           const int ch = g.ch_off + co;
-          float v = sO[p * LDO + n] + dw[n];
+          A v = sO[p * LDO + n] + dw[n];
           if (identity) v += to_acc(sA[p * LDA + pl.seg_x + ch]);
           const int64_t o = ((bimg * Cout + ch) * Ho + oh) * Wo + ow;
           if (pre != nullptr) stg(pre + o, from_acc<T>(v));
@@ -549,7 +558,8 @@ const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& 
   if constexpr (std::is_same_v<T, float>) {
     if (!tf32) return launch_planned<T, false>(d, t, y, pre, pl, stream);
   }
-  return launch_planned<T, true>(d, t, y, pre, pl, stream);
+  if constexpr (std::is_same_v<T, double>) return launch_planned<T, false>(d, t, y, pre, pl, stream);
+  else return launch_planned<T, true>(d, t, y, pre, pl, stream);
 }
 
 template MmaPlan plan_forward_mma<float>(const BlockDesc&, const BlockTensors<float>&,
@@ -562,6 +572,11 @@ template MmaPlan plan_forward_mma<__half>(const BlockDesc&, const BlockTensors<_
 template MmaPlan plan_forward_mma<__nv_bfloat16>(const BlockDesc&,
                                                  const BlockTensors<__nv_bfloat16>&,
                                                  const __nv_bfloat16*, const MmaDevice&);
+template MmaPlan plan_forward_mma<double>(const BlockDesc&, const BlockTensors<double>&,
+                                          const double*, const MmaDevice&);
+template const char* launch_block_forward_mma<double>(const BlockDesc&,
+                                                      const BlockTensors<double>&, double*,
+                                                      double*, bool, cudaStream_t, bool*);
 template const char* launch_block_forward_mma<__half>(const BlockDesc&,
                                                       const BlockTensors<__half>&, __half*,
                                                       __half*, bool, cudaStream_t, bool*);

@@ -51,6 +51,20 @@ __device__ __forceinline__ Float2 lds2(const float* p) {
 #endif
   return *reinterpret_cast<const Float2*>(p);
 }
+// The same for float64's FMA GEMMs: two doubles in one 128-bit shared load (16-byte aligned).
+struct alignas(16) Double2 {
+  double x, y;
+};
+__device__ __forceinline__ Double2 lds2(const double* p) {
+#ifdef MSFUSED_CUDA_EMU
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail("lds2: address not 16-byte aligned");
+#endif
+  return *reinterpret_cast<const Double2*>(p);
+}
+
+// a * b + c with one rounding, in the accumulation type.
+__device__ __forceinline__ float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_acc(double a, double b, double c) { return fma(a, b, c); }
 
 // float32 accumulation for float/half/bfloat16, float64 for double.
 template <typename T> struct AccT { using type = float; };

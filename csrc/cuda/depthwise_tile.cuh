@@ -24,7 +24,8 @@ template <typename T> constexpr int VE = 16 / int(sizeof(T));
 
 __device__ __forceinline__ int min_i(int a, int b) { return a < b ? a : b; }
 
-__device__ __forceinline__ void load_taps(float (&w)[9], const float* __restrict__ src) {
+template <typename A>
+__device__ __forceinline__ void load_taps(A (&w)[9], const A* __restrict__ src) {
 #pragma unroll
   for (int j = 0; j < 9; ++j) w[j] = src[j];
 }
@@ -32,14 +33,14 @@ __device__ __forceinline__ void load_taps(float (&w)[9], const float* __restrict
 // One channel's 3x3 depthwise conv down a column of a channel-interleaved shared tile:
 // for r in [r_begin, r_end), v = sum_ij w[3i+j] src[(S r + i) ld + j KC] and emit(r, v, the
 // window's centre). The 3x3 window slides in registers: S new input rows (3 S loads) per
-// output instead of 9.
-template <int S, typename Src, typename Emit>
+// output instead of 9. A: the accumulation type (float; double for float64).
+template <int S, typename Src, typename A, typename Emit>
 __device__ __forceinline__ void dw_column(const Src* __restrict__ src, int ld,
-                                          const float (&w)[9], int r_begin, int r_end,
+                                          const A (&w)[9], int r_begin, int r_end,
                                           Emit emit) {
   constexpr int KC = DWT_KC;
-  float win[3][3];
-  auto load_row = [&](float (&row)[3], int ir) {
+  A win[3][3];
+  auto load_row = [&](A (&row)[3], int ir) {
 #pragma unroll
     for (int j = 0; j < 3; ++j) row[j] = to_acc(src[ir * ld + j * KC]);
   };
@@ -64,7 +65,7 @@ __device__ __forceinline__ void dw_column(const Src* __restrict__ src, int ld,
         load_row(win[2], S * r + 2);
       }
     }
-    float v = 0.f;
+    A v = A(0);
 #pragma unroll
     for (int i = 0; i < 3; ++i)
 #pragma unroll
@@ -96,7 +97,7 @@ __device__ __forceinline__ void stage_x(const BlockDesc& d, bool vec, int XR, co
     }
     return;
   }
-  const T zero = from_acc<T>(0.f);
+  const T zero = from_acc<T>(typename AccT<T>::type(0));
   if (d.channels_last) {  // channels fastest: consecutive threads, consecutive memory
     for (int i = tid; i < nr * XC * KC; i += NT) {
       const int k = i % KC, pos = rr0 * XC + i / KC, rr = pos / XC, cc = pos % XC;
@@ -141,14 +142,17 @@ struct SharedRows {
 };
 
 // Depthwise weights and biases of channels c0 .. c0+KC: dw[(which * KC + k) * 9 + tap] for
-// which = a, b (first conv of branch B), c (second), then the biases at 27 KC + which * KC + k.
+// which = a, b (first conv of branch B), c (second), then the biases at 27 KC + which * KC + k
+// (in the accumulation type).
 template <typename T>
 __device__ __forceinline__ void stage_dw(const BlockDesc& d, const BlockTensors<T>& t, int c0,
-                                         float* __restrict__ dw, int tid = int(threadIdx.x)) {
+                                         typename AccT<T>::type* __restrict__ dw,
+                                         int tid = int(threadIdx.x)) {
+  using A = typename AccT<T>::type;
   constexpr int KC = DWT_KC;
   const int C = int(d.C);
   for (int i = tid; i < 30 * KC; i += DWT_NT) {
-    float v = 0.f;
+    A v = A(0);
     if (i < 27 * KC) {
       const int which = i / (9 * KC), r = i % (9 * KC), c = c0 + r / 9;
       const T* w = which == 0 ? t.wa : (which == 1 ? t.wb : t.wc);
@@ -165,7 +169,7 @@ __device__ __forceinline__ void stage_dw(const BlockDesc& d, const BlockTensors<
 // Where one chunk's operands go: out_a[p * lda + k] = a at tile pixel p = r * TW + col for
 // chunk channel k (likewise out_b = b, out_x = the strided x, null when not needed), and,
 // when dact is not null, dact[p * ldd + k] = act'(a_pre), dact[p * ldd + KC + k] = act'(b_pre)
-// (the backward's activation derivatives, float), and when out_a_lo / out_b_lo are not null,
+// (the backward's activation derivatives, in the accumulation type), and when out_a_lo / out_b_lo are not null,
 // the rounding residuals a - (T)a, b - (T)b (the backward's weight-gradient GEMM adds them
 // for float-accurate operands). Channels c0 + k in [C, c16) get zeros; nothing is written at
 // or past c16.
@@ -175,46 +179,47 @@ struct ChunkOut {
   T* out_b;
   T* out_x;
   int lda;
-  float* dact;
+  typename AccT<T>::type* dact;
   int ldd;
   T* out_a_lo = nullptr;
   T* out_b_lo = nullptr;
 };
 
 // The chunk of channels c0 .. c0+KC staged in xs (stage_x, published by a __syncthreads())
-// with its depthwise weights in dw (stage_dw): b1 on the tile plus its ring (activated, float,
-// zero outside the output: the second conv's padding) into b1, then a, xs and b into the
+// with its depthwise weights in dw (stage_dw): b1 on the tile plus its ring (activated, in the
+// accumulation type, zero outside the output: the second conv's padding) into b1, then a, xs and b into the
 // operand. Ends with a __syncthreads(): xs, b1 and dw are free again. tid (here and in the
 // stagings): the thread's index in the CTA, passed where the caller has made it opaque to
 // the compiler (block_forward_mma.cu's tile loop).
 template <typename T, int S, int TW>
 __device__ __forceinline__ void chunk_operands(const BlockDesc& d, int TH, int r0, int q0,
                                                int c0, int c16, const T* __restrict__ xs,
-                                               float* __restrict__ b1,
-                                               const float* __restrict__ dw,
+                                               typename AccT<T>::type* __restrict__ b1,
+                                               const typename AccT<T>::type* __restrict__ dw,
                                                const ChunkOut<T>& o,
                                                int tid = int(threadIdx.x)) {
+  using A = typename AccT<T>::type;
   constexpr int KC = DWT_KC, NT = DWT_NT, SEG = DWT_SEG;
   constexpr int XC = S * (TW + 1) + 3, RW = TW + 2;
   const int C = int(d.C), Ho = int(d.Ho), Wo = int(d.Wo), act = d.act;
   const int seg_ring = (TH + 2 + SEG - 1) / SEG, seg_tile = (TH + SEG - 1) / SEG;
-  const T zero = from_acc<T>(0.f);
+  const T zero = from_acc<T>(typename AccT<T>::type(0));
   // b1; each item is one channel and one column over SEG rows (consecutive threads:
   // consecutive channels, conflict-free)
   for (int i = tid; i < KC * RW * seg_ring; i += NT) {
     const int k = i % KC, rest = i / KC, lc = rest % RW, r_begin = (rest / RW) * SEG;
     const int r_end = min_i(r_begin + SEG, TH + 2), ow = q0 - 1 + lc;
-    float* out = b1 + lc * KC + k;
+    A* out = b1 + lc * KC + k;
     if (c0 + k >= C || ow < 0 || ow >= Wo) {
-      for (int r = r_begin; r < r_end; ++r) out[r * RW * KC] = 0.f;
+      for (int r = r_begin; r < r_end; ++r) out[r * RW * KC] = A(0);
       continue;
     }
-    float w[9];
+    A w[9];
     load_taps(w, dw + (KC + k) * 9);
-    const float bias = dw[27 * KC + KC + k];
-    dw_column<S>(xs + S * lc * KC + k, XC * KC, w, r_begin, r_end, [&](int r, float v, float) {
+    const A bias = dw[27 * KC + KC + k];
+    dw_column<S>(xs + S * lc * KC + k, XC * KC, w, r_begin, r_end, [&](int r, A v, A) {
       const int oh = r0 - 1 + r;
-      out[r * RW * KC] = (oh >= 0 && oh < Ho) ? act_apply(act, v + bias) : 0.f;
+      out[r * RW * KC] = (oh >= 0 && oh < Ho) ? act_apply(act, v + bias) : A(0);
     });
   }
   // a and the strided x at the tile's pixels
@@ -225,27 +230,27 @@ __device__ __forceinline__ void chunk_operands(const BlockDesc& d, int TH, int r
     T* oa = o.out_a + lc * o.lda + k;  // + p * lda with p = r * TW + lc
     T* ox = o.out_x != nullptr ? o.out_x + lc * o.lda + k : nullptr;
     T* ol = o.out_a_lo != nullptr ? o.out_a_lo + lc * o.lda + k : nullptr;
-    float* od = o.dact != nullptr ? o.dact + lc * o.ldd + k : nullptr;
+    A* od = o.dact != nullptr ? o.dact + lc * o.ldd + k : nullptr;
     if (c >= C) {
       for (int r = r_begin; r < r_end; ++r) {
         oa[r * TW * o.lda] = zero;
         if (ox != nullptr) ox[r * TW * o.lda] = zero;
         if (ol != nullptr) ol[r * TW * o.lda] = zero;
-        if (od != nullptr) od[r * TW * o.ldd] = 0.f;
+        if (od != nullptr) od[r * TW * o.ldd] = A(0);
       }
       continue;
     }
-    float w[9];
+    A w[9];
     load_taps(w, dw + k * 9);
-    const float bias = dw[27 * KC + k];
+    const A bias = dw[27 * KC + k];
     dw_column<S>(xs + (S * XC + S * (lc + 1)) * KC + k, XC * KC, w, r_begin, r_end,
-                 [&](int r, float v, float center) {
-                   const float av = act_apply(act, v + bias);
+                 [&](int r, A v, A center) {
+                   const A av = act_apply(act, v + bias);
                    const T ah = from_acc<T>(av);
                    oa[r * TW * o.lda] = ah;
                    if (ol != nullptr) ol[r * TW * o.lda] = from_acc<T>(av - to_acc(ah));
                    if (ox != nullptr) ox[r * TW * o.lda] = from_acc<T>(center);
-                   if (od != nullptr) od[r * TW * o.ldd] = act_grad(act, 1.f, v + bias);
+                   if (od != nullptr) od[r * TW * o.ldd] = act_grad(act, A(1), v + bias);
                  });
   }
   __syncthreads();
@@ -256,24 +261,24 @@ __device__ __forceinline__ void chunk_operands(const BlockDesc& d, int TH, int r
     if (c >= c16) continue;
     T* ob = o.out_b + lc * o.lda + k;
     T* ol = o.out_b_lo != nullptr ? o.out_b_lo + lc * o.lda + k : nullptr;
-    float* od = o.dact != nullptr ? o.dact + lc * o.ldd + KC + k : nullptr;
+    A* od = o.dact != nullptr ? o.dact + lc * o.ldd + KC + k : nullptr;
     if (c >= C) {
       for (int r = r_begin; r < r_end; ++r) {
         ob[r * TW * o.lda] = zero;
         if (ol != nullptr) ol[r * TW * o.lda] = zero;
-        if (od != nullptr) od[r * TW * o.ldd] = 0.f;
+        if (od != nullptr) od[r * TW * o.ldd] = A(0);
       }
       continue;
     }
-    float w[9];
+    A w[9];
     load_taps(w, dw + (2 * KC + k) * 9);
-    const float bias = dw[27 * KC + 2 * KC + k];
-    dw_column<1>(b1 + lc * KC + k, RW * KC, w, r_begin, r_end, [&](int r, float v, float) {
-      const float bv = act_apply(act, v + bias);
+    const A bias = dw[27 * KC + 2 * KC + k];
+    dw_column<1>(b1 + lc * KC + k, RW * KC, w, r_begin, r_end, [&](int r, A v, A) {
+      const A bv = act_apply(act, v + bias);
       const T bh = from_acc<T>(bv);
       ob[r * TW * o.lda] = bh;
       if (ol != nullptr) ol[r * TW * o.lda] = from_acc<T>(bv - to_acc(bh));
-      if (od != nullptr) od[r * TW * o.ldd] = act_grad(act, 1.f, v + bias);
+      if (od != nullptr) od[r * TW * o.ldd] = act_grad(act, A(1), v + bias);
     });
   }
   __syncthreads();

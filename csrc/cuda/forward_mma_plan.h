@@ -26,14 +26,15 @@ constexpr int MMA_KC = 32;   // input channels per staged chunk
 constexpr int MMA_NB = 64;   // output channels per GEMM block
 constexpr int MMA_KB = 64;   // K per staged weight slice
 // 16 bytes of row padding (8 16-bit or 4 float elements): the 8 rows an ldmatrix reads, and
-// the 8 rows x 4 columns of a tf32 fragment's shared loads, land in distinct banks.
+// the 8 rows x 4 columns of a tf32 fragment's shared loads, land in distinct banks (2 double
+// elements: float64's rows stay 16-byte aligned for its 128-bit operand pairs).
 MSF_HD constexpr int mma_pad(int esz) { return 16 / esz; }
 MSF_HD constexpr int mma_ldw(int esz) { return MMA_KB + mma_pad(esz); }  // weight slice row
-constexpr int MMA_LDO = MMA_NB + 4;        // row of the float output tile
+constexpr int MMA_LDO = MMA_NB + 4;        // row of the output tile (accumulation type)
 constexpr int MMA_MAX_P = 256;             // pixels per tile: 8 warps x 2 x 16 rows
 
 struct MmaPlan {
-  int esz;                    // element size: 2 (float16/bfloat16), 4 (float32 on TF32)
+  int esz;                    // element size: 2 (float16/bfloat16), 4 (float32), 8 (float64)
   int TH, TW, P;              // output tile: TH x TW pixels, P = TH * TW, a multiple of 16
   int tiles_w, tiles_h, tiles_hw;  // tiles per image row / column / image
   int run, runs_h;            // tiles per CTA down a column; CTAs per column of tiles
@@ -98,10 +99,12 @@ MSF_HD void mma_block_k_range(const BlockDesc& d, const MmaPlan& p, int blk, int
 }
 
 inline void mma_plan_smem(MmaPlan& p) {
-  const size_t H = size_t(p.esz), F = 4;
+  // elements; the accumulation type's (b1, the output tile, the depthwise weights): float,
+  // double for float64
+  const size_t H = size_t(p.esz), F = p.esz == 8 ? 8 : 4;
   size_t o = 0;
   p.off_a = 0; o = mma_align128(o + H * size_t(p.P) * p.LDA);
-  // phase 1 (x stages, b1) and phase 2 (the float output tile) share one region
+  // phase 1 (x stages, b1) and phase 2 (the output tile) share one region
   const size_t region = o;
   const size_t xst = H * size_t(p.XR) * p.XC * MMA_KC;
   p.off_x0 = uint32_t(o); o = mma_align128(o + xst);
@@ -144,8 +147,9 @@ inline double mma_x_ratio(const BlockDesc& d, const MmaPlan& p) {
 // Cost of one plan: the elements its CTAs move (x staged: the in-image rows and columns of
 // every run's halo, each staged once down the run; y written, padded tiles included: the
 // wasted compute; weights streamed once per tile) per CTA, times the waves of CTAs the GPU
-// runs (CTAs per SM from shared memory, at most two by registers: 128 x 256 threads), so that
-// a grid too small to fill the GPU, or a run too long for the grid, pays for it.
+// runs (CTAs per SM from shared memory, at most two by registers: 128 x 256 threads; one
+// for float64, whose kernel takes up to 255), so that a grid too small to fill the GPU, or
+// a run too long for the grid, pays for it.
 inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p, const MmaDevice& dev) {
   const double tiles = double(d.B) * p.tiles_hw;
   const double ctas = double(d.B) * p.tiles_w * p.runs_h;
@@ -160,7 +164,8 @@ inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p, const MmaDevic
   }
   const size_t per_cta = p.smem + 1024;  // the driver reserves 1 KB per CTA
   int per_sm = int(dev.smem_sm / per_cta);
-  if (per_sm > 2) per_sm = 2;
+  const int by_regs = p.esz == 8 ? 1 : 2;
+  if (per_sm > by_regs) per_sm = by_regs;
   if (per_sm < 1) per_sm = 1;
   const double slots = double(dev.sms > 0 ? dev.sms : 1) * per_sm;
   const double waves = std::ceil(ctas / slots);

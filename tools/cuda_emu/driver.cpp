@@ -107,16 +107,20 @@ extern "C" void emu_l2_region_dram(int i, uint64_t* read, uint64_t* written) {
 }
 
 // The one-launch forward's plan for a call with elements of elem bytes (2: float16/bfloat16,
-// 4: float32): TH, TW, CTAs per image, smem bytes, vec_x, vec_w, vec_y, tiles per CTA down a
+// 4: float32, 8: float64): TH, TW, CTAs per image, smem bytes, vec_x, vec_w, vec_y, tiles per CTA down a
 // column (run), tiles per image.
 extern "C" void emu_mma_plan(const int64_t* dv, void** p, void* y, int64_t* out, int elem) {
   const BlockDesc d = desc_of(dv);
   const cuda::MmaPlan pl =
-      elem == 4 ? cuda::plan_forward_mma<float>(d, tens<float>(p), static_cast<const float*>(y),
-                                                cuda::mma_device())
-                : cuda::plan_forward_mma<__nv_bfloat16>(d, tens<__nv_bfloat16>(p),
-                                                        static_cast<const __nv_bfloat16*>(y),
-                                                        cuda::mma_device());
+      elem == 8   ? cuda::plan_forward_mma<double>(d, tens<double>(p),
+                                                   static_cast<const double*>(y),
+                                                   cuda::mma_device())
+      : elem == 4 ? cuda::plan_forward_mma<float>(d, tens<float>(p),
+                                                  static_cast<const float*>(y),
+                                                  cuda::mma_device())
+                  : cuda::plan_forward_mma<__nv_bfloat16>(d, tens<__nv_bfloat16>(p),
+                                                          static_cast<const __nv_bfloat16*>(y),
+                                                          cuda::mma_device());
   out[0] = pl.TH; out[1] = pl.TW; out[2] = int64_t(pl.tiles_w) * pl.runs_h; out[3] = pl.smem;
   out[4] = pl.vec_x; out[5] = pl.vec_w; out[6] = pl.vec_y;
   out[7] = pl.run; out[8] = pl.tiles_hw;
@@ -124,17 +128,18 @@ extern "C" void emu_mma_plan(const int64_t* dv, void** p, void* y, int64_t* out,
 
 // Launch 2 of the float16/bfloat16 backward (block_backward_dw.cu): da, db pixel-major
 // (B, Ho, Wo, C); dx in the io layout, holding the shortcut's gradient at the strided input
-// pixels of a residual block as launch 1 leaves it; part: emu_dw_parts(dv) * C * 30 floats.
+// pixels of a residual block as launch 1 leaves it; part: emu_dw_parts(dv) * C * 30 floats
+// (doubles for float64).
 template <typename T>
 static const char* bwd_dw(const BlockDesc& d, void** p, const void* da, const void* db,
-                          void* dx, float* part) {
+                          void* dx, void* part) {
   return cuda::launch_backward_dw<T>(d, tens<T>(p), static_cast<const T*>(da),
-                                     static_cast<const T*>(db), static_cast<T*>(dx), part,
-                                     nullptr);
+                                     static_cast<const T*>(db), static_cast<T*>(dx),
+                                     static_cast<cuda::bwd_acc_t<T>*>(part), nullptr);
 }
 
 extern "C" int emu_backward_dw(int dtype, const int64_t* dv, void** p, const void* da,
-                               const void* db, void* dx, float* part) {
+                               const void* db, void* dx, void* part) {
   const BlockDesc d = desc_of(dv);
   const char* e = dtype == 1 ? bwd_dw<double>(d, p, da, db, dx, part)
                 : dtype == 2 ? bwd_dw<__half>(d, p, da, db, dx, part)
@@ -146,8 +151,8 @@ extern "C" int emu_backward_dw(int dtype, const int64_t* dv, void** p, const voi
 
 extern "C" int64_t emu_dw_parts(const int64_t* dv) { return cuda::backward_dw_parts(desc_of(dv)); }
 
-// The three-launch backward's plan for a shape (launch 1) with elements of elem bytes (2, or
-// 4 for float32): P (0: the older FMA backward runs), TH, tiles per group, groups, split,
+// The three-launch backward's plan for a shape (launch 1) with elements of elem bytes (2, 4
+// for float32, 8 for float64): P (0: the older FMA backward runs), TH, tiles per group, groups, split,
 // channel blocks, shared memory bytes, workspace bytes, row blocks, images per batch slice,
 // slices.
 extern "C" void emu_bwd_plan(const int64_t* dv, int64_t* out, int elem) {

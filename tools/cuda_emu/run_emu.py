@@ -16,7 +16,7 @@ pre-activation lies within half an ulp below 6 (the stored y rounds to 6.0 and a
     python tools/cuda_emu/run_emu.py [--quick]
     python tools/cuda_emu/run_emu.py --forward-low   # one-launch forward, every config
     python tools/cuda_emu/run_emu.py --backward-low  # three-launch backward, every config
-        (both in bfloat16, float16, float32 on TF32 and float32 on FMAs)
+        (both in bfloat16, float16, float32 on TF32, float32 on FMAs and float64)
     python tools/cuda_emu/run_emu.py --bytes         # forward's global bytes, benchmark shapes
         (bfloat16; --float32: float32)
     python tools/cuda_emu/run_emu.py --backward-bytes  # the same for the backward (--tf32: float32 on TF32)
@@ -497,7 +497,8 @@ def run_backward_dw(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, 
         dx = torch.full_like(x, float("nan"))
         if residual:  # launch 1 leaves the shortcut's gradient in dx
             dx[:, :, ::s, ::s] = dxs
-        part = torch.full((parts * c * 30,), float("nan"), dtype=torch.float32)
+        part = torch.full((parts * c * 30,), float("nan"),  # the accumulation type
+                          dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(k) for k in counts])  # reset
         assert lib.emu_backward_dw(DTYPE_CODE[dtype], desc, ptrs, ptr(da_k), ptr(db_k),
                                    ptr(dx), ptr(part)) == 0
@@ -509,7 +510,7 @@ def run_backward_dw(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, 
     # (input rows R0-s-1 .. R0+17 inside the image)
     def window(n_in):
         return sum(min(t0 + 18, n_in) - max(t0 - s - 1, 0) for t0 in range(0, n_in, 16))
-    bytes_ok = (counts[2].value == xb + part.numel() * 4 and
+    bytes_ok = (counts[2].value == xb + part.numel() * part.element_size() and
                 counts[0].value == batch * c * window(h) * window(w) * x.element_size())
     pv = part.double().view(parts, c, 30)
     tot, mag = pv.sum(0), pv.abs().sum(0)
@@ -526,14 +527,10 @@ def run_backward_dw(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, 
     return errs, identical, bytes_ok
 
 
-# float64 runs with float32 partials: dw* are good to float32's rounding only.
-DW_TOL = {**EXACT_TOL, torch.float64: 1e-6}
-
-
 def dw_ok(dtype, errs):
-    """Whether run_backward_dw's errors are within the exact-check tolerances (dx of float64
-    at float64's own)."""
-    return all(v < (EXACT_TOL[dtype] if k == "dx" else DW_TOL[dtype]) for k, v in errs.items())
+    """Whether run_backward_dw's errors are within the exact-check tolerances (float64's
+    partials are float64, so its dw* at float64's own too)."""
+    return all(v < EXACT_TOL[dtype] for v in errs.values())
 
 
 # The float16/bfloat16 forward (tensor cores: mma.sync, ldmatrix, cp.async; emu_ptx.h emulates
@@ -635,47 +632,65 @@ def run_backward_tf32(lib, case):
                 f"{'tensor-core' if planned else 'FMA'} backward, {moved} bytes moved")
 
 
-def run_float32(lib, case, backward=False):
+def run_float32(lib, case, backward=False, dtype=torch.float32):
     """(ok, line) for one float32 case of forward_low_cases() with TF32 off (as a GPU runs it
     with torch.backends.cudnn.allow_tf32 = False): the one-launch forward and the three-launch
     backward with their GEMMs on exact float32 FMAs, every output within EXACT_TOL[float32]
     of float64, or, where eager float32 itself is further off (a gradient whose sum cancels
     to a small value: seen 1.6e-5 at C = 3, N = 1), within twice eager's error; ok also needs
     those kernels to have run (their byte counters moved; the older FMA kernels do not
-    count) wherever their plan fits."""
+    count) exactly where their plans fit. dtype float64: the same for float64 (gradcheck's
+    dtype, the same kernels on FMAs in double), within EXACT_TOL[float64] of float64
+    autograd."""
     (c, n, h, w, batch), merge, stride, residual, cl, act = case
     bias = (c + h) % 2 == 0 or merge == "add"
-    planned = not backward or backward_plan(lib, case, 4)["P"] > 0
+    elem = dtype.itemsize
+    fwd_planned = forward_planned(lib, case, elem)
+    planned = fwd_planned if not backward else backward_plan(lib, case, elem)["P"] > 0
     fwd = []
     _bytes_moved(lib)
-    errs, _, eager = run(lib, c, n, h, w, merge, stride, act, residual, bias, torch.float32, cl,
+    errs, _, eager = run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl,
                          batch, backward=backward, fwd_bytes=fwd, eager32=True)
     moved = _bytes_moved(lib) if backward else fwd[0]
     worst = max(errs, key=errs.get)
-    bad = [k for k in errs if errs[k] >= max(EXACT_TOL[torch.float32], 2 * eager[k])]
-    ok = not bad and fwd[0] > 0 and (moved > 0) == planned
+    bad = [k for k in errs if errs[k] >= max(EXACT_TOL[dtype], 2 * eager[k])]
+    ok = not bad and (fwd[0] > 0) == fwd_planned and (moved > 0) == planned
     identity = residual and c == out_channels(n, merge_code(merge)) and stride == 1
     res = ("res-id" if identity else "res-proj") if residual else "nores"
-    kernel = "one-launch" if not backward else ("three-launch" if planned else "older FMA")
-    return ok, (f"{'ok  ' if ok else 'FAIL'} {'bwd' if backward else 'fwd'} float32  C{c} N{n} "
+    kernel = ("one-launch" if fwd_planned else "older FMA") if not backward else (
+        "three-launch" if planned else "older FMA")
+    return ok, (f"{'ok  ' if ok else 'FAIL'} {'bwd' if backward else 'fwd'} "
+                f"{dtype_name(dtype):8} C{c} N{n} "
                 f"{h}x{w} B{batch} {merge} s{stride} {act} {res} {'nhwc' if cl else 'nchw'} "
-                f"bias={bias}: worst {worst} {errs[worst]:.2e} vs float64 (eager float32 "
-                f"{eager[worst]:.2e}), {kernel} kernels, {moved} bytes moved"
+                f"bias={bias}: worst {worst} {errs[worst]:.2e} vs float64 (eager "
+                f"{dtype_name(dtype)} {eager[worst]:.2e}), {kernel} kernels, {moved} bytes moved"
                 + ("" if ok else f"  {errs} eager {eager}"))
 
 
 def main_forward_low(lib):
     fails = total = 0
     for case in forward_low_cases():
-        for dtype in (torch.bfloat16, torch.float16, "tf32", torch.float32):
+        for dtype in (torch.bfloat16, torch.float16, "tf32", torch.float32, torch.float64):
             ok, line = (run_forward_tf32(lib, case) if dtype == "tf32"
-                        else run_float32(lib, case) if dtype == torch.float32
+                        else run_float32(lib, case, dtype=dtype)
+                        if dtype in (torch.float32, torch.float64)
                         else run_forward_low(lib, case, dtype))
             fails += not ok
             total += 1
             print(line, flush=True)
     print(f"{fails} failure(s) of {total}")
     return 1 if fails else 0
+
+
+def forward_planned(lib, case, elem):
+    """Whether the one-launch forward has a plan (a tile that fits shared memory) for a
+    forward_low_cases() case with elements of elem bytes; else the older FMA kernel runs."""
+    (c, n, h, w, batch), merge, stride, residual, cl, act = case
+    cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
+    plan = (ctypes.c_int64 * 9)()
+    ptrs = (ctypes.c_void_p * 13)()  # null: 16-byte aligned, which the tile does not depend on
+    lib.emu_mma_plan(block_desc(batch, c, h, w, n, cfg, cl and c > 1), ptrs, None, plan, elem)
+    return plan[0] > 0
 
 
 def backward_plan(lib, case, elem=2):
@@ -705,14 +720,15 @@ def backward_grads(lib, case, dtype):
 
 
 def main_backward_low(lib):
-    """Forward and backward in bfloat16, float16, float32 on TF32 and float32 on FMAs for every
-    case of forward_low_cases(): the three-launch backward (block_backward_mma.cu,
+    """Forward and backward in bfloat16, float16, float32 on TF32, float32 on FMAs and float64
+    for every case of forward_low_cases(): the three-launch backward (block_backward_mma.cu,
     block_backward_dw.cu) wherever it plans."""
     fails = total = 0
     for case in forward_low_cases():
-        for dtype in (torch.bfloat16, torch.float16, "tf32", torch.float32):
+        for dtype in (torch.bfloat16, torch.float16, "tf32", torch.float32, torch.float64):
             ok, line = (run_backward_tf32(lib, case) if dtype == "tf32"
-                        else run_float32(lib, case, backward=True) if dtype == torch.float32
+                        else run_float32(lib, case, backward=True, dtype=dtype)
+                        if dtype in (torch.float32, torch.float64)
                         else run_forward_low(lib, case, dtype, backward=True))
             fails += not ok
             total += 1
