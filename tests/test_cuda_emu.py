@@ -405,11 +405,15 @@ def test_float64_on_fma_gemms(emu_lib, case):
 
 # Weight-gradient rows (2 N + a projection's C_out) above the 512 one CTA's accumulators hold:
 # row blocks (2: concat N = 140 with a projection, 576 rows; add C = N = 300, 600 rows;
-# 3: concat N = 280 with a projection, 1120 rows).
+# 3: concat N = 280 with a projection, 1120 rows), which share out the data gradients (row
+# blocks 0, 1, 2: da_pre, db_pre, the projection's; with two, row block 0 also the
+# projection's), each holding only its weights' slices; C = N = 512 (MobileNet's 14x14 width)
+# fits float32's shared memory only so.
 ROW_BLOCK_CASES = [(((16, 140, 5, 3, 1), "concat", 2, True, True, "relu6"), 2),
                    (((16, 140, 5, 3, 1), "concat", 1, True, False, "silu"), 2),
                    (((300, 300, 4, 3, 1), "add", 1, True, True, "relu"), 2),
-                   (((16, 280, 4, 5, 2), "concat", 1, True, True, "silu"), 3)]
+                   (((16, 280, 4, 5, 2), "concat", 1, True, True, "silu"), 3),
+                   (((512, 512, 4, 3, 1), "add", 1, True, True, "relu"), 2)]
 
 
 @pytest.mark.parametrize("case,rblocks", ROW_BLOCK_CASES,
@@ -417,25 +421,28 @@ ROW_BLOCK_CASES = [(((16, 140, 5, 3, 1), "concat", 2, True, True, "relu6"), 2),
                          else "-".join(map(str, v[0] + v[1:])))
 def test_backward_row_blocks(emu_lib, case, rblocks):
     """Blocks wider than one CTA's weight-gradient accumulators run the three launches with
-    the rows split over row blocks (every row block stages x and gz again; the first also
-    computes the data gradients): bfloat16 within policy, and float32 without TF32 at
-    float32 accuracy where its (larger) operands still fit shared memory."""
+    the rows split over row blocks (every row block stages x and gz again; the data
+    gradients are shared out among them): bfloat16 within policy, and float32 without TF32
+    at float32 accuracy where its (larger) operands still fit shared memory (at C = N = 512
+    they must)."""
     run_emu, lib = emu_lib
     plan = run_emu.backward_plan(lib, case)
     assert plan["P"] > 0 and plan["rblocks"] == rblocks, plan
     ok, line = run_emu.run_forward_low(lib, case, torch.bfloat16, backward=True)
     assert ok, line
+    if case[0][0] == 512:
+        assert run_emu.backward_plan(lib, case, 4)["P"] > 0
     if run_emu.backward_plan(lib, case, 4)["P"] > 0:
         ok, line = run_emu.run_float32(lib, case, backward=True)
         assert ok and "three-launch" in line, line
 
 
 def test_backward_falls_back_when_no_plan_fits(emu_lib):
-    """A block so wide (concat N = 640 with a projection) that not even the smallest tile's
-    gz and weight slices fit shared memory has no plan for the three-launch backward; the
+    """A block so wide (concat N = 1280 with a projection) that not even the smallest tile's
+    gz and one weight slice fit shared memory has no plan for the three-launch backward; the
     older FMA backward runs, with correct gradients, in bfloat16, float32 and float64."""
     run_emu, lib = emu_lib
-    case = ((16, 640, 3, 3, 1), "concat", 1, True, True, "relu")
+    case = ((16, 1280, 3, 3, 1), "concat", 1, True, True, "relu")
     for elem in (2, 4, 8):
         assert run_emu.backward_plan(lib, case, elem)["P"] == 0, elem
     ok, line = run_emu.run_forward_low(lib, case, torch.bfloat16, backward=True)

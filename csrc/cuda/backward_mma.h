@@ -97,13 +97,29 @@ struct BwdMmaPlan {
                                // last may hold fewer), the scratch holding one slice
   int LDA, LDD, LDWT;          // rows of A = [a | b | xs | a_lo | b_lo] (the lo: a - (T)a;
                                // none for float), of act' (float), of a weight slice
-  uint32_t off_x0, off_x1, off_b1, off_dw, off_a, off_d, off_g, off_wa, off_wb, off_ws, off_h,
-      smem;
+  uint32_t off_x0, off_x1, off_b1, off_dw, off_a, off_d, off_g, off_h, smem;
+  uint32_t off_w, w_slice[3];  // the data-gradient weight slices a row block owns, packed from
+                               // off_w (bwd_wslice_offset); slice bytes of pa, pb, ws (0: none)
   // workspace (bytes, 256-aligned): scratch da, db; partials wpart, bpart, dwpart
   size_t ws_da, ws_db, ws_wpart, ws_bpart, ws_dwpart, ws_total;
 };
 
 inline size_t bwd_align(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+// The row block that computes data gradient `which` (0: da_pre with pa, 1: db_pre with pb,
+// 2: the projection's with ws) and so holds that weight's slice in shared memory: with
+// several row blocks they share the data gradients instead of one holding every slice, so
+// a wide block's CTA fits shared memory with no work or traffic added (each data gradient
+// still has exactly one writer).
+MSF_HD int bwd_dgrad_owner(int which, int rblocks) { return which % rblocks; }
+
+// Where weight slice `which` lies in its owner's shared memory: after the owner's
+// lower-numbered slices.
+MSF_HD uint32_t bwd_wslice_offset(const BwdMmaPlan& p, int which) {
+  uint32_t o = p.off_w;
+  for (int w = which % p.rblocks; w < which; w += p.rblocks) o += p.w_slice[w];
+  return o;
+}
 
 // The plan for elements of esz bytes and a block's shared memory of smem_block bytes; P == 0
 // when the shape does not fit (the caller runs the FMA backward then). force_split > 0 sets
@@ -117,9 +133,9 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   const int64_t GW = d.merge == kConcat ? 2 * N16 : N16;
   const int64_t rows16 = 2 * N16 + (d.projection ? GW : 0);
   // Wider blocks than the 8 x bwd_wmt accumulator slots of one CTA hold (2 N + a projection's
-  // C_out above 512 rows, 256 for float64) split the rows over row blocks of one chunk each: every row block
-  // stages x and gz and recomputes the chunk's operands for its rows' weight gradients, the
-  // first also computes the data gradients.
+  // C_out above 512 rows, 256 for float64) split the rows over row blocks of one chunk each:
+  // every row block stages x and gz and recomputes the chunk's operands for its rows' weight
+  // gradients, and the data gradients are shared out among them (bwd_dgrad_owner).
   const int rows_mt = bwd_rows_mt(esz);
   if (d.C > (int64_t(1) << 20) || rows16 > int64_t(64) * rows_mt * 16) return p;
   // float (TF32): 32-bit fragments come through scalar shared loads, not ldmatrix. gz is read
@@ -176,9 +192,16 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
       p.off_a = take(H * size_t(p.P) * p.LDA);
       p.off_d = take(F * size_t(p.P) * p.LDD);
       p.off_g = take(H * size_t(p.P) * p.LDG);
-      p.off_wa = take(H * size_t(N16) * p.LDWT);
-      p.off_wb = take(H * size_t(N16) * p.LDWT);
-      p.off_ws = take(d.projection ? H * size_t(GW) * p.LDWT : 0);
+      // the weight slices: the largest set one row block owns
+      p.w_slice[0] = p.w_slice[1] = uint32_t(bwd_align(H * size_t(N16) * p.LDWT, 128));
+      p.w_slice[2] = d.projection ? uint32_t(bwd_align(H * size_t(GW) * p.LDWT, 128)) : 0;
+      size_t wmax = 0;
+      for (int rb = 0; rb < p.rblocks && rb < 3; ++rb) {
+        size_t own = 0;
+        for (int w = 0; w < 3; ++w) own += bwd_dgrad_owner(w, p.rblocks) == rb ? p.w_slice[w] : 0;
+        if (own > wmax) wmax = own;
+      }
+      p.off_w = take(wmax);
       p.HR = carry ? d.stride + 3 : 0;
       p.off_h = take(H * size_t(nc) * p.HR * XC * BWD_KC);  // the carried rows, per chunk
       p.smem = uint32_t(o);

@@ -13,16 +13,18 @@
 //     the GEMMs' operand; never written to global memory), branch B's columns from a 16-
 //     aligned offset so every fragment row is 16-byte aligned;
 //   - data gradients, mma.m16n8k16 with the CTA's slices of pa, pb, ws resident in shared
-//     memory: da_pre = (gza pa) * act'(a_pre), db_pre = (gzb pb) * act'(b_pre) stored to
+//     memory (with several row blocks, each holds and uses only the ones it owns): da_pre = (gza pa) * act'(a_pre), db_pre = (gzb pb) * act'(b_pre) stored to
 //     the pixel-major scratch, and the shortcut's gz ws (identity: gz) into dx at its input
 //     pixel, where launch 2 adds the rest;
 //   - weight gradients, mma.m16n8k16 with K = the tile's pixels: dpa += gza^T a (a as its
 //     16-bit value plus its 16-bit rounding residual, b alike),
 //     dpb += gzb^T b, dws += gz^T xs, in registers (each warp owns up to four (m16 row tile
 //     of [dpa | dpb | dws], chunk) slots of 16 x 32), plus the bias sums (channel block 0).
-// Blocks with more weight-gradient rows than the 8 x BWD_WMT slots hold run rblocks CTAs per
-// channel block (one chunk each), row block rb owning m16 row tiles 32 rb .. 32 rb + 31 and
-// bias rows 512 rb ..; all stage x and gz, only row block 0 computes the data gradients.
+// Blocks with more weight-gradient rows than the 8 x bwd_wmt slots hold run rblocks CTAs per
+// channel block (one chunk each), row block rb owning m16 row tiles 32 rb .. 32 rb + 31 (16
+// for float64) and bias rows 512 rb ..; all stage x and gz, and the data gradients (da_pre,
+// db_pre, the projection's) go to row blocks 0, 1, 2 in turn (bwd_dgrad_owner), so that each
+// holds one or two of the weight slices.
 // After a group's last tile the accumulators go out as that group's partial. Groups are
 // fixed by the shape, the order of the sums inside a group by the tile order, and launch 3
 // adds the groups in index order: the result does not depend on the split (the grid).
@@ -76,22 +78,26 @@ __device__ __forceinline__ int bias_col(const BlockDesc& d, const BwdMmaPlan& pl
   return gz_col(N, pl.gzb, r - 2 * N);
 }
 
-// The CTA's slices of pa, pb (rows n, columns c0 .. c0 + CB) and ws (rows in gz-column order)
-// into shared memory, zero where there is no weight.
+// The slices of pa, pb (rows n, columns c0 .. c0 + CB) and ws (rows in gz-column order) that
+// row block rb owns (bwd_dgrad_owner) into shared memory, zero where there is no weight.
 template <typename T>
 __device__ __forceinline__ void stage_weight_slices(const BlockDesc& d, const BwdMmaPlan& pl,
-                                                    const BlockTensors<T>& t, int c0, T* sWa,
-                                                    T* sWb, T* sWs) {
+                                                    const BlockTensors<T>& t, int c0, int rb,
+                                                    unsigned char* sm) {
   const int C = int(d.C), N = int(d.N), L = pl.LDWT;
   const T zero = from_acc<T>(typename AccT<T>::type(0));
   const int CB = pl.CB;
-  for (int i = threadIdx.x; i < pl.N16 * CB; i += NT) {
-    const int n = i / CB, k = i % CB, c = c0 + k;
-    const bool ok = n < N && c < C;
-    sWa[n * L + k] = ok ? ldg(t.pa + int64_t(n) * C + c) : zero;
-    sWb[n * L + k] = ok ? ldg(t.pb + int64_t(n) * C + c) : zero;
+  for (int w = 0; w < 2; ++w) {
+    if (bwd_dgrad_owner(w, pl.rblocks) != rb) continue;
+    T* sW = reinterpret_cast<T*>(sm + bwd_wslice_offset(pl, w));
+    const T* src = w == 0 ? t.pa : t.pb;
+    for (int i = threadIdx.x; i < pl.N16 * CB; i += NT) {
+      const int n = i / CB, k = i % CB, c = c0 + k;
+      sW[n * L + k] = n < N && c < C ? ldg(src + int64_t(n) * C + c) : zero;
+    }
   }
-  if (!d.projection) return;
+  if (!d.projection || bwd_dgrad_owner(2, pl.rblocks) != rb) return;
+  T* sWs = reinterpret_cast<T*>(sm + bwd_wslice_offset(pl, 2));
   for (int i = threadIdx.x; i < pl.GW * CB; i += NT) {
     const int j = i / CB, k = i % CB, c = c0 + k;
     int co;
@@ -268,9 +274,6 @@ __global__ void __launch_bounds__(NT, 1)
   T* sA = reinterpret_cast<T*>(sm + pl.off_a);
   A* sD = reinterpret_cast<A*>(sm + pl.off_d);
   T* sG = reinterpret_cast<T*>(sm + pl.off_g);
-  T* sWa = reinterpret_cast<T*>(sm + pl.off_wa);
-  T* sWb = reinterpret_cast<T*>(sm + pl.off_wb);
-  T* sWs = reinterpret_cast<T*>(sm + pl.off_ws);
   // the rows each chunk's staging shares with the tile below (plan: off_h, HR)
   const SharedRows<T, S, XC> carry{reinterpret_cast<T*>(sm + pl.off_h)};
 
@@ -283,15 +286,17 @@ __global__ void __launch_bounds__(NT, 1)
   const int mtiles = P / 16, mt0 = rb * ROWS_MT, MT = min_i(ROWS_MT, pl.MT - mt0);
   const int nck = min_i(pl.nchunk, (pl.C16 - c0 + KC - 1) / KC);  // this CTA's chunks
   const bool first_cb = cb == 0, identity = d.residual && !d.projection;
-  // the data gradients (and the scratch) are row block 0's; bias rows r0b .. r0b + 2 NT
-  // each row block's (of the first channel block)
-  const bool data_grads = rb == 0;
+  // the data gradients this row block computes: which = rb, rb + rblocks, ... < nwhich
+  // (bwd_dgrad_owner; all of them with one row block); the identity shortcut's is row block
+  // 0's; bias rows r0b .. r0b + 2 NT each row block's (of the first channel block)
+  const int nwhich = d.projection ? 3 : 2;
+  const int nown = rb < nwhich ? (nwhich - 1 - rb) / pl.rblocks + 1 : 0;
   const int r0b = rb * 2 * NT;
   const int64_t HWin = d.H * d.W;
 
   // once per CTA: depthwise weights, the pointwise slices, sG's padding columns zeroed
   for (int k = 0; k < nck; ++k) stage_dw<T>(d, t, c0 + k * KC, dw + k * 30 * KC);
-  stage_weight_slices<T>(d, pl, t, c0, sWa, sWb, sWs);
+  stage_weight_slices<T>(d, pl, t, c0, rb, sm);
   const T zero = from_acc<T>(typename AccT<T>::type(0));
   for (int i = tid; i < P * LDG; i += NT) sG[i] = zero;
 
@@ -368,13 +373,13 @@ __global__ void __launch_bounds__(NT, 1)
 
         // ---- data gradients: units of (which, m16 row tile, 16 channels) --------------
         const int nh = pl.C16 - cc0 >= 32 ? 2 : 1;  // 16-channel halves in use
-        const int nwhich = d.projection ? 3 : 2;
-        const int units = data_grads ? nwhich * mtiles * nh : 0;
+        const int units = nown * mtiles * nh;
         for (int u = warp; u < units; u += NT / 32) {
-          const int which = u / (mtiles * nh), rem = u % (mtiles * nh);
+          const int which = rb + (u / (mtiles * nh)) * pl.rblocks, rem = u % (mtiles * nh);
           const int mt = rem / nh, h = rem % nh;
           const T* Ab = sG + (which == 1 ? pl.gzb : 0);
-          const T* Bw = (which == 0 ? sWa : (which == 1 ? sWb : sWs)) + ck * KC + h * 16;
+          const T* Bw = reinterpret_cast<const T*>(sm + bwd_wslice_offset(pl, which)) +
+                        ck * KC + h * 16;
           const int K = which == 2 ? pl.GW : pl.N16;
           A acc[2][4] = {};
           if constexpr (sizeof(T) >= 4) {
@@ -409,7 +414,7 @@ __global__ void __launch_bounds__(NT, 1)
               }
             }
         }
-        if (identity && data_grads) {  // the shortcut's gradient is gz itself (Cout == C)
+        if (identity && rb == 0) {  // the shortcut's gradient is gz itself (Cout == C)
           const bool cl = d.channels_last;
           for (int i = tid; i < P * KC; i += NT) {
             const int k = cl ? i % KC : i / P, p = cl ? i / KC : i % P, c = cc0 + k;
