@@ -143,6 +143,26 @@ def test_odd_shapes(backend, c, n, h, w, merge, stride, channels_last):
                  channels_last=channels_last, batch=1 if h * w > 40 else 3)
 
 
+# Widths at which the fused GPU kernels take their multi-block paths (on the CPU, wide
+# channel loops): several 32-channel chunks and 64-channel GEMM blocks with partial ones
+# (C = 256, C_out = 280), weight-gradient rows split over row blocks that share out the data
+# gradients (2 with an identity shortcut at C = N = 512; 3 with a projection, concat N =
+# 280), in the backend's exact dtype and in float32 channels_last. Triton in the interpreter:
+# the first case, float32 only.
+WIDE = [(256, 140, 4, 3, "concat", 1), (512, 512, 3, 4, "add", 1), (96, 280, 3, 5, "concat", 2)]
+WIDE_CASES = [(shape, f32) for shape in WIDE for f32 in (False, True)]
+WIDE_IDS = [f"C{c}N{n}_{h}x{w}_{m}_s{s}-{'fp32-nhwc' if f32 else 'exact'}"
+            for (c, n, h, w, m, s), f32 in WIDE_CASES]
+
+
+@pytest.mark.parametrize("backend,shape,f32", backend_params(WIDE_CASES, WIDE_IDS, {WIDE_IDS[1]}),
+                         indirect=["backend"])
+def test_wide_blocks(backend, shape, f32):
+    c, n, h, w, merge, stride = shape
+    _compare_all(backend, c, n, h, w, merge=merge, act="relu6", residual=True, stride=stride,
+                 batch=1, dtype=torch.float32 if f32 else None, channels_last=f32)
+
+
 @pytest.mark.parametrize("act", ACTS)
 def test_no_bias(backend, act):
     _compare_all(backend, 4, 3, 6, 5, merge="add", act=act, residual=True, stride=2, bias=False)
