@@ -40,26 +40,19 @@ __device__ __forceinline__ void tf32_frag_b(uint32_t (&b)[2], const float* p, in
   b[1] = __float_as_uint(p[4 * ks]);
 }
 
-// Two adjacent floats in one 64-bit shared load (the exact float32 GEMMs' operand pairs);
-// p must be 8-byte aligned (the emulator aborts otherwise).
-struct alignas(8) Float2 {
-  float x, y;
+// Two adjacent elements in one shared load: the exact GEMMs' operand pairs, 64-bit for
+// float32, 128-bit for float64; p must be aligned to the pair (the emulator aborts otherwise).
+template <typename A>
+struct alignas(2 * sizeof(A)) Pair2 {
+  A x, y;
 };
-__device__ __forceinline__ Float2 lds2(const float* p) {
+template <typename A>
+__device__ __forceinline__ Pair2<A> lds2(const A* p) {
 #ifdef MSFUSED_CUDA_EMU
-  if (reinterpret_cast<uintptr_t>(p) % 8 != 0) emu_fail("lds2: address not 8-byte aligned");
+  if (reinterpret_cast<uintptr_t>(p) % (2 * sizeof(A)) != 0)
+    emu_fail("lds2: address not aligned to the pair");
 #endif
-  return *reinterpret_cast<const Float2*>(p);
-}
-// The same for float64's FMA GEMMs: two doubles in one 128-bit shared load (16-byte aligned).
-struct alignas(16) Double2 {
-  double x, y;
-};
-__device__ __forceinline__ Double2 lds2(const double* p) {
-#ifdef MSFUSED_CUDA_EMU
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail("lds2: address not 16-byte aligned");
-#endif
-  return *reinterpret_cast<const Double2*>(p);
+  return *reinterpret_cast<const Pair2<A>*>(p);
 }
 
 // a * b + c with one rounding, in the accumulation type.
