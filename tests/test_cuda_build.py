@@ -149,9 +149,9 @@ def test_tensor_core_backward_sass():
     """The three-launch backward's GEMM launch (block_backward_mma.cu, {half, bfloat16, float
     on TF32, float on FMAs, double} x stride {1, 2}) runs its data and weight gradients on
     tensor cores (HMMA) fed by ldmatrix (LDSM) in the 16-bit ones, or, the exact float32 one,
-    on FFMA without HMMA, float64 on DFMA; stages x with 16-byte cp.async (LDGSTS .128), and keeps everything in
-    registers (no local memory) within the 255 its one CTA per SM allows; its depthwise
-    launch (block_backward_dw.cu) spills nothing either. The table: python
+    on FFMA without HMMA, float64 on DFMA; stages x with 16-byte cp.async (LDGSTS .128), and
+    keeps everything in registers (no local memory) within the 255 its one CTA per SM allows;
+    its depthwise launch (block_backward_dw.cu) spills nothing either. The table: python
     tools/cuda_sass.py backward."""
     _built_with_cuda()
     tool, so = cuda_sass.cuobjdump(), cuda_sass.shared_object()

@@ -4,9 +4,9 @@ cuobjdump (the CUDA toolkit's, or the copy in Triton's wheel). No GPU needed.
     python tools/cuda_sass.py [filter]     # e.g. forward_mma: the tensor-core forward only
 
 Per kernel instantiation: registers, local memory (spills), static shared memory, tensor-core
-MMAs (HMMA), float32 and float64 FMAs (FFMA, DFMA), ldmatrix (LDSM), 16-byte cp.async (LDGSTS...128), 16-byte
-global stores and loads, barriers, instructions, and the CTAs per SM its registers allow at
-256 threads.
+MMAs (HMMA), float32 and float64 FMAs (FFMA, DFMA), ldmatrix (LDSM), 16-byte cp.async
+(LDGSTS...128), 16-byte global stores and loads, barriers, instructions, and the CTAs per SM
+its registers allow at 256 threads.
 """
 import functools
 import glob

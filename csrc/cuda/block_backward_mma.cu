@@ -1,7 +1,7 @@
 // The float16/bfloat16 backward on tensor cores (and float32's, on TF32 tensor cores where
-// torch.backends.cudnn.allow_tf32 allows it, else on FMAs; float64's on FMAs): launch 1 (the pointwise convs'
-// and the projection's data and weight gradients) and launch 3 (the fixed-order reduction);
-// launch 2 (depthwise) is block_backward_dw.cu. The plan and the scratch are
+// torch.backends.cudnn.allow_tf32 allows it, else on FMAs; float64's on FMAs): launch 1 (the
+// pointwise convs' and the projection's data and weight gradients) and launch 3 (the fixed-order
+// reduction); launch 2 (depthwise) is block_backward_dw.cu. The plan and the scratch are
 // csrc/cuda/backward_mma.h.
 //
 // Launch 1: a CTA owns CB = nchunk x 32 input channels and walks its pixel groups tile by tile
@@ -13,7 +13,8 @@
 //     the GEMMs' operand; never written to global memory), branch B's columns from a 16-
 //     aligned offset so every fragment row is 16-byte aligned;
 //   - data gradients, mma.m16n8k16 with the CTA's slices of pa, pb, ws resident in shared
-//     memory (with several row blocks, each holds and uses only the ones it owns): da_pre = (gza pa) * act'(a_pre), db_pre = (gzb pb) * act'(b_pre) stored to
+//     memory (with several row blocks, each holds and uses only the ones it owns):
+//     da_pre = (gza pa) * act'(a_pre), db_pre = (gzb pb) * act'(b_pre) stored to
 //     the pixel-major scratch, and the shortcut's gz ws (identity: gz) into dx at its input
 //     pixel, where launch 2 adds the rest;
 //   - weight gradients, mma.m16n8k16 with K = the tile's pixels: dpa += gza^T a (a as its

@@ -558,8 +558,10 @@ const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& 
   if constexpr (std::is_same_v<T, float>) {
     if (!tf32) return launch_planned<T, false>(d, t, y, pre, pl, stream);
   }
-  if constexpr (std::is_same_v<T, double>) return launch_planned<T, false>(d, t, y, pre, pl, stream);
-  else return launch_planned<T, true>(d, t, y, pre, pl, stream);
+  if constexpr (std::is_same_v<T, double>)
+    return launch_planned<T, false>(d, t, y, pre, pl, stream);
+  else
+    return launch_planned<T, true>(d, t, y, pre, pl, stream);
 }
 
 template MmaPlan plan_forward_mma<float>(const BlockDesc&, const BlockTensors<float>&,

@@ -166,13 +166,13 @@ __device__ __forceinline__ void stage_dw(const BlockDesc& d, const BlockTensors<
   }
 }
 
-// Where one chunk's operands go: out_a[p * lda + k] = a at tile pixel p = r * TW + col for
-// chunk channel k (likewise out_b = b, out_x = the strided x, null when not needed), and,
-// when dact is not null, dact[p * ldd + k] = act'(a_pre), dact[p * ldd + KC + k] = act'(b_pre)
-// (the backward's activation derivatives, in the accumulation type), and when out_a_lo / out_b_lo are not null,
-// the rounding residuals a - (T)a, b - (T)b (the backward's weight-gradient GEMM adds them
-// for float-accurate operands). Channels c0 + k in [C, c16) get zeros; nothing is written at
-// or past c16.
+// Where one chunk's operands go: out_a[p * lda + k] = a at tile pixel p = r * TW + col for chunk
+// channel k (likewise out_b = b, out_x = the strided x, null when not needed), and, when dact is
+// not null, dact[p * ldd + k] = act'(a_pre), dact[p * ldd + KC + k] = act'(b_pre) (the backward's
+// activation derivatives, in the accumulation type), and when out_a_lo / out_b_lo are not null, the
+// rounding residuals a - (T)a, b - (T)b (the backward's weight-gradient GEMM adds them for
+// float-accurate operands). Channels c0 + k in [C, c16) get zeros; nothing is written at or past
+// c16.
 template <typename T>
 struct ChunkOut {
   T* out_a;
@@ -185,12 +185,12 @@ struct ChunkOut {
   T* out_b_lo = nullptr;
 };
 
-// The chunk of channels c0 .. c0+KC staged in xs (stage_x, published by a __syncthreads())
-// with its depthwise weights in dw (stage_dw): b1 on the tile plus its ring (activated, in the
-// accumulation type, zero outside the output: the second conv's padding) into b1, then a, xs and b into the
+// The chunk of channels c0 .. c0+KC staged in xs (stage_x, published by a __syncthreads()) with its
+// depthwise weights in dw (stage_dw): b1 on the tile plus its ring (activated, in the accumulation
+// type, zero outside the output: the second conv's padding) into b1, then a, xs and b into the
 // operand. Ends with a __syncthreads(): xs, b1 and dw are free again. tid (here and in the
-// stagings): the thread's index in the CTA, passed where the caller has made it opaque to
-// the compiler (block_forward_mma.cu's tile loop).
+// stagings): the thread's index in the CTA, passed where the caller has made it opaque to the
+// compiler (block_forward_mma.cu's tile loop).
 template <typename T, int S, int TW>
 __device__ __forceinline__ void chunk_operands(const BlockDesc& d, int TH, int r0, int q0,
                                                int c0, int c16, const T* __restrict__ xs,

@@ -106,9 +106,9 @@ extern "C" void emu_l2_region_dram(int i, uint64_t* read, uint64_t* written) {
   *written = emu_l2.regions[size_t(i)].written;
 }
 
-// The one-launch forward's plan for a call with elements of elem bytes (2: float16/bfloat16,
-// 4: float32, 8: float64): TH, TW, CTAs per image, smem bytes, vec_x, vec_w, vec_y, tiles per CTA down a
-// column (run), tiles per image.
+// The one-launch forward's plan for a call with elements of elem bytes (2: float16/bfloat16, 4:
+// float32, 8: float64): TH, TW, CTAs per image, smem bytes, vec_x, vec_w, vec_y, tiles per CTA down
+// a column (run), tiles per image.
 extern "C" void emu_mma_plan(const int64_t* dv, void** p, void* y, int64_t* out, int elem) {
   const BlockDesc d = desc_of(dv);
   const cuda::MmaPlan pl =
@@ -151,10 +151,9 @@ extern "C" int emu_backward_dw(int dtype, const int64_t* dv, void** p, const voi
 
 extern "C" int64_t emu_dw_parts(const int64_t* dv) { return cuda::backward_dw_parts(desc_of(dv)); }
 
-// The three-launch backward's plan for a shape (launch 1) with elements of elem bytes (2, 4
-// for float32, 8 for float64): P (0: the older FMA backward runs), TH, tiles per group, groups, split,
-// channel blocks, shared memory bytes, workspace bytes, row blocks, images per batch slice,
-// slices.
+// The three-launch backward's plan for a shape (launch 1) with elements of elem bytes (2, 4 for
+// float32, 8 for float64): P (0: the older FMA backward runs), TH, tiles per group, groups, split,
+// channel blocks, shared memory bytes, workspace bytes, row blocks, images per batch slice, slices.
 extern "C" void emu_bwd_plan(const int64_t* dv, int64_t* out, int elem) {
   const cuda::BwdMmaPlan pl = cuda::backward_mma_plan(desc_of(dv), elem);
   out[0] = pl.P; out[1] = pl.TH; out[2] = pl.GT; out[3] = pl.groups; out[4] = pl.split;
