@@ -78,6 +78,32 @@ def test_forward_falls_back_when_no_tile_fits(emu_lib, dtype, monkeypatch):
     assert ok, line
 
 
+@pytest.mark.parametrize("case,dtype,smem_kb",
+                         [(((64, 64, 5, 6, 1), "add", 1, True, True, "relu"), torch.float32, 72),
+                          (((64, 32, 5, 6, 1), "concat", 1, True, False, "silu"), torch.float32,
+                           72),
+                          (((64, 32, 5, 6, 1), "concat", 1, True, True, "relu6"),
+                           torch.bfloat16, 40)],
+                         ids=["add-nhwc-fp32", "concat-nchw-fp32", "concat-nhwc-bf16"])
+def test_forward_identity_from_global_memory(emu_lib, case, dtype, smem_kb, monkeypatch):
+    """Where no tile fits shared memory with an identity residual's x kept in A (the xs
+    segment: a third of A with add; float32 C = N = 1024 on an H100/H200), the plan leaves it
+    out and the epilogue reads x from global memory instead (both layouts), rather than
+    falling back to the older kernel. Here a smaller GPU's shared memory
+    (CUDA_EMU_SMEM_LIMIT) forces it at C = 64."""
+    run_emu, lib = emu_lib
+    big = ((1024, 1024, 7, 7, 32), "add", 1, True, True, "relu")
+    assert run_emu.forward_plan(lib, big, 4)["seg_x"] == -1
+    assert run_emu.forward_plan(lib, big, 4)["TH"] > 0
+    assert run_emu.forward_plan(lib, case, dtype.itemsize)["seg_x"] >= 0  # room for xs
+    monkeypatch.setenv("CUDA_EMU_SMEM_LIMIT", str(smem_kb * 1024))
+    plan = run_emu.forward_plan(lib, case, dtype.itemsize)
+    assert plan["TH"] > 0 and plan["seg_x"] == -1, plan
+    ok, line = (run_emu.run_float32(lib, case) if dtype == torch.float32
+                else run_emu.run_forward_low(lib, case, dtype))
+    assert ok and "older" not in line, line
+
+
 @pytest.mark.parametrize("tile", ["16x16", "8x8", "4x8", "2x8", "1x16", "5x16x2", "14x16x2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "tf32"], ids=str)
 def test_forward_every_warp_split(emu_lib, tile, dtype, monkeypatch):
@@ -404,22 +430,24 @@ def test_float64_on_fma_gemms(emu_lib, case):
 
 
 # Weight-gradient rows (2 N + a projection's C_out) above the 512 one CTA's accumulators hold:
-# row blocks (2: concat N = 140 with a projection, 576 rows; add C = N = 300, 600 rows;
-# 3: concat N = 280 with a projection, 1120 rows), which share out the data gradients (row
-# blocks 0, 1, 2: da_pre, db_pre, the projection's; with two, row block 0 also the
-# projection's), each holding only its weights' slices; C = N = 512 (MobileNet's 14x14 width)
-# fits float32's shared memory only so.
-ROW_BLOCK_CASES = [(((16, 140, 5, 3, 1), "concat", 2, True, True, "relu6"), 2),
-                   (((16, 140, 5, 3, 1), "concat", 1, True, False, "silu"), 2),
-                   (((300, 300, 4, 3, 1), "add", 1, True, True, "relu"), 2),
-                   (((16, 280, 4, 5, 2), "concat", 1, True, True, "silu"), 3),
-                   (((512, 512, 4, 3, 1), "add", 1, True, True, "relu"), 2)]
+# row blocks (2: concat N = 140 with a projection, 576 rows, C = 40 and 16: two chunks, the
+# second of one 16-channel half, and one chunk of one half; add C = N = 300, 600 rows;
+# 3: concat N = 280 with a projection, 1120 rows), which share out the data gradients, each
+# holding only its units' weight slices: by weight (row blocks 0, 1, 2: da_pre, db_pre, the
+# projection's, in turn) or, where that takes less shared memory (with a projection here), by
+# weight and 16-channel half (dg_half); C = N = 512 (MobileNet's 14x14 width) fits float32's
+# shared memory only so.
+ROW_BLOCK_CASES = [(((40, 140, 5, 3, 1), "concat", 2, True, True, "relu6"), 2, True),
+                   (((16, 140, 5, 3, 1), "concat", 1, True, False, "silu"), 2, True),
+                   (((300, 300, 4, 3, 1), "add", 1, True, True, "relu"), 2, False),
+                   (((48, 280, 4, 5, 2), "concat", 1, True, True, "silu"), 3, True),
+                   (((512, 512, 4, 3, 1), "add", 1, True, True, "relu"), 2, False)]
 
 
-@pytest.mark.parametrize("case,rblocks", ROW_BLOCK_CASES,
-                         ids=lambda v: str(v) if isinstance(v, int)
+@pytest.mark.parametrize("case,rblocks,half", ROW_BLOCK_CASES,
+                         ids=lambda v: str(v) if isinstance(v, (int, bool))
                          else "-".join(map(str, v[0] + v[1:])))
-def test_backward_row_blocks(emu_lib, case, rblocks):
+def test_backward_row_blocks(emu_lib, case, rblocks, half):
     """Blocks wider than one CTA's weight-gradient accumulators run the three launches with
     the rows split over row blocks (every row block stages x and gz again; the data
     gradients are shared out among them): bfloat16 within policy, and float32 without TF32
@@ -427,7 +455,7 @@ def test_backward_row_blocks(emu_lib, case, rblocks):
     they must)."""
     run_emu, lib = emu_lib
     plan = run_emu.backward_plan(lib, case)
-    assert plan["P"] > 0 and plan["rblocks"] == rblocks, plan
+    assert plan["P"] > 0 and plan["rblocks"] == rblocks and plan["dg_half"] == half, plan
     ok, line = run_emu.run_forward_low(lib, case, torch.bfloat16, backward=True)
     assert ok, line
     if case[0][0] == 512:
@@ -435,6 +463,27 @@ def test_backward_row_blocks(emu_lib, case, rblocks):
     if run_emu.backward_plan(lib, case, 4)["P"] > 0:
         ok, line = run_emu.run_float32(lib, case, backward=True)
         assert ok and "three-launch" in line, line
+
+
+# MobileNet-scale widths (batch 32) and whether each direction has a plan, per element size:
+# (C, N, H, stride, forward planned for 2, 4, 8 bytes, backward planned for 2, 4, 8 bytes).
+WIDE_PLANS = [(512, 512, 14, 1, (True, True, False), (True, True, False)),
+              (512, 1024, 14, 2, (True, True, False), (True, True, False)),
+              (1024, 1024, 7, 1, (True, True, False), (True, True, False)),
+              (2048, 2048, 7, 1, (True, False, False), (True, False, False))]
+
+
+@pytest.mark.parametrize("c,n,h,s,fwd,bwd", WIDE_PLANS, ids=lambda v: str(v))
+def test_wide_blocks_plan(emu_lib, c, n, h, s, fwd, bwd):
+    """Which MobileNet-width blocks (add, identity or projection) the one-launch forward and
+    the three-launch backward take on an H100/H200 (227 KB of shared memory per block), and
+    so which still run the older kernels: float32 up to C = N = 1024, 16-bit up to 2048,
+    float64 none of these (gradcheck uses small blocks)."""
+    run_emu, lib = emu_lib
+    case = ((c, n, h, h, 32), "add", s, True, True, "relu")
+    for elem, f, b in zip((2, 4, 8), fwd, bwd):
+        assert run_emu.forward_planned(lib, case, elem) == f, ("forward", elem)
+        assert (run_emu.backward_plan(lib, case, elem)["P"] > 0) == b, ("backward", elem)
 
 
 def test_backward_falls_back_when_no_plan_fits(emu_lib):

@@ -98,26 +98,31 @@ struct BwdMmaPlan {
   int LDA, LDD, LDWT;          // rows of A = [a | b | xs | a_lo | b_lo] (the lo: a - (T)a;
                                // none for float), of act' (float), of a weight slice
   uint32_t off_x0, off_x1, off_b1, off_dw, off_a, off_d, off_g, off_h, smem;
-  uint32_t off_w, w_slice[3];  // the data-gradient weight slices a row block owns, packed from
-                               // off_w (bwd_wslice_offset); slice bytes of pa, pb, ws (0: none)
+  bool dg_half;                 // data-gradient units are (weight, 16-channel half), not weights
+  uint32_t off_w, w_slice[6];  // the data-gradient weight slices a row block owns, packed from
+                               // off_w (bwd_wslice_offset); bytes per unit (0: none)
   // workspace (bytes, 256-aligned): scratch da, db; partials wpart, bpart, dwpart
   size_t ws_da, ws_db, ws_wpart, ws_bpart, ws_dwpart, ws_total;
 };
 
 inline size_t bwd_align(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
-// The row block that computes data gradient `which` (0: da_pre with pa, 1: db_pre with pb,
-// 2: the projection's with ws) and so holds that weight's slice in shared memory: with
-// several row blocks they share the data gradients instead of one holding every slice, so
-// a wide block's CTA fits shared memory with no work or traffic added (each data gradient
-// still has exactly one writer).
-MSF_HD int bwd_dgrad_owner(int which, int rblocks) { return which % rblocks; }
+// The data gradients come in units: a weight `which` (0: da_pre with pa, 1: db_pre with pb,
+// 2: the projection's with ws), or, with dg_half, a (which, h) pair, unit 2 which + h, for
+// the chunk's 16-channel half h (a slice of BWD_LDH-element rows instead of LDWT). Unit u
+// belongs to row block u % rblocks, which alone computes it and holds its weight slice in
+// shared memory: with several row blocks they share the data gradients instead of each
+// holding every slice, so a wide block's CTA fits shared memory with no work or traffic
+// added (each data-gradient element still has exactly one writer).
+constexpr int BWD_LDH = 24;  // half-slice row: 16 + 8 (16-bit: 48 bytes, 4-byte: 24 words;
+                             // both keep ldmatrix's and TF32's fragment loads conflict-free)
+MSF_HD int bwd_dgrad_owner(int unit, int rblocks) { return unit % rblocks; }
 
-// Where weight slice `which` lies in its owner's shared memory: after the owner's
-// lower-numbered slices.
-MSF_HD uint32_t bwd_wslice_offset(const BwdMmaPlan& p, int which) {
+// Where unit u's weight slice lies in its owner's shared memory: after the owner's
+// lower-numbered units'.
+MSF_HD uint32_t bwd_wslice_offset(const BwdMmaPlan& p, int u) {
   uint32_t o = p.off_w;
-  for (int w = which % p.rblocks; w < which; w += p.rblocks) o += p.w_slice[w];
+  for (int w = u % p.rblocks; w < u; w += p.rblocks) o += p.w_slice[w];
   return o;
 }
 
@@ -192,14 +197,28 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
       p.off_a = take(H * size_t(p.P) * p.LDA);
       p.off_d = take(F * size_t(p.P) * p.LDD);
       p.off_g = take(H * size_t(p.P) * p.LDG);
-      // the weight slices: the largest set one row block owns
-      p.w_slice[0] = p.w_slice[1] = uint32_t(bwd_align(H * size_t(N16) * p.LDWT, 128));
-      p.w_slice[2] = d.projection ? uint32_t(bwd_align(H * size_t(GW) * p.LDWT, 128)) : 0;
+      // the weight slices: the largest set one row block owns, by weight or (several row
+      // blocks, one chunk each) by half where that is less
       size_t wmax = 0;
-      for (int rb = 0; rb < p.rblocks && rb < 3; ++rb) {
-        size_t own = 0;
-        for (int w = 0; w < 3; ++w) own += bwd_dgrad_owner(w, p.rblocks) == rb ? p.w_slice[w] : 0;
-        if (own > wmax) wmax = own;
+      for (int half = 0; half < (p.rblocks > 1 ? 2 : 1); ++half) {
+        uint32_t sl[6] = {};
+        const int units = half ? 6 : 3;
+        for (int u = 0; u < units; ++u) {
+          const int which = half ? u / 2 : u;
+          const size_t rows = which < 2 ? size_t(N16) : (d.projection ? size_t(GW) : 0);
+          sl[u] = uint32_t(bwd_align(H * rows * (half ? BWD_LDH : p.LDWT), 128));
+        }
+        size_t most = 0;
+        for (int rb = 0; rb < p.rblocks && rb < units; ++rb) {
+          size_t own = 0;
+          for (int u = rb; u < units; u += p.rblocks) own += sl[u];
+          if (own > most) most = own;
+        }
+        if (half == 0 || most < wmax) {
+          wmax = most;
+          p.dg_half = half != 0;
+          for (int u = 0; u < 6; ++u) p.w_slice[u] = sl[u];
+        }
       }
       p.off_w = take(wmax);
       p.HR = carry ? d.stride + 3 : 0;

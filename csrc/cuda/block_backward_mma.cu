@@ -79,33 +79,30 @@ __device__ __forceinline__ int bias_col(const BlockDesc& d, const BwdMmaPlan& pl
   return gz_col(N, pl.gzb, r - 2 * N);
 }
 
-// The slices of pa, pb (rows n, columns c0 .. c0 + CB) and ws (rows in gz-column order) that
-// row block rb owns (bwd_dgrad_owner) into shared memory, zero where there is no weight.
+// The weight slices of the data-gradient units row block rb owns (bwd_dgrad_owner) into shared
+// memory: pa, pb (rows n) and ws (rows in gz-column order), columns c0 .. c0 + CB, or with
+// dg_half the unit's 16 of them; zero where there is no weight.
 template <typename T>
 __device__ __forceinline__ void stage_weight_slices(const BlockDesc& d, const BwdMmaPlan& pl,
                                                     const BlockTensors<T>& t, int c0, int rb,
                                                     unsigned char* sm) {
-  const int C = int(d.C), N = int(d.N), L = pl.LDWT;
+  const int C = int(d.C), N = int(d.N);
   const T zero = from_acc<T>(typename AccT<T>::type(0));
-  const int CB = pl.CB;
-  for (int w = 0; w < 2; ++w) {
-    if (bwd_dgrad_owner(w, pl.rblocks) != rb) continue;
-    T* sW = reinterpret_cast<T*>(sm + bwd_wslice_offset(pl, w));
-    const T* src = w == 0 ? t.pa : t.pb;
-    for (int i = threadIdx.x; i < pl.N16 * CB; i += NT) {
-      const int n = i / CB, k = i % CB, c = c0 + k;
-      sW[n * L + k] = n < N && c < C ? ldg(src + int64_t(n) * C + c) : zero;
+  const int units = (d.projection ? 3 : 2) * (pl.dg_half ? 2 : 1);
+  for (int u = rb; u < units; u += pl.rblocks) {
+    const int which = pl.dg_half ? u / 2 : u;
+    const int cw = pl.dg_half ? 16 : pl.CB, L = pl.dg_half ? BWD_LDH : pl.LDWT;
+    const int cu = c0 + (pl.dg_half ? 16 * (u % 2) : 0);  // the slice's first channel
+    T* sW = reinterpret_cast<T*>(sm + bwd_wslice_offset(pl, u));
+    const int rows = which < 2 ? pl.N16 : pl.GW;
+    for (int i = threadIdx.x; i < rows * cw; i += NT) {
+      const int j = i / cw, k = i % cw, c = cu + k;
+      int co;  // the weight's row: n for pa, pb; for ws the output channel of gz column j
+      if (which < 2 || j < pl.N16) co = j < N ? j : -1;
+      else co = j - pl.N16 < N ? N + j - pl.N16 : -1;  // concat only (add: GW = N16)
+      const T* src = which == 0 ? t.pa : (which == 1 ? t.pb : t.ws);
+      sW[j * L + k] = co >= 0 && c < C ? ldg(src + int64_t(co) * C + c) : zero;
     }
-  }
-  if (!d.projection || bwd_dgrad_owner(2, pl.rblocks) != rb) return;
-  T* sWs = reinterpret_cast<T*>(sm + bwd_wslice_offset(pl, 2));
-  for (int i = threadIdx.x; i < pl.GW * CB; i += NT) {
-    const int j = i / CB, k = i % CB, c = c0 + k;
-    int co;
-    if (j < pl.N16) co = j < N ? j : -1;
-    else co = j - pl.N16 < N ? N + j - pl.N16 : -1;  // concat only (add: GW = N16)
-    const bool ok = co >= 0 && c < C;
-    sWs[j * L + k] = ok ? ldg(t.ws + int64_t(co) * C + c) : zero;
   }
 }
 
@@ -282,16 +279,16 @@ __global__ void __launch_bounds__(NT, 1)
   // grid x: channel blocks, each as rblocks row blocks side by side (they read the same x)
   const int cb = int(blockIdx.x) / pl.rblocks, rb = int(blockIdx.x) % pl.rblocks;
   const int c0 = cb * pl.CB, C = int(d.C), Ho = int(d.Ho), Wo = int(d.Wo);
-  const int P = pl.P, TH = pl.TH, LDA = pl.LDA, LDG = pl.LDG, LDD = pl.LDD, L = pl.LDWT;
+  const int P = pl.P, TH = pl.TH, LDA = pl.LDA, LDG = pl.LDG, LDD = pl.LDD;
   // this CTA's weight-gradient m16 tiles: mt0 .. mt0 + MT - 1 of the plan's pl.MT
   const int mtiles = P / 16, mt0 = rb * ROWS_MT, MT = min_i(ROWS_MT, pl.MT - mt0);
   const int nck = min_i(pl.nchunk, (pl.C16 - c0 + KC - 1) / KC);  // this CTA's chunks
   const bool first_cb = cb == 0, identity = d.residual && !d.projection;
-  // the data gradients this row block computes: which = rb, rb + rblocks, ... < nwhich
+  // the data-gradient units this row block computes: rb, rb + rblocks, ... < nunits
   // (bwd_dgrad_owner; all of them with one row block); the identity shortcut's is row block
   // 0's; bias rows r0b .. r0b + 2 NT each row block's (of the first channel block)
-  const int nwhich = d.projection ? 3 : 2;
-  const int nown = rb < nwhich ? (nwhich - 1 - rb) / pl.rblocks + 1 : 0;
+  const int nunits = (d.projection ? 3 : 2) * (pl.dg_half ? 2 : 1);
+  const int nown = rb < nunits ? (nunits - 1 - rb) / pl.rblocks + 1 : 0;
   const int r0b = rb * 2 * NT;
   const int64_t HWin = d.H * d.W;
 
@@ -374,13 +371,16 @@ __global__ void __launch_bounds__(NT, 1)
 
         // ---- data gradients: units of (which, m16 row tile, 16 channels) --------------
         const int nh = pl.C16 - cc0 >= 32 ? 2 : 1;  // 16-channel halves in use
-        const int units = nown * mtiles * nh;
-        for (int u = warp; u < units; u += NT / 32) {
-          const int which = rb + (u / (mtiles * nh)) * pl.rblocks, rem = u % (mtiles * nh);
-          const int mt = rem / nh, h = rem % nh;
+        const int per = pl.dg_half ? mtiles : mtiles * nh;  // work items per unit
+        for (int u = warp; u < nown * per; u += NT / 32) {
+          const int unit = rb + (u / per) * pl.rblocks, rem = u % per;
+          const int which = pl.dg_half ? unit / 2 : unit;
+          const int mt = pl.dg_half ? rem : rem / nh, h = pl.dg_half ? unit % 2 : rem % nh;
+          if (h >= nh) continue;  // (dg_half: this chunk's second half is past C16)
           const T* Ab = sG + (which == 1 ? pl.gzb : 0);
-          const T* Bw = reinterpret_cast<const T*>(sm + bwd_wslice_offset(pl, which)) +
-                        ck * KC + h * 16;
+          const T* Bw = reinterpret_cast<const T*>(sm + bwd_wslice_offset(pl, unit)) +
+                        (pl.dg_half ? 0 : ck * KC + h * 16);
+          const int L = pl.dg_half ? BWD_LDH : pl.LDWT;
           const int K = which == 2 ? pl.GW : pl.N16;
           A acc[2][4] = {};
           if constexpr (sizeof(T) >= 4) {

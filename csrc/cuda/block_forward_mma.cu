@@ -17,8 +17,9 @@
 //     shared-memory slices (cp.async) while the warps multiply out of A; each warp owns 32 of
 //     the 64 channels and up to four 16-pixel rows of the tile (fragments through ldmatrix,
 //     float accumulators in registers). The epilogue adds the biases and the identity
-//     residual (the xs segment: x at the output pixel), applies the activation and writes y
-//     (and the pre-activation) with 16-byte stores where channels_last allows.
+//     residual (the xs segment: x at the output pixel; x itself, from global memory, where
+//     the plan left xs out of A for room), applies the activation and writes y (and the
+//     pre-activation) with 16-byte stores where channels_last allows.
 // Layout, merge, projection and activation are warp-uniform run-time branches outside the
 // MMA loop; the stride and the tile width are template parameters (they fix the shared
 // tiles' row lengths, so the index math divides by constants).
@@ -394,7 +395,9 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 8 ? 1 : 2)  // two CTAs per S
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
             v[e] = sO[p * LDO + 8 * g8 + e] + dw[8 * g8 + e];
-            if (identity && co + e < g.nb) v[e] += to_acc(sA[p * LDA + pl.seg_x + ch + e]);
+            if (identity && co + e < g.nb)  // (identity: stride 1, C == Cout)
+              v[e] += to_acc(pl.seg_x >= 0 ? sA[p * LDA + pl.seg_x + ch + e]
+                                           : ldg(x_img + (int64_t(oh) * Wo + ow) * Cout + ch + e));
           }
           if (pl.vec_y && co + 8 <= g.nb) {  // 8 channels: 1 (16-bit), 2 (float), 4 stores
             constexpr int V = VE<T>;
@@ -425,7 +428,9 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 8 ? 1 : 2)  // two CTAs per S
           if (oh >= Ho || ow >= Wo || co >= g.nb) continue;
           const int ch = g.ch_off + co;
           A v = sO[p * LDO + n] + dw[n];
-          if (identity) v += to_acc(sA[p * LDA + pl.seg_x + ch]);
+          if (identity)
+            v += to_acc(pl.seg_x >= 0 ? sA[p * LDA + pl.seg_x + ch]
+                                      : ldg(x_img + (int64_t(ch) * Ho + oh) * Wo + ow));
           const int64_t o = ((bimg * Cout + ch) * Ho + oh) * Wo + ow;
           if (pre != nullptr) stg(pre + o, from_acc<T>(v));
           stg(y + o, from_acc<T>(act_apply(act, v)));

@@ -67,10 +67,11 @@ inline uint32_t mma_align128(size_t v) { return uint32_t((v + 127) & ~size_t(127
 
 // K layout: add [a | b | xs], concat [a | xs | b], so every GEMM block reads one contiguous
 // K range: add all of it, concat branch A [a | xs] and branch B [xs | b]. xs is there for a
-// projection (a GEMM input) or an identity residual (read by the epilogue only).
-inline void mma_plan_segments(const BlockDesc& d, MmaPlan& p) {
+// projection (a GEMM input) or, with identity_in_a, an identity residual (read by the
+// epilogue only; without it the epilogue reads x from global memory).
+inline void mma_plan_segments(const BlockDesc& d, MmaPlan& p, bool identity_in_a) {
   p.C16 = int((d.C + 15) / 16 * 16);
-  const bool xs = d.residual;
+  const bool xs = d.residual && (d.projection || identity_in_a);
   int k = 0;
   p.seg_a = k; k += p.C16;
   if (d.merge == kConcat) {
@@ -174,9 +175,13 @@ inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p, const MmaDevic
 
 // The plan with the cheapest tile and run that fit the device, for elements of esz bytes;
 // P == 0 if none fits. only_*: consider that tile (and run, at most the column's tiles) only.
+// An identity residual's x is kept in A (the xs segment) where some tile fits with it, else
+// left out of A (a third of A for add: wide float32 and float64 blocks, C of 1024 and more)
+// and read again by the epilogue.
 inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, int esz,
                                 bool x_aligned16, bool w_aligned16, bool y_aligned16,
-                                int only_th = 0, int only_tw = 0, int only_run = 0) {
+                                int only_th = 0, int only_tw = 0, int only_run = 0,
+                                bool identity_in_a = true) {
   MmaPlan best{}, fewest_x{};
   double best_cost = 0, fewest_x_ratio = 0, fewest_x_cost = 0;
   if (dev.force_th > 0 && dev.force_tw > 0) {
@@ -184,7 +189,8 @@ inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, int es
     free_dev.force_th = free_dev.force_tw = free_dev.force_run = 0;
     free_dev.x_max = 0;
     const MmaPlan p = plan_mma_forward(d, free_dev, esz, x_aligned16, w_aligned16,
-                                       y_aligned16, dev.force_th, dev.force_tw, dev.force_run);
+                                       y_aligned16, dev.force_th, dev.force_tw, dev.force_run,
+                                       identity_in_a);
     if (p.P != 0) return p;
   }
   const int64_t nb_branch = (d.N + MMA_NB - 1) / MMA_NB;
@@ -214,7 +220,7 @@ inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, int es
         p.XR = mma_stage_rows(d.stride, th);
         p.XC = mma_stage_rows(d.stride, tw);
         p.HR = mma_carry_rows(d.stride);
-        mma_plan_segments(d, p);
+        mma_plan_segments(d, p, identity_in_a);
         p.nblk_a = int(nb_branch);
         p.nblk = int(d.merge == kConcat ? 2 * nb_branch : nb_branch);
         mma_plan_smem(p);
@@ -238,6 +244,9 @@ inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, int es
     }
   }
   if (best.P == 0) best = fewest_x;  // x_max: no plan stages x that rarely
+  if (best.P == 0 && identity_in_a && d.residual && !d.projection)
+    return plan_mma_forward(d, dev, esz, x_aligned16, w_aligned16, y_aligned16, only_th,
+                            only_tw, only_run, false);
   const int v = 16 / esz;  // elements per 16 bytes
   best.vec_x = d.channels_last && d.C % v == 0 && x_aligned16;
   best.vec_w = d.C % v == 0 && w_aligned16;

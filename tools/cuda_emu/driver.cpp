@@ -108,7 +108,8 @@ extern "C" void emu_l2_region_dram(int i, uint64_t* read, uint64_t* written) {
 
 // The one-launch forward's plan for a call with elements of elem bytes (2: float16/bfloat16, 4:
 // float32, 8: float64): TH, TW, CTAs per image, smem bytes, vec_x, vec_w, vec_y, tiles per CTA down
-// a column (run), tiles per image.
+// a column (run), tiles per image, the xs segment's K offset (-1: none; an identity's x then
+// comes from global memory).
 extern "C" void emu_mma_plan(const int64_t* dv, void** p, void* y, int64_t* out, int elem) {
   const BlockDesc d = desc_of(dv);
   const cuda::MmaPlan pl =
@@ -123,7 +124,7 @@ extern "C" void emu_mma_plan(const int64_t* dv, void** p, void* y, int64_t* out,
                                                           cuda::mma_device());
   out[0] = pl.TH; out[1] = pl.TW; out[2] = int64_t(pl.tiles_w) * pl.runs_h; out[3] = pl.smem;
   out[4] = pl.vec_x; out[5] = pl.vec_w; out[6] = pl.vec_y;
-  out[7] = pl.run; out[8] = pl.tiles_hw;
+  out[7] = pl.run; out[8] = pl.tiles_hw; out[9] = pl.seg_x;
 }
 
 // Launch 2 of the float16/bfloat16 backward (block_backward_dw.cu): da, db pixel-major
@@ -153,11 +154,13 @@ extern "C" int64_t emu_dw_parts(const int64_t* dv) { return cuda::backward_dw_pa
 
 // The three-launch backward's plan for a shape (launch 1) with elements of elem bytes (2, 4 for
 // float32, 8 for float64): P (0: the older FMA backward runs), TH, tiles per group, groups, split,
-// channel blocks, shared memory bytes, workspace bytes, row blocks, images per batch slice, slices.
+// channel blocks, shared memory bytes, workspace bytes, row blocks, images per batch slice, slices,
+// whether the data-gradient units are halves (dg_half).
 extern "C" void emu_bwd_plan(const int64_t* dv, int64_t* out, int elem) {
   const cuda::BwdMmaPlan pl = cuda::backward_mma_plan(desc_of(dv), elem);
   out[0] = pl.P; out[1] = pl.TH; out[2] = pl.GT; out[3] = pl.groups; out[4] = pl.split;
   out[5] = pl.cblocks; out[6] = pl.smem; out[7] = int64_t(pl.ws_total); out[8] = pl.rblocks;
   out[9] = pl.slice_imgs;
   out[10] = pl.slice_imgs > 0 ? (desc_of(dv).B + pl.slice_imgs - 1) / pl.slice_imgs : 0;
+  out[11] = pl.dg_half;
 }

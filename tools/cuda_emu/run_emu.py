@@ -354,7 +354,7 @@ def tf32_preactivation(x, p, cfg):
 def backward_plan_of(lib, x, params, cfg, elem):
     """Whether the three-launch backward plans for this call's shape (elem: 2, or 4 for
     float32)."""
-    out = (ctypes.c_int64 * 11)()
+    out = (ctypes.c_int64 * 12)()
     lib.emu_bwd_plan(block_desc(*x.shape, params[6].shape[0], cfg, x.stride(1) == 1), out, elem)
     return out[0] > 0
 
@@ -682,28 +682,35 @@ def main_forward_low(lib):
     return 1 if fails else 0
 
 
-def forward_planned(lib, case, elem):
-    """Whether the one-launch forward has a plan (a tile that fits shared memory) for a
-    forward_low_cases() case with elements of elem bytes; else the older FMA kernel runs."""
+def forward_plan(lib, case, elem):
+    """The one-launch forward's plan for a forward_low_cases() case with elements of elem
+    bytes: TH (0: no tile fits shared memory, the older FMA kernel runs), TW, run, and seg_x
+    (the xs segment's offset in A; -1: none, an identity residual read from global memory)."""
     (c, n, h, w, batch), merge, stride, residual, cl, act = case
     cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
-    plan = (ctypes.c_int64 * 9)()
+    plan = (ctypes.c_int64 * 10)()
     ptrs = (ctypes.c_void_p * 13)()  # null: 16-byte aligned, which the tile does not depend on
     lib.emu_mma_plan(block_desc(batch, c, h, w, n, cfg, cl and c > 1), ptrs, None, plan, elem)
-    return plan[0] > 0
+    return dict(TH=plan[0], TW=plan[1], run=plan[7], seg_x=plan[9])
+
+
+def forward_planned(lib, case, elem):
+    """Whether the one-launch forward has a plan for a forward_low_cases() case."""
+    return forward_plan(lib, case, elem)["TH"] > 0
 
 
 def backward_plan(lib, case, elem=2):
     """The three-launch backward's plan (emu_bwd_plan) for a forward_low_cases() case, for
     16-bit elements (elem 2) or float32 (4): P == 0 means the older FMA backward runs;
-    rblocks > 1 that its weight-gradient rows are split over row blocks, nslices > 1 that
-    launches 1 and 2 run per batch slice of slice_imgs images."""
+    rblocks > 1 that its weight-gradient rows are split over row blocks (dg_half: sharing
+    out the data gradients by 16-channel half), nslices > 1 that launches 1 and 2 run per
+    batch slice of slice_imgs images."""
     (c, n, h, w, batch), merge, stride, residual, cl, act = case
     cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
-    out = (ctypes.c_int64 * 11)()
+    out = (ctypes.c_int64 * 12)()
     lib.emu_bwd_plan(block_desc(batch, c, h, w, n, cfg, cl and c > 1), out, elem)
     return dict(zip(("P", "TH", "GT", "groups", "split", "cblocks", "smem", "workspace",
-                     "rblocks", "slice_imgs", "nslices"), out))
+                     "rblocks", "slice_imgs", "nslices", "dg_half"), out))
 
 
 def backward_grads(lib, case, dtype):
@@ -780,7 +787,7 @@ def _forward_bytes(lib, shape, batch, dtype, run=True, l2=False):
     y = torch.empty((batch if run else 1, cout, ho, wo), dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     ptrs = (ctypes.c_void_p * 13)(ptr(x), *[ptr(t) for t in params])
-    plan = (ctypes.c_int64 * 9)()
+    plan = (ctypes.c_int64 * 10)()
     lib.emu_mma_plan(desc, ptrs, ptr(y), plan, x.element_size())
     tile = f"{plan[0]}x{plan[1]}x{plan[7]}"  # TH x TW x tiles per CTA down a column
     if not run:
@@ -875,7 +882,7 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, l2=False, group=No
 
     esz = torch.empty((), dtype=dtype).element_size()
 
-    plan_full, plan = (ctypes.c_int64 * 11)(), (ctypes.c_int64 * 11)()
+    plan_full, plan = (ctypes.c_int64 * 12)(), (ctypes.c_int64 * 12)()
     lib.emu_bwd_plan(desc_for(shape.batch), plan_full, esz)
     old = {k: os.environ.get(k) for k in ("MSFUSED_CUDA_BWD_GROUP",
                                           "MSFUSED_CUDA_BWD_SCRATCH_KB")}
