@@ -51,6 +51,8 @@ MSF_HD int64_t dx_index(const BlockDesc& d, int64_t b, int64_t h, int64_t w, int
 // Launch 2's partials: dw_part[(part * C + c) * BWD_NDW + v], one part per input tile; every
 // element for c < C is written (zero where the tile owns no output pixel).
 int64_t backward_dw_parts(const BlockDesc& d);
+// Launch 2's dynamic shared memory per CTA, in bytes, for elements of esz bytes.
+size_t backward_dw_smem(const BlockDesc& d, int esz);
 
 template <typename T>
 const char* launch_backward_dw(const BlockDesc& d, const BlockTensors<T>& t, const T* da,

@@ -339,6 +339,20 @@ int64_t backward_dw_parts(const BlockDesc& d) {
   return d.B * ((d.H + DW_DT - 1) / DW_DT) * ((d.W + DW_DT - 1) / DW_DT);
 }
 
+namespace {
+template <int S>
+size_t dw_smem(bool residual, bool nchw, int esz) {
+  if (esz == 2) return dw_map<__half, S>(residual, nchw).total;
+  if (esz == 4) return dw_map<float, S>(residual, nchw).total;
+  return dw_map<double, S>(residual, nchw).total;
+}
+}  // namespace
+
+size_t backward_dw_smem(const BlockDesc& d, int esz) {
+  return d.stride == 1 ? dw_smem<1>(d.residual, !d.channels_last, esz)
+                       : dw_smem<2>(d.residual, !d.channels_last, esz);
+}
+
 template <typename T>
 const char* launch_backward_dw(const BlockDesc& d, const BlockTensors<T>& t, const T* da,
                                const T* db, T* dx, bwd_acc_t<T>* dw_part,

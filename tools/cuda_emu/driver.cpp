@@ -151,6 +151,10 @@ extern "C" int emu_backward_dw(int dtype, const int64_t* dv, void** p, const voi
 }
 
 extern "C" int64_t emu_dw_parts(const int64_t* dv) { return cuda::backward_dw_parts(desc_of(dv)); }
+// Launch 2's shared memory per CTA for elements of elem bytes.
+extern "C" int64_t emu_dw_smem(const int64_t* dv, int elem) {
+  return int64_t(cuda::backward_dw_smem(desc_of(dv), elem));
+}
 
 // The three-launch backward's plan for a shape (launch 1) with elements of elem bytes (2, 4 for
 // float32, 8 for float64): P (0: the older FMA backward runs), TH, tiles per group, groups, split,

@@ -684,14 +684,15 @@ def main_forward_low(lib):
 
 def forward_plan(lib, case, elem):
     """The one-launch forward's plan for a forward_low_cases() case with elements of elem
-    bytes: TH (0: no tile fits shared memory, the older FMA kernel runs), TW, run, and seg_x
-    (the xs segment's offset in A; -1: none, an identity residual read from global memory)."""
+    bytes: TH (0: no tile fits shared memory, the older FMA kernel runs), TW, run, seg_x
+    (the xs segment's offset in A; -1: none, an identity residual read from global memory)
+    and the shared memory per CTA."""
     (c, n, h, w, batch), merge, stride, residual, cl, act = case
     cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
     plan = (ctypes.c_int64 * 10)()
     ptrs = (ctypes.c_void_p * 13)()  # null: 16-byte aligned, which the tile does not depend on
     lib.emu_mma_plan(block_desc(batch, c, h, w, n, cfg, cl and c > 1), ptrs, None, plan, elem)
-    return dict(TH=plan[0], TW=plan[1], run=plan[7], seg_x=plan[9])
+    return dict(TH=plan[0], TW=plan[1], run=plan[7], seg_x=plan[9], smem=plan[3])
 
 
 def forward_planned(lib, case, elem):
