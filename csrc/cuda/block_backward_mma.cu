@@ -94,13 +94,13 @@ __device__ __forceinline__ void stage_weight_slices(const BlockDesc& d, const Bw
     const int cw = pl.dg_half ? 16 : pl.CB, L = pl.dg_half ? BWD_LDH : pl.LDWT;
     const int cu = c0 + (pl.dg_half ? 16 * (u % 2) : 0);  // the slice's first channel
     T* sW = reinterpret_cast<T*>(sm + bwd_wslice_offset(pl, u));
+    const T* src = which == 0 ? t.pa : (which == 1 ? t.pb : t.ws);
     const int rows = which < 2 ? pl.N16 : pl.GW;
     for (int i = threadIdx.x; i < rows * cw; i += NT) {
       const int j = i / cw, k = i % cw, c = cu + k;
       int co;  // the weight's row: n for pa, pb; for ws the output channel of gz column j
       if (which < 2 || j < pl.N16) co = j < N ? j : -1;
       else co = j - pl.N16 < N ? N + j - pl.N16 : -1;  // concat only (add: GW = N16)
-      const T* src = which == 0 ? t.pa : (which == 1 ? t.pb : t.ws);
       sW[j * L + k] = co >= 0 && c < C ? ldg(src + int64_t(co) * C + c) : zero;
     }
   }
