@@ -267,6 +267,25 @@ def test_ptx_standins(ptx_probe, mode, message):
         assert r.returncode != 0 and message in r.stderr, r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("mode,race", [(0, None), (1, "which CTA 0 wrote"),
+                                       (2, "CTA 1 writes"), (3, "CTA 1 reads")])
+def test_global_races_between_ctas(emu_lib, capfd, mode, race):
+    """The emulator runs a launch's CTAs one after another, so two CTAs that write the same
+    global bytes, or one reading what another writes, get one fixed answer here and another
+    on a GPU; tools/cuda_emu/emu_races.h finds such pairs in every emulated launch (the
+    kernels' entry points then return 2, which every emulator test asserts against). Its
+    probe: CTA b of 4 updates element b (mode 0: no race), also writes b + 1 (1), reads
+    b + 1 (2), or reads b - 1, which CTA b - 1 wrote before it (3)."""
+    run_emu, lib = emu_lib
+    buf = torch.zeros(4)
+    rc = lib.emu_race_probe(run_emu.ptr(buf), mode)
+    err = capfd.readouterr().err
+    if race is None:
+        assert rc == 0 and torch.equal(buf, torch.ones(4)), (rc, buf, err)
+    else:
+        assert rc == 2 and "global-memory race" in err and race in err, (rc, err)
+
+
 # ---- launch 2 of the float16/bfloat16 backward (block_backward_dw.cu): depthwise gradients,
 # dx and the per-tile partials from given da_pre / db_pre and the shortcut's gradient (in dx),
 # against float64 autograd from the same rounded inputs; the partials must be the same bits on

@@ -3,6 +3,7 @@
 
 #include "backward_mma.h"
 #include "block_cuda.h"
+#include "global_io.cuh"
 
 using namespace msfused;
 
@@ -24,6 +25,21 @@ template <typename T>
 static BlockGrads<T> grads(void** p) {
   auto c = [&](int i) { return static_cast<T*>(p[i]); };
   return BlockGrads<T>{c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8), c(9), c(10), c(11), c(12)};
+}
+
+// The launches' result for ctypes: 1 when the launcher refused (its message printed), 2 when
+// a CTA raced another of its launch in global memory (emu_races.h; the first race printed).
+static int result_of(const char* e) {
+  if (e) {
+    std::fprintf(stderr, "%s\n", e);
+    return 1;
+  }
+  char first[320];
+  if (const uint64_t n = emu_races.take(first, sizeof(first))) {
+    std::fprintf(stderr, "cuda_emu: %llu race(s); the first: %s\n", (unsigned long long)n, first);
+    return 2;
+  }
+  return 0;
 }
 
 // float32's forward and backward GEMMs on TF32 tensor cores (emu_set_tf32(1)) or on exact
@@ -52,8 +68,7 @@ extern "C" int emu_forward(int dtype, const int64_t* dv, void** p, void* y, void
                 : dtype == 2 ? fwd<__half>(d, p, y, pre)
                 : dtype == 3 ? fwd<__nv_bfloat16>(d, p, y, pre)
                              : fwd<float>(d, p, y, pre);
-  if (e) std::fprintf(stderr, "%s\n", e);
-  return e ? 1 : 0;
+  return result_of(e);
 }
 
 // elem: the element size in bytes (2, 4 or 8), as the binding passes it.
@@ -68,8 +83,7 @@ extern "C" int emu_backward(int dtype, const int64_t* dv, void** p, const void* 
                 : dtype == 2 ? bwd<__half>(d, p, gy, saved, g, ws)
                 : dtype == 3 ? bwd<__nv_bfloat16>(d, p, gy, saved, g, ws)
                              : bwd<float>(d, p, gy, saved, g, ws);
-  if (e) std::fprintf(stderr, "%s\n", e);
-  return e ? 1 : 0;
+  return result_of(e);
 }
 
 // Global bytes the kernels read from x, read elsewhere (weights, biases) and wrote, since
@@ -146,8 +160,7 @@ extern "C" int emu_backward_dw(int dtype, const int64_t* dv, void** p, const voi
                 : dtype == 2 ? bwd_dw<__half>(d, p, da, db, dx, part)
                 : dtype == 3 ? bwd_dw<__nv_bfloat16>(d, p, da, db, dx, part)
                              : bwd_dw<float>(d, p, da, db, dx, part);
-  if (e) std::fprintf(stderr, "%s\n", e);
-  return e ? 1 : 0;
+  return result_of(e);
 }
 
 extern "C" int64_t emu_dw_parts(const int64_t* dv) { return cuda::backward_dw_parts(desc_of(dv)); }
@@ -167,4 +180,23 @@ extern "C" void emu_bwd_plan(const int64_t* dv, int64_t* out, int elem) {
   out[9] = pl.slice_imgs;
   out[10] = pl.slice_imgs > 0 ? (desc_of(dv).B + pl.slice_imgs - 1) / pl.slice_imgs : 0;
   out[11] = pl.dg_half;
+}
+
+// A probe of emu_races.h itself (tests/test_cuda_emu.py): CTA b of a 4-CTA launch adds 1 to
+// element b of buf, and with mode 1 also writes element b + 1 (two CTAs write one element),
+// 2 reads element b + 1 (which the next CTA writes), 3 reads element b - 1 before its own
+// write (which the previous CTA writes: the same race found in the other order).
+static __global__ void race_probe_kernel(float* buf, int mode) {
+  const int b = int(blockIdx.x);
+  if (threadIdx.x != 0) return;
+  float v = cuda::ld(buf + b);
+  if (mode == 2 && b + 1 < 4) v += cuda::ld(buf + b + 1);
+  if (mode == 3 && b > 0) v += cuda::ld(buf + b - 1);
+  cuda::stg(buf + b, v + 1.0f);
+  if (mode == 1 && b + 1 < 4) cuda::stg(buf + b + 1, v);
+}
+
+extern "C" int emu_race_probe(float* buf, int mode) {
+  MSF_LAUNCH(race_probe_kernel, 4, 32, 0, nullptr, buf, mode);
+  return result_of(nullptr);
 }

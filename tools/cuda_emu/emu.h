@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "emu_l2.h"  // the L2 model behind the counted global accesses
+#include "emu_races.h"  // races between the CTAs of a launch in global memory
 
 // ---- __half / __nv_bfloat16: same bits as at::Half / at::BFloat16 -------------------------
 struct __half { uint16_t x; };
@@ -103,10 +104,12 @@ inline void emu_count_read(const void* p, size_t n) {
   const bool in_x = p >= emu_x_lo && p < emu_x_hi;
   (in_x ? emu_bytes_read_x : emu_bytes_read) += n;
   emu_l2.access(p, n, false);
+  emu_races.read(p, n);
 }
 inline void emu_count_written(const void* p, size_t n) {
   emu_bytes_written += n;
   emu_l2.access(p, n, true);
+  emu_races.write(p, n);
 }
 
 inline double emu_shfl[1024];
@@ -369,6 +372,7 @@ void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
   const unsigned nt = block.x * block.y * block.z;
   emu_cta.body = [&] { kernel(args...); };
   emu_l2.on_launch();
+  emu_races.on_launch(emu_launches);
   unsigned long block_no = emu_launches++;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
@@ -377,6 +381,7 @@ void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
         for (size_t i = 0; i < sizeof(emu_dyn_smem) / sizeof(float); ++i)
           reinterpret_cast<float*>(emu_dyn_smem)[i] = NAN;
         blockIdx = dim3(bx, by, bz);
+        emu_races.cta = int32_t((bz * grid.y + by) * grid.x + bx);
         const unsigned long k = block_no++;
         emu_async_land_at_issue = (k & 1) != 0;
         emu_ptx_block_begin();
