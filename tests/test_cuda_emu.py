@@ -251,13 +251,15 @@ def ptx_probe(tmp_path_factory):
     (7, "bad="),                 # B loaded without .trans: wrong elements, wrong D
     (8, "bad="),                 # a warp overwrites what the other has yet to read
     (9, "bad="),                 # the same through cp.async
-    (10, None)])                 # with the barrier
+    (10, None),                  # with the barrier
+    (11, "past the launch's 1024 bytes of dynamic shared memory")])  # a plain store past it
 def test_ptx_standins(ptx_probe, mode, message):
     """The emulator's mma.sync, ldmatrix and cp.async follow PTX's per-lane fragment layouts
     (a correct kernel gets exact results, a wrong layout wrong ones) and abort on a broken
     rule, so tensor-core kernels built on ptx_wrappers.cuh are checked without a GPU. Its
     schedule (one warp at a time between barriers, cp.async landing early in every other
-    block) turns a missing barrier before an overwrite into wrong values (modes 8, 9)."""
+    block) turns a missing barrier before an overwrite into wrong values (modes 8, 9), and
+    after each block it finds a plain store past the dynamic shared memory (mode 11)."""
     r = subprocess.run([ptx_probe, str(mode)], capture_output=True, text=True, timeout=120)
     if message is None:
         assert r.returncode == 0 and "bad=0" in r.stdout, r.stdout + r.stderr
@@ -267,23 +269,37 @@ def test_ptx_standins(ptx_probe, mode, message):
         assert r.returncode != 0 and message in r.stderr, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("mode,race", [(0, None), (1, "which CTA 0 wrote"),
-                                       (2, "CTA 1 writes"), (3, "CTA 1 reads")])
-def test_global_races_between_ctas(emu_lib, capfd, mode, race):
-    """The emulator runs a launch's CTAs one after another, so two CTAs that write the same
-    global bytes, or one reading what another writes, get one fixed answer here and another
-    on a GPU; tools/cuda_emu/emu_races.h finds such pairs in every emulated launch (the
-    kernels' entry points then return 2, which every emulator test asserts against). Its
-    probe: CTA b of 4 updates element b (mode 0: no race), also writes b + 1 (1), reads
-    b + 1 (2), or reads b - 1, which CTA b - 1 wrote before it (3)."""
+@pytest.mark.parametrize("mode,expect", [
+    (0, None),
+    (1, "which CTA 0 wrote"),             # CTA b also writes element b + 1
+    (2, "CTA 1 writes"),                  # CTA b reads element b + 1
+    (3, "CTA 1 reads"),                   # CTA b reads element b - 1
+    (4, "read of 4 bytes"),               # CTA 3 reads element 4, past the registered 4
+    (5, "write of 4 bytes"),              # CTA 3 writes element 4
+    (6, "into a tensor the call only reads")])
+def test_global_access_checks(emu_lib, capfd, mode, expect):
+    """Two checks of every emulated call that no GPU tool makes on its own:
+    races between CTAs (tools/cuda_emu/emu_races.h; the emulator runs a launch's CTAs one
+    after another, so two CTAs writing the same global bytes, or one reading what another
+    writes, get one fixed answer here and another on a GPU; compute-sanitizer's racecheck
+    sees shared memory only) and accesses outside the call's tensors or writes into its
+    inputs (emu_bounds.h; memcheck's job on a GPU, here on every call and to the byte). The
+    entry points return 2 and 3 for them, which every emulator test asserts against. The
+    probe: CTA b of 4 updates element b of a 4-element tensor (mode 0: no fault), and
+    modes 1-5 add the access in the comment; 6 registers the tensor read-only."""
     run_emu, lib = emu_lib
-    buf = torch.zeros(4)
-    rc = lib.emu_race_probe(run_emu.ptr(buf), mode)
+    buf = torch.zeros(5)
+    reg = buf[:4]
+    run_emu.tensors(lib, read=[reg] if mode == 6 else [], write=[] if mode == 6 else [reg])
+    rc = lib.emu_race_probe(run_emu.ptr(buf), 5 if mode == 6 else mode)
     err = capfd.readouterr().err
-    if race is None:
-        assert rc == 0 and torch.equal(buf, torch.ones(4)), (rc, buf, err)
+    if expect is None:
+        assert rc == 0 and torch.equal(buf, torch.tensor([1.0, 1, 1, 1, 0])), (rc, buf, err)
     else:
-        assert rc == 2 and "global-memory race" in err and race in err, (rc, err)
+        assert rc == (3 if mode >= 4 else 2) and expect in err, (rc, err)
+        assert buf[4] == 0, buf  # a refused write is not performed
+    if mode == 6:
+        assert torch.equal(buf, torch.zeros(5)), buf
 
 
 # ---- launch 2 of the float16/bfloat16 backward (block_backward_dw.cu): depthwise gradients,

@@ -38,31 +38,27 @@ __device__ __forceinline__ Vec16 ldg16(const void* p) {
   const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
   return Vec16{{u.x, u.y, u.z, u.w}};
 }
-#else   // tools/cuda_emu/emu.h: emu_count_read / emu_count_written
+#else   // tools/cuda_emu/emu.h: emu_count_read / emu_count_written (false: out of bounds,
+        // reported by the emulator; the access is skipped and a read gives zeros)
 template <typename T>
 inline T ldg(const T* p) {
-  emu_count_read(p, sizeof(T));
-  return *p;
+  return emu_count_read(p, sizeof(T)) ? *p : T{};
 }
 template <typename T>
 inline T ld(const T* p) {
-  emu_count_read(p, sizeof(T));
-  return *p;
+  return emu_count_read(p, sizeof(T)) ? *p : T{};
 }
 template <typename T>
 inline void stg(T* p, T v) {
-  emu_count_written(p, sizeof(T));
-  *p = v;
+  if (emu_count_written(p, sizeof(T))) *p = v;
 }
 inline void stg16(void* p, const Vec16& v) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail("stg16: address not 16-byte aligned");
-  emu_count_written(p, 16);
-  *static_cast<Vec16*>(p) = v;
+  if (emu_count_written(p, 16)) *static_cast<Vec16*>(p) = v;
 }
 inline Vec16 ldg16(const void* p) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail("ldg16: address not 16-byte aligned");
-  emu_count_read(p, 16);
-  return *static_cast<const Vec16*>(p);
+  return emu_count_read(p, 16) ? *static_cast<const Vec16*>(p) : Vec16{};
 }
 #endif
 

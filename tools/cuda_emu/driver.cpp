@@ -27,19 +27,35 @@ static BlockGrads<T> grads(void** p) {
   return BlockGrads<T>{c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8), c(9), c(10), c(11), c(12)};
 }
 
-// The launches' result for ctypes: 1 when the launcher refused (its message printed), 2 when
-// a CTA raced another of its launch in global memory (emu_races.h; the first race printed).
+// The launches' result for ctypes: 1 when the launcher refused (its message printed), 3 when
+// a kernel accessed global memory outside the registered tensors or wrote an input
+// (emu_bounds.h), 2 when a CTA raced another of its launch in global memory (emu_races.h);
+// the first of each printed.
 static int result_of(const char* e) {
+  char bad_first[320], race_first[320];
+  const uint64_t bad = emu_bounds.take(bad_first, sizeof(bad_first));  // (both reset here)
+  const uint64_t races = emu_races.take(race_first, sizeof(race_first));
   if (e) {
     std::fprintf(stderr, "%s\n", e);
     return 1;
   }
-  char first[320];
-  if (const uint64_t n = emu_races.take(first, sizeof(first))) {
-    std::fprintf(stderr, "cuda_emu: %llu race(s); the first: %s\n", (unsigned long long)n, first);
+  if (bad) {
+    std::fprintf(stderr, "cuda_emu: %llu bad global access(es); the first: %s\n",
+                 (unsigned long long)bad, bad_first);
+    return 3;
+  }
+  if (races) {
+    std::fprintf(stderr, "cuda_emu: %llu race(s); the first: %s\n",
+                 (unsigned long long)races, race_first);
     return 2;
   }
   return 0;
+}
+
+// The tensors of the next call (emu_bounds.h): n pointers, their sizes in bytes, and whether
+// the call may write them. The call checks every global access against them, then forgets them.
+extern "C" void emu_tensors(int n, void* const* ptrs, const uint64_t* bytes, const int* writable) {
+  emu_bounds.set(n, ptrs, bytes, writable);
 }
 
 // float32's forward and backward GEMMs on TF32 tensor cores (emu_set_tf32(1)) or on exact
@@ -182,18 +198,21 @@ extern "C" void emu_bwd_plan(const int64_t* dv, int64_t* out, int elem) {
   out[11] = pl.dg_half;
 }
 
-// A probe of emu_races.h itself (tests/test_cuda_emu.py): CTA b of a 4-CTA launch adds 1 to
-// element b of buf, and with mode 1 also writes element b + 1 (two CTAs write one element),
-// 2 reads element b + 1 (which the next CTA writes), 3 reads element b - 1 before its own
-// write (which the previous CTA writes: the same race found in the other order).
+// A probe of emu_races.h and emu_bounds.h (tests/test_cuda_emu.py): CTA b of a 4-CTA launch
+// adds 1 to element b of buf, and with mode 1 also writes element b + 1 (two CTAs write one
+// element), 2 reads element b + 1 (which the next CTA writes), 3 reads element b - 1 before
+// its own write (which the previous CTA writes: the same race found in the other order),
+// 4 (CTA 3 only) reads element 4, 5 writes it; the caller registers buf's extent.
 static __global__ void race_probe_kernel(float* buf, int mode) {
   const int b = int(blockIdx.x);
   if (threadIdx.x != 0) return;
   float v = cuda::ld(buf + b);
   if (mode == 2 && b + 1 < 4) v += cuda::ld(buf + b + 1);
   if (mode == 3 && b > 0) v += cuda::ld(buf + b - 1);
+  if (mode == 4 && b == 3) v += cuda::ldg(buf + 4);
   cuda::stg(buf + b, v + 1.0f);
   if (mode == 1 && b + 1 < 4) cuda::stg(buf + b + 1, v);
+  if (mode == 5 && b == 3) cuda::stg(buf + 4, v);
 }
 
 extern "C" int emu_race_probe(float* buf, int mode) {

@@ -28,6 +28,7 @@
 
 #include "emu_l2.h"  // the L2 model behind the counted global accesses
 #include "emu_races.h"  // races between the CTAs of a launch in global memory
+#include "emu_bounds.h"  // accesses outside the call's tensors, writes into its inputs
 
 // ---- __half / __nv_bfloat16: same bits as at::Half / at::BFloat16 -------------------------
 struct __half { uint16_t x; };
@@ -100,16 +101,21 @@ inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int v) {
 inline std::atomic<uint64_t> emu_bytes_read{0}, emu_bytes_read_x{0}, emu_bytes_written{0};
 inline const void* emu_x_lo = nullptr;
 inline const void* emu_x_hi = nullptr;
-inline void emu_count_read(const void* p, size_t n) {
+// Both return whether the access may go ahead (emu_bounds.h); the callers skip it if not.
+inline bool emu_count_read(const void* p, size_t n) {
   const bool in_x = p >= emu_x_lo && p < emu_x_hi;
   (in_x ? emu_bytes_read_x : emu_bytes_read) += n;
+  if (!emu_bounds.check(p, n, false)) return false;
   emu_l2.access(p, n, false);
   emu_races.read(p, n);
+  return true;
 }
-inline void emu_count_written(const void* p, size_t n) {
+inline bool emu_count_written(const void* p, size_t n) {
   emu_bytes_written += n;
+  if (!emu_bounds.check(p, n, true)) return false;
   emu_l2.access(p, n, true);
   emu_races.write(p, n);
+  return true;
 }
 
 inline double emu_shfl[1024];
@@ -363,6 +369,25 @@ inline A __shfl_down_sync(unsigned, A v, int off) {
 
 #define MSF_EXTERN_SMEM(name) unsigned char* name = emu_dyn_smem
 
+// After each CTA: the shared memory past the launch's dynamic allocation still holds the
+// poison, i.e. no thread wrote beyond it with a plain store (16-byte accesses are checked
+// as they happen: emu_ptx.h emu_check_smem_16). On a GPU that is memcheck's "invalid
+// __shared__ write"; reads beyond give the NaN poison.
+inline void emu_check_smem_tail(size_t smem) {
+  const uint32_t poison = emu_float_to_bits(NAN);
+  const size_t n = sizeof(emu_dyn_smem) / 4;
+  for (size_t i = (smem + 3) / 4; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, emu_dyn_smem + 4 * i, 4);
+    if (u != poison) {
+      char msg[128];
+      std::snprintf(msg, sizeof(msg), "a thread wrote shared memory at byte %zu, past the "
+                    "launch's %zu bytes of dynamic shared memory", 4 * i, smem);
+      emu_fail(msg);
+    }
+  }
+}
+
 template <typename K, typename... Args>
 void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
   if (smem > sizeof(emu_dyn_smem)) throw 1;
@@ -387,6 +412,7 @@ void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
         emu_ptx_block_begin();
         emu_run_block(nt, (k & 2) != 0);
         emu_ptx_block_end();
+        emu_check_smem_tail(smem);
       }
   emu_cta.body = nullptr;
 }

@@ -143,10 +143,7 @@ inline void cp_async_16(void* smem, const void* gmem, bool valid) {
     emu_fail("cp.async: global address not 16-byte aligned");
   EmuAsyncCopy c;
   c.dst = static_cast<unsigned char*>(smem);
-  if (valid) {
-    std::memcpy(c.data, gmem, 16);
-    emu_count_read(gmem, 16);
-  }
+  if (valid && emu_count_read(gmem, 16)) std::memcpy(c.data, gmem, 16);
   else std::memset(c.data, 0, 16);
   if (emu_async_land_at_issue) std::memcpy(c.dst, c.data, 16);  // (and again at the wait)
   c.owner = threadIdx.x;
@@ -213,6 +210,9 @@ inline void opaque(int&) {}
 inline void discard_l2_line(void* p) {
   if (reinterpret_cast<uintptr_t>(p) % 128 != 0)
     emu_fail("discard.global.L2: address not 128-byte aligned");
+  // a discard destroys the line's data: a write, as far as bounds and races go
+  if (!emu_bounds.check(p, 128, true)) return;
+  emu_races.write(p, 128);
   std::memset(p, 0xff, 128);
   emu_l2.discard(p, 128);
 }

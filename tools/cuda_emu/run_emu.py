@@ -85,6 +85,19 @@ def ptr(t):
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
+def tensors(lib, read=(), write=()):
+    """Registers the tensors of the next emu_* call (tools/cuda_emu/emu_bounds.h): the call
+    then fails (returns 3) if a kernel reads or writes global memory outside all of them,
+    or writes one of `read`. None entries are skipped."""
+    ts = [(t, 0) for t in read if t is not None] + [(t, 1) for t in write if t is not None]
+    for t, _ in ts:
+        assert t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last), t.shape
+    n = len(ts)
+    lib.emu_tensors(n, (ctypes.c_void_p * n)(*[t.data_ptr() for t, _ in ts]),
+                    (ctypes.c_uint64 * n)(*[t.numel() * t.element_size() for t, _ in ts]),
+                    (ctypes.c_int * n)(*[w for _, w in ts]))
+
+
 def emulate(lib, x, params, cfg, gy, backward=True, fwd_bytes=None, ws_out=None):
     """Forward and backward of the emulated CUDA kernels, as the binding calls them.
     x (B, C, H, W) in the layout to use; params the 12 BlockParams tensors (None if absent);
@@ -110,6 +123,7 @@ def emulate(lib, x, params, cfg, gy, backward=True, fwd_bytes=None, ws_out=None)
     pre = torch.full_like(y, float("nan"))
     ptrs = (ctypes.c_void_p * 13)(ptr(x), *[ptr(t) for t in params])
     code = DTYPE_CODE[dtype]
+    tensors(lib, read=[x, *params], write=[y, pre])
     assert lib.emu_forward(code, desc, ptrs, ptr(y), ptr(pre)) == 0
     if fwd_bytes is not None:
         fwd_bytes.append(_bytes_moved(lib))
@@ -129,6 +143,7 @@ def emulate(lib, x, params, cfg, gy, backward=True, fwd_bytes=None, ws_out=None)
             gr[i + 1] = torch.full((c if i < 6 else (n if i < 10 else cout),), float("nan"),
                                    dtype=dtype)
     gptrs = (ctypes.c_void_p * 13)(*[ptr(t) for t in gr])
+    tensors(lib, read=[x, *params, gy, saved], write=[*gr, ws])
     assert lib.emu_backward(code, desc, ptrs, ptr(gy), ptr(saved), gptrs, ptr(ws)) == 0
     if ws_out is not None:
         ws_out.append(ws)
@@ -500,6 +515,7 @@ def run_backward_dw(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, 
         part = torch.full((parts * c * 30,), float("nan"),  # the accumulation type
                           dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(k) for k in counts])  # reset
+        tensors(lib, read=[x, *params, da_k, db_k], write=[dx, part])
         assert lib.emu_backward_dw(DTYPE_CODE[dtype], desc, ptrs, ptr(da_k), ptr(db_k),
                                    ptr(dx), ptr(part)) == 0
         lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(k) for k in counts])
@@ -798,12 +814,14 @@ def _forward_bytes(lib, shape, batch, dtype, run=True, l2=False):
     lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(c) for c in counts])  # reset
     saves = activations.TABLE[cfg.act].saves == "preact"  # the binding saves the pre-activation
     pre = torch.empty_like(y) if saves else None
+    tensors(lib, read=[x, *params], write=[y, pre])
     assert lib.emu_forward(DTYPE_CODE[dtype], desc, ptrs, ptr(y), ptr(pre)) == 0
     lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(c) for c in counts])
     read_x, read_other, written = (c.value for c in counts)
     dram = {}
     if l2:  # the L2 model (emu_l2.h): the same launch again, DRAM bytes read and written
         lib.emu_l2_reset(ctypes.c_uint64(l2_bytes(shape, batch)), 0)
+        tensors(lib, read=[x, *params], write=[y, pre])
         assert lib.emu_forward(DTYPE_CODE[dtype], desc, ptrs, ptr(y), ptr(pre)) == 0
         rd, wr = ctypes.c_uint64(), ctypes.c_uint64()
         lib.emu_l2_dram(ctypes.byref(rd), ctypes.byref(wr))
@@ -911,6 +929,7 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, l2=False, group=No
         counts = [ctypes.c_uint64() for _ in range(3)]
         xb = x.numel() * x.element_size()
         lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(c) for c in counts])  # reset
+        tensors(lib, read=[x, *params, gy, saved], write=[*gr, ws])
         assert lib.emu_backward(DTYPE_CODE[dtype], desc, ptrs, ptr(gy), ptr(saved), gptrs,
                                 ptr(ws)) == 0
         lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(c) for c in counts])
@@ -929,6 +948,7 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, l2=False, group=No
                     lib.emu_l2_region(ptr(t), ctypes.c_uint64(t.numel() * t.element_size()))
                     owner.append(name)
             lib.emu_l2_reset(ctypes.c_uint64(l2_bytes(shape, batch)), cold)
+            tensors(lib, read=[x, *params, gy, saved], write=[*gr, ws])
             assert lib.emu_backward(DTYPE_CODE[dtype], desc, ptrs, ptr(gy), ptr(saved), gptrs,
                                     ptr(ws)) == 0
             rd, wr = ctypes.c_uint64(), ctypes.c_uint64()

@@ -3,7 +3,7 @@
 // ones. Built by nvcc (tests/test_cuda_build.py reads its SASS) and by the emulator
 // (tests/test_cuda_emu.py runs it): mode 0 checks D against a plain loop; each other mode
 // breaks one rule and must abort with its message (or, mode 7, give wrong results); modes
-// 8-10 are race_probe's.
+// 8-11 are race_probe's.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -60,7 +60,8 @@ __global__ void ptx_probe(const T* A, const T* B, float* D, int mode, int* bad) 
 // plain store (mode 8) or a cp.async (9, 10) from G (all -1). Modes 8 and 9 lack the barrier
 // between the reads and the overwrite, a race the emulator's schedule must expose as wrong
 // values (bad > 0): warp 0 runs to the next barrier before warp 1 starts, and in every other
-// block a cp.async lands at its issue. Mode 10 has the barrier and must give bad = 0.
+// block a cp.async lands at its issue. Mode 10 has the barrier and must give bad = 0; mode
+// 11 is 10 with one float stored past the launch's dynamic shared memory, which must abort.
 __global__ void race_probe(const float* G, float* out, int mode, int* bad) {
   MSF_EXTERN_SMEM(sm);
   float* s = reinterpret_cast<float*>(sm);  // 64 threads x 4 floats
@@ -68,7 +69,7 @@ __global__ void race_probe(const float* G, float* out, int mode, int* bad) {
   for (int i = 0; i < 4; ++i) s[4 * t + i] = float(t);
   __syncthreads();
   const float r = s[4 * (63 - t)];  // the other warp's
-  if (mode == 10) __syncthreads();
+  if (mode >= 10) __syncthreads();
   if (mode == 8) {
     for (int i = 0; i < 4; ++i) s[4 * t + i] = -1.f;
   } else {
@@ -78,6 +79,7 @@ __global__ void race_probe(const float* G, float* out, int mode, int* bad) {
     ptx::cp_async_wait<0>();
   }
   __syncthreads();
+  if (mode == 11 && t == 63) s[4 * 64] = 0.f;  // the first float past the 256
   out[64 * blockIdx.x + t] = r;
   __syncthreads();
   if (t == 0)
