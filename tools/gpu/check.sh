@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check, end to end, on a machine with PyTorch preinstalled and no network: install,
 # the CUDA and Triton tests, the benchmark harness (bfloat16 and float32), compute-sanitizer
-# memcheck, racecheck and synccheck over a small forward+backward, a sweep of the
+# memcheck, racecheck and synccheck over a small forward+backward, ncu's view of what limits
+# each tensor-core kernel, a sweep of the
 # tensor-core forward's tile size, ncu's DRAM bytes of the 16-bit backward, the machine
 # probe (where a C++ exception crashes), the backward's batch-slice budgets and float32
 # without TF32.
@@ -41,8 +42,8 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)} MSFUSED_NVCC_THREADS=${MSFUSED_NVCC_THREAD
 BUDGET_S=${BUDGET_S:-540}
 declare -A STATUS TIMES
 
-ALL_STAGES="install backends tests bench-bf16 memcheck bench-fp32 racecheck synccheck fwd-sweep"
-ALL_STAGES+=" bwd-dram bwd-dram-warm probe bwd-slices bench-fp32-ieee"
+ALL_STAGES="install backends tests bench-bf16 memcheck bench-fp32 racecheck synccheck ncu-limits"
+ALL_STAGES+=" fwd-sweep bwd-dram bwd-dram-warm probe bwd-slices bench-fp32-ieee"
 STAGES=${STAGES:-$ALL_STAGES}
 KNOWN="$ALL_STAGES tests-all bench-compile"
 RAN=""
@@ -114,14 +115,24 @@ stage racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 3 \
   python3 tools/gpu/cuda_sanitize.py --small
 stage synccheck 120 compute-sanitizer --tool synccheck --error-exitcode 3 \
   python3 tools/gpu/cuda_sanitize.py --small
+# what limits each tensor-core kernel at each benchmark shape (bfloat16, channels_last: the
+# forward and the backward's three launches), the issues' evidence where a target is missed:
+# throughput against the peaks, achieved occupancy, the warps' stall reasons, the memory
+# workload; one forward and one backward per shape (backward_dram.py), each kernel replayed.
+# --clock-control none on every ncu stage: the device library's METHOD.md says to leave the
+# GPU's clocks as they are (ncu would otherwise lock them to base)
+stage ncu-limits 150 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+  --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+  --kernel-name regex:"mma_kernel|dw_backward|backward_reduce" --csv --page details \
+  python3 tools/gpu/backward_dram.py
 # the tensor-core forward's tile against two / three CTAs per SM (MSFUSED_CUDA_FWD_SMEM)
 stage fwd-sweep 120 python3 tools/gpu/forward_sweep.py
 # the 16-bit backward's DRAM bytes per launch (ncu) against the emulator's global bytes
-stage bwd-dram 120 ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
+stage bwd-dram 120 ncu --clock-control none --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
   --kernel-name regex:"backward" --csv python3 tools/gpu/backward_dram.py
 # the same with L2 kept across the kernels (ncu flushes it between kernels by default, which
 # writes the dirty scratch back before launch 3 can discard it): the L2 model's warm column
-stage bwd-dram-warm 120 ncu --cache-control none \
+stage bwd-dram-warm 120 ncu --clock-control none --cache-control none \
   --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
   --kernel-name regex:"backward" --csv python3 tools/gpu/backward_dram.py
 # where a C++ argument error crashes instead of raising, if it does (benchmarks/NOTES.md:
