@@ -325,7 +325,7 @@ const char* launch_dw_stride(const BlockDesc& d, const BlockTensors<T>& t, const
                              int64_t tiles_hw, unsigned gx, unsigned gy, cudaStream_t stream) {
   const DwMap m = dw_map<T, S>(d.residual, !d.channels_last);
   auto kernel = dw_backward_kernel<T, S>;
-  static int raised[64] = {};
+  static std::atomic<int> raised[64] = {};
   if (const char* err = allow_dynamic_smem(kernel, m.total, raised)) return err;
   MSF_LAUNCH(kernel, dim3(gx * gy), DW_NT, m.total, stream, d, t, da, db, dx, dw_part, m,
              static_cast<int>(tiles_w), static_cast<int>(tiles_hw), static_cast<int>(gy));

@@ -566,7 +566,7 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* 
                          const T* saved, T* dx, const BwdMmaPlan& pl, char* ws, int64_t goff,
                          cudaStream_t stream) {
   auto kernel = block_backward_mma_kernel<T, S, TC>;
-  static int raised[64] = {};
+  static std::atomic<int> raised[64] = {};
   if (const char* err = allow_dynamic_smem(kernel, pl.smem, raised)) return err;
   const int v = VE<T>;
   const bool vec_x = d.channels_last && d.C % v == 0 && aligned16(t.x);

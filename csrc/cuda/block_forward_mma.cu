@@ -445,7 +445,7 @@ template <typename T, int S, int TW, bool TC>
 const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
                          const MmaPlan& pl, cudaStream_t stream) {
   auto kernel = block_forward_mma_kernel<T, S, TW, TC>;
-  static int raised[64] = {};
+  static std::atomic<int> raised[64] = {};
   if (const char* err = allow_dynamic_smem(kernel, pl.smem, raised)) return err;
   const unsigned grid = unsigned(d.B * pl.tiles_w * pl.runs_h);
   MSF_LAUNCH(kernel, grid, NT, pl.smem, stream, d, t, y, pre, pl);

@@ -7,7 +7,9 @@
 #include <cuda_runtime.h>
 #endif
 
+#include <atomic>
 #include <cstdint>
+#include <mutex>
 
 #include "block_desc.h"
 
@@ -83,18 +85,26 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 // Raises a kernel's dynamic shared-memory limit (the opt-in above 48 KB) to `bytes` where it
 // is not that high yet on the current device; `raised` is the kernel's own per-device record
 // (a function-local static of its launcher), so the attribute is set once per kernel, device
-// and new maximum rather than on every launch. nullptr or the error's message.
+// and new maximum rather than on every launch. Launches may come from several host threads
+// (DataParallel, a thread per stream): the record is atomic for the fast path, and raising
+// it holds a lock, so that a thread asking for less cannot set the attribute back below what
+// the record says another thread set. nullptr or the error's message.
+inline std::mutex& dynamic_smem_lock() {
+  static std::mutex m;
+  return m;
+}
 template <typename Kernel>
-inline const char* allow_dynamic_smem(Kernel kernel, size_t bytes, int (&raised)[64]) {
+inline const char* allow_dynamic_smem(Kernel kernel, size_t bytes, std::atomic<int> (&raised)[64]) {
   int dev = 0;
   cudaGetDevice(&dev);
   if (dev < 0 || dev >= 64) return "CUDA device index out of range";
-  if (int(bytes) > raised[dev]) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-    if (e != cudaSuccess) return cudaGetErrorString(e);
-    raised[dev] = int(bytes);
-  }
+  if (int(bytes) <= raised[dev].load(std::memory_order_acquire)) return nullptr;
+  std::lock_guard<std::mutex> lock(dynamic_smem_lock());
+  if (int(bytes) <= raised[dev].load(std::memory_order_relaxed)) return nullptr;
+  const cudaError_t e =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (e != cudaSuccess) return cudaGetErrorString(e);
+  raised[dev].store(int(bytes), std::memory_order_release);
   return nullptr;
 }
 
