@@ -4,15 +4,16 @@
 // different one on a GPU whenever the two run at the same time or in the other order.
 // compute-sanitizer's racecheck covers shared memory only, so nothing else checks this.
 //
-// Every access through csrc/cuda/global_io.cuh and cp.async is recorded per byte (the CTA
-// that wrote it, the CTA that read it or "several") from the start of each launch; a byte
-// that one CTA writes and another reads or writes in the same launch is a race. The kernels
-// have no atomics and no flags between CTAs, so there is no legitimate exception. The first
-// race is kept for the driver to report (emu_races_take); the count goes on.
+// Every access through csrc/cuda/global_io.cuh, cp.async and discard.global.L2 is recorded
+// per byte (the CTA that wrote it, the CTA that read it or "several") from the start of each
+// launch; a byte that one CTA writes and another reads or writes in the same launch is a
+// race. The kernels have no atomics and no flags between CTAs, so there is no legitimate
+// exception. The first race is kept for the driver to report (take()); the count goes on.
 //
-// On by default; CUDA_EMU_RACES=0 turns it off (the byte sweeps at the benchmark shapes,
-// whose tensors would need gigabytes of shadow). Kernels outside the tensor-core path
-// (block_forward.cu, block_backward.cu) touch global memory directly and are not covered.
+// On by default; CUDA_EMU_RACES=0 turns it off (8 bytes of shadow per byte touched: the
+// sweeps at batch 1 need under 1 GB, a full benchmark batch would need several). Kernels
+// outside the tensor-core path (block_forward.cu, block_backward.cu) touch global memory
+// directly and are not covered.
 #pragma once
 #include <cstdint>
 #include <cstdio>
