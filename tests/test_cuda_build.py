@@ -177,3 +177,10 @@ def test_tensor_core_backward_sass():
     assert len(red) == 4, sorted(red)
     for name, r in red.items():
         assert r["L2DROP"] > 0 and r["LDL"] == 0 and r["STL"] == 0, (cuda_sass.demangle_short(name), r)
+    # programmatic dependent launch: launches 2 and 3 wait for the launch before them
+    # (griddepcontrol.wait: ACQBULK), launches 1 and 2 let the next one start early
+    # (griddepcontrol.launch_dependents: PREEXIT)
+    for name, r in {**dw, **red}.items():
+        assert r["GDWAIT"] > 0, (cuda_sass.demangle_short(name), r)
+    for name, r in {**ks, **dw}.items():
+        assert r["GDLAUNCH"] > 0, (cuda_sass.demangle_short(name), r)

@@ -276,7 +276,9 @@ def test_ptx_standins(ptx_probe, mode, message):
     (3, "CTA 1 reads"),                   # CTA b reads element b - 1
     (4, "read of 4 bytes"),               # CTA 3 reads element 4, past the registered 4
     (5, "write of 4 bytes"),              # CTA 3 writes element 4
-    (6, "into a tensor the call only reads")])
+    (6, "into a tensor the call only reads"),
+    (7, "before its grid_dependency_wait()"),  # a launch that may start early, no wait
+    (8, None)])                                # the same with the wait first
 def test_global_access_checks(emu_lib, capfd, mode, expect):
     """Two checks of every emulated call that no GPU tool makes on its own:
     races between CTAs (tools/cuda_emu/emu_races.h; the emulator runs a launch's CTAs one
@@ -284,19 +286,22 @@ def test_global_access_checks(emu_lib, capfd, mode, expect):
     writes, get one fixed answer here and another on a GPU; compute-sanitizer's racecheck
     sees shared memory only) and accesses outside the call's tensors or writes into its
     inputs (emu_bounds.h; memcheck's job on a GPU, here on every call and to the byte). The
-    entry points return 2 and 3 for them, which every emulator test asserts against. The
-    probe: CTA b of 4 updates element b of a 4-element tensor (mode 0: no fault), and
-    modes 1-5 add the access in the comment; 6 registers the tensor read-only."""
+    entry points return 2 and 3 for them, which every emulator test asserts against. A
+    launch that may start before the previous kernel completes (programmatic dependent
+    launch: the backward's launches 2 and 3) must not touch global memory before its
+    grid_dependency_wait(), reported as a race too. The probe: CTA b of 4 updates element b
+    of a 4-element tensor (mode 0: no fault), and modes 1-5 add the access in the comment;
+    6 registers the tensor read-only; 7 and 8 launch it as a kernel that may start early."""
     run_emu, lib = emu_lib
     buf = torch.zeros(5)
     reg = buf[:4]
     run_emu.tensors(lib, read=[reg] if mode == 6 else [], write=[] if mode == 6 else [reg])
-    rc = lib.emu_race_probe(run_emu.ptr(buf), 5 if mode == 6 else mode)
+    rc = lib.emu_race_probe(run_emu.ptr(buf), 5 if mode == 6 else mode)  # (6: 5, read-only)
     err = capfd.readouterr().err
     if expect is None:
         assert rc == 0 and torch.equal(buf, torch.tensor([1.0, 1, 1, 1, 0])), (rc, buf, err)
     else:
-        assert rc == (3 if mode >= 4 else 2) and expect in err, (rc, err)
+        assert rc == (3 if 4 <= mode <= 6 else 2) and expect in err, (rc, err)
         assert buf[4] == 0, buf  # a refused write is not performed
     if mode == 6:
         assert torch.equal(buf, torch.zeros(5)), buf

@@ -22,7 +22,9 @@ COUNTS = {"HMMA": r"\bHMMA\.", "FFMA": r"\bFFMA\b", "DFMA": r"\bDFMA\b", "LDSM":
           "LDGSTS128": r"\bLDGSTS\.[A-Z.]*128\b", "STG128": r"\bSTG\.E\.128\b",
           "LDG128": r"\bLDG\.E\.128\b", "LDL": r"\bLDL\b", "STL": r"\bSTL\b",
           "BAR": r"\bBAR\.SYNC\b",
-          "L2DROP": r"\bCCTL\.E\.RML2\b"}  # discard.global.L2: a line leaves L2 unwritten
+          "L2DROP": r"\bCCTL\.E\.RML2\b",  # discard.global.L2: a line leaves L2 unwritten
+          # griddepcontrol.wait / .launch_dependents (programmatic dependent launch)
+          "GDWAIT": r"\bACQBULK\b", "GDLAUNCH": r"\bPREEXIT\b"}
 
 
 def cuobjdump():

@@ -23,6 +23,7 @@
 #include "backward_mma.h"
 #include "common.cuh"
 #include "global_io.cuh"
+#include "ptx_wrappers.cuh"
 
 namespace msfused {
 namespace cuda {
@@ -111,6 +112,10 @@ __global__ void __launch_bounds__(DW_NT)
   A* ws = reinterpret_cast<A*>(smem + m.w);
   T* stage = reinterpret_cast<T*>(smem + m.stage);
 
+  // may start before launch 1 completes (MSF_LAUNCH_PDL): nothing global before this; and
+  // launch 3 may be launched now (it waits for this launch in turn)
+  ptx::grid_dependency_wait();
+  ptx::launch_dependents();
   const int tid = threadIdx.x, kc = tid % KB, grp = tid / KB;
   // The channel blocks of a tile run side by side, and the tiles in reverse order: launch 1
   // wrote the scratch group after group, so the tiles it wrote last, the ones still in L2,
@@ -327,9 +332,10 @@ const char* launch_dw_stride(const BlockDesc& d, const BlockTensors<T>& t, const
   auto kernel = dw_backward_kernel<T, S>;
   static std::atomic<int> raised[64] = {};
   if (const char* err = allow_dynamic_smem(kernel, m.total, raised)) return err;
-  MSF_LAUNCH(kernel, dim3(gx * gy), DW_NT, m.total, stream, d, t, da, db, dx, dw_part, m,
-             static_cast<int>(tiles_w), static_cast<int>(tiles_hw), static_cast<int>(gy));
-  const cudaError_t e = cudaGetLastError();
+  const cudaError_t e =
+      MSF_LAUNCH_PDL(pdl_enabled(), kernel, dim3(gx * gy), DW_NT, m.total, stream, d, t, da, db,
+                     dx, dw_part, m, static_cast<int>(tiles_w), static_cast<int>(tiles_hw),
+                     static_cast<int>(gy));
   return e != cudaSuccess ? cudaGetErrorString(e) : nullptr;
 }
 

@@ -275,6 +275,8 @@ __global__ void __launch_bounds__(NT, 1)
   // the rows each chunk's staging shares with the tile below (plan: off_h, HR)
   const SharedRows<T, S, XC> carry{reinterpret_cast<T*>(sm + pl.off_h)};
 
+  // launch 2 may be launched now (it waits for this launch's completion before its reads)
+  ptx::launch_dependents();
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   // grid x: channel blocks, each as rblocks row blocks side by side (they read the same x)
   const int cb = int(blockIdx.x) / pl.rblocks, rb = int(blockIdx.x) % pl.rblocks;
@@ -513,6 +515,9 @@ __global__ void __launch_bounds__(NT)
                            int64_t scratch_lines) {
   using A = typename AccT<T>::type;
   static_assert(std::is_same_v<A, bwd_acc_t<T>>, "one accumulation type");
+  // may start before launch 2 completes (MSF_LAUNCH_PDL): nothing global before this
+  ptx::grid_dependency_wait();
+  ptx::launch_dependents();
   // The scratch (da, db) is dead once launch 2 has read it, which stream order
   // guarantees here: its lines still in L2 are dropped rather than written back, so the
   // scratch costs DRAM writes only for what L2 evicted while launches 1 and 2 ran (NOTES 34).
@@ -595,6 +600,27 @@ const char* launch_strided(const BlockDesc& d, const BlockTensors<T>& t, const T
 
 }  // namespace
 
+bool pdl_enabled() {
+#ifdef MSFUSED_CUDA_EMU
+  const bool asked = env_int("MSFUSED_CUDA_PDL") != 0;
+#else
+  static const bool asked = env_int("MSFUSED_CUDA_PDL") != 0;
+#endif
+  if (!asked) return false;
+  static std::atomic<int> major[64] = {};  // per device: compute capability major + 1
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) return false;
+  int m = major[dev].load(std::memory_order_relaxed);
+  if (m == 0) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) v = 0;
+    m = v + 1;
+    major[dev].store(m, std::memory_order_relaxed);
+  }
+  return m - 1 >= 9;
+}
+
 BwdMmaPlan backward_mma_plan(const BlockDesc& d, int esz) {
   int dev = 0, block = 0, l2 = 0;
   cudaGetDevice(&dev);
@@ -676,10 +702,12 @@ const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>&
   const uintptr_t lo = (reinterpret_cast<uintptr_t>(ws + pl.ws_da) + 127) / 128 * 128;
   const uintptr_t hi = reinterpret_cast<uintptr_t>(ws + pl.ws_wpart) / 128 * 128;
   const int64_t scratch_lines = hi > lo ? int64_t((hi - lo) / 128) : 0;
-  MSF_LAUNCH(rk, unsigned(blocks), NT, 0, stream, d, reinterpret_cast<const A*>(ws + pl.ws_wpart),
-             reinterpret_cast<const A*>(ws + pl.ws_bpart), dwpart, pl.groups,
-             backward_dw_parts(d), pl.rows, g, reinterpret_cast<char*>(lo), scratch_lines);
-  const cudaError_t e = cudaGetLastError();
+  const cudaError_t e =
+      MSF_LAUNCH_PDL(pdl_enabled(), rk, unsigned(blocks), NT, 0, stream, d,
+                     reinterpret_cast<const A*>(ws + pl.ws_wpart),
+                     reinterpret_cast<const A*>(ws + pl.ws_bpart), dwpart, pl.groups,
+                     backward_dw_parts(d), pl.rows, g, reinterpret_cast<char*>(lo),
+                     scratch_lines);
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 

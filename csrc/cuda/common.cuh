@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <utility>
 
 #include "block_desc.h"
 
@@ -17,6 +18,15 @@
 #ifndef MSF_LAUNCH
 #define MSF_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
+// A launch that may start before the previous kernel in the stream completes (programmatic
+// dependent launch, sm_90 and up), where `pdl` says so; the kernel must call
+// ptx::grid_dependency_wait() in every thread before touching global memory (the emulator
+// checks that on every such launch). Evaluates to the launch's cudaError_t.
+#ifndef MSF_LAUNCH_PDL
+#define MSF_LAUNCH_PDL(pdl, kernel, grid, block, smem, stream, ...) \
+  ::msfused::cuda::launch_maybe_early(pdl, kernel, dim3(grid), dim3(block), smem, stream, \
+                                      __VA_ARGS__)
 #endif
 #ifndef MSF_EXTERN_SMEM
 // 128-byte aligned: the kernels' shared-memory maps align their sections to 128 bytes.
@@ -81,6 +91,36 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 }
 
 // The block's activation: act_apply(act, z) and act_grad(act, g, v) of csrc/activations.h.
+
+#ifndef MSFUSED_CUDA_EMU
+template <typename... Params, typename... Args>
+inline cudaError_t launch_maybe_early(bool early, void (*kernel)(Params...), dim3 grid,
+                                      dim3 block, size_t smem, cudaStream_t stream,
+                                      Args&&... args) {
+  if (!early) {
+    kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+#endif
+
+// Whether the backward's later launches may start before the one before them completes
+// (programmatic dependent launch): MSFUSED_CUDA_PDL=1 (read once per process; by the
+// emulator at every call) on a device of compute capability 9.0 or higher. Off by default
+// until a GPU run has timed it (benchmarks/NOTES.md entry 55) and checked it under CUDA
+// graph capture, which the harness's GPU timing uses.
+bool pdl_enabled();
 
 // Raises a kernel's dynamic shared-memory limit (the opt-in above 48 KB) to `bytes` where it
 // is not that high yet on the current device; `raised` is the kernel's own per-device record

@@ -123,6 +123,24 @@ __device__ __forceinline__ void discard_l2_line(void* p) {
 #endif
 }
 
+// Programmatic dependent launch (sm_90 and up; no-ops before, and in a kernel not launched
+// with the programmatic-serialization attribute). grid_dependency_wait: this thread waits
+// until the kernels before this one in the stream have completed and their writes are
+// visible; a kernel that may be launched early (MSF_LAUNCH_PDL) calls it before touching
+// global memory. launch_dependents: this CTA lets the next kernel in the stream be launched
+// before this one completes (once every CTA has called it or exited); that kernel still
+// waits for this one's completion in its own grid_dependency_wait.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 }  // namespace ptx
 }  // namespace msfused
 #endif  // MSFUSED_CUDA_EMU: tools/cuda_emu/emu_ptx.h provides the same functions

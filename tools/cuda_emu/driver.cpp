@@ -202,10 +202,13 @@ extern "C" void emu_bwd_plan(const int64_t* dv, int64_t* out, int elem) {
 // adds 1 to element b of buf, and with mode 1 also writes element b + 1 (two CTAs write one
 // element), 2 reads element b + 1 (which the next CTA writes), 3 reads element b - 1 before
 // its own write (which the previous CTA writes: the same race found in the other order),
-// 4 (CTA 3 only) reads element 4, 5 writes it; the caller registers buf's extent.
+// 4 (CTA 3 only) reads element 4, 5 writes it; the caller registers buf's extent. Modes 7
+// and 8 launch it as a kernel that may start early (MSF_LAUNCH_PDL), 7 touching buf before
+// its grid_dependency_wait(), 8 after.
 static __global__ void race_probe_kernel(float* buf, int mode) {
   const int b = int(blockIdx.x);
   if (threadIdx.x != 0) return;
+  if (mode == 8) ptx::grid_dependency_wait();
   float v = cuda::ld(buf + b);
   if (mode == 2 && b + 1 < 4) v += cuda::ld(buf + b + 1);
   if (mode == 3 && b > 0) v += cuda::ld(buf + b - 1);
@@ -216,6 +219,7 @@ static __global__ void race_probe_kernel(float* buf, int mode) {
 }
 
 extern "C" int emu_race_probe(float* buf, int mode) {
-  MSF_LAUNCH(race_probe_kernel, 4, 32, 0, nullptr, buf, mode);
+  if (mode >= 7) MSF_LAUNCH_PDL(true, race_probe_kernel, 4, 32, 0, nullptr, buf, mode);
+  else MSF_LAUNCH(race_probe_kernel, 4, 32, 0, nullptr, buf, mode);
   return result_of(nullptr);
 }

@@ -75,7 +75,8 @@ enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrL2CacheSize = 38,
   cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
-  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+  cudaDevAttrComputeCapabilityMajor = 75
 };
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 // An H100 / H200 (SXM): 132 SMs, 228 KB of shared memory per SM, 227 KB per block opt-in
@@ -84,6 +85,7 @@ inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   const char* e = std::getenv("CUDA_EMU_SMEM_LIMIT");
   *v = a == cudaDevAttrMultiProcessorCount ? 132
+     : a == cudaDevAttrComputeCapabilityMajor ? 9
      : a == cudaDevAttrL2CacheSize ? 60 << 20
      : a == cudaDevAttrMaxSharedMemoryPerMultiprocessor ? 228 * 1024
      : (e ? std::atoi(e) : 227 * 1024);
@@ -107,14 +109,14 @@ inline bool emu_count_read(const void* p, size_t n) {
   (in_x ? emu_bytes_read_x : emu_bytes_read) += n;
   if (!emu_bounds.check(p, n, false)) return false;
   emu_l2.access(p, n, false);
-  emu_races.read(p, n);
+  emu_races.read(p, n, threadIdx.x);
   return true;
 }
 inline bool emu_count_written(const void* p, size_t n) {
   emu_bytes_written += n;
   if (!emu_bounds.check(p, n, true)) return false;
   emu_l2.access(p, n, true);
-  emu_races.write(p, n);
+  emu_races.write(p, n, threadIdx.x);
   return true;
 }
 
@@ -389,7 +391,7 @@ inline void emu_check_smem_tail(size_t smem) {
 }
 
 template <typename K, typename... Args>
-void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
+void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, bool pdl, Args... args) {
   if (smem > sizeof(emu_dyn_smem)) throw 1;
   gridDim = grid;
   blockDim = block;
@@ -398,6 +400,7 @@ void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
   emu_cta.body = [&] { kernel(args...); };
   emu_l2.on_launch();
   emu_races.on_launch(emu_launches);
+  emu_races.pdl = pdl;
   unsigned long block_no = emu_launches++;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
@@ -406,7 +409,7 @@ void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
         for (size_t i = 0; i < sizeof(emu_dyn_smem) / sizeof(float); ++i)
           reinterpret_cast<float*>(emu_dyn_smem)[i] = NAN;
         blockIdx = dim3(bx, by, bz);
-        emu_races.cta = int32_t((bz * grid.y + by) * grid.x + bx);
+        emu_races.on_cta(int32_t((bz * grid.y + by) * grid.x + bx));
         const unsigned long k = block_no++;
         emu_async_land_at_issue = (k & 1) != 0;
         emu_ptx_block_begin();
@@ -417,7 +420,12 @@ void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
   emu_cta.body = nullptr;
 }
 #define MSF_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  emu_launch(kernel, dim3(grid), dim3(block), smem, __VA_ARGS__)
+  emu_launch(kernel, dim3(grid), dim3(block), smem, false, __VA_ARGS__)
+// A launch that may start early (csrc/cuda/common.cuh): emulated in order like any other,
+// with emu_races.h checking that no thread touches global memory before its wait; `pdl`
+// (whether the real launch would ask for early start) does not change that.
+#define MSF_LAUNCH_PDL(pdl, kernel, grid, block, smem, stream, ...) \
+  (emu_launch(kernel, dim3(grid), dim3(block), smem, true, __VA_ARGS__), cudaSuccess)
 
 // ---- warp-collective bookkeeping (emu_ptx.h's mma.sync and ldmatrix) --------------------
 // All 32 lanes of the calling thread's warp meet here with the same (op, ptr, ldm, layout).

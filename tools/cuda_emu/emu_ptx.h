@@ -212,10 +212,16 @@ inline void discard_l2_line(void* p) {
     emu_fail("discard.global.L2: address not 128-byte aligned");
   // a discard destroys the line's data: a write, as far as bounds and races go
   if (!emu_bounds.check(p, 128, true)) return;
-  emu_races.write(p, 128);
+  emu_races.write(p, 128, threadIdx.x);
   std::memset(p, 0xff, 128);
   emu_l2.discard(p, 128);
 }
+
+// griddepcontrol: the emulator runs launches in order, so the wait has nothing to wait for;
+// it marks the calling thread as allowed to touch global memory in a launch that may start
+// early (emu_races.h: an access before it is reported), and the trigger is a no-op.
+inline void grid_dependency_wait() { emu_races.waited[threadIdx.x] = true; }
+inline void launch_dependents() {}
 
 }  // namespace ptx
 }  // namespace msfused

@@ -10,6 +10,12 @@
 // race. The kernels have no atomics and no flags between CTAs, so there is no legitimate
 // exception. The first race is kept for the driver to report (take()); the count goes on.
 //
+// Launches that may start before the previous one completes (MSF_LAUNCH_PDL: programmatic
+// dependent launch) must not touch global memory in a thread before that thread's
+// ptx::grid_dependency_wait(): such an access is reported too, whatever the bytes (before
+// the wait, any earlier kernel may still be running). This check runs for every
+// MSF_LAUNCH_PDL launch, whether or not the real launch would ask for early start.
+//
 // On by default; CUDA_EMU_RACES=0 turns it off (8 bytes of shadow per byte touched: the
 // sweeps at batch 1 need under 1 GB, a full benchmark batch would need several). Kernels
 // outside the tensor-core path (block_forward.cu, block_backward.cu) touch global memory
@@ -39,9 +45,24 @@ struct EmuRaces {
   bool on = true;
   unsigned long launch = 0;
   int32_t cta = 0;  // the running CTA's linear index in its grid
+  bool pdl = false;  // this launch may start early: global accesses only after the wait
+  bool waited[1024] = {};  // per thread of the running CTA: grid_dependency_wait() called
   uint64_t count = 0;
   char first[320] = {0};
 
+  void on_cta(int32_t linear) {
+    cta = linear;
+    std::memset(waited, 0, sizeof(waited));
+  }
+  // A global access by thread t of the running CTA: before its wait in an early-start launch?
+  void check_wait(unsigned t, uintptr_t a) {
+    if (!pdl || waited[t]) return;
+    if (count++ == 0)
+      std::snprintf(first, sizeof(first),
+                    "global access at %p by thread %u of CTA %d before its "
+                    "grid_dependency_wait(), in launch %lu, which may start before the "
+                    "previous kernel completes", reinterpret_cast<void*>(a), t, cta, launch);
+  }
   void on_launch(unsigned long launch_no) {
     const char* e = std::getenv("CUDA_EMU_RACES");
     on = !(e && e[0] == '0');
@@ -72,7 +93,8 @@ struct EmuRaces {
                   "launch", launch, cta, kind[0] == 'r' ? "reads" : "writes",
                   reinterpret_cast<void*>(a), who);
   }
-  void read(const void* p, size_t n) {
+  void read(const void* p, size_t n, unsigned thread) {
+    check_wait(thread, reinterpret_cast<uintptr_t>(p));
     if (!on) return;
     const uintptr_t a0 = reinterpret_cast<uintptr_t>(p);
     for (uintptr_t a = a0; a < a0 + n; ++a) {
@@ -85,7 +107,8 @@ struct EmuRaces {
       else if (r != cta) r = kSeveral;
     }
   }
-  void write(const void* p, size_t n) {
+  void write(const void* p, size_t n, unsigned thread) {
+    check_wait(thread, reinterpret_cast<uintptr_t>(p));
     if (!on) return;
     const uintptr_t a0 = reinterpret_cast<uintptr_t>(p);
     for (uintptr_t a = a0; a < a0 + n; ++a) {

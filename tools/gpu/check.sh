@@ -2,10 +2,10 @@
 # One GPU check, end to end, on a machine with PyTorch preinstalled and no network: install,
 # the CUDA and Triton tests, the benchmark harness (bfloat16 and float32), compute-sanitizer
 # memcheck, racecheck and synccheck over a small forward+backward, ncu's view of what limits
-# each tensor-core kernel, a sweep of the
-# tensor-core forward's tile size, ncu's DRAM bytes of the 16-bit backward, the machine
-# probe (where a C++ exception crashes), the backward's batch-slice budgets and float32
-# without TF32.
+# each tensor-core kernel, a sweep of the tensor-core forward's tile size, ncu's DRAM bytes
+# of the 16-bit backward, the machine probe (where a C++ exception crashes), the backward's
+# batch-slice budgets, float32 without TF32, and the backward's launches started early
+# (programmatic dependent launch).
 #
 #   bash tools/gpu/check.sh OUTDIR [--fast] [--pack FILE]
 #   STAGES="install tests memcheck" bash tools/gpu/check.sh OUTDIR   # a subset
@@ -43,7 +43,7 @@ BUDGET_S=${BUDGET_S:-540}
 declare -A STATUS TIMES
 
 ALL_STAGES="install backends tests bench-bf16 memcheck bench-fp32 racecheck synccheck ncu-limits"
-ALL_STAGES+=" fwd-sweep bwd-dram bwd-dram-warm probe bwd-slices bench-fp32-ieee"
+ALL_STAGES+=" fwd-sweep bwd-dram bwd-dram-warm probe bwd-slices bench-fp32-ieee bench-pdl tests-pdl"
 STAGES=${STAGES:-$ALL_STAGES}
 KNOWN="$ALL_STAGES tests-all bench-compile"
 RAN=""
@@ -143,6 +143,13 @@ stage bwd-slices 90 python3 tools/gpu/backward_sweep.py
 # float32 with TF32 off: the fused kernels' GEMMs on exact FMAs against eager without TF32
 stage bench-fp32-ieee 100 "${BENCH[@]}" --min-time 0.1 --dtype float32 --no-tf32 \
   --out "$OUT/bench-cuda-fp32-ieee.json"
+# the backward's launches 2 and 3 started early (programmatic dependent launch,
+# MSFUSED_CUDA_PDL=1; off by default until timed here): the harness against bench-bf16, its
+# GPU time under CUDA graph capture included, then the CUDA tests with it on
+stage bench-pdl 120 env MSFUSED_CUDA_PDL=1 "${BENCH[@]}" --min-time 0.1 --backends cuda \
+  --dtype bfloat16 --out "$OUT/bench-cuda-bf16-pdl.json"
+stage tests-pdl 150 env MSFUSED_CUDA_PDL=1 "${PYTEST[@]}" -k "cuda and not emu" \
+  --junitxml="$OUT/tests-pdl.xml"
 # outside the default run: the whole suite, and torch.compile in the harness
 stage tests-all 540 "${PYTEST[@]}" --junitxml="$OUT/tests-all.xml"
 stage bench-compile 540 python3 -m msfused.cli bench --device cuda --shapes paper,mobilenet \
