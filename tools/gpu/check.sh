@@ -54,6 +54,12 @@ summary() {  # the per-stage table, the test count, failed test names, the bench
   grep -h "passed\|failed" "$OUT"/tests*.log 2>/dev/null | tail -n 1
   grep -hE "(FAILED|ERROR) tests/" "$OUT"/tests*.log 2>/dev/null | sed 's/ - .*//' | sort -u | head -n 40
   grep -h -A8 "geometric mean" "$OUT"/bench-*.log 2>/dev/null
+  # the issues' targets, per shape and met or not (tools/gpu/targets.py)
+  if [ -f "$OUT/bench-cuda-bf16.json" ]; then
+    local files=("$OUT/bench-cuda-bf16.json")
+    [ -f "$OUT/bench-cuda-bf16-compile.json" ] && files+=("$OUT/bench-cuda-bf16-compile.json")
+    python3 tools/gpu/targets.py "${files[@]}" 2>&1
+  fi
 }
 
 pack() {  # OUTDIR as one tarball and the summary beside it, each written whole, then moved
