@@ -139,7 +139,8 @@ def test_tensor_core_forward_sass():
         assert r["local"] == 0 and r["LDL"] == 0 and r["STL"] == 0, (short, r)
         assert r["regs"] <= (255 if "double," in short else 128), (short, r)
         need, absent = _gemm_ops(short)
-        for op in need + ("LDGSTS128", "STG128"):
+        # (GDWAIT, GDLAUNCH: programmatic dependent launch, csrc/cuda/common.cuh)
+        for op in need + ("LDGSTS128", "STG128", "GDWAIT", "GDLAUNCH"):
             assert r[op] > 0, (short, op, r)
         for op in absent:
             assert r[op] == 0, (short, op, r)
@@ -177,10 +178,8 @@ def test_tensor_core_backward_sass():
     assert len(red) == 4, sorted(red)
     for name, r in red.items():
         assert r["L2DROP"] > 0 and r["LDL"] == 0 and r["STL"] == 0, (cuda_sass.demangle_short(name), r)
-    # programmatic dependent launch: launches 2 and 3 wait for the launch before them
-    # (griddepcontrol.wait: ACQBULK), launches 1 and 2 let the next one start early
+    # programmatic dependent launch: every launch waits for the kernel before it
+    # (griddepcontrol.wait: ACQBULK) and lets the next one start early
     # (griddepcontrol.launch_dependents: PREEXIT)
-    for name, r in {**dw, **red}.items():
-        assert r["GDWAIT"] > 0, (cuda_sass.demangle_short(name), r)
-    for name, r in {**ks, **dw}.items():
-        assert r["GDLAUNCH"] > 0, (cuda_sass.demangle_short(name), r)
+    for name, r in {**ks, **dw, **red}.items():
+        assert r["GDWAIT"] > 0 and r["GDLAUNCH"] > 0, (cuda_sass.demangle_short(name), r)

@@ -275,7 +275,9 @@ __global__ void __launch_bounds__(NT, 1)
   // the rows each chunk's staging shares with the tile below (plan: off_h, HR)
   const SharedRows<T, S, XC> carry{reinterpret_cast<T*>(sm + pl.off_h)};
 
-  // launch 2 may be launched now (it waits for this launch's completion before its reads)
+  // may start before the kernel before it completes (MSF_LAUNCH_PDL): nothing global before
+  // the wait; launch 2 may be launched now (it waits for this launch's completion in turn)
+  ptx::grid_dependency_wait();
   ptx::launch_dependents();
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   // grid x: channel blocks, each as rblocks row blocks side by side (they read the same x)
@@ -584,9 +586,8 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* 
   A* wpart = reinterpret_cast<A*>(ws + pl.ws_wpart) + goff * pl.rows * d.C;
   A* bpart = reinterpret_cast<A*>(ws + pl.ws_bpart) + goff * pl.rows;
   const dim3 grid(unsigned(pl.cblocks * pl.rblocks), unsigned(pl.split));
-  MSF_LAUNCH(kernel, grid, NT, pl.smem, stream, d, t, gy, saved, da, db, dx, wpart, bpart, pl,
-             vec_x, vec_g);
-  const cudaError_t e = cudaGetLastError();
+  const cudaError_t e = MSF_LAUNCH_PDL(pdl_enabled(), kernel, grid, NT, pl.smem, stream, d, t,
+                                       gy, saved, da, db, dx, wpart, bpart, pl, vec_x, vec_g);
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 

@@ -280,6 +280,10 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 8 ? 1 : 2)  // two CTAs per S
   T* w0 = reinterpret_cast<T*>(sm + pl.off_w0);
   T* w1 = reinterpret_cast<T*>(sm + pl.off_w1);
 
+  // may start before the kernel before it completes (MSF_LAUNCH_PDL): nothing global
+  // before the wait; the next kernel may be launched once every CTA of this one is resident
+  ptx::grid_dependency_wait();
+  ptx::launch_dependents();
   const unsigned ctas_hw = unsigned(pl.tiles_w) * unsigned(pl.runs_h);
   const int u = int(blockIdx.x % ctas_hw);
   const int64_t bimg = blockIdx.x / ctas_hw;
@@ -448,8 +452,8 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* 
   static std::atomic<int> raised[64] = {};
   if (const char* err = allow_dynamic_smem(kernel, pl.smem, raised)) return err;
   const unsigned grid = unsigned(d.B * pl.tiles_w * pl.runs_h);
-  MSF_LAUNCH(kernel, grid, NT, pl.smem, stream, d, t, y, pre, pl);
-  const cudaError_t e = cudaGetLastError();
+  const cudaError_t e =
+      MSF_LAUNCH_PDL(pdl_enabled(), kernel, grid, NT, pl.smem, stream, d, t, y, pre, pl);
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 

@@ -115,11 +115,12 @@ inline cudaError_t launch_maybe_early(bool early, void (*kernel)(Params...), dim
 }
 #endif
 
-// Whether the backward's later launches may start before the one before them completes
-// (programmatic dependent launch): MSFUSED_CUDA_PDL=1 (read once per process; by the
-// emulator at every call) on a device of compute capability 9.0 or higher. Off by default
-// until a GPU run has timed it (benchmarks/NOTES.md entry 55) and checked it under CUDA
-// graph capture, which the harness's GPU timing uses.
+// Whether the tensor-core kernels may start before the kernel before them in the stream
+// completes (programmatic dependent launch: the forward, and each of the backward's three
+// launches): MSFUSED_CUDA_PDL=1 (read once per process; by the emulator at every call) on a
+// device of compute capability 9.0 or higher. Off by default until a GPU run has timed it
+// (benchmarks/NOTES.md entry 55) and checked it under CUDA graph capture, which the
+// harness's GPU timing uses.
 bool pdl_enabled();
 
 // Raises a kernel's dynamic shared-memory limit (the opt-in above 48 KB) to `bytes` where it
