@@ -111,7 +111,9 @@ inline cudaError_t launch_maybe_early(bool early, void (*kernel)(Params...), dim
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  if (e != cudaSuccess) (void)cudaGetLastError();  // reported by the caller, not left sticky
+  return e;
 }
 #endif
 
@@ -135,7 +137,8 @@ inline std::mutex& dynamic_smem_lock() {
   return m;
 }
 template <typename Kernel>
-inline const char* allow_dynamic_smem(Kernel kernel, size_t bytes, std::atomic<int> (&raised)[64]) {
+inline const char* allow_dynamic_smem(Kernel kernel, size_t bytes,
+                                      std::atomic<int> (&raised)[64]) {
   int dev = 0;
   cudaGetDevice(&dev);
   if (dev < 0 || dev >= 64) return "CUDA device index out of range";

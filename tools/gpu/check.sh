@@ -127,14 +127,16 @@ stage synccheck 120 compute-sanitizer --tool synccheck --error-exitcode 3 \
 # workload; one forward and one backward per shape (backward_dram.py), each kernel replayed.
 # --clock-control none on every ncu stage: the device library's METHOD.md says to leave the
 # GPU's clocks as they are (ncu would otherwise lock them to base)
-stage ncu-limits 150 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
-  --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+stage ncu-limits 150 ncu --clock-control none --section SpeedOfLight --section Occupancy \
+  --section LaunchStats --section WarpStateStats --section SchedulerStats \
+  --section MemoryWorkloadAnalysis \
   --kernel-name regex:"mma_kernel|dw_backward|backward_reduce" --csv --page details \
   python3 tools/gpu/backward_dram.py
 # the tensor-core forward's tile against two / three CTAs per SM (MSFUSED_CUDA_FWD_SMEM)
 stage fwd-sweep 120 python3 tools/gpu/forward_sweep.py
 # the 16-bit backward's DRAM bytes per launch (ncu) against the emulator's global bytes
-stage bwd-dram 120 ncu --clock-control none --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
+stage bwd-dram 120 ncu --clock-control none \
+  --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
   --kernel-name regex:"backward" --csv python3 tools/gpu/backward_dram.py
 # the same with L2 kept across the kernels (ncu flushes it between kernels by default, which
 # writes the dirty scratch back before launch 3 can discard it): the L2 model's warm column

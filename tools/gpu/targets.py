@@ -88,7 +88,8 @@ def report(ev, variant):
     lines = []
     for mode, e in ev.items():
         lines.append(f"{variant} {mode}:")
-        lines.append(f"  {'shape':<10} {'x eager':>8} {'x compile':>10} {'floor':>7} {'peak/eager':>11}")
+        lines.append(f"  {'shape':<10} {'x eager':>8} {'x compile':>10} {'floor':>7} "
+                     f"{'peak/eager':>11}")
         for s, d in e["shapes"].items():
             f = lambda k, fmt: (fmt.format(d[k]) if d.get(k) is not None else "-")  # noqa: E731
             lines.append(f"  {s:<10} {f('vs_eager', '{:.2f}'):>8} {f('vs_compile', '{:.2f}'):>10} "
