@@ -204,7 +204,11 @@ def run(lib, c, n, h, w, merge, stride, act, residual, bias, dtype, cl, batch, b
         return errs, None, (eager_errors(x, params, cfg, gy, y64, ref) if eager32 else None)
     if tf32:
         tc = backward and backward_plan_of(lib, x, params, cfg, 4)
-        return (errs,) + tf32_judged(x, params, cfg, gy, y, saved, gr, y64, ref, backward, tc)
+        # the forward ran the tensor-core kernel unless it moved no counted bytes (the older
+        # FMA forward, where no tile fits the device's shared memory: no TF32 rounding)
+        tc_fwd = fwd_bytes is None or fwd_bytes[0] > 0
+        return (errs,) + tf32_judged(x, params, cfg, gy, y, saved, gr, y64, ref, backward, tc,
+                                     tc_fwd)
     # exact-mask reference: float64, act' read off the kernel's saved tensor; for the
     # tensor-core backward also rounded where that backward rounds (modeled_preactivation)
     xm = x.double().requires_grad_(True)
@@ -240,12 +244,13 @@ def eager_errors(x, params, cfg, gy, y64, ref):
     return eager
 
 
-def tf32_judged(x, params, cfg, gy, y, saved, gr, y64, ref, backward, tc_backward):
+def tf32_judged(x, params, cfg, gy, y, saved, gr, y64, ref, backward, tc_backward,
+                tc_forward=True):
     """(exact, eager) for a TF32 run, as run() gives them for 16-bit dtypes: exact, the kernel
     against the TF32 model (tf32_preactivation) differentiated with act' read off the kernel's
     saved tensor (where the backward is the FMA one, tc_backward False, its gradients against
-    float64's instead: it has no TF32 rounding); eager, the TF32 model end to end (its own
-    act') against float64."""
+    float64's instead: it has no TF32 rounding; likewise y where the forward is, tc_forward
+    False); eager, the TF32 model end to end (its own act') against float64."""
     from msfused.config import apply_act
 
     def leaves():
@@ -254,7 +259,11 @@ def tf32_judged(x, params, cfg, gy, y, saved, gr, y64, ref, backward, tc_backwar
 
     xm, pm = leaves()
     z = tf32_preactivation(xm, msfused.BlockParams(*pm), cfg)
-    exact = {"y": rel(y, apply_act(z.detach(), cfg.act))}
+    zy = z
+    if not tc_forward:
+        xf, pf = leaves()
+        zy = block_preactivation(xf, msfused.BlockParams(*pf), cfg)
+    exact = {"y": rel(y, apply_act(zy.detach(), cfg.act))}
     if backward:
         sv = torch.ones_like(z) if saved is None else saved.double()
         if not tc_backward:
