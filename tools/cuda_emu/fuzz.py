@@ -65,11 +65,7 @@ def run_case(lib, case, dtype, knobs):
     except AssertionError as e:  # emulate(): the driver returned non-zero
         return False, f"FAIL {case} {dtype}: the emulated call failed ({e!r}; see stderr above)"
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        run_emu.restore_environ(old)
 
 
 def main(argv=None):

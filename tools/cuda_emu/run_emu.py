@@ -85,6 +85,16 @@ def ptr(t):
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
+def restore_environ(old):
+    """Puts back the environment variables saved as {name: value or None (unset)}: the plan
+    knobs a measurement or a fuzzed case set (the driver reads them at every call)."""
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def tensors(lib, read=(), write=()):
     """Registers the tensors of the next emu_* call (tools/cuda_emu/emu_bounds.h): the call
     then fails (returns 3) if a kernel reads or writes global memory outside all of them,
@@ -974,11 +984,7 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, l2=False, group=No
         if dram:
             _bytes_moved(lib)  # the model's reruns counted again: reset
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_environ(old)
     read_x, read_other, written = (c.value for c in counts)
     wbytes = sum(t.numel() * t.element_size() for t in params if t is not None)
     gbytes = sum(t.numel() * t.element_size() for t in gr[1:] if t is not None)
