@@ -93,33 +93,33 @@ struct EmuRaces {
                   "launch", launch, cta, kind[0] == 'r' ? "reads" : "writes",
                   reinterpret_cast<void*>(a), who);
   }
+  // f(page, index in the page, address) for each byte of [p, p + n)
+  template <typename F>
+  void each_byte(const void* p, size_t n, F f) {
+    const uintptr_t a0 = reinterpret_cast<uintptr_t>(p);
+    for (uintptr_t a = a0; a < a0 + n; ++a) f(page(a), int(a & (kPage - 1)), a);
+  }
   void read(const void* p, size_t n, unsigned thread) {
     check_wait(thread, reinterpret_cast<uintptr_t>(p));
     if (!on) return;
-    const uintptr_t a0 = reinterpret_cast<uintptr_t>(p);
-    for (uintptr_t a = a0; a < a0 + n; ++a) {
-      Page* pg = page(a);
-      const int i = int(a & (kPage - 1));
+    each_byte(p, n, [&](Page* pg, int i, uintptr_t a) {
       const int32_t w = pg->writer[i];
       if (w != kNone && w != cta) report("rw", a, w);
       int32_t& r = pg->reader[i];
       if (r == kNone) r = cta;
       else if (r != cta) r = kSeveral;
-    }
+    });
   }
   void write(const void* p, size_t n, unsigned thread) {
     check_wait(thread, reinterpret_cast<uintptr_t>(p));
     if (!on) return;
-    const uintptr_t a0 = reinterpret_cast<uintptr_t>(p);
-    for (uintptr_t a = a0; a < a0 + n; ++a) {
-      Page* pg = page(a);
-      const int i = int(a & (kPage - 1));
+    each_byte(p, n, [&](Page* pg, int i, uintptr_t a) {
       int32_t& w = pg->writer[i];
       const int32_t r = pg->reader[i];
       if (w != kNone && w != cta) report("ww", a, w);
       else if (r == kSeveral || (r != kNone && r != cta)) report("wr", a, r);
       w = cta;
-    }
+    });
   }
   // The number of races since the last call and the first one's description; then reset.
   uint64_t take(char* buf, size_t n) {
