@@ -108,6 +108,33 @@ def test_ptx_wrappers_compile_to_tensor_core_sass(tmp_path):
         assert instr in sass, f"{instr.strip()} not in the probe's SASS"
 
 
+def test_tensor_core_kernels_build_for_sm80(tmp_path):
+    """A user's `pip install -e .` builds for sm_80, 86 and 89 as well (setup.py's default
+    TORCH_CUDA_ARCH_LIST), CI's build for sm_90 only: the tensor-core kernels' sources must
+    compile for sm_80 too (the sm_90-only instructions, griddepcontrol, behind their guards)
+    and spill nothing there. The three files build side by side (~40 s on 2 cores)."""
+    nvcc, tool = _nvcc(), _cuobjdump()
+    if nvcc is None or tool is None:
+        pytest.skip("needs nvcc and cuobjdump")
+    flags = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-arch=sm_80", "-cubin",
+             "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+             "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-I" + os.path.join(ROOT, "csrc", "cuda"),
+             "-I" + os.path.join(ROOT, "csrc")]
+    jobs = {}
+    for name in ("block_forward_mma", "block_backward_mma", "block_backward_dw"):
+        cubin = str(tmp_path / f"{name}.cubin")
+        jobs[name] = (cubin, subprocess.Popen(
+            [nvcc, *flags, os.path.join(ROOT, "csrc", "cuda", f"{name}.cu"), "-o", cubin],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for name, (cubin, proc) in jobs.items():
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name}.cu for sm_80:\n{out[-3000:]}"
+        res = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True,
+                             timeout=120).stdout
+        kernels = [line for line in res.splitlines() if "REG:" in line]
+        assert kernels and all("LOCAL:0" in line for line in kernels), (name, res[-2000:])
+
+
 def _gemm_ops(short):
     """The GEMM instructions a forward/backward instantiation must contain: HMMA on tensor
     cores (fed by LDSM in the 16-bit ones), float32 FMAs and no HMMA in float32's exact
