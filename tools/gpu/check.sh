@@ -2,10 +2,10 @@
 # One GPU check, end to end, on a machine with PyTorch preinstalled and no network: install,
 # the CUDA and Triton tests, the benchmark harness (bfloat16 and float32), compute-sanitizer
 # memcheck, racecheck and synccheck over a small forward+backward, ncu's view of what limits
-# each tensor-core kernel, a sweep of the tensor-core forward's tile size, ncu's DRAM bytes
-# of the 16-bit backward, the machine probe (where a C++ exception crashes), the backward's
-# batch-slice budgets, float32 without TF32, and the backward's launches started early
-# (programmatic dependent launch).
+# each tensor-core kernel, random configurations against float64, a sweep of the tensor-core
+# forward's tile size, ncu's DRAM bytes of the 16-bit backward, the machine probe (where a
+# C++ exception crashes), the backward's batch-slice budgets, float32 without TF32, and the
+# kernels started early (programmatic dependent launch).
 #
 #   bash tools/gpu/check.sh OUTDIR [--fast] [--pack FILE]
 #   STAGES="install tests memcheck" bash tools/gpu/check.sh OUTDIR   # a subset
@@ -43,7 +43,8 @@ BUDGET_S=${BUDGET_S:-540}
 declare -A STATUS TIMES
 
 ALL_STAGES="install backends tests bench-bf16 memcheck bench-fp32 racecheck synccheck ncu-limits"
-ALL_STAGES+=" fwd-sweep bwd-dram bwd-dram-warm probe bwd-slices bench-fp32-ieee bench-pdl tests-pdl"
+ALL_STAGES+=" fuzz fwd-sweep bwd-dram bwd-dram-warm probe bwd-slices bench-fp32-ieee bench-pdl"
+ALL_STAGES+=" tests-pdl"
 STAGES=${STAGES:-$ALL_STAGES}
 KNOWN="$ALL_STAGES tests-all bench-compile"
 RAN=""
@@ -132,6 +133,10 @@ stage ncu-limits 150 ncu --clock-control none --section SpeedOfLight --section O
   --section MemoryWorkloadAnalysis \
   --kernel-name regex:"mma_kernel|dw_backward|backward_reduce" --csv --page details \
   python3 tools/gpu/backward_dram.py
+# random configurations (shapes, merges, strides, activations, layouts, dtypes) on the CUDA
+# backend against float64, on the hardware: what the suite's fixed cases do not pick
+stage fuzz 100 python3 tools/gpu/fuzz_backend.py --device cuda --backend cuda --cases 400 \
+  --seconds 75
 # the tensor-core forward's tile against two / three CTAs per SM (MSFUSED_CUDA_FWD_SMEM)
 stage fwd-sweep 120 python3 tools/gpu/forward_sweep.py
 # the 16-bit backward's DRAM bytes per launch (ncu) against the emulator's global bytes
