@@ -23,7 +23,7 @@ import torch
 
 import msfused
 from msfused import activations
-from msfused.config import act_code
+from msfused.config import apply_act
 from msfused.reference import block_preactivation
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -119,24 +119,24 @@ def _flips_explain(ref, fused, x, gy, got, dtype):
     gradients by 1e-2..1e-1. Explained when the kernel's gradients are within a few roundings
     of float64 differentiated with the kernel's own mask, and the flips are few (at most 1%
     of the elements, or one)."""
-    cfg, act = fused.config, act_code(fused.activation)
+    cfg = fused.config
     xd = x.double().requires_grad_(True)
     pd = ref.params()
     pd = type(pd)(*[t.detach().double().requires_grad_(True) if t is not None else None
                     for t in pd])
     z = block_preactivation(xd, pd, cfg)
     y = got[0].double()
-    z.backward(activations.grad_from_saved(act, gy.double(), y))
+    z.backward(activations.grad_from_saved(cfg.act, gy.double(), y))
     exact = [xd.grad] + [t.grad for t in pd if t is not None]
     errs = [_rel(g, e) for g, e in zip(got[1:], exact)]
-    mask_k = activations.grad_from_saved(act, torch.ones_like(y), y) != 0
-    mask_64 = activations.grad_from_saved(
-        act, torch.ones_like(z), msfused.config.apply_act(z.detach(), cfg.act)) != 0
+    mask_k = activations.grad_from_saved(cfg.act, torch.ones_like(y), y) != 0
+    y64 = apply_act(z.detach(), cfg.act)
+    mask_64 = activations.grad_from_saved(cfg.act, torch.ones_like(y64), y64) != 0
     flips = int((mask_k != mask_64).sum())
     ok = max(errs) < EXACT_TOL[dtype] and flips <= max(1, z.numel() // 100)
+    verdict = "" if ok else ": not explained"
     return ok, (f"; policy miss from {flips} act' flip(s) of {z.numel()} (gradients within "
-                f"{max(errs):.1e} of float64 with the kernel's mask)" + ("" if ok else ": not"
-                                                                         " explained"))
+                f"{max(errs):.1e} of float64 with the kernel's mask){verdict}")
 
 
 def main(argv=None):
