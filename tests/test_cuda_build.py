@@ -91,7 +91,8 @@ def _nvcc():
 def test_ptx_wrappers_compile_to_tensor_core_sass(tmp_path):
     """csrc/cuda/ptx_wrappers.cuh, built for sm_90 through the probe kernel the emulator runs:
     the PTX strings become the instructions they are meant to (bf16 and fp16 mma.sync m16n8k16
-    with float accumulators, ldmatrix x4/x2 and .trans, 16-byte cp.async with zero-fill)."""
+    with float accumulators, ldmatrix x4/x2 and .trans, 16-byte cp.async with zero-fill, the
+    cluster barrier's arrive and wait)."""
     nvcc, tool = _nvcc(), _cuobjdump()
     if nvcc is None or tool is None:
         pytest.skip("needs nvcc and cuobjdump")
@@ -104,7 +105,8 @@ def test_ptx_wrappers_compile_to_tensor_core_sass(tmp_path):
     sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True,
                           timeout=120).stdout
     for instr in ("HMMA.16816.F32.BF16", "HMMA.16816.F32 ", "LDSM.16.M88.4", "LDSM.16.MT88.2",
-                  "LDSM.16.M88.2", "LDGSTS.E.BYPASS.128"):
+                  "LDSM.16.M88.2", "LDGSTS.E.BYPASS.128",
+                  "UCGABAR_ARV", "UCGABAR_WAIT"):  # the cluster barrier (cluster_probe)
         assert instr in sass, f"{instr.strip()} not in the probe's SASS"
 
 

@@ -252,14 +252,30 @@ def ptx_probe(tmp_path_factory):
     (8, "bad="),                 # a warp overwrites what the other has yet to read
     (9, "bad="),                 # the same through cp.async
     (10, None),                  # with the barrier
-    (11, "past the launch's 1024 bytes of dynamic shared memory")])  # a plain store past it
+    (11, "past the launch's 1024 bytes of dynamic shared memory"),  # a plain store past it
+    # thread-block clusters (cluster_probe): distributed shared memory and the cluster barrier
+    (20, None),                  # a neighbour's shared memory read between two cluster barriers
+    (27, None),                  # the same with the first barrier split around other work
+    (21, "bad="),                # no barrier between the writes and the neighbour's reads
+    (22, "that CTA of the cluster has returned"),  # no barrier before returning
+    (23, "bad="),                # the same, the neighbour mapped before it returned
+    (24, "on another CTA's shared memory"),        # cp.async into a neighbour
+    (25, "deadlock: a cluster barrier"),           # a warp skips the barrier
+    (26, "arrive twice without a wait"),
+    (28, "rank outside the cluster"),
+    (29, "after that CTA returned")])              # a write into a neighbour that returned
 def test_ptx_standins(ptx_probe, mode, message):
     """The emulator's mma.sync, ldmatrix and cp.async follow PTX's per-lane fragment layouts
     (a correct kernel gets exact results, a wrong layout wrong ones) and abort on a broken
     rule, so tensor-core kernels built on ptx_wrappers.cuh are checked without a GPU. Its
     schedule (one warp at a time between barriers, cp.async landing early in every other
     block) turns a missing barrier before an overwrite into wrong values (modes 8, 9), and
-    after each block it finds a plain store past the dynamic shared memory (mode 11)."""
+    after each block it finds a plain store past the dynamic shared memory (mode 11).
+    Thread-block clusters (modes 20-29): the CTAs of a cluster run rank after rank, each as
+    far as the cluster barrier lets it, so reading a neighbour's shared memory before it was
+    written or after the neighbour returned gives wrong values or aborts; the barrier's
+    rules (every thread, arrive then wait) and the mapping's (own shared memory, a rank of
+    the cluster) abort when broken."""
     r = subprocess.run([ptx_probe, str(mode)], capture_output=True, text=True, timeout=120)
     if message is None:
         assert r.returncode == 0 and "bad=0" in r.stdout, r.stdout + r.stderr

@@ -28,6 +28,14 @@
   ::msfused::cuda::launch_maybe_early(pdl, kernel, dim3(grid), dim3(block), smem, stream, \
                                       __VA_ARGS__)
 #endif
+// A launch of thread-block clusters of `cluster` CTAs along x (1 to 8, the portable sizes;
+// grid.x a multiple of it; sm_90 and up for more than 1), which may also start early where
+// `pdl` says so. Evaluates to the launch's cudaError_t.
+#ifndef MSF_LAUNCH_CLUSTER
+#define MSF_LAUNCH_CLUSTER(pdl, cluster, kernel, grid, block, smem, stream, ...)              \
+  ::msfused::cuda::launch_ex(pdl, cluster, kernel, dim3(grid), dim3(block), smem, stream, \
+                             __VA_ARGS__)
+#endif
 #ifndef MSF_EXTERN_SMEM
 // 128-byte aligned: the kernels' shared-memory maps align their sections to 128 bytes.
 #define MSF_EXTERN_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
@@ -94,26 +102,42 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 
 #ifndef MSFUSED_CUDA_EMU
 template <typename... Params, typename... Args>
-inline cudaError_t launch_maybe_early(bool early, void (*kernel)(Params...), dim3 grid,
-                                      dim3 block, size_t smem, cudaStream_t stream,
-                                      Args&&... args) {
-  if (!early) {
+inline cudaError_t launch_ex(bool early, unsigned cluster, void (*kernel)(Params...), dim3 grid,
+                             dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  if (!early && cluster == 1) {
     kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
     return cudaGetLastError();
   }
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  if (cluster < 1 || cluster > 8 || grid.x % cluster != 0) return cudaErrorInvalidValue;
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (early) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = cluster;
+    attr[n].val.clusterDim.y = 1;
+    attr[n++].val.clusterDim.z = 1;
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = n;
   const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
   if (e != cudaSuccess) (void)cudaGetLastError();  // reported by the caller, not left sticky
   return e;
+}
+
+template <typename... Params, typename... Args>
+inline cudaError_t launch_maybe_early(bool early, void (*kernel)(Params...), dim3 grid,
+                                      dim3 block, size_t smem, cudaStream_t stream,
+                                      Args&&... args) {
+  return launch_ex(early, 1u, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 #endif
 

@@ -141,6 +141,63 @@ __device__ __forceinline__ void launch_dependents() {
 #endif
 }
 
+// Thread-block clusters (sm_90 and up; launched with MSF_LAUNCH_CLUSTER, common.cuh). Before
+// sm_90 a launch is its own cluster of one: rank 0 of 1, the barrier a __syncthreads(), and
+// map_shared_rank(p, 0) is p.
+__device__ __forceinline__ unsigned cluster_ctarank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+#else
+  return 0;
+#endif
+}
+__device__ __forceinline__ unsigned cluster_nctarank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(r));
+  return r;
+#else
+  return 1;
+#endif
+}
+// The cluster barrier, split: every thread of the cluster arrives (release: its earlier
+// shared-memory writes, cp.async copies it has waited for included, become visible to the
+// cluster) and later waits (acquire) until all have arrived; each thread alternates the two,
+// and every lane of a warp executes the same one (.aligned). Between them a thread may work
+// on anything but what the barrier guards.
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __syncthreads();
+#endif
+}
+__device__ __forceinline__ void cluster_sync() {
+  cluster_arrive();
+  cluster_wait();
+}
+// p, an address in this CTA's shared memory, as the same offset in the shared memory of CTA
+// `rank` of the cluster (distributed shared memory), as a generic pointer for plain loads
+// and stores. That CTA must not have returned: a cluster ends with a cluster_sync() where
+// CTAs read each other's shared memory.
+template <typename T>
+__device__ __forceinline__ T* map_shared_rank(T* p, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint64_t r;
+  asm volatile("mapa.u64 %0, %1, %2;\n" : "=l"(r) : "l"(reinterpret_cast<uint64_t>(p)), "r"(rank));
+  return reinterpret_cast<T*>(r);
+#else
+  return p;
+#endif
+}
+
 }  // namespace ptx
 }  // namespace msfused
 #endif  // MSFUSED_CUDA_EMU: tools/cuda_emu/emu_ptx.h provides the same functions

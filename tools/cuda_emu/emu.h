@@ -1,7 +1,9 @@
 // A minimal CPU emulation of the CUDA features the kernels in csrc/cuda use, so their index
 // math, masking, halos and barriers can be tested on a machine without a GPU:
 // the CTAs run one by one, each as blockDim.x fibers sharing "__shared__" (static) memory
-// (the scheduler is below emu_fail). Not for speed. float16/bfloat16 are 2-byte stand-ins with
+// (the scheduler is below emu_fail); the CTAs of a thread-block cluster (MSF_LAUNCH_CLUSTER)
+// run together, each with its own dynamic shared memory, which the others reach through
+// ptx::map_shared_rank (distributed shared memory; emu_ptx.h has the cluster barrier). Not for speed. float16/bfloat16 are 2-byte stand-ins with
 // the rounding of cuda_fp16.h / cuda_bf16.h (round to nearest even, NaN kept). mma.sync,
 // ldmatrix and cp.async (csrc/cuda/ptx_wrappers.cuh) are in emu_ptx.h. Global bytes moved
 // through csrc/cuda/global_io.cuh and cp.async are counted (emu_bytes_* below).
@@ -68,6 +70,13 @@ struct dim3 {
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
+// A cluster runs at most 8 CTAs (the portable maximum, all that common.cuh's launcher asks
+// for) of at most 4096 threads in all;
+// emu_fiber is the running thread's index in its cluster (rank x blockDim.x + threadIdx.x),
+// which indexes the emulator's per-thread state.
+constexpr unsigned kEmuMaxCluster = 8, kEmuMaxFibers = 4096;
+inline unsigned emu_fiber = 0;
+
 typedef void* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
@@ -109,20 +118,31 @@ inline bool emu_count_read(const void* p, size_t n) {
   (in_x ? emu_bytes_read_x : emu_bytes_read) += n;
   if (!emu_bounds.check(p, n, false)) return false;
   emu_l2.access(p, n, false);
-  emu_races.read(p, n, threadIdx.x);
+  emu_races.read(p, n, emu_fiber);
   return true;
 }
 inline bool emu_count_written(const void* p, size_t n) {
   emu_bytes_written += n;
   if (!emu_bounds.check(p, n, true)) return false;
   emu_l2.access(p, n, true);
-  emu_races.write(p, n, threadIdx.x);
+  emu_races.write(p, n, emu_fiber);
   return true;
 }
 
-inline double emu_shfl[1024];
-alignas(128) inline unsigned char emu_dyn_smem[256 * 1024];
+inline double emu_shfl[kEmuMaxFibers];
+// Dynamic shared memory: one 256 KB region per CTA of a cluster (rank r at r x 256 KB);
+// emu_smem is the running CTA's, emu_dyn_bytes the launch's size.
+constexpr size_t kEmuSmemRegion = 256 * 1024;
+alignas(128) inline unsigned char emu_dyn_smem[kEmuMaxCluster * kEmuSmemRegion];
+inline unsigned char* emu_smem = emu_dyn_smem;
 inline size_t emu_dyn_bytes = 0;
+inline unsigned char* emu_smem_region(unsigned rank) { return emu_dyn_smem + rank * kEmuSmemRegion; }
+// The rank whose region holds p, or -1 outside every region.
+inline int emu_smem_rank_of(const void* p) {
+  const auto* b = static_cast<const unsigned char*>(p);
+  if (b < emu_dyn_smem || b >= emu_dyn_smem + sizeof(emu_dyn_smem)) return -1;
+  return int(size_t(b - emu_dyn_smem) / kEmuSmemRegion);
+}
 
 // emu_ptx.h (included at the end): cp.async bookkeeping per block and at each barrier.
 // A cp.async may land any time between its issue and its wait. Every other block (by launch
@@ -142,18 +162,21 @@ inline void emu_ptx_publish_own();
   std::abort();
 }
 
-// ---- the threads of a CTA: fibers on the launching thread ------------------------------
-// Each CUDA thread is a fiber with its own stack; it runs until it reaches a __syncthreads()
-// or a warp-collective op, or returns (emu_run_block below schedules them). Context
-// switches are a few instructions (x86-64: emu_switch_ctx below), not the OS's: a 256-thread
-// CTA as 256 std::threads spent most of its time in futex wake-ups. Between two barriers the
-// warps run in warp order, then in reverse order after the next (or the other way round:
-// the first phase's order alternates between blocks), and so do the lanes of a warp between
-// two of its collectives: a shared-memory read that lacks its barrier then reads
-// a value not yet written (or, with the launch's NaN poison, no value) in one of the two
-// orders, whichever thread writes it. A barrier that not every thread reaches, or lanes of a
-// warp at different collectives, is found when no fiber can run (no timeout) and aborts.
-enum EmuFiberState { EMU_RUN, EMU_AT_BARRIER, EMU_AT_WARP, EMU_DONE };
+// ---- the threads of a CTA (or cluster): fibers on the launching thread ------------------
+// Each CUDA thread is a fiber with its own stack; it runs until it reaches a __syncthreads(),
+// a cluster barrier's wait or a warp-collective op, or returns (emu_run_block below
+// schedules them). Context switches are a few instructions (x86-64: emu_switch_ctx below),
+// not the OS's: a 256-thread CTA as 256 std::threads spent most of its time in futex
+// wake-ups. Between two barriers the warps run in warp order, then in reverse order after
+// the next (or the other way round: the first phase's order alternates between blocks), and
+// so do the lanes of a warp between two of its collectives: a shared-memory read that lacks
+// its barrier then reads a value not yet written (or, with the launch's NaN poison, no
+// value) in one of the two orders, whichever thread writes it. The CTAs of a cluster are
+// scheduled as one: their warps in rank order (or reversed), each CTA's __syncthreads()
+// released when all its threads reach it, a cluster barrier when all the cluster's threads
+// have arrived. A barrier that not every thread reaches, or lanes of a warp at different
+// collectives, is found when no fiber can run (no timeout) and aborts.
+enum EmuFiberState { EMU_RUN, EMU_AT_BARRIER, EMU_AT_CLUSTER, EMU_AT_WARP, EMU_DONE };
 
 struct EmuFiber {
   void* sp = nullptr;  // saved stack pointer while switched out (x86-64)
@@ -165,6 +188,7 @@ struct EmuFiber {
   const void* warp_ptr = nullptr;
   unsigned warp_ldm = 0;
   int warp_layout = 0;
+  unsigned cl_arrived = 0, cl_waited = 0;  // cluster-barrier arrivals and completed waits
 };
 
 #if EMU_FIBER_ASM
@@ -205,7 +229,7 @@ emu_switch_ctx:
 
 struct EmuCta {
   static constexpr size_t kStack = size_t(1) << 20;  // per thread; a guard page below it
-  std::vector<EmuFiber> fibers;
+  std::vector<EmuFiber> fibers;  // the cluster's threads, CTA by CTA (rank x nt + thread)
   unsigned char* stacks = nullptr;
   size_t stacks_n = 0;
   void* sched_sp = nullptr;
@@ -214,6 +238,10 @@ struct EmuCta {
 #endif
   std::function<void()> body;  // the kernel call of the current block
   unsigned current = 0;
+  unsigned nt = 0, nct = 1;  // threads per CTA, CTAs in the cluster
+  dim3 first_block;          // blockIdx of rank 0
+  int32_t first_linear = 0;  // its linear index in the grid
+  unsigned done_in[kEmuMaxCluster] = {};  // per rank: threads that returned
 
   void ensure_stacks(unsigned n) {
     if (n <= stacks_n) return;
@@ -232,9 +260,26 @@ struct EmuCta {
 };
 inline EmuCta emu_cta;
 
+inline void emu_poison_smem(unsigned rank) {
+  float* p = reinterpret_cast<float*>(emu_smem_region(rank));
+  for (size_t i = 0; i < kEmuSmemRegion / sizeof(float); ++i) p[i] = NAN;
+}
+
+// Whether CTA `rank` of the running cluster has returned (all its threads). Its shared memory
+// is gone then: poisoned at once, so a read through distributed shared memory after it
+// (a cluster that lacks its barrier before exit) sees NaN.
+inline bool emu_cta_exited(unsigned rank) { return emu_cta.done_in[rank] == emu_cta.nt; }
+
+inline void emu_check_smem_tail(unsigned rank, size_t smem);
+
 inline void emu_fiber_main() {
   emu_cta.body();
   emu_cta.fibers[emu_cta.current].state = EMU_DONE;
+  const unsigned rank = emu_cta.current / emu_cta.nt;
+  if (++emu_cta.done_in[rank] == emu_cta.nt) {  // the CTA's last thread returned
+    emu_check_smem_tail(rank, emu_dyn_bytes);
+    if (emu_cta.nct > 1) emu_poison_smem(rank);
+  }
 #if EMU_FIBER_ASM
   void* dead;
   emu_switch_ctx(&dead, emu_cta.sched_sp);
@@ -257,6 +302,7 @@ inline void emu_yield() {
 inline void emu_start_fiber(unsigned t) {
   EmuFiber& f = emu_cta.fibers[t];
   f.state = EMU_RUN;
+  f.cl_arrived = f.cl_waited = 0;
 #if EMU_FIBER_ASM
   // The frame emu_switch_ctx pops: MXCSR and x87 control word, r15..rbp, then the return
   // address (emu_fiber_main, entered with rsp = 8 mod 16 as after a call), below top.
@@ -278,9 +324,20 @@ inline void emu_start_fiber(unsigned t) {
 #endif
 }
 
-inline void emu_resume(unsigned t) {
+// Makes fiber t the running thread: its threadIdx, its CTA's blockIdx, shared memory and
+// linear index (emu_races.h).
+inline void emu_enter(unsigned t) {
   emu_cta.current = t;
-  threadIdx = dim3(t, 0, 0);
+  emu_fiber = t;
+  const unsigned rank = t / emu_cta.nt;
+  threadIdx = dim3(t % emu_cta.nt, 0, 0);
+  blockIdx = dim3(emu_cta.first_block.x + rank, emu_cta.first_block.y, emu_cta.first_block.z);
+  emu_smem = emu_smem_region(rank);
+  emu_races.cta = emu_cta.first_linear + int32_t(rank);
+}
+
+inline void emu_resume(unsigned t) {
+  emu_enter(t);
   EmuFiber& f = emu_cta.fibers[t];
 #if EMU_FIBER_ASM
   emu_switch_ctx(&emu_cta.sched_sp, f.sp);
@@ -300,7 +357,7 @@ inline bool emu_release_warp(unsigned w, unsigned nt) {
     const EmuFiber& f = emu_cta.fibers[w * 32 + l];
     if (f.warp_op != f0.warp_op || f.warp_ptr != f0.warp_ptr || f.warp_ldm != f0.warp_ldm ||
         f.warp_layout != f0.warp_layout) {
-      threadIdx = dim3(w * 32 + l, 0, 0);
+      emu_enter(w * 32 + l);
       emu_fail("lanes of a warp called a warp-collective op with different operations or "
                "arguments");
     }
@@ -309,46 +366,87 @@ inline bool emu_release_warp(unsigned w, unsigned nt) {
   return true;
 }
 
-// Runs one block's nt threads to completion. Between two barriers one warp runs at a time,
-// through all its warp-collective ops, as far as the next barrier: the warps are as far
-// out of step as the hardware allows, so a warp that writes (or copies into) shared memory
-// that another warp has yet to read in the same phase is caught. reverse: the order of the
-// first phase (every other block of a launch starts reversed, so each phase of a kernel
-// runs in both orders in a launch of two blocks or more).
-inline void emu_run_block(unsigned nt, bool reverse) {
-  emu_cta.ensure_stacks(nt);
-  for (unsigned t = 0; t < nt; ++t) emu_start_fiber(t);
-  const unsigned nw = (nt + 31) / 32;
+// Runs the nct CTAs of nt threads each (one CTA, or a cluster's) to completion. Between two
+// barriers one warp runs at a time, through all its warp-collective ops, as far as the next
+// barrier: the warps are as far out of step as the hardware allows, so a warp that writes
+// (or copies into) shared memory that another warp has yet to read in the same phase is
+// caught. reverse: the order of the first phase (every other block of a launch starts
+// reversed, so each phase of a kernel runs in both orders in a launch of two blocks or
+// more). A cluster's CTAs run one after another in rank order (reversed with `reverse`),
+// each as far as it can (through its own __syncthreads() to a cluster barrier or its
+// return) before the next one starts: as far out of step as the cluster barrier allows, so
+// that a CTA reading another's shared memory before that one wrote it, or after it
+// returned, sees the NaN poison.
+inline void emu_run_block(unsigned nt, unsigned nct, bool reverse) {
+  const unsigned n = nt * nct;
+  emu_cta.ensure_stacks(n);
+  emu_cta.nt = nt;
+  emu_cta.nct = nct;
+  for (unsigned r = 0; r < nct; ++r) emu_cta.done_in[r] = 0;
+  for (unsigned t = 0; t < n; ++t) emu_start_fiber(t);
+  const unsigned nw = (nt + 31) / 32;  // warps per CTA (a cluster's CTAs are whole warps)
+  bool rev[kEmuMaxCluster];  // per CTA: the order of its current phase
+  for (unsigned r = 0; r < nct; ++r) rev[r] = reverse;
   for (;;) {
-    for (unsigned i = 0; i < nw; ++i) {
-      const unsigned w = reverse ? nw - 1 - i : i;
-      const unsigned lanes = nt - w * 32 < 32 ? nt - w * 32 : 32;
-      do {
-        for (unsigned j = 0; j < lanes; ++j) {
-          const unsigned t = w * 32 + (reverse ? lanes - 1 - j : j);
-          while (emu_cta.fibers[t].state == EMU_RUN) emu_resume(t);
+    for (unsigned i = 0; i < nct; ++i) {
+      const unsigned r = reverse ? nct - 1 - i : i, f0 = r * nt;
+      for (;;) {  // CTA r as far as it goes
+        for (unsigned k = 0; k < nw; ++k) {
+          const unsigned w = rev[r] ? nw - 1 - k : k;
+          const unsigned lanes = nt - w * 32 < 32 ? nt - w * 32 : 32;
+          do {
+            for (unsigned j = 0; j < lanes; ++j) {
+              const unsigned t = f0 + w * 32 + (rev[r] ? lanes - 1 - j : j);
+              while (emu_cta.fibers[t].state == EMU_RUN) emu_resume(t);
+            }
+          } while (emu_release_warp(f0 / 32 + w, f0 + nt));
         }
-      } while (emu_release_warp(w, nt));
-    }
-    // No thread can run: each is done, waits at the barrier, or waits at a warp-collective
-    // op that not all of its warp's lanes reached.
-    unsigned at_barrier = 0, done = 0;
-    for (unsigned t = 0; t < nt; ++t) {
-      if (emu_cta.fibers[t].state == EMU_AT_WARP) {
-        threadIdx = dim3(t, 0, 0);
-        emu_fail("not every lane of the warp called a warp-collective op (warp divergence)");
+        // No thread of CTA r can run: each is done, waits at a barrier, or waits at a
+        // warp-collective op that not all of its warp's lanes reached.
+        unsigned at_barrier = 0, done = 0, done_t = 0;
+        for (unsigned t = f0; t < f0 + nt; ++t) {
+          if (emu_cta.fibers[t].state == EMU_AT_WARP) {
+            emu_enter(t);
+            emu_fail("not every lane of the warp called a warp-collective op (warp divergence)");
+          }
+          at_barrier += emu_cta.fibers[t].state == EMU_AT_BARRIER;
+          if (emu_cta.fibers[t].state == EMU_DONE) { ++done; done_t = t; }
+        }
+        if (at_barrier != 0 && done != 0) {  // name a thread that returned
+          emu_enter(done_t);
+          emu_fail("a __syncthreads() that not every thread of the block reached");
+        }
+        if (at_barrier != nt) break;
+        for (unsigned t = f0; t < f0 + nt; ++t) emu_cta.fibers[t].state = EMU_RUN;
+        rev[r] = !rev[r];
       }
-      at_barrier += emu_cta.fibers[t].state == EMU_AT_BARRIER;
-      done += emu_cta.fibers[t].state == EMU_DONE;
     }
-    if (done == nt) return;
-    if (at_barrier != nt) {
-      for (unsigned t = 0; t < nt; ++t)  // name a thread that returned
-        if (emu_cta.fibers[t].state == EMU_DONE) { threadIdx = dim3(t, 0, 0); break; }
-      emu_fail("a __syncthreads() that not every thread of the block reached");
+    // No thread of the cluster can run. A cluster barrier's phase completes when every
+    // thread of the cluster has arrived (threads that returned never do: their cluster
+    // deadlocks, as it would on the GPU).
+    bool all_done = true, progress = false;
+    unsigned arrived = ~0u;
+    for (unsigned t = 0; t < n; ++t) {
+      const EmuFiber& f = emu_cta.fibers[t];
+      all_done = all_done && f.state == EMU_DONE;
+      arrived = f.cl_arrived < arrived ? f.cl_arrived : arrived;
     }
-    for (unsigned t = 0; t < nt; ++t) emu_cta.fibers[t].state = EMU_RUN;
-    reverse = !reverse;
+    if (all_done) return;
+    for (unsigned t = 0; t < n; ++t) {
+      EmuFiber& f = emu_cta.fibers[t];
+      if (f.state == EMU_AT_CLUSTER && f.cl_waited < arrived) {
+        ++f.cl_waited;
+        f.state = EMU_RUN;
+        progress = true;
+      }
+    }
+    if (!progress) {
+      for (unsigned t = 0; t < n; ++t)  // name a thread that waits
+        if (emu_cta.fibers[t].state != EMU_DONE) { emu_enter(t); break; }
+      emu_fail(nct > 1 ? "deadlock: a cluster barrier or __syncthreads() that not every thread "
+                         "of the cluster (or block) reached"
+                       : "a __syncthreads() that not every thread of the block reached");
+    }
   }
 }
 
@@ -360,43 +458,58 @@ inline void __syncthreads() {
 
 template <typename A>
 inline A __shfl_down_sync(unsigned, A v, int off) {
-  const int t = threadIdx.x;
+  const unsigned t = emu_fiber;
   emu_shfl[t] = static_cast<double>(v);
   __syncthreads();
-  const int lane = t % 32;
+  const int lane = threadIdx.x % 32;
   A r = lane + off < 32 ? static_cast<A>(emu_shfl[t + off]) : v;
   __syncthreads();
   return r;
 }
 
-#define MSF_EXTERN_SMEM(name) unsigned char* name = emu_dyn_smem
+#define MSF_EXTERN_SMEM(name) unsigned char* name = emu_smem
 
-// After each CTA: the shared memory past the launch's dynamic allocation still holds the
+// When a CTA returns: the shared memory past the launch's dynamic allocation still holds the
 // poison, i.e. no thread wrote beyond it with a plain store (16-byte accesses are checked
 // as they happen: emu_ptx.h emu_check_smem_16). On a GPU that is memcheck's "invalid
-// __shared__ write"; reads beyond give the NaN poison.
-inline void emu_check_smem_tail(size_t smem) {
+// __shared__ write"; reads beyond give the NaN poison. After a cluster, with from = 0:
+// nothing wrote into a CTA's shared memory (through distributed shared memory) after it
+// returned.
+inline void emu_check_smem_tail(unsigned rank, size_t smem) {
   const uint32_t poison = emu_float_to_bits(NAN);
-  const size_t n = sizeof(emu_dyn_smem) / 4;
+  const unsigned char* region = emu_smem_region(rank);
+  const size_t n = kEmuSmemRegion / 4;
   for (size_t i = (smem + 3) / 4; i < n; ++i) {
     uint32_t u;
-    std::memcpy(&u, emu_dyn_smem + 4 * i, 4);
+    std::memcpy(&u, region + 4 * i, 4);
     if (u != poison) {
-      char msg[128];
-      std::snprintf(msg, sizeof(msg), "a thread wrote shared memory at byte %zu, past the "
-                    "launch's %zu bytes of dynamic shared memory", 4 * i, smem);
+      char msg[200];
+      if (smem == 0)
+        std::snprintf(msg, sizeof(msg), "shared memory of CTA rank %u written at byte %zu after "
+                      "that CTA returned (distributed shared memory)", rank, 4 * i);
+      else
+        std::snprintf(msg, sizeof(msg), "a thread wrote shared memory at byte %zu of CTA rank "
+                      "%u, past the launch's %zu bytes of dynamic shared memory", 4 * i, rank,
+                      smem);
       emu_fail(msg);
     }
   }
 }
 
+// Runs a launch, its blocks one by one or, with cluster > 1 (along x; grid.x a multiple of
+// it), its clusters one by one, each cluster's CTAs together.
 template <typename K, typename... Args>
-void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, bool pdl, Args... args) {
-  if (smem > sizeof(emu_dyn_smem)) throw 1;
+void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, bool pdl, unsigned cluster,
+                Args... args) {
+  if (smem > kEmuSmemRegion) throw 1;
+  const unsigned nt = block.x * block.y * block.z;
+  if (cluster < 1 || cluster > kEmuMaxCluster || grid.x % cluster != 0 ||
+      (cluster > 1 && (nt % 32 != 0 || nt * cluster > kEmuMaxFibers)) || nt > 1024)
+    emu_fail("a launch whose cluster is not 1-8 CTAs dividing grid.x, of whole warps, at "
+             "most 4096 threads");
   gridDim = grid;
   blockDim = block;
   emu_dyn_bytes = smem;
-  const unsigned nt = block.x * block.y * block.z;
   emu_cta.body = [&] { kernel(args...); };
   emu_l2.on_launch();
   emu_races.on_launch(emu_launches);
@@ -404,28 +517,33 @@ void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, bool pdl, Args... 
   unsigned long block_no = emu_launches++;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
+      for (unsigned bx = 0; bx < grid.x; bx += cluster) {
         // poison shared memory so reads of unwritten smem show up as NaN
-        for (size_t i = 0; i < sizeof(emu_dyn_smem) / sizeof(float); ++i)
-          reinterpret_cast<float*>(emu_dyn_smem)[i] = NAN;
-        blockIdx = dim3(bx, by, bz);
-        emu_races.on_cta(int32_t((bz * grid.y + by) * grid.x + bx));
+        for (unsigned r = 0; r < cluster; ++r) emu_poison_smem(r);
+        emu_cta.first_block = dim3(bx, by, bz);
+        emu_cta.first_linear = int32_t((bz * grid.y + by) * grid.x + bx);
+        emu_races.on_cluster(nt);
         const unsigned long k = block_no++;
         emu_async_land_at_issue = (k & 1) != 0;
         emu_ptx_block_begin();
-        emu_run_block(nt, (k & 2) != 0);
+        emu_run_block(nt, cluster, (k & 2) != 0);
         emu_ptx_block_end();
-        emu_check_smem_tail(smem);
+        if (cluster > 1)
+          for (unsigned r = 0; r < cluster; ++r) emu_check_smem_tail(r, 0);
       }
   emu_cta.body = nullptr;
 }
 #define MSF_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  emu_launch(kernel, dim3(grid), dim3(block), smem, false, __VA_ARGS__)
+  emu_launch(kernel, dim3(grid), dim3(block), smem, false, 1u, __VA_ARGS__)
 // A launch that may start early (csrc/cuda/common.cuh): emulated in order like any other,
 // with emu_races.h checking that no thread touches global memory before its wait; `pdl`
 // (whether the real launch would ask for early start) does not change that.
 #define MSF_LAUNCH_PDL(pdl, kernel, grid, block, smem, stream, ...) \
-  (emu_launch(kernel, dim3(grid), dim3(block), smem, true, __VA_ARGS__), cudaSuccess)
+  (emu_launch(kernel, dim3(grid), dim3(block), smem, true, 1u, __VA_ARGS__), cudaSuccess)
+// A launch of clusters of `cluster` CTAs along x (common.cuh), which may start early too.
+#define MSF_LAUNCH_CLUSTER(pdl, cluster, kernel, grid, block, smem, stream, ...) \
+  (emu_launch(kernel, dim3(grid), dim3(block), smem, true, unsigned(cluster), __VA_ARGS__), \
+   cudaSuccess)
 
 // ---- warp-collective bookkeeping (emu_ptx.h's mma.sync and ldmatrix) --------------------
 // All 32 lanes of the calling thread's warp meet here with the same (op, ptr, ldm, layout).

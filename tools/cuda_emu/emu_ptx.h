@@ -29,7 +29,7 @@ struct EmuPtxLane {
   uint32_t b[2];
   const void* addr;
 };
-inline EmuPtxLane emu_ptx_lanes[32][32];  // [warp][lane]
+inline EmuPtxLane emu_ptx_lanes[kEmuMaxFibers / 32][32];  // [warp of the cluster][lane]
 
 template <typename T>
 inline float emu_half_bits(uint16_t bits) {
@@ -43,7 +43,7 @@ template <typename T>
 inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>,
                 "mma_m16n8k16: bfloat16 or float16 operands");
-  const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const unsigned w = emu_fiber / 32, lane = threadIdx.x % 32;
   EmuPtxLane& me = emu_ptx_lanes[w][lane];
   std::memcpy(me.a, a, sizeof(me.a));
   std::memcpy(me.b, b, sizeof(me.b));
@@ -76,7 +76,7 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
 inline float emu_tf32(uint32_t bits) { return emu_bits_to_float(bits & 0xffffe000u); }
 
 inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const unsigned w = emu_fiber / 32, lane = threadIdx.x % 32;
   EmuPtxLane& me = emu_ptx_lanes[w][lane];
   std::memcpy(me.a, a, sizeof(me.a));
   std::memcpy(me.b, b, sizeof(me.b));
@@ -102,23 +102,27 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
   emu_warp_collective(25, nullptr, 0, 0);
 }
 
-// ---- cp.async bookkeeping (one block at a time: emu_launch runs blocks one by one) -------
+// ---- cp.async bookkeeping (one block or cluster at a time, as emu_launch runs them) ----
 struct EmuAsyncCopy {
   unsigned char* dst;
   unsigned char data[16];
-  unsigned owner;
+  unsigned owner;  // emu_fiber of the issuing thread
   int group;     // the owner's group number
   bool landed;   // retired by the owner's wait; visible to others after its next barrier
 };
 inline std::mutex emu_async_m;
 inline std::vector<EmuAsyncCopy> emu_async;
-inline int emu_async_open_group_of[1024];  // per thread: the group a new copy joins
+inline int emu_async_open_group_of[kEmuMaxFibers];  // per thread: the group a new copy joins
 
+// cp.async's destination and ldmatrix's rows are the executing CTA's own shared memory
+// (.shared::cta): not another CTA's of the cluster.
 inline void emu_check_smem_16(const void* p, const char* what) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail(what);
   const auto* b = static_cast<const unsigned char*>(p);
-  if (b >= emu_dyn_smem && b < emu_dyn_smem + sizeof(emu_dyn_smem) &&
-      size_t(b - emu_dyn_smem) + 16 > emu_dyn_bytes)
+  if (emu_smem_rank_of(b) < 0) return;
+  if (b < emu_smem || b >= emu_smem + kEmuSmemRegion)
+    emu_fail("cp.async or ldmatrix on another CTA's shared memory (distributed shared memory)");
+  if (size_t(b - emu_smem) + 16 > emu_dyn_bytes)
     emu_fail("16-byte shared-memory access beyond the launch's dynamic shared memory");
 }
 
@@ -131,7 +135,7 @@ inline void emu_check_async_read(const void* p) {
     if (c.dst + 16 <= b || b + 16 <= c.dst) continue;
     if (!c.landed)
       emu_fail("shared memory read while a cp.async into it is in flight (no cp_async_wait)");
-    if (c.owner != threadIdx.x)
+    if (c.owner != emu_fiber)
       emu_fail("shared memory written by another thread's cp.async read before a "
                "__syncthreads()");
   }
@@ -146,22 +150,22 @@ inline void cp_async_16(void* smem, const void* gmem, bool valid) {
   if (valid && emu_count_read(gmem, 16)) std::memcpy(c.data, gmem, 16);
   else std::memset(c.data, 0, 16);
   if (emu_async_land_at_issue) std::memcpy(c.dst, c.data, 16);  // (and again at the wait)
-  c.owner = threadIdx.x;
-  c.group = emu_async_open_group_of[threadIdx.x];
+  c.owner = emu_fiber;
+  c.group = emu_async_open_group_of[emu_fiber];
   c.landed = false;
   std::lock_guard<std::mutex> lk(emu_async_m);
   emu_async.push_back(c);
 }
 
-inline void cp_async_commit() { ++emu_async_open_group_of[threadIdx.x]; }
+inline void cp_async_commit() { ++emu_async_open_group_of[emu_fiber]; }
 
 template <int N>
 inline void cp_async_wait() {
   static_assert(N >= 0, "cp_async_wait: N >= 0");
   std::lock_guard<std::mutex> lk(emu_async_m);
   for (EmuAsyncCopy& c : emu_async)  // committed groups older than the newest N
-    if (c.owner == threadIdx.x && !c.landed &&
-        c.group < emu_async_open_group_of[threadIdx.x] - N) {
+    if (c.owner == emu_fiber && !c.landed &&
+        c.group < emu_async_open_group_of[emu_fiber] - N) {
       std::memcpy(c.dst, c.data, 16);
       c.landed = true;
     }
@@ -169,7 +173,7 @@ inline void cp_async_wait() {
 
 // ---- ldmatrix ---------------------------------------------------------------------------
 inline void emu_ldmatrix(uint32_t* r, int nmat, bool trans, const void* row, int op) {
-  const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const unsigned w = emu_fiber / 32, lane = threadIdx.x % 32;
   emu_ptx_lanes[w][lane].addr = row;
   emu_warp_collective(op, nullptr, 0, 0);
   for (int j = 0; j < nmat; ++j)  // this lane's values come from row lane/4 (or, transposed,
@@ -201,6 +205,48 @@ inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
   emu_ldmatrix(r, 2, true, row, 36);
 }
 
+// ---- thread-block clusters (sm_90): ranks, the cluster barrier, distributed shared memory --
+inline unsigned cluster_ctarank() { return emu_fiber / emu_cta.nt; }
+inline unsigned cluster_nctarank() { return emu_cta.nct; }
+
+// barrier.cluster.arrive.release.aligned and barrier.cluster.wait.acquire.aligned: every lane
+// of a warp executes the same one (.aligned: checked as a warp-collective op), and each
+// thread alternates arrive and wait. The wait returns once every thread of the cluster has
+// arrived in this phase (emu_run_block); what a thread wrote to shared memory before its
+// arrive, cp.async copies it had waited for included, is then visible to the cluster.
+inline void cluster_arrive() {
+  emu_warp_collective(40, nullptr, 0, 0);
+  EmuFiber& f = emu_cta.fibers[emu_fiber];
+  if (f.cl_arrived != f.cl_waited) emu_fail("barrier.cluster.arrive twice without a wait");
+  emu_ptx_publish_own();
+  ++f.cl_arrived;
+}
+inline void cluster_wait() {
+  emu_warp_collective(41, nullptr, 0, 0);
+  EmuFiber& f = emu_cta.fibers[emu_fiber];
+  if (f.cl_arrived != f.cl_waited + 1) emu_fail("barrier.cluster.wait without an arrive");
+  f.state = EMU_AT_CLUSTER;
+  emu_yield();
+}
+inline void cluster_sync() {
+  cluster_arrive();
+  cluster_wait();
+}
+
+// mapa: p (in this CTA's dynamic shared memory) as the same offset in CTA `rank`'s. Aborts
+// for an address outside this CTA's allocation, a rank outside the cluster, or a CTA that
+// has returned (its shared memory is gone; a pointer mapped before it returned reads the
+// NaN poison afterwards).
+template <typename T>
+inline T* map_shared_rank(T* p, unsigned rank) {
+  const auto* b = reinterpret_cast<const unsigned char*>(p);
+  if (b < emu_smem || b >= emu_smem + emu_dyn_bytes)
+    emu_fail("mapa: not an address in this CTA's dynamic shared memory");
+  if (rank >= emu_cta.nct) emu_fail("mapa: rank outside the cluster");
+  if (emu_cta_exited(rank)) emu_fail("mapa: that CTA of the cluster has returned");
+  return reinterpret_cast<T*>(emu_smem_region(rank) + (b - emu_smem));
+}
+
 // A code-generation hint on the GPU (ptx_wrappers.cuh); nothing to emulate.
 inline void opaque(int&) {}
 
@@ -212,7 +258,7 @@ inline void discard_l2_line(void* p) {
     emu_fail("discard.global.L2: address not 128-byte aligned");
   // a discard destroys the line's data: a write, as far as bounds and races go
   if (!emu_bounds.check(p, 128, true)) return;
-  emu_races.write(p, 128, threadIdx.x);
+  emu_races.write(p, 128, emu_fiber);
   std::memset(p, 0xff, 128);
   emu_l2.discard(p, 128);
 }
@@ -220,7 +266,7 @@ inline void discard_l2_line(void* p) {
 // griddepcontrol: the emulator runs launches in order, so the wait has nothing to wait for;
 // it marks the calling thread as allowed to touch global memory in a launch that may start
 // early (emu_races.h: an access before it is reported), and the trigger is a no-op.
-inline void grid_dependency_wait() { emu_races.waited[threadIdx.x] = true; }
+inline void grid_dependency_wait() { emu_races.waited[emu_fiber] = true; }
 inline void launch_dependents() {}
 
 }  // namespace ptx
@@ -236,7 +282,8 @@ inline void emu_ptx_block_end() {
   for (const auto& c : msfused::ptx::emu_async)
     if (!c.landed) {
       std::fprintf(stderr, "cuda_emu: cp.async into shared memory never waited for (thread %u "
-                   "of block %u,%u)\n", c.owner, blockIdx.x, blockIdx.y);
+                   "of block %u,%u)\n", c.owner % emu_cta.nt,
+                   emu_cta.first_block.x + c.owner / emu_cta.nt, emu_cta.first_block.y);
       std::fflush(stderr);
       std::abort();
     }
@@ -245,5 +292,5 @@ inline void emu_ptx_block_end() {
 inline void emu_ptx_publish_own() {
   using namespace msfused::ptx;
   std::lock_guard<std::mutex> lk(emu_async_m);
-  std::erase_if(emu_async, [](const EmuAsyncCopy& c) { return c.landed && c.owner == threadIdx.x; });
+  std::erase_if(emu_async, [](const EmuAsyncCopy& c) { return c.landed && c.owner == emu_fiber; });
 }

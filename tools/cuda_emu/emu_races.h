@@ -44,24 +44,29 @@ struct EmuRaces {
   Page* last = nullptr;
   bool on = true;
   unsigned long launch = 0;
-  int32_t cta = 0;  // the running CTA's linear index in its grid
+  int32_t cta = 0;  // the running CTA's linear index in its grid (set as each thread runs)
   bool pdl = false;  // this launch may start early: global accesses only after the wait
-  bool waited[1024] = {};  // per thread of the running CTA: grid_dependency_wait() called
+  // per thread of the running CTA or cluster (emu.h's emu_fiber, up to kEmuMaxFibers):
+  // grid_dependency_wait() called
+  bool waited[4096] = {};
   uint64_t count = 0;
   char first[320] = {0};
 
-  void on_cta(int32_t linear) {
-    cta = linear;
+  unsigned cta_threads = 1;  // threads per CTA of the launch (names a fiber's thread)
+  void on_cluster(unsigned threads_per_cta) {
+    cta_threads = threads_per_cta;
     std::memset(waited, 0, sizeof(waited));
   }
-  // A global access by thread t of the running CTA: before its wait in an early-start launch?
+  // A global access by fiber t of the running CTA or cluster: before its wait in an
+  // early-start launch?
   void check_wait(unsigned t, uintptr_t a) {
     if (!pdl || waited[t]) return;
     if (count++ == 0)
       std::snprintf(first, sizeof(first),
                     "global access at %p by thread %u of CTA %d before its "
                     "grid_dependency_wait(), in launch %lu, which may start before the "
-                    "previous kernel completes", reinterpret_cast<void*>(a), t, cta, launch);
+                    "previous kernel completes", reinterpret_cast<void*>(a), t % cta_threads,
+                    cta, launch);
   }
   void on_launch(unsigned long launch_no) {
     const char* e = std::getenv("CUDA_EMU_RACES");

@@ -1,9 +1,10 @@
 // One warp through csrc/cuda/ptx_wrappers.cuh: cp.async stages a 16x16 A and a 16x8 B tile
 // (B's last row zero-filled), ldmatrix loads the fragments, one mma.sync m16n8k16 adds A*B to
-// ones. Built by nvcc (tests/test_cuda_build.py reads its SASS) and by the emulator
-// (tests/test_cuda_emu.py runs it): mode 0 checks D against a plain loop; each other mode
-// breaks one rule and must abort with its message (or, mode 7, give wrong results); modes
-// 8-11 are race_probe's.
+// ones. Built by nvcc (tests/test_cuda_build.py reads its SASS; tools/gpu/check.sh runs the
+// modes that follow the rules on the GPU) and by the emulator (tests/test_cuda_emu.py runs
+// it): mode 0 checks D against a plain loop; each other mode breaks one rule and must abort
+// with its message (or, mode 7, give wrong results); modes 8-11 are race_probe's, 20-29
+// cluster_probe's.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -19,6 +20,15 @@ template <>
 __device__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <>
 __device__ float to_f(__half v) { return __half2float(v); }
+
+// One more wrong value, from any CTA (the emulator runs one thread at a time).
+__device__ void count_bad(int* bad) {
+#ifdef MSFUSED_CUDA_EMU
+  ++*bad;
+#else
+  atomicAdd(bad, 1);
+#endif
+}
 
 template <typename T>
 __global__ void ptx_probe(const T* A, const T* B, float* D, int mode, int* bad) {
@@ -83,7 +93,57 @@ __global__ void race_probe(const float* G, float* out, int mode, int* bad) {
   out[64 * blockIdx.x + t] = r;
   __syncthreads();
   if (t == 0)
-    for (int i = 0; i < 64; ++i) *bad += out[64 * blockIdx.x + i] != float(63 - i);
+    for (int i = 0; i < 64; ++i)
+      if (out[64 * blockIdx.x + i] != float(63 - i)) count_bad(bad);
+}
+
+// Thread-block clusters of K CTAs of 64 threads (4 clusters): each CTA fills its dynamic
+// shared memory (64 floats) with 1000 x its block number + thread, then every thread reads
+// its element of CTA (rank + 1) % K's through distributed shared memory into out. Mode 20 is
+// correct (cluster_sync between the writes and the reads, and before returning); 27 the same
+// with the barrier split around unrelated work (out2); each other mode breaks one rule:
+//   21 no barrier between the writes and the reads (wrong values: the emulator runs the
+//      ranks in order, then reversed, so one of two reads a neighbour not yet written);
+//   22 no barrier before returning, the neighbour mapped after the first barrier (a CTA
+//      maps a neighbour that has returned: aborts);
+//   23 the same, mapped before it (reads a returned CTA's shared memory: wrong values);
+//   24 cp.async into the neighbour's shared memory (cp.async is .shared::cta: aborts);
+//   25 warp 1 skips the first cluster barrier (deadlock: aborts);
+//   26 arrives twice without a wait (aborts);
+//   28 maps a rank outside the cluster (aborts);
+//   29 rank 0 writes into rank 1's shared memory after it may have returned (aborts after
+//      the cluster).
+__global__ void cluster_probe(const float* G, float* out, float* out2, int mode, int* bad) {
+  MSF_EXTERN_SMEM(sm);
+  float* s = reinterpret_cast<float*>(sm);
+  const unsigned t = threadIdx.x, rank = ptx::cluster_ctarank(), K = ptx::cluster_nctarank();
+  s[t] = float(1000 * blockIdx.x + t);
+  const unsigned peer = mode == 28 ? K : (rank + 1) % K;
+  float* early = (mode == 23 || mode == 29) ? ptx::map_shared_rank(s, peer) : nullptr;
+  if (mode == 24) ptx::cp_async_16(ptx::map_shared_rank(s, peer) + 4 * (t % 16), G, true);
+  if (mode == 26) ptx::cluster_arrive();
+  if (mode == 27) {
+    ptx::cluster_arrive();
+    out2[64 * blockIdx.x + t] = G[t];  // work that the barrier does not guard
+    ptx::cluster_wait();
+  } else if (mode != 21 && !(mode == 25 && t >= 32)) {
+    ptx::cluster_sync();
+  }
+  const float* nb = early != nullptr ? early : ptx::map_shared_rank(s, peer);
+  if (mode == 29 && rank != 0) return;
+  const float v = nb[t];
+  if (mode == 29 && rank == 0) {
+    __syncthreads();  // (rank 1 returns meanwhile in the emulator's reversed order)
+    early[t] = -1.f;
+  }
+  if (mode < 22 || mode > 24 && mode != 29) ptx::cluster_sync();  // the neighbour is done reading
+  out[64 * blockIdx.x + t] = v;
+  __syncthreads();
+  if (t == 0) {
+    const unsigned first = blockIdx.x - rank;
+    for (int i = 0; i < 64; ++i)
+      if (out[64 * blockIdx.x + i] != float(1000 * (first + (rank + 1) % K) + i)) count_bad(bad);
+  }
 }
 
 template __global__ void ptx_probe<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*,
@@ -115,10 +175,86 @@ static int run_race(int mode) {
   return bad != 0;
 }
 
+static int run_cluster(int mode) {
+  alignas(16) static float G[64];
+  static float out[4 * 4 * 64], out2[4 * 4 * 64];
+  for (float& g : G) g = 1.f;
+  int bad = 0;
+  const cudaError_t e = MSF_LAUNCH_CLUSTER(false, 4, cluster_probe, dim3(16), dim3(64),
+                                           64 * sizeof(float), nullptr, (const float*)G, out,
+                                           out2, mode, &bad);
+  std::printf("bad=%d\n", e == cudaSuccess ? bad : -1);
+  return bad != 0 || e != cudaSuccess;
+}
+
 int main(int argc, char** argv) {
   const int mode = std::atoi(argv[1]);
+  if (mode >= 20) return run_cluster(mode);
   if (mode >= 8) return run_race(mode);
   if (mode == 6) return run<__half>(0, __float2half_rn);
   return run<__nv_bfloat16>(mode, __float2bfloat16_rn);
+}
+#else
+// Built by nvcc for the GPU (tools/gpu/check.sh stage probes): the modes that follow the
+// rules (0, 6, 10, 20, 27) on the hardware, each printing its count of wrong values, so the
+// GPU confirms the emulator's stand-ins where a kernel uses them as it should. Exit status
+// 1 when any is wrong.
+#include <vector>
+
+template <typename T>
+static T* to_device(const std::vector<T>& h) {
+  T* d = nullptr;
+  cudaMalloc(&d, h.size() * sizeof(T));
+  cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice);
+  return d;
+}
+
+// Launches through `launch` with a zeroed bad counter and prints the mode's result.
+template <typename F>
+static int gpu_mode(int mode, F launch) {
+  int* bad = to_device(std::vector<int>{0});
+  const cudaError_t e = launch(bad);
+  const cudaError_t s = cudaDeviceSynchronize();
+  int h = -1;
+  cudaMemcpy(&h, bad, sizeof(int), cudaMemcpyDeviceToHost);
+  cudaFree(bad);
+  std::printf("mode %d: bad=%d (%s)\n", mode, h,
+              cudaGetErrorString(e != cudaSuccess ? e : s));
+  return h != 0 || e != cudaSuccess || s != cudaSuccess;
+}
+
+template <typename T>
+static int gpu_mma(int mode, T (*from_f)(float)) {
+  std::vector<T> A(16 * 16), B(16 * 8);
+  for (int i = 0; i < 16 * 16; ++i) A[i] = from_f(float(i % 7) - 3.f);
+  for (int i = 0; i < 16 * 8; ++i) B[i] = from_f(float(i % 5) * 0.5f - 0.75f);
+  T* dA = to_device(A);
+  T* dB = to_device(B);
+  float* D = to_device(std::vector<float>(16 * 8));
+  const int r = gpu_mode(mode, [&](int* bad) {
+    MSF_LAUNCH(ptx_probe<T>, dim3(1), dim3(32), (16 * 16 + 16 * 8) * sizeof(T), nullptr,
+               (const T*)dA, (const T*)dB, D, 0, bad);
+    return cudaGetLastError();
+  });
+  cudaFree(dA); cudaFree(dB); cudaFree(D);
+  return r;
+}
+
+int main() {
+  float* G = to_device(std::vector<float>(256, -1.f));
+  float* out = to_device(std::vector<float>(16 * 64));
+  float* out2 = to_device(std::vector<float>(16 * 64));
+  int fails = gpu_mma<__nv_bfloat16>(0, __float2bfloat16_rn) + gpu_mma<__half>(6, __float2half_rn);
+  fails += gpu_mode(10, [&](int* bad) {
+    MSF_LAUNCH(race_probe, dim3(2), dim3(64), 256 * sizeof(float), nullptr, (const float*)G, out,
+               10, bad);
+    return cudaGetLastError();
+  });
+  for (int mode : {20, 27})
+    fails += gpu_mode(mode, [&](int* bad) {
+      return MSF_LAUNCH_CLUSTER(false, 4, cluster_probe, dim3(16), dim3(64), 64 * sizeof(float),
+                                nullptr, (const float*)G, out, out2, mode, bad);
+    });
+  return fails != 0;
 }
 #endif
