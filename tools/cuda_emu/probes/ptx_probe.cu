@@ -197,8 +197,8 @@ int main(int argc, char** argv) {
 #else
 // Built by nvcc for the GPU (tools/gpu/check.sh stage probes): the modes that follow the
 // rules (0, 6, 10, 20, 27) on the hardware, each printing its count of wrong values, so the
-// GPU confirms the emulator's stand-ins where a kernel uses them as it should. Exit status
-// 1 when any is wrong.
+// GPU confirms the emulator's stand-ins where a kernel uses them as it should (exit status
+// 1 when any is wrong); then what a cluster barrier and distributed shared memory cost.
 #include <vector>
 
 template <typename T>
@@ -240,6 +240,90 @@ static int gpu_mma(int mode, T (*from_f)(float)) {
   return r;
 }
 
+// What the cluster designs cost (benchmarks/NOTES.md entry 58), in clock64 cycles read by
+// thread 0 of each CTA: `iters` cluster barriers, each after a global store by every thread
+// or not (the barrier's release is MEMBAR.ALL.GPU in SASS, which waits for the thread's
+// outstanding stores); then a copy of a neighbour's `bytes` of shared memory into its own
+// through distributed shared memory, 16 bytes a thread at a time, `iters` times.
+__global__ void cluster_timing(float* sink, int iters, int with_store, long long* cycles) {
+  ptx::cluster_sync();
+  const long long t0 = clock64();
+  for (int i = 0; i < iters; ++i) {
+    if (with_store) sink[blockIdx.x * blockDim.x + threadIdx.x] = float(i);
+    ptx::cluster_sync();
+  }
+  const long long t1 = clock64();
+  if (threadIdx.x == 0) cycles[blockIdx.x] = t1 - t0;
+}
+
+__global__ void dsmem_copy(int bytes, int iters, long long* cycles) {
+  MSF_EXTERN_SMEM(sm);
+  float4* own = reinterpret_cast<float4*>(sm);
+  float4* dst = own + bytes / 16;
+  const int n = bytes / 16;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) own[i] = make_float4(1.f, 2.f, 3.f, 4.f);
+  ptx::cluster_sync();
+  const unsigned K = ptx::cluster_nctarank();
+  const float4* nb = ptx::map_shared_rank(own, (ptx::cluster_ctarank() + 1) % K);
+  const long long t0 = clock64();
+  for (int it = 0; it < iters; ++it) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = nb[i];
+    __syncthreads();
+  }
+  const long long t1 = clock64();
+  ptx::cluster_sync();  // the neighbour is done reading before this CTA returns
+  if (threadIdx.x == 0) cycles[blockIdx.x] = t1 - t0;
+}
+
+// Mean cycles over the grid's CTAs of one launch, or -1 on an error.
+template <typename F>
+static double mean_cycles(int ctas, F launch) {
+  long long* d = nullptr;
+  cudaMalloc(&d, ctas * sizeof(long long));
+  const cudaError_t e = launch(d);
+  const cudaError_t s = cudaDeviceSynchronize();
+  std::vector<long long> h(ctas);
+  cudaMemcpy(h.data(), d, ctas * sizeof(long long), cudaMemcpyDeviceToHost);
+  cudaFree(d);
+  if (e != cudaSuccess || s != cudaSuccess) {
+    std::printf("  (%s)\n", cudaGetErrorString(e != cudaSuccess ? e : s));
+    return -1;
+  }
+  double sum = 0;
+  for (long long c : h) sum += double(c);
+  return sum / ctas;
+}
+
+static void time_clusters() {
+  int khz = 0;
+  cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0);
+  std::printf("cluster costs (SM clock %d MHz, 256 threads a CTA, 16 clusters):\n", khz / 1000);
+  float* sink = nullptr;
+  cudaMalloc(&sink, 8 * 16 * 256 * sizeof(float));
+  const int iters = 1000, bytes = 64 * 1024, copies = 20;
+  for (unsigned K : {2u, 4u, 8u}) {
+    const int ctas = int(16 * K);
+    double bar[2];
+    for (int st = 0; st < 2; ++st)
+      bar[st] = mean_cycles(ctas, [&](long long* c) {
+        return MSF_LAUNCH_CLUSTER(false, K, cluster_timing, dim3(ctas), dim3(256), 0, nullptr,
+                                  sink, iters, st, c);
+      }) / iters;
+    cudaFuncSetAttribute(dsmem_copy, cudaFuncAttributeMaxDynamicSharedMemorySize, 2 * bytes);
+    const double cp = mean_cycles(ctas, [&](long long* c) {
+      return MSF_LAUNCH_CLUSTER(false, K, dsmem_copy, dim3(ctas), dim3(256), 2 * bytes, nullptr,
+                                bytes, copies, c);
+    }) / copies;
+    if (bar[0] < 0 || bar[1] < 0 || cp < 0)
+      std::printf("  cluster %u: not measured (above)\n", K);
+    else
+      std::printf("  cluster %u: barrier %.0f cycles, after a store %.0f; DSMEM copy of %d KB "
+                  "%.0f cycles (%.1f bytes/cycle per SM)\n", K, bar[0], bar[1], bytes / 1024,
+                  cp, bytes / cp);
+  }
+  cudaFree(sink);
+}
+
 int main() {
   float* G = to_device(std::vector<float>(256, -1.f));
   float* out = to_device(std::vector<float>(16 * 64));
@@ -255,6 +339,7 @@ int main() {
       return MSF_LAUNCH_CLUSTER(false, 4, cluster_probe, dim3(16), dim3(64), 64 * sizeof(float),
                                 nullptr, (const float*)G, out, out2, mode, bad);
     });
+  time_clusters();
   return fails != 0;
 }
 #endif
