@@ -620,6 +620,49 @@ def test_backward_batch_slices_keep_the_bits(emu_lib, case, dtype, monkeypatch):
         _assert_same_bits(run_emu.NAMES, ref, grads)
 
 
+@pytest.mark.parametrize("case,dtype,split",
+                         [(((128, 128, 8, 8, 1), "concat", 1, True, True, "relu"),
+                           torch.bfloat16, "0"),                    # paper-u3's block: 4 CTAs
+                          (((96, 96, 7, 5, 2), "concat", 2, True, False, "relu6"),
+                           torch.float16, "0"),                     # 3: 10, 11, 11 pixels
+                          (((72, 200, 9, 7, 2), "add", 1, True, True, "silu"),
+                           torch.float32, "0"),                     # 3 x 2 row blocks
+                          (((16, 140, 16, 9, 3), "concat", 1, True, True, "relu"),
+                           torch.bfloat16, "3"),                    # 4 groups a CTA
+                          (((64, 256, 6, 5, 1), "add", 1, True, True, "silu"),
+                           torch.float64, "0"),                     # 2 x 3 row blocks
+                          (((128, 128, 8, 8, 1), "concat", 1, True, True, "relu"),
+                           "tf32", "0")],
+                         ids=["paper-u3", "uneven-nchw-s2", "row-blocks-fp32", "groups",
+                              "fp64", "tf32"])
+def test_backward_gz_shared_across_a_cluster(emu_lib, case, dtype, split, monkeypatch):
+    """MSFUSED_CUDA_BWD_CLUSTER=1: launch 1's row of CTAs over the same pixels (channel and
+    row blocks) runs as one thread-block cluster, each CTA staging gz for its share of a
+    tile's pixels and copying the others' shares out of their shared memory. The same
+    arithmetic, so every gradient keeps its bits, with fewer global bytes read (gz once per
+    tile instead of once per CTA); the emulator runs the cluster's CTAs apart as far as its
+    barriers allow, so a missing barrier reads the NaN poison or another tile's gz."""
+    run_emu, lib = emu_lib
+    tf32 = dtype == "tf32"
+    dtype = torch.float32 if tf32 else dtype
+    plan = run_emu.backward_plan(lib, case, dtype.itemsize)
+    assert 2 <= plan["cblocks"] * plan["rblocks"] <= 8, plan
+    monkeypatch.setenv("MSFUSED_CUDA_BWD_SPLIT", split)
+    runs = []
+    lib.emu_set_tf32(int(tf32))
+    try:
+        for cluster in ("0", "1"):
+            monkeypatch.setenv("MSFUSED_CUDA_BWD_CLUSTER", cluster)
+            run_emu._bytes_moved(lib)
+            grads = run_emu.backward_grads(lib, case, dtype)
+            runs.append((grads, run_emu._bytes_moved(lib)))
+    finally:
+        lib.emu_set_tf32(0)
+    (alone, moved_alone), (shared, moved_shared) = runs
+    _assert_same_bits(run_emu.NAMES, alone, shared)
+    assert moved_shared < moved_alone, (moved_shared, moved_alone)
+
+
 def test_backward_global_bytes(emu_lib):
     """The backward's global traffic at a benchmark shape (all launches, scratch and partials
     included, as counted by the emulator) stays within its current bound of the floor (x, dy,

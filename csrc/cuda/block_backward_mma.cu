@@ -26,6 +26,11 @@
 // for float64) and bias rows 512 rb ..; all stage x and gz, and the data gradients (da_pre,
 // db_pre, the projection's) go to row blocks 0, 1, 2 in turn (bwd_dgrad_owner), so that each
 // holds one or two of the weight slices.
+// With MSFUSED_CUDA_BWD_CLUSTER=1 (sm_90; gz_cluster below) the channel and row blocks of the
+// same pixels, 2 to 8 CTAs that walk the same tiles in step, run as one thread-block cluster:
+// each stages gz for its share of a tile's pixels and copies the other shares out of the
+// other CTAs' shared memory (distributed shared memory), so dy and the saved output are read
+// once per tile rather than once per CTA; the arithmetic and the bits are the same.
 // After a group's last tile the accumulators go out as that group's partial. Groups are
 // fixed by the shape, the order of the sums inside a group by the tile order, and launch 3
 // adds the groups in index order: the result does not depend on the split (the grid).
@@ -106,20 +111,21 @@ __device__ __forceinline__ void stage_weight_slices(const BlockDesc& d, const Bw
   }
 }
 
-// gz = grad_y * act'(saved) over the tile, every output channel, into sG (zero for pixels
-// outside the image). vec: channels_last, Cout and N multiples of 8, 16-byte aligned tensors.
+// gz = grad_y * act'(saved) over the tile's pixels p0 .. p1 - 1, every output channel, into
+// sG (zero for pixels outside the image). vec: channels_last, Cout and N multiples of 8,
+// 16-byte aligned tensors.
 template <typename T>
 __device__ __forceinline__ void stage_gz(const BlockDesc& d, const BwdMmaPlan& pl, bool vec,
                                          const T* gy, const T* saved, int64_t bimg, int r0,
-                                         int q0, T* sG) {
-  const int P = pl.P, Cout = int(d.Cout), N = int(d.N), Ho = int(d.Ho), Wo = int(d.Wo);
+                                         int q0, T* sG, int p0, int p1) {
+  const int P = p1 - p0, Cout = int(d.Cout), N = int(d.N), Ho = int(d.Ho), Wo = int(d.Wo);
   const int act = d.act, LDG = pl.LDG;
   const T zero = from_acc<T>(typename AccT<T>::type(0));
   if (vec) {
     constexpr int V = VE<T>;
     const int nv = Cout / V;
     for (int i = threadIdx.x; i < P * nv; i += NT) {
-      const int v = i % nv, p = i / nv, oh = r0 + p / TW, ow = q0 + p % TW, co = V * v;
+      const int v = i % nv, p = p0 + i / nv, oh = r0 + p / TW, ow = q0 + p % TW, co = V * v;
       Vec16 out{};
       if (oh < Ho && ow < Wo) {
         const int64_t o = ((bimg * Ho + oh) * Wo + ow) * Cout + co;
@@ -140,8 +146,8 @@ __device__ __forceinline__ void stage_gz(const BlockDesc& d, const BwdMmaPlan& p
   const bool cl = d.channels_last;
   for (int i = threadIdx.x; i < P * Cout; i += NT) {
     int p, co;
-    if (cl) { co = i % Cout; p = i / Cout; }  // channels fastest: coalesced
-    else { p = i % P; co = i / P; }           // pixels fastest
+    if (cl) { co = i % Cout; p = p0 + i / Cout; }  // channels fastest: coalesced
+    else { p = p0 + i % P; co = i / P; }           // pixels fastest
     const int oh = r0 + p / TW, ow = q0 + p % TW;
     T v = zero;
     if (oh < Ho && ow < Wo) {
@@ -152,6 +158,29 @@ __device__ __forceinline__ void stage_gz(const BlockDesc& d, const BwdMmaPlan& p
       v = from_acc<T>(g);
     }
     sG[p * LDG + gz_col(N, pl.gzb, co)] = v;
+  }
+}
+
+// The pixels of a tile that rank r of a cluster of K stages gz for (gz shared, below).
+__device__ __forceinline__ int gz_share_begin(int P, int r, int K) { return P * r / K; }
+
+// gz shared across the cluster: the rows other CTAs of the cluster staged (their pixels)
+// copied out of their shared memory into this CTA's sG, 16 bytes at a time (sG's rows are
+// 16-byte multiples; only gz's GW columns, the padding columns being zero everywhere).
+template <typename T>
+__device__ __forceinline__ void gather_gz(const BwdMmaPlan& pl, T* sG, unsigned rank,
+                                          unsigned K) {
+  const int vrow = pl.GW * int(sizeof(T)) / 16;
+  for (unsigned q = 1; q < K; ++q) {
+    const unsigned src = (rank + q) % K;
+    const int p0 = gz_share_begin(pl.P, int(src), int(K));
+    const int p1 = gz_share_begin(pl.P, int(src) + 1, int(K));
+    const T* peer = ptx::map_shared_rank(sG, src);
+    for (int i = threadIdx.x; i < (p1 - p0) * vrow; i += NT) {
+      const int p = p0 + i / vrow, v = i % vrow;
+      reinterpret_cast<Vec16*>(sG + p * pl.LDG)[v] =
+          reinterpret_cast<const Vec16*>(peer + p * pl.LDG)[v];
+    }
   }
 }
 
@@ -257,7 +286,7 @@ __global__ void __launch_bounds__(NT, 1)
                               T* __restrict__ sc_db, T* __restrict__ dx,
                               typename AccT<T>::type* __restrict__ wpart,
                               typename AccT<T>::type* __restrict__ bpart, BwdMmaPlan pl,
-                              bool vec_x, bool vec_g) {
+                              bool vec_x, bool vec_g, int cluster) {
   using A = typename AccT<T>::type;
   static_assert(std::is_same_v<A, bwd_acc_t<T>>, "one accumulation type");
   static_assert(!TC || sizeof(T) != 8, "float64 runs on FMAs only");
@@ -333,8 +362,18 @@ __global__ void __launch_bounds__(NT, 1)
       for (int e = 0; e < 4; ++e) accW[j][n][e] = A(0);
   A bsum[2] = {A(0), A(0)};
 
+  // cluster > 1: the grid's row of CTAs (every channel and row block, all of the same
+  // pixels, tile by tile in step) is one thread-block cluster, and each CTA stages gz for a
+  // 1 / cluster share of a tile's pixels and copies the rest from the others' shared memory,
+  // so that gz is read from global memory once per tile instead of once per CTA. Per tile
+  // two cluster barriers, split around work that does not need them: B1 (every share
+  // staged) around the chunk's operands, B2 (every copy out of this CTA's sG done, before
+  // the next tile overwrites it) around the rest of the tile.
+  const bool share = cluster > 1;
+  const unsigned rank = share ? ptx::cluster_ctarank() : 0u;
+  bool b2_pending = false;  // B2 arrived, not yet waited for
   int64_t group = blockIdx.y;
-  if (group >= pl.groups) return;
+  if (group >= pl.groups) return;  // (the whole cluster: its CTAs share blockIdx.y)
   int buf = 0;
   prefetch(group * pl.GT, 0, xs0, false);
   for (; group < pl.groups; group += pl.split) {
@@ -359,6 +398,13 @@ __global__ void __launch_bounds__(NT, 1)
         }
         ptx::cp_async_wait<0>();
         __syncthreads();  // this chunk's x published; the previous chunk's operands are free
+        if (share && ck == 0) {  // (the previous tile's reads of sG are behind the barrier)
+          if (b2_pending) ptx::cluster_wait();  // no other CTA still copies this sG
+          stage_gz<T>(d, pl, vec_g, gy, saved, bimg, r0, q0, sG,
+                      gz_share_begin(P, int(rank), cluster),
+                      gz_share_begin(P, int(rank) + 1, cluster));
+          ptx::cluster_arrive();  // B1
+        }
         // the rows the tile below shares; read by its prefetch, after chunk_operands' barriers
         if (carry_out) carry.keep(buf ? xs1 : xs0, pl.XR, ck, tid);
         constexpr bool lo = sizeof(T) == 2;  // [a | b | xs | a_lo | b_lo]; float: [a | b | xs]
@@ -370,7 +416,14 @@ __global__ void __launch_bounds__(NT, 1)
           prefetch(next_tile, next_ck, buf ? xs0 : xs1,
                    next_tile == tile ? carry_in : (next_tile == tile + 1 && carry_out));
         buf ^= 1;
-        if (ck == 0) stage_gz<T>(d, pl, vec_g, gy, saved, bimg, r0, q0, sG);
+        if (share && ck == 0) {
+          ptx::cluster_wait();  // B1: every share of this tile's gz staged
+          gather_gz<T>(pl, sG, rank, unsigned(cluster));
+          ptx::cluster_arrive();  // B2
+          b2_pending = true;
+        } else if (ck == 0) {
+          stage_gz<T>(d, pl, vec_g, gy, saved, bimg, r0, q0, sG, 0, P);
+        }
         __syncthreads();
 
         // ---- data gradients: units of (which, m16 row tile, 16 channels) --------------
@@ -505,6 +558,7 @@ __global__ void __launch_bounds__(NT, 1)
     }
   }
   ptx::cp_async_wait<0>();
+  if (b2_pending) ptx::cluster_wait();  // no CTA of the cluster still reads this one's sG
 }
 
 // ---- launch 3: the fixed-order sums of the partials --------------------------------------
@@ -566,6 +620,49 @@ int env_int(const char* name, int unset = 0) {  // unset: the value when empty o
   return e != nullptr && *e != '\0' ? std::atoi(e) : unset;
 }
 
+// The cluster launch 1 runs as, sharing gz (the kernel's `cluster`): its grid's row of CTAs
+// (grid.x: every channel and row block of the same pixels) where MSFUSED_CUDA_BWD_CLUSTER=1
+// asks for it, the device has clusters (compute capability 9.0 or higher), the row is 2 to
+// 8 CTAs (the portable sizes) and such a cluster fits on the device; 1 (each CTA stages all
+// of gz itself) otherwise. Off by default until a GPU has timed it (benchmarks/NOTES.md
+// entry 59); either way the same bits.
+template <typename Kernel>
+int gz_cluster(Kernel kernel, dim3 grid, size_t smem) {
+#ifdef MSFUSED_CUDA_EMU
+  const bool asked = env_int("MSFUSED_CUDA_BWD_CLUSTER") != 0;
+#else
+  static const bool asked = env_int("MSFUSED_CUDA_BWD_CLUSTER") != 0;
+#endif
+  if (!asked || grid.x < 2 || grid.x > 8) return 1;
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      major < 9)
+    return 1;
+#ifndef MSFUSED_CUDA_EMU
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = grid.x;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(NT);
+  cfg.dynamicSmemBytes = smem;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+#else
+  (void)kernel;
+  (void)smem;
+#endif
+  return int(grid.x);
+}
+
 // Launch 1 over one batch slice: d, t, gy, saved and dx that slice's (its images from 0), pl
 // the plan with its tiles, groups and split; its partials start at group goff of the batch's.
 template <typename T, int S, bool TC>
@@ -586,8 +683,10 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* 
   A* wpart = reinterpret_cast<A*>(ws + pl.ws_wpart) + goff * pl.rows * d.C;
   A* bpart = reinterpret_cast<A*>(ws + pl.ws_bpart) + goff * pl.rows;
   const dim3 grid(unsigned(pl.cblocks * pl.rblocks), unsigned(pl.split));
-  const cudaError_t e = MSF_LAUNCH_PDL(pdl_enabled(), kernel, grid, NT, pl.smem, stream, d, t,
-                                       gy, saved, da, db, dx, wpart, bpart, pl, vec_x, vec_g);
+  const int cluster = gz_cluster(kernel, grid, pl.smem);
+  const cudaError_t e =
+      MSF_LAUNCH_CLUSTER(pdl_enabled(), unsigned(cluster), kernel, grid, NT, pl.smem, stream, d,
+                         t, gy, saved, da, db, dx, wpart, bpart, pl, vec_x, vec_g, cluster);
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 

@@ -5,8 +5,9 @@
 # each tensor-core kernel, random configurations against float64, a sweep of the tensor-core
 # forward's tile size, ncu's DRAM bytes of the 16-bit backward, the machine probe (where a
 # C++ exception crashes), the backward's batch-slice budgets, float32 without TF32, the
-# kernels started early (programmatic dependent launch), and the emulator's probes of the
-# PTX stand-ins (mma, ldmatrix, cp.async, thread-block clusters) on the hardware.
+# kernels started early (programmatic dependent launch), the emulator's probes of the PTX
+# stand-ins (mma, ldmatrix, cp.async, thread-block clusters) on the hardware, and the
+# backward's launch 1 as clusters sharing gz.
 #
 #   bash tools/gpu/check.sh OUTDIR [--fast] [--pack FILE]
 #   STAGES="install tests memcheck" bash tools/gpu/check.sh OUTDIR   # a subset
@@ -45,7 +46,7 @@ declare -A STATUS TIMES
 
 ALL_STAGES="install backends tests bench-bf16 memcheck bench-fp32 racecheck synccheck ncu-limits"
 ALL_STAGES+=" fuzz fwd-sweep bwd-dram bwd-dram-warm probe bwd-slices bench-fp32-ieee bench-pdl"
-ALL_STAGES+=" tests-pdl probes"
+ALL_STAGES+=" tests-pdl probes bench-cluster tests-cluster"
 STAGES=${STAGES:-$ALL_STAGES}
 KNOWN="$ALL_STAGES tests-all bench-compile"
 RAN=""
@@ -164,9 +165,16 @@ stage bench-pdl 120 env MSFUSED_CUDA_PDL=1 "${BENCH[@]}" --min-time 0.1 --backen
   --dtype bfloat16 --out "$OUT/bench-cuda-bf16-pdl.json"
 stage tests-pdl 150 env MSFUSED_CUDA_PDL=1 "${PYTEST[@]}" -k "cuda and not emu" \
   --junitxml="$OUT/tests-pdl.xml"
-# the emulator's PTX probes on the hardware (the cluster stand-ins have no kernel on the GPU
-# yet: these modes are their only check there)
+# the emulator's PTX probes on the hardware, and what a cluster barrier and distributed
+# shared memory cost (benchmarks/NOTES.md entry 58)
 stage probes 90 bash tools/gpu/ptx_probes.sh "$OUT"
+# the backward's launch 1 as clusters sharing gz (MSFUSED_CUDA_BWD_CLUSTER=1; off by default
+# until timed here; paper-u3 and mnet-14 among the benchmark shapes): the harness against
+# bench-bf16, then the CUDA tests with it on
+stage bench-cluster 120 env MSFUSED_CUDA_BWD_CLUSTER=1 "${BENCH[@]}" --min-time 0.1 \
+  --backends cuda --dtype bfloat16 --out "$OUT/bench-cuda-bf16-cluster.json"
+stage tests-cluster 150 env MSFUSED_CUDA_BWD_CLUSTER=1 "${PYTEST[@]}" -k "cuda and not emu" \
+  --junitxml="$OUT/tests-cluster.xml"
 # outside the default run: the whole suite, and torch.compile in the harness
 stage tests-all 540 "${PYTEST[@]}" --junitxml="$OUT/tests-all.xml"
 stage bench-compile 540 python3 -m msfused.cli bench --device cuda --shapes paper,mobilenet \
