@@ -663,6 +663,55 @@ def test_backward_gz_shared_across_a_cluster(emu_lib, case, dtype, split, monkey
     assert moved_shared < moved_alone, (moved_shared, moved_alone)
 
 
+@pytest.mark.parametrize("case,dtype",
+                         [(((24, 16, 33, 9, 2), "add", 1, True, True, "relu"), torch.bfloat16),
+                          (((40, 24, 17, 13, 3), "concat", 2, True, False, "silu"),
+                           torch.float16),                     # 6 groups: a cluster half empty
+                          (((33, 64, 17, 18, 1), "concat", 2, True, True, "silu"),
+                           torch.float32),
+                          (((3, 32, 32, 32, 2), "concat", 1, True, True, "relu"), torch.float64),
+                          (((16, 16, 16, 9, 7), "add", 1, True, True, "relu6"), "tf32")],
+                         ids=["bf16", "fp16-nchw-s2", "fp32", "fp64-planar", "tf32"])
+def test_backward_partials_summed_across_a_cluster(emu_lib, case, dtype, monkeypatch):
+    """MSFUSED_CUDA_BWD_CLUSTER=1 with one channel block: launch 1's CTAs run as clusters of
+    4 along the groups, which sum their weight-gradient and bias partials over distributed
+    shared memory in group order and write one partial per 4 groups (a quarter of the
+    partials' workspace and traffic). The sums are grouped differently from launch 3's
+    group-by-group ones, so the bits may differ from the plain run, but not between split
+    counts (the split becomes a multiple of 4, so a cluster always holds 4 consecutive
+    groups, the last cluster's CTAs past the last group adding zeros), and the gradients
+    meet the tolerance policy against float64."""
+    run_emu, lib = emu_lib
+    tf32 = dtype == "tf32"
+    dt = torch.float32 if tf32 else dtype
+    monkeypatch.setenv("MSFUSED_CUDA_BWD_CLUSTER", "0")
+    plain = run_emu.backward_plan(lib, case, dt.itemsize)
+    monkeypatch.setenv("MSFUSED_CUDA_BWD_CLUSTER", "1")
+    plan = run_emu.backward_plan(lib, case, dt.itemsize)
+    assert plan["red"] == 4 and plan["parts"] == -(-plan["groups"] // 4), plan
+    assert plan["split"] % 4 == 0 and plan["workspace"] < plain["workspace"], (plan, plain)
+    ok, line = (run_emu.run_backward_tf32(lib, case) if tf32
+                else run_emu.run_float32(lib, case, backward=True, dtype=dt)
+                if dt in (torch.float32, torch.float64)
+                else run_emu.run_forward_low(lib, case, dt, backward=True))
+    assert ok, line
+    runs = []
+    lib.emu_set_tf32(int(tf32))
+    try:
+        for cluster, split in (("0", "0"), ("1", "0"), ("1", "1"), ("1", "6")):
+            monkeypatch.setenv("MSFUSED_CUDA_BWD_CLUSTER", cluster)
+            monkeypatch.setenv("MSFUSED_CUDA_BWD_SPLIT", split)
+            run_emu._bytes_moved(lib)
+            grads = run_emu.backward_grads(lib, case, dt)
+            runs.append((grads, run_emu._bytes_moved(lib)))
+    finally:
+        lib.emu_set_tf32(0)
+    (_, moved_plain), (ref, moved), *others = runs
+    assert moved < moved_plain, (moved, moved_plain)
+    for grads, _ in others:
+        _assert_same_bits(run_emu.NAMES, ref, grads)
+
+
 def test_backward_global_bytes(emu_lib):
     """The backward's global traffic at a benchmark shape (all launches, scratch and partials
     included, as counted by the emulator) stays within its current bound of the floor (x, dy,

@@ -103,9 +103,18 @@ struct BwdMmaPlan {
   bool dg_half;                 // data-gradient units are (weight, 16-channel half), not weights
   uint32_t off_w, w_slice[6];  // the data-gradient weight slices a row block owns, packed from
                                // off_w (bwd_wslice_offset); bytes per unit (0: none)
+  // the groups' partials summed across a thread-block cluster of `red` CTAs along grid y
+  // (groups red q .. red q + red - 1 into partial q, in group order) before they are written:
+  // parts = ceil(groups / red) partials (red 1: one per group)
+  int red;
+  int64_t parts;
   // workspace (bytes, 256-aligned): scratch da, db; partials wpart, bpart, dwpart
   size_t ws_da, ws_db, ws_wpart, ws_bpart, ws_dwpart, ws_total;
 };
+
+// The staging through which a cluster sums its CTAs' weight-gradient accumulators: one
+// accumulator slot of every warp (8 warps x 16 x 32 values), then the bias sums (2 NT).
+MSF_HD size_t bwd_red_bytes(int esz) { return size_t(8 * 16 * 32) * (esz == 8 ? 8 : 4); }
 
 inline size_t bwd_align(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
@@ -134,7 +143,8 @@ MSF_HD uint32_t bwd_wslice_offset(const BwdMmaPlan& p, int u) {
 // per group (for measuring a large batch's traffic on a few images).
 inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_block,
                                     int force_split, int force_gt = 0,
-                                    size_t scratch_budget = 0, bool keep_wave = false) {
+                                    size_t scratch_budget = 0, bool keep_wave = false,
+                                    int red = 1) {
   BwdMmaPlan p{};
   const int64_t N16 = (d.N + 15) / 16 * 16;
   const int64_t GW = d.merge == kConcat ? 2 * N16 : N16;
@@ -278,6 +288,22 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
     if (si > d.B) si = d.B;
   }
   p.slice_imgs = int(si);
+  // Partials summed across clusters of `red` CTAs along y (asked for by the caller): only
+  // for one channel and row block (grid x of 1; wider grids share gz across x instead), one
+  // batch slice, and where the operand tiles A, act' and gz (free at a group's end) hold the
+  // staging. The split becomes a multiple of red, so that the CTAs of a cluster always hold
+  // red consecutive groups starting at a multiple of red: the sums do not depend on it.
+  p.red = 1;
+  if (red > 1 && p.cblocks * p.rblocks == 1 && si == d.B && p.groups > 1 &&
+      p.off_w - p.off_a >= bwd_red_bytes(esz)) {
+    p.red = red;
+    const int64_t most = (p.groups + red - 1) / red * red;
+    int64_t sp = (int64_t(p.split) + red - 1) / red * red;
+    if (sp > most) sp = most;
+    if (sp > 65535) sp = 65535 / red * red;
+    p.split = int(sp);
+  }
+  p.parts = (p.groups + p.red - 1) / p.red;
   // workspace
   const int64_t pix = si * d.Ho * d.Wo;
   size_t w = 0;
@@ -288,8 +314,8 @@ inline BwdMmaPlan plan_backward_mma(const BlockDesc& d, int esz, size_t smem_blo
   };
   p.ws_da = wtake(H * size_t(pix) * d.C);
   p.ws_db = wtake(H * size_t(pix) * d.C);
-  p.ws_wpart = wtake(F * size_t(p.groups) * p.rows * d.C);
-  p.ws_bpart = wtake(F * size_t(p.groups) * p.rows);
+  p.ws_wpart = wtake(F * size_t(p.parts) * p.rows * d.C);
+  p.ws_bpart = wtake(F * size_t(p.parts) * p.rows);
   p.ws_dwpart = wtake(F * size_t(backward_dw_parts(d)) * d.C * BWD_NDW);
   p.ws_total = w;
   return p;

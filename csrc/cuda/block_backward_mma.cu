@@ -277,6 +277,63 @@ __device__ __forceinline__ void weight_grad_fma(A (&acc)[4][4], const A* Gc, int
 }
 
 // TC: the GEMMs on tensor cores (16-bit, or float on TF32); false (float, double): FMAs.
+// A group's end with its partials summed across a cluster of pl.red CTAs along y (ranks
+// r = 0 .. red - 1 holding groups red part + r): slot by slot, every CTA stages its
+// accumulators (one slot of each warp) in `stage` (the operand tiles, free at a group's
+// end), and after the cluster barrier sums a 1 / red share of the values over the ranks'
+// stagings in rank order (as launch 3 sums groups: the first group's value, then each next
+// added) and writes them as partial `part`; a second barrier frees the stagings. Then the
+// bias sums alike. Accumulators are zeroed for the next group. Every CTA of the cluster
+// calls it at the same groups.
+template <typename T, typename A, int WMT>
+__device__ __forceinline__ void reduce_partials_in_cluster(
+    const BlockDesc& d, const BwdMmaPlan& pl, A (&accW)[WMT][4][4], A (&bsum)[2], bool first_cb,
+    A* __restrict__ wpart, A* __restrict__ bpart, int64_t part, unsigned ry, int mt0, int MT,
+    int nck, int c0, int r0b, A* stage) {
+  constexpr int E = 8 * 16 * 32;  // one slot of each of the 8 warps
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, C = int(d.C);
+  const unsigned K = unsigned(pl.red);
+  __syncthreads();  // every warp is done with the group's last operand tiles
+#pragma unroll
+  for (int j = 0; j < WMT; ++j) {
+#pragma unroll
+    for (int n8 = 0; n8 < 4; ++n8)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        stage[((warp * 4 + n8) * 4 + e) * 32 + lane] = accW[j][n8][e];
+        accW[j][n8][e] = A(0);
+      }
+    ptx::cluster_sync();  // slot j staged in every CTA of the cluster
+    for (int i = E * int(ry) / int(K) + tid; i < E * (int(ry) + 1) / int(K); i += NT) {
+      const int w = i / 512, n8 = i / 128 % 4, e = i / 32 % 4, l = i % 32;
+      const int u = w + 8 * j;  // warp w's slot j: m16 tile mt0 + u % MT of chunk u / MT
+      if (u >= MT * nck) continue;
+      const int m = (mt0 + u % MT) * 16 + l / 4 + (e >= 2 ? 8 : 0);
+      const int c = c0 + (u / MT) * KC + n8 * 8 + 2 * (l % 4) + (e & 1);
+      const int row = partial_row(d, pl, m);
+      if (row < 0 || c >= C) continue;
+      A sum = ptx::map_shared_rank(stage, 0u)[i];
+      for (unsigned q = 1; q < K; ++q) sum += ptx::map_shared_rank(stage, q)[i];
+      stg(wpart + (part * pl.rows + row) * C + c, sum);
+    }
+    ptx::cluster_sync();  // every CTA done reading the stagings
+  }
+  if (first_cb) {  // (the cluster's CTAs share their channel block: all or none of them)
+    stage[tid] = bsum[0];
+    stage[NT + tid] = bsum[1];
+    bsum[0] = bsum[1] = A(0);
+    ptx::cluster_sync();
+    for (int i = 2 * NT * int(ry) / int(K) + tid; i < 2 * NT * (int(ry) + 1) / int(K);
+         i += NT) {
+      if (r0b + i >= pl.rows) continue;  // (bias row r0b + tid + q NT is staged at q NT + tid)
+      A sum = ptx::map_shared_rank(stage, 0u)[i];
+      for (unsigned q = 1; q < K; ++q) sum += ptx::map_shared_rank(stage, q)[i];
+      stg(bpart + part * pl.rows + r0b + i, sum);
+    }
+    ptx::cluster_sync();
+  }
+}
+
 // Sums, partials and the on-chip float operands (b1, the depthwise weights, act') are in the
 // accumulation type A.
 template <typename T, int S, bool TC>
@@ -369,15 +426,21 @@ __global__ void __launch_bounds__(NT, 1)
   // two cluster barriers, split around work that does not need them: B1 (every share
   // staged) around the chunk's operands, B2 (every copy out of this CTA's sG done, before
   // the next tile overwrites it) around the rest of the tile.
+  // pl.red > 1 (then cluster == 1): red CTAs along y are a cluster holding red consecutive
+  // groups (split a multiple of red), whose partials they sum before writing one (below);
+  // ry, this CTA's place among them. A CTA whose group is past the last one takes part with
+  // zero sums.
   const bool share = cluster > 1;
-  const unsigned rank = share ? ptx::cluster_ctarank() : 0u;
+  const unsigned rank = share || pl.red > 1 ? ptx::cluster_ctarank() : 0u;
+  const int64_t ry = pl.red > 1 ? int64_t(rank) : 0;
   bool b2_pending = false;  // B2 arrived, not yet waited for
   int64_t group = blockIdx.y;
-  if (group >= pl.groups) return;  // (the whole cluster: its CTAs share blockIdx.y)
+  if (group - ry >= pl.groups) return;  // (the whole cluster: every CTA of it returns)
   int buf = 0;
-  prefetch(group * pl.GT, 0, xs0, false);
-  for (; group < pl.groups; group += pl.split) {
-    const int64_t t_end = (group + 1) * pl.GT < pl.tiles ? (group + 1) * pl.GT : pl.tiles;
+  if (group < pl.groups) prefetch(group * pl.GT, 0, xs0, false);
+  for (; group - ry < pl.groups; group += pl.split) {
+    const int64_t t_end = group >= pl.groups ? group * pl.GT  // (no tiles)
+                          : ((group + 1) * pl.GT < pl.tiles ? (group + 1) * pl.GT : pl.tiles);
     for (int64_t tile = group * pl.GT; tile < t_end; ++tile) {
       int64_t bimg;
       int r0, q0;
@@ -533,6 +596,12 @@ __global__ void __launch_bounds__(NT, 1)
     }
 
     // ---- the group's partial -------------------------------------------------------------
+    if (pl.red > 1) {
+      reduce_partials_in_cluster<T>(d, pl, accW, bsum, first_cb, wpart, bpart,
+                                    (group - ry) / pl.red, unsigned(ry), mt0, MT, nck, c0, r0b,
+                                    reinterpret_cast<A*>(sm + pl.off_a));
+      continue;
+    }
 #pragma unroll
     for (int j = 0; j < WMT; ++j) {
       const int u = warp + 8 * j, mt = mt0 + u % MT, ck = u / MT;
@@ -620,25 +689,29 @@ int env_int(const char* name, int unset = 0) {  // unset: the value when empty o
   return e != nullptr && *e != '\0' ? std::atoi(e) : unset;
 }
 
-// The cluster launch 1 runs as, sharing gz (the kernel's `cluster`): its grid's row of CTAs
-// (grid.x: every channel and row block of the same pixels) where MSFUSED_CUDA_BWD_CLUSTER=1
-// asks for it, the device has clusters (compute capability 9.0 or higher), the row is 2 to
-// 8 CTAs (the portable sizes) and such a cluster fits on the device; 1 (each CTA stages all
-// of gz itself) otherwise. Off by default until a GPU has timed it (benchmarks/NOTES.md
-// entry 59); either way the same bits.
-template <typename Kernel>
-int gz_cluster(Kernel kernel, dim3 grid, size_t smem) {
+// Whether launch 1 may run as thread-block clusters: MSFUSED_CUDA_BWD_CLUSTER=1 (read once
+// per process; by the emulator at every call) on a device of compute capability 9.0 or
+// higher. Off by default until a GPU has timed it (benchmarks/NOTES.md entries 59-60).
+bool bwd_clusters_enabled() {
 #ifdef MSFUSED_CUDA_EMU
   const bool asked = env_int("MSFUSED_CUDA_BWD_CLUSTER") != 0;
 #else
   static const bool asked = env_int("MSFUSED_CUDA_BWD_CLUSTER") != 0;
 #endif
-  if (!asked || grid.x < 2 || grid.x > 8) return 1;
+  if (!asked) return false;
   int dev = 0, major = 0;
   cudaGetDevice(&dev);
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      major < 9)
-    return 1;
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+         major >= 9;
+}
+
+// The cluster launch 1 runs as, sharing gz (the kernel's `cluster`): its grid's row of CTAs
+// (grid.x: every channel and row block of the same pixels) where clusters are enabled, the
+// row is 2 to 8 CTAs (the portable sizes) and such a cluster fits on the device; 1 (each
+// CTA stages all of gz itself) otherwise. Either way the same bits.
+template <typename Kernel>
+int gz_cluster(Kernel kernel, dim3 grid, size_t smem) {
+  if (grid.x < 2 || grid.x > 8 || !bwd_clusters_enabled()) return 1;
 #ifndef MSFUSED_CUDA_EMU
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -683,10 +756,10 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* 
   A* wpart = reinterpret_cast<A*>(ws + pl.ws_wpart) + goff * pl.rows * d.C;
   A* bpart = reinterpret_cast<A*>(ws + pl.ws_bpart) + goff * pl.rows;
   const dim3 grid(unsigned(pl.cblocks * pl.rblocks), unsigned(pl.split));
-  const int cluster = gz_cluster(kernel, grid, pl.smem);
-  const cudaError_t e =
-      MSF_LAUNCH_CLUSTER(pdl_enabled(), unsigned(cluster), kernel, grid, NT, pl.smem, stream, d,
-                         t, gy, saved, da, db, dx, wpart, bpart, pl, vec_x, vec_g, cluster);
+  const int cluster = pl.red > 1 ? 1 : gz_cluster(kernel, grid, pl.smem);
+  const cudaError_t e = MSF_LAUNCH_CLUSTER(pdl_enabled(), dim3(unsigned(cluster), unsigned(pl.red)),
+                                           kernel, grid, NT, pl.smem, stream, d, t, gy, saved, da,
+                                           db, dx, wpart, bpart, pl, vec_x, vec_g, cluster);
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
@@ -742,9 +815,13 @@ BwdMmaPlan backward_mma_plan(const BlockDesc& d, int esz) {
   // By default a quarter of L2 (12.5 MB on an H100, 15 on an H200), so that launch 2 finds
   // the scratch launch 1 just wrote in L2 beside launch 1's own traffic, in slices of at
   // least a wave of launch-1 CTAs; a budget set explicitly is kept whatever the wave.
+  // Clusters (MSFUSED_CUDA_BWD_CLUSTER=1): the partials of a one-channel-block grid summed
+  // across clusters of 4 CTAs along y (4: four such clusters fit a GPC of 16 SMs, where 8
+  // would leave a GPC with fewer than 16 free SMs one cluster).
+  const int red = bwd_clusters_enabled() ? 4 : 1;
   if (scratch_kb >= 0) return plan_backward_mma(d, esz, size_t(block), split, gt,
-                                                size_t(scratch_kb) << 10, false);
-  return plan_backward_mma(d, esz, size_t(block), split, gt, size_t(l2) / 4, true);
+                                                size_t(scratch_kb) << 10, false, red);
+  return plan_backward_mma(d, esz, size_t(block), split, gt, size_t(l2) / 4, true, red);
 }
 
 template <typename T>
@@ -776,7 +853,7 @@ const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>&
     BwdMmaPlan ps = pl;  // the slice's tiles and groups (a whole number of groups before it)
     ps.tiles = ds.B * pl.tiles_hw;
     ps.groups = (ps.tiles + pl.GT - 1) / pl.GT;
-    if (ps.split > ps.groups) ps.split = int(ps.groups);
+    if (ps.split > ps.groups && pl.red == 1) ps.split = int(ps.groups);  // (red: one slice)
     const int64_t goff = b0 * pl.tiles_hw / pl.GT;
     T* dx_s = g.dx + b0 * x_img;
     if constexpr (std::is_same_v<T, float>) {
@@ -805,7 +882,7 @@ const char* launch_block_backward_mma(const BlockDesc& d, const BlockTensors<T>&
   const cudaError_t e =
       MSF_LAUNCH_PDL(pdl_enabled(), rk, unsigned(blocks), NT, 0, stream, d,
                      reinterpret_cast<const A*>(ws + pl.ws_wpart),
-                     reinterpret_cast<const A*>(ws + pl.ws_bpart), dwpart, pl.groups,
+                     reinterpret_cast<const A*>(ws + pl.ws_bpart), dwpart, pl.parts,
                      backward_dw_parts(d), pl.rows, g, reinterpret_cast<char*>(lo),
                      scratch_lines);
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);

@@ -28,13 +28,13 @@
   ::msfused::cuda::launch_maybe_early(pdl, kernel, dim3(grid), dim3(block), smem, stream, \
                                       __VA_ARGS__)
 #endif
-// A launch of thread-block clusters of `cluster` CTAs along x (1 to 8, the portable sizes;
-// grid.x a multiple of it; sm_90 and up for more than 1), which may also start early where
-// `pdl` says so. Evaluates to the launch's cudaError_t.
+// A launch of thread-block clusters of `cluster` CTAs (a dim3: x by y, 1 to 8 in all, the
+// portable sizes; dividing the grid; sm_90 and up for more than 1), which may also start
+// early where `pdl` says so. Evaluates to the launch's cudaError_t.
 #ifndef MSF_LAUNCH_CLUSTER
-#define MSF_LAUNCH_CLUSTER(pdl, cluster, kernel, grid, block, smem, stream, ...)              \
-  ::msfused::cuda::launch_ex(pdl, cluster, kernel, dim3(grid), dim3(block), smem, stream, \
-                             __VA_ARGS__)
+#define MSF_LAUNCH_CLUSTER(pdl, cluster, kernel, grid, block, smem, stream, ...)       \
+  ::msfused::cuda::launch_ex(pdl, dim3(cluster), kernel, dim3(grid), dim3(block), smem, \
+                             stream, __VA_ARGS__)
 #endif
 #ifndef MSF_EXTERN_SMEM
 // 128-byte aligned: the kernels' shared-memory maps align their sections to 128 bytes.
@@ -102,24 +102,27 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 
 #ifndef MSFUSED_CUDA_EMU
 template <typename... Params, typename... Args>
-inline cudaError_t launch_ex(bool early, unsigned cluster, void (*kernel)(Params...), dim3 grid,
+inline cudaError_t launch_ex(bool early, dim3 cluster, void (*kernel)(Params...), dim3 grid,
                              dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
-  if (!early && cluster == 1) {
+  const unsigned nct = cluster.x * cluster.y * cluster.z;
+  if (!early && nct == 1) {
     kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
     return cudaGetLastError();
   }
-  if (cluster < 1 || cluster > 8 || grid.x % cluster != 0) return cudaErrorInvalidValue;
+  if (nct < 1 || nct > 8 || grid.x % cluster.x != 0 || grid.y % cluster.y != 0 ||
+      grid.z % cluster.z != 0)
+    return cudaErrorInvalidValue;
   cudaLaunchAttribute attr[2];
   unsigned n = 0;
   if (early) {
     attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[n++].val.programmaticStreamSerializationAllowed = 1;
   }
-  if (cluster > 1) {
+  if (nct > 1) {
     attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = cluster;
-    attr[n].val.clusterDim.y = 1;
-    attr[n++].val.clusterDim.z = 1;
+    attr[n].val.clusterDim.x = cluster.x;
+    attr[n].val.clusterDim.y = cluster.y;
+    attr[n++].val.clusterDim.z = cluster.z;
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
@@ -137,7 +140,8 @@ template <typename... Params, typename... Args>
 inline cudaError_t launch_maybe_early(bool early, void (*kernel)(Params...), dim3 grid,
                                       dim3 block, size_t smem, cudaStream_t stream,
                                       Args&&... args) {
-  return launch_ex(early, 1u, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
+  return launch_ex(early, dim3(1), kernel, grid, block, smem, stream,
+                   std::forward<Args>(args)...);
 }
 #endif
 

@@ -188,7 +188,8 @@ extern "C" int64_t emu_dw_smem(const int64_t* dv, int elem) {
 // The three-launch backward's plan for a shape (launch 1) with elements of elem bytes (2, 4 for
 // float32, 8 for float64): P (0: the older FMA backward runs), TH, tiles per group, groups, split,
 // channel blocks, shared memory bytes, workspace bytes, row blocks, images per batch slice, slices,
-// whether the data-gradient units are halves (dg_half).
+// whether the data-gradient units are halves (dg_half), the CTAs of a cluster summing their
+// partials (red), the partials (parts).
 extern "C" void emu_bwd_plan(const int64_t* dv, int64_t* out, int elem) {
   const cuda::BwdMmaPlan pl = cuda::backward_mma_plan(desc_of(dv), elem);
   out[0] = pl.P; out[1] = pl.TH; out[2] = pl.GT; out[3] = pl.groups; out[4] = pl.split;
@@ -196,6 +197,8 @@ extern "C" void emu_bwd_plan(const int64_t* dv, int64_t* out, int elem) {
   out[9] = pl.slice_imgs;
   out[10] = pl.slice_imgs > 0 ? (desc_of(dv).B + pl.slice_imgs - 1) / pl.slice_imgs : 0;
   out[11] = pl.dg_half;
+  out[12] = pl.red;
+  out[13] = pl.parts;
 }
 
 // A probe of emu_races.h and emu_bounds.h (tests/test_cuda_emu.py): CTA b of a 4-CTA launch

@@ -3,10 +3,11 @@
 // the CTAs run one by one, each as blockDim.x fibers sharing "__shared__" (static) memory
 // (the scheduler is below emu_fail); the CTAs of a thread-block cluster (MSF_LAUNCH_CLUSTER)
 // run together, each with its own dynamic shared memory, which the others reach through
-// ptx::map_shared_rank (distributed shared memory; emu_ptx.h has the cluster barrier). Not for speed. float16/bfloat16 are 2-byte stand-ins with
-// the rounding of cuda_fp16.h / cuda_bf16.h (round to nearest even, NaN kept). mma.sync,
-// ldmatrix and cp.async (csrc/cuda/ptx_wrappers.cuh) are in emu_ptx.h. Global bytes moved
-// through csrc/cuda/global_io.cuh and cp.async are counted (emu_bytes_* below).
+// ptx::map_shared_rank (distributed shared memory; emu_ptx.h has the cluster barrier). Not
+// for speed. float16/bfloat16 are 2-byte stand-ins with the rounding of cuda_fp16.h /
+// cuda_bf16.h (round to nearest even, NaN kept). mma.sync, ldmatrix and cp.async
+// (csrc/cuda/ptx_wrappers.cuh) are in emu_ptx.h. Global bytes moved through
+// csrc/cuda/global_io.cuh and cp.async are counted (emu_bytes_* below).
 #pragma once
 #include <sys/mman.h>
 // The fibers switch with a few instructions of assembly on x86-64, with ucontext elsewhere
@@ -239,8 +240,8 @@ struct EmuCta {
   std::function<void()> body;  // the kernel call of the current block
   unsigned current = 0;
   unsigned nt = 0, nct = 1;  // threads per CTA, CTAs in the cluster
+  unsigned cx = 1;           // the cluster's CTAs along x (rank = x + cx y, as %cluster_ctarank)
   dim3 first_block;          // blockIdx of rank 0
-  int32_t first_linear = 0;  // its linear index in the grid
   unsigned done_in[kEmuMaxCluster] = {};  // per rank: threads that returned
 
   void ensure_stacks(unsigned n) {
@@ -331,9 +332,10 @@ inline void emu_enter(unsigned t) {
   emu_fiber = t;
   const unsigned rank = t / emu_cta.nt;
   threadIdx = dim3(t % emu_cta.nt, 0, 0);
-  blockIdx = dim3(emu_cta.first_block.x + rank, emu_cta.first_block.y, emu_cta.first_block.z);
+  blockIdx = dim3(emu_cta.first_block.x + rank % emu_cta.cx,
+                  emu_cta.first_block.y + rank / emu_cta.cx, emu_cta.first_block.z);
   emu_smem = emu_smem_region(rank);
-  emu_races.cta = emu_cta.first_linear + int32_t(rank);
+  emu_races.cta = int32_t((blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x);
 }
 
 inline void emu_resume(unsigned t) {
@@ -496,53 +498,55 @@ inline void emu_check_smem_tail(unsigned rank, size_t smem) {
   }
 }
 
-// Runs a launch, its blocks one by one or, with cluster > 1 (along x; grid.x a multiple of
-// it), its clusters one by one, each cluster's CTAs together.
+// Runs a launch, its blocks one by one or, with a cluster of more than one CTA (cluster.x
+// by cluster.y, dividing the grid), its clusters one by one, each cluster's CTAs together.
 template <typename K, typename... Args>
-void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, bool pdl, unsigned cluster,
+void emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, bool pdl, dim3 cluster,
                 Args... args) {
   if (smem > kEmuSmemRegion) throw 1;
-  const unsigned nt = block.x * block.y * block.z;
-  if (cluster < 1 || cluster > kEmuMaxCluster || grid.x % cluster != 0 ||
-      (cluster > 1 && (nt % 32 != 0 || nt * cluster > kEmuMaxFibers)) || nt > 1024)
-    emu_fail("a launch whose cluster is not 1-8 CTAs dividing grid.x, of whole warps, at "
-             "most 4096 threads");
+  const unsigned nt = block.x * block.y * block.z, nct = cluster.x * cluster.y * cluster.z;
+  if (cluster.z != 1 || nct < 1 || nct > kEmuMaxCluster || grid.x % cluster.x != 0 ||
+      grid.y % cluster.y != 0 || (nct > 1 && (nt % 32 != 0 || nt * nct > kEmuMaxFibers)) ||
+      nt > 1024)
+    emu_fail("a launch whose cluster is not 1-8 CTAs (x by y) dividing the grid, of whole "
+             "warps, at most 4096 threads");
   gridDim = grid;
   blockDim = block;
   emu_dyn_bytes = smem;
   emu_cta.body = [&] { kernel(args...); };
+  emu_cta.cx = cluster.x;
   emu_l2.on_launch();
   emu_races.on_launch(emu_launches);
   emu_races.pdl = pdl;
   unsigned long block_no = emu_launches++;
   for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; bx += cluster) {
+    for (unsigned by = 0; by < grid.y; by += cluster.y)
+      for (unsigned bx = 0; bx < grid.x; bx += cluster.x) {
         // poison shared memory so reads of unwritten smem show up as NaN
-        for (unsigned r = 0; r < cluster; ++r) emu_poison_smem(r);
+        for (unsigned r = 0; r < nct; ++r) emu_poison_smem(r);
         emu_cta.first_block = dim3(bx, by, bz);
-        emu_cta.first_linear = int32_t((bz * grid.y + by) * grid.x + bx);
         emu_races.on_cluster(nt);
         const unsigned long k = block_no++;
         emu_async_land_at_issue = (k & 1) != 0;
         emu_ptx_block_begin();
-        emu_run_block(nt, cluster, (k & 2) != 0);
+        emu_run_block(nt, nct, (k & 2) != 0);
         emu_ptx_block_end();
-        if (cluster > 1)
-          for (unsigned r = 0; r < cluster; ++r) emu_check_smem_tail(r, 0);
+        if (nct > 1)
+          for (unsigned r = 0; r < nct; ++r) emu_check_smem_tail(r, 0);
       }
   emu_cta.body = nullptr;
 }
 #define MSF_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  emu_launch(kernel, dim3(grid), dim3(block), smem, false, 1u, __VA_ARGS__)
+  emu_launch(kernel, dim3(grid), dim3(block), smem, false, dim3(1), __VA_ARGS__)
 // A launch that may start early (csrc/cuda/common.cuh): emulated in order like any other,
 // with emu_races.h checking that no thread touches global memory before its wait; `pdl`
 // (whether the real launch would ask for early start) does not change that.
 #define MSF_LAUNCH_PDL(pdl, kernel, grid, block, smem, stream, ...) \
-  (emu_launch(kernel, dim3(grid), dim3(block), smem, true, 1u, __VA_ARGS__), cudaSuccess)
-// A launch of clusters of `cluster` CTAs along x (common.cuh), which may start early too.
+  (emu_launch(kernel, dim3(grid), dim3(block), smem, true, dim3(1), __VA_ARGS__), cudaSuccess)
+// A launch of clusters of `cluster` CTAs (a dim3, x by y; common.cuh), which may start
+// early too.
 #define MSF_LAUNCH_CLUSTER(pdl, cluster, kernel, grid, block, smem, stream, ...) \
-  (emu_launch(kernel, dim3(grid), dim3(block), smem, true, unsigned(cluster), __VA_ARGS__), \
+  (emu_launch(kernel, dim3(grid), dim3(block), smem, true, dim3(cluster), __VA_ARGS__), \
    cudaSuccess)
 
 // ---- warp-collective bookkeeping (emu_ptx.h's mma.sync and ldmatrix) --------------------

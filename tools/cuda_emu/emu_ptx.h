@@ -283,7 +283,8 @@ inline void emu_ptx_block_end() {
     if (!c.landed) {
       std::fprintf(stderr, "cuda_emu: cp.async into shared memory never waited for (thread %u "
                    "of block %u,%u)\n", c.owner % emu_cta.nt,
-                   emu_cta.first_block.x + c.owner / emu_cta.nt, emu_cta.first_block.y);
+                   emu_cta.first_block.x + c.owner / emu_cta.nt % emu_cta.cx,
+                   emu_cta.first_block.y + c.owner / emu_cta.nt / emu_cta.cx);
       std::fflush(stderr);
       std::abort();
     }

@@ -388,7 +388,7 @@ def tf32_preactivation(x, p, cfg):
 def backward_plan_of(lib, x, params, cfg, elem):
     """Whether the three-launch backward plans for this call's shape (elem: 2, or 4 for
     float32)."""
-    out = (ctypes.c_int64 * 12)()
+    out = (ctypes.c_int64 * 14)()
     lib.emu_bwd_plan(block_desc(*x.shape, params[6].shape[0], cfg, x.stride(1) == 1), out, elem)
     return out[0] > 0
 
@@ -743,10 +743,10 @@ def backward_plan(lib, case, elem=2):
     batch slice of slice_imgs images."""
     (c, n, h, w, batch), merge, stride, residual, cl, act = case
     cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
-    out = (ctypes.c_int64 * 12)()
+    out = (ctypes.c_int64 * 14)()
     lib.emu_bwd_plan(block_desc(batch, c, h, w, n, cfg, cl and c > 1), out, elem)
     return dict(zip(("P", "TH", "GT", "groups", "split", "cblocks", "smem", "workspace",
-                     "rblocks", "slice_imgs", "nslices", "dg_half"), out))
+                     "rblocks", "slice_imgs", "nslices", "dg_half", "red", "parts"), out))
 
 
 def backward_grads(lib, case, dtype):
@@ -920,7 +920,7 @@ def backward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, l2=False, group=No
 
     esz = torch.empty((), dtype=dtype).element_size()
 
-    plan_full, plan = (ctypes.c_int64 * 12)(), (ctypes.c_int64 * 12)()
+    plan_full, plan = (ctypes.c_int64 * 14)(), (ctypes.c_int64 * 14)()
     lib.emu_bwd_plan(desc_for(shape.batch), plan_full, esz)
     old = {k: os.environ.get(k) for k in ("MSFUSED_CUDA_BWD_GROUP",
                                           "MSFUSED_CUDA_BWD_SCRATCH_KB")}
