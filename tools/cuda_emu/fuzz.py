@@ -1,7 +1,8 @@
 """Random configurations through the emulated CUDA kernels, forward and backward: shapes,
 merges, strides, activations, residuals, layouts and dtypes drawn at random, and with them
 the plan knobs a GPU's size or a user's environment changes (a smaller shared memory per
-block, a forced split, a small scratch budget that slices the batch). Every call is also
+block, a forced split, a small scratch budget that slices the batch, the backward's
+thread-block clusters). Every call is also
 checked for out-of-bounds accesses, races between CTAs and early-launch ordering (emu.h:
 emu_bounds.h, emu_races.h), which fail the case outright; results are judged as the sweeps
 judge them (run_emu.py --forward-low / --backward-low).
@@ -21,7 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run_emu  # noqa: E402
 
-KNOBS = ("CUDA_EMU_SMEM_LIMIT", "MSFUSED_CUDA_BWD_SPLIT", "MSFUSED_CUDA_BWD_SCRATCH_KB")
+KNOBS = ("CUDA_EMU_SMEM_LIMIT", "MSFUSED_CUDA_BWD_SPLIT", "MSFUSED_CUDA_BWD_SCRATCH_KB",
+         "MSFUSED_CUDA_BWD_CLUSTER")
 
 
 def draw(rng):
@@ -46,6 +48,8 @@ def draw(rng):
         knobs["MSFUSED_CUDA_BWD_SPLIT"] = str(rng.randint(1, 3))
     if rng.random() < 0.3:
         knobs["MSFUSED_CUDA_BWD_SCRATCH_KB"] = str(rng.choice([1, 4, 16]))
+    if rng.random() < 0.3:
+        knobs["MSFUSED_CUDA_BWD_CLUSTER"] = "1"
     return case, dtype, knobs
 
 

@@ -63,6 +63,13 @@ summary() {  # the per-stage table, the test count, failed test names, the bench
     [ -f "$OUT/bench-cuda-bf16-compile.json" ] && files+=("$OUT/bench-cuda-bf16-compile.json")
     python3 tools/gpu/targets.py "${files[@]}" 2>&1
   fi
+  local opt
+  for opt in pdl cluster; do  # the opt-in variants, each against eager in its own run
+    if [ -f "$OUT/bench-cuda-bf16-$opt.json" ]; then
+      echo "--- targets with the $opt variant (bench-$opt)"
+      python3 tools/gpu/targets.py "$OUT/bench-cuda-bf16-$opt.json" 2>&1
+    fi
+  done
 }
 
 pack() {  # OUTDIR as one tarball and the summary beside it, each written whole, then moved
