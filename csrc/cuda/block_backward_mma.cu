@@ -713,6 +713,26 @@ template <typename Kernel>
 int gz_cluster(Kernel kernel, dim3 grid, size_t smem) {
   if (grid.x < 2 || grid.x > 8 || !bwd_clusters_enabled()) return 1;
 #ifndef MSFUSED_CUDA_EMU
+  // whether such a cluster fits the device, asked once per kernel, device, size and shared
+  // memory (the answer kept in a small table: the occupancy query is a driver call)
+  struct Fit {
+    const void* kernel;
+    int dev;
+    unsigned cx;
+    size_t smem;
+    bool fits;
+  };
+  static std::mutex lock;
+  static Fit seen[64];
+  static int nseen = 0;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const void* key = reinterpret_cast<const void*>(kernel);
+  std::lock_guard<std::mutex> guard(lock);
+  for (int i = 0; i < nseen; ++i)
+    if (seen[i].kernel == key && seen[i].dev == dev && seen[i].cx == grid.x &&
+        seen[i].smem == smem)
+      return seen[i].fits ? int(grid.x) : 1;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = grid.x;
@@ -725,10 +745,11 @@ int gz_cluster(Kernel kernel, dim3 grid, size_t smem) {
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
-    (void)cudaGetLastError();
-    return 1;
-  }
+  const bool fits =
+      cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters >= 1;
+  if (!fits) (void)cudaGetLastError();
+  if (nseen < 64) seen[nseen++] = Fit{key, dev, grid.x, smem, fits};
+  if (!fits) return 1;
 #else
   (void)kernel;
   (void)smem;
