@@ -620,6 +620,23 @@ def test_backward_batch_slices_keep_the_bits(emu_lib, case, dtype, monkeypatch):
         _assert_same_bits(run_emu.NAMES, ref, grads)
 
 
+def _backward_runs(run_emu, lib, case, dtype, tf32, monkeypatch, settings):
+    """(the 13 gradients, global bytes moved) of one emulated forward+backward of `case` per
+    dict of plan knobs in `settings` (environment variables), float32 on TF32 if tf32."""
+    runs = []
+    lib.emu_set_tf32(int(tf32))
+    try:
+        for env in settings:
+            for k, v in env.items():
+                monkeypatch.setenv(k, v)
+            run_emu._bytes_moved(lib)
+            grads = run_emu.backward_grads(lib, case, dtype)
+            runs.append((grads, run_emu._bytes_moved(lib)))
+    finally:
+        lib.emu_set_tf32(0)
+    return runs
+
+
 @pytest.mark.parametrize("case,dtype,split",
                          [(((128, 128, 8, 8, 1), "concat", 1, True, True, "relu"),
                            torch.bfloat16, "0"),                    # paper-u3's block: 4 CTAs
@@ -648,17 +665,9 @@ def test_backward_gz_shared_across_a_cluster(emu_lib, case, dtype, split, monkey
     plan = run_emu.backward_plan(lib, case, dtype.itemsize)
     assert 2 <= plan["cblocks"] * plan["rblocks"] <= 8, plan
     monkeypatch.setenv("MSFUSED_CUDA_BWD_SPLIT", split)
-    runs = []
-    lib.emu_set_tf32(int(tf32))
-    try:
-        for cluster in ("0", "1"):
-            monkeypatch.setenv("MSFUSED_CUDA_BWD_CLUSTER", cluster)
-            run_emu._bytes_moved(lib)
-            grads = run_emu.backward_grads(lib, case, dtype)
-            runs.append((grads, run_emu._bytes_moved(lib)))
-    finally:
-        lib.emu_set_tf32(0)
-    (alone, moved_alone), (shared, moved_shared) = runs
+    (alone, moved_alone), (shared, moved_shared) = _backward_runs(
+        run_emu, lib, case, dtype, tf32, monkeypatch,
+        [{"MSFUSED_CUDA_BWD_CLUSTER": "0"}, {"MSFUSED_CUDA_BWD_CLUSTER": "1"}])
     _assert_same_bits(run_emu.NAMES, alone, shared)
     assert moved_shared < moved_alone, (moved_shared, moved_alone)
 
@@ -695,18 +704,10 @@ def test_backward_partials_summed_across_a_cluster(emu_lib, case, dtype, monkeyp
                 if dt in (torch.float32, torch.float64)
                 else run_emu.run_forward_low(lib, case, dt, backward=True))
     assert ok, line
-    runs = []
-    lib.emu_set_tf32(int(tf32))
-    try:
-        for cluster, split in (("0", "0"), ("1", "0"), ("1", "1"), ("1", "6")):
-            monkeypatch.setenv("MSFUSED_CUDA_BWD_CLUSTER", cluster)
-            monkeypatch.setenv("MSFUSED_CUDA_BWD_SPLIT", split)
-            run_emu._bytes_moved(lib)
-            grads = run_emu.backward_grads(lib, case, dt)
-            runs.append((grads, run_emu._bytes_moved(lib)))
-    finally:
-        lib.emu_set_tf32(0)
-    (_, moved_plain), (ref, moved), *others = runs
+    (_, moved_plain), (ref, moved), *others = _backward_runs(
+        run_emu, lib, case, dt, tf32, monkeypatch,
+        [{"MSFUSED_CUDA_BWD_CLUSTER": cluster, "MSFUSED_CUDA_BWD_SPLIT": split}
+         for cluster, split in (("0", "0"), ("1", "0"), ("1", "1"), ("1", "6"))])
     assert moved < moved_plain, (moved, moved_plain)
     for grads, _ in others:
         _assert_same_bits(run_emu.NAMES, ref, grads)

@@ -689,6 +689,23 @@ int env_int(const char* name, int unset = 0) {  // unset: the value when empty o
   return e != nullptr && *e != '\0' ? std::atoi(e) : unset;
 }
 
+// Whether the current device has compute capability 9.0 or higher (programmatic dependent
+// launch, thread-block clusters), asked once per device.
+bool device_is_sm90() {
+  static std::atomic<int> major[64] = {};  // per device: compute capability major + 1
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) return false;
+  int m = major[dev].load(std::memory_order_relaxed);
+  if (m == 0) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) v = 0;
+    m = v + 1;
+    major[dev].store(m, std::memory_order_relaxed);
+  }
+  return m - 1 >= 9;
+}
+
 // Whether launch 1 may run as thread-block clusters: MSFUSED_CUDA_BWD_CLUSTER=1 (read once
 // per process; by the emulator at every call) on a device of compute capability 9.0 or
 // higher. Off by default until a GPU has timed it (benchmarks/NOTES.md entries 59-60).
@@ -698,11 +715,7 @@ bool bwd_clusters_enabled() {
 #else
   static const bool asked = env_int("MSFUSED_CUDA_BWD_CLUSTER") != 0;
 #endif
-  if (!asked) return false;
-  int dev = 0, major = 0;
-  cudaGetDevice(&dev);
-  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-         major >= 9;
+  return asked && device_is_sm90();
 }
 
 // The cluster launch 1 runs as, sharing gz (the kernel's `cluster`): its grid's row of CTAs
@@ -800,19 +813,7 @@ bool pdl_enabled() {
 #else
   static const bool asked = env_int("MSFUSED_CUDA_PDL") != 0;
 #endif
-  if (!asked) return false;
-  static std::atomic<int> major[64] = {};  // per device: compute capability major + 1
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64) return false;
-  int m = major[dev].load(std::memory_order_relaxed);
-  if (m == 0) {
-    int v = 0;
-    if (cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) v = 0;
-    m = v + 1;
-    major[dev].store(m, std::memory_order_relaxed);
-  }
-  return m - 1 >= 9;
+  return asked && device_is_sm90();
 }
 
 BwdMmaPlan backward_mma_plan(const BlockDesc& d, int esz) {
