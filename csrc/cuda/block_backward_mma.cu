@@ -30,7 +30,10 @@
 // same pixels, 2 to 8 CTAs that walk the same tiles in step, run as one thread-block cluster:
 // each stages gz for its share of a tile's pixels and copies the other shares out of the
 // other CTAs' shared memory (distributed shared memory), so dy and the saved output are read
-// once per tile rather than once per CTA; the arithmetic and the bits are the same.
+// once per tile rather than once per CTA; the arithmetic and the bits are the same. Where
+// one CTA covers the pixels (grid x of 1), 4 CTAs along y (4 consecutive groups) are a
+// cluster instead and sum their groups' partials over distributed shared memory before
+// writing one (reduce_partials_in_cluster; plan field red).
 // After a group's last tile the accumulators go out as that group's partial. Groups are
 // fixed by the shape, the order of the sums inside a group by the tile order, and launch 3
 // adds the groups in index order: the result does not depend on the split (the grid).
@@ -791,9 +794,10 @@ const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, const T* 
   A* bpart = reinterpret_cast<A*>(ws + pl.ws_bpart) + goff * pl.rows;
   const dim3 grid(unsigned(pl.cblocks * pl.rblocks), unsigned(pl.split));
   const int cluster = pl.red > 1 ? 1 : gz_cluster(kernel, grid, pl.smem);
-  const cudaError_t e = MSF_LAUNCH_CLUSTER(pdl_enabled(), dim3(unsigned(cluster), unsigned(pl.red)),
-                                           kernel, grid, NT, pl.smem, stream, d, t, gy, saved, da,
-                                           db, dx, wpart, bpart, pl, vec_x, vec_g, cluster);
+  const dim3 cdim(unsigned(cluster), unsigned(pl.red));  // (at most one of them over 1)
+  const cudaError_t e =
+      MSF_LAUNCH_CLUSTER(pdl_enabled(), cdim, kernel, grid, NT, pl.smem, stream, d, t, gy,
+                         saved, da, db, dx, wpart, bpart, pl, vec_x, vec_g, cluster);
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 

@@ -137,7 +137,9 @@ constexpr size_t kEmuSmemRegion = 256 * 1024;
 alignas(128) inline unsigned char emu_dyn_smem[kEmuMaxCluster * kEmuSmemRegion];
 inline unsigned char* emu_smem = emu_dyn_smem;
 inline size_t emu_dyn_bytes = 0;
-inline unsigned char* emu_smem_region(unsigned rank) { return emu_dyn_smem + rank * kEmuSmemRegion; }
+inline unsigned char* emu_smem_region(unsigned rank) {
+  return emu_dyn_smem + rank * kEmuSmemRegion;
+}
 // The rank whose region holds p, or -1 outside every region.
 inline int emu_smem_rank_of(const void* p) {
   const auto* b = static_cast<const unsigned char*>(p);
