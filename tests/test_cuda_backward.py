@@ -1,8 +1,10 @@
 """The float16/bfloat16 CUDA backward on a GPU (block_backward_mma.cu, block_backward_dw.cu):
 every gradient the same bits run to run, under torch.use_deterministic_algorithms(True), and
 whatever split count the launch uses (MSFUSED_CUDA_BWD_SPLIT, read once per process: the
-other split runs in a subprocess). Needs a GPU; the emulator's version of these checks is
-tests/test_cuda_emu.py::test_backward_weight_grads_do_not_depend_on_the_split."""
+other split runs in a subprocess), and with launch 1 as thread-block clusters
+(MSFUSED_CUDA_BWD_CLUSTER=1). Needs a GPU; the emulator's versions of these checks are
+tests/test_cuda_emu.py::test_backward_weight_grads_do_not_depend_on_the_split and the
+test_backward_*_cluster tests there."""
 import os
 import subprocess
 import sys
@@ -31,11 +33,13 @@ torch.save([x.grad.cpu()] + [p.grad.cpu() for p in m.parameters()], sys.argv[2])
 """
 
 
-def _grads(case, path, split=None):
+def _grads(case, path, split=None, cluster=None):
     env = dict(os.environ)
-    env.pop("MSFUSED_CUDA_BWD_SPLIT", None)
-    if split is not None:
-        env["MSFUSED_CUDA_BWD_SPLIT"] = str(split)
+    for knob, value in (("MSFUSED_CUDA_BWD_SPLIT", split),
+                        ("MSFUSED_CUDA_BWD_CLUSTER", cluster)):
+        env.pop(knob, None)
+        if value is not None:
+            env[knob] = str(value)
     subprocess.run([sys.executable, "-c", SCRIPT, repr(case), str(path)], env=env, check=True)
     return torch.load(path)
 
@@ -77,3 +81,32 @@ def test_backward_under_deterministic_algorithms():
         assert _same_bits(runs[0], runs[1])
     finally:
         torch.use_deterministic_algorithms(old)
+
+
+def test_clusters_sharing_gz_keep_the_bits(tmp_path):
+    """paper-u3's block (four channel blocks cover each pixel): with clusters on they share gz
+    over distributed shared memory (sm_90; elsewhere the plain launch runs), the same
+    arithmetic, so the same bits."""
+    if not msfused.available_backends()["cuda"].available:
+        pytest.skip("cuda backend not built")
+    case = (128, 128, 8, 8, "concat", 1)
+    plain = _grads(case, tmp_path / "a.pt")
+    shared = _grads(case, tmp_path / "b.pt", cluster=1)
+    assert _same_bits(plain, shared), "sharing gz changed the gradients"
+
+
+def test_clusters_summing_partials_do_not_depend_on_the_split(tmp_path):
+    """One channel block (the mnet-56-like case): with clusters on, four CTAs along the groups
+    sum their partials before writing one. The sums are grouped differently from the plain
+    run's, so a gradient may move by a rounding of its largest element, not more, and the
+    bits do not depend on the split."""
+    if not msfused.available_backends()["cuda"].available:
+        pytest.skip("cuda backend not built")
+    case = CASES["mnet-56-like"]
+    plain = _grads(case, tmp_path / "a.pt")
+    summed = _grads(case, tmp_path / "b.pt", cluster=1)
+    one = _grads(case, tmp_path / "c.pt", split=1, cluster=1)
+    assert _same_bits(summed, one), "the cluster's sums depend on the split count"
+    for a, b in zip(summed, plain):
+        scale = b.float().abs().max().item()
+        assert (a.float() - b.float()).abs().max().item() <= 2.0 ** -7 * scale + 1e-30
