@@ -24,9 +24,9 @@
 // ptx::grid_dependency_wait() in every thread before touching global memory (the emulator
 // checks that on every such launch). Evaluates to the launch's cudaError_t.
 #ifndef MSF_LAUNCH_PDL
-#define MSF_LAUNCH_PDL(pdl, kernel, grid, block, smem, stream, ...) \
-  ::msfused::cuda::launch_maybe_early(pdl, kernel, dim3(grid), dim3(block), smem, stream, \
-                                      __VA_ARGS__)
+#define MSF_LAUNCH_PDL(pdl, kernel, grid, block, smem, stream, ...)                     \
+  ::msfused::cuda::launch_ex(pdl, dim3(1), kernel, dim3(grid), dim3(block), smem, stream, \
+                             __VA_ARGS__)
 #endif
 // A launch of thread-block clusters of `cluster` CTAs (a dim3: x by y, 1 to 8 in all, the
 // portable sizes; dividing the grid; sm_90 and up for more than 1), which may also start
@@ -134,14 +134,6 @@ inline cudaError_t launch_ex(bool early, dim3 cluster, void (*kernel)(Params...)
   const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
   if (e != cudaSuccess) (void)cudaGetLastError();  // reported by the caller, not left sticky
   return e;
-}
-
-template <typename... Params, typename... Args>
-inline cudaError_t launch_maybe_early(bool early, void (*kernel)(Params...), dim3 grid,
-                                      dim3 block, size_t smem, cudaStream_t stream,
-                                      Args&&... args) {
-  return launch_ex(early, dim3(1), kernel, grid, block, smem, stream,
-                   std::forward<Args>(args)...);
 }
 #endif
 
