@@ -728,49 +728,7 @@ bool bwd_clusters_enabled() {
 template <typename Kernel>
 int gz_cluster(Kernel kernel, dim3 grid, size_t smem) {
   if (grid.x < 2 || grid.x > 8 || !bwd_clusters_enabled()) return 1;
-#ifndef MSFUSED_CUDA_EMU
-  // whether such a cluster fits the device, asked once per kernel, device, size and shared
-  // memory (the answer kept in a small table: the occupancy query is a driver call)
-  struct Fit {
-    const void* kernel;
-    int dev;
-    unsigned cx;
-    size_t smem;
-    bool fits;
-  };
-  static std::mutex lock;
-  static Fit seen[64];
-  static int nseen = 0;
-  int dev = 0;
-  cudaGetDevice(&dev);
-  const void* key = reinterpret_cast<const void*>(kernel);
-  std::lock_guard<std::mutex> guard(lock);
-  for (int i = 0; i < nseen; ++i)
-    if (seen[i].kernel == key && seen[i].dev == dev && seen[i].cx == grid.x &&
-        seen[i].smem == smem)
-      return seen[i].fits ? int(grid.x) : 1;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = grid.x;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(NT);
-  cfg.dynamicSmemBytes = smem;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  int clusters = 0;
-  const bool fits =
-      cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters >= 1;
-  if (!fits) (void)cudaGetLastError();
-  if (nseen < 64) seen[nseen++] = Fit{key, dev, grid.x, smem, fits};
-  if (!fits) return 1;
-#else
-  (void)kernel;
-  (void)smem;
-#endif
-  return int(grid.x);
+  return cluster_fits(kernel, dim3(grid.x), NT, smem) ? int(grid.x) : 1;
 }
 
 // Launch 1 over one batch slice: d, t, gy, saved and dx that slice's (its images from 0), pl
@@ -816,6 +774,15 @@ bool pdl_enabled() {
   const bool asked = env_int("MSFUSED_CUDA_PDL") != 0;
 #else
   static const bool asked = env_int("MSFUSED_CUDA_PDL") != 0;
+#endif
+  return asked && device_is_sm90();
+}
+
+bool fwd_clusters_enabled() {
+#ifdef MSFUSED_CUDA_EMU
+  const bool asked = env_int("MSFUSED_CUDA_FWD_CLUSTER") != 0;
+#else
+  static const bool asked = env_int("MSFUSED_CUDA_FWD_CLUSTER") != 0;
 #endif
   return asked && device_is_sm90();
 }

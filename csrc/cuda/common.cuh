@@ -145,6 +145,66 @@ inline cudaError_t launch_ex(bool early, dim3 cluster, void (*kernel)(Params...)
 // harness's GPU timing uses.
 bool pdl_enabled();
 
+// Whether the one-launch forward may run as thread-block clusters sharing each run of tiles
+// (forward_mma_plan.h): MSFUSED_CUDA_FWD_CLUSTER=1 (read once per process; by the emulator at
+// every call) on a device of compute capability 9.0 or higher. Off by default until a GPU run
+// has timed it (benchmarks/NOTES.md entry 61).
+bool fwd_clusters_enabled();
+
+// Whether a cluster of `cluster` CTAs of `threads` threads and `smem` bytes of dynamic shared
+// memory each fits on the current device (cudaOccupancyMaxActiveClusters at least 1), asked
+// once per kernel, device, cluster shape and shared memory (the answers kept in a small table:
+// the query is a driver call that a launch should not repeat). The emulator runs any cluster
+// of at most 8 CTAs.
+template <typename Kernel>
+inline bool cluster_fits(Kernel kernel, dim3 cluster, int threads, size_t smem) {
+  const unsigned nct = cluster.x * cluster.y * cluster.z;
+  if (nct <= 1) return true;
+  if (nct > 8) return false;
+#ifndef MSFUSED_CUDA_EMU
+  struct Fit {
+    const void* kernel;
+    int dev;
+    unsigned cx, cy;
+    size_t smem;
+    bool fits;
+  };
+  static std::mutex lock;
+  static Fit seen[64];
+  static int nseen = 0;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const void* key = reinterpret_cast<const void*>(kernel);
+  std::lock_guard<std::mutex> guard(lock);
+  for (int i = 0; i < nseen; ++i)
+    if (seen[i].kernel == key && seen[i].dev == dev && seen[i].cx == cluster.x &&
+        seen[i].cy == cluster.y && seen[i].smem == smem)
+      return seen[i].fits;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster.x;
+  attr[0].val.clusterDim.y = cluster.y;
+  attr[0].val.clusterDim.z = cluster.z;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = cluster;  // one cluster: the query's answer does not depend on the grid
+  cfg.blockDim = dim3(unsigned(threads));
+  cfg.dynamicSmemBytes = smem;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  const bool fits =
+      cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters >= 1;
+  if (!fits) (void)cudaGetLastError();
+  if (nseen < 64) seen[nseen++] = Fit{key, dev, cluster.x, cluster.y, smem, fits};
+  return fits;
+#else
+  (void)kernel;
+  (void)threads;
+  (void)smem;
+  return true;
+#endif
+}
+
 // Raises a kernel's dynamic shared-memory limit (the opt-in above 48 KB) to `bytes` where it
 // is not that high yet on the current device; `raised` is the kernel's own per-device record
 // (a function-local static of its launcher), so the attribute is set once per kernel, device
