@@ -137,11 +137,15 @@ def test_tensor_core_kernels_build_for_sm80(tmp_path):
         assert kernels and all("LOCAL:0" in line for line in kernels), (name, res[-2000:])
 
 
-def _gemm_ops(short):
+def _template_args(short):
+    return short[short.index("<") + 1:-1].split(", ")
+
+
+def _gemm_ops(short, tc):
     """The GEMM instructions a forward/backward instantiation must contain: HMMA on tensor
     cores (fed by LDSM in the 16-bit ones), float32 FMAs and no HMMA in float32's exact
-    variant (template argument TC false), float64 FMAs and no HMMA in float64's."""
-    if short.endswith("false>"):
+    variant (template argument TC, `tc`, "false"), float64 FMAs and no HMMA in float64's."""
+    if tc == "false":
         return ("DFMA" if "double," in short else "FFMA",), ("HMMA",)
     return ("HMMA",) + (() if "float," in short else ("LDSM",)), ()
 
@@ -154,25 +158,31 @@ def test_tensor_core_forward_sass():
     (LDGSTS .128), writes y with 16-byte stores, and keeps everything in registers (no local
     memory) within 128 per thread, the two CTAs per SM that the tile plan assumes
     (csrc/cuda/forward_mma_plan.h; float64, gradcheck's dtype, within 255: one CTA per SM).
-    The table: python tools/cuda_sass.py forward_mma."""
+    The 16-bit ones come twice, without and with thread-block clusters (the kernel's CL:
+    cluster barriers in the second only). The table: python tools/cuda_sass.py forward_mma."""
     _built_with_cuda()
     tool, so = cuda_sass.cuobjdump(), cuda_sass.shared_object()
     if tool is None or so is None:
         pytest.skip("cuobjdump or the shared object not found")
     ks = cuda_sass.kernels(so, tool, "block_forward_mma_kernel")
-    # ({bfloat16, half, float} on tensor cores + {float, double} on FMAs) x stride {1, 2} x
-    # width {8, 16}
-    assert len(ks) == 20, sorted(ks)
+    # ({bfloat16, half, float} on tensor cores + {float, double} on FMAs + {bfloat16, half} as
+    # clusters) x stride {1, 2} x width {8, 16}
+    assert len(ks) == 28, sorted(ks)
+    clustered = 0
     for name, r in ks.items():
         short = cuda_sass.demangle_short(name)
         assert r["local"] == 0 and r["LDL"] == 0 and r["STL"] == 0, (short, r)
         assert r["regs"] <= (255 if "double," in short else 128), (short, r)
-        need, absent = _gemm_ops(short)
+        _, _, _, tc, cl = _template_args(short)  # <T, S, TW, TC, CL>
+        need, absent = _gemm_ops(short, tc)
         # (GDWAIT, GDLAUNCH: programmatic dependent launch, csrc/cuda/common.cuh)
         for op in need + ("LDGSTS128", "STG128", "GDWAIT", "GDLAUNCH"):
             assert r[op] > 0, (short, op, r)
         for op in absent:
             assert r[op] == 0, (short, op, r)
+        clustered += cl == "true"
+        assert (r["CLARV"] > 0 and r["CLWAIT"] > 0) == (cl == "true"), (short, r)
+    assert clustered == 8, sorted(cuda_sass.demangle_short(k) for k in ks)
 
 
 def test_tensor_core_backward_sass():
@@ -193,7 +203,7 @@ def test_tensor_core_backward_sass():
         short = cuda_sass.demangle_short(name)
         assert r["local"] == 0 and r["LDL"] == 0 and r["STL"] == 0, (short, r)
         assert r["regs"] <= 255, (short, r)
-        need, absent = _gemm_ops(short)
+        need, absent = _gemm_ops(short, _template_args(short)[-1])  # <T, S, TC>
         for op in need + ("LDGSTS128",):
             assert r[op] > 0, (short, op, r)
         for op in absent:

@@ -225,6 +225,80 @@ def test_forward_runs_down_a_column(emu_lib, case, tile, dtype, monkeypatch):
     assert ok, line
 
 
+# (C, N, H, W, B), merge, stride, residual, channels_last, act; tile x run x cluster forced:
+# the ranks split the rows (r) or the GEMM blocks (b); runs of several tiles (the ranks' A
+# rewritten tile after tile), C with a partial last chunk (40, 72: C16 48, 80), a cluster of
+# 4 over 3 GEMM blocks, concat's two branches, NCHW, stride 2
+CLUSTER_CASES = [(((40, 40, 17, 10, 2), "concat", 1, True, True, "relu"), "2x8x3x2b"),
+                 (((256, 64, 13, 6, 1), "add", 1, True, True, "relu6"), "4x8x2x2r"),
+                 (((128, 64, 13, 6, 1), "add", 1, True, True, "silu"), "8x8x2x4r"),
+                 (((136, 160, 19, 18, 1), "concat", 1, True, False, "relu"), "2x16x3x4b"),
+                 (((72, 70, 23, 9, 1), "concat", 2, False, True, "none"), "2x8x5x2b")]
+
+
+@pytest.mark.parametrize("case,tile", CLUSTER_CASES, ids=lambda v: v if isinstance(v, str) else
+                         "-".join(map(str, v[0] + v[1:])))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_forward_clusters_keep_the_bits(emu_lib, case, tile, dtype, monkeypatch):
+    """A thread-block cluster sharing each run of tiles (MSFUSED_CUDA_FWD_CLUSTER=1, 16-bit
+    only: each rank stages x and computes A for its chunks, then copies the other ranks'
+    columns of A out of their shared memory for its rows or its GEMM blocks) gives bit for bit
+    the output of one CTA per run on the same tile, and moves x and y once: the same global
+    bytes as that CTA where the ranks split the GEMM blocks, each rank's own weights on top
+    where they split the rows. The emulator runs the cluster's CTAs apart and aborts on a
+    cluster barrier one of them skips, so a barrier missing or late shows here
+    (benchmarks/NOTES.md entry 61)."""
+    run_emu, lib = emu_lib
+    th, tw, run, kc = tile.split("x")
+    k, split = int(kc[:-1]), kc[-1]
+    (c, n, h, w, batch), merge, stride, residual, cl, act = case
+    params, cfg = run_emu.case_params(c, n, merge, stride, act, residual, dtype, 7)
+    torch.manual_seed(1)
+    x = torch.randn(batch, c, h, w, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last if cl and c > 1 else
+                     torch.contiguous_format)
+    monkeypatch.setenv("MSFUSED_CUDA_FWD_CLUSTER", "1")
+    ys, moved = [], []
+    for forced in (f"{th}x{tw}x{run}x1", tile):
+        monkeypatch.setenv("MSFUSED_CUDA_FWD_TILE", forced)
+        plan = run_emu.forward_plan(lib, case, dtype.itemsize)
+        assert (plan["TH"], plan["TW"], plan["run"]) == (int(th), int(tw), int(run)), plan
+        assert plan["cluster"] == (1 if forced.endswith("x1") else k), plan
+        run_emu._bytes_moved(lib)
+        y, _, _ = run_emu.emulate(lib, x, params, cfg, None, backward=False)
+        moved.append(run_emu._bytes_moved(lib))
+        ys.append(y)
+    assert plan["cluster_rows"] == (split == "r"), plan
+    assert torch.equal(ys[0], ys[1]), (ys[0] - ys[1]).abs().max()
+    if split == "b":
+        assert moved[1] == moved[0], moved
+    else:
+        assert moved[1] > moved[0], moved
+    ok, line = run_emu.run_forward_low(lib, case, dtype)  # (the cluster, against float64)
+    assert ok, line
+
+
+@pytest.mark.parametrize("name", ["paper-u3", "mnet-28", "mnet-14"])
+def test_forward_x_bound_with_clusters(emu_lib, name, monkeypatch):
+    """With clusters (MSFUSED_CUDA_FWD_CLUSTER=1) the cheapest plan that stages x at most 1.3
+    times (MSFUSED_CUDA_FWD_XMAX=1.3) has at least 128 CTAs at the benchmark's batch, one or
+    two per SM of the 132 the emulator reports, where one CTA per run leaves 68 SMs idle at
+    mnet-28 and mnet-14 (64 CTAs); the emulated forward reads x at most 1.3 times and writes
+    y once."""
+    from msfused.benchmark import SHAPES
+    run_emu, lib = emu_lib
+    shape = {s.name: s for g in SHAPES.values() for s in g}[name]
+    monkeypatch.setenv("MSFUSED_CUDA_FWD_XMAX", "1.3")
+    alone = run_emu.forward_bytes(lib, shape, batch=1, plan_batch=shape.batch)
+    monkeypatch.setenv("MSFUSED_CUDA_FWD_CLUSTER", "1")
+    r = run_emu.forward_bytes(lib, shape, batch=1, plan_batch=shape.batch)
+    assert r["cluster"] != "1", r
+    assert r["read_x"] <= 1.3 * r["x"], r
+    assert r["written"] == r["y"], r
+    assert r["ctas"] * shape.batch >= 128, r
+    assert r["ctas"] > alone["ctas"], (r, alone)
+
+
 # ---- mma.sync / ldmatrix / cp.async (csrc/cuda/ptx_wrappers.cuh, emulated by emu_ptx.h) --
 @pytest.fixture(scope="module")
 def ptx_probe(tmp_path_factory):

@@ -24,7 +24,9 @@ COUNTS = {"HMMA": r"\bHMMA\.", "FFMA": r"\bFFMA\b", "DFMA": r"\bDFMA\b", "LDSM":
           "BAR": r"\bBAR\.SYNC\b",
           "L2DROP": r"\bCCTL\.E\.RML2\b",  # discard.global.L2: a line leaves L2 unwritten
           # griddepcontrol.wait / .launch_dependents (programmatic dependent launch)
-          "GDWAIT": r"\bACQBULK\b", "GDLAUNCH": r"\bPREEXIT\b"}
+          "GDWAIT": r"\bACQBULK\b", "GDLAUNCH": r"\bPREEXIT\b",
+          # barrier.cluster.arrive / .wait (thread-block clusters)
+          "CLARV": r"\bUCGABAR_ARV\b", "CLWAIT": r"\bUCGABAR_WAIT\b"}
 
 
 def cuobjdump():

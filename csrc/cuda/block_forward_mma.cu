@@ -23,6 +23,10 @@
 // Layout, merge, projection and activation are warp-uniform run-time branches outside the
 // MMA loop; the stride and the tile width are template parameters (they fix the shared
 // tiles' row lengths, so the index math divides by constants).
+// With thread-block clusters (16-bit, MSFUSED_CUDA_FWD_CLUSTER=1; the CL kernels) 2 or 4 CTAs
+// share a run: each does phase 1 for its share of the chunks, copies the others' columns of
+// A out of their shared memory between two cluster barriers (gather_columns), and does phase
+// 2 for its share of the rows or of the GEMM blocks (rank_share; forward_mma_plan.h).
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -139,6 +143,57 @@ __device__ __forceinline__ WarpSplit warp_split(int P, int warp) {
   s.mrow = warp / ng;
   s.mstep = 8 / ng;
   return s;
+}
+
+// A cluster's tile (forward_mma_plan.h): copies, for this rank's rows [row_lo, row_hi) of A,
+// the columns of every chunk the other ranks computed (chunks q, q + K, ... of rank q, in
+// each of A's segments) out of their shared memory, 16 bytes at a time (segments, chunks and
+// rows are 16-byte multiples). The ranks' columns are final: a cluster barrier precedes this.
+template <typename T>
+__device__ __forceinline__ void gather_columns(const MmaPlan& pl, T* sA, unsigned rank, int K,
+                                               int row_lo, int row_hi, int tid) {
+  constexpr int V = VE<T>, VC = KC / V;  // elements per 16 bytes; 16-byte vectors per chunk
+  const int nseg = pl.seg_x >= 0 ? 3 : 2;
+  for (int q = 1; q < K; ++q) {
+    const unsigned src = (rank + unsigned(q)) % unsigned(K);
+    const T* peer = ptx::map_shared_rank(sA, src);
+    const int per_row = mma_rank_chunks(pl.C16, int(src), K) * nseg * VC;
+    for (int i = tid; i < (row_hi - row_lo) * per_row; i += NT) {
+      const int p = row_lo + i / per_row, r = i % per_row;
+      const int c = (int(src) + r / (nseg * VC) * K) * KC + r % VC * V;  // column in a segment
+      if (c >= pl.C16) continue;  // the last chunk's columns past the segment
+      const int seg = r / VC % nseg;
+      const int k = (seg == 0 ? pl.seg_a : seg == 1 ? pl.seg_b : pl.seg_x) + c;
+      *reinterpret_cast<Vec16*>(sA + p * pl.LDA + k) =
+          *reinterpret_cast<const Vec16*>(peer + p * pl.LDA + k);
+    }
+  }
+}
+
+// This CTA's part of its cluster's tile (forward_mma_plan.h): its rank of K, the chunks it
+// stages (rank, rank + K, ...), and the rows and GEMM blocks it multiplies (a share of the rows
+// and every block, or every row and the blocks rank, rank + K, ...). The kernel asks for it
+// where it needs it rather than keeping it in registers across the GEMM (the rank is read
+// again each time: a special register, not a value the compiler may hoist).
+// CL false (the kernels without clusters): one CTA per run, all of it.
+struct RankShare {
+  unsigned rank;
+  int K, nchunks, row_lo, rows, blk0, blk_step;
+};
+
+template <bool CL>
+__device__ __forceinline__ RankShare rank_share(const MmaPlan& pl) {
+  RankShare r;
+  r.K = CL && pl.cluster > 1 ? pl.cluster : 1;
+  r.rank = r.K > 1 ? ptx::cluster_ctarank() : 0u;
+  r.nchunks = mma_rank_chunks(pl.C16, int(r.rank), r.K);
+  const int row_parts = CL && pl.cluster_rows ? r.K : 1;
+  const int rr = mma_mod_k(int(r.rank), row_parts);
+  r.row_lo = 16 * mma_rank_row(pl.P, rr, row_parts);
+  r.rows = 16 * mma_rank_row(pl.P, rr + 1, row_parts) - r.row_lo;
+  r.blk_step = CL && pl.cluster_rows ? 1 : r.K;
+  r.blk0 = mma_mod_k(int(r.rank), r.blk_step);
+  return r;
 }
 
 // One weight slice of the GEMM, 16-bit: for each 16-deep k step, the B fragments of the
@@ -261,8 +316,10 @@ __device__ __forceinline__ void gemm_slice_fma(A (&acc)[4][4][4], const A* a, in
 }
 
 // TC: the pointwise GEMM on tensor cores (16-bit, or float on TF32); false (float, double):
-// FMAs. b1, the depthwise weights and the output tile are in the accumulation type A.
-template <typename T, int S, int TW, bool TC>
+// FMAs. b1, the depthwise weights and the output tile are in the accumulation type A. CL: the
+// kernel may run as clusters sharing each run (16-bit only: a kernel of its own, since the
+// cluster's bookkeeping takes registers the others need; the plan's cluster decides).
+template <typename T, int S, int TW, bool TC, bool CL>
 __global__ void __launch_bounds__(NT, sizeof(T) == 8 ? 1 : 2)  // two CTAs per SM: at most
     // 128 registers (float64, a gradcheck dtype: one, 255, for its double accumulators)
     block_forward_mma_kernel(BlockDesc d, BlockTensors<T> t, T* y, T* pre, MmaPlan pl) {
@@ -284,11 +341,14 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 8 ? 1 : 2)  // two CTAs per S
   // before the wait; the next kernel may be launched once every CTA of this one is resident
   ptx::grid_dependency_wait();
   ptx::launch_dependents();
+  // a cluster of K CTAs (consecutive blockIdx.x) shares each run (rank_share)
   const unsigned ctas_hw = unsigned(pl.tiles_w) * unsigned(pl.runs_h);
-  const int u = int(blockIdx.x % ctas_hw);
-  const int64_t bimg = blockIdx.x / ctas_hw;
+  const unsigned run_id =
+      unsigned(mma_div_k(int(blockIdx.x), CL && pl.cluster > 1 ? pl.cluster : 1));
+  const int u = int(run_id % ctas_hw);
+  const int64_t bimg = run_id / ctas_hw;
   const int tr_begin = (u / pl.tiles_w) * pl.run, tr_end = min_i(tr_begin + pl.run, pl.tiles_h);
-  const int TH = pl.TH, P = pl.P, LDA = pl.LDA, C16 = pl.C16;
+  const int TH = pl.TH, LDA = pl.LDA, C16 = pl.C16;
   const int Ho = int(d.Ho), Wo = int(d.Wo), act = d.act;
   const int q0 = (u % pl.tiles_w) * TW;
   const T* x_img = t.x + bimg * d.C * d.H * d.W;
@@ -307,37 +367,56 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 8 ? 1 : 2)  // two CTAs per S
     const int row0 = carry_in ? carry.HR : 0;  // the first row staged from global memory
 
     // ---- phase 1: x once per run; a, b1, b, xs into A -----------------------------------
+    // (in a cluster this rank's chunks rank, rank + K, ...; j counts them and indexes the
+    // carried rows; the rank is read where it is used, so nothing of the cluster's stays
+    // live across the depthwise work)
+    const int K = CL && pl.cluster > 1 ? pl.cluster : 1;
     const int ih0 = S * (r0 - 1) - 1, iw0 = S * (q0 - 1) - 1;
-    const int nchunks = (C16 + KC - 1) / KC;
     if (carry_in) carry.put(xs0, 0, tid);
-    stage_x<T, XC>(d, pl.vec_x, pl.XR, x_img, t.x, 0, ih0, iw0, xs0, row0, tid);
+    stage_x<T, XC>(d, pl.vec_x, pl.XR, x_img, t.x, int(rank_share<CL>(pl).rank) * KC, ih0, iw0,
+                   xs0, row0, tid);
     ptx::cp_async_commit();
-    for (int ci = 0; ci < nchunks; ++ci) {
-      const int c0 = ci * KC;
-      T* xs = (ci & 1) ? xs1 : xs0;
-      if (ci + 1 < nchunks) {
-        T* next = (ci & 1) ? xs0 : xs1;
-        if (carry_in) carry.put(next, ci + 1, tid);
-        stage_x<T, XC>(d, pl.vec_x, pl.XR, x_img, t.x, c0 + KC, ih0, iw0, next, row0, tid);
+    for (int j = 0; j < rank_share<CL>(pl).nchunks; ++j) {
+      const int c0 = (int(rank_share<CL>(pl).rank) + j * K) * KC;
+      T* xs = (j & 1) ? xs1 : xs0;
+      if (j + 1 < rank_share<CL>(pl).nchunks) {
+        T* next = (j & 1) ? xs0 : xs1;
+        if (carry_in) carry.put(next, j + 1, tid);
+        stage_x<T, XC>(d, pl.vec_x, pl.XR, x_img, t.x, c0 + K * KC, ih0, iw0, next, row0, tid);
       }
-      ptx::cp_async_commit();  // possibly empty: the wait below then always means "chunk ci"
+      ptx::cp_async_commit();  // possibly empty: the wait below then always means "chunk j"
       stage_dw<T>(d, t, c0, dw, tid);
       ptx::cp_async_wait<1>();
       __syncthreads();
       // this chunk's rows shared with the next tile down; their slot was last read by this
       // tile's copy into the stage, before the barrier above
-      if (carry_out) carry.keep(xs, pl.XR, ci, tid);
+      if (carry_out) carry.keep(xs, pl.XR, j, tid);
+      // B2 (arrived at after the previous tile's copies): no other rank still copies that
+      // tile's columns out of this CTA's A
+      if (K > 1 && carry_in && j == 0) ptx::cluster_wait();
       const ChunkOut<T> o{sA + pl.seg_a + c0, sA + pl.seg_b + c0,
                           pl.seg_x >= 0 ? sA + pl.seg_x + c0 : nullptr, LDA, nullptr, 0};
       chunk_operands<T, S, TW>(d, TH, r0, q0, c0, C16, xs, b1, dw, o, tid);  // ends: barrier
     }
     ptx::cp_async_wait<0>();  // (the last group is empty)
+    if (K > 1) {
+      ptx::cluster_arrive();  // B1: this rank's columns of the tile are in its A
+      ptx::cluster_wait();
+      const RankShare rs = rank_share<CL>(pl);
+      gather_columns<T>(pl, sA, rs.rank, K, rs.row_lo, rs.row_lo + rs.rows, tid);
+      // B2: waited for before this CTA writes A again, or returns (the GEMM's first
+      // __syncthreads publishes the copied rows to this CTA's warps)
+      ptx::cluster_arrive();
+    }
 
     // ---- phase 2: the GEMM per block of NB output channels -------------------------------
-    const WarpSplit ws = warp_split(P, warp);
+    const RankShare r2 = rank_share<CL>(pl);  // (its rows and blocks; the same values)
+    const int row_lo = r2.row_lo, Pr = r2.rows;
+    const WarpSplit ws = warp_split(Pr, warp);
+    const T* sAr = sA + row_lo * LDA;  // this rank's rows of A
     const bool cl = d.channels_last, identity = d.residual && !d.projection;
     const int64_t Cout = d.Cout;
-    for (int blk = 0; blk < pl.nblk; ++blk) {
+    for (int blk = r2.blk0; blk < pl.nblk; blk += r2.blk_step) {
       const GemmBlock g = gemm_block(d, pl, blk);
       A acc[4][4][4];
 #pragma unroll
@@ -360,11 +439,11 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 8 ? 1 : 2)  // two CTAs per S
         __syncthreads();
         const int kend = min_i(KB, g.k_hi - kb);
         if constexpr (sizeof(T) == 2)
-          gemm_slice_16bit<T>(acc, sA + kb, LDA, w, kend, ws, lane);
+          gemm_slice_16bit<T>(acc, sAr + kb, LDA, w, kend, ws, lane);
         else if constexpr (TC)
-          gemm_slice_tf32(acc, sA + kb, LDA, w, kend, ws, lane);
+          gemm_slice_tf32(acc, sAr + kb, LDA, w, kend, ws, lane);
         else
-          gemm_slice_fma(acc, sA + kb, LDA, w, kend, ws, lane);
+          gemm_slice_fma(acc, sAr + kb, LDA, w, kend, ws, lane);
         __syncthreads();  // this slice is free for the copy after the next
       }
 
@@ -389,9 +468,9 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 8 ? 1 : 2)  // two CTAs per S
 
       // epilogue: bias, identity residual, activation, stores
       if (cl) {
-        for (int i = tid; i < P * (NB / 8); i += NT) {
-          const int g8 = i % (NB / 8), p = i / (NB / 8);
-          const int oh = r0 + p / TW, ow = q0 + p % TW, co = g.co0 + 8 * g8;
+        for (int i = tid; i < Pr * (NB / 8); i += NT) {
+          const int g8 = i % (NB / 8), p = i / (NB / 8), pt = row_lo + p;  // (pt: in the tile)
+          const int oh = r0 + pt / TW, ow = q0 + pt % TW, co = g.co0 + 8 * g8;
           if (oh >= Ho || ow >= Wo || co >= g.nb) continue;
           const int ch = g.ch_off + co;
           const int64_t o = ((bimg * Ho + oh) * Wo + ow) * Cout + ch;
@@ -400,7 +479,7 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 8 ? 1 : 2)  // two CTAs per S
           for (int e = 0; e < 8; ++e) {
             v[e] = sO[p * LDO + 8 * g8 + e] + dw[8 * g8 + e];
             if (identity && co + e < g.nb)  // (identity: stride 1, C == Cout)
-              v[e] += to_acc(pl.seg_x >= 0 ? sA[p * LDA + pl.seg_x + ch + e]
+              v[e] += to_acc(pl.seg_x >= 0 ? sAr[p * LDA + pl.seg_x + ch + e]
                                            : ldg(x_img + (int64_t(oh) * Wo + ow) * Cout + ch + e));
           }
           if (pl.vec_y && co + 8 <= g.nb) {  // 8 channels: 1 (16-bit), 2 (float), 4 stores
@@ -426,14 +505,14 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 8 ? 1 : 2)  // two CTAs per S
           }
         }
       } else {
-        for (int i = tid; i < P * NB; i += NT) {
-          const int p = i % P, n = i / P;
-          const int oh = r0 + p / TW, ow = q0 + p % TW, co = g.co0 + n;
+        for (int i = tid; i < Pr * NB; i += NT) {
+          const int p = i % Pr, n = i / Pr, pt = row_lo + p;
+          const int oh = r0 + pt / TW, ow = q0 + pt % TW, co = g.co0 + n;
           if (oh >= Ho || ow >= Wo || co >= g.nb) continue;
           const int ch = g.ch_off + co;
           A v = sO[p * LDO + n] + dw[n];
           if (identity)
-            v += to_acc(pl.seg_x >= 0 ? sA[p * LDA + pl.seg_x + ch]
+            v += to_acc(pl.seg_x >= 0 ? sAr[p * LDA + pl.seg_x + ch]
                                       : ldg(x_img + (int64_t(ch) * Ho + oh) * Wo + ow));
           const int64_t o = ((bimg * Cout + ch) * Ho + oh) * Wo + ow;
           if (pre != nullptr) stg(pre + o, from_acc<T>(v));
@@ -443,17 +522,25 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 8 ? 1 : 2)  // two CTAs per S
       __syncthreads();  // the output tile, the biases and A are free for the next block / tile
     }
   }  // tiles of the run
+  // B2 of the last tile: no other rank still reads this CTA's A when it returns
+  if (CL && pl.cluster > 1) ptx::cluster_wait();
 }
 
-template <typename T, int S, int TW, bool TC>
+// launch_typed's answer when the plan's cluster does not fit the device (the caller plans
+// again without clusters)
+const char kClusterDoesNotFit[] = "msfused: the forward's thread-block cluster does not fit";
+
+template <typename T, int S, int TW, bool TC, bool CL>
 const char* launch_typed(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
                          const MmaPlan& pl, cudaStream_t stream) {
-  auto kernel = block_forward_mma_kernel<T, S, TW, TC>;
+  auto kernel = block_forward_mma_kernel<T, S, TW, TC, CL>;
   static std::atomic<int> raised[64] = {};
   if (const char* err = allow_dynamic_smem(kernel, pl.smem, raised)) return err;
-  const unsigned grid = unsigned(d.B * pl.tiles_w * pl.runs_h);
-  const cudaError_t e =
-      MSF_LAUNCH_PDL(pdl_enabled(), kernel, grid, NT, pl.smem, stream, d, t, y, pre, pl);
+  const unsigned K = pl.cluster > 1 ? unsigned(pl.cluster) : 1u;
+  if (!cluster_fits(kernel, dim3(K), NT, pl.smem)) return kClusterDoesNotFit;
+  const unsigned grid = unsigned(d.B * pl.tiles_w * pl.runs_h) * K;
+  const cudaError_t e = MSF_LAUNCH_CLUSTER(pdl_enabled(), dim3(K), kernel, grid, NT, pl.smem,
+                                           stream, d, t, y, pre, pl);
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
@@ -465,14 +552,21 @@ size_t env_bytes(const char* name) {
   return e != nullptr ? size_t(std::strtoull(e, nullptr, 10)) : size_t(0);
 }
 struct EnvTile {
-  int th, tw, run;
+  int th, tw, run, cluster, split;
 };
-EnvTile env_tile(const char* name) {  // "THxTW" or "THxTWxRUN"
+// "THxTW", "THxTWxRUN", or "THxTWxRUNxK" with K the cluster size, followed by r (the ranks
+// split the rows) or b (the GEMM blocks) for a cluster of 2 or 4
+EnvTile env_tile(const char* name) {
   const char* e = std::getenv(name);
-  EnvTile t{0, 0, 0};
-  const int n = e != nullptr ? std::sscanf(e, "%dx%dx%d", &t.th, &t.tw, &t.run) : 0;
-  if (n < 2) t = EnvTile{0, 0, 0};
+  EnvTile t{0, 0, 0, 0, 0};
+  char split = 0;
+  const int n =
+      e != nullptr ? std::sscanf(e, "%dx%dx%dx%d%c", &t.th, &t.tw, &t.run, &t.cluster, &split)
+                   : 0;
+  if (n < 2) t = EnvTile{0, 0, 0, 0, 0};
   if (n == 2) t.run = 0;
+  if (n <= 3) t.cluster = 0;
+  t.split = n == 5 && split == 'r' ? 1 : n == 5 && split == 'b' ? 2 : 0;
   return t;
 }
 double env_ratio(const char* name) {  // 0 when unset or not a positive number
@@ -491,8 +585,9 @@ MmaDevice mma_device() {
     sm = block;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) sms = 1;
   // MSFUSED_CUDA_FWD_SMEM (bytes) caps the block's share, to trade tile size for CTAs per SM
-  // when measuring; MSFUSED_CUDA_FWD_TILE=THxTW (TW 8 or 16) forces a tile where it fits, and
-  // THxTWxRUN also the tiles per CTA down a column; MSFUSED_CUDA_FWD_XMAX=R keeps the plans
+  // when measuring; MSFUSED_CUDA_FWD_TILE=THxTW (TW 8 or 16) forces a tile where it fits,
+  // THxTWxRUN also the tiles per CTA down a column, THxTWxRUNxK[r|b] also the cluster and
+  // what its ranks split (where clusters are enabled); MSFUSED_CUDA_FWD_XMAX=R keeps the plans
   // that stage x at most R times (what the cost model's choice costs against one that meets
   // a bound on x's traffic). Read once per process (by the emulator, whose tests change them,
   // at every call).
@@ -505,7 +600,9 @@ MmaDevice mma_device() {
   static const EnvTile tile = env_tile("MSFUSED_CUDA_FWD_TILE");
   static const double x_max = env_ratio("MSFUSED_CUDA_FWD_XMAX");
 #endif
-  MmaDevice m{size_t(block), size_t(sm), sms, tile.th, tile.tw, tile.run, x_max};
+  // MSFUSED_CUDA_FWD_CLUSTER=1: clusters of up to 4 CTAs may share a run (sm_90)
+  MmaDevice m{size_t(block), size_t(sm), sms, tile.th, tile.tw, tile.run, x_max,
+              fwd_clusters_enabled() ? 4 : 1, tile.cluster, tile.split};
   if (cap != 0 && cap < m.smem_block) m.smem_block = cap;
   return m;
 }
@@ -514,7 +611,7 @@ namespace {
 // The plan of the last few call shapes of this thread: planning tries ~50 tiles, a few
 // microseconds of host time that every call of a network's block would otherwise pay.
 struct PlanKey {
-  int64_t v[12];
+  int64_t v[13];
   bool operator==(const PlanKey& o) const { return std::memcmp(v, o.v, sizeof(v)) == 0; }
 };
 struct PlanEntry {
@@ -537,6 +634,7 @@ MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* 
                int64_t(dev.smem_block), int64_t(dev.smem_sm), dev.sms,
                dev.force_th | (dev.force_tw << 8) | (int64_t(dev.force_run) << 16) |
                    (int64_t(dev.x_max * 1024) << 32),
+               dev.cluster_max | (dev.force_cluster << 8) | (dev.force_split << 16),
                int64_t(sizeof(T))}};
   for (int i = 0; i < plan_cache_n; ++i)
     if (plan_cache[i].key == key) return plan_cache[i].plan;
@@ -547,30 +645,47 @@ MmaPlan plan_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, const T* 
   return plan;
 }
 
+template <typename T, bool TC, bool CL>
+const char* launch_strided(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
+                           const MmaPlan& pl, cudaStream_t stream) {
+  if (d.stride == 1)
+    return pl.TW == 8 ? launch_typed<T, 1, 8, TC, CL>(d, t, y, pre, pl, stream)
+                      : launch_typed<T, 1, 16, TC, CL>(d, t, y, pre, pl, stream);
+  return pl.TW == 8 ? launch_typed<T, 2, 8, TC, CL>(d, t, y, pre, pl, stream)
+                    : launch_typed<T, 2, 16, TC, CL>(d, t, y, pre, pl, stream);
+}
+
 template <typename T, bool TC>
 const char* launch_planned(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
                            const MmaPlan& pl, cudaStream_t stream) {
-  if (d.stride == 1)
-    return pl.TW == 8 ? launch_typed<T, 1, 8, TC>(d, t, y, pre, pl, stream)
-                      : launch_typed<T, 1, 16, TC>(d, t, y, pre, pl, stream);
-  return pl.TW == 8 ? launch_typed<T, 2, 8, TC>(d, t, y, pre, pl, stream)
-                    : launch_typed<T, 2, 16, TC>(d, t, y, pre, pl, stream);
+  if constexpr (sizeof(T) == 2) {  // (the plan gives clusters to 16-bit elements only)
+    if (pl.cluster > 1) return launch_strided<T, TC, true>(d, t, y, pre, pl, stream);
+  }
+  return launch_strided<T, TC, false>(d, t, y, pre, pl, stream);
 }
 
 template <typename T>
 const char* launch_block_forward_mma(const BlockDesc& d, const BlockTensors<T>& t, T* y, T* pre,
                                      bool tf32, cudaStream_t stream, bool* launched) {
-  MmaPlan pl = plan_forward_mma(d, t, static_cast<const T*>(y), mma_device());
-  if (pre != nullptr && !aligned16(pre)) pl.vec_y = false;
-  *launched = pl.P != 0;
-  if (pl.P == 0) return nullptr;  // no tile fits this GPU's shared memory: the caller's FMA kernel
-  if constexpr (std::is_same_v<T, float>) {
-    if (!tf32) return launch_planned<T, false>(d, t, y, pre, pl, stream);
+  MmaDevice dev = mma_device();
+  for (;;) {
+    MmaPlan pl = plan_forward_mma(d, t, static_cast<const T*>(y), dev);
+    if (pre != nullptr && !aligned16(pre)) pl.vec_y = false;
+    *launched = pl.P != 0;
+    if (pl.P == 0) return nullptr;  // no tile fits this GPU's shared memory: the caller's FMA
+                                    // kernel
+    const char* e;
+    if constexpr (std::is_same_v<T, float>) {
+      e = tf32 ? launch_planned<T, true>(d, t, y, pre, pl, stream)
+               : launch_planned<T, false>(d, t, y, pre, pl, stream);
+    } else if constexpr (std::is_same_v<T, double>) {
+      e = launch_planned<T, false>(d, t, y, pre, pl, stream);
+    } else {
+      e = launch_planned<T, true>(d, t, y, pre, pl, stream);
+    }
+    if (e != kClusterDoesNotFit) return e;
+    dev.cluster_max = 1;  // (then the launch has no cluster, which always fits)
   }
-  if constexpr (std::is_same_v<T, double>)
-    return launch_planned<T, false>(d, t, y, pre, pl, stream);
-  else
-    return launch_planned<T, true>(d, t, y, pre, pl, stream);
 }
 
 template MmaPlan plan_forward_mma<float>(const BlockDesc&, const BlockTensors<float>&,

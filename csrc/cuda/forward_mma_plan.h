@@ -11,6 +11,17 @@
 // KB. Going down its column the CTA keeps, for every chunk, the last S + 3 staged rows of x
 // (those the next tile's halo shares with this one), so a run stages x from global memory
 // once over its tiles plus one halo, not once per tile plus its halo.
+//
+// Optionally (cluster > 1, thread-block clusters on sm_90: MSFUSED_CUDA_FWD_CLUSTER=1; float16
+// and bfloat16) a
+// cluster of `cluster` CTAs shares each run: rank r stages x and computes A's columns for the
+// chunks r, r + cluster, ... over all of a tile's pixels, and after a cluster barrier copies
+// the other ranks' columns out of their shared memory, either for its share of the tile's
+// 16-pixel rows (cluster_rows: it then multiplies those rows by every weight) or for every
+// row (it then multiplies them by the GEMM blocks rank, rank + cluster, ...: a 1 / cluster
+// share of the weights, which dominate the traffic of wide blocks). x is read once per
+// cluster, so a tile `cluster` times the work of one CTA's costs no more x halo than that
+// CTA's, and the SMs a single CTA per tile would leave idle get work.
 #pragma once
 #include <cmath>
 #include <cstddef>
@@ -44,6 +55,8 @@ struct MmaPlan {
   int seg_a, seg_b, seg_x;    // K offset of a, b and the strided x in A (-1: absent)
   int LDA;                    // row of A (elements): the segments plus mma_pad
   int nblk_a, nblk;           // GEMM blocks of branch A (concat) and in all
+  int cluster;                // CTAs sharing each run (1: none; header)
+  bool cluster_rows;          // the ranks split the tile's rows (else the GEMM blocks)
   bool vec_x, vec_w, vec_y;   // 16-byte paths: x (cp.async), weights (cp.async), y (stores)
   uint32_t off_a, off_x0, off_x1, off_b1, off_dw, off_w0, off_w1, off_o, off_h, smem;  // bytes
 };
@@ -56,6 +69,10 @@ struct MmaDevice {
                                       // model's), for measuring
   double x_max;  // > 0: only plans that stage x at most this many times (the cheapest of
                  // them; the fewest x bytes if none does), for measuring
+  int cluster_max;    // the largest cluster a plan may use (1: none; 2 or 4)
+  int force_cluster;  // with force_th / force_tw: that cluster size (up to cluster_max; 0:
+                      // the cost model's) and split (force_split 1: rows, 2: blocks, 0: any)
+  int force_split;
 };
 
 inline int mma_stage_rows(int s, int th) { return s * (th + 1) + 3; }
@@ -99,6 +116,29 @@ MSF_HD void mma_block_k_range(const BlockDesc& d, const MmaPlan& p, int blk, int
   }
 }
 
+// Cluster sizes are 1, 2 or 4: x / K and x % K as a shift and a mask (K >> 1 is log2 K), so
+// that the kernel's share arithmetic has no integer division.
+MSF_HD constexpr int mma_div_k(int x, int K) { return x >> (K >> 1); }
+MSF_HD constexpr int mma_mod_k(int x, int K) { return x & (K - 1); }
+// Chunks of MMA_KC channels over the C16 columns of a segment, and of them those rank r of
+// a cluster of K owns (chunks r, r + K, ...).
+MSF_HD constexpr int mma_chunks(int c16) { return (c16 + MMA_KC - 1) / MMA_KC; }
+MSF_HD constexpr int mma_rank_chunks(int c16, int r, int K) {
+  return mma_div_k(mma_chunks(c16) - r + K - 1, K);
+}
+// The first 16-pixel row of a P-pixel tile that rank r of a cluster of K multiplies (r = K:
+// the tile's end) where the ranks split the rows; their shares differ by at most one row.
+MSF_HD constexpr int mma_rank_row(int P, int r, int K) { return mma_div_k(P / 16 * r, K); }
+// The GEMM blocks rank r of a cluster of K multiplies where the ranks split the blocks
+// (blocks r, r + K, ...).
+MSF_HD constexpr int mma_rank_blocks(int nblk, int r, int K) {
+  return mma_div_k(nblk - r + K - 1, K);
+}
+static_assert(mma_rank_row(80, 1, 4) == 1 && mma_rank_row(80, 3, 4) == 3 &&
+                  mma_rank_row(80, 4, 4) == 5 && mma_rank_chunks(80, 1, 2) == 1 &&
+                  mma_rank_chunks(96, 0, 4) == 1 && mma_rank_blocks(3, 0, 2) == 2,
+              "the shares of clusters of 2 and 4");
+
 inline void mma_plan_smem(MmaPlan& p) {
   // elements; the accumulation type's (b1, the output tile, the depthwise weights): float,
   // double for float64
@@ -112,13 +152,15 @@ inline void mma_plan_smem(MmaPlan& p) {
   p.off_x1 = uint32_t(o); o = mma_align128(o + xst);
   p.off_b1 = uint32_t(o); o = mma_align128(o + F * size_t(p.TH + 2) * (p.TW + 2) * MMA_KC);
   p.off_o = uint32_t(region);
-  const size_t out_end = mma_align128(region + F * size_t(p.P) * MMA_LDO);
+  const int K = p.cluster > 1 && p.cluster_rows ? p.cluster : 1;  // (row split: fewer rows)
+  const size_t rows_out = size_t(16) * (mma_rank_row(p.P, 1, K) + (p.P / 16 % K != 0));
+  const size_t out_end = mma_align128(region + F * rows_out * MMA_LDO);
   if (out_end > o) o = out_end;
   p.off_dw = uint32_t(o); o = mma_align128(o + F * 30 * MMA_KC);  // phase 2: the block's biases
   p.off_w0 = uint32_t(o); o = mma_align128(o + H * size_t(MMA_NB) * mma_ldw(p.esz));
   p.off_w1 = uint32_t(o); o = mma_align128(o + H * size_t(MMA_NB) * mma_ldw(p.esz));
-  // the carried rows of every chunk (a run of one tile carries nothing)
-  const size_t nchunks = size_t(p.C16 + MMA_KC - 1) / MMA_KC;
+  // the carried rows of every chunk this CTA stages (a run of one tile carries nothing)
+  const size_t nchunks = size_t(mma_rank_chunks(p.C16, 0, p.cluster > 1 ? p.cluster : 1));
   p.off_h = uint32_t(o);
   if (p.run > 1) o = mma_align128(o + H * nchunks * p.HR * p.XC * MMA_KC);
   p.smem = uint32_t(o);
@@ -150,19 +192,30 @@ inline double mma_x_ratio(const BlockDesc& d, const MmaPlan& p) {
 // wasted compute; weights streamed once per tile) per CTA, times the waves of CTAs the GPU
 // runs (CTAs per SM from shared memory, at most two by registers: 128 x 256 threads; one
 // for float64, whose kernel takes up to 255), so that a grid too small to fill the GPU, or
-// a run too long for the grid, pays for it.
+// a run too long for the grid, pays for it. In a cluster a CTA stages its chunks' share of x,
+// writes its rows' share of y and streams every weight (row split) or writes its blocks'
+// share of y and streams their weights (block split), and copies the other ranks' columns of
+// its rows out of their shared memory (counted like global bytes). Rank 0's share: the most.
 inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p, const MmaDevice& dev) {
+  const int K = p.cluster > 1 ? p.cluster : 1, M = p.P / 16;
   const double tiles = double(d.B) * p.tiles_hw;
-  const double ctas = double(d.B) * p.tiles_w * p.runs_h;
+  const double runs = double(d.B) * p.tiles_w * p.runs_h, ctas = runs * K;
   const double x = double(d.B) * d.C * mma_staged_extent(d.Ho, d.H, p.TH, d.stride, p.run) *
                    mma_staged_extent(d.Wo, d.W, p.TW, d.stride, 1);
   const double y = tiles * p.P * d.Cout;
-  double w = 0;
-  for (int blk = 0; blk < p.nblk; ++blk) {
+  const bool rows = K == 1 || p.cluster_rows;
+  double w = 0;  // the weights rank 0 streams per tile
+  for (int blk = 0; blk < p.nblk; blk += rows ? 1 : K) {
     int lo, hi;
     mma_block_k_range(d, p, blk, lo, hi);
     w += double(hi - lo) * MMA_NB;
   }
+  const double x_share = double(mma_rank_chunks(p.C16, 0, K)) / mma_chunks(p.C16);
+  const double row_share = rows ? double(mma_rank_row(p.P, 1, K) + (M % K != 0)) / M : 1.0;
+  const double y_share =
+      rows ? row_share : double(mma_rank_blocks(p.nblk, 0, K)) / p.nblk;
+  const double gathered =
+      tiles * row_share * p.P * (p.LDA - mma_pad(p.esz)) * double(K - 1) / K;
   const size_t per_cta = p.smem + 1024;  // the driver reserves 1 KB per CTA
   int per_sm = int(dev.smem_sm / per_cta);
   const int by_regs = p.esz == 8 ? 1 : 2;
@@ -170,7 +223,7 @@ inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p, const MmaDevic
   if (per_sm < 1) per_sm = 1;
   const double slots = double(dev.sms > 0 ? dev.sms : 1) * per_sm;
   const double waves = std::ceil(ctas / slots);
-  return (x + y + tiles * w) / ctas * waves;
+  return (x * x_share + y * y_share + tiles * w + gathered) / runs * waves;
 }
 
 // The plan with the cheapest tile and run that fit the device, for elements of esz bytes;
@@ -181,16 +234,18 @@ inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p, const MmaDevic
 inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, int esz,
                                 bool x_aligned16, bool w_aligned16, bool y_aligned16,
                                 int only_th = 0, int only_tw = 0, int only_run = 0,
-                                bool identity_in_a = true) {
+                                bool identity_in_a = true, int only_cluster = 0,
+                                int only_split = 0) {
   MmaPlan best{}, fewest_x{};
   double best_cost = 0, fewest_x_ratio = 0, fewest_x_cost = 0;
   if (dev.force_th > 0 && dev.force_tw > 0) {
     MmaDevice free_dev = dev;
     free_dev.force_th = free_dev.force_tw = free_dev.force_run = 0;
+    free_dev.force_cluster = free_dev.force_split = 0;
     free_dev.x_max = 0;
     const MmaPlan p = plan_mma_forward(d, free_dev, esz, x_aligned16, w_aligned16,
                                        y_aligned16, dev.force_th, dev.force_tw, dev.force_run,
-                                       identity_in_a);
+                                       identity_in_a, dev.force_cluster, dev.force_split);
     if (p.P != 0) return p;
   }
   const int64_t nb_branch = (d.N + MMA_NB - 1) / MMA_NB;
@@ -209,44 +264,59 @@ inline MmaPlan plan_mma_forward(const BlockDesc& d, const MmaDevice& dev, int es
         const int64_t runs_h = (tiles_h + run - 1) / run;
         if (runs_h == prev_runs_h) continue;  // the same CTAs, a longer last run: no better
         prev_runs_h = int(runs_h);
-        MmaPlan p{};
-        p.esz = esz;
-        p.TH = th; p.TW = tw; p.P = th * tw;
-        p.tiles_w = int(tiles_w);
-        p.tiles_h = int(tiles_h);
-        p.tiles_hw = int(tiles_h * tiles_w);
-        p.run = int(run);
-        p.runs_h = int(runs_h);
-        p.XR = mma_stage_rows(d.stride, th);
-        p.XC = mma_stage_rows(d.stride, tw);
-        p.HR = mma_carry_rows(d.stride);
-        mma_plan_segments(d, p, identity_in_a);
-        p.nblk_a = int(nb_branch);
-        p.nblk = int(d.merge == kConcat ? 2 * nb_branch : nb_branch);
-        mma_plan_smem(p);
-        if (p.smem > dev.smem_block) continue;
-        const double cost = mma_plan_cost(d, p, dev);
-        if (dev.x_max > 0) {
-          const double xr = mma_x_ratio(d, p);
-          if (fewest_x.P == 0 || xr < fewest_x_ratio ||
-              (xr == fewest_x_ratio && cost < fewest_x_cost)) {
-            fewest_x = p;
-            fewest_x_ratio = xr;
-            fewest_x_cost = cost;
+        // (clusters for 16-bit elements only: block_forward_mma.cu's CL kernels)
+        const int kmax = esz == 2 && dev.cluster_max > 1 ? dev.cluster_max : 1;
+        for (int ks = 0; ks < 1 + 2 * (kmax >= 2) + 2 * (kmax >= 4); ++ks) {
+          // no cluster, then clusters of 2 and 4 splitting the GEMM blocks or the rows
+          const int K = ks == 0 ? 1 : ks < 3 ? 2 : 4;
+          const bool by_rows = ks > 0 && ks % 2 == 0;
+          if (only_cluster > 0 && K != only_cluster) continue;
+          if (K > 1 && only_split > 0 && by_rows != (only_split == 1)) continue;
+          MmaPlan p{};
+          p.esz = esz;
+          p.cluster = K;
+          p.cluster_rows = K > 1 && by_rows;
+          p.TH = th; p.TW = tw; p.P = th * tw;
+          p.tiles_w = int(tiles_w);
+          p.tiles_h = int(tiles_h);
+          p.tiles_hw = int(tiles_h * tiles_w);
+          p.run = int(run);
+          p.runs_h = int(runs_h);
+          p.XR = mma_stage_rows(d.stride, th);
+          p.XC = mma_stage_rows(d.stride, tw);
+          p.HR = mma_carry_rows(d.stride);
+          mma_plan_segments(d, p, identity_in_a);
+          p.nblk_a = int(nb_branch);
+          p.nblk = int(d.merge == kConcat ? 2 * nb_branch : nb_branch);
+          // every rank has rows (or blocks) and chunks; the grid's CTAs fit its x dimension
+          if (K > 1 && ((by_rows ? K > p.P / 16 : K > p.nblk) || K > mma_chunks(p.C16) ||
+                        d.B * tiles_h * tiles_w * K > 0x7fffffffLL))
+            continue;
+          mma_plan_smem(p);
+          if (p.smem > dev.smem_block) continue;
+          const double cost = mma_plan_cost(d, p, dev);
+          if (dev.x_max > 0) {
+            const double xr = mma_x_ratio(d, p);
+            if (fewest_x.P == 0 || xr < fewest_x_ratio ||
+                (xr == fewest_x_ratio && cost < fewest_x_cost)) {
+              fewest_x = p;
+              fewest_x_ratio = xr;
+              fewest_x_cost = cost;
+            }
+            if (xr > dev.x_max) continue;
           }
-          if (xr > dev.x_max) continue;
-        }
-        if (best.P == 0 || cost < best_cost) {
-          best = p;
-          best_cost = cost;
-        }
+          if (best.P == 0 || cost < best_cost) {
+            best = p;
+            best_cost = cost;
+          }
+        }  // cluster sizes (1: none)
       }
     }
   }
   if (best.P == 0) best = fewest_x;  // x_max: no plan stages x that rarely
   if (best.P == 0 && identity_in_a && d.residual && !d.projection)
     return plan_mma_forward(d, dev, esz, x_aligned16, w_aligned16, y_aligned16, only_th,
-                            only_tw, only_run, false);
+                            only_tw, only_run, false, only_cluster, only_split);
   const int v = 16 / esz;  // elements per 16 bytes
   best.vec_x = d.channels_last && d.C % v == 0 && x_aligned16;
   best.vec_w = d.C % v == 0 && w_aligned16;

@@ -139,7 +139,8 @@ extern "C" void emu_l2_region_dram(int i, uint64_t* read, uint64_t* written) {
 // The one-launch forward's plan for a call with elements of elem bytes (2: float16/bfloat16, 4:
 // float32, 8: float64): TH, TW, CTAs per image, smem bytes, vec_x, vec_w, vec_y, tiles per CTA down
 // a column (run), tiles per image, the xs segment's K offset (-1: none; an identity's x then
-// comes from global memory).
+// comes from global memory), the CTAs of a cluster sharing each run (1: none; CTAs per image
+// count each), whether they split the rows (1) or the GEMM blocks (0).
 extern "C" void emu_mma_plan(const int64_t* dv, void** p, void* y, int64_t* out, int elem) {
   const BlockDesc d = desc_of(dv);
   const cuda::MmaPlan pl =
@@ -152,9 +153,11 @@ extern "C" void emu_mma_plan(const int64_t* dv, void** p, void* y, int64_t* out,
                   : cuda::plan_forward_mma<__nv_bfloat16>(d, tens<__nv_bfloat16>(p),
                                                           static_cast<const __nv_bfloat16*>(y),
                                                           cuda::mma_device());
-  out[0] = pl.TH; out[1] = pl.TW; out[2] = int64_t(pl.tiles_w) * pl.runs_h; out[3] = pl.smem;
-  out[4] = pl.vec_x; out[5] = pl.vec_w; out[6] = pl.vec_y;
-  out[7] = pl.run; out[8] = pl.tiles_hw; out[9] = pl.seg_x;
+  const int cluster = pl.cluster > 1 ? pl.cluster : 1;
+  out[0] = pl.TH; out[1] = pl.TW; out[2] = int64_t(pl.tiles_w) * pl.runs_h * cluster;
+  out[3] = pl.smem; out[4] = pl.vec_x; out[5] = pl.vec_w; out[6] = pl.vec_y;
+  out[7] = pl.run; out[8] = pl.tiles_hw; out[9] = pl.seg_x; out[10] = cluster;
+  out[11] = pl.cluster_rows;
 }
 
 // Launch 2 of the float16/bfloat16 backward (block_backward_dw.cu): da, db pixel-major

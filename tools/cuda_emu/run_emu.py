@@ -721,13 +721,15 @@ def forward_plan(lib, case, elem):
     """The one-launch forward's plan for a forward_low_cases() case with elements of elem
     bytes: TH (0: no tile fits shared memory, the older FMA kernel runs), TW, run, seg_x
     (the xs segment's offset in A; -1: none, an identity residual read from global memory)
-    and the shared memory per CTA."""
+    the shared memory per CTA, and the CTAs of a cluster sharing each run (1: none) with
+    whether they split the tile's rows (else the GEMM blocks)."""
     (c, n, h, w, batch), merge, stride, residual, cl, act = case
     cfg = BlockConfig(stride=stride, merge=merge_code(merge), act=act_code(act), residual=residual)
-    plan = (ctypes.c_int64 * 10)()
+    plan = (ctypes.c_int64 * 12)()
     ptrs = (ctypes.c_void_p * 13)()  # null: 16-byte aligned, which the tile does not depend on
     lib.emu_mma_plan(block_desc(batch, c, h, w, n, cfg, cl and c > 1), ptrs, None, plan, elem)
-    return dict(TH=plan[0], TW=plan[1], run=plan[7], seg_x=plan[9], smem=plan[3])
+    return dict(TH=plan[0], TW=plan[1], run=plan[7], seg_x=plan[9], smem=plan[3],
+                cluster=plan[10], cluster_rows=bool(plan[11]))
 
 
 def forward_planned(lib, case, elem):
@@ -788,9 +790,9 @@ def forward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, plan_batch=None, l2
     with the tile the plan picks for plan_batch (the plan weighs how full the GPU is).
     l2: also the DRAM bytes read and written by the L2 model (l2_bytes' capacity)."""
     if plan_batch is not None:
-        tile = forward_bytes_plan(lib, shape, plan_batch, dtype)
+        planned = _forward_bytes(lib, shape, plan_batch, dtype, run=False)
         old = os.environ.get("MSFUSED_CUDA_FWD_TILE")
-        os.environ["MSFUSED_CUDA_FWD_TILE"] = tile
+        os.environ["MSFUSED_CUDA_FWD_TILE"] = f"{planned['tile']}x{planned['cluster']}"
         try:
             return forward_bytes(lib, shape, batch, dtype, l2=l2)
         finally:
@@ -799,11 +801,6 @@ def forward_bytes(lib, shape, batch=1, dtype=torch.bfloat16, plan_batch=None, l2
             else:
                 os.environ["MSFUSED_CUDA_FWD_TILE"] = old
     return _forward_bytes(lib, shape, batch, dtype, l2=l2)
-
-
-def forward_bytes_plan(lib, shape, batch, dtype=torch.bfloat16):
-    """The tile and run ("THxTWxRUN") the plan picks at this batch."""
-    return _forward_bytes(lib, shape, batch, dtype, run=False)["tile"]
 
 
 def _forward_bytes(lib, shape, batch, dtype, run=True, l2=False):
@@ -823,11 +820,13 @@ def _forward_bytes(lib, shape, batch, dtype, run=True, l2=False):
     y = torch.empty((batch if run else 1, cout, ho, wo), dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     ptrs = (ctypes.c_void_p * 13)(ptr(x), *[ptr(t) for t in params])
-    plan = (ctypes.c_int64 * 10)()
+    plan = (ctypes.c_int64 * 12)()
     lib.emu_mma_plan(desc, ptrs, ptr(y), plan, x.element_size())
     tile = f"{plan[0]}x{plan[1]}x{plan[7]}"  # TH x TW x tiles per CTA down a column
+    # the CTAs of a cluster sharing each run, splitting the rows or the GEMM blocks
+    cluster = f"{plan[10]}{'r' if plan[11] else 'b'}" if plan[10] > 1 else "1"
     if not run:
-        return dict(tile=tile, ctas=batch * plan[2], smem=plan[3])
+        return dict(tile=tile, cluster=cluster, ctas=batch * plan[2], smem=plan[3])
     counts = [ctypes.c_uint64() for _ in range(3)]
     xb = x.numel() * x.element_size()
     lib.emu_bytes(ptr(x), ctypes.c_uint64(xb), *[ctypes.byref(c) for c in counts])  # reset
@@ -850,7 +849,8 @@ def _forward_bytes(lib, shape, batch, dtype, run=True, l2=False):
     ctas = batch * plan[2]
     wbytes = sum(t.numel() * t.element_size() for t in params if t is not None)
     yb = y.numel() * y.element_size() * (2 if pre is not None else 1)
-    return dict(name=shape.name, tile=tile, ctas=ctas, tiles=batch * plan[8], smem=plan[3],
+    return dict(name=shape.name, tile=tile, cluster=cluster, ctas=ctas, tiles=batch * plan[8],
+                smem=plan[3],
                 vec=(bool(plan[4]), bool(plan[5]), bool(plan[6])), x=xb, read_x=read_x,
                 w=wbytes, read_w=read_other, y=yb, written=written, **dram)
 
@@ -872,7 +872,8 @@ def main_bytes(lib, batch):
     for group in SHAPES.values():
         for shape in group:
             r = forward_bytes(lib, shape, batch, dtype, plan_batch=shape.batch, l2=l2)
-            print(f"{r['name']:9} {r['tile']:>10} {r['ctas']:5d} {r['smem'] / 1024:7.1f} "
+            tile = r["tile"] + (f"/{r['cluster']}" if r["cluster"] != "1" else "")
+            print(f"{r['name']:9} {tile:>10} {r['ctas']:5d} {r['smem'] / 1024:7.1f} "
                   f"{r['read_x'] / r['x']:9.3f} {r['read_w'] / (r['tiles'] * r['w']):17.3f} "
                   f"{r['written'] / r['y']:12.3f}"
                   + (f" {r['dram_read'] / (r['x'] + r['w']):16.3f} "
