@@ -1,8 +1,8 @@
 """Random configurations through the emulated CUDA kernels, forward and backward: shapes,
 merges, strides, activations, residuals, layouts and dtypes drawn at random, and with them
 the plan knobs a GPU's size or a user's environment changes (a smaller shared memory per
-block, a forced split, a small scratch budget that slices the batch, the backward's
-thread-block clusters). Every call is also
+block, a forced split, a small scratch budget that slices the batch, the backward's and the
+forward's thread-block clusters, the forward's bound on x's reads). Every call is also
 checked for out-of-bounds accesses, races between CTAs and early-launch ordering (emu.h:
 emu_bounds.h, emu_races.h), which fail the case outright; results are judged as the sweeps
 judge them (run_emu.py --forward-low / --backward-low).
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run_emu  # noqa: E402
 
 KNOBS = ("CUDA_EMU_SMEM_LIMIT", "MSFUSED_CUDA_BWD_SPLIT", "MSFUSED_CUDA_BWD_SCRATCH_KB",
-         "MSFUSED_CUDA_BWD_CLUSTER")
+         "MSFUSED_CUDA_BWD_CLUSTER", "MSFUSED_CUDA_FWD_CLUSTER", "MSFUSED_CUDA_FWD_XMAX")
 
 
 def draw(rng):
@@ -50,6 +50,11 @@ def draw(rng):
         knobs["MSFUSED_CUDA_BWD_SCRATCH_KB"] = str(rng.choice([1, 4, 16]))
     if rng.random() < 0.3:
         knobs["MSFUSED_CUDA_BWD_CLUSTER"] = "1"
+    # drawn last, so the earlier draws (and a seed's cases before these knobs) stay as they were
+    if rng.random() < 0.3:
+        knobs["MSFUSED_CUDA_FWD_CLUSTER"] = "1"
+    if rng.random() < 0.2:
+        knobs["MSFUSED_CUDA_FWD_XMAX"] = "1.3"
     return case, dtype, knobs
 
 

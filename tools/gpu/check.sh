@@ -7,7 +7,7 @@
 # C++ exception crashes), the backward's batch-slice budgets, float32 without TF32, the
 # kernels started early (programmatic dependent launch), the emulator's probes of the PTX
 # stand-ins (mma, ldmatrix, cp.async, thread-block clusters) on the hardware, and the
-# backward's launch 1 as clusters sharing gz.
+# backward's launch 1 and the forward as clusters.
 #
 #   bash tools/gpu/check.sh OUTDIR [--fast] [--pack FILE]
 #   STAGES="install tests memcheck" bash tools/gpu/check.sh OUTDIR   # a subset
@@ -146,7 +146,8 @@ stage ncu-limits 150 ncu --clock-control none --section SpeedOfLight --section O
 # backend against float64, on the hardware: what the suite's fixed cases do not pick
 stage fuzz 100 python3 tools/gpu/fuzz_backend.py --device cuda --backend cuda --cases 400 \
   --seconds 75
-# the tensor-core forward's tile against two / three CTAs per SM (MSFUSED_CUDA_FWD_SMEM)
+# the tensor-core forward's tile against two / three CTAs per SM (MSFUSED_CUDA_FWD_SMEM), the
+# plans that read x at most 1.3 times, without and with clusters (MSFUSED_CUDA_FWD_CLUSTER)
 stage fwd-sweep 120 python3 tools/gpu/forward_sweep.py
 # the 16-bit backward's DRAM bytes per launch (ncu) against the emulator's global bytes
 stage bwd-dram 120 ncu --clock-control none \
@@ -177,10 +178,12 @@ stage tests-pdl 150 env MSFUSED_CUDA_PDL=1 "${PYTEST[@]}" -k "cuda and not emu" 
 stage probes 90 bash tools/gpu/ptx_probes.sh "$OUT"
 # the backward's launch 1 as clusters sharing gz (MSFUSED_CUDA_BWD_CLUSTER=1; off by default
 # until timed here; paper-u3 and mnet-14 among the benchmark shapes): the harness against
-# bench-bf16, then the CUDA tests with it on
+# bench-bf16, then the CUDA tests with it and the forward's clusters (MSFUSED_CUDA_FWD_CLUSTER=1,
+# timed by fwd-sweep) on
 stage bench-cluster 120 env MSFUSED_CUDA_BWD_CLUSTER=1 "${BENCH[@]}" --min-time 0.1 \
   --backends cuda --dtype bfloat16 --out "$OUT/bench-cuda-bf16-cluster.json"
-stage tests-cluster 150 env MSFUSED_CUDA_BWD_CLUSTER=1 "${PYTEST[@]}" -k "cuda and not emu" \
+stage tests-cluster 150 env MSFUSED_CUDA_BWD_CLUSTER=1 MSFUSED_CUDA_FWD_CLUSTER=1 \
+  "${PYTEST[@]}" -k "cuda and not emu" \
   --junitxml="$OUT/tests-cluster.xml"
 # outside the default run: the whole suite, and torch.compile in the harness
 stage tests-all 540 "${PYTEST[@]}" --junitxml="$OUT/tests-all.xml"
