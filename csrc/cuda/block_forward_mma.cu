@@ -146,14 +146,21 @@ __device__ __forceinline__ WarpSplit warp_split(int P, int warp) {
 }
 
 // A cluster's tile (forward_mma_plan.h): copies, for this rank's rows [row_lo, row_hi) of A,
-// the columns of every chunk the other ranks computed (chunks q, q + K, ... of rank q, in
-// each of A's segments) out of their shared memory, 16 bytes at a time (segments, chunks and
-// rows are 16-byte multiples). The ranks' columns are final: a cluster barrier precedes this.
+// the columns of every chunk the other ranks computed (chunks q, q + K, ... of rank q) in the
+// segments it reads (mma_rank_segments) out of their shared memory, 16 bytes at a time
+// (segments, chunks and rows are 16-byte multiples). The ranks' columns are final: a cluster
+// barrier precedes this.
 template <typename T>
-__device__ __forceinline__ void gather_columns(const MmaPlan& pl, T* sA, unsigned rank, int K,
-                                               int row_lo, int row_hi, int tid) {
+__device__ __forceinline__ void gather_columns(const BlockDesc& d, const MmaPlan& pl, T* sA,
+                                               unsigned rank, int K, int row_lo, int row_hi,
+                                               int tid) {
   constexpr int V = VE<T>, VC = KC / V;  // elements per 16 bytes; 16-byte vectors per chunk
-  const int nseg = pl.seg_x >= 0 ? 3 : 2;
+  const int mask = mma_rank_segments(d, pl, int(rank), K);
+  const int nseg = (mask & 1) + (mask >> 1 & 1) + (mask >> 2 & 1);
+  // the segments read, in order: seg0, seg1, seg2 (the first nseg of them)
+  const int seg0 = mask & 1 ? pl.seg_a : mask & 2 ? pl.seg_b : pl.seg_x;
+  const int seg1 = (mask & 3) == 3 ? pl.seg_b : pl.seg_x;
+  const int seg2 = pl.seg_x;
   for (int q = 1; q < K; ++q) {
     const unsigned src = (rank + unsigned(q)) % unsigned(K);
     const T* peer = ptx::map_shared_rank(sA, src);
@@ -163,7 +170,7 @@ __device__ __forceinline__ void gather_columns(const MmaPlan& pl, T* sA, unsigne
       const int c = (int(src) + r / (nseg * VC) * K) * KC + r % VC * V;  // column in a segment
       if (c >= pl.C16) continue;  // the last chunk's columns past the segment
       const int seg = r / VC % nseg;
-      const int k = (seg == 0 ? pl.seg_a : seg == 1 ? pl.seg_b : pl.seg_x) + c;
+      const int k = (seg == 0 ? seg0 : seg == 1 ? seg1 : seg2) + c;
       *reinterpret_cast<Vec16*>(sA + p * pl.LDA + k) =
           *reinterpret_cast<const Vec16*>(peer + p * pl.LDA + k);
     }
@@ -403,7 +410,7 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 8 ? 1 : 2)  // two CTAs per S
       ptx::cluster_arrive();  // B1: this rank's columns of the tile are in its A
       ptx::cluster_wait();
       const RankShare rs = rank_share<CL>(pl);
-      gather_columns<T>(pl, sA, rs.rank, K, rs.row_lo, rs.row_lo + rs.rows, tid);
+      gather_columns<T>(d, pl, sA, rs.rank, K, rs.row_lo, rs.row_lo + rs.rows, tid);
       // B2: waited for before this CTA writes A again, or returns (the GEMM's first
       // __syncthreads publishes the copied rows to this CTA's warps)
       ptx::cluster_arrive();

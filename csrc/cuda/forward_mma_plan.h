@@ -139,6 +139,22 @@ static_assert(mma_rank_row(80, 1, 4) == 1 && mma_rank_row(80, 3, 4) == 3 &&
                   mma_rank_chunks(96, 0, 4) == 1 && mma_rank_blocks(3, 0, 2) == 2,
               "the shares of clusters of 2 and 4");
 
+// The segments of A (bit 0: a, 1: b, 2: xs) that rank r of a cluster of K reads: those its
+// GEMM blocks' K ranges cover (every block's where the ranks split the rows), and xs where the
+// epilogue adds an identity residual from it. The columns it copies from the other ranks.
+MSF_HD int mma_rank_segments(const BlockDesc& d, const MmaPlan& p, int r, int K) {
+  const bool rows = K == 1 || p.cluster_rows;
+  int mask = p.seg_x >= 0 && d.residual && !d.projection ? 4 : 0;
+  for (int blk = rows ? 0 : r; blk < p.nblk; blk += rows ? 1 : K) {
+    int lo, hi;
+    mma_block_k_range(d, p, blk, lo, hi);
+    if (p.seg_a < hi && p.seg_a + p.C16 > lo) mask |= 1;
+    if (p.seg_b < hi && p.seg_b + p.C16 > lo) mask |= 2;
+    if (p.seg_x >= 0 && p.seg_x < hi && p.seg_x + p.C16 > lo) mask |= 4;
+  }
+  return mask;
+}
+
 inline void mma_plan_smem(MmaPlan& p) {
   // elements; the accumulation type's (b1, the output tile, the depthwise weights): float,
   // double for float64
@@ -195,7 +211,8 @@ inline double mma_x_ratio(const BlockDesc& d, const MmaPlan& p) {
 // a run too long for the grid, pays for it. In a cluster a CTA stages its chunks' share of x,
 // writes its rows' share of y and streams every weight (row split) or writes its blocks'
 // share of y and streams their weights (block split), and copies the other ranks' columns of
-// its rows out of their shared memory (counted like global bytes). Rank 0's share: the most.
+// its rows (in the segments it reads) out of their shared memory (counted like global
+// bytes). Rank 0's share: the most.
 inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p, const MmaDevice& dev) {
   const int K = p.cluster > 1 ? p.cluster : 1, M = p.P / 16;
   const double tiles = double(d.B) * p.tiles_hw;
@@ -214,8 +231,9 @@ inline double mma_plan_cost(const BlockDesc& d, const MmaPlan& p, const MmaDevic
   const double row_share = rows ? double(mma_rank_row(p.P, 1, K) + (M % K != 0)) / M : 1.0;
   const double y_share =
       rows ? row_share : double(mma_rank_blocks(p.nblk, 0, K)) / p.nblk;
-  const double gathered =
-      tiles * row_share * p.P * (p.LDA - mma_pad(p.esz)) * double(K - 1) / K;
+  const int segs = mma_rank_segments(d, p, 0, K);
+  const double gathered = tiles * row_share * p.P * p.C16 *
+                          double((segs & 1) + (segs >> 1 & 1) + (segs >> 2 & 1)) * (K - 1) / K;
   const size_t per_cta = p.smem + 1024;  // the driver reserves 1 KB per CTA
   int per_sm = int(dev.smem_sm / per_cta);
   const int by_regs = p.esz == 8 ? 1 : 2;
