@@ -12,16 +12,15 @@
 // (those the next tile's halo shares with this one), so a run stages x from global memory
 // once over its tiles plus one halo, not once per tile plus its halo.
 //
-// Optionally (cluster > 1, thread-block clusters on sm_90: MSFUSED_CUDA_FWD_CLUSTER=1; float16
-// and bfloat16) a
-// cluster of `cluster` CTAs shares each run: rank r stages x and computes A's columns for the
-// chunks r, r + cluster, ... over all of a tile's pixels, and after a cluster barrier copies
-// the other ranks' columns out of their shared memory, either for its share of the tile's
-// 16-pixel rows (cluster_rows: it then multiplies those rows by every weight) or for every
-// row (it then multiplies them by the GEMM blocks rank, rank + cluster, ...: a 1 / cluster
-// share of the weights, which dominate the traffic of wide blocks). x is read once per
-// cluster, so a tile `cluster` times the work of one CTA's costs no more x halo than that
-// CTA's, and the SMs a single CTA per tile would leave idle get work.
+// Optionally (cluster > 1: thread-block clusters on sm_90, MSFUSED_CUDA_FWD_CLUSTER=1, float16
+// and bfloat16) a cluster of `cluster` CTAs shares each run: rank r stages x and computes A's
+// columns for the chunks r, r + cluster, ... over all of a tile's pixels, and after a cluster
+// barrier copies the other ranks' columns out of their shared memory, either for its share of
+// the tile's 16-pixel rows (cluster_rows: it then multiplies those rows by every weight) or
+// for every row (it then multiplies them by the GEMM blocks rank, rank + cluster, ...: a
+// 1 / cluster share of the weights, which dominate the traffic of wide blocks). x is read
+// once per cluster, so a tile `cluster` times the work of one CTA's costs no more x halo than
+// that CTA's, and the SMs a single CTA per tile would leave idle get work.
 #pragma once
 #include <cmath>
 #include <cstddef>

@@ -689,9 +689,8 @@ def run_float32(lib, case, backward=False, dtype=torch.float32):
     count) exactly where their plans fit. relu and relu6: a miss that comes from act' flipped
     at a kink, where z lies within float32's rounding of it, is accepted as judge() accepts
     it for 16-bit (the kernel exact against float64 with its own act'; the line says so).
-    dtype float64: the same for float64 (gradcheck's
-    dtype, the same kernels on FMAs in double), within EXACT_TOL[float64] of float64
-    autograd."""
+    dtype float64: the same for float64 (gradcheck's dtype, the same kernels on FMAs in
+    double), within EXACT_TOL[float64] of float64 autograd."""
     (c, n, h, w, batch), merge, stride, residual, cl, act = case
     bias = (c + h) % 2 == 0 or merge == "add"
     elem = dtype.itemsize
@@ -748,7 +747,7 @@ def main_forward_low(lib):
 def forward_plan(lib, case, elem):
     """The one-launch forward's plan for a forward_low_cases() case with elements of elem
     bytes: TH (0: no tile fits shared memory, the older FMA kernel runs), TW, run, seg_x
-    (the xs segment's offset in A; -1: none, an identity residual read from global memory)
+    (the xs segment's offset in A; -1: none, an identity residual read from global memory),
     the shared memory per CTA, and the CTAs of a cluster sharing each run (1: none) with
     whether they split the tile's rows (else the GEMM blocks)."""
     (c, n, h, w, batch), merge, stride, residual, cl, act = case
