@@ -228,7 +228,7 @@ def test_forward_runs_down_a_column(emu_lib, case, tile, dtype, monkeypatch):
 # (C, N, H, W, B), merge, stride, residual, channels_last, act; tile x run x cluster forced:
 # the ranks split the rows (r) or the GEMM blocks (b); runs of several tiles (the ranks' A
 # rewritten tile after tile), C with a partial last chunk (40, 72: C16 48, 80), a cluster of
-# 4 over 3 GEMM blocks, concat's two branches, NCHW, stride 2
+# 4 over 6 GEMM blocks (uneven shares), concat's two branches, NCHW, stride 2
 CLUSTER_CASES = [(((40, 40, 17, 10, 2), "concat", 1, True, True, "relu"), "2x8x3x2b"),
                  (((256, 64, 13, 6, 1), "add", 1, True, True, "relu6"), "4x8x2x2r"),
                  (((128, 64, 13, 6, 1), "add", 1, True, True, "silu"), "8x8x2x4r"),

@@ -709,17 +709,26 @@ bool device_is_sm90() {
   return m - 1 >= 9;
 }
 
-// Whether launch 1 may run as thread-block clusters: MSFUSED_CUDA_BWD_CLUSTER=1 (read once
-// per process; by the emulator at every call) on a device of compute capability 9.0 or
-// higher. Off by default until a GPU has timed it (benchmarks/NOTES.md entries 59-60).
-bool bwd_clusters_enabled() {
+// The opt-in sm_90 features, each off until a GPU run has timed it: whether its variable is
+// 1 (read once per process; by the emulator, whose tests change them, at every call) and the
+// device has compute capability 9.0 or higher.
+enum Sm90Knob { kPdl, kBwdCluster, kFwdCluster };
+bool sm90_knob(Sm90Knob k) {
+  static const char* const names[] = {"MSFUSED_CUDA_PDL", "MSFUSED_CUDA_BWD_CLUSTER",
+                                      "MSFUSED_CUDA_FWD_CLUSTER"};
 #ifdef MSFUSED_CUDA_EMU
-  const bool asked = env_int("MSFUSED_CUDA_BWD_CLUSTER") != 0;
+  const bool asked = env_int(names[k]) != 0;
 #else
-  static const bool asked = env_int("MSFUSED_CUDA_BWD_CLUSTER") != 0;
+  static const bool read[] = {env_int(names[0]) != 0, env_int(names[1]) != 0,
+                              env_int(names[2]) != 0};
+  const bool asked = read[k];
 #endif
   return asked && device_is_sm90();
 }
+
+// Whether launch 1 may run as thread-block clusters: MSFUSED_CUDA_BWD_CLUSTER=1
+// (benchmarks/NOTES.md entries 59-60).
+bool bwd_clusters_enabled() { return sm90_knob(kBwdCluster); }
 
 // The cluster launch 1 runs as, sharing gz (the kernel's `cluster`): its grid's row of CTAs
 // (grid.x: every channel and row block of the same pixels) where clusters are enabled, the
@@ -769,23 +778,9 @@ const char* launch_strided(const BlockDesc& d, const BlockTensors<T>& t, const T
 
 }  // namespace
 
-bool pdl_enabled() {
-#ifdef MSFUSED_CUDA_EMU
-  const bool asked = env_int("MSFUSED_CUDA_PDL") != 0;
-#else
-  static const bool asked = env_int("MSFUSED_CUDA_PDL") != 0;
-#endif
-  return asked && device_is_sm90();
-}
+bool pdl_enabled() { return sm90_knob(kPdl); }
 
-bool fwd_clusters_enabled() {
-#ifdef MSFUSED_CUDA_EMU
-  const bool asked = env_int("MSFUSED_CUDA_FWD_CLUSTER") != 0;
-#else
-  static const bool asked = env_int("MSFUSED_CUDA_FWD_CLUSTER") != 0;
-#endif
-  return asked && device_is_sm90();
-}
+bool fwd_clusters_enabled() { return sm90_knob(kFwdCluster); }
 
 BwdMmaPlan backward_mma_plan(const BlockDesc& d, int esz) {
   int dev = 0, block = 0, l2 = 0;
