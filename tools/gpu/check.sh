@@ -21,6 +21,10 @@
 # summary.txt beside it after every stage: a run cut off anywhere still returns every log
 # written so far in two files. On the device machine:
 #   bash tools/gpu/check.sh /tmp/check --pack "$OUT/check.tar.gz"
+# The default stages fill the budget before the later ones; a second run on the same warm
+# machine (the install kept) picks up the opt-in variants' timings and tests:
+#   STAGES="fwd-sweep probes bench-cluster tests-cluster ncu-limits fuzz bench-pdl tests-pdl" \
+#     bash tools/gpu/check.sh /tmp/check2 --fast --pack "$OUT/check2.tar.gz"
 # The tests stage runs the tests that touch the GPU backends (ids naming cuda or triton,
 # not the CPU emulator's); CI runs the rest on every commit. STAGES=tests-all runs all.
 # --fast: shorter benchmark timing (it never runs torch.compile inside the budget: compiling
