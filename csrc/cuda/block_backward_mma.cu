@@ -279,7 +279,6 @@ __device__ __forceinline__ void weight_grad_fma(A (&acc)[4][4], const A* Gc, int
   }
 }
 
-// TC: the GEMMs on tensor cores (16-bit, or float on TF32); false (float, double): FMAs.
 // A group's end with its partials summed across a cluster of pl.red CTAs along y (ranks
 // r = 0 .. red - 1 holding groups red part + r): slot by slot, every CTA stages its
 // accumulators (one slot of each warp) in `stage` (the operand tiles, free at a group's
@@ -337,6 +336,7 @@ __device__ __forceinline__ void reduce_partials_in_cluster(
   }
 }
 
+// TC: the GEMMs on tensor cores (16-bit, or float on TF32); false (float, double): FMAs.
 // Sums, partials and the on-chip float operands (b1, the depthwise weights, act') are in the
 // accumulation type A.
 template <typename T, int S, bool TC>
