@@ -46,7 +46,7 @@ void tile_grad_gemms(const Runtime& rt, const BlockDesc& d, const Plan& pl, cons
     mm_nn<T>(rt, N, kk, P, G + N * P, P, A + C, K, dW + N * kk, kk, true);
     mm_nn<T>(rt, P, kk, N, Gpm, Cout, wp, kk, dA, K, false);
     if (pl.Cs)
-      for (int64_t p = 0; p < P; ++p) memset(dA + p * K + kk, 0, sizeof(T) * C);
+      for (int64_t p = 0; p < P; ++p) zero_n(dA + p * K + kk, C);
     mm_nn<T>(rt, P, kk, N, Gpm + N, Cout, wp + N * kk, kk, dA + C, K, pl.Cs > 0);
   }
 }
@@ -106,7 +106,7 @@ inline void tile_grad_gemms_bf16(const Runtime& rt, const BlockDesc& d, const Pl
     rt.bbrgemm(N, kk, Pp, Pp, K, kk, true, Gb + N * Pp, Av + 2 * C, dW + N * kk);
     rt.bbrgemm(P, kk, N, Cout, kk, K, false, Gpmb, wpv, dA);
     if (pl.Cs)
-      for (int64_t p = 0; p < P; ++p) memset(dA + p * K + kk, 0, sizeof(float) * C);
+      for (int64_t p = 0; p < P; ++p) zero_n(dA + p * K + kk, C);
     rt.bbrgemm(P, kk, N, Cout, kk, K, pl.Cs > 0, Gpmb + N, wpv + N * kk, dA + C);
   }
 }

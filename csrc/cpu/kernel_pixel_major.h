@@ -25,11 +25,11 @@ void load_x_band_pm(const BlockDesc& d, const I* x, int64_t bi, int64_t hb, int6
     const int64_t h = hb + k;
     T* row = xb + k * RW;
     if (h < 0 || h >= d.H) {
-      memset(row, 0, sizeof(T) * RW);
+      zero_n(row, RW);
       continue;
     }
-    memset(row, 0, sizeof(T) * C);
-    memset(row + (W + 1) * C, 0, sizeof(T) * C);
+    zero_n(row, C);
+    zero_n(row + (W + 1) * C, C);
     if (d.channels_last && std::is_same_v<T, I>) {
       memcpy(row + C, x + ((bi * d.H + h) * W) * C, sizeof(T) * W * C);
     } else if (d.channels_last) {
@@ -364,14 +364,14 @@ void tile_dw_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, co
     const int64_t q = g.r0 - 1 + k;
     T* brow = b1b + k * BR;
     if (q < 0 || q >= d.Ho) {
-      memset(brow, 0, sizeof(T) * BR);
+      zero_n(brow, BR);
       ++k;
       continue;
     }
     const int64_t n = two && k + 1 < g.R + 2 && q + 1 < d.Ho ? 2 : 1;
     for (int64_t j = 0; j < n; ++j) {
-      memset(brow + j * BR, 0, sizeof(T) * C);
-      memset(brow + j * BR + (Wo + 1) * C, 0, sizeof(T) * C);
+      zero_n(brow + j * BR, C);
+      zero_n(brow + j * BR + (Wo + 1) * C, C);
     }
     if constexpr (two)
       if (n == 2) {
@@ -739,18 +739,18 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
       const int64_t SR = (Wo + 2) * C;
       const int64_t srow0 = (g.r0 + 1) * SR;  // first row of the tile
       for (int64_t i = 0; i < g.R; ++i) {
-        memset(SAi + srow0 + i * SR, 0, sizeof(T) * C);
-        memset(SBi + srow0 + i * SR, 0, sizeof(T) * C);
-        memset(SAi + srow0 + i * SR + (Wo + 1) * C, 0, sizeof(T) * C);
-        memset(SBi + srow0 + i * SR + (Wo + 1) * C, 0, sizeof(T) * C);
+        zero_n(SAi + srow0 + i * SR, C);
+        zero_n(SBi + srow0 + i * SR, C);
+        zero_n(SAi + srow0 + i * SR + (Wo + 1) * C, C);
+        zero_n(SBi + srow0 + i * SR + (Wo + 1) * C, C);
       }
       if (g.r0 == 0) {
-        memset(SAi + srow0 - SR, 0, sizeof(T) * SR);
-        memset(SBi + srow0 - SR, 0, sizeof(T) * SR);
+        zero_n(SAi + srow0 - SR, SR);
+        zero_n(SBi + srow0 - SR, SR);
       }
       if (g.r0 + g.R == d.Ho) {
-        memset(SAi + srow0 + g.R * SR, 0, sizeof(T) * SR);
-        memset(SBi + srow0 + g.R * SR, 0, sizeof(T) * SR);
+        zero_n(SAi + srow0 + g.R * SR, SR);
+        zero_n(SBi + srow0 + g.R * SR, SR);
       }
       // depthwise weight grads (tap-major partials): dwa from x, dwc from the b1 band, with
       // the branch gradients read back from the scratch rows just written (still in cache)
@@ -779,14 +779,14 @@ void pass2_tile_s1(const BlockDesc& d, const BlockTensors<T>& t, const T* wt, co
     const int64_t q = g.r0 - 1 + k;
     T* row = d1 + k * SR;
     if (q < 0 || q >= Ho) {
-      memset(row, 0, sizeof(T) * SR);
+      zero_n(row, SR);
       ++k;
       continue;
     }
     const int64_t n = two && k + 1 < g.R + 2 && q + 1 < Ho ? 2 : 1;
     for (int64_t j = 0; j < n; ++j) {
-      memset(row + j * SR, 0, sizeof(T) * C);
-      memset(row + j * SR + (Wo + 1) * C, 0, sizeof(T) * C);
+      zero_n(row + j * SR, C);
+      zero_n(row + j * SR + (Wo + 1) * C, C);
     }
     if constexpr (two)
       if (n == 2) {
@@ -888,7 +888,7 @@ void pass2_tiles_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t
         for (int64_t w = 0; w < Wo; ++w) {
           T* o = d1 + (k * Wo + w) * C;
           if (q < 0 || q >= Ho) {
-            memset(o, 0, sizeof(T) * C);
+            zero_n(o, C);
             continue;
           }
           int n = 0;

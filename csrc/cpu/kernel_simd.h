@@ -87,6 +87,35 @@ inline auto hsum(V v) {
   return s;
 }
 
+// n zeros at p. The pixel-major kernels zero a padding column (C elements) at both ends of
+// every band and scratch row, about ten per tile row in the backward: as memset calls (a
+// size only known at run time) each paid the call and the library's size dispatch for a
+// few hundred bytes. Short runs are vector stores in line; long ones stay memset.
+template <typename T>
+inline void zero_n(T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    if (n * int64_t(sizeof(T)) <= 4096) {
+      constexpr int V = Vec<T>::n;
+      const typename Vec<T>::type z = {};
+      // (each address through an empty asm: GCC otherwise recognises the zeroing loop and
+      // calls memset for it after all)
+      int64_t i = 0;
+      for (; i + V <= n; i += V) {
+        T* q = p + i;
+        __asm__("" : "+r"(q));
+        vstore(q, z);
+      }
+      for (; i < n; ++i) {
+        T* q = p + i;
+        __asm__("" : "+r"(q));
+        *q = T(0);
+      }
+      return;
+    }
+  }
+  memset(p, 0, sizeof(T) * n);
+}
+
 // ---- 16-bit storage: bfloat16 as its bits (the upper half of a float32), float16 as the
 // compiler's _Float16 -----------------------------------------------------------------------
 // Kernels that read or write bfloat16 or float16 tensors compute in float: elements are
