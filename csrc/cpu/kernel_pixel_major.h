@@ -399,7 +399,7 @@ void tile_dw_pm(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, co
     for (int64_t w = 0; w < Wo; ++w) {
       const T* xs = xb + (S * (i + 1) + 1) * XR + (S * w + 1) * C;
       if constexpr (std::is_same_v<T, O>)
-        memcpy(arow + w * K + C, xs, sizeof(T) * C);
+        copy_n(arow + w * K + C, xs, C);
       else  // x was 16-bit storage: exact
         round_to(xs, C, arow + w * K + C);
     }
@@ -722,7 +722,7 @@ void pass1_tiles_pm(const Runtime& rt, const BlockDesc& d, const Plan& pl,
             const T* dxs = da + C;
             const int64_t h = S * (g.r0 + i), wi = S * w;
             if (d.channels_last) {
-              memcpy(dx + ((g.bi * d.H + h) * d.W + wi) * C, dxs, sizeof(T) * C);
+              copy_n(dx + ((g.bi * d.H + h) * d.W + wi) * C, dxs, C);
             } else {
               T* o = dx + (g.bi * C * d.H + h) * d.W + wi;
               for (int64_t c = 0; c < C; ++c) o[c * d.H * d.W] = dxs[c];

@@ -42,7 +42,7 @@ void load_x_rows(const BlockDesc& d, const I* x, int64_t bi, int64_t c, int64_t 
       row[0] = T(0);
       row[W + 1] = T(0);
       if (cstride == 1 && std::is_same_v<T, I>) {
-        memcpy(row + 1, src, sizeof(T) * W);
+        copy_n(row + 1, reinterpret_cast<const T*>(src), W);  // (T is I here)
       } else {
         for (int64_t w = 0; w < W; ++w) row[1 + w] = load_as<T>(src + w * cstride);
       }
@@ -128,7 +128,7 @@ void tile_channel(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, 
   if (pl.Cs) {
     T* xsrow = A + (d.C + c) * P;
     for (int64_t i = 0; i < R; ++i)
-      memcpy(xsrow + i * Wo, tap<S>(xbuf + (S * (i + 1) + 1) * XW, 1, Wo), sizeof(T) * Wo);
+      copy_n(xsrow + i * Wo, tap<S>(xbuf + (S * (i + 1) + 1) * XW, 1, Wo), Wo);
   }
 }
 
@@ -302,7 +302,7 @@ inline void pad_rows(const T* src, int64_t Ho, int64_t Wo, int64_t q0, int64_t n
       continue;
     }
     row[0] = row[Wo + 1] = T(0);
-    memcpy(row + 1, src + q * Wo, sizeof(T) * Wo);
+    copy_n(row + 1, src + q * Wo, Wo);
   }
 }
 

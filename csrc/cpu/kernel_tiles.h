@@ -283,7 +283,7 @@ void tile_gz(const BlockDesc& d, const I* gy, const I* saved, int64_t off, int64
       int64_t co = 0;
       for (; co + VN <= Cout; co += VN) vstore(dbias + co, vload(dbias + co) + vload(o + co));
       for (; co < Cout; ++co) dbias[co] += o[co];
-      if (identity) memcpy(dx + off + p * Cout, o, sizeof(T) * Cout);
+      if (identity) copy_n(dx + off + p * Cout, o, Cout);
     }
   } else {
     for (int64_t co = 0; co < Cout; ++co) {
@@ -299,7 +299,7 @@ void tile_gz(const BlockDesc& d, const I* gy, const I* saved, int64_t off, int64
       T s = hsum(a);
       for (; p < P; ++p) s += o[p];
       dbias[co] += s;
-      if (identity) memcpy(dx + off + co * HoWo, o, sizeof(T) * P);
+      if (identity) copy_n(dx + off + co * HoWo, o, P);
     }
   }
 }
