@@ -116,10 +116,10 @@ inline void zero_n(T* p, int64_t n) {
   memset(p, 0, sizeof(T) * n);
 }
 
-// n elements from src to dst (not overlapping). The same reason as zero_n: the backward
-// copies one pixel's C or Cout channels at a time (the identity shortcut's share of dx, the
-// projection's x columns and its dx), up to 100 thousand memcpy calls per call at the
-// benchmark shapes.
+// n elements from src to dst (not overlapping). The same reason as zero_n: the kernels copy
+// one pixel's C or Cout channels at a time (the identity shortcut's share of dx, the
+// projection's x columns and its dx) or one planar row, up to 100 thousand memcpy calls per
+// call at the benchmark shapes.
 template <typename T>
 inline void copy_n(T* dst, const T* src, int64_t n) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
