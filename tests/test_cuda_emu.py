@@ -178,6 +178,18 @@ def test_forward_x_bound_plans(emu_lib, name, monkeypatch):
     assert r["written"] == r["y"], r
 
 
+def _forward_case_input(run_emu, case, dtype):
+    """(params, cfg, x) of a forced-tile forward case: the sweep's parameters (seed 7) and
+    x from seed 1, channels_last where the case says so and C > 1."""
+    (c, n, h, w, batch), merge, stride, residual, cl, act = case
+    params, cfg = run_emu.case_params(c, n, merge, stride, act, residual, dtype, 7)
+    torch.manual_seed(1)
+    x = torch.randn(batch, c, h, w, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last if cl and c > 1 else
+                     torch.contiguous_format)
+    return params, cfg, x
+
+
 # (C, N, H, W, B), merge, stride, residual, channels_last, act; tile x run forced
 RUN_CASES = [(((24, 40, 17, 10, 2), "concat", 1, True, True, "relu"), "2x8x3"),
              (((24, 40, 17, 10, 2), "add", 2, True, False, "silu"), "1x16x4"),
@@ -196,13 +208,8 @@ def test_forward_runs_down_a_column(emu_lib, case, tile, dtype, monkeypatch):
     per CTA, and are within the tolerance policy of float64."""
     run_emu, lib = emu_lib
     th, tw, run = tile.split("x")
-    (c, n, h, w, batch), merge, stride, residual, cl, act = case
-    elem = torch.float32 if dtype == "tf32" else dtype
-    params, cfg = run_emu.case_params(c, n, merge, stride, act, residual, elem, 7)
-    torch.manual_seed(1)
-    x = torch.randn(batch, c, h, w, dtype=elem)
-    x = x.contiguous(memory_format=torch.channels_last if cl and c > 1 else
-                     torch.contiguous_format)
+    params, cfg, x = _forward_case_input(run_emu, case,
+                                         torch.float32 if dtype == "tf32" else dtype)
     if dtype == "tf32":
         lib.emu_set_tf32(1)
     try:
@@ -251,12 +258,7 @@ def test_forward_clusters_keep_the_bits(emu_lib, case, tile, dtype, monkeypatch)
     run_emu, lib = emu_lib
     th, tw, run, kc = tile.split("x")
     k, split = int(kc[:-1]), kc[-1]
-    (c, n, h, w, batch), merge, stride, residual, cl, act = case
-    params, cfg = run_emu.case_params(c, n, merge, stride, act, residual, dtype, 7)
-    torch.manual_seed(1)
-    x = torch.randn(batch, c, h, w, dtype=dtype)
-    x = x.contiguous(memory_format=torch.channels_last if cl and c > 1 else
-                     torch.contiguous_format)
+    params, cfg, x = _forward_case_input(run_emu, case, dtype)
     monkeypatch.setenv("MSFUSED_CUDA_FWD_CLUSTER", "1")
     ys, moved = [], []
     for forced in (f"{th}x{tw}x{run}x1", tile):
