@@ -9,6 +9,7 @@
 #include <string>
 
 #include "activations.h"
+#include "cpu/output_cache.h"
 
 extern "C" {
 // `import msfused._C` loads this library and so runs the registrations below. The module
@@ -76,6 +77,10 @@ TORCH_LIBRARY(msfused, m) {
       "-> Tensor[]");
   m.def("_activation_table() -> str", &msfused::activation_table);
   m.def("_activation_eval(Tensor v, Tensor g, int act) -> (Tensor, Tensor)");
+  // The CPU output cache (csrc/cpu/output_cache.h): return its idle blocks to the system
+  // (the bytes released), and the bytes it holds idle.
+  m.def("_empty_cpu_cache() -> int", &msfused::cpu::release_output_cache);
+  m.def("_cpu_cache_idle_bytes() -> int", &msfused::cpu::output_cache_idle_bytes);
 }
 
 TORCH_LIBRARY_IMPL(msfused, CPU, m) { m.impl("_activation_eval", &msfused::activation_eval); }

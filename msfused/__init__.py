@@ -6,6 +6,7 @@ from .convert import convert
 from .functional import backend_for, multiscale_separable_block
 from .fuse import FuseReport, Swap, fuse_model
 from .modules import MultiScaleSeparableBlock
+from .ops.extension import empty_cpu_cache
 from .params import BlockParams
 from .reference import block_reference
 
@@ -14,4 +15,4 @@ __version__ = "0.1.0"
 __all__ = ["MultiScaleSeparableBlock", "multiscale_separable_block", "available_backends",
            "backend_names", "backend_for", "BackendUnavailableError", "BlockParams",
            "BlockConfig", "block_reference", "MERGES", "ACTIVATIONS", "fuse_model",
-           "FuseReport", "Swap", "convert"]
+           "FuseReport", "Swap", "convert", "empty_cpu_cache"]

@@ -235,36 +235,60 @@ torch.save(out, sys.argv[1])
         assert any(not torch.equal(g, runs["1024"][key][k]) for k, g in grads.items()), key
 
 
-def test_cpu_large_output_huge_page_advice(tmp_path):
-    """Outputs of 32 MiB and more get transparent-huge-page advice before the kernels first
-    write them (csrc/cpu/block_cpu.cpp, advise_huge_pages): the values match the reference
-    and are the same bits as with the advice off (MSFUSED_CPU_HUGEPAGE=0, a subprocess)."""
+def _output_cache_run(tmp_path, name, **env):
+    path = str(tmp_path / f"{name}.pt")
+    here = os.path.dirname(__file__)
+    out = subprocess.run([sys.executable, os.path.join(here, "cpu_output_cache_probe.py"), path],
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                             [here, os.environ.get("PYTHONPATH", "")]), **env))
+    assert out.returncode == 0, out.stderr
+    return torch.load(path)
+
+
+def test_cpu_output_cache(tmp_path):
+    """Outputs of 32 MiB and more (y, the pre-activation, dx) come from the CPU op's cache of
+    mapped blocks (csrc/cpu/output_cache.h): a freed block is handed to the next output of
+    its size, also when freed on another thread; the storage stays resizable; the cache keeps
+    at most MSFUSED_CPU_OUTPUT_CACHE_MB idle and msfused.empty_cpu_cache() empties it. The
+    values match the reference and are the same bits with the cache and the huge-page advice
+    off (each run a subprocess: both settings are read once per process)."""
     require("cpp")
-    code = """
-import torch, sys
-sys.path.insert(0, %r)
-from blockutil import make_block
-torch.manual_seed(0)
-m = make_block(3, 32, merge="concat", backend="cpp", dtype=torch.float32)
-x = torch.randn(8, 3, 128, 130)
-with torch.no_grad():
-    y = m(x)
-assert y.numel() * 4 > 32 << 20
-torch.save({"x": x, "y": y, "state": m.state_dict()}, sys.argv[1])
-""" % os.path.dirname(__file__)
-    runs = {}
-    for flag in ("1", "0"):
-        path = str(tmp_path / f"y{flag}.pt")
-        out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
-                             env=dict(os.environ, MSFUSED_CPU_HUGEPAGE=flag), timeout=300)
-        assert out.returncode == 0, out.stderr
-        runs[flag] = torch.load(path)
-    assert torch.equal(runs["1"]["y"], runs["0"]["y"])
+    mib = 1 << 20
+    on = _output_cache_run(tmp_path, "on")
+    off = _output_cache_run(tmp_path, "off", MSFUSED_CPU_OUTPUT_CACHE_MB="0",
+                            MSFUSED_CPU_HUGEPAGE="0")
+    capped = _output_cache_run(tmp_path, "capped", MSFUSED_CPU_OUTPUT_CACHE_MB="40")
+    o = on["obs"]
+    y_bytes = on["first"].nbytes
+    assert o["idle_while_used"] == 0
+    assert o["idle_after_free"] >= y_bytes
+    assert o["reused"] and o["same_after_reuse"] and o["idle_after_reuse"] == 0
+    assert o["grown_keeps_values"] and o["shrunk_keeps_values"]
+    assert o["idle_after_thread_free"] >= y_bytes
+    assert o["idle_after_training"] >= 2 * y_bytes
+    assert o["released"] == o["idle_after_training"] and o["idle_after_release"] == 0
+    assert o["idle_after_training"] <= 128 * mib
+    c = capped["obs"]
+    assert c["reused"] and c["idle_after_training"] <= 40 * mib
+    assert all(v == 0 for k, v in off["obs"].items() if k.startswith("idle") or k == "released")
+    for run in (off, capped):
+        assert torch.equal(run["first"], on["first"])
+        for k, g in on["grads"].items():
+            assert torch.equal(run["grads"][k], g), k
     ref = make_block(3, 32, merge="concat", dtype=torch.float64)
-    ref.load_state_dict({k: v.double() for k, v in runs["1"]["state"].items()})
+    ref.load_state_dict({k: v.double() for k, v in on["state"].items()})
     with torch.no_grad():
-        want = ref(runs["1"]["x"].double())
-    assert rel_err(runs["1"]["y"], want) < 1e-5
+        assert rel_err(on["first"], ref(on["x"].double())) < 2e-5
+    ref = make_block(64, 32, merge="concat", activation="silu", dtype=torch.float64)
+    ref.load_state_dict({k: v.double() for k, v in on["state_t"].items()})
+    xt = on["xt"].double().requires_grad_(True)
+    yt = ref(xt)
+    yt.backward(torch.ones_like(yt))
+    assert rel_err(on["grads"]["y"], yt.detach()) < 2e-5
+    assert rel_err(on["grads"]["x"], xt.grad) < 2e-5
+    for k, p in ref.named_parameters():
+        assert rel_err(on["grads"][k], p.grad) < 2e-5, k
 
 
 # ---- SPEC section 4: malformed input raises ValueError/TypeError naming the argument ----

@@ -5,9 +5,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <dlfcn.h>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -16,6 +13,7 @@
 
 #include "block_args.h"
 #include "cpu/block_kernel.h"
+#include "cpu/output_cache.h"
 #include "cpu/tiling.h"
 
 namespace msfused {
@@ -258,36 +256,14 @@ bool native_bf16_grad_gemms(const BlockDesc& d, const at::Tensor& x) {
   return native_bf16(d, x.scalar_type()) && d.N % 2 == 0;
 }
 
-// Large outputs: glibc serves allocations above its mmap threshold (at most 32 MiB) with
-// fresh mappings, so each call faults its output in 4 KiB page by page (about 8 of the
-// 12.5 ms of paper-u1's float32 forward on the build machine, benchmarks/NOTES.md entry
-// 19). Advising transparent huge pages for the output's 2 MiB-aligned interior before the
-// kernels first touch it makes that one fault per 2 MiB; the allocation and its owner are
-// unchanged (PyTorch's THP_MEM_ALLOC_ENABLE=1 does the same for every allocation). Smaller
-// outputs come from glibc's heap, already mapped. For y, the pre-activation, dx and the
-// backward's scratch; MSFUSED_CPU_HUGEPAGE=0 turns it off.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  static const bool on = [] {
-    const char* env = std::getenv("MSFUSED_CPU_HUGEPAGE");
-    return !(env && std::strcmp(env, "0") == 0);
-  }();
-  const uintptr_t huge = uintptr_t(2) << 20;
-  if (!on || t.nbytes() < (size_t(32) << 20)) return;
-  const uintptr_t b = reinterpret_cast<uintptr_t>(t.data_ptr()), e = b + t.nbytes();
-  const uintptr_t lo = (b + huge - 1) & ~(huge - 1), hi = e & ~(huge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only
-#else
-  (void)t;
-#endif
-}
-
 // The backward's scratch (branch gradients, the chunks' partial weight gradients) of
 // `elems` elements like `like`: up to kKeepScratchBytes a buffer of the calling thread kept
-// between calls (the kernels finish with it before the call returns), larger ones fresh. A
-// fresh allocation of a few MiB is page-faulted in again on every call whenever glibc has
-// trimmed the heap top since the last one (NOTES 41: 2 ms of paper-u2's NCHW bfloat16
-// backward); the whole-batch branch scratch of the two-pass plan is too large to keep.
+// between calls (the kernels finish with it before the call returns), larger ones from the
+// output cache (csrc/cpu/output_cache.h), which holds them only while idle and under its
+// cap. A fresh allocation of a few MiB is page-faulted in again on every call whenever
+// glibc has trimmed the heap top since the last one (NOTES 41: 2 ms of paper-u2's NCHW
+// bfloat16 backward); the whole-batch branch scratch of the two-pass plan is too large to
+// keep per thread.
 constexpr int64_t kKeepScratchBytes = int64_t(32) << 20;
 struct KeptScratch {  // one per thread; freed when the thread ends
   void* p = nullptr;
@@ -296,11 +272,7 @@ struct KeptScratch {  // one per thread; freed when the thread ends
 };
 at::Tensor backward_scratch_tensor(int64_t elems, const at::Tensor& like) {
   const int64_t bytes = elems * static_cast<int64_t>(like.element_size());
-  if (bytes > kKeepScratchBytes) {
-    at::Tensor t = at::empty({elems}, like.options());
-    advise_huge_pages(t);
-    return t;
-  }
+  if (bytes > kKeepScratchBytes) return empty_output({elems}, like.options());
   static thread_local KeptScratch kept;
   if (kept.cap < bytes) {
     free(kept.p);
@@ -317,12 +289,10 @@ at::Tensor backward_scratch_tensor(int64_t elems, const at::Tensor& like) {
 // the block's I/O layout.
 std::tuple<at::Tensor, at::Tensor> alloc_outputs(const BlockDesc& d, const at::Tensor& x,
                                                  bool save_preact) {
-  auto opts = x.options().memory_format(io_format(d));
-  at::Tensor y = at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts);
-  at::Tensor pre = save_preact ? at::empty({d.B, d.Cout, d.Ho, d.Wo}, opts)
+  const at::MemoryFormat fmt = io_format(d);
+  at::Tensor y = empty_output({d.B, d.Cout, d.Ho, d.Wo}, x.options(), fmt);
+  at::Tensor pre = save_preact ? empty_output({d.B, d.Cout, d.Ho, d.Wo}, x.options(), fmt)
                                : at::empty({0}, x.options());
-  advise_huge_pages(y);
-  if (save_preact) advise_huge_pages(pre);
   return {y, pre};
 }
 
@@ -477,7 +447,8 @@ std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
   std::vector<at::Tensor> grads = alloc_grads(a, d);
   const BackwardScratch sl = backward_scratch(d, make_plan(d, true));
   at::Tensor scratch = backward_scratch_tensor(sl.total, *a.x);
-  advise_huge_pages(grads[0]);
+  if (grads[0].nbytes() >= static_cast<size_t>(kCachedOutputBytes))
+    grads[0] = empty_output(a.x->sizes(), a.x->options(), io_format(d));
   AT_DISPATCH_FLOATING_TYPES(a.x->scalar_type(), "msfused_block_backward_cpu", [&] {
     auto t = tensors_of<scalar_t>(a);
     auto g = grads_of<scalar_t>(grads, d);
@@ -511,7 +482,8 @@ std::vector<at::Tensor> backward_16(const BlockDesc& d, const BlockArgs& a,
     g32[i] = at::empty(grads[i].sizes(), grads[i].options().dtype(at::kFloat));
   const BackwardScratch sl = backward_scratch(d, make_plan(d, true));
   at::Tensor scratch = backward_scratch_tensor(sl.total, *w.x);
-  advise_huge_pages(grads[0]);
+  if (grads[0].nbytes() >= static_cast<size_t>(kCachedOutputBytes))
+    grads[0] = empty_output(a.x->sizes(), a.x->options(), io_format(d));
   Runtime rt = runtime();
   rt.bf16_products = native_bf16_grad_gemms(d, *a.x);
   backward16_kernel(a.x->scalar_type())(

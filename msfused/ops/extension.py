@@ -46,3 +46,15 @@ def has_kernel(dispatch_key: str) -> bool:
 OPS: Optional[BlockOps] = (
     register_block_ops("msfused::block_forward", "msfused::block_backward", fake=True)
     if _C is not None else None)
+
+
+def empty_cpu_cache() -> int:
+    """Returns the idle blocks of the CPU op's output cache to the system, like
+    torch.cuda.empty_cache() for the CUDA caching allocator; the bytes released (0 without
+    the extension).
+
+    The CPU op takes outputs of 32 MiB and more (y, the pre-activation, dx) from a cache of
+    mapped blocks: glibc maps allocations that large fresh on every call, and faulting them
+    in cost more than the kernels at some shapes. The cache holds only blocks no tensor uses,
+    at most MSFUSED_CPU_OUTPUT_CACHE_MB MiB (default 128; 0 turns it off)."""
+    return int(torch.ops.msfused._empty_cpu_cache()) if _C is not None else 0

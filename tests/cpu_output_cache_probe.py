@@ -1,0 +1,76 @@
+"""Run by tests/test_api.py in a subprocess (the cache reads its environment once): one
+process's view of the CPU op's output cache (csrc/cpu/output_cache.h). Writes the tensors
+and observations to the file named by argv[1]."""
+import sys
+import threading
+
+import torch
+
+import msfused
+from blockutil import make_block
+
+MIB = 1 << 20
+
+
+def idle() -> int:
+    return int(torch.ops.msfused._cpu_cache_idle_bytes())
+
+
+def main(path: str) -> None:
+    obs = {}
+    torch.manual_seed(0)
+    m = make_block(3, 32, merge="concat", backend="cpp", dtype=torch.float32)
+    x = torch.randn(8, 3, 128, 130)
+    with torch.no_grad():
+        y = m(x)
+    assert y.nbytes >= 32 * MIB
+    first, ptr = y.clone(), y.data_ptr()
+    obs["idle_while_used"] = idle()
+    del y
+    obs["idle_after_free"] = idle()
+    with torch.no_grad():
+        y = m(x)
+    obs["reused"] = y.data_ptr() == ptr
+    obs["idle_after_reuse"] = idle()
+    obs["same_after_reuse"] = torch.equal(y, first)
+
+    # The storage stays an ordinary resizable one: growing it moves the data to a larger
+    # block (the old one goes idle), shrinking keeps it.
+    n = y.numel()
+    flat = y.view(-1)
+    flat.resize_(n + 4 * MIB)
+    obs["grown_keeps_values"] = torch.equal(flat[:n], first.view(-1))
+    flat.resize_(10)
+    obs["shrunk_keeps_values"] = torch.equal(flat, first.view(-1)[:10])
+    del flat, y
+
+    # A block freed on another thread (autograd's, a data loader's) comes back the same way.
+    with torch.no_grad():
+        held = [m(x)]
+    t = threading.Thread(target=held.clear)
+    t.start()
+    t.join()
+    obs["idle_after_thread_free"] = idle()
+
+    # Training: y and the pre-activation (silu saves it) and dx of 32 MiB and more.
+    torch.manual_seed(1)
+    mt = make_block(64, 32, merge="concat", activation="silu", backend="cpp", dtype=torch.float32)
+    xt = torch.randn(8, 64, 128, 130, requires_grad=True)
+    grads = {}
+    for step in range(2):
+        xt.grad = None
+        mt.zero_grad(set_to_none=True)
+        yt = mt(xt)
+        yt.backward(torch.ones_like(yt))
+        grads = {"y": yt.detach().clone(), "x": xt.grad.clone()}
+        grads.update({k: p.grad.clone() for k, p in mt.named_parameters()})
+        del yt
+    obs["idle_after_training"] = idle()
+    obs["released"] = msfused.empty_cpu_cache()
+    obs["idle_after_release"] = idle()
+    torch.save({"obs": obs, "first": first, "x": x, "state": m.state_dict(), "xt": xt.detach(),
+                "state_t": mt.state_dict(), "grads": grads}, path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
