@@ -33,6 +33,14 @@ def main(path: str) -> None:
     obs["reused"] = y.data_ptr() == ptr
     obs["idle_after_reuse"] = idle()
     obs["same_after_reuse"] = torch.equal(y, first)
+    # Copy-on-write clones work (they need a "simple" data pointer, one whose context is the
+    # data itself; with another they raised): the clone reads y's values, and a write to it
+    # leaves y alone.
+    lazy = torch._lazy_clone(y)
+    obs["lazy_clone_shares"] = torch.equal(lazy, first)
+    lazy.add_(1)
+    obs["lazy_clone_copies_on_write"] = torch.equal(y, first) and torch.equal(lazy, first + 1)
+    del lazy
 
     # The storage stays an ordinary resizable one: growing it moves the data to a larger
     # block (the old one goes idle), shrinking keeps it.

@@ -23,11 +23,11 @@
 #include <sys/mman.h>
 #endif
 
-#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <new>
+#include <unordered_map>
 #include <vector>
 
 namespace msfused {
@@ -88,9 +88,15 @@ class OutputCache final : public c10::Allocator {
     if (n < static_cast<size_t>(kCachedOutputBytes))
       return c10::GetCPUAllocator()->allocate(n);
     const size_t bytes = (n + kHuge - 1) & ~(kHuge - 1);
-    Block* b = take(bytes);
-    if (!b) b = map(bytes);
-    return c10::DataPtr(b->p, b, &OutputCache::give_back, c10::Device(c10::DeviceType::CPU));
+    Block b;
+    if (!take(bytes, &b)) b = map(bytes);
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      used_[b.p] = b.bytes;
+    }
+    // The context is the data pointer itself (a "simple" DataPtr, as the CUDA caching
+    // allocator's are): copy-on-write clones (torch._lazy_clone) need that.
+    return c10::DataPtr(b.p, b.p, &OutputCache::give_back, c10::Device(c10::DeviceType::CPU));
   }
 
   void copy_data(void* dest, const void* src, size_t count) const override {
@@ -98,16 +104,16 @@ class OutputCache final : public c10::Allocator {
   }
 
   int64_t release() {
-    std::vector<Block*> out;
+    std::vector<Block> out;
     {
       std::lock_guard<std::mutex> g(mu_);
       out.swap(idle_);
       idle_bytes_ = 0;
     }
     int64_t n = 0;
-    for (Block* b : out) {
-      n += static_cast<int64_t>(b->bytes);
-      unmap(b);
+    for (const Block& b : out) {
+      n += static_cast<int64_t>(b.bytes);
+      munmap(b.p, b.bytes);
     }
     return n;
   }
@@ -125,21 +131,21 @@ class OutputCache final : public c10::Allocator {
 
  private:
   // The smallest idle block that holds `bytes` and wastes at most a quarter of itself.
-  Block* take(size_t bytes) {
+  bool take(size_t bytes, Block* out) {
     std::lock_guard<std::mutex> g(mu_);
     auto best = idle_.end();
     for (auto it = idle_.begin(); it != idle_.end(); ++it)
-      if ((*it)->bytes >= bytes && (*it)->bytes - bytes <= (*it)->bytes / 4 &&
-          (best == idle_.end() || (*it)->bytes < (*best)->bytes))
+      if (it->bytes >= bytes && it->bytes - bytes <= it->bytes / 4 &&
+          (best == idle_.end() || it->bytes < best->bytes))
         best = it;
-    if (best == idle_.end()) return nullptr;
-    Block* b = *best;
+    if (best == idle_.end()) return false;
+    *out = *best;
     idle_.erase(best);
-    idle_bytes_ -= b->bytes;
-    return b;
+    idle_bytes_ -= out->bytes;
+    return true;
   }
 
-  static Block* map(size_t bytes) {
+  static Block map(size_t bytes) {
     // Over-map by 2 MiB and cut the ends so the block starts on a 2 MiB boundary.
     void* raw = mmap(nullptr, bytes + kHuge, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -155,39 +161,38 @@ class OutputCache final : public c10::Allocator {
     if (a > r) munmap(raw, a - r);
     if (r + kHuge > a) munmap(reinterpret_cast<void*>(a + bytes), r + kHuge - a);
     advise_huge_pages(reinterpret_cast<void*>(a), bytes);
-    return new Block{reinterpret_cast<void*>(a), bytes};
+    return Block{reinterpret_cast<void*>(a), bytes};
   }
 
-  static void unmap(Block* b) {
-    munmap(b->p, b->bytes);
-    delete b;
-  }
-
-  static void give_back(void* ctx) {
-    Block* b = static_cast<Block*>(ctx);
-    std::vector<Block*> out;
+  static void give_back(void* p) {
+    std::vector<Block> out;
     OutputCache& c = get();
     {
       std::lock_guard<std::mutex> g(c.mu_);
+      auto it = c.used_.find(p);
+      const Block b{p, it->second};
+      c.used_.erase(it);
       const size_t cap = cache_cap_bytes();
-      if (b->bytes > cap) {
+      if (b.bytes > cap) {
         out.push_back(b);
       } else {
         c.idle_.push_back(b);  // newest last
-        c.idle_bytes_ += b->bytes;
+        c.idle_bytes_ += b.bytes;
         size_t drop = 0;
         while (c.idle_bytes_ > cap) {
-          c.idle_bytes_ -= c.idle_[drop]->bytes;
+          c.idle_bytes_ -= c.idle_[drop].bytes;
           out.push_back(c.idle_[drop++]);
         }
         c.idle_.erase(c.idle_.begin(), c.idle_.begin() + drop);
       }
     }
-    for (Block* o : out) unmap(o);  // outside the lock: munmap of 32 MiB takes a while
+    // Outside the lock: unmapping 32 MiB takes a while.
+    for (const Block& o : out) munmap(o.p, o.bytes);
   }
 
   std::mutex mu_;
-  std::vector<Block*> idle_;  // oldest first
+  std::unordered_map<void*, size_t> used_;  // blocks tensors hold: their sizes
+  std::vector<Block> idle_;                 // oldest first
   size_t idle_bytes_ = 0;
 };
 
