@@ -1,6 +1,7 @@
 """Run by tests/test_api.py in a subprocess (the cache reads its environment once): one
 process's view of the CPU op's output cache (csrc/cpu/output_cache.h). Writes the tensors
 and observations to the file named by argv[1]."""
+import os
 import sys
 import threading
 
@@ -41,6 +42,27 @@ def main(path: str) -> None:
     lazy.add_(1)
     obs["lazy_clone_copies_on_write"] = torch.equal(y, first) and torch.equal(lazy, first + 1)
     del lazy
+
+    # A forked child (a DataLoader worker) inherits the cache and can use it: the lock is
+    # held across the fork and released on both sides. One thread in the child, as
+    # DataLoader's workers run.
+    del y
+    pid = os.fork()
+    if pid == 0:
+        try:
+            torch.set_num_threads(1)
+            with torch.no_grad():
+                yc = m(x)
+            same = torch.equal(yc, first)
+            del yc
+            # 0: right values and the block idle again; 5: right values, nothing idle
+            os._exit(3 if not same else 0 if idle() >= first.nbytes else 5)
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    obs["fork_child"] = os.waitstatus_to_exitcode(status)
+    with torch.no_grad():
+        y = m(x)
 
     # The storage stays an ordinary resizable one: growing it moves the data to a larger
     # block (the old one goes idle), shrinking keeps it.

@@ -20,6 +20,7 @@
 #include <c10/core/CPUAllocator.h>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -125,7 +126,14 @@ class OutputCache final : public c10::Allocator {
 
   static OutputCache& get() {
     // Never destroyed: tensors may still give blocks back while the process exits.
-    static OutputCache* c = new OutputCache;
+    static OutputCache* c = [] {
+      auto* cache = new OutputCache;
+      // A fork (DataLoader workers) while another thread holds the lock would leave the
+      // child's copy locked for good: hold it across the fork, release it on both sides.
+      pthread_atfork([] { get().mu_.lock(); }, [] { get().mu_.unlock(); },
+                     [] { get().mu_.unlock(); });
+      return cache;
+    }();
     return *c;
   }
 
