@@ -250,7 +250,8 @@ def test_cpu_output_cache(tmp_path):
     """Outputs of 32 MiB and more (y, the pre-activation, dx) come from the CPU op's cache of
     mapped blocks (csrc/cpu/output_cache.h): a freed block is handed to the next output of
     its size, also when freed on another thread; a forked child can use it; the storage
-    stays resizable and takes copy-on-write clones; the cache keeps at most
+    stays resizable and takes copy-on-write clones; torch.profiler's memory profile counts
+    it; the cache keeps at most
     MSFUSED_CPU_OUTPUT_CACHE_MB idle and msfused.empty_cpu_cache() empties it. The values
     match the reference and are the same bits with the cache and the huge-page advice off
     (each run a subprocess: both settings are read once per process)."""
@@ -267,6 +268,7 @@ def test_cpu_output_cache(tmp_path):
     assert o["reused"] and o["same_after_reuse"] and o["idle_after_reuse"] == 0
     assert o["lazy_clone_shares"] and o["lazy_clone_copies_on_write"]
     assert o["fork_child"] == 0 and off["obs"]["fork_child"] == 5
+    assert o["profiled_bytes"] >= y_bytes and off["obs"]["profiled_bytes"] >= y_bytes
     assert o["grown_keeps_values"] and o["shrunk_keeps_values"]
     assert o["idle_after_thread_free"] >= y_bytes
     assert o["idle_after_training"] >= 2 * y_bytes

@@ -91,10 +91,14 @@ class OutputCache final : public c10::Allocator {
     const size_t bytes = (n + kHuge - 1) & ~(kHuge - 1);
     Block b;
     if (!take(bytes, &b)) b = map(bytes);
+    size_t used, idle;
     {
       std::lock_guard<std::mutex> g(mu_);
       used_[b.p] = b.bytes;
+      used = used_bytes_ += b.bytes;
+      idle = idle_bytes_;
     }
+    report(b.p, static_cast<int64_t>(b.bytes), used, idle);
     // The context is the data pointer itself (a "simple" DataPtr, as the CUDA caching
     // allocator's are): copy-on-write clones (torch._lazy_clone) need that.
     return c10::DataPtr(b.p, b.p, &OutputCache::give_back, c10::Device(c10::DeviceType::CPU));
@@ -172,14 +176,25 @@ class OutputCache final : public c10::Allocator {
     return Block{reinterpret_cast<void*>(a), bytes};
   }
 
+  // torch.profiler(profile_memory=True) sees these blocks as it sees the CPU allocator's.
+  static void report(void* p, int64_t delta, size_t used, size_t idle) {
+    if (c10::memoryProfilingEnabled())
+      c10::reportMemoryUsageToProfiler(p, delta, used, used + idle,
+                                       c10::Device(c10::DeviceType::CPU));
+  }
+
   static void give_back(void* p) {
     std::vector<Block> out;
     OutputCache& c = get();
+    int64_t freed;
+    size_t used, idle;
     {
       std::lock_guard<std::mutex> g(c.mu_);
       auto it = c.used_.find(p);
       const Block b{p, it->second};
       c.used_.erase(it);
+      c.used_bytes_ -= b.bytes;
+      freed = static_cast<int64_t>(b.bytes);
       const size_t cap = cache_cap_bytes();
       if (b.bytes > cap) {
         out.push_back(b);
@@ -193,7 +208,10 @@ class OutputCache final : public c10::Allocator {
         }
         c.idle_.erase(c.idle_.begin(), c.idle_.begin() + drop);
       }
+      used = c.used_bytes_;
+      idle = c.idle_bytes_;
     }
+    report(p, -freed, used, idle);
     // Outside the lock: unmapping 32 MiB takes a while.
     for (const Block& o : out) munmap(o.p, o.bytes);
   }
@@ -201,7 +219,7 @@ class OutputCache final : public c10::Allocator {
   std::mutex mu_;
   std::unordered_map<void*, size_t> used_;  // blocks tensors hold: their sizes
   std::vector<Block> idle_;                 // oldest first
-  size_t idle_bytes_ = 0;
+  size_t used_bytes_ = 0, idle_bytes_ = 0;
 };
 
 #endif  // __linux__
