@@ -105,10 +105,10 @@ at::MemoryFormat io_format(const BlockDesc& d) {
   return d.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-std::vector<at::Tensor> alloc_grads(const BlockArgs& a, const BlockDesc& d) {
+std::vector<at::Tensor> alloc_grads(const BlockArgs& a, const BlockDesc& d, at::Tensor dx) {
   auto opts = a.x->options();
   auto e = at::empty({0}, opts);
-  return {at::empty_like(*a.x, io_format(d)),
+  return {dx.defined() ? std::move(dx) : at::empty_like(*a.x, io_format(d)),
           at::empty_like(*a.wa), at::empty({d.C}, opts),
           at::empty_like(*a.wb), at::empty({d.C}, opts),
           at::empty_like(*a.wc), at::empty({d.C}, opts),

@@ -55,7 +55,9 @@ BlockTensors<T> tensors_of(const BlockArgs& a) {
 // Gradient tensors of the backward, allocated in the order of the op's output list:
 // dx, dwa, dba, dwb, dbb, dwc, dbc, dpa, dqa, dpb, dqb, dws, dbs (dws/dbs empty when no
 // projection). Bias gradients are always produced; autograd drops those the block lacks.
-std::vector<at::Tensor> alloc_grads(const BlockArgs& a, const BlockDesc& d);
+// dx is `dx` when given (the CPU op's may come from its output cache), else a new tensor.
+std::vector<at::Tensor> alloc_grads(const BlockArgs& a, const BlockDesc& d,
+                                    at::Tensor dx = at::Tensor());
 
 template <typename T>
 BlockGrads<T> grads_of(std::vector<at::Tensor>& g, const BlockDesc& d) {

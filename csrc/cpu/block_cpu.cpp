@@ -296,6 +296,11 @@ std::tuple<at::Tensor, at::Tensor> alloc_outputs(const BlockDesc& d, const at::T
   return {y, pre};
 }
 
+// dx like x in the block's I/O layout (from the output cache when large).
+at::Tensor empty_dx(const BlockDesc& d, const at::Tensor& x) {
+  return empty_output(x.sizes(), x.options(), io_format(d));
+}
+
 BlockTensors<uint16_t> bf16_bits(const BlockTensors<at::BFloat16>& t) {
   auto b = [](const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); };
   return BlockTensors<uint16_t>{b(t.x),  b(t.wa), b(t.ba), b(t.wb), b(t.bb), b(t.wc), b(t.bc),
@@ -444,11 +449,9 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const BlockDesc& d, const Bloc
 
 std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
                                         const at::Tensor& gy, const at::Tensor& sv) {
-  std::vector<at::Tensor> grads = alloc_grads(a, d);
+  std::vector<at::Tensor> grads = alloc_grads(a, d, empty_dx(d, *a.x));
   const BackwardScratch sl = backward_scratch(d, make_plan(d, true));
   at::Tensor scratch = backward_scratch_tensor(sl.total, *a.x);
-  if (grads[0].nbytes() >= static_cast<size_t>(kCachedOutputBytes))
-    grads[0] = empty_output(a.x->sizes(), a.x->options(), io_format(d));
   AT_DISPATCH_FLOATING_TYPES(a.x->scalar_type(), "msfused_block_backward_cpu", [&] {
     auto t = tensors_of<scalar_t>(a);
     auto g = grads_of<scalar_t>(grads, d);
@@ -474,7 +477,8 @@ std::vector<at::Tensor> backward_kernel(const BlockDesc& d, const BlockArgs& a,
 // allows (bfloat16 calls only).
 std::vector<at::Tensor> backward_16(const BlockDesc& d, const BlockArgs& a,
                                     const at::Tensor& gy, const at::Tensor& sv) {
-  std::vector<at::Tensor> grads = alloc_grads(a, d);  // 16-bit: dx is written in place
+  // dx in its 16-bit type, written by the kernels directly
+  std::vector<at::Tensor> grads = alloc_grads(a, d, empty_dx(d, *a.x));
   const BlockArgs w = widened_weights(a);
   std::vector<at::Tensor> g32(grads.size());
   g32[0] = at::empty({0}, w.x->options());
@@ -482,8 +486,6 @@ std::vector<at::Tensor> backward_16(const BlockDesc& d, const BlockArgs& a,
     g32[i] = at::empty(grads[i].sizes(), grads[i].options().dtype(at::kFloat));
   const BackwardScratch sl = backward_scratch(d, make_plan(d, true));
   at::Tensor scratch = backward_scratch_tensor(sl.total, *w.x);
-  if (grads[0].nbytes() >= static_cast<size_t>(kCachedOutputBytes))
-    grads[0] = empty_output(a.x->sizes(), a.x->options(), io_format(d));
   Runtime rt = runtime();
   rt.bf16_products = native_bf16_grad_gemms(d, *a.x);
   backward16_kernel(a.x->scalar_type())(

@@ -4,8 +4,8 @@
 // Why: glibc serves every allocation of 32 MiB and more with a fresh mmap and unmaps it on
 // free, so a loop that calls the block gets a new, unmapped output each time and the kernels'
 // first writes fault it in (and the kernel zeroes each page first). At paper-u1 (float32,
-// 32 MiB y) that was 3.5-8 ms of a forward whose kernels take about 2 ms, even with huge
-// pages advised (benchmarks/NOTES.md entries 19, 43 and 66). ONNX Runtime's arena and the
+// 32 MiB y) a forward took 3.9-8.7 ms that way, huge pages advised, against 1.8-2.5 ms with
+// the block already mapped (benchmarks/NOTES.md entries 19, 43 and 66). ONNX Runtime's arena and the
 // CUDA caching allocator keep such blocks mapped; PyTorch's CPU allocator does not. Here a
 // freed block waits, still mapped, for the next output of its size.
 //
@@ -37,13 +37,11 @@ namespace {
 
 constexpr size_t kHuge = size_t(2) << 20;
 
-bool env_flag_on(const char* name) {
-  const char* env = std::getenv(name);
-  return !(env && std::strcmp(env, "0") == 0);
-}
-
 bool huge_page_advice_on() {
-  static const bool on = env_flag_on("MSFUSED_CPU_HUGEPAGE");
+  static const bool on = [] {
+    const char* env = std::getenv("MSFUSED_CPU_HUGEPAGE");
+    return !(env && std::strcmp(env, "0") == 0);
+  }();
   return on;
 }
 
