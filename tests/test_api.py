@@ -251,8 +251,8 @@ def test_cpu_output_cache(tmp_path):
     mapped blocks (csrc/cpu/output_cache.h): a freed block is handed to the next output of
     its size, also when freed on another thread; a forked child can use it; the storage
     stays resizable and takes copy-on-write clones; torch.profiler's memory profile counts
-    it; the cache keeps at most
-    MSFUSED_CPU_OUTPUT_CACHE_MB idle and msfused.empty_cpu_cache() empties it. The values
+    it; the cache keeps at most MSFUSED_CPU_OUTPUT_CACHE_MB idle (a malformed value warns
+    and keeps the default) and msfused.empty_cpu_cache() empties it. The values
     match the reference and are the same bits with the cache and the huge-page advice off
     (each run a subprocess: both settings are read once per process)."""
     require("cpp")
@@ -285,6 +285,23 @@ def test_cpu_output_cache(tmp_path):
     ref.load_state_dict({k: v.double() for k, v in on["state"].items()})
     with torch.no_grad():
         assert rel_err(on["first"], ref(on["x"].double())) < 2e-5
+    # A malformed cap is named in a warning (PyTorch's C++ warning, on stderr: the operator
+    # call does not turn it into a Python warning), and the default applies.
+    code = """
+import sys, torch
+sys.path.insert(0, %r)
+from blockutil import make_block
+m = make_block(3, 32, merge="concat", backend="cpp")
+with torch.no_grad():
+    y = m(torch.randn(8, 3, 128, 130))
+del y
+print(torch.ops.msfused._cpu_cache_idle_bytes())
+""" % os.path.dirname(__file__)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, MSFUSED_CPU_OUTPUT_CACHE_MB="64MB"))
+    assert out.returncode == 0, out.stderr
+    assert "MSFUSED_CPU_OUTPUT_CACHE_MB='64MB' is not a whole number of MiB" in out.stderr
+    assert int(out.stdout.strip().splitlines()[-1]) >= y_bytes
     ref = make_block(64, 32, merge="concat", activation="silu", dtype=torch.float64)
     ref.load_state_dict({k: v.double() for k, v in on["state_t"].items()})
     xt = on["xt"].double().requires_grad_(True)

@@ -63,12 +63,15 @@ void advise_huge_pages(void* p, size_t n) {
 
 size_t cache_cap_bytes() {
   static const size_t cap = [] {
+    constexpr long long kDefaultMiB = 128;
     const char* env = std::getenv("MSFUSED_CPU_OUTPUT_CACHE_MB");
-    long long mb = 128;
-    if (env && *env) {
-      char* end = nullptr;
-      mb = std::strtoll(env, &end, 10);
-      if (end == env || *end != '\0' || mb < 0) mb = 128;  // malformed: the default
+    if (!env || !*env) return static_cast<size_t>(kDefaultMiB) << 20;
+    char* end = nullptr;
+    const long long mb = std::strtoll(env, &end, 10);
+    if (end == env || *end != '\0' || mb < 0 || mb > (1LL << 30)) {
+      TORCH_WARN("MSFUSED_CPU_OUTPUT_CACHE_MB='", env, "' is not a whole number of MiB ",
+                 "(0 turns the cache off); using the default, ", kDefaultMiB);
+      return static_cast<size_t>(kDefaultMiB) << 20;
     }
     return static_cast<size_t>(mb) << 20;
   }();
