@@ -109,6 +109,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _minor_faults() -> Optional[int]:
+    """The process's minor page faults so far (all threads), or None where the OS does not
+    say (no `resource` module)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _host_call(fn: Callable[[], object], device: str) -> float:
     """Seconds of one call as the caller's loop sees it (CUDA events on the GPU)."""
     if device == "cuda":
@@ -177,10 +187,15 @@ def gpu_time_fn(fn: Callable[[], object], min_time: float = 0.3, max_reps: int =
 
 def time_interleaved(jobs: Dict[tuple, Callable[[], object]], device: str, min_time: float,
                      rounds: int = 5,
-                     max_reps: int = 200) -> Dict[tuple, Tuple[float, Optional[float]]]:
-    """{key: (median host seconds per call, median cold-L2 GPU seconds or None)} of every
-    job, the jobs taking turns: `rounds` rounds, in each of which every job runs for
-    min_time / rounds seconds (at least one call; on CUDA, then a turn of cold-L2 calls).
+                     max_reps: int = 200
+                     ) -> Dict[tuple, Tuple[float, Optional[float], Optional[float]]]:
+    """{key: (median host seconds per call, median cold-L2 GPU seconds or None, median minor
+    page faults per call on the CPU or None)} of every job, the jobs taking turns: `rounds`
+    rounds, in each of which every job runs for min_time / rounds seconds (at least one
+    call; on CUDA, then a turn of cold-L2 calls). The faults say how much of a CPU time is
+    the kernel mapping fresh memory in (each a few microseconds on the build machines' VMs,
+    14-56 thousand a call for eager's float32 forward at some shapes there), which other
+    machines price differently.
     On a shared machine whose speed drifts over seconds (other tenants' load moved eager's
     times 2-4x between minutes on the CPU build machines), back-to-back timing can give one
     variant a slow minute and another a fast one; taking turns lets every variant see the
@@ -190,7 +205,15 @@ def time_interleaved(jobs: Dict[tuple, Callable[[], object]], device: str, min_t
             fn()
     _sync(device)
     host: Dict[tuple, List[float]] = {k: [] for k in jobs}
+    faults: Dict[tuple, List[int]] = {k: [] for k in jobs}
     cold: Dict[tuple, list] = {k: [] for k in jobs}
+    count_faults = device == "cpu" and _minor_faults() is not None
+
+    def host_call(key, fn):
+        f0 = _minor_faults() if count_faults else None
+        host[key].append(_host_call(fn, device))
+        if count_faults:
+            faults[key].append(_minor_faults() - f0)
     timer = _ColdL2Timer() if device == "cuda" else None
     turn, per_round = min_time / rounds, max(1, max_reps // rounds)
 
@@ -203,10 +226,11 @@ def time_interleaved(jobs: Dict[tuple, Callable[[], object]], device: str, min_t
 
     for _ in range(rounds):
         for key, fn in jobs.items():
-            one_turn(lambda: host[key].append(_host_call(fn, device)))
+            one_turn(lambda: host_call(key, fn))
             if timer is not None:
                 one_turn(lambda: timer.enqueue(fn, cold[key]))
-    return {k: (statistics.median(host[k]), timer.median(cold[k]) if timer else None)
+    return {k: (statistics.median(host[k]), timer.median(cold[k]) if timer else None,
+                statistics.median(faults[k]) if count_faults else None)
             for k in jobs}
 
 
@@ -286,6 +310,7 @@ class Row:
     peak_mb: Optional[float] = None
     gpu_ms: Optional[float] = None  # GPU time per call, cold L2 (_ColdL2Timer); GPU only
     vs_eager_call: Optional[float] = None  # the same ratio on the per-call times; GPU only
+    faults: Optional[float] = None  # minor page faults per call, median; CPU only
 
 
 def _variants(shape: Shape, device: str, dtype: torch.dtype, backends: List[str],
@@ -413,8 +438,8 @@ def bench_shape(shape: Shape, device: str, dtype: torch.dtype, backends: List[st
         else:
             jobs[("onnxrt", "fwd")] = fn
             peaks[("onnxrt", "fwd")] = None
-    for key, (t, tg) in time_interleaved(jobs, device, min_time).items():
-        results[key] = (t, peaks[key], tg)
+    for key, (t, tg, nf) in time_interleaved(jobs, device, min_time).items():
+        results[key] = (t, peaks[key], tg, nf)
     rows = []
     for mode, fl, by in (("fwd", fl_f, by_f), ("fwd+bwd", fl_t, by_t)):
         floor = floor_seconds(shape, elem, ceilings, mode == "fwd+bwd")
@@ -426,13 +451,13 @@ def bench_shape(shape: Shape, device: str, dtype: torch.dtype, backends: List[st
         for (name, m), val in results.items():
             if m != mode:
                 continue
-            t, peak, tg = val
+            t, peak, tg, nf = val
             tt = tg if tg is not None else t  # the ratio and the floor on GPU time
             best = best_gpu if tg is not None else best_call
             rows.append(Row(shape.name, name, mode, t * 1e3, best / tt, fl / tt / 1e9,
                             by / tt / 1e9, floor / tt, results.get((name, "saved")), peak,
                             None if tg is None else tg * 1e3,
-                            None if tg is None else best_call / t))
+                            None if tg is None else best_call / t, nf))
     return rows
 
 
@@ -467,10 +492,11 @@ def device_name(device: str) -> str:
 
 def format_table(rows: List[Row]) -> str:
     gpu = any(r.gpu_ms is not None for r in rows)
+    faults = any(r.faults is not None for r in rows)
     hdr = (f"{'shape':<10} {'variant':<14} {'mode':<8} {'ms':>9} "
            + (f"{'x eager':>8} {'GPU ms':>9} " if gpu else "")
            + f"{'x eager':>8} {'GFLOP/s':>8} {'GB/s':>8} {'floor%':>7} {'saved MB':>9} "
-           f"{'peak MB':>8}")
+           f"{'peak MB':>8}" + (f" {'faults':>8}" if faults else ""))
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         saved = "" if r.saved_mb is None else f"{r.saved_mb:9.1f}"
@@ -479,12 +505,16 @@ def format_table(rows: List[Row]) -> str:
         if gpu:
             mid = (f"{r.vs_eager_call or 0:8.2f} {r.gpu_ms or 0:9.3f} " if r.gpu_ms is not None
                    else f"{'':8} {'':9} ")
+        nf = "" if r.faults is None else f"{r.faults:8.0f}"
         lines.append(f"{r.shape:<10} {r.variant:<14} {r.mode:<8} {r.ms:9.3f} {mid}"
                      f"{r.vs_eager:8.2f} {r.gflops:8.1f} {r.gbps:8.1f} {100 * r.floor_frac:6.1f}% "
-                     f"{saved:>9} {peak:>8}")
+                     f"{saved:>9} {peak:>8}" + (f" {nf:>8}" if faults else ""))
     if gpu:
         lines.append("(first 'ms' and 'x eager': per call as a loop sees it; 'GPU ms', the "
                      "second 'x eager', GFLOP/s, GB/s and floor%: GPU time, cold L2)")
+    if faults:
+        lines.append("(faults: minor page faults per call, the median: fresh memory the "
+                     "kernel maps in during the call, part of its 'ms')")
     return "\n".join(lines)
 
 

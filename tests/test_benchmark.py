@@ -86,7 +86,22 @@ def test_variants_take_turns():
     out = time_interleaved(jobs, "cpu", min_time=0.0, rounds=4)
     assert log == ["a"] * 3 + ["b"] * 3 + ["a", "b"] * 4
     assert set(out) == set(jobs)
-    assert all(t >= 0 and tg is None for t, tg in out.values())
+    assert all(t >= 0 and tg is None for t, tg, _ in out.values())
+
+
+def test_cpu_timings_count_page_faults():
+    # the minor page faults of each call, the median: a job that touches a fresh 64 MiB
+    # buffer every call faults at least once per 4 KiB page (huge pages aside), one that
+    # reuses a mapped buffer about never; the table shows them in their own column
+    kept = torch.zeros(1 << 24)
+    jobs = {("fresh", "fwd"): lambda: torch.ones(1 << 24),
+            ("kept", "fwd"): lambda: kept.fill_(1.0)}
+    out = time_interleaved(jobs, "cpu", min_time=0.0, rounds=3)
+    fresh, kept_faults = out[("fresh", "fwd")][2], out[("kept", "fwd")][2]
+    assert fresh >= 64 * 1024 // 2048 and kept_faults < 4, (fresh, kept_faults)
+    row = Row("mnet-14", "eager-cl", "fwd", 1.0, 1.0, 1.0, 1.0, 0.5, faults=fresh)
+    table = format_table([row])
+    assert "faults" in table.splitlines()[0] and f"{fresh:8.0f}" in table
 
 
 def _bench_args(*argv):
