@@ -96,7 +96,7 @@ def main(path: str) -> None:
     mt = make_block(64, 32, merge="concat", activation="silu", backend="cpp", dtype=torch.float32)
     xt = torch.randn(8, 64, 128, 130, requires_grad=True)
     grads = {}
-    for step in range(2):
+    for _ in range(2):  # the second step runs on blocks the first gave back
         xt.grad = None
         mt.zero_grad(set_to_none=True)
         yt = mt(xt)
