@@ -21,6 +21,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
+try:  # page-fault counts in the CPU timings; POSIX only
+    import resource
+except ImportError:
+    resource = None
+
 import torch
 
 import msfused
@@ -112,11 +117,7 @@ def _sync(device: str) -> None:
 def _minor_faults() -> Optional[int]:
     """The process's minor page faults so far (all threads), or None where the OS does not
     say (no `resource` module)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _host_call(fn: Callable[[], object], device: str) -> float:
