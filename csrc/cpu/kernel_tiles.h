@@ -265,40 +265,96 @@ void epilogue(const BlockDesc& d, const T* src, int64_t sp, int64_t sc, O* ytile
   }
 }
 
+// Sums for the output-bias gradient (tile_gz). A bias gradient is one sum over every output
+// pixel, often of terms that nearly cancel, and a float chain down a tile's pixels lost up to
+// 1e-5 of such a total where eager PyTorch's cascaded sum keeps about 1e-6 (benchmarks/
+// NOTES.md entry 67). So the float sums here run over at most kBiasBlock pixels and go on in
+// double from there: a rounding error bounded by the block, for about the cost of the old
+// float chain (double adds throughout cost the backward 2-4%).
+constexpr int kBiasBlock = 16;
+
+// acc[c] += sum of the rows o[0 .. n) (row stride ld) at column c, for c < m; n <= kBiasBlock.
+template <typename T>
+inline void add_column_sums(double* acc, const T* o, int64_t n, int64_t ld, int64_t m) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n;
+  int64_t c = 0;
+  for (; c + VN <= m; c += VN) {
+    V s0 = vload(o + c), s1{};
+    int64_t i = 1;
+    for (; i + 1 < n; i += 2) {
+      s0 += vload(o + i * ld + c);
+      s1 += vload(o + (i + 1) * ld + c);
+    }
+    if (i < n) s0 += vload(o + i * ld + c);
+    const V s = s0 + s1;
+    for (int j = 0; j < VN; ++j) acc[c + j] += double(s[j]);
+  }
+  for (; c < m; ++c) {
+    T s = o[c];
+    for (int64_t i = 1; i < n; ++i) s += o[i * ld + c];
+    acc[c] += double(s);
+  }
+}
+
+// The sum of o[0 .. n): float sums of kBiasBlock vectors per lane, then double.
+template <typename T>
+inline double sum_blocked(const T* o, int64_t n) {
+  typedef typename Vec<T>::type V;
+  constexpr int VN = Vec<T>::n, BL = kBiasBlock * VN;
+  double s = 0;
+  int64_t i = 0;
+  for (; i + BL <= n; i += BL) {
+    V a0{}, a1{};
+    for (int k = 0; k < BL; k += 2 * VN) {
+      a0 += vload(o + i + k);
+      a1 += vload(o + i + k + VN);
+    }
+    const V a = a0 + a1;
+    for (int j = 0; j < VN; ++j) s += double(a[j]);
+  }
+  V a{};
+  for (; i + VN <= n; i += VN) a += vload(o + i);
+  for (int j = 0; j < VN; ++j) s += double(a[j]);
+  for (; i < n; ++i) s += double(o[i]);
+  return s;
+}
+
+// tls_buf slot of tile_gz's output-bias sums.
+constexpr int kBiasSumSlot = 20;
+
 // Output-side start of the backward for one tile: G = dy * act'(z) in dy's layout (Cout x P
 // for NCHW, P x Cout for NHWC), the output-bias partial, and the identity-residual part of
 // dx (dx has y's shape then; each tile owns its positions).
 // dy and saved may be 16-bit storage (I = bf16_t: widened here); G and dx are T.
+// The output-bias sums: blocks of pixels in float, then double (add_column_sums), added to
+// the partial once per tile.
 template <typename T, int ACT, typename I>
 void tile_gz(const BlockDesc& d, const I* gy, const I* saved, int64_t off, int64_t P, T* G,
              T* dbias, T* dx, bool identity) {
   const int64_t HoWo = d.Ho * d.Wo, Cout = d.Cout;
   if (d.channels_last) {
-    for (int64_t p = 0; p < P; ++p) {
-      const I* gr = gy + off + p * Cout;
-      const I* sr = ACT == kActNone ? nullptr : saved + off + p * Cout;
-      T* o = G + p * Cout;
-      act_grad_in<ACT>(gr, sr, sr, o, Cout);
-      constexpr int VN = Vec<T>::n;
-      int64_t co = 0;
-      for (; co + VN <= Cout; co += VN) vstore(dbias + co, vload(dbias + co) + vload(o + co));
-      for (; co < Cout; ++co) dbias[co] += o[co];
-      if (identity) copy_n(dx + off + p * Cout, o, Cout);
+    double* acc = tls_buf<double>(kBiasSumSlot, Cout);
+    zero_n(acc, Cout);
+    for (int64_t p0 = 0; p0 < P; p0 += kBiasBlock) {
+      const int64_t pn = P - p0 < kBiasBlock ? P - p0 : kBiasBlock;
+      for (int64_t p = p0; p < p0 + pn; ++p) {
+        const I* gr = gy + off + p * Cout;
+        const I* sr = ACT == kActNone ? nullptr : saved + off + p * Cout;
+        T* o = G + p * Cout;
+        act_grad_in<ACT>(gr, sr, sr, o, Cout);
+        if (identity) copy_n(dx + off + p * Cout, o, Cout);
+      }
+      add_column_sums(acc, G + p0 * Cout, pn, Cout, Cout);  // the block's rows, still in L1
     }
+    for (int64_t co = 0; co < Cout; ++co) dbias[co] += T(acc[co]);
   } else {
     for (int64_t co = 0; co < Cout; ++co) {
       const I* gr = gy + off + co * HoWo;
       const I* sr = ACT == kActNone ? nullptr : saved + off + co * HoWo;
       T* o = G + co * P;
       act_grad_in<ACT>(gr, sr, sr, o, P);
-      typedef typename Vec<T>::type V;
-      constexpr int VN = Vec<T>::n;
-      V a{};
-      int64_t p = 0;
-      for (; p + VN <= P; p += VN) a += vload(o + p);
-      T s = hsum(a);
-      for (; p < P; ++p) s += o[p];
-      dbias[co] += s;
+      dbias[co] += T(sum_blocked(o, P));
       if (identity) copy_n(dx + off + co * HoWo, o, P);
     }
   }
