@@ -63,7 +63,7 @@ void load_x_band_pm(const BlockDesc& d, const I* x, int64_t bi, int64_t hb, int6
         V r[VN];
 #pragma GCC unroll 16
         for (int i = 0; i < VN; ++i) r[i] = vload_as<T>(base + (c0 + i) * lds + m0);
-        transpose_regs(r);
+        transpose_regs<T>(r);
         int64_t kq = m0 / W, wq = m0 - kq * W;
 #pragma GCC unroll 16
         for (int j = 0; j < VN; ++j) {
@@ -82,9 +82,10 @@ void load_x_band_pm(const BlockDesc& d, const I* x, int64_t bi, int64_t hb, int6
 // One input row of a 3x3 depthwise conv feeding four neighbouring output pixels: pixel k
 // takes tap column tj from input column S * k + tj at r + column * C. Each input vector is
 // loaded once and used by every sum it feeds, in tap order (tj = 0, 1, 2) for each sum.
-template <int S, typename V, typename T>
-inline void dw_taps4(const T* r, int64_t C, V k0, V k1, V k2, V& a0, V& a1, V& a2, V& a3) {
-  V x;
+template <int S, typename T>
+inline void dw_taps4(const T* r, int64_t C, VecT<T> k0, VecT<T> k1, VecT<T> k2, VecT<T>& a0,
+                     VecT<T>& a1, VecT<T>& a2, VecT<T>& a3) {
+  VecT<T> x;
   if (S == 1) {
     x = vload(r);         a0 += k0 * x;
     x = vload(r + C);     a0 += k1 * x; a1 += k0 * x;
@@ -235,10 +236,12 @@ void dw_row_pm(const T* in, int64_t rs, int64_t C, int64_t Wo, const T* wt, cons
 // registers (kTwoRows: the AVX-512 build); with 16 the weights and sums do not fit.
 constexpr bool kTwoRows = MSFUSED_VEC_BYTES >= 64;
 
-template <typename V, typename T>
-inline void dw_taps4_rows2(const T* r, int64_t C, V k0, V k1, V k2, V& a0, V& a1, V& a2,
-                           V& a3, V j0, V j1, V j2, V& e0, V& e1, V& e2, V& e3) {
-  V x;
+template <typename T>
+inline void dw_taps4_rows2(const T* r, int64_t C, VecT<T> k0, VecT<T> k1, VecT<T> k2,
+                           VecT<T>& a0, VecT<T>& a1, VecT<T>& a2, VecT<T>& a3, VecT<T> j0,
+                           VecT<T> j1, VecT<T> j2, VecT<T>& e0, VecT<T>& e1, VecT<T>& e2,
+                           VecT<T>& e3) {
+  VecT<T> x;
   x = vload(r);         a0 += k0 * x;                               e0 += j0 * x;
   x = vload(r + C);     a0 += k1 * x; a1 += k0 * x;                 e0 += j1 * x; e1 += j0 * x;
   x = vload(r + 2 * C); a0 += k2 * x; a1 += k1 * x; a2 += k0 * x;   e0 += j2 * x; e1 += j1 * x;

@@ -70,6 +70,14 @@ struct Vec<double> {
   typedef double type __attribute__((vector_size(MSFUSED_VEC_BYTES), aligned(8)));
   static constexpr int n = MSFUSED_VEC_BYTES / 8;
 };
+// Vec<T>::type by name. A template parameter deduced from such a vector is the plain vector
+// type, without the typedef's alignment attribute, so a helper taking V& or V* may assume the
+// natural alignment (aligned moves, vmovaps, on a 64-byte vector) where the object, declared
+// with the typedef, may sit anywhere 4-aligned: a fault wherever such a helper is not inlined
+// (an AddressSanitizer build showed it). Helpers that take vectors by reference or pointer
+// name VecT<T>, which keeps the attribute (unaligned moves).
+template <typename T>
+using VecT = typename Vec<T>::type;
 template <typename T>
 inline typename Vec<T>::type vload(const T* p) {
   return *reinterpret_cast<const typename Vec<T>::type*>(p);

@@ -58,9 +58,10 @@ void pack_weights(const BlockDesc& d, const Plan& pl, const BlockTensors<T>& t, 
 // __builtin_shuffle): log2(VN) stages, stage b swapping the off-diagonal b x b blocks of
 // every 2b x 2b block. lo: lanes j of row i, or of row i + b (shifted by b) where bit b of j
 // is set; hi: the other halves.
-template <typename V>
-inline void transpose_regs(V* r) {
-  typedef std::remove_cv_t<std::remove_reference_t<decltype(r[0][0])>> T;
+// (r is VecT<T>*, not a deduced V*: see VecT.)
+template <typename T>
+inline void transpose_regs(VecT<T>* r) {
+  typedef VecT<T> V;
   constexpr int VN = sizeof(V) / sizeof(T);
   typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
   typedef I M __attribute__((vector_size(sizeof(V))));
@@ -107,7 +108,7 @@ void transpose_ld(const I* src, int64_t lds, int64_t n, int64_t k, O* dst, int64
         V r[VN];  // fully unrolled below, so r stays in registers
 #pragma GCC unroll 16
         for (int i = 0; i < VN; ++i) r[i] = vload_as<T>(src + (i0 + i) * lds + j0);
-        transpose_regs(r);
+        transpose_regs<T>(r);
 #pragma GCC unroll 16
         for (int j = 0; j < VN; ++j) vstore_as<T>(dst + (j0 + j) * ldd + i0, r[j]);
       }
@@ -127,7 +128,7 @@ void transpose_ld(const I* src, int64_t lds, int64_t n, int64_t k, O* dst, int64
         else memset(tin, 0, sizeof(tin));
         r[i] = vload_as<T>(tin);
       }
-      transpose_regs(r);
+      transpose_regs<T>(r);
       for (int j = 0; j < nj; ++j) {
         if (ni == VN) {
           vstore_as<T>(dst + (j0 + j) * ldd + i0, r[j]);
@@ -160,7 +161,7 @@ void add_transposed(const T* src, int64_t lds, int64_t n, int64_t k, T* dst, int
       if (ni == VN && nj == VN) {
 #pragma GCC unroll 16
         for (int i = 0; i < VN; ++i) r[i] = vload(src + (i0 + i) * lds + j0);
-        transpose_regs(r);
+        transpose_regs<T>(r);
 #pragma GCC unroll 16
         for (int j = 0; j < VN; ++j) {
           T* o = dst + (j0 + j) * ldd + i0;
@@ -174,7 +175,7 @@ void add_transposed(const T* src, int64_t lds, int64_t n, int64_t k, T* dst, int
         if (i < ni) memcpy(tmp, src + (i0 + i) * lds + j0, sizeof(T) * nj);
         r[i] = vload(tmp);
       }
-      transpose_regs(r);
+      transpose_regs<T>(r);
       for (int j = 0; j < nj; ++j) {
         vstore(tmp, r[j]);
         T* o = dst + (j0 + j) * ldd + i0;
@@ -242,7 +243,7 @@ void epilogue(const BlockDesc& d, const T* src, int64_t sp, int64_t sc, O* ytile
         V r[VN];
 #pragma GCC unroll 16
         for (int i = 0; i < VN; ++i) r[i] = vload(src + (p0 + i) * Cout + c0);
-        transpose_regs(r);
+        transpose_regs<T>(r);
 #pragma GCC unroll 16
         for (int j = 0; j < VN; ++j) {
           V z = r[j] + bias[c0 + j];
