@@ -271,7 +271,7 @@ void epilogue(const BlockDesc& d, const T* src, int64_t sp, int64_t sc, O* ytile
 // 1e-5 of such a total where eager PyTorch's cascaded sum keeps about 1e-6 (benchmarks/
 // NOTES.md entry 67). So the float sums here run over at most kBiasBlock pixels and go on in
 // double from there: a rounding error bounded by the block, for about the cost of the old
-// float chain (double adds throughout cost the backward 2-4%).
+// float chain (one double add per channel every kBiasBlock pixels).
 constexpr int kBiasBlock = 16;
 
 // acc[c] += sum of the rows o[0 .. n) (row stride ld) at column c, for c < m; n <= kBiasBlock.
