@@ -292,6 +292,32 @@ def test_cpp_output_bias_gradient_of_cancelling_terms(c, merge, channels_last):
     assert rel_err(got, want) < 2e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("c", [3, 64], ids=["planar", "pixel-major"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cpp_forward_same_bits_for_any_thread_count(c, channels_last, dtype):
+    """The forward's tiles follow the thread count (4 a thread, at most 32: an image of one
+    is cut into 4, 14 or 28 row bands here), which is only sound because each output is
+    computed the same way in any tile: the same bits for 1, 2, 3 and 8 threads."""
+    require("cpp")
+    torch.manual_seed(0)
+    m = make_block(c, 32, merge="add", backend="cpp", dtype=dtype)
+    x = torch.randn(1, c, 28, 28, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    ys = []
+    try:
+        for n in (1, 2, 3, 8):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                ys.append(m(x))
+    finally:
+        torch.set_num_threads(threads)
+    for y in ys[1:]:
+        assert torch.equal(y, ys[0])
+
+
 LOWP_CASES = [("concat", "silu", True, 1), ("add", "relu6", True, 2)]
 LOWP_PARAMS = [(cl, *case, dtype) for cl in (False, True) for case in LOWP_CASES
                for dtype in (torch.float16, torch.bfloat16)]

@@ -36,7 +36,7 @@ namespace {
 template <typename T, int S, int ACT, typename I>
 void forward_impl(const Runtime& rt, const BlockDesc& d, const BlockTensors<T>& t, const I* x,
                   I* y, I* pre_out) {
-  const Plan pl = make_plan(d);
+  const Plan pl = make_plan(d, false, rt.num_threads);
   Buf<T> wp(packed_weight_elems(d, pl)), bias(d.Cout);
   pack_weights(d, pl, t, wp.p, bias.p);
   if (pl.pixel_major)

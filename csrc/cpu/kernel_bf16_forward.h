@@ -53,7 +53,7 @@ struct WidenedWeights {
 template <int S, int ACT>
 void forward_pm_bf16(const Runtime& rt, const BlockDesc& d, const BlockTensors<bf16_t>& tb,
                      bf16_t* y, bf16_t* pre_out) {
-  const Plan pl = make_plan(d);
+  const Plan pl = make_plan(d, false, rt.num_threads);
   const int64_t HoWo = d.Ho * d.Wo, C = d.C, N = d.N, Cout = d.Cout, K = pl.Ktot;
   const WidenedWeights w(d, tb);
   Buf<float> wp(packed_weight_elems(d, pl)), bias(Cout), wt(27 * C), wT(packed_weight_elems(d, pl));

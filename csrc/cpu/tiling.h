@@ -72,7 +72,8 @@ static inline int64_t backward_tile_elems() {
 // backward: the plan of the backward, which with enough images (per_image) takes its
 // parallelism from images and so may use taller tiles (whole images at 14x14 and 28x28: no
 // b1 halo rows to recompute) than the forward, whose tasks are tiles.
-static inline Plan make_plan(const BlockDesc& d, bool backward = false) {
+// threads: the forward's worker count (0: unknown), which sets how many tiles it aims for.
+static inline Plan make_plan(const BlockDesc& d, bool backward = false, int64_t threads = 0) {
   Plan p;
   p.Cs = d.projection ? d.C : 0;
   p.Ktot = 2 * d.C + p.Cs;
@@ -90,11 +91,17 @@ static inline Plan make_plan(const BlockDesc& d, bool backward = false) {
   int64_t r = target_p / d.Wo;
   if (r < 1) r = 1;
   if (r > d.Ho) r = d.Ho;
-  // Enough tiles to keep many cores busy: split rows further for small batches, as long
+  // Enough tiles to keep the cores busy: split rows further for small batches, as long
   // as a tile keeps kMinSplitElems elements of A (below that a tile's fixed costs, the
-  // row buffers and GEMM calls, outweigh its work; benchmarks/NOTES.md entry 8).
+  // row buffers and GEMM calls, outweigh its work; benchmarks/NOTES.md entry 8). The
+  // backward aims at 32 tiles whatever the machine: its chunks' partial sums follow the
+  // tiles, and its bits must not depend on the thread count. The forward's outputs are the
+  // same bits for any tiling, so it aims at 4 tiles a thread (at most 32): every split
+  // recomputes b1 on two more rows and loads four more x rows, and at batch 1 on two
+  // threads 32 tiles meant one-row tiles, 15-27% slower than 8 (NOTES.md entry 69).
+  const int64_t want = backward || threads <= 0 ? 32 : (4 * threads < 32 ? 4 * threads : 32);
   if (!p.per_image)
-    while (r > 1 && d.B * ceil_div(d.Ho, r) < 32 &&
+    while (r > 1 && d.B * ceil_div(d.Ho, r) < want &&
            ceil_div(r, 2) * d.Wo * p.Ktot >= kMinSplitElems)
       r = ceil_div(r, 2);
   // Balance the bands (14 rows at R = 6 would be 6 + 6 + 2): same count, rows spread evenly.
