@@ -3,6 +3,8 @@ measures and what the ratios are taken against (no timing here: performance live
 `msfused bench`)."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,8 +109,6 @@ def test_cpu_timings_count_page_faults():
     # the minor page faults of each call, the median: a job that touches a fresh 64 MiB
     # buffer every call faults at least once per 4 KiB page (2 MiB with huge pages), one
     # that reuses a mapped buffer about never; the table shows them in their own column
-    import subprocess
-    import sys
     run = subprocess.run([sys.executable, "-c", FAULTS_PROBE], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

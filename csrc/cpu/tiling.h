@@ -98,7 +98,8 @@ static inline Plan make_plan(const BlockDesc& d, bool backward = false, int64_t 
   // tiles, and its bits must not depend on the thread count. The forward's outputs are the
   // same bits for any tiling, so it aims at 4 tiles a thread (at most 32): every split
   // recomputes b1 on two more rows and loads four more x rows, and at batch 1 on two
-  // threads 32 tiles meant one-row tiles, 15-27% slower than 8 (NOTES.md entry 69).
+  // threads 32 tiles meant one-row tiles: the 56x56 and 28x28 forwards 4-30% slower than
+  // with 8 (NOTES.md entry 69).
   const int64_t want = backward || threads <= 0 ? 32 : (4 * threads < 32 ? 4 * threads : 32);
   if (!p.per_image)
     while (r > 1 && d.B * ceil_div(d.Ho, r) < want &&
